@@ -1,0 +1,96 @@
+"""Command line: `python -m meganeura compile ...`.
+
+Bad arguments and bad input files exit with status 2 and one line on stderr.
+Environment variables are read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import MeganeuraError
+
+MODEL_CHOICES = ("gemma4-small-test", "gemma4-1b", "gemma4-4b", "gemma4-12b", "gemma4-27b")
+
+
+class UsageError(MeganeuraError):
+    """A bad command-line argument."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _token_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--model", choices=MODEL_CHOICES, default=None,
+                   help="built-in preset (default: gemma4-small-test)")
+    m.add_argument("--config", metavar="FILE", help="model config as JSON, with the seed's field "
+                   "names (vocab_size, hidden_size, ..., head_dim)")
+    p.add_argument("--seq-len", type=_positive_int, default=16, metavar="N",
+                   help="tokens per forward pass (default: 16)")
+    p.add_argument("--weights", metavar="PATH", help="a .safetensors file, or a directory with "
+                   "model.safetensors or a sharded index (HF layout). Without it, deterministic "
+                   "random weights from --seed are used")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and token ids "
+                   "(default: 0)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to run (default: cuda if available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="meganeura", description="An e-graph compiler for transformer models: "
+                     "graph -> egglog fusion rewrites -> cost-based extraction -> Triton kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    c = sub.add_parser("compile", help="build, optimize and (with --run) run a model",
+                       description="Build a model graph and compile it. Without --run no weights "
+                       "are materialized, so any preset compiles on a small machine; a given "
+                       "--weights file is checked from its header alone.")
+    _add_model_args(c)
+    c.add_argument("--run", action="store_true", help="load weights, run the model and print the "
+                   "top tokens of the last position")
+    c.add_argument("--tokens", type=_token_list, metavar="IDS", help="comma-separated token ids "
+                   "for --run (default: random ids from --seed); their count sets --seq-len")
+    c.add_argument("--top", type=_positive_int, default=5, metavar="K",
+                   help="how many top tokens to print (default: 5)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        from . import commands  # heavy imports (torch) only after the arguments are known
+
+        return commands.COMMANDS[args.command](args)
+    except MeganeuraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def elapsed(t0: float) -> str:
+    return f"{(time.perf_counter() - t0) * 1e3:.1f} ms"

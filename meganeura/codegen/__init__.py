@@ -1,0 +1,1 @@
+"""Kernel archetypes: templates that emit Triton source text."""

@@ -1,0 +1,94 @@
+"""What each CLI subcommand does, once its arguments have parsed."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .errors import MeganeuraError
+from .models import MODEL_NAMES, PRESETS, build, load_config
+from .models.weights import check_weights, load_weights, random_weights
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_config(args):
+    if args.config:
+        return load_config(args.config), args.config
+    name = args.model or "gemma4-small-test"
+    return PRESETS[MODEL_NAMES[name]], name
+
+
+def resolve_device(args) -> tuple[torch.device, torch.dtype]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MeganeuraError("--device cuda: CUDA is not available on this machine")
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    return torch.device(device), DTYPES[dtype]
+
+
+def token_ids(args, seq_len: int, vocab: int) -> torch.Tensor:
+    if args.tokens is not None:
+        ids = torch.tensor(args.tokens, dtype=torch.int64)
+        bad = [t for t in args.tokens if not 0 <= t < vocab]
+        if bad:
+            raise MeganeuraError(f"--tokens: id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return ids
+    gen = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, vocab, (seq_len,), generator=gen)
+
+
+def print_summary(name: str, config, graph, seq_len: int) -> None:
+    kinds = ["global" if config.is_global_layer(i) else "sliding"
+             for i in range(config.num_hidden_layers)]
+    print(f"model {name}: {config.num_hidden_layers} layers ({kinds.count('global')} global, "
+          f"{kinds.count('sliding')} sliding-window {config.sliding_window_size}), hidden "
+          f"{config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads} "
+          f"x {config.head_dim}, ffn {config.intermediate_size}, vocab {config.vocab_size}")
+    print(f"parameters: {config.num_parameters():,} in {len(graph.parameters())} tensors")
+    counts = graph.op_counts()
+    ops = ", ".join(f"{op} {n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    print(f"graph: {len(graph)} nodes at seq_len {seq_len}: {ops}")
+
+
+def print_top_tokens(logits: torch.Tensor, k: int) -> None:
+    probs = torch.softmax(logits[-1].float(), dim=-1)
+    p, idx = probs.topk(min(k, probs.numel()))
+    top = ", ".join(f"{i} ({v:.4f})" for i, v in zip(idx.tolist(), p.tolist()))
+    print(f"top tokens at position {logits.shape[0] - 1}: {top}")
+
+
+def cmd_compile(args) -> int:
+    config, name = resolve_config(args)
+    seq_len = len(args.tokens) if args.tokens is not None else args.seq_len
+    if args.tokens is not None and not args.tokens:
+        raise MeganeuraError("--tokens: give at least one token id")
+    device, dtype = resolve_device(args)
+    graph = build(config, seq_len)
+    graph.validate()
+    print_summary(name, config, graph, seq_len)
+    if args.weights:
+        stored = check_weights(args.weights, config)
+        print(f"weights: {args.weights}: {len(stored)} tensors, names and shapes match")
+    if not args.run:
+        return 0
+    t0 = time.perf_counter()
+    if args.weights:
+        weights = load_weights(args.weights, config, dtype, device)
+    else:
+        print(f"weights: none given, using deterministic random weights (seed {args.seed})")
+        weights = random_weights(config, args.seed, dtype, device)
+    print(f"weights ready in {time.perf_counter() - t0:.2f} s")
+    from .runtime.reference import run_reference
+
+    ids = token_ids(args, seq_len, config.vocab_size).to(device)
+    t0 = time.perf_counter()
+    (logits,) = run_reference(graph, weights, {"token_ids": ids}, dtype, device)
+    print(f"reference executor: {(time.perf_counter() - t0) * 1e3:.1f} ms on {device} "
+          f"({str(dtype).removeprefix('torch.')})")
+    print_top_tokens(logits, args.top)
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile}

@@ -1,0 +1,1 @@
+"""Graph IR, e-graph encoding, cost model, extraction and plan."""

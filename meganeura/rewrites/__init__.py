@@ -1,0 +1,1 @@
+"""egglog rulesets, one file per family, composed into one schedule."""

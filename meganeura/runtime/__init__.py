@@ -1,0 +1,1 @@
+"""Compiled model runtime and the reference executor."""

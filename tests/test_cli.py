@@ -1,0 +1,87 @@
+"""The command line, run as users run it: a subprocess, its output and exit status."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from configs import SMALL
+from meganeura.models.weights import save_random_weights
+
+
+def cli(*args, timeout=120):
+    p = subprocess.run([sys.executable, "-m", "meganeura", *args], capture_output=True,
+                       text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_compile_small_prints_summary_and_top_tokens():
+    rc, out, err = cli("compile", "--run", "--seq-len", "7", "--top", "3")
+    assert rc == 0, err
+    assert "model gemma4-small-test: 4 layers (1 global, 3 sliding-window 8)" in out
+    assert "parameters: 45,600 in 47 tensors" in out
+    assert "graph: " in out and "matmul 29" in out
+    assert "deterministic random weights (seed 0)" in out
+    assert "top tokens at position 6: " in out
+    assert out.count("(0.") >= 3
+
+
+def test_compile_27b_without_run_materializes_nothing():
+    rc, out, err = cli("compile", "--model", "gemma4-27b", "--seq-len", "2048")
+    assert rc == 0, err
+    assert "62 layers" in out and "parameters: 22,164,231,168" in out
+    assert "top tokens" not in out and "weights" not in out
+
+
+def test_weights_file_checked_from_header_and_used(tmp_path):
+    f = tmp_path / "w.safetensors"
+    save_random_weights(SMALL, f, seed=4)
+    rc, out, err = cli("compile", "--weights", str(f), "--run", "--tokens", "1,2,3")
+    assert rc == 0, err
+    assert "47 tensors, names and shapes match" in out
+    assert "random" not in out and "top tokens at position 2" in out
+
+
+def test_config_file(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({**SMALL.__dict__, "num_hidden_layers": 2}))
+    rc, out, err = cli("compile", "--config", str(f), "--seq-len", "5", "--run")
+    assert rc == 0, err
+    assert "2 layers" in out and "top tokens at position 4" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("compile", "--seq-len", "0"), "--seq-len: expected a positive integer, got 0"),
+    (("compile", "--seq-len", "x"), "--seq-len: expected a positive integer, got 'x'"),
+    (("compile", "--model", "gemma5"), "argument --model: invalid choice"),
+    (("compile", "--model", "gemma4-4b", "--config", "c.json"), "not allowed with argument"),
+    (("compile", "--dtype", "fp8"), "argument --dtype: invalid choice"),
+    (("compile", "--bogus"), "unrecognized arguments: --bogus"),
+    ((), "the following arguments are required: command"),
+    (("compile", "--config", "/nonexistent.json"), "cannot read config /nonexistent.json"),
+    (("compile", "--weights", "/nonexistent.safetensors"), "does not exist"),
+    (("compile", "--run", "--tokens", "1,99"), "id 99 is outside the vocabulary [0, 64)"),
+    (("compile", "--run", "--tokens", "1,a"), "expected comma-separated integers"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, message):
+    rc, out, err = cli(*args)
+    assert rc == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+
+
+def test_mismatched_weights_exit_2(tmp_path):
+    f = tmp_path / "w.safetensors"
+    save_random_weights(SMALL, f)
+    rc, out, err = cli("compile", "--model", "gemma4-1b", "--weights", str(f))
+    assert rc == 2 and "has shape [64, 32]" in err and err.count("\n") == 1
+
+
+def test_help_for_each_subcommand():
+    rc, out, _ = cli("--help")
+    assert rc == 0 and "compile" in out
+    rc, out, _ = cli("compile", "--help")
+    assert rc == 0
+    for flag in ("--model", "--config", "--seq-len", "--weights", "--dtype", "--device", "--run"):
+        assert flag in out
