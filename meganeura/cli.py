@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "are materialized, so any preset compiles on a small machine; a given "
                        "--weights file is checked from its header alone.")
     _add_model_args(c)
+    c.add_argument("--profile", choices=("h200", "cpu-interpreter"), default=None,
+                   help="device profile the cost model prices kernels with (default: h200 on "
+                   "cuda, cpu-interpreter on cpu)")
+    c.add_argument("--emit-dir", metavar="DIR", help="write the egglog program of each template, "
+                   "the plan as JSON and the full report into DIR")
     c.add_argument("--run", action="store_true", help="load weights, run the model and print the "
                    "top tokens of the last position")
     c.add_argument("--tokens", type=_token_list, metavar="IDS", help="comma-separated token ids "

@@ -9,6 +9,7 @@ import torch
 from .errors import MeganeuraError
 from .models import MODEL_NAMES, PRESETS, build, load_config
 from .models.weights import check_weights, load_weights, random_weights
+from .runtime.check import relative_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,6 +72,7 @@ def cmd_compile(args) -> int:
     if args.weights:
         stored = check_weights(args.weights, config)
         print(f"weights: {args.weights}: {len(stored)} tensors, names and shapes match")
+    plan, report = optimize_graph(args, graph, device, dtype)
     if not args.run:
         return 0
     t0 = time.perf_counter()
@@ -84,11 +86,29 @@ def cmd_compile(args) -> int:
 
     ids = token_ids(args, seq_len, config.vocab_size).to(device)
     t0 = time.perf_counter()
-    (logits,) = run_reference(graph, weights, {"token_ids": ids}, dtype, device)
-    print(f"reference executor: {(time.perf_counter() - t0) * 1e3:.1f} ms on {device} "
+    (logits,) = run_reference(plan.graph, weights, {"token_ids": ids}, dtype, device)
+    print(f"plan on the reference executor: {(time.perf_counter() - t0) * 1e3:.1f} ms on {device} "
           f"({str(dtype).removeprefix('torch.')})")
+    (ref,) = run_reference(graph, weights, {"token_ids": ids}, torch.float32, device)
+    print(f"relative error vs the unoptimized graph in fp32: {relative_error(logits, ref):.2e}")
     print_top_tokens(logits, args.top)
     return 0
+
+
+def optimize_graph(args, graph, device, dtype):
+    from .compiler.cost import PROFILES, CostModel
+    from .optimize import optimize
+    from .report import emit, format_report
+
+    profile = PROFILES[args.profile or ("h200" if device.type == "cuda" else "cpu-interpreter")]
+    cost = CostModel(profile, "bf16" if dtype == torch.bfloat16 else "fp32")
+    plan, report = optimize(graph, cost, keep_egglog=bool(args.emit_dir))
+    print(f"cost model: {profile.name}, {cost.dtype}")
+    print(format_report(plan, report))
+    if args.emit_dir:
+        for p in emit(plan, report, args.emit_dir):
+            print(f"wrote {p}")
+    return plan, report
 
 
 COMMANDS = {"compile": cmd_compile}

@@ -16,6 +16,19 @@ def cli(*args, timeout=120):
     return p.returncode, p.stdout, p.stderr
 
 
+def test_emit_dir_writes_egglog_program_and_plan(tmp_path):
+    rc, out, err = cli("compile", "--model", "gemma4-4b", "--seq-len", "64", "--emit-dir",
+                       str(tmp_path / "out"))
+    assert rc == 0, err
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["plan.json", "report.txt", "template0.egg", "template1.egg", "template2.egg"]
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    kinds = [n["kind"] for n in plan["nodes"]]
+    assert kinds.count("launch") > 34 * 5 and "load" in kinds and "view" in kinds
+    assert "(rule" in (tmp_path / "out" / "template1.egg").read_text() or \
+        "rewrite" in (tmp_path / "out" / "template1.egg").read_text()
+
+
 def test_compile_small_prints_summary_and_top_tokens():
     rc, out, err = cli("compile", "--run", "--seq-len", "7", "--top", "3")
     assert rc == 0, err
@@ -31,7 +44,9 @@ def test_compile_27b_without_run_materializes_nothing():
     rc, out, err = cli("compile", "--model", "gemma4-27b", "--seq-len", "2048")
     assert rc == 0, err
     assert "62 layers" in out and "parameters: 22,164,231,168" in out
-    assert "top tokens" not in out and "weights" not in out
+    assert "template 1: 47 block(s)" in out and "template 2: 15 block(s)" in out
+    assert "fusions chosen: " in out and "estimated time: " in out
+    assert "top tokens" not in out and "\nweights:" not in out
 
 
 def test_weights_file_checked_from_header_and_used(tmp_path):

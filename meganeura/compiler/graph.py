@@ -208,6 +208,10 @@ class Graph:
     def input_u32(self, name: str, shape: Shape) -> int:
         return self._leaf("input", name, shape, U32)
 
+    def input_f32(self, name: str, shape: Shape) -> int:
+        """A floating-point run-time input (e.g. hidden states fed from outside)."""
+        return self._leaf("input", name, shape, FLOAT)
+
     def parameter(self, name: str, shape: Shape) -> int:
         return self._leaf("parameter", name, shape, FLOAT)
 

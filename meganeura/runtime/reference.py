@@ -115,6 +115,14 @@ def check_token_ids(node: Node, ids, vocab: int | None) -> None:
             raise InputError(f"input '{node.name}' holds token id {bad}, outside [0, {vocab})")
 
 
+def check_float_input(node: Node, x) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise InputError(f"input '{node.name}' must be a floating-point torch.Tensor")
+    if tuple(x.shape) != node.shape:
+        raise InputError(f"input '{node.name}' must have shape {list(node.shape)}, "
+                         f"got {list(x.shape)}")
+
+
 def run_reference(graph: Graph, weights: dict, inputs: dict, dtype=torch.float32,
                   device=None) -> list[torch.Tensor]:
     """Evaluates `graph` with plain torch; returns its outputs in the run's dtype."""
@@ -152,6 +160,9 @@ def _input(graph: Graph, n: Node, inputs: dict, device) -> torch.Tensor:
     if n.name not in inputs:
         raise InputError(f"input '{n.name}' is missing")
     ids = inputs[n.name]
+    if n.dtype != "u32":
+        check_float_input(n, ids)
+        return ids.to(device=device or ids.device)
     vocab = None
     for u in graph.users()[n.id]:
         if graph[u].op == "embedding":

@@ -1,0 +1,106 @@
+"""Shape-aware roofline cost of every candidate kernel.
+
+    time = max(bytes / bandwidth, matmul_flops / matmul_peak + vector_flops / vector_peak)
+           + launch_overhead
+
+bytes: each input read once and the output written once, at the plan's element size
+(an embedding reads only the rows it gathers; a slice input only its columns).
+matmul_flops run on the tensor cores; vector_flops (norm statistics, rotations,
+exponentials, epilogues) on the ordinary units. A fused kernel is costed from its
+own reads, writes and FLOPs: no hand-set discount. A norm prologue is recomputed by
+every column tile of its matmul, so it costs vector FLOPs that grow with N: that is
+what can make a shared, materialized norm win over recomputing it in many matmuls.
+Views (slice_cols) and parameter-only subterms (evaluated once at load time) cost
+nothing at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    bandwidth: float  # bytes/s, device memory (copy: read + write)
+    matmul_flops: float  # FLOP/s on the matrix units at the plan dtype
+    vector_flops: float  # FLOP/s of elementwise work
+    launch: float  # s per kernel launch (inside a CUDA graph on GPUs)
+    tile_n: int = 128  # output columns per matmul program: a prologue is recomputed per tile
+
+
+# Measured on one H200 (DESIGN.md): ~4.3 TB/s copy, ~790 TFLOP/s bf16 dense matmul.
+H200 = DeviceProfile("h200", bandwidth=4.3e12, matmul_flops=790e12, vector_flops=60e12,
+                     launch=3e-6, tile_n=256)
+# Triton's interpreter runs each program in Python with numpy: launches dominate.
+CPU_INTERPRETER = DeviceProfile("cpu-interpreter", bandwidth=2e9, matmul_flops=2e10,
+                                vector_flops=1e9, launch=1e-3, tile_n=32)
+PROFILES = {p.name: p for p in (H200, CPU_INTERPRETER)}
+
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
+ID_BYTES = 8  # token ids arrive as int64
+
+
+@dataclass(frozen=True)
+class Work:
+    bytes: float
+    matmul_flops: float = 0.0
+    vector_flops: float = 0.0
+
+
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def attention_pairs(s: int, window: int | None) -> int:
+    """(query, key) pairs a causal (or sliding-window) mask allows: sum_i min(i + 1, window)."""
+    if window is None or window >= s:
+        return s * (s + 1) // 2
+    return window * (window + 1) // 2 + (s - window) * window
+
+
+def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work | None:
+    """Bytes and FLOPs of one kernel computing `op`; None for ops that launch nothing."""
+    io = elem * (sum(_numel(s) for s in ins) + _numel(out))
+    if op in ("input", "parameter", "slice_cols"):
+        return None
+    if op == "embedding":
+        return Work(ID_BYTES * _numel(ins[0]) + 2 * elem * _numel(out))
+    if op in ("matmul", "matmul_add", "norm_matmul", "matmul_swiglu", "norm_matmul_swiglu"):
+        (m, k), n = ins[0], ins[1][1]
+        vec = 2 * _numel(out)  # epilogue: cast, add, or silu * up
+        if op.startswith("norm_"):  # sum(x^2) over the A tiles (one FMA each), per column tile
+            vec += 2 * m * k * math.ceil(n / attrs["_tile_n"]) + m * n
+        return Work(io, 2 * m * n * k, vec)
+    if op in ("causal_attention", "sliding_window_attention"):
+        s = ins[0][0]
+        pairs = attention_pairs(s, attrs.get("window"))
+        heads, hd = attrs["num_heads"], attrs["head_dim"]
+        return Work(io, 4 * heads * hd * pairs, 6 * heads * pairs)
+    per_elem = {"rms_norm": 4, "rope": 6, "norm_rope": 10, "add": 1, "swiglu": 6,
+                "concat_cols": 0, "scale_rows": 1}[op]
+    return Work(io, 0.0, per_elem * _numel(out))
+
+
+def kernel_time(profile: DeviceProfile, w: Work) -> float:
+    compute = w.matmul_flops / profile.matmul_flops + w.vector_flops / profile.vector_flops
+    return max(w.bytes / profile.bandwidth, compute) + profile.launch
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Prices e-nodes and graph nodes for one device and plan dtype."""
+
+    profile: DeviceProfile
+    dtype: str = "bf16"
+
+    def time(self, op: str, attrs: dict, ins: list[tuple], out: tuple) -> float:
+        attrs = {**attrs, "_tile_n": self.profile.tile_n}
+        w = work(op, attrs, ins, out, ELEMENT_BYTES[self.dtype])
+        return 0.0 if w is None else kernel_time(self.profile, w)
+
+    def graph_time(self, graph) -> float:
+        """Estimated time of running every non-leaf node of `graph` as its own kernel."""
+        return sum(self.time(n.op, n.attrs, [graph[i].shape for i in n.inputs], n.shape)
+                   for n in graph.nodes if n.op not in ("input", "parameter"))

@@ -1,0 +1,182 @@
+"""DAG-aware extraction: pick one e-node per needed e-class so that the plan is cheapest,
+paying a subterm used several times once.
+
+1. Shapes of every e-class are inferred with the IR's own shape rules (a class whose
+   e-nodes disagree is an unsound rewrite and raises).
+2. A greedy pass picks, per class, the e-node of least tree cost (own cost + children).
+   Every own cost is > 0, so cost strictly falls along every chosen edge: no cycles.
+3. Local search on the exact DAG cost (each reachable class paid once): try pinning a
+   class to another e-node, and "sharing moves" that pin every parent able to use a
+   class to do so (three matmuls reading one materialized norm; q, k, v slicing one
+   merged product). Greedy re-runs under the pins; a move is kept if the DAG cost falls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import GraphError
+from .egraph import LEAVES, EClasses, ENode
+from .graph import FLOAT, OPS, _Mismatch
+
+EPS = 1e-12  # the least own cost: views and load-time nodes still cost > 0 (no cycles)
+LOAD_TIME_OPS = ("concat_cols", "scale_rows", "slice_cols")
+
+
+def class_shapes(ec: EClasses, leaf_type) -> dict[int, tuple]:
+    """Shape of every class, inferred bottom-up; `leaf_type(node)` gives a leaf's (shape, dtype)."""
+    shapes: dict[int, tuple] = {}
+    dtypes: dict[int, str] = {}
+    pending = True
+    while pending:
+        pending = False
+        for c, nodes in ec.nodes.items():
+            for n in nodes:
+                if any(ch not in shapes for ch in n.children):
+                    continue
+                if n.op in LEAVES:
+                    s, dtypes[c] = leaf_type(n)
+                else:
+                    s = _infer(n, shapes, dtypes)
+                if c not in shapes:
+                    shapes[c], pending = tuple(s), True
+                elif shapes[c] != s:
+                    raise GraphError(f"unsound rewrite: e-class {c} holds shapes {list(shapes[c])}"
+                                     f" and {list(s)} ({n.op})")
+    return shapes
+
+
+def _infer(n: ENode, shapes: dict, dtypes: dict) -> tuple:
+    ins = [shapes[ch] for ch in n.children]
+    try:
+        return tuple(OPS[n.op].rule(ins, [dtypes.get(ch, FLOAT) for ch in n.children], n.attrs))
+    except _Mismatch as e:
+        raise GraphError(f"unsound rewrite: {n.op} e-node has {e}") from None
+
+
+def load_time_classes(ec: EClasses) -> set[int]:
+    """Classes computable from parameters alone (evaluated once when weights load)."""
+    done: set[int] = set()
+    grew = True
+    while grew:
+        grew = False
+        for c, nodes in ec.nodes.items():
+            if c not in done and any(_param_only(n, done) for n in nodes):
+                done.add(c)
+                grew = True
+    return done
+
+
+def _param_only(n: ENode, done: set[int]) -> bool:
+    if n.op == "parameter":
+        return True
+    return n.op not in LEAVES and bool(n.children) and all(ch in done for ch in n.children)
+
+
+@dataclass
+class Selection:
+    choice: dict[int, ENode]  # reachable class -> chosen e-node
+    cost: float  # DAG cost: each reachable class's own cost, once
+
+
+class Extractor:
+    """Extraction over one e-graph with fixed own costs per e-node."""
+
+    def __init__(self, ec: EClasses, own_cost):
+        self.ec = ec
+        self.own = {id(n): max(own_cost(c, n), EPS) if n.op not in LEAVES else EPS
+                    for c, nodes in ec.nodes.items() for n in nodes}
+        self.parents: dict[int, list[tuple[int, ENode]]] = {c: [] for c in ec.nodes}
+        for c, nodes in ec.nodes.items():
+            for n in nodes:
+                for ch in set(n.children):
+                    self.parents[ch].append((c, n))
+
+    def greedy(self, pins: dict[int, ENode] | None = None) -> dict[int, ENode] | None:
+        """Least tree cost per class under pins; None if a root cannot be built."""
+        pins = pins or {}
+        best = {c: math.inf for c in self.ec.nodes}
+        choice: dict[int, ENode] = {}
+        changed = True
+        while changed:
+            changed = False
+            for c, nodes in self.ec.nodes.items():
+                for n in ((pins[c],) if c in pins else nodes):
+                    cost = self.own[id(n)] + sum(best[ch] for ch in n.children)
+                    if cost < best[c] * (1 - 1e-12):
+                        best[c], choice[c] = cost, n
+                        changed = True
+        if any(math.isinf(best[r]) for r in self.ec.roots):
+            return None
+        return choice
+
+    def dag(self, choice: dict[int, ENode]) -> Selection:
+        """Restricts `choice` to what the roots reach and prices it with each class once."""
+        reach: dict[int, ENode] = {}
+        stack = list(self.ec.roots)
+        while stack:
+            c = stack.pop()
+            if c in reach:
+                continue
+            reach[c] = choice[c]
+            stack.extend(choice[c].children)
+        check_acyclic(reach, self.ec.roots)
+        return Selection(reach, sum(self.own[id(n)] for n in reach.values()))
+
+    def moves(self, sel: Selection):
+        """Candidate pin sets: sharing moves first, then single re-choices."""
+        for c in self.ec.nodes:
+            move = {}
+            for p, n in self.parents[c]:
+                if p in sel.choice and c not in sel.choice[p].children:
+                    if p not in move or self.own[id(n)] < self.own[id(move[p])]:
+                        move[p] = n
+            if move:
+                yield move
+        for p, chosen in sel.choice.items():
+            for n in self.ec.nodes[p]:
+                if n is not chosen:
+                    yield {p: n}
+
+    def extract(self, local_search: bool = True) -> Selection:
+        choice = self.greedy()
+        if choice is None:
+            raise GraphError("extraction failed: a block output has no finite-cost term")
+        sel = self.dag(choice)
+        pins: dict[int, ENode] = {}
+        improved = local_search
+        while improved:
+            improved = False
+            for move in self.moves(sel):
+                trial = self.greedy({**pins, **move})
+                if trial is None:
+                    continue
+                cand = self.dag(trial)
+                if cand.cost < sel.cost * (1 - 1e-9):
+                    sel, pins, improved = cand, {**pins, **move}, True
+                    break
+        return sel
+
+
+def check_acyclic(choice: dict[int, ENode], roots: list[int]) -> None:
+    """Raises if the chosen e-nodes do not form a DAG covering every root."""
+    state: dict[int, int] = {}
+    for r in roots:
+        if r not in choice:
+            raise GraphError(f"extraction does not cover output class {r}")
+        stack = [(r, iter(choice[r].children))]
+        state[r] = 1
+        while stack:
+            c, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[c] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                raise GraphError(f"extraction produced a cycle through e-class {nxt}")
+            elif nxt not in state:
+                if nxt not in choice:
+                    raise GraphError(f"extraction left e-class {nxt} without a term")
+                state[nxt] = 1
+                stack.append((nxt, iter(choice[nxt].children)))

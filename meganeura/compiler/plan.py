@@ -1,0 +1,57 @@
+"""The plan: the extracted program as a Graph, split into what runs when.
+
+- load-time nodes: computed from parameters alone (weight concatenation, norm weights
+  folded into matrices); evaluated once when the weights load;
+- views: column slices of run-time tensors; no kernel, a strided view;
+- launches: every other node, one kernel each, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .cost import CostModel
+from .graph import Graph
+
+VIEW_OPS = ("slice_cols",)
+
+
+@dataclass
+class Plan:
+    graph: Graph
+    load_time: list[int]
+    views: list[int]
+    launches: list[int]
+    estimate: dict[int, float] = field(default_factory=dict)  # seconds per launch
+
+    @property
+    def estimated_time(self) -> float:
+        return sum(self.estimate.values())
+
+    def kernel_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for i in self.launches:
+            counts[self.graph[i].op] = counts.get(self.graph[i].op, 0) + 1
+        return counts
+
+
+def make_plan(graph: Graph, cost: CostModel) -> Plan:
+    """Classifies the nodes of an extracted graph and prices every launch."""
+    load_time: set[int] = set()
+    views, launches = [], []
+    for n in graph.nodes:
+        if n.op == "parameter":
+            load_time.add(n.id)
+        elif n.op == "input":
+            continue
+        elif all(i in load_time for i in n.inputs):
+            load_time.add(n.id)
+        elif n.op in VIEW_OPS:
+            views.append(n.id)
+        else:
+            launches.append(n.id)
+    estimate = {i: cost.time(graph[i].op, graph[i].attrs,
+                             [graph[j].shape for j in graph[i].inputs], graph[i].shape)
+                for i in launches}
+    computed = sorted(i for i in load_time if graph[i].op != "parameter")
+    return Plan(graph, computed, views, launches, estimate)

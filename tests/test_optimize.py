@@ -1,0 +1,159 @@
+"""The e-graph optimizer: rule families fire, extraction is DAG-aware and sound."""
+
+import pytest
+import torch
+
+from configs import CONFIGS, GQA2, SMALL
+from meganeura.compiler.cost import CPU_INTERPRETER, H200, CostModel, DeviceProfile
+from meganeura.compiler.extract import check_acyclic
+from meganeura.compiler.graph import Graph, Node
+from meganeura.errors import GraphError
+from meganeura.models import PRESETS, build
+from meganeura.models.weights import random_weights
+from meganeura.optimize import optimize
+from meganeura.report import fusion_families_per_block
+from meganeura.runtime.reference import run_reference
+from numerics import assert_close
+
+H200_BF16 = CostModel(H200, "bf16")
+
+# family -> (a rule of it that must fire, the plan op it must produce)
+FAMILY_EVIDENCE = {
+    "rmsnorm_matmul": ("rms_norm as matmul prologue", ("norm_matmul",)),
+    "qk_norm_rope": ("qk-norm then rope as one row kernel", ("norm_rope",)),
+    "swiglu_chain": ("gate/up matmuls with silu*up epilogue",
+                     ("matmul_swiglu", "norm_matmul_swiglu")),
+    "residual_epilogue": ("residual + matmul as epilogue", ("matmul_add",)),
+    "shared_input_merge": ("merge two matmuls on one input", ("slice_cols",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("family", sorted(FAMILY_EVIDENCE))
+def test_each_family_fires_and_is_chosen(name, family):
+    g = build(CONFIGS[name], 7)
+    plan, rep = optimize(g, H200_BF16, families=[family])
+    rule, ops = FAMILY_EVIDENCE[family]
+    c = CONFIGS[name]
+    assert rep.rules_fired()[rule] >= c.num_hidden_layers
+    counts = plan.graph.op_counts()
+    assert sum(counts[op] for op in ops) >= c.num_hidden_layers, counts
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_algebra_and_norm_prologue_of_swiglu_fire_with_all_families(name):
+    plan, rep = optimize(build(CONFIGS[name], 7), H200_BF16)
+    fired = rep.rules_fired()
+    for rule in ("slice of slice", "rms_norm as swiglu prologue",
+                 "extend a merged matmul by one more weight", "cols of concat_cols"):
+        assert fired[rule] > 0, rule
+    assert plan.graph.op_counts()["norm_matmul_swiglu"] == CONFIGS[name].num_hidden_layers
+
+
+def test_4b_plan_has_every_family_in_every_layer():
+    c = PRESETS["gemma4_4b"]
+    plan, rep = optimize(build(c, 2048), H200_BF16)
+    per_block = fusion_families_per_block(plan)
+    for i in range(c.num_hidden_layers):
+        fam = per_block[f"layer.{i}"]
+        assert fam["rmsnorm_matmul"] >= 1, (i, fam)  # the merged q/k/v product
+        assert fam["qk_norm_rope"] == 2, (i, fam)
+        assert fam["swiglu_chain"] == 1, (i, fam)
+        assert fam["residual_epilogue"] == 2, (i, fam)
+        assert fam["shared_input_merge"] >= 3, (i, fam)  # q, k, v are slices of one product
+    assert len(rep.templates) == 3  # top, sliding layer, global layer: not 34 e-graphs
+    assert rep.cost_after < rep.cost_before
+
+
+def _shared_norm_graph(n: int) -> Graph:
+    g = Graph()
+    x = g.input_f32("x", (2048, 2560))
+    h = g.rms_norm(x, g.parameter("w", (2560,)), 1e-6)
+    outs = [g.matmul(h, g.parameter(f"w{k}", (2560, n))) for k in range(3)]
+    g.set_outputs(outs)
+    return g
+
+
+def test_extraction_pays_a_shared_norm_once_and_changes_with_shape():
+    # narrow products: recomputing the norm in each matmul's prologue is cheaper
+    narrow, _ = optimize(_shared_norm_graph(2560), H200_BF16, families=["rmsnorm_matmul"])
+    assert narrow.graph.op_counts()["norm_matmul"] == 3
+    assert narrow.graph.op_counts()["rms_norm"] == 0
+    # wide products: prologue recompute grows with the column tiles; one shared norm wins
+    wide, rep = optimize(_shared_norm_graph(10240), H200_BF16, families=["rmsnorm_matmul"])
+    assert wide.graph.op_counts()["rms_norm"] == 1 and wide.graph.op_counts()["matmul"] == 3
+    # a tree-cost extractor pays the shared norm once per matmul and wrongly recomputes it
+    tree, tree_rep = optimize(_shared_norm_graph(10240), H200_BF16, families=["rmsnorm_matmul"],
+                              local_search=False)
+    assert tree.graph.op_counts()["norm_matmul"] == 3
+    assert wide.estimated_time < tree.estimated_time
+
+
+def test_device_profile_changes_the_plan():
+    # with free launches and a slow vector unit the norm is better materialized
+    slow_vec = DeviceProfile("slow-vector", 4.3e12, 790e12, 1e11, 0.0, 256)
+    g = build(SMALL, 7)
+    fused, _ = optimize(g, H200_BF16)
+    unfused, _ = optimize(g, CostModel(slow_vec, "bf16"))
+    assert fused.graph.op_counts()["norm_rope"] == 8
+    assert fused.graph.op_counts() != unfused.graph.op_counts()
+
+
+@pytest.mark.parametrize("profile", [H200, CPU_INTERPRETER], ids=lambda p: p.name)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("seq", [1, 7, 37])
+def test_plan_is_sound(name, seq, profile):
+    c = CONFIGS[name]
+    g = build(c, seq)
+    plan, _ = optimize(g, CostModel(profile, "fp32"))
+    w = random_weights(c, seed=seq + 11)
+    ids = torch.randint(0, c.vocab_size, (seq,), generator=torch.Generator().manual_seed(seq))
+    (ref,) = run_reference(g, w, {"token_ids": ids})
+    (out,) = run_reference(plan.graph, w, {"token_ids": ids})
+    assert_close(out, ref, "fp32-exact")
+    assert len(plan.launches) < sum(n.op not in ("input", "parameter") for n in g.nodes)
+
+
+def test_extraction_is_acyclic_on_an_egraph_with_cycles():
+    from meganeura.compiler.egraph import EClasses, ENode
+    from meganeura.compiler.extract import Extractor
+
+    # class 1 holds an input and a (cheap-looking) slice of class 0, which reads class 1:
+    # every path through the slice is a cycle
+    ec = EClasses({0: [ENode("rope", (1,), {"theta": 1e4, "head_dim": 2})],
+                   1: [ENode("input", (), {}, 0), ENode("slice_cols", (0,), {"start": 0, "width": 2})]},
+                  [0])
+    costs = {"rope": 5.0, "slice_cols": 0.0, "input": 0.0}
+    sel = Extractor(ec, lambda c, n: costs[n.op]).extract()
+    check_acyclic(sel.choice, ec.roots)
+    assert sel.choice[1].op == "input"
+
+
+def test_check_acyclic_rejects_cycles_and_gaps():
+    from meganeura.compiler.egraph import ENode
+    a, b = ENode("add", (1, 1)), ENode("swiglu", (0, 0))
+    with pytest.raises(GraphError, match="cycle"):
+        check_acyclic({0: a, 1: b}, [0])
+    with pytest.raises(GraphError, match="without a term"):
+        check_acyclic({0: a}, [0])
+    with pytest.raises(GraphError, match="does not cover output"):
+        check_acyclic({}, [0])
+
+
+@pytest.mark.parametrize("nodes, message", [
+    ([Node(0, "parameter", (), (3, 3), "f32", {}, "p"), Node(1, "matmul", (0, 7), (3, 3), "f32")],
+     "does not exist"),
+    ([Node(0, "parameter", (), (3, 3), "f32", {}, "p"), Node(1, "add", (0, 2), (3, 3), "f32"),
+      Node(2, "add", (1, 0), (3, 3), "f32")], "cycle"),
+    ([Node(0, "parameter", (), (3, 3), "f32", {}, "p"), Node(1, "conv2d", (0,), (3, 3), "f32")],
+     "unknown op 'conv2d'"),
+])
+def test_malformed_graph_is_rejected_before_egglog(monkeypatch, nodes, message):
+    import meganeura.optimize as opt
+
+    def no_egglog(*a, **k):
+        raise AssertionError("egglog was called on a malformed graph")
+
+    monkeypatch.setattr(opt, "EGraph", no_egglog)
+    with pytest.raises(GraphError, match=message):
+        optimize(Graph(nodes, [len(nodes) - 1]), H200_BF16)
