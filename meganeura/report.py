@@ -33,7 +33,7 @@ def merged_weights(plan: Plan) -> int:
     return sum(1 for i in plan.launches if "matmul" in g[i].op and is_concat(g[i].inputs[1]))
 
 
-def format_report(plan: Plan, rep: OptimizeReport, kernels: int = 12) -> str:
+def format_report(plan: Plan, rep: OptimizeReport, kernels: int = 0) -> str:
     lines = []
     for k, t in enumerate(rep.templates):
         phases = ", ".join(f"{p} {s * 1e3:.0f} ms" for p, s in t.seconds.items())
@@ -52,12 +52,28 @@ def format_report(plan: Plan, rep: OptimizeReport, kernels: int = 12) -> str:
     lines.append(f"kernels: {len(plan.launches)} launches: " +
                  ", ".join(f"{op} {n}" for op, n in sorted(counts.items(), key=lambda x: -x[1])))
     lines.append(f"estimated time: {_us(rep.cost_before)} unfused -> {_us(rep.cost_after)} planned")
-    lines.append(f"most expensive kernels (of {len(plan.launches)}):")
+    lines.append("kernels, one block of each kind (estimated time each):")
     g = plan.graph
-    top = sorted(plan.launches, key=lambda i: -plan.estimate[i])[:kernels]
-    for i in top:
-        n = g[i]
-        lines.append(f"  {_us(plan.estimate[i]):>10}  %{i} {n.op} {list(n.shape)} [{n.block}]")
+    by_block: dict[str, list[int]] = {}
+    for i in plan.launches:
+        by_block.setdefault(g[i].block, []).append(i)
+    shown: dict[tuple, str] = {}
+    for block, ids in by_block.items():
+        key = tuple((g[i].op, g[i].shape) for i in ids)
+        if key in shown:
+            continue
+        shown[key] = block
+        same = sum(1 for b in by_block.values() if tuple((g[i].op, g[i].shape) for i in b) == key)
+        lines.append(f"  [{block}] and {same - 1} more like it" if same > 1 else f"  [{block}]")
+        for i in ids:
+            n = g[i]
+            lines.append(f"    {_us(plan.estimate[i]):>10}  {n.op} {list(n.shape)}")
+    if kernels:
+        lines.append(f"most expensive kernels (of {len(plan.launches)}):")
+        top = sorted(plan.launches, key=lambda i: -plan.estimate[i])[:kernels]
+        for i in top:
+            n = g[i]
+            lines.append(f"  {_us(plan.estimate[i]):>10}  %{i} {n.op} {list(n.shape)} [{n.block}]")
     return "\n".join(lines)
 
 
