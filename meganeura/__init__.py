@@ -1,3 +1,11 @@
 """meganeura: an e-graph compiler that turns transformer graphs into fused Triton kernels."""
 
 __version__ = "0.1.0"
+
+
+def compile(graph, weights, device=None, dtype=None, profile=None, cache_dir=None,
+            cuda_graph=True):
+    """Optimizes `graph` and returns a compiled callable; see meganeura.api.compile."""
+    from .api import compile as _compile
+
+    return _compile(graph, weights, device, dtype, profile, cache_dir, cuda_graph)

@@ -1,0 +1,63 @@
+"""`meganeura.compile`: Graph + weights -> a compiled callable that carries its report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .codegen import Target
+from .codegen.cache import KernelCache
+from .compiler.cost import CPU_INTERPRETER, H200, CostModel, DeviceProfile
+from .compiler.graph import Graph
+from .compiler.plan import Plan
+from .errors import MeganeuraError
+from .optimize import OptimizeReport, optimize
+from .runtime.compiled import CompiledModel
+
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class CompileReport:
+    optimize: OptimizeReport
+    plan: Plan
+    profile: DeviceProfile
+    seconds: dict = field(default_factory=dict)
+    kernels: list = field(default_factory=list)  # (node id, archetype, variant) per launch
+
+
+def compile(graph: Graph, weights: dict, device=None, dtype=None, profile=None,
+            cache_dir: str | Path | None = None, cuda_graph: bool = True) -> CompiledModel:
+    """Optimizes `graph`, generates its kernels and binds them to `weights` on `device`.
+
+    weights: parameter name -> tensor in graph layout ([in, out] for linear weights).
+    device: "cuda" or "cpu" (default: cuda when available); on the CPU the kernels run
+        through Triton's interpreter (TRITON_INTERPRET=1 must be set before triton loads).
+    dtype: torch.bfloat16 or torch.float32 (default: bf16 on cuda, fp32 on cpu).
+    profile: the DeviceProfile the extractor prices kernels with (default: H200 on cuda,
+        the CPU interpreter's on cpu).
+    cache_dir: where kernel sources are cached (default: ~/.cache/meganeura/kernels).
+    The result `fn(token_ids)` returns logits and has `fn.report`.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MeganeuraError("device cuda: CUDA is not available on this machine")
+    if device.type not in ("cuda", "cpu"):
+        raise MeganeuraError(f"device must be cuda or cpu, got {device}")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in _DTYPES:
+        raise MeganeuraError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    profile = profile or (H200 if device.type == "cuda" else CPU_INTERPRETER)
+    plan, opt_report = optimize(graph, CostModel(profile, _DTYPES[dtype]))
+    t1 = time.perf_counter()
+    model = CompiledModel(plan, weights, Target(device, dtype), KernelCache(cache_dir), cuda_graph)
+    t2 = time.perf_counter()
+    model.report = CompileReport(
+        opt_report, plan, profile,
+        {"optimize": t1 - t0, "load+codegen": t2 - t1, **model.seconds},
+        [(launch.node, launch.spec.archetype, launch.spec.variant) for launch in model.launches])
+    return model

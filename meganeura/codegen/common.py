@@ -1,0 +1,56 @@
+"""What every archetype shares: the target, the kernel spec, block-size helpers.
+
+A `KernelSpec` is emitted source text plus how to launch it: the grid, the
+argument list (tensors by plan node, integers, floats) and the constexprs. No
+string from user data (tensor names, config values) is pasted into source:
+shapes, eps and theta travel as arguments, and block sizes as constexprs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+HEADER = "import triton\nimport triton.language as tl\n\n\n"
+
+
+@dataclass(frozen=True)
+class Target:
+    device: torch.device
+    dtype: torch.dtype  # activations and weights
+
+    @property
+    def interpreted(self) -> bool:
+        return self.device.type == "cpu"
+
+    @property
+    def dot_precision(self) -> str:
+        # fp32 plans keep exact fp32 products (no tf32) so they meet the fp32 tolerance
+        return "ieee" if self.dtype == torch.float32 else "tf32"
+
+
+@dataclass
+class KernelSpec:
+    archetype: str  # e.g. "matmul"
+    variant: str  # e.g. "rmsnorm-prologue+swiglu-epilogue"
+    source: str
+    entry: str
+    grid: tuple[int, ...]
+    args: list  # ("node", id) | ("value", number)
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def indent(code: str, spaces: int) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line if line.strip() else line for line in code.strip("\n").split("\n"))

@@ -1,0 +1,112 @@
+"""Tiled matmul with a generated prologue and epilogue (fp32 accumulation).
+
+    C[m, n] = epilogue( scale[m] * sum_k A[m, k] B[k, n] )
+
+Prologue (from `norm_*` ops): RMSNorm of A's rows. The norm weight is already folded
+into B (load time), so only scale[m] = rsqrt(sum_k A[m, k]^2 / K + eps) is needed;
+it is gathered from the A tiles the K loop loads anyway.
+Epilogue (from the fused term): `+ R[m, n]` (matmul_add), or `silu(G) * U` where G and
+U are paired tiles of B's left and right halves (matmul_swiglu); then a cast.
+
+bytes: elem * (M*K + K*N' + M*N [+ M*N residual]), N' = 2N for paired tiles
+FLOPs: 2*M*N'*K on the matrix units; 2*M*K per column tile for the norm prologue
+"""
+
+from __future__ import annotations
+
+from .common import HEADER, KernelSpec, Target, cdiv, indent
+
+PROLOGUES = {"norm_matmul", "norm_matmul_swiglu"}
+PAIRED = {"matmul_swiglu", "norm_matmul_swiglu"}
+RESIDUAL = {"matmul_add"}
+OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_swiglu", "norm_matmul_swiglu")
+
+
+def emit(norm: bool, paired: bool, residual: bool, precision: str) -> str:
+    """Source of one variant; each flag adds its fragment, nothing else differs."""
+    params = ["a_ptr", "b_ptr", "c_ptr"] + (["r_ptr"] if residual else [])
+    params += ["M", "N", "K", "stride_am", "stride_bk", "stride_cm"]
+    params += ["stride_rm"] if residual else []
+    params += ["eps"] if norm else []
+    params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr",
+               "GROUP_M: tl.constexpr"]
+    init, step, finish = [], [], []
+    dot = f'input_precision="{precision}"'
+    if paired:  # U tiles sit N columns to the right of the G tiles in B
+        init.append("acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)")
+        step.append("b_up = tl.load(b_ptrs + N, mask=k_mask[:, None] & n_mask[None, :], other=0.0)")
+        step.append(f"acc_up = tl.dot(a, b_up, acc_up, {dot})")
+    if norm:  # sum of squares of the rows of A, from the tiles already in registers
+        init.append("ss = tl.zeros((BLOCK_M,), dtype=tl.float32)")
+        step.append("a32 = a.to(tl.float32)")
+        step.append("ss += tl.sum(a32 * a32, axis=1)")
+        finish.append("rstd = 1.0 / tl.sqrt(ss / K + eps)")
+        finish.append("acc = acc * rstd[:, None]")
+        if paired:
+            finish.append("acc_up = acc_up * rstd[:, None]")
+    if paired:  # silu(gate) * up
+        finish.append("acc = acc / (1.0 + tl.exp(-acc)) * acc_up")
+    if residual:
+        finish.append("r = tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=c_mask, "
+                      "other=0.0)")
+        finish.append("acc = acc + r.to(tl.float32)")
+    body = f'''
+pid = tl.program_id(0)
+num_m = tl.cdiv(M, BLOCK_M)
+num_n = tl.cdiv(N, BLOCK_N)
+# grouped order: GROUP_M row tiles share each B column tile while it is in L2
+per_group = GROUP_M * num_n
+first_m = (pid // per_group) * GROUP_M
+size_m = min(num_m - first_m, GROUP_M)
+pid_m = first_m + (pid % per_group) % size_m
+pid_n = (pid % per_group) // size_m
+rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+rk = tl.arange(0, BLOCK_K)
+m_mask = rm < M
+n_mask = rn < N
+a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
+b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :]
+acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+{chr(10).join(init)}
+for k0 in range(0, K, BLOCK_K):
+    k_mask = rk < K - k0
+    a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    acc = tl.dot(a, b, acc, {dot})
+{indent(chr(10).join(step), 4) if step else ""}
+    a_ptrs += BLOCK_K
+    b_ptrs += BLOCK_K * stride_bk
+c_mask = m_mask[:, None] & n_mask[None, :]
+{chr(10).join(finish)}
+tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+'''
+    return HEADER + f"def matmul_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
+
+
+def tiles(m: int, n: int, k: int, paired: bool, target: Target) -> dict:
+    """Block sizes: small on the interpreter (Python per program), MMA-sized on the GPU."""
+    if target.interpreted:
+        return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+    bm = 64 if m <= 64 else 128
+    bn = 64 if paired else 128
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8)
+
+
+def build(node, graph, target: Target) -> KernelSpec:
+    a, b = graph[node.inputs[0]], graph[node.inputs[1]]
+    (m, k), n = a.shape, node.shape[1]
+    norm, paired, residual = node.op in PROLOGUES, node.op in PAIRED, node.op in RESIDUAL
+    cfg = tiles(m, n, k, paired, target)
+    args = [("node", a.id), ("node", b.id), ("node", node.id)]
+    args += [("node", node.inputs[2])] if residual else []
+    args += [("value", m), ("value", n), ("value", k), ("stride", a.id), ("stride", b.id),
+             ("stride", node.id)]
+    args += [("stride", node.inputs[2])] if residual else []
+    args += [("value", node.attrs["eps"])] if norm else []
+    variant = "+".join(x for x, on in (("rmsnorm-prologue", norm), ("swiglu-epilogue", paired),
+                                       ("residual-epilogue", residual)) if on) or "plain"
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
+    warps = 4 if target.interpreted or cfg["BLOCK_M"] == 64 else 8
+    return KernelSpec("matmul", variant, emit(norm, paired, residual, target.dot_precision),
+                      "matmul_kernel", grid, args, cfg, num_warps=warps, num_stages=3)

@@ -1,0 +1,62 @@
+"""Buffer liveness and reuse for the plan's run-time tensors.
+
+Every launch writes one output. A view (column slice) shares its base's storage,
+so a base stays live until the last reader of any of its views. Outputs of the
+graph live to the end. Buffers are allocated once, at load, and a buffer whose
+tensor is dead is handed to the next launch that needs the same number of
+elements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler.plan import Plan
+
+
+@dataclass
+class BufferPlan:
+    slot_of: dict[int, int]  # launch node -> buffer slot
+    sizes: list[int]  # elements per slot
+
+    def allocate(self, dtype, device) -> list[torch.Tensor]:
+        return [torch.empty(n, dtype=dtype, device=device) for n in self.sizes]
+
+
+def plan_buffers(plan: Plan) -> BufferPlan:
+    g = plan.graph
+    order = {nid: k for k, nid in enumerate(plan.launches)}
+    base = {}  # run-time node -> the launch that owns its storage
+    for nid in sorted(plan.launches + plan.views):
+        n = g[nid]
+        base[nid] = base[n.inputs[0]] if nid in plan.views else nid
+    last = {nid: order[nid] for nid in plan.launches}
+    for nid in plan.launches:
+        for i in g[nid].inputs:
+            if i in base:
+                last[base[i]] = max(last[base[i]], order[nid])
+    for o in g.outputs:
+        if o in base:
+            last[base[o]] = math.inf
+    free: dict[int, list[int]] = {}
+    sizes: list[int] = []
+    slot_of: dict[int, int] = {}
+    dying: dict[int, list[int]] = {}  # launch position -> slots free after it
+    for k, nid in enumerate(plan.launches):
+        numel = math.prod(g[nid].shape)
+        pool = free.get(numel)
+        if pool:
+            slot = pool.pop()
+        else:
+            slot = len(sizes)
+            sizes.append(numel)
+        slot_of[nid] = slot
+        if last[nid] != math.inf:
+            # readers at the same position still need it: release only after `last`
+            dying.setdefault(last[nid], []).append(slot)
+        for s in dying.pop(k, []):
+            free.setdefault(sizes[s], []).append(s)
+    return BufferPlan(slot_of, sizes)

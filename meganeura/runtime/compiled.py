@@ -1,0 +1,178 @@
+"""CompiledModel: the plan's kernels bound to device buffers, run as one callable.
+
+At load: weights go to the device in the plan dtype, load-time nodes (weight
+concatenation, folded norm weights) are computed once, every intermediate buffer is
+allocated once (reused by liveness), and each launch becomes a prepared call with
+its tensors, strides and constexprs fixed. A call validates the token ids before any
+kernel runs, copies them into the input buffer and launches the plan in order; on
+CUDA the launches are captured once and replayed as one CUDA graph.
+
+The returned logits live in the model's output buffer: the next call overwrites
+them (clone to keep them), as with any CUDA-graph runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..codegen import KernelSpec, Target, kernel_for
+from ..codegen.cache import KernelCache
+from ..compiler.plan import Plan
+from ..errors import InputError, WeightsError
+from .buffers import plan_buffers
+from .reference import REFERENCE_OPS, check_float_input, check_token_ids
+
+
+@dataclass
+class Launch:
+    node: int
+    spec: KernelSpec
+    run: object  # zero-argument callable
+
+
+class CompiledModel:
+    def __init__(self, plan: Plan, weights: dict, target: Target, cache: KernelCache,
+                 cuda_graph: bool = True):
+        t0 = time.perf_counter()
+        self.plan, self.target, self.cache = plan, target, cache
+        g = plan.graph
+        self.inputs = g.inputs()
+        self.vocab = _vocab_of_inputs(g)
+        self.tensors: dict[int, torch.Tensor] = {}
+        self._load_weights(weights)
+        t1 = time.perf_counter()
+        buffers = plan_buffers(plan)
+        self.buffer_bytes = sum(buffers.sizes) * torch.finfo(target.dtype).bits // 8
+        slabs = buffers.allocate(target.dtype, target.device)
+        for n in self.inputs:
+            dtype = torch.int64 if n.dtype == "u32" else target.dtype
+            self.tensors[n.id] = torch.zeros(n.shape, dtype=dtype, device=target.device)
+        for nid in sorted(plan.launches + plan.views):
+            n = g[nid]
+            if nid in plan.views:
+                a = n.attrs
+                self.tensors[nid] = self.tensors[n.inputs[0]][:, a["start"]:a["start"] + a["width"]]
+            else:
+                self.tensors[nid] = slabs[buffers.slot_of[nid]][:_numel(n.shape)].view(n.shape)
+        self.launches = [self._bind(nid) for nid in plan.launches]
+        self.outputs = [self.tensors[o] for o in g.outputs]
+        self.seconds = {"load": t1 - t0, "bind": time.perf_counter() - t1}
+        self._graph = None
+        self._use_cuda_graph = cuda_graph and target.device.type == "cuda"
+
+    # ---- loading ------------------------------------------------------------------------
+
+    def _load_weights(self, weights: dict) -> None:
+        g, dev, dt = self.plan.graph, self.target.device, self.target.dtype
+        needed = set()
+        for nid in self.plan.launches + self.plan.views:
+            needed.update(g[nid].inputs)
+        for p in g.parameters():
+            if p.name not in weights:
+                raise WeightsError(f"weight '{p.name}' is missing")
+            w = weights[p.name]
+            if not isinstance(w, torch.Tensor) or tuple(w.shape) != p.shape:
+                got = list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+                raise WeightsError(f"weight '{p.name}' has shape {got}, expected {list(p.shape)}")
+            self.tensors[p.id] = w.to(device=dev, dtype=dt)
+        for nid in self.plan.load_time:  # parameter-only subterms, once
+            n = g[nid]
+            out = REFERENCE_OPS[n.op](n, *(self.tensors[i] for i in n.inputs))
+            self.tensors[nid] = out.contiguous()
+        for nid in list(self.tensors):  # keep only what the kernels read
+            if nid not in needed:
+                del self.tensors[nid]
+        for nid in needed:
+            if nid in self.tensors:
+                self.tensors[nid] = self.tensors[nid].contiguous()
+
+    def _bind(self, nid: int) -> Launch:
+        g = self.plan.graph
+        spec = kernel_for(g[nid], g, self.target)
+        fn = self.cache.load(spec.source, spec.entry, self.target.interpreted)
+        args = []
+        for kind, x in spec.args:
+            if kind == "node":
+                t = self.tensors[x]
+                if t.dim() == 2 and t.stride(1) != 1:
+                    raise AssertionError(f"{g.label(x)}: kernels need unit column stride")
+                args.append(t)
+            elif kind == "stride":
+                args.append(self.tensors[x].stride(0))
+            else:
+                args.append(x)
+        launcher = fn[spec.grid]
+        kw = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
+        return Launch(nid, spec, lambda: launcher(*args, **kw))
+
+    # ---- running ------------------------------------------------------------------------
+
+    def check_inputs(self, *args) -> None:
+        if len(args) != len(self.inputs):
+            raise InputError(f"expected {len(self.inputs)} input(s) "
+                             f"({', '.join(n.name for n in self.inputs)}), got {len(args)}")
+        for n, x in zip(self.inputs, args):
+            if n.dtype == "u32":
+                check_token_ids(n, x, None)
+            else:
+                check_float_input(n, x)
+            if x.device != self.target.device:
+                raise InputError(f"input '{n.name}' is on {x.device}, the model runs on "
+                                 f"{self.target.device}")
+            if n.dtype == "u32" and x.numel():
+                lo, hi = torch.aminmax(x)  # one sync: no out-of-range id may reach a gather
+                lo, hi, vocab = int(lo), int(hi), self.vocab[n.id]
+                if lo < 0 or hi >= vocab:
+                    raise InputError(f"input '{n.name}' holds token id {lo if lo < 0 else hi}, "
+                                     f"outside [0, {vocab})")
+
+    def run_kernels(self) -> None:
+        for launch in self.launches:
+            launch.run()
+
+    def __call__(self, *args) -> torch.Tensor:
+        """logits = model(token_ids); the result is overwritten by the next call."""
+        self.check_inputs(*args)
+        for n, x in zip(self.inputs, args):
+            self.tensors[n.id].copy_(x)
+        if self._use_cuda_graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+        else:
+            self.run_kernels()
+        return self.outputs[0] if len(self.outputs) == 1 else tuple(self.outputs)
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.run_kernels()  # compiles every kernel before capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.run_kernels()
+        self._graph = graph
+
+    def kernel_sources(self) -> list[str]:
+        return [launch.spec.source for launch in self.launches]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _vocab_of_inputs(g) -> dict[int, int]:
+    vocab = {}
+    users = g.users()
+    for n in g.inputs():
+        for u in users[n.id]:
+            if g[u].op == "embedding":
+                vocab[n.id] = g[g[u].inputs[1]].shape[0]
+    return vocab
