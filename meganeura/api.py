@@ -29,6 +29,20 @@ class CompileReport:
     kernels: list = field(default_factory=list)  # (node id, archetype, variant) per launch
 
 
+def resolve(device=None, dtype=None, profile=None):
+    """Fills in defaults: (torch.device, torch.dtype, DeviceProfile), checking each."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cuda", "cpu"):
+        raise MeganeuraError(f"device must be cuda or cpu, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MeganeuraError("device cuda: CUDA is not available on this machine")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in _DTYPES:
+        raise MeganeuraError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    profile = profile or (H200 if device.type == "cuda" else CPU_INTERPRETER)
+    return device, dtype, profile
+
+
 def compile(graph: Graph, weights: dict, device=None, dtype=None, profile=None,
             cache_dir: str | Path | None = None, cuda_graph: bool = True) -> CompiledModel:
     """Optimizes `graph`, generates its kernels and binds them to `weights` on `device`.
@@ -43,21 +57,28 @@ def compile(graph: Graph, weights: dict, device=None, dtype=None, profile=None,
     The result `fn(token_ids)` returns logits and has `fn.report`.
     """
     t0 = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MeganeuraError("device cuda: CUDA is not available on this machine")
-    if device.type not in ("cuda", "cpu"):
-        raise MeganeuraError(f"device must be cuda or cpu, got {device}")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if dtype not in _DTYPES:
-        raise MeganeuraError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    profile = profile or (H200 if device.type == "cuda" else CPU_INTERPRETER)
+    device, dtype, profile = resolve(device, dtype, profile)
     plan, opt_report = optimize(graph, CostModel(profile, _DTYPES[dtype]))
+    return bind(plan, opt_report, profile, weights, device, dtype, cache_dir, cuda_graph,
+                time.perf_counter() - t0)
+
+
+def bind(plan: Plan, opt_report: OptimizeReport, profile: DeviceProfile, weights: dict, device,
+         dtype, cache_dir=None, cuda_graph: bool = True, optimize_s: float = 0.0) -> CompiledModel:
+    """Generates the plan's kernels and binds them to weights and buffers on `device`."""
     t1 = time.perf_counter()
     model = CompiledModel(plan, weights, Target(device, dtype), KernelCache(cache_dir), cuda_graph)
     t2 = time.perf_counter()
     model.report = CompileReport(
         opt_report, plan, profile,
-        {"optimize": t1 - t0, "load+codegen": t2 - t1, **model.seconds},
+        {"optimize": optimize_s, "load+codegen": t2 - t1, **model.seconds},
         [(launch.node, launch.spec.archetype, launch.spec.variant) for launch in model.launches])
     return model
+
+
+def kernel_sources(plan: Plan, device, dtype) -> list[str]:
+    """The source of every kernel the plan launches, without touching weights."""
+    from .codegen import kernel_for
+
+    target = Target(torch.device(device), dtype)
+    return [kernel_for(plan.graph[i], plan.graph, target).source for i in plan.launches]

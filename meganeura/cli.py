@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda, cpu-interpreter on cpu)")
     c.add_argument("--emit-dir", metavar="DIR", help="write the egglog program of each template, "
                    "the plan as JSON and the full report into DIR")
+    c.add_argument("--cache-dir", metavar="DIR", default=None, help="kernel source cache "
+                   "(default: $MEGANEURA_CACHE_DIR or ~/.cache/meganeura/kernels)")
     c.add_argument("--run", action="store_true", help="load weights, run the model and print the "
                    "top tokens of the last position")
     c.add_argument("--tokens", type=_token_list, metavar="IDS", help="comma-separated token ids "
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _environment(args)
         from . import commands  # heavy imports (torch) only after the arguments are known
 
         return commands.COMMANDS[args.command](args)
@@ -95,6 +98,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _environment(args) -> None:
+    """The only place environment variables are read or set."""
+    import os
+
+    args.debug = {s.strip() for s in os.environ.get("MEGANEURA_DEBUG", "").split(",") if s.strip()}
+    if getattr(args, "cache_dir", None) is None and os.environ.get("MEGANEURA_CACHE_DIR"):
+        args.cache_dir = os.environ["MEGANEURA_CACHE_DIR"]
+    # On a machine without CUDA the kernels run through Triton's interpreter, which is
+    # chosen when triton is imported: decide it here, before anything imports triton.
+    if getattr(args, "device", None) != "cuda" and "triton" not in sys.modules:
+        import torch
+
+        if args.device == "cpu" or not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def elapsed(t0: float) -> str:

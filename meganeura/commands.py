@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
+from .codegen.cache import KernelCache
 from .errors import MeganeuraError
 from .models import MODEL_NAMES, PRESETS, build, load_config
 from .models.weights import check_weights, load_weights, random_weights
@@ -72,7 +74,26 @@ def cmd_compile(args) -> int:
     if args.weights:
         stored = check_weights(args.weights, config)
         print(f"weights: {args.weights}: {len(stored)} tensors, names and shapes match")
-    plan, report = optimize_graph(args, graph, device, dtype)
+    from . import api
+    from .compiler.cost import PROFILES, CostModel
+    from .optimize import optimize
+    from .report import emit, format_report
+
+    _, _, profile = api.resolve(device, dtype, PROFILES.get(args.profile))
+    cost = CostModel(profile, "bf16" if dtype == torch.bfloat16 else "fp32")
+    t0 = time.perf_counter()
+    plan, report = optimize(graph, cost, keep_egglog=bool(args.emit_dir) or "egraph" in args.debug)
+    optimize_s = time.perf_counter() - t0
+    print(f"cost model: {profile.name}, {cost.dtype}")
+    print(format_report(plan, report))
+    _debug(args, plan, report)
+    sources = api.kernel_sources(plan, device, dtype)
+    cache = KernelCache(args.cache_dir)
+    print(f"codegen: {len(set(sources))} distinct kernel sources for {len(sources)} launches")
+    if args.emit_dir:
+        written = emit(plan, report, args.emit_dir)
+        written += cache.copy_to(sources, Path(args.emit_dir) / "kernels")
+        print(f"wrote {len(written)} files to {args.emit_dir}")
     if not args.run:
         return 0
     t0 = time.perf_counter()
@@ -82,33 +103,51 @@ def cmd_compile(args) -> int:
         print(f"weights: none given, using deterministic random weights (seed {args.seed})")
         weights = random_weights(config, args.seed, dtype, device)
     print(f"weights ready in {time.perf_counter() - t0:.2f} s")
-    from .runtime.reference import run_reference
-
+    fn = api.bind(plan, report, profile, weights, device, dtype, args.cache_dir,
+                  optimize_s=optimize_s)
     ids = token_ids(args, seq_len, config.vocab_size).to(device)
     t0 = time.perf_counter()
-    (logits,) = run_reference(plan.graph, weights, {"token_ids": ids}, dtype, device)
-    print(f"plan on the reference executor: {(time.perf_counter() - t0) * 1e3:.1f} ms on {device} "
-          f"({str(dtype).removeprefix('torch.')})")
-    (ref,) = run_reference(graph, weights, {"token_ids": ids}, torch.float32, device)
-    print(f"relative error vs the unoptimized graph in fp32: {relative_error(logits, ref):.2e}")
+    logits = fn(ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    logits = fn(ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"compiled model on {device} ({str(dtype).removeprefix('torch.')}): first call "
+          f"{first * 1e3:.1f} ms (kernel JIT), then {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    if "timing" in args.debug:
+        for launch in fn.launches:
+            t = time.perf_counter()
+            launch.run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            n = plan.graph[launch.node]
+            print(f"  timing {(time.perf_counter() - t) * 1e3:8.2f} ms  {n.op} {list(n.shape)}")
     print_top_tokens(logits, args.top)
+    from .runtime.reference import run_reference
+
+    ref_w = weights if dtype == torch.float32 else {k: v.float() for k, v in weights.items()}
+    (ref,) = run_reference(graph, ref_w, {"token_ids": ids}, torch.float32, device)
+    print(f"relative error vs the fp32 reference executor: {relative_error(logits, ref):.2e}")
     return 0
 
 
-def optimize_graph(args, graph, device, dtype):
-    from .compiler.cost import PROFILES, CostModel
-    from .optimize import optimize
-    from .report import emit, format_report
+def _debug(args, plan, report) -> None:
+    """MEGANEURA_DEBUG=egraph,plan,kernels,timing prints the matching stage."""
+    from .report import plan_text
 
-    profile = PROFILES[args.profile or ("h200" if device.type == "cuda" else "cpu-interpreter")]
-    cost = CostModel(profile, "bf16" if dtype == torch.bfloat16 else "fp32")
-    plan, report = optimize(graph, cost, keep_egglog=bool(args.emit_dir))
-    print(f"cost model: {profile.name}, {cost.dtype}")
-    print(format_report(plan, report))
-    if args.emit_dir:
-        for p in emit(plan, report, args.emit_dir):
-            print(f"wrote {p}")
-    return plan, report
+    if "egraph" in args.debug:
+        for k, t in enumerate(report.templates):
+            print(f"--- egglog program of template {k}\n{t.egglog}")
+    if "plan" in args.debug:
+        print("--- plan\n" + plan_text(plan))
+    if "kernels" in args.debug:
+        from .api import kernel_sources
+
+        for src in dict.fromkeys(kernel_sources(plan, *resolve_device(args))):
+            print("--- kernel\n" + src)
 
 
 COMMANDS = {"compile": cmd_compile}

@@ -10,9 +10,13 @@ from configs import SMALL
 from meganeura.models.weights import save_random_weights
 
 
-def cli(*args, timeout=120):
+def cli(*args, timeout=300, env=None):
+    import os
+    import tempfile
+    env = {**os.environ, "MEGANEURA_CACHE_DIR": tempfile.gettempdir() + "/meganeura-test-kernels",
+           **(env or {})}
     p = subprocess.run([sys.executable, "-m", "meganeura", *args], capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True, timeout=timeout, env=env)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -21,7 +25,10 @@ def test_emit_dir_writes_egglog_program_and_plan(tmp_path):
                        str(tmp_path / "out"))
     assert rc == 0, err
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["plan.json", "report.txt", "template0.egg", "template1.egg", "template2.egg"]
+    assert files == ["kernels", "plan.json", "report.txt", "template0.egg", "template1.egg",
+                     "template2.egg"]
+    kernels = list((tmp_path / "out" / "kernels").iterdir())
+    assert len(kernels) >= 5 and all("import triton" in k.read_text() for k in kernels)
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     kinds = [n["kind"] for n in plan["nodes"]]
     assert kinds.count("launch") > 34 * 5 and "load" in kinds and "view" in kinds
@@ -38,6 +45,9 @@ def test_compile_small_prints_summary_and_top_tokens():
     assert "deterministic random weights (seed 0)" in out
     assert "top tokens at position 6: " in out
     assert out.count("(0.") >= 3
+    assert "compiled model on cpu (float32)" in out
+    err_line = next(l for l in out.splitlines() if l.startswith("relative error"))
+    assert float(err_line.split(": ")[1]) <= 1e-4
 
 
 def test_compile_27b_without_run_materializes_nothing():
@@ -91,6 +101,13 @@ def test_mismatched_weights_exit_2(tmp_path):
     save_random_weights(SMALL, f)
     rc, out, err = cli("compile", "--model", "gemma4-1b", "--weights", str(f))
     assert rc == 2 and "has shape [64, 32]" in err and err.count("\n") == 1
+
+
+def test_debug_switch_prints_stages():
+    rc, out, err = cli("compile", "--seq-len", "3", env={"MEGANEURA_DEBUG": "plan,kernels"})
+    assert rc == 0, err
+    assert "--- plan" in out and "norm_matmul(" in out
+    assert "--- kernel" in out and "def matmul_kernel(" in out
 
 
 def test_help_for_each_subcommand():

@@ -32,14 +32,15 @@ def plan_buffers(plan: Plan) -> BufferPlan:
     base = {}  # run-time node -> the launch that owns its storage
     for nid in sorted(plan.launches + plan.views):
         n = g[nid]
-        base[nid] = base[n.inputs[0]] if nid in plan.views else nid
+        # a view of an input (or of a weight) owns no buffer
+        base[nid] = base.get(n.inputs[0]) if nid in plan.views else nid
     last = {nid: order[nid] for nid in plan.launches}
     for nid in plan.launches:
         for i in g[nid].inputs:
-            if i in base:
+            if base.get(i) is not None:
                 last[base[i]] = max(last[base[i]], order[nid])
     for o in g.outputs:
-        if o in base:
+        if base.get(o) is not None:
             last[base[o]] = math.inf
     free: dict[int, list[int]] = {}
     sizes: list[int] = []

@@ -1,0 +1,233 @@
+"""Prefill benchmark: meganeura against PyTorch eager and torch.compile, in one process.
+
+    python benchmarks/prefill.py --model gemma4-4b --seq-len 2048 8192 [--check]
+
+Same weights and token ids for all three; CUDA events, warm-up, median of --iters.
+Prints a table (ms, ratios, TFLOP/s, peak memory, compile times), the estimated vs
+measured time of the most expensive kernels, and appends rows tagged with GPU,
+versions, commit and date to benchmarks/results/prefill.csv. --check compares the
+compiled logits with the fp32 reference executor (relative error, bound 2e-2 in bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from torch_forward import make_forward  # noqa: E402
+
+import meganeura  # noqa: E402
+import triton  # noqa: E402
+from meganeura.models import MODEL_NAMES, PRESETS, build  # noqa: E402
+from meganeura.models.weights import random_weights  # noqa: E402
+from meganeura.runtime.check import TOLERANCE, relative_error  # noqa: E402
+from meganeura.runtime.reference import run_reference  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed(fn, warmup: int, iters: int, cuda: bool) -> float:
+    """Median milliseconds of fn() over iters, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def peak_during(fn, cuda: bool) -> float:
+    """GiB allocated at the peak of one call, above what was allocated before it."""
+    if not cuda:
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def model_flops(cfg, s: int) -> float:
+    """Matmul FLOPs of one forward (projections, attention pairs, lm_head)."""
+    from meganeura.compiler.cost import attention_pairs
+
+    h, q, kv, f = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+    per_layer = 2 * s * h * (2 * q + 2 * kv) + 2 * s * h * 3 * f
+    attn = 0
+    for i in range(cfg.num_hidden_layers):
+        win = None if cfg.is_global_layer(i) else cfg.sliding_window_size
+        attn += 4 * cfg.num_attention_heads * cfg.head_dim * attention_pairs(s, win)
+    return cfg.num_hidden_layers * per_layer + attn + 2 * s * h * cfg.vocab_size
+
+
+def kernel_times(model, cuda: bool, reps: int) -> dict[int, float]:
+    """Measured ms of each launch on its own (CUDA events around `reps` back-to-back runs)."""
+    out = {}
+    for launch in model.launches:
+        out[launch.node] = timed(launch.run, 2, reps, cuda) if not cuda else _burst(launch.run, reps)
+    return out
+
+
+def _burst(fn, reps: int) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def run_one(args, name: str, seq: int, device, dtype) -> dict:
+    cfg = PRESETS[MODEL_NAMES[name]]
+    cuda = device.type == "cuda"
+    graph = build(cfg, seq)
+    weights = random_weights(cfg, args.seed, dtype, device)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + seq)
+    ids = torch.randint(0, cfg.vocab_size, (seq,), generator=gen).to(device)
+    row = {"model": name, "seq": seq, "dtype": args.dtype}
+
+    t = time.perf_counter()
+    fn = meganeura.compile(graph, weights, device, dtype, cache_dir=args.cache_dir)
+    fn(ids)
+    if cuda:
+        torch.cuda.synchronize()
+    row["meganeura_compile_s"] = time.perf_counter() - t
+    if args.check:
+        logits = fn(ids).float().clone()
+        w32 = {k: v.float() for k, v in weights.items()}
+        (ref,) = run_reference(graph, w32, {"token_ids": ids}, torch.float32, device)
+        row["rel_error"] = relative_error(logits, ref)
+        del ref, w32, logits
+        if cuda:
+            torch.cuda.empty_cache()
+    row["meganeura_ms"] = timed(lambda: fn(ids), args.warmup, args.iters, cuda)
+    row["meganeura_peak_gib"] = peak_during(lambda: fn(ids), cuda)
+
+    forward = make_forward(cfg, seq, device)
+    with torch.no_grad():
+        row["eager_ms"] = timed(lambda: forward(weights, ids), args.warmup, args.iters, cuda)
+        row["eager_peak_gib"] = peak_during(lambda: forward(weights, ids), cuda)
+        if args.torch_compile:
+            compiled = torch.compile(forward)
+            t = time.perf_counter()
+            compiled(weights, ids)
+            if cuda:
+                torch.cuda.synchronize()
+            row["torch_compile_s"] = time.perf_counter() - t
+            row["torch_compile_ms"] = timed(lambda: compiled(weights, ids), args.warmup,
+                                            args.iters, cuda)
+            row["torch_compile_peak_gib"] = peak_during(lambda: compiled(weights, ids), cuda)
+    row["tflops"] = model_flops(cfg, seq) / (row["meganeura_ms"] * 1e-3) / 1e12
+    row["floor_ms"] = model_flops(cfg, seq) / 790e12 * 1e3
+    measured = kernel_times(fn, cuda, args.kernel_reps)
+    plan = fn.report.plan
+    top = sorted(measured, key=lambda i: -measured[i])[:10]
+    row["kernels"] = [(plan.graph[i].op, list(plan.graph[i].shape), plan.estimate[i] * 1e3,
+                       measured[i]) for i in top]
+    row["kernel_sum_ms"] = sum(measured.values())
+    row["launches"] = len(fn.launches)
+    del fn
+    return row
+
+
+def print_row(r: dict) -> None:
+    tc = r.get("torch_compile_ms")
+    print(f"\n== {r['model']} seq {r['seq']} {r['dtype']}: {r['launches']} launches")
+    print(f"  meganeura      {r['meganeura_ms']:9.2f} ms  {r['tflops']:6.1f} TFLOP/s  "
+          f"peak +{r['meganeura_peak_gib']:.2f} GiB  compile {r['meganeura_compile_s']:.1f} s")
+    print(f"  eager          {r['eager_ms']:9.2f} ms  ratio {r['meganeura_ms'] / r['eager_ms']:.3f}"
+          f"  peak +{r['eager_peak_gib']:.2f} GiB")
+    if tc:
+        print(f"  torch.compile  {tc:9.2f} ms  ratio {r['meganeura_ms'] / tc:.3f}  peak "
+              f"+{r['torch_compile_peak_gib']:.2f} GiB  compile {r['torch_compile_s']:.1f} s")
+    print(f"  FLOP floor     {r['floor_ms']:9.2f} ms  ({r['floor_ms'] / r['meganeura_ms']:.0%} of "
+          f"it reached)")
+    if "rel_error" in r:
+        ok = "ok" if r["rel_error"] <= TOLERANCE["bf16"] else "FAIL"
+        print(f"  relative error vs fp32 reference: {r['rel_error']:.2e} ({ok})")
+    print(f"  kernels one by one: {r['kernel_sum_ms']:.2f} ms; ten most expensive "
+          f"(estimated vs measured):")
+    for op, shape, est, meas in r["kernels"]:
+        print(f"    {op:26} {str(shape):16} est {est:8.3f} ms  meas {meas:8.3f} ms  "
+              f"({meas / est:5.2f}x)")
+
+
+def environment() -> dict:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    return {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
+            "triton": triton.__version__, "meganeura": meganeura.__version__,
+            "commit": os.environ.get("MEGANEURA_COMMIT", "unknown")}
+
+
+def append_csv(rows: list[dict], env: dict, path: Path) -> None:
+    fields = ["date", "gpu", "torch", "triton", "meganeura", "commit", "model", "seq", "dtype",
+              "meganeura_ms", "eager_ms", "torch_compile_ms", "tflops", "floor_ms",
+              "meganeura_compile_s", "torch_compile_s", "meganeura_peak_gib", "eager_peak_gib",
+              "torch_compile_peak_gib", "rel_error", "launches"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**env, **{k: (f"{v:.4g}" if isinstance(v, float) else v)
+                                  for k, v in r.items()}})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gemma4-4b", choices=sorted(MODEL_NAMES))
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[2048])
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--kernel-reps", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check", action="store_true", help="relative error vs the fp32 reference")
+    ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--csv", default=str(RESULTS / "prefill.csv"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    env = environment()
+    print(f"# prefill benchmark {env}")
+    rows = []
+    for seq in args.seq_len:
+        r = run_one(args, args.model, seq, device, dtype)
+        print_row(r)
+        rows.append(r)
+    append_csv(rows, env, Path(args.csv))
+    bad = [r for r in rows if r.get("rel_error", 0) > TOLERANCE[args.dtype if args.dtype == "bf16"
+                                                                 else "fp32"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

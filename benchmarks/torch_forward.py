@@ -1,0 +1,77 @@
+"""The seed model as a plain PyTorch forward, written the way a user would for speed.
+
+This is what meganeura is measured against: run eagerly, and under torch.compile.
+It uses the same weights dict (graph layout) and the same semantics as the graph:
+RMSNorm in fp32, half-split RoPE, GQA through scaled_dot_product_attention (causal, or
+a boolean band mask for sliding-window layers), SwiGLU, residual adds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x, w, eps):
+    # x: [S, D] -> fp32 statistics, result in x's dtype
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def rope_tables(seq: int, head_dim: int, theta: float, device):
+    half = head_dim // 2
+    inv = theta ** (-2.0 * torch.arange(half, device=device, dtype=torch.float64) / head_dim)
+    ang = torch.arange(seq, device=device, dtype=torch.float64)[:, None] * inv[None, :]
+    return ang.cos().float(), ang.sin().float()  # [S, hd/2] each
+
+
+def rope(x, cos, sin, head_dim):
+    # x: [S, heads*hd] -> rotate (d, d + hd/2) pairs of each head
+    s = x.shape[0]
+    xh = x.float().view(s, -1, head_dim)
+    x1, x2 = xh[..., : head_dim // 2], xh[..., head_dim // 2:]
+    c, sn = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * sn, x2 * c + x1 * sn], -1).view(s, -1).to(x.dtype)
+
+
+def make_forward(cfg, seq: int, device):
+    """Returns forward(weights, token_ids) -> logits [S, vocab] for a fixed sequence length."""
+    cos, sin = rope_tables(seq, cfg.head_dim, cfg.rope_theta, device)
+    i = torch.arange(seq, device=device)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - cfg.sliding_window_size)
+    eps, hd = cfg.rms_norm_eps, cfg.head_dim
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def attend(q, k, v, global_layer):
+        # [S, H*hd] -> [H, S, hd]
+        qh = q.view(seq, heads, hd).transpose(0, 1)
+        kh = k.view(seq, kv, hd).transpose(0, 1)
+        vh = v.view(seq, kv, hd).transpose(0, 1)
+        if global_layer or cfg.sliding_window_size >= seq:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=band, enable_gqa=True)
+        return o.transpose(0, 1).reshape(seq, heads * hd)
+
+    def forward(w, token_ids):
+        x = w["model.embed_tokens.weight"][token_ids]
+        for layer in range(cfg.num_hidden_layers):
+            p = f"model.layers.{layer}."
+            h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
+            q = h @ w[p + "self_attn.q_proj.weight"]
+            k = h @ w[p + "self_attn.k_proj.weight"]
+            v = h @ w[p + "self_attn.v_proj.weight"]
+            if cfg.use_qk_norm:
+                q = rms_norm(q, w[p + "self_attn.q_norm.weight"], eps)
+                k = rms_norm(k, w[p + "self_attn.k_norm.weight"], eps)
+            q, k = rope(q, cos, sin, hd), rope(k, cos, sin, hd)
+            a = attend(q, k, v, cfg.is_global_layer(layer))
+            x = x + a @ w[p + "self_attn.o_proj.weight"]
+            h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+            g = h @ w[p + "mlp.gate_proj.weight"]
+            u = h @ w[p + "mlp.up_proj.weight"]
+            x = x + (F.silu(g) * u) @ w[p + "mlp.down_proj.weight"]
+        x = rms_norm(x, w["model.norm.weight"], eps)
+        return x @ w["lm_head.weight"]
+
+    return forward

@@ -1,0 +1,113 @@
+"""Whole compiled models (every kernel generated from the extracted plan) and their errors."""
+
+import pytest
+import torch
+
+import meganeura
+from configs import CONFIGS, SMALL
+from meganeura.compiler.cost import CPU_INTERPRETER, DeviceProfile
+from meganeura.errors import InputError, MeganeuraError, WeightsError
+from meganeura.models import build
+from meganeura.models.weights import random_weights
+from meganeura.runtime.reference import run_reference
+from numerics import assert_close
+
+
+def _ids(c, seq, seed):
+    return torch.randint(0, c.vocab_size, (seq,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("seq", [1, 7, 37])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compiled_model_matches_reference(name, seq, tmp_path):
+    c = CONFIGS[name]
+    g = build(c, seq)
+    w = random_weights(c, seed=seq + 5)
+    fn = meganeura.compile(g, w, device="cpu", cache_dir=tmp_path)
+    fn.outputs[0].fill_(float("nan"))
+    ids = _ids(c, seq, seq)
+    (ref,) = run_reference(g, w, {"token_ids": ids})
+    assert_close(fn(ids), ref, "fp32")
+    ids2 = _ids(c, seq, seq + 100)  # a second call with other ids: buffers are reused
+    (ref2,) = run_reference(g, w, {"token_ids": ids2})
+    assert_close(fn(ids2), ref2, "fp32")
+    archetypes = {a for _, a, _ in fn.report.kernels}
+    assert archetypes == {"embedding", "matmul", "rowwise", "attention"}
+    assert len(fn.launches) == len(fn.report.plan.launches)
+
+
+def test_a_different_device_profile_launches_different_kernels(tmp_path):
+    c = CONFIGS["gqa2"]
+    g = build(c, 7)
+    w = random_weights(c, seed=2)
+    ids = _ids(c, 7, 1)
+    fused = meganeura.compile(g, w, device="cpu", cache_dir=tmp_path)
+    # no launch overhead and a very slow vector unit: recomputing norms stops paying
+    slow_vector = DeviceProfile("slow-vector", CPU_INTERPRETER.bandwidth, 1e12, 1e7, 0.0, 32)
+    other = meganeura.compile(g, w, device="cpu", profile=slow_vector, cache_dir=tmp_path)
+    kinds = lambda m: [(a, v) for _, a, v in m.report.kernels]  # noqa: E731
+    assert kinds(fused) != kinds(other)
+    assert ("rowwise", "rmsnorm") in kinds(other) and ("rowwise", "rmsnorm") not in kinds(fused)
+    assert_close(other(ids).clone(), fused(ids).clone(), "fp32")
+    (ref,) = run_reference(g, w, {"token_ids": ids})
+    assert_close(other(ids), ref, "fp32")
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    g = build(SMALL, 5)
+    return meganeura.compile(g, random_weights(SMALL), device="cpu",
+                             cache_dir=tmp_path_factory.mktemp("k"))
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([1, 2, 3, 4]), r"must have shape \[5\], got \[4\]"),
+    (torch.tensor([1, 2, 3, 4, 5, 6]), r"must have shape \[5\], got \[6\]"),
+    (torch.tensor([1.0, 2, 3, 4, 5]), "must hold integers"),
+    (torch.tensor([1, 2, 64, 4, 5]), r"token id 64, outside \[0, 64\)"),
+    (torch.tensor([1, 2, -3, 4, 5]), "token id -3"),
+    (torch.tensor([1, 2, 3, 4, 5], device="meta"), "is on meta, the model runs on cpu"),
+    ("1 2 3 4 5", "must be a torch.Tensor"),
+])
+def test_bad_token_ids_are_rejected_before_any_kernel(small_model, monkeypatch, ids, message):
+    ran = []
+    monkeypatch.setattr(small_model, "run_kernels", lambda: ran.append(1))
+    with pytest.raises(InputError, match=message):
+        small_model(ids)
+    assert ran == []
+
+
+def test_wrong_number_of_inputs(small_model):
+    with pytest.raises(InputError, match=r"expected 1 input\(s\) \(token_ids\), got 2"):
+        small_model(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long))
+
+
+def test_missing_and_misshaped_weights(tmp_path):
+    g = build(SMALL, 3)
+    w = random_weights(SMALL)
+    del w["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(WeightsError, match="'model.layers.1.mlp.up_proj.weight' is missing"):
+        meganeura.compile(g, w, device="cpu", cache_dir=tmp_path)
+    w = random_weights(SMALL)
+    w["lm_head.weight"] = w["lm_head.weight"].T
+    with pytest.raises(WeightsError, match=r"'lm_head.weight' has shape \[64, 32\], expected \[32, 64\]"):
+        meganeura.compile(g, w, device="cpu", cache_dir=tmp_path)
+
+
+def test_bad_device_and_dtype(tmp_path):
+    g = build(SMALL, 3)
+    w = random_weights(SMALL)
+    with pytest.raises(MeganeuraError, match="dtype must be"):
+        meganeura.compile(g, w, device="cpu", dtype=torch.float16, cache_dir=tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(MeganeuraError, match="CUDA is not available"):
+            meganeura.compile(g, w, device="cuda", cache_dir=tmp_path)
+
+
+def test_only_the_kernels_inputs_stay_resident(small_model):
+    g = small_model.report.plan.graph
+    resident = {g[i].name for i in small_model.tensors if g[i].op == "parameter"}
+    # q/k/v and gate/up were concatenated (and norm weights folded) at load time
+    assert "model.layers.0.self_attn.q_proj.weight" not in resident
+    assert "model.layers.0.mlp.gate_proj.weight" not in resident
+    assert "model.layers.0.self_attn.o_proj.weight" in resident

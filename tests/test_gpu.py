@@ -1,0 +1,63 @@
+"""The same kernels and models on a CUDA GPU: bf16 against the fp32 reference (2e-2)."""
+
+import pytest
+import torch
+
+import meganeura
+from configs import CONFIGS
+from kernel_cases import (attention_case, check_case, embedding_case, matmul_case,
+                          pointwise_case, row_case)
+from meganeura.models import build
+from meganeura.models.weights import random_weights
+from meganeura.runtime.reference import run_reference
+from numerics import assert_close
+
+pytestmark = pytest.mark.cuda
+
+MATMUL_OPS = ["matmul", "norm_matmul", "matmul_add", "matmul_swiglu", "norm_matmul_swiglu"]
+
+
+@pytest.mark.parametrize("mkn", [(1, 45, 70), (37, 45, 70), (300, 2560, 1000)])
+@pytest.mark.parametrize("op", MATMUL_OPS)
+def test_matmul_bf16(op, mkn, tmp_path):
+    check_case(matmul_case(op, *mkn, seed=mkn[0]), "cuda", torch.bfloat16, tmp_path, "bf16")
+
+
+@pytest.mark.parametrize("op", MATMUL_OPS)
+def test_matmul_fp32_strided(op, tmp_path):
+    check_case(matmul_case(op, 37, 45, 70, strided=True), "cuda", torch.float32, tmp_path, "fp32")
+
+
+@pytest.mark.parametrize("head_dim", [128, 132, 144, 240])
+@pytest.mark.parametrize("op", ["rms_norm", "rope", "norm_rope"])
+def test_rowwise_bf16(op, head_dim, tmp_path):
+    check_case(row_case(op, 300, 4, head_dim, strided=True), "cuda", torch.bfloat16, tmp_path,
+               "bf16")
+
+
+@pytest.mark.parametrize("window", [None, 100, 5000], ids=["causal", "window100", "window5000"])
+@pytest.mark.parametrize("gqa", [1, 2])
+@pytest.mark.parametrize("head_dim", [128, 132, 144, 240])
+def test_attention_bf16(head_dim, gqa, window, tmp_path):
+    check_case(attention_case(600, 2 * gqa, 2, head_dim, window, seed=head_dim), "cuda",
+               torch.bfloat16, tmp_path, "bf16")
+
+
+def test_embedding_and_pointwise_bf16(tmp_path):
+    check_case(embedding_case(300, 1000, 2560), "cuda", torch.bfloat16, tmp_path, "bf16")
+    for op in ("add", "swiglu"):
+        check_case(pointwise_case(op, 300, 1000), "cuda", torch.bfloat16, tmp_path, "bf16")
+
+
+@pytest.mark.parametrize("dtype, kind", [(torch.bfloat16, "bf16"), (torch.float32, "fp32")])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compiled_models_on_cuda(name, dtype, kind, tmp_path):
+    c = CONFIGS[name]
+    g = build(c, 37)
+    w = random_weights(c, seed=3)
+    fn = meganeura.compile(g, w, device="cuda", dtype=dtype, cache_dir=tmp_path)
+    for seed in (1, 2):  # the second call replays the captured CUDA graph with other ids
+        ids = torch.randint(0, c.vocab_size, (37,), generator=torch.Generator().manual_seed(seed))
+        (ref,) = run_reference(g, w, {"token_ids": ids})
+        assert_close(fn(ids.cuda()).float().cpu(), ref, kind)
+    assert fn._graph is not None

@@ -1,0 +1,83 @@
+"""Every archetype through Triton's interpreter against the reference, fp32, odd shapes."""
+
+import pytest
+import torch
+
+from kernel_cases import (attention_case, check_case, embedding_case, matmul_case,
+                          pointwise_case, row_case)
+
+MATMUL_OPS = ["matmul", "norm_matmul", "matmul_add", "matmul_swiglu", "norm_matmul_swiglu"]
+
+
+@pytest.mark.parametrize("m", [1, 7, 37])
+@pytest.mark.parametrize("op", MATMUL_OPS)
+def test_matmul_archetype(op, m, tmp_path):
+    # K = 45 and N = 70 are not multiples of any block size
+    model = check_case(matmul_case(op, m, 45, 70, seed=m), "cpu", torch.float32, tmp_path, "fp32")
+    (launch,) = model.launches
+    assert launch.spec.archetype == "matmul"
+
+
+@pytest.mark.parametrize("op", MATMUL_OPS)
+def test_matmul_reads_a_strided_view(op, tmp_path):
+    check_case(matmul_case(op, 13, 33, 40, seed=3, strided=True), "cpu", torch.float32, tmp_path,
+               "fp32")
+
+
+def test_matmul_variants_are_generated_from_the_fused_term(tmp_path):
+    norm = check_case(matmul_case("norm_matmul_swiglu", 7, 45, 70), "cpu", torch.float32,
+                      tmp_path, "fp32").launches[0].spec
+    plain = check_case(matmul_case("matmul", 7, 45, 70), "cpu", torch.float32, tmp_path,
+                       "fp32").launches[0].spec
+    assert norm.variant == "rmsnorm-prologue+swiglu-epilogue" and plain.variant == "plain"
+    assert "ss +=" in norm.source and "acc_up" in norm.source
+    assert "ss +=" not in plain.source and "acc_up" not in plain.source and "r_ptr" not in plain.source
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("head_dim", [16, 24, 132])
+@pytest.mark.parametrize("op", ["rms_norm", "rope", "norm_rope"])
+def test_row_archetype(op, head_dim, strided, tmp_path):
+    check_case(row_case(op, 7, 3, head_dim, seed=head_dim, strided=strided), "cpu", torch.float32,
+               tmp_path, "fp32")
+
+
+def test_rms_norm_on_an_odd_width(tmp_path):
+    from meganeura.compiler.graph import Graph
+    g = Graph()
+    x = g.input_f32("x", (5, 37))
+    g.set_outputs([g.rms_norm(x, g.parameter("w", (37,)), 1e-5)])
+    case = (g, {"w": torch.rand(37) + 0.5}, [torch.randn(5, 37)])
+    check_case(case, "cpu", torch.float32, tmp_path, "fp32")
+
+
+@pytest.mark.parametrize("window", [None, 3, 50], ids=["causal", "window3", "window50"])
+@pytest.mark.parametrize("gqa", [1, 2])
+@pytest.mark.parametrize("head_dim", [16, 24, 132])
+def test_attention_archetype(head_dim, gqa, window, tmp_path):
+    kv = 2
+    check_case(attention_case(37, kv * gqa, kv, head_dim, window, seed=head_dim + gqa), "cpu",
+               torch.float32, tmp_path, "fp32")
+
+
+@pytest.mark.parametrize("s", [1, 7])
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_short_sequences(s, window, tmp_path):
+    check_case(attention_case(s, 4, 2, 16, window, seed=s), "cpu", torch.float32, tmp_path, "fp32")
+
+
+def test_attention_skips_key_blocks_outside_the_window(tmp_path):
+    from meganeura.codegen.attention import emit
+    src = emit(True, "ieee")
+    assert "lo = (tl.maximum(q0 - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N" in src
+    assert "hi = tl.minimum(q0 + BLOCK_M, S)" in src  # nothing past the diagonal
+
+
+@pytest.mark.parametrize("s", [1, 7, 37])
+def test_embedding_archetype(s, tmp_path):
+    check_case(embedding_case(s, 61, 45, seed=s), "cpu", torch.float32, tmp_path, "fp32")
+
+
+@pytest.mark.parametrize("op", ["add", "swiglu"])
+def test_pointwise_archetype(op, tmp_path):
+    check_case(pointwise_case(op, 37, 45), "cpu", torch.float32, tmp_path, "fp32")
