@@ -119,7 +119,7 @@ class CompiledModel:
                 check_token_ids(n, x, None)
             else:
                 check_float_input(n, x)
-            if x.device != self.target.device:
+            if not _same_device(x.device, self.target.device):
                 raise InputError(f"input '{n.name}' is on {x.device}, the model runs on "
                                  f"{self.target.device}")
             if n.dtype == "u32" and x.numel():
@@ -159,6 +159,16 @@ class CompiledModel:
 
     def kernel_sources(self) -> list[str]:
         return [launch.spec.source for launch in self.launches]
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None
+                                                              else current)
 
 
 def _numel(shape) -> int:
