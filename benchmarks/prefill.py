@@ -127,6 +127,13 @@ def run_one(args, name: str, seq: int, device, dtype) -> dict:
     row["meganeura_peak_gib"] = peak_during(lambda: fn(ids), cuda)
 
     forward = make_forward(cfg, seq, device)
+    if args.check:  # how far plain bf16 PyTorch lands from fp32: the scale of bf16 error
+        with torch.no_grad():
+            eager_logits = forward(weights, ids).float()
+            w32 = {k: v.float() for k, v in weights.items()}
+            (ref,) = run_reference(graph, w32, {"token_ids": ids}, torch.float32, device)
+            row["eager_rel_error"] = relative_error(eager_logits, ref)
+            del eager_logits, ref, w32
     with torch.no_grad():
         row["eager_ms"] = timed(lambda: forward(weights, ids), args.warmup, args.iters, cuda)
         row["eager_peak_gib"] = peak_during(lambda: forward(weights, ids), cuda)
@@ -148,6 +155,14 @@ def run_one(args, name: str, seq: int, device, dtype) -> dict:
     row["kernels"] = [(plan.graph[i].op, list(plan.graph[i].shape), plan.estimate[i] * 1e3,
                        measured[i]) for i in top]
     row["kernel_sum_ms"] = sum(measured.values())
+    by_op: dict[str, list[float]] = {}
+    for i, ms in measured.items():
+        est_ms = plan.estimate[i] * 1e3
+        acc = by_op.setdefault(plan.graph[i].op, [0, 0.0, 0.0])
+        acc[0] += 1
+        acc[1] += est_ms
+        acc[2] += ms
+    row["by_op"] = by_op
     row["launches"] = len(fn.launches)
     del fn
     return row
@@ -167,9 +182,12 @@ def print_row(r: dict) -> None:
           f"it reached)")
     if "rel_error" in r:
         ok = "ok" if r["rel_error"] <= TOLERANCE["bf16"] else "FAIL"
-        print(f"  relative error vs fp32 reference: {r['rel_error']:.2e} ({ok})")
+        print(f"  relative error vs fp32 reference: {r['rel_error']:.2e} ({ok}); eager bf16 "
+              f"PyTorch: {r.get('eager_rel_error', float('nan')):.2e}")
     print(f"  kernels one by one: {r['kernel_sum_ms']:.2f} ms; ten most expensive "
           f"(estimated vs measured):")
+    print("  by kernel kind: " + ", ".join(f"{op} x{n} {meas:.2f} ms (est {est:.2f})" for op, (
+        n, est, meas) in sorted(r["by_op"].items(), key=lambda kv: -kv[1][2])))
     for op, shape, est, meas in r["kernels"]:
         print(f"    {op:26} {str(shape):16} est {est:8.3f} ms  meas {meas:8.3f} ms  "
               f"({meas / est:5.2f}x)")
@@ -186,7 +204,7 @@ def append_csv(rows: list[dict], env: dict, path: Path) -> None:
     fields = ["date", "gpu", "torch", "triton", "meganeura", "commit", "model", "seq", "dtype",
               "meganeura_ms", "eager_ms", "torch_compile_ms", "tflops", "floor_ms",
               "meganeura_compile_s", "torch_compile_s", "meganeura_peak_gib", "eager_peak_gib",
-              "torch_compile_peak_gib", "rel_error", "launches"]
+              "torch_compile_peak_gib", "rel_error", "eager_rel_error", "launches"]
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with open(path, "a", newline="") as f:

@@ -2,8 +2,9 @@
 
 This is what meganeura is measured against: run eagerly, and under torch.compile.
 It uses the same weights dict (graph layout) and the same semantics as the graph:
-RMSNorm in fp32, half-split RoPE, GQA through scaled_dot_product_attention (causal, or
-a boolean band mask for sliding-window layers), SwiGLU, residual adds.
+RMSNorm in fp32, half-split RoPE, GQA through scaled_dot_product_attention (kv heads
+repeated so that the flash backend serves causal layers; a boolean band mask for
+sliding-window layers shorter than the sequence), SwiGLU, residual adds.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ def make_forward(cfg, seq: int, device):
     def attend(q, k, v, global_layer):
         # [S, H*hd] -> [H, S, hd]
         qh = q.view(seq, heads, hd).transpose(0, 1)
-        kh = k.view(seq, kv, hd).transpose(0, 1)
-        vh = v.view(seq, kv, hd).transpose(0, 1)
+        kh = k.view(seq, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, 0)
+        vh = v.view(seq, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, 0)
         if global_layer or cfg.sliding_window_size >= seq:
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
         else:
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=band, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=band)
         return o.transpose(0, 1).reshape(seq, heads * hd)
 
     def forward(w, token_ids):

@@ -7,6 +7,8 @@ into B (load time), so only scale[m] = rsqrt(sum_k A[m, k]^2 / K + eps) is neede
 it is gathered from the A tiles the K loop loads anyway.
 Epilogue (from the fused term): `+ R[m, n]` (matmul_add), or `silu(G) * U` where G and
 U are paired tiles of B's left and right halves (matmul_swiglu); then a cast.
+A may be fp32 (the residual stream): its tiles are cast to B's dtype for the dot, and the
+norm statistics use the fp32 values.
 
 bytes: elem * (M*K + K*N' + M*N [+ M*N residual]), N' = 2N for paired tiles
 FLOPs: 2*M*N'*K on the matrix units; 2*M*K per column tile for the norm prologue
@@ -35,7 +37,7 @@ def emit(norm: bool, paired: bool, residual: bool, precision: str) -> str:
     if paired:  # U tiles sit N columns to the right of the G tiles in B
         init.append("acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)")
         step.append("b_up = tl.load(b_ptrs + N, mask=k_mask[:, None] & n_mask[None, :], other=0.0)")
-        step.append(f"acc_up = tl.dot(a, b_up, acc_up, {dot})")
+        step.append(f"acc_up = tl.dot(a.to(b_up.dtype), b_up, acc_up, {dot})")
     if norm:  # sum of squares of the rows of A, from the tiles already in registers
         init.append("ss = tl.zeros((BLOCK_M,), dtype=tl.float32)")
         step.append("a32 = a.to(tl.float32)")
@@ -47,7 +49,7 @@ def emit(norm: bool, paired: bool, residual: bool, precision: str) -> str:
     if paired:  # silu(gate) * up
         finish.append("acc = acc / (1.0 + tl.exp(-acc)) * acc_up")
     if residual:
-        finish.append("r = tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=c_mask, "
+        finish.append("r = tl.load(r_ptr + rows[:, None] * stride_rm + rn[None, :], mask=c_mask, "
                       "other=0.0)")
         finish.append("acc = acc + r.to(tl.float32)")
     body = f'''
@@ -62,10 +64,11 @@ pid_m = first_m + (pid % per_group) % size_m
 pid_n = (pid % per_group) // size_m
 rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+rows = rm.to(tl.int64)  # M * N can pass 2^31 (8192 tokens x 262144 logits)
 rk = tl.arange(0, BLOCK_K)
 m_mask = rm < M
 n_mask = rn < N
-a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
+a_ptrs = a_ptr + rows[:, None] * stride_am + rk[None, :]
 b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :]
 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 {chr(10).join(init)}
@@ -73,13 +76,14 @@ for k0 in range(0, K, BLOCK_K):
     k_mask = rk < K - k0
     a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
     b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-    acc = tl.dot(a, b, acc, {dot})
+    acc = tl.dot(a.to(b.dtype), b, acc, {dot})
 {indent(chr(10).join(step), 4) if step else ""}
     a_ptrs += BLOCK_K
     b_ptrs += BLOCK_K * stride_bk
 c_mask = m_mask[:, None] & n_mask[None, :]
 {chr(10).join(finish)}
-tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+tl.store(c_ptr + rows[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+         mask=c_mask)
 '''
     return HEADER + f"def matmul_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
 

@@ -3,10 +3,12 @@
     rms_norm:  y = x * rsqrt(mean(x^2) + eps) * w                       (fp32 inside)
     rope:      per head, pair d with d + hd/2:  angle = pos * theta^(-2d/hd)
                y[d] = x[d] cos - x[d+hd/2] sin,  y[d+hd/2] = x[d+hd/2] cos + x[d] sin
+               cos and sin come from a [S, hd/2] fp32 table computed once in float64 at load
+               (fp32 sin/cos of angles in the thousands of radians lose digits)
     norm_rope: rope(rms_norm(x, w)) over the whole row (q_norm spans every head)
 
-bytes: elem * (2 * S * D + D) ; FLOPs: ~4 (norm) + ~6 (rope) per element, plus a sin
-and cos per (row, d) pair. The row is read once and written once.
+bytes: elem * (2 * S * D + D) + 8 * S * hd/2 (tables) ; FLOPs: ~4 (norm) + ~6 (rope) per
+element. The row is read once and written once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ OPS = ("rms_norm", "rope", "norm_rope")
 def emit(norm: bool, rope: bool) -> str:
     params = ["x_ptr"] + (["w_ptr"] if norm else []) + ["out_ptr", "stride_x", "stride_out", "D"]
     params += ["eps"] if norm else []
-    params += ["log2_theta"] if rope else []
+    params += ["cos_ptr", "sin_ptr"] if rope else []
     if rope:  # the row as [heads, hd/2] pairs
         params += ["HEADS: tl.constexpr", "HALF: tl.constexpr", "BLOCK_H: tl.constexpr",
                    "BLOCK_HALF: tl.constexpr"]
@@ -38,10 +40,8 @@ x1 = x1 * rstd * tl.load(w_ptr + lo, mask=mask, other=0.0).to(tl.float32)
 x2 = x2 * rstd * tl.load(w_ptr + lo + HALF, mask=mask, other=0.0).to(tl.float32)
 '''
         finish = '''
-inv_freq = tl.exp2(-(d.to(tl.float32) / HALF) * log2_theta)
-angle = row.to(tl.float32) * inv_freq
-c = tl.cos(angle)
-s = tl.sin(angle)
+c = tl.load(cos_ptr + row * HALF + d, mask=d < HALF, other=0.0)
+s = tl.load(sin_ptr + row * HALF + d, mask=d < HALF, other=0.0)
 y1 = x1 * c - x2 * s
 y2 = x2 * c + x1 * s
 tl.store(out_ptr + row * stride_out + lo, y1.to(out_ptr.dtype.element_ty), mask=mask)
@@ -75,10 +75,9 @@ def build(node, graph, target: Target) -> KernelSpec:
     args += [("node", node.id), ("stride", x.id), ("stride", node.id), ("value", width)]
     args += [("value", node.attrs["eps"])] if norm else []
     if rope:
-        import math
-
         hd = node.attrs["head_dim"]
-        args += [("value", math.log2(node.attrs["theta"]))]
+        table = (s, hd, node.attrs["theta"])
+        args += [("rope_cos", table), ("rope_sin", table)]
         cx = dict(HEADS=width // hd, HALF=hd // 2, BLOCK_H=next_pow2(width // hd),
                   BLOCK_HALF=next_pow2(hd // 2))
     else:

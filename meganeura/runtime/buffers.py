@@ -21,9 +21,15 @@ from ..compiler.plan import Plan
 class BufferPlan:
     slot_of: dict[int, int]  # launch node -> buffer slot
     sizes: list[int]  # elements per slot
+    fp32: list[bool]  # slot holds fp32 (the residual stream) rather than the plan dtype
 
     def allocate(self, dtype, device) -> list[torch.Tensor]:
-        return [torch.empty(n, dtype=dtype, device=device) for n in self.sizes]
+        return [torch.empty(n, dtype=torch.float32 if wide else dtype, device=device)
+                for n, wide in zip(self.sizes, self.fp32)]
+
+    def nbytes(self, dtype) -> int:
+        item = torch.finfo(dtype).bits // 8
+        return sum(n * (4 if wide else item) for n, wide in zip(self.sizes, self.fp32))
 
 
 def plan_buffers(plan: Plan) -> BufferPlan:
@@ -42,22 +48,25 @@ def plan_buffers(plan: Plan) -> BufferPlan:
     for o in g.outputs:
         if base.get(o) is not None:
             last[base[o]] = math.inf
-    free: dict[int, list[int]] = {}
+    wide = plan.fp32_stream
+    free: dict[tuple[int, bool], list[int]] = {}
     sizes: list[int] = []
+    fp32: list[bool] = []
     slot_of: dict[int, int] = {}
     dying: dict[int, list[int]] = {}  # launch position -> slots free after it
     for k, nid in enumerate(plan.launches):
-        numel = math.prod(g[nid].shape)
-        pool = free.get(numel)
+        key = (math.prod(g[nid].shape), nid in wide)
+        pool = free.get(key)
         if pool:
             slot = pool.pop()
         else:
             slot = len(sizes)
-            sizes.append(numel)
+            sizes.append(key[0])
+            fp32.append(key[1])
         slot_of[nid] = slot
         if last[nid] != math.inf:
             # readers at the same position still need it: release only after `last`
             dying.setdefault(last[nid], []).append(slot)
         for s in dying.pop(k, []):
-            free.setdefault(sizes[s], []).append(s)
-    return BufferPlan(slot_of, sizes)
+            free.setdefault((sizes[s], fp32[s]), []).append(s)
+    return BufferPlan(slot_of, sizes, fp32)

@@ -42,10 +42,11 @@ class CompiledModel:
         self.inputs = g.inputs()
         self.vocab = _vocab_of_inputs(g)
         self.tensors: dict[int, torch.Tensor] = {}
+        self._tables: dict[tuple, tuple] = {}
         self._load_weights(weights)
         t1 = time.perf_counter()
         buffers = plan_buffers(plan)
-        self.buffer_bytes = sum(buffers.sizes) * torch.finfo(target.dtype).bits // 8
+        self.buffer_bytes = buffers.nbytes(target.dtype)
         slabs = buffers.allocate(target.dtype, target.device)
         for n in self.inputs:
             dtype = torch.int64 if n.dtype == "u32" else target.dtype
@@ -102,11 +103,24 @@ class CompiledModel:
                 args.append(t)
             elif kind == "stride":
                 args.append(self.tensors[x].stride(0))
+            elif kind in ("rope_cos", "rope_sin"):
+                args.append(self._rope_table(*x)[kind == "rope_sin"])
             else:
                 args.append(x)
         launcher = fn[spec.grid]
         kw = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
         return Launch(nid, spec, lambda: launcher(*args, **kw))
+
+    def _rope_table(self, seq: int, head_dim: int, theta: float):
+        """cos and sin of pos * theta^(-2d/hd), [seq, hd/2] fp32, computed once in float64."""
+        key = (seq, head_dim, theta)
+        if key not in self._tables:
+            half = head_dim // 2
+            inv = theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / head_dim)
+            ang = torch.arange(seq, dtype=torch.float64)[:, None] * inv[None, :]
+            self._tables[key] = tuple(t.float().contiguous().to(self.target.device)
+                                      for t in (ang.cos(), ang.sin()))
+        return self._tables[key]
 
     # ---- running ------------------------------------------------------------------------
 
