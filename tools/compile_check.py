@@ -32,7 +32,10 @@ def signature(spec, graph, dtype):
     fn_args = []
     for kind, x in spec.args:
         if kind == "node":
-            sig_t = "*i64" if graph[x].dtype == "u32" else TYPES[dtype]
+            wide = graph[x].op in ("embedding", "add", "matmul_add")  # fp32 residual stream
+            sig_t = "*i64" if graph[x].dtype == "u32" else TYPES[torch.float32 if wide else dtype]
+        elif kind in ("rope_cos", "rope_sin"):
+            sig_t = "*fp32"
         elif isinstance(x, float):
             sig_t = "fp32"
         else:
