@@ -82,19 +82,26 @@ def model_flops(cfg, s: int) -> float:
 
 
 def kernel_times(model, cuda: bool, reps: int) -> dict[int, float]:
-    """Measured ms of each launch on its own (CUDA events around `reps` back-to-back runs)."""
+    """Measured ms of each launch on its own; on CUDA, `reps` launches replayed as one graph
+    (so the host's launch overhead, which the model's own graph replay also avoids, is out)."""
     out = {}
     for launch in model.launches:
-        out[launch.node] = timed(launch.run, 2, reps, cuda) if not cuda else _burst(launch.run, reps)
+        out[launch.node] = _graph_time(launch.run, reps) if cuda else timed(launch.run, 1, reps,
+                                                                                False)
     return out
 
 
-def _burst(fn, reps: int) -> float:
+def _graph_time(fn, reps: int) -> float:
     fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(reps):
-        fn()
+    graph.replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
@@ -216,6 +223,36 @@ def append_csv(rows: list[dict], env: dict, path: Path) -> None:
                                   for k, v in r.items()}})
 
 
+def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
+    """Bar chart of ms per configuration: meganeura, eager, torch.compile."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    labels = [f"{r['model']}\nseq {r['seq']}" for r in rows]
+    series = [("meganeura", "meganeura_ms"), ("PyTorch eager", "eager_ms"),
+              ("torch.compile", "torch_compile_ms")]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(rows), 4))
+    width = 0.27
+    for k, (name, key) in enumerate(series):
+        vals = [r.get(key, float("nan")) for r in rows]
+        bars = ax.bar([i + (k - 1) * width for i in range(len(rows))], vals, width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("ms per forward (median)")
+    ax.set_yscale("log")
+    ax.set_title(f"prefill, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
+                 f"{env['date']}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma4-4b", choices=sorted(MODEL_NAMES))
@@ -230,6 +267,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--csv", default=str(RESULTS / "prefill.csv"))
+    ap.add_argument("--plot", default=str(RESULTS / "prefill.png"))
+    ap.add_argument("--models", nargs="+", default=None, help="several presets, each at every "
+                    "--seq-len (overrides --model)")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -237,11 +277,18 @@ def main(argv=None) -> int:
     env = environment()
     print(f"# prefill benchmark {env}")
     rows = []
-    for seq in args.seq_len:
-        r = run_one(args, args.model, seq, device, dtype)
-        print_row(r)
-        rows.append(r)
+    for model in args.models or [args.model]:
+        for seq in args.seq_len:
+            r = run_one(args, model, seq, device, dtype)
+            print_row(r)
+            rows.append(r)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     append_csv(rows, env, Path(args.csv))
+    if args.plot:
+        p = plot(rows, env, Path(args.plot))
+        if p:
+            print(f"wrote {p}")
     bad = [r for r in rows if r.get("rel_error", 0) > TOLERANCE[args.dtype if args.dtype == "bf16"
                                                                  else "fp32"]]
     return 1 if bad else 0

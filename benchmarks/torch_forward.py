@@ -44,15 +44,15 @@ def make_forward(cfg, seq: int, device):
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
 
     def attend(q, k, v, global_layer):
-        # [S, H*hd] -> [H, S, hd]
-        qh = q.view(seq, heads, hd).transpose(0, 1)
-        kh = k.view(seq, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, 0)
-        vh = v.view(seq, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, 0)
+        # [S, H*hd] -> [1, H, S, hd]: 4-D inputs, so SDPA can pick its flash backend
+        qh = q.view(1, seq, heads, hd).transpose(1, 2)
+        kh = k.view(1, seq, kv, hd).transpose(1, 2).repeat_interleave(heads // kv, 1)
+        vh = v.view(1, seq, kv, hd).transpose(1, 2).repeat_interleave(heads // kv, 1)
         if global_layer or cfg.sliding_window_size >= seq:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
         else:
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=band)
-        return o.transpose(0, 1).reshape(seq, heads * hd)
+        return o.transpose(1, 2).reshape(seq, heads * hd)
 
     def forward(w, token_ids):
         x = w["model.embed_tokens.weight"][token_ids]

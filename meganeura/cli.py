@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "are materialized, so any preset compiles on a small machine; a given "
                        "--weights file is checked from its header alone.")
     _add_model_args(c)
-    c.add_argument("--profile", choices=("h200", "cpu-interpreter"), default=None,
-                   help="device profile the cost model prices kernels with (default: h200 on "
-                   "cuda, cpu-interpreter on cpu)")
+    c.add_argument("--profile", choices=("h200", "h200-roofline", "cpu-interpreter"),
+                   default=None, help="device profile the cost model prices kernels with: h200 "
+                   "carries efficiencies measured on an H200, h200-roofline only its ceilings "
+                   "(default: h200 on cuda, cpu-interpreter on cpu)")
     c.add_argument("--emit-dir", metavar="DIR", help="write the egglog program of each template, "
                    "the plan as JSON and the full report into DIR")
     c.add_argument("--cache-dir", metavar="DIR", default=None, help="kernel source cache "

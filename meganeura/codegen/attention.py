@@ -89,4 +89,5 @@ def build(node, graph, target: Target) -> KernelSpec:
     warps = 4 if target.interpreted or bd <= 64 else 8
     return KernelSpec("attention", "sliding-window" if sliding else "causal",
                       emit(sliding, target.dot_precision), "attention_kernel",
-                      (cdiv(s, bm), a["num_heads"]), args, cx, num_warps=warps, num_stages=2)
+                      (cdiv(s, bm), a["num_heads"]), args, cx, num_warps=warps,
+                      num_stages=1 if target.interpreted else 3)

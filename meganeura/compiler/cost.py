@@ -11,11 +11,15 @@ own reads, writes and FLOPs: no hand-set discount. A norm prologue is recomputed
 every column tile of its matmul, so it costs vector FLOPs that grow with N: that is
 what can make a shared, materialized norm win over recomputing it in many matmuls.
 Views (slice_cols) and parameter-only subterms (evaluated once at load time) cost
-nothing at run time.
+nothing at run time. A profile may carry efficiencies measured on the device (how much
+of the ceiling the generated matmul, norm-prologue matmul and attention kernels reach),
+which divide the compute time: the extractor then decides with what the kernels do,
+not with what the datasheet promises.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,15 +32,26 @@ class DeviceProfile:
     vector_flops: float  # FLOP/s of elementwise work
     launch: float  # s per kernel launch (inside a CUDA graph on GPUs)
     tile_n: int = 128  # output columns per matmul program: a prologue is recomputed per tile
+    # Calibration from measured kernels (1.0 = the roofline ceiling is reached):
+    matmul_efficiency: float = 1.0  # share of matmul_flops the generated matmuls reach
+    prologue_efficiency: float = 1.0  # rate of a norm-prologue matmul relative to a plain one
+    attention_efficiency: float = 1.0  # share of matmul_flops the attention kernel reaches
 
 
-# Measured on one H200 (DESIGN.md): ~4.3 TB/s copy, ~790 TFLOP/s bf16 dense matmul.
-H200 = DeviceProfile("h200", bandwidth=4.3e12, matmul_flops=790e12, vector_flops=60e12,
-                     launch=3e-6, tile_n=256)
+# Ceilings measured on one H200 (DESIGN.md): ~4.3 TB/s copy, ~790 TFLOP/s bf16 matmul.
+H200_ROOFLINE = DeviceProfile("h200-roofline", bandwidth=4.3e12, matmul_flops=790e12,
+                              vector_flops=60e12, launch=3e-6, tile_n=256)
+# The same ceilings with the efficiencies the generated kernels reached on the H200
+# (benchmarks/results/prefill.csv, 2026-11-30, gemma4-4b bf16, seq 2048): plain and
+# epilogue matmuls ~76% of peak; a norm-prologue matmul whose A operand is the fp32
+# residual stream ran at 238 TFLOP/s against ~690 for a plain one (A goes through
+# registers to be squared and cast); attention ~28% of peak.
+H200 = dataclasses.replace(H200_ROOFLINE, name="h200", matmul_efficiency=0.76,
+                           prologue_efficiency=0.34, attention_efficiency=0.28)
 # Triton's interpreter runs each program in Python with numpy: launches dominate.
 CPU_INTERPRETER = DeviceProfile("cpu-interpreter", bandwidth=2e9, matmul_flops=2e10,
                                 vector_flops=1e9, launch=1e-3, tile_n=32)
-PROFILES = {p.name: p for p in (H200, CPU_INTERPRETER)}
+PROFILES = {p.name: p for p in (H200, H200_ROOFLINE, CPU_INTERPRETER)}
 
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
 ID_BYTES = 8  # token ids arrive as int64
@@ -47,6 +62,7 @@ class Work:
     bytes: float
     matmul_flops: float = 0.0
     vector_flops: float = 0.0
+    efficiency: str | None = None  # which calibration factor applies to the compute time
 
 
 def _numel(shape) -> int:
@@ -72,12 +88,13 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         vec = 2 * _numel(out)  # epilogue: cast, add, or silu * up
         if op.startswith("norm_"):  # sum(x^2) over the A tiles (one FMA each), per column tile
             vec += 2 * m * k * math.ceil(n / attrs["_tile_n"]) + m * n
-        return Work(io, 2 * m * n * k, vec)
+            return Work(io, 2 * m * n * k, vec, "prologue")
+        return Work(io, 2 * m * n * k, vec, "matmul")
     if op in ("causal_attention", "sliding_window_attention"):
         s = ins[0][0]
         pairs = attention_pairs(s, attrs.get("window"))
         heads, hd = attrs["num_heads"], attrs["head_dim"]
-        return Work(io, 4 * heads * hd * pairs, 6 * heads * pairs)
+        return Work(io, 4 * heads * hd * pairs, 6 * heads * pairs, "attention")
     per_elem = {"rms_norm": 4, "rope": 6, "norm_rope": 10, "add": 1, "swiglu": 6,
                 "concat_cols": 0, "scale_rows": 1}[op]
     return Work(io, 0.0, per_elem * _numel(out))
@@ -85,6 +102,12 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
 
 def kernel_time(profile: DeviceProfile, w: Work) -> float:
     compute = w.matmul_flops / profile.matmul_flops + w.vector_flops / profile.vector_flops
+    if w.efficiency == "matmul":
+        compute /= profile.matmul_efficiency
+    elif w.efficiency == "prologue":
+        compute /= profile.matmul_efficiency * profile.prologue_efficiency
+    elif w.efficiency == "attention":
+        compute /= profile.attention_efficiency
     return max(w.bytes / profile.bandwidth, compute) + profile.launch
 
 
