@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from meganeura.codegen import Target, kernel_for
-from meganeura.compiler.cost import H200, CostModel
+from meganeura.compiler.cost import PROFILES, CostModel
 from meganeura.models import MODEL_NAMES, PRESETS, build
 from meganeura.optimize import optimize
 
@@ -49,10 +49,11 @@ def main():
     ap.add_argument("--model", default="gemma4-4b")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--profile", default="h200")
     a = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     graph = build(PRESETS[MODEL_NAMES[a.model]], a.seq_len)
-    plan, _ = optimize(graph, CostModel(H200, a.dtype))
+    plan, _ = optimize(graph, CostModel(PROFILES[a.profile], a.dtype))
     target = Target(torch.device("cuda"), dtype)
     seen = set()
     tmp = Path(tempfile.mkdtemp())
@@ -79,7 +80,8 @@ def main():
         ptx = k.asm["ptx"]
         print(f"{spec.archetype:10} {spec.variant:34} {str(spec.constexprs):70} "
               f"smem {md.shared:6} wgmma {ptx.count('wgmma.mma_async'):3} "
-              f"local-mem {'ld.local' in ptx or 'st.local' in ptx}")
+              f"local-mem {'ld.local' in ptx or 'st.local' in ptx}"
+              f"{'  OVER SHARED MEMORY' if md.shared > 232448 else ''}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 
-from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
+import torch
+
+from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent, next_pow2
 
 OPS = ("causal_attention", "sliding_window_attention")
 
@@ -78,6 +80,8 @@ def build(node, graph, target: Target) -> KernelSpec:
     bd = next_pow2(max(hd, 16))
     if target.interpreted:
         bm = bn = 16
+    elif target.dtype == torch.float32:
+        bm, bn = (64, 32) if bd <= 128 else (32, 32)
     else:
         bm, bn = (128, 64) if bd <= 128 else (64, 32)
     args = [("node", q.id), ("node", k.id), ("node", v.id), ("node", node.id),
@@ -87,7 +91,9 @@ def build(node, graph, target: Target) -> KernelSpec:
     cx = dict(GROUP=a["num_heads"] // a["num_kv_heads"], HEAD_DIM=hd, BLOCK_D=bd, BLOCK_M=bm,
               BLOCK_N=bn)
     warps = 4 if target.interpreted or bd <= 64 else 8
+    elem = 4 if target.dtype == torch.float32 else 2
+    stages = 1 if target.interpreted else fit_stages(2 * bn * bd * elem, bm * bd * elem, 3)
     return KernelSpec("attention", "sliding-window" if sliding else "causal",
                       emit(sliding, target.dot_precision), "attention_kernel",
                       (cdiv(s, bm), a["num_heads"]), args, cx, num_warps=warps,
-                      num_stages=1 if target.interpreted else 3)
+                      num_stages=stages)

@@ -43,6 +43,17 @@ class KernelSpec:
     num_stages: int = 2
 
 
+SHARED_MEMORY = 200 * 1024  # bytes a program may stage on Hopper (232448 max, some headroom)
+
+
+def fit_stages(per_stage: int, fixed: int, want: int) -> int:
+    """The most pipeline stages (<= want, >= 1) whose buffers fit in shared memory."""
+    stages = want
+    while stages > 1 and fixed + stages * per_stage > SHARED_MEMORY:
+        stages -= 1
+    return stages
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

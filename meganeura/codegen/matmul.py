@@ -16,7 +16,9 @@ FLOPs: 2*M*N'*K on the matrix units; 2*M*K per column tile for the norm prologue
 
 from __future__ import annotations
 
-from .common import HEADER, KernelSpec, Target, cdiv, indent
+import torch
+
+from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent
 
 PROLOGUES = {"norm_matmul", "norm_matmul_swiglu"}
 PAIRED = {"matmul_swiglu", "norm_matmul_swiglu"}
@@ -98,6 +100,8 @@ def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) 
     if target.interpreted:
         return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4,
                     warps=4, stages=1)
+    if target.dtype == torch.float32:  # 4-byte tiles: half the size for the same smem
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, warps=4, stages=3)
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)
     if paired:
@@ -114,6 +118,9 @@ def build(node, graph, target: Target) -> KernelSpec:
     norm, paired, residual = node.op in PROLOGUES, node.op in PAIRED, node.op in RESIDUAL
     cfg = tiles(m, n, k, paired, residual, target)
     warps, stages = cfg.pop("warps"), cfg.pop("stages")
+    elem = 4 if target.dtype == torch.float32 else 2
+    per_stage = elem * cfg["BLOCK_K"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"] * (2 if paired else 1))
+    stages = fit_stages(per_stage, 0, stages)
     args = [("node", a.id), ("node", b.id), ("node", node.id)]
     args += [("node", node.inputs[2])] if residual else []
     args += [("value", m), ("value", n), ("value", k), ("stride", a.id), ("stride", b.id),
