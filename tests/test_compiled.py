@@ -111,3 +111,33 @@ def test_only_the_kernels_inputs_stay_resident(small_model):
     assert "model.layers.0.self_attn.q_proj.weight" not in resident
     assert "model.layers.0.mlp.gate_proj.weight" not in resident
     assert "model.layers.0.self_attn.o_proj.weight" in resident
+
+
+def test_buffers_are_reused_by_liveness_and_never_alias_a_live_input():
+    from meganeura.compiler.cost import CostModel
+    from meganeura.optimize import optimize
+    from meganeura.runtime.buffers import plan_buffers
+
+    c = CONFIGS["gqa2"]
+    deep = type(c)(**{**c.__dict__, "num_hidden_layers": 6})
+    plan, _ = optimize(build(c, 7), CostModel(CPU_INTERPRETER, "fp32"))
+    deep_plan, _ = optimize(build(deep, 7), CostModel(CPU_INTERPRETER, "fp32"))
+    buffers = plan_buffers(plan)
+    # slots are reused layer after layer: three times the depth, no more buffers
+    assert len(plan_buffers(deep_plan).sizes) == len(buffers.sizes) < len(plan.launches)
+    g = plan.graph
+    owner = {}  # slot -> node whose value it holds now
+    base = {v: g[v].inputs[0] for v in plan.views}
+    for nid in plan.launches:
+        reads = {base.get(i, i) for i in g[nid].inputs}
+        slot = buffers.slot_of[nid]
+        assert owner.get(slot) not in reads, f"{g.label(nid)} overwrites an input it reads"
+        owner[slot] = nid
+    # every read finds its value still in its slot
+    owner = {}
+    for nid in plan.launches:
+        for i in g[nid].inputs:
+            b = base.get(i, i)
+            if b in buffers.slot_of:
+                assert owner[buffers.slot_of[b]] == b, f"{g.label(nid)} reads a clobbered {b}"
+        owner[buffers.slot_of[nid]] = nid
