@@ -14,7 +14,6 @@ import argparse
 import torch
 import triton.testing
 
-from meganeura.codegen import Target
 from meganeura.codegen.cache import KernelCache
 from meganeura.codegen.matmul import PAIRED, PROLOGUES, RESIDUAL, emit
 from meganeura.compiler.cost import H200, CostModel
@@ -34,7 +33,6 @@ def main():
     ap.add_argument("--seq-len", type=int, nargs="+", default=[2048])
     a = ap.parse_args()
     cache = KernelCache("/tmp/meganeura-tiles")
-    target = Target(torch.device("cuda"), torch.bfloat16)
     for seq in a.seq_len:
         plan, _ = optimize(build(PRESETS[MODEL_NAMES[a.model]], seq), CostModel(H200, "bf16"))
         g = plan.graph

@@ -171,7 +171,6 @@ def run_one(args, name: str, seq: int, device, dtype) -> dict:
         acc[2] += ms
     row["by_op"] = by_op
     row["launches"] = len(fn.launches)
-    del fn
     return row
 
 

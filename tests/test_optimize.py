@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from configs import CONFIGS, GQA2, SMALL
+from configs import CONFIGS, SMALL
 from meganeura.compiler.cost import (CPU_INTERPRETER, H200, H200_ROOFLINE, CostModel,
                                      DeviceProfile)
 from meganeura.compiler.extract import check_acyclic

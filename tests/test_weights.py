@@ -9,7 +9,7 @@ from configs import SMALL
 from meganeura.errors import WeightsError
 from meganeura.models import transposed_weight_names, weight_names
 from meganeura.models.weights import (check_weights, load_weights, random_weights,
-                                      save_random_weights, save_weights)
+                                      save_random_weights)
 
 
 def test_round_trip_transposes_linear_weights(tmp_path):

@@ -22,17 +22,18 @@ from triton.backends.compiler import GPUTarget
 from meganeura.codegen import Target, kernel_for
 from meganeura.compiler.cost import PROFILES, CostModel
 from meganeura.models import MODEL_NAMES, PRESETS, build
+from meganeura.compiler.plan import RESIDUAL_OPS
 from meganeura.optimize import optimize
 
 TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64"}
 
 
 def signature(spec, graph, dtype):
-    sig = {}
+    """Triton type strings of the kernel's runtime arguments, in order."""
     fn_args = []
     for kind, x in spec.args:
         if kind == "node":
-            wide = graph[x].op in ("embedding", "add", "matmul_add")  # fp32 residual stream
+            wide = graph[x].op in RESIDUAL_OPS  # the fp32 residual stream
             sig_t = "*i64" if graph[x].dtype == "u32" else TYPES[torch.float32 if wide else dtype]
         elif kind in ("rope_cos", "rope_sin"):
             sig_t = "*fp32"

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from egglog import EGraph, Expr, f64Like, function, i64, i64Like, method, set_, union
 
-from .graph import OPS, Graph
+from .graph import Graph
+from .ops import OPS
 
 
 class Tensor(Expr):

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from ..errors import GraphError
 from .egraph import LEAVES, EClasses, ENode
-from .graph import FLOAT, OPS, _Mismatch
+from .graph import find_cycle
+from .ops import FLOAT, OPS, _Mismatch
 
 EPS = 1e-12  # the least own cost: views and load-time nodes still cost > 0 (no cycles)
 LOAD_TIME_OPS = ("concat_cols", "scale_rows", "slice_cols")
@@ -161,22 +162,15 @@ class Extractor:
 
 def check_acyclic(choice: dict[int, ENode], roots: list[int]) -> None:
     """Raises if the chosen e-nodes do not form a DAG covering every root."""
-    state: dict[int, int] = {}
     for r in roots:
         if r not in choice:
             raise GraphError(f"extraction does not cover output class {r}")
-        stack = [(r, iter(choice[r].children))]
-        state[r] = 1
-        while stack:
-            c, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                state[c] = 2
-                stack.pop()
-            elif state.get(nxt) == 1:
-                raise GraphError(f"extraction produced a cycle through e-class {nxt}")
-            elif nxt not in state:
-                if nxt not in choice:
-                    raise GraphError(f"extraction left e-class {nxt} without a term")
-                state[nxt] = 1
-                stack.append((nxt, iter(choice[nxt].children)))
+
+    def children(c):
+        if c not in choice:
+            raise GraphError(f"extraction left e-class {c} without a term")
+        return choice[c].children
+
+    edge = find_cycle(roots, children)
+    if edge:
+        raise GraphError(f"extraction produced a cycle through e-class {edge[1]}")

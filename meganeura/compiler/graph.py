@@ -16,12 +16,10 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 from ..errors import GraphError
-
-Shape = tuple[int, ...]
-FLOAT, U32 = "f32", "u32"
+from .ops import FLOAT, OPS, U32, Shape, _Mismatch  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -34,164 +32,6 @@ class Node:
     attrs: dict = field(default_factory=dict, compare=False)
     name: str | None = None  # inputs and parameters only
     block: str | None = None  # repeated-structure label, e.g. "layer.3"
-
-
-class _Mismatch(Exception):
-    """Raised by shape rules; `Graph._node` turns it into a GraphError naming the node."""
-
-
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise _Mismatch(msg)
-
-
-def _rank(s: Shape, r: int, what: str) -> None:
-    _need(len(s) == r, f"{what} must have rank {r}, got shape {list(s)}")
-
-
-# ---- shape rules: (input shapes, input dtypes, attrs) -> output shape ---------------------
-
-
-def _embedding(s, d, a):
-    ids, table = s
-    _rank(ids, 1, "token ids")
-    _rank(table, 2, "embedding table")
-    _need(d[0] == U32, f"token ids must be u32, got {d[0]}")
-    return (ids[0], table[1])
-
-
-def _matmul(s, d, a):
-    x, w = s
-    _rank(x, 2, "left operand")
-    _rank(w, 2, "right operand")
-    _need(x[1] == w[0], f"inner dims differ: left is {list(x)}, right is {list(w)}")
-    return (x[0], w[1])
-
-
-def _same(s, d, a):
-    _need(s[0] == s[1], f"shapes differ: {list(s[0])} vs {list(s[1])}")
-    return s[0]
-
-
-def _rms_norm(s, d, a):
-    x, w = s
-    _rank(x, 2, "normalized input")
-    _need(w == (x[1],), f"norm weight must be [{x[1]}] to match input {list(x)}, got {list(w)}")
-    _need(a["eps"] > 0, f"eps must be > 0, got {a['eps']}")
-    return x
-
-
-def _rope(s, d, a):
-    (x,) = s
-    _rank(x, 2, "rotated input")
-    hd = a["head_dim"]
-    _need(hd > 0 and hd % 2 == 0, f"head_dim must be even and > 0, got {hd}")
-    _need(x[1] % hd == 0, f"width {x[1]} is not a multiple of head_dim {hd}")
-    _need(a["theta"] > 0, f"theta must be > 0, got {a['theta']}")
-    return x
-
-
-def _attention(s, d, a):
-    q, k, v = s
-    for t, what in ((q, "q"), (k, "k"), (v, "v")):
-        _rank(t, 2, what)
-    h, kvh, hd = a["num_heads"], a["num_kv_heads"], a["head_dim"]
-    _need(h > 0 and kvh > 0 and hd > 0, f"heads {h}, kv heads {kvh}, head_dim {hd} must be > 0")
-    _need(h % kvh == 0, f"num_heads {h} is not a multiple of num_kv_heads {kvh}")
-    _need(q[1] == h * hd, f"q is {list(q)}, expected width num_heads*head_dim = {h * hd}")
-    _need(k[1] == kvh * hd, f"k is {list(k)}, expected width num_kv_heads*head_dim = {kvh * hd}")
-    _need(v == k, f"v is {list(v)}, k is {list(k)}: they must match")
-    _need(q[0] == k[0], f"q has {q[0]} rows, k has {k[0]}")
-    _need(a.get("window", 1) > 0, f"window must be > 0, got {a.get('window')}")
-    return q
-
-
-def _concat_cols(s, d, a):
-    x, y = s
-    _rank(x, 2, "left block")
-    _rank(y, 2, "right block")
-    _need(x[0] == y[0], f"row counts differ: {list(x)} vs {list(y)}")
-    return (x[0], x[1] + y[1])
-
-
-def _scale_rows(s, d, a):
-    w, v = s
-    _rank(w, 2, "scaled matrix")
-    _need(v == (w[0],), f"row scale must be [{w[0]}] for matrix {list(w)}, got {list(v)}")
-    return w
-
-
-def _slice_cols(s, d, a):
-    (x,) = s
-    _rank(x, 2, "sliced input")
-    start, width = a["start"], a["width"]
-    _need(start >= 0 and width > 0 and start + width <= x[1],
-          f"columns [{start}, {start + width}) out of range for {list(x)}")
-    return (x[0], width)
-
-
-def _norm_matmul(s, d, a):
-    _need(a["eps"] > 0, f"eps must be > 0, got {a['eps']}")
-    return _matmul(s, d, a)
-
-
-def _matmul_add(s, d, a):
-    out = _matmul(s[:2], d, a)
-    _need(s[2] == out, f"residual is {list(s[2])}, product is {list(out)}")
-    return out
-
-
-def _matmul_swiglu(s, d, a):
-    m, n2 = _matmul(s, d, a)
-    _need(n2 % 2 == 0, f"paired gate/up weight must have an even width, got {n2}")
-    return (m, n2 // 2)
-
-
-def _norm_matmul_swiglu(s, d, a):
-    _need(a["eps"] > 0, f"eps must be > 0, got {a['eps']}")
-    return _matmul_swiglu(s, d, a)
-
-
-def _norm_rope(s, d, a):
-    _rms_norm(s, d, a)
-    return _rope(s[:1], d, a)
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    arity: int
-    attrs: tuple[str, ...]
-    rule: Callable
-    doc: str
-
-
-OPS: dict[str, OpSpec] = {
-    # leaves
-    "input": OpSpec(0, (), None, "a run-time input tensor (token ids)"),
-    "parameter": OpSpec(0, (), None, "a named weight tensor"),
-    # the seed's ops
-    "embedding": OpSpec(2, (), _embedding, "rows of table gathered by token id"),
-    "matmul": OpSpec(2, (), _matmul, "a @ b"),
-    "rms_norm": OpSpec(2, ("eps",), _rms_norm, "x * rsqrt(mean(x^2) + eps) * w, in fp32"),
-    "rope": OpSpec(1, ("theta", "head_dim"), _rope, "half-split rotary embedding per head"),
-    "causal_attention": OpSpec(3, ("num_heads", "num_kv_heads", "head_dim"), _attention,
-                               "softmax(q k^T / sqrt(d)) v, causal, GQA"),
-    "sliding_window_attention": OpSpec(3, ("num_heads", "num_kv_heads", "head_dim", "window"),
-                                       _attention, "causal attention to the last `window` keys"),
-    "add": OpSpec(2, (), _same, "a + b"),
-    "swiglu": OpSpec(2, (), _same, "silu(gate) * up"),
-    # layout ops the rewrites introduce
-    "concat_cols": OpSpec(2, (), _concat_cols, "[a | b] along columns"),
-    "scale_rows": OpSpec(2, (), _scale_rows, "w * v[:, None]: a norm weight folded into a matrix"),
-    "slice_cols": OpSpec(1, ("start", "width"), _slice_cols, "x[:, start:start+width], a view"),
-    # fused kernels the rewrites introduce
-    "norm_matmul": OpSpec(2, ("eps",), _norm_matmul, "rsqrt(mean(x^2) + eps) * (x @ b)"),
-    "matmul_add": OpSpec(3, (), _matmul_add, "a @ b + r"),
-    "matmul_swiglu": OpSpec(2, (), _matmul_swiglu, "silu(a @ b[:, :n]) * (a @ b[:, n:])"),
-    "norm_matmul_swiglu": OpSpec(2, ("eps",), _norm_matmul_swiglu,
-                                 "matmul_swiglu of the row-normalized x"),
-    "norm_rope": OpSpec(2, ("eps", "theta", "head_dim"), _norm_rope, "rope(rms_norm(x, w))"),
-}
 
 
 class Graph:
@@ -355,23 +195,9 @@ class Graph:
     # ---- internals ----------------------------------------------------------------------
 
     def _check_acyclic(self) -> None:
-        state = [0] * len(self.nodes)  # 0 new, 1 on stack, 2 done
-        for root in range(len(self.nodes)):
-            if state[root]:
-                continue
-            stack = [(root, iter(self.nodes[root].inputs))]
-            state[root] = 1
-            while stack:
-                nid, it = stack[-1]
-                nxt = next(it, None)
-                if nxt is None:
-                    state[nid] = 2
-                    stack.pop()
-                elif state[nxt] == 1:
-                    raise GraphError(f"cycle through {self.label(nxt)} and {self.label(nid)}")
-                elif state[nxt] == 0:
-                    state[nxt] = 1
-                    stack.append((nxt, iter(self.nodes[nxt].inputs)))
+        edge = find_cycle(range(len(self.nodes)), lambda i: self.nodes[i].inputs)
+        if edge:
+            raise GraphError(f"cycle through {self.label(edge[1])} and {self.label(edge[0])}")
 
     def _leaf(self, op: str, name: str, shape: Shape, dtype: str) -> int:
         shape = tuple(int(s) for s in shape)
@@ -413,3 +239,28 @@ class Graph:
         nid = len(self.nodes)
         self.nodes.append(Node(nid, op, tuple(inputs), shape, FLOAT, attrs, None, self._block))
         return nid
+
+
+def find_cycle(roots, children) -> tuple | None:
+    """An edge (parent, child) that closes a cycle reachable from `roots`, or None.
+
+    Iterative depth-first search: graphs of thousands of nodes stay off Python's stack.
+    """
+    state: dict = {}  # 1 on the stack, 2 done
+    for root in roots:
+        if root in state:
+            continue
+        stack = [(root, iter(children(root)))]
+        state[root] = 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[node] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return node, nxt
+            elif nxt not in state:
+                state[nxt] = 1
+                stack.append((nxt, iter(children(nxt))))
+    return None

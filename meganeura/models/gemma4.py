@@ -145,7 +145,7 @@ def build_graph(g: Graph, config: Gemma4Config, seq_len: int) -> int:
     c = config
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
-    hidden, eps, theta, hd = c.hidden_size, c.rms_norm_eps, c.rope_theta, c.head_dim
+    hidden, eps = c.hidden_size, c.rms_norm_eps
     token_ids = g.input_u32("token_ids", (seq_len,))
     embed = g.parameter("model.embed_tokens.weight", (c.vocab_size, hidden))
     x = g.embedding(token_ids, embed)  # x: [S, hidden]
