@@ -1,6 +1,7 @@
 """Prefill benchmark: meganeura against PyTorch eager and torch.compile, in one process.
 
     python benchmarks/prefill.py --model gemma4-4b --seq-len 2048 8192 [--check]
+    python benchmarks/prefill.py --table --check      # every configuration of the targets
 
 Same weights and token ids for all three; CUDA events, warm-up, median of --iters.
 Prints a table (ms, ratios, TFLOP/s, peak memory, compile times), the estimated vs
@@ -18,8 +19,12 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+# a cold compile means cold caches: Triton's too (read when it compiles, set before import)
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="meganeura-triton-"))
 
 import torch
 
@@ -34,6 +39,7 @@ from meganeura.runtime.check import TOLERANCE, relative_error  # noqa: E402
 from meganeura.runtime.reference import run_reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TABLE = [("gemma4-4b", 2048), ("gemma4-4b", 8192), ("gemma4-12b", 2048), ("gemma4-27b", 2048)]
 
 
 def timed(fn, warmup: int, iters: int, cuda: bool) -> float:
@@ -66,6 +72,36 @@ def peak_during(fn, cuda: bool) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _allocated(cuda: bool) -> int:
+    if not cuda:
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak_above(base: int, cuda: bool) -> float:
+    """GiB at the peak since the last _allocated(), above `base` (the shared weights)."""
+    if not cuda:
+        return float("nan")
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _since(t: float, cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def _release(cuda: bool) -> None:
+    import gc
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def model_flops(cfg, s: int) -> float:
@@ -116,41 +152,48 @@ def run_one(args, name: str, seq: int, device, dtype) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (seq,), generator=gen).to(device)
     row = {"model": name, "seq": seq, "dtype": args.dtype}
 
+    # cold: empty meganeura and Triton caches; warm: the same compile again
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="meganeura-kernels-")
+    base = _allocated(cuda)
     t = time.perf_counter()
-    fn = meganeura.compile(graph, weights, device, dtype, cache_dir=args.cache_dir)
+    fn = meganeura.compile(graph, weights, device, dtype, cache_dir=cache_dir)
     fn(ids)
-    if cuda:
-        torch.cuda.synchronize()
-    row["meganeura_compile_s"] = time.perf_counter() - t
-    if args.check:
+    row["meganeura_compile_s"] = _since(t, cuda)
+    row["meganeura_peak_gib"] = _peak_above(base, cuda)
+    row["meganeura_resident_gib"] = (_allocated(cuda) - base) / 2**30
+    del fn
+    _release(cuda)
+    t = time.perf_counter()
+    fn = meganeura.compile(graph, weights, device, dtype, cache_dir=cache_dir)
+    fn(ids)
+    row["meganeura_warm_compile_s"] = _since(t, cuda)
+    if args.check:  # fp32 reference on the same weights, upcast one parameter at a time
         logits = fn(ids).float().clone()
-        w32 = {k: v.float() for k, v in weights.items()}
-        (ref,) = run_reference(graph, w32, {"token_ids": ids}, torch.float32, device)
+        (ref,) = run_reference(graph, weights, {"token_ids": ids}, torch.float32, device)
         row["rel_error"] = relative_error(logits, ref)
-        del ref, w32, logits
-        if cuda:
-            torch.cuda.empty_cache()
+        del ref, logits
+        _release(cuda)
     row["meganeura_ms"] = timed(lambda: fn(ids), args.warmup, args.iters, cuda)
-    row["meganeura_peak_gib"] = peak_during(lambda: fn(ids), cuda)
 
     forward = make_forward(cfg, seq, device)
     if args.check:  # how far plain bf16 PyTorch lands from fp32: the scale of bf16 error
         with torch.no_grad():
             eager_logits = forward(weights, ids).float()
-            w32 = {k: v.float() for k, v in weights.items()}
-            (ref,) = run_reference(graph, w32, {"token_ids": ids}, torch.float32, device)
+            (ref,) = run_reference(graph, weights, {"token_ids": ids}, torch.float32, device)
             row["eager_rel_error"] = relative_error(eager_logits, ref)
-            del eager_logits, ref, w32
+            del eager_logits, ref
+            _release(cuda)
     with torch.no_grad():
         row["eager_ms"] = timed(lambda: forward(weights, ids), args.warmup, args.iters, cuda)
         row["eager_peak_gib"] = peak_during(lambda: forward(weights, ids), cuda)
         if args.torch_compile:
             compiled = torch.compile(forward)
+            _release(cuda)
+            base = _allocated(cuda)
             t = time.perf_counter()
             compiled(weights, ids)
-            if cuda:
-                torch.cuda.synchronize()
-            row["torch_compile_s"] = time.perf_counter() - t
+            row["torch_compile_s"] = _since(t, cuda)
+            row["torch_compile_first_peak_gib"] = _peak_above(base, cuda)
             row["torch_compile_ms"] = timed(lambda: compiled(weights, ids), args.warmup,
                                             args.iters, cuda)
             row["torch_compile_peak_gib"] = peak_during(lambda: compiled(weights, ids), cuda)
@@ -178,15 +221,19 @@ def print_row(r: dict) -> None:
     tc = r.get("torch_compile_ms")
     print(f"\n== {r['model']} seq {r['seq']} {r['dtype']}: {r['launches']} launches")
     print(f"  meganeura      {r['meganeura_ms']:9.2f} ms  {r['tflops']:6.1f} TFLOP/s  "
-          f"peak +{r['meganeura_peak_gib']:.2f} GiB  compile {r['meganeura_compile_s']:.1f} s")
+          f"compile {r['meganeura_compile_s']:.1f} s (warm cache {r['meganeura_warm_compile_s']:.1f}"
+          f" s)  memory above the weights: peak {r['meganeura_peak_gib']:.2f} GiB, resident "
+          f"{r['meganeura_resident_gib']:.2f} GiB")
     print(f"  eager          {r['eager_ms']:9.2f} ms  ratio {r['meganeura_ms'] / r['eager_ms']:.3f}"
           f"  peak +{r['eager_peak_gib']:.2f} GiB")
     if tc:
-        print(f"  torch.compile  {tc:9.2f} ms  ratio {r['meganeura_ms'] / tc:.3f}  peak "
-              f"+{r['torch_compile_peak_gib']:.2f} GiB  compile {r['torch_compile_s']:.1f} s")
+        print(f"  torch.compile  {tc:9.2f} ms  ratio {r['meganeura_ms'] / tc:.3f}  compile "
+              f"{r['torch_compile_s']:.1f} s  memory above the weights: peak "
+              f"{r['torch_compile_first_peak_gib']:.2f} GiB (compile + first call), "
+              f"{r['torch_compile_peak_gib']:.2f} GiB (a call)")
     print(f"  FLOP floor     {r['floor_ms']:9.2f} ms  ({r['floor_ms'] / r['meganeura_ms']:.0%} of "
           f"it reached)")
-    if "rel_error" in r:
+    if r.get("rel_error") is not None:
         ok = "ok" if r["rel_error"] <= TOLERANCE["bf16"] else "FAIL"
         print(f"  relative error vs fp32 reference: {r['rel_error']:.2e} ({ok}); eager bf16 "
               f"PyTorch: {r.get('eager_rel_error', float('nan')):.2e}")
@@ -210,13 +257,18 @@ def append_csv(rows: list[dict], env: dict, path: Path) -> None:
     fields = ["date", "gpu", "torch", "triton", "meganeura", "commit", "model", "seq", "dtype",
               "meganeura_ms", "eager_ms", "torch_compile_ms", "tflops", "floor_ms",
               "meganeura_compile_s", "torch_compile_s", "meganeura_peak_gib", "eager_peak_gib",
-              "torch_compile_peak_gib", "rel_error", "eager_rel_error", "launches"]
+              "torch_compile_peak_gib", "rel_error", "eager_rel_error", "launches",
+              "meganeura_warm_compile_s", "meganeura_resident_gib",
+              "torch_compile_first_peak_gib"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
+    old = []
+    if path.exists():  # keep earlier rows, under the current header
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
+        w.writeheader()
+        w.writerows(old)
         for r in rows:
             w.writerow({**env, **{k: (f"{v:.4g}" if isinstance(v, float) else v)
                                   for k, v in r.items()}})
@@ -269,20 +321,23 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=str(RESULTS / "prefill.png"))
     ap.add_argument("--models", nargs="+", default=None, help="several presets, each at every "
                     "--seq-len (overrides --model)")
+    ap.add_argument("--table", action="store_true", help="the prefill target table: 4b at 2048 "
+                    "and 8192 tokens, 12b and 27b at 2048 (overrides --model(s) and --seq-len)")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     env = environment()
     print(f"# prefill benchmark {env}")
+    runs = [(m, s) for m in args.models or [args.model] for s in args.seq_len]
+    if args.table:
+        runs = TABLE
     rows = []
-    for model in args.models or [args.model]:
-        for seq in args.seq_len:
-            r = run_one(args, model, seq, device, dtype)
-            print_row(r)
-            rows.append(r)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for model, seq in runs:
+        r = run_one(args, model, seq, device, dtype)
+        print_row(r)
+        rows.append(r)
+        _release(device.type == "cuda")
     append_csv(rows, env, Path(args.csv))
     if args.plot:
         p = plot(rows, env, Path(args.plot))
