@@ -23,12 +23,12 @@ def resolve_config(args):
     return PRESETS[MODEL_NAMES[name]], name
 
 
-def resolve_device(args) -> tuple[torch.device, torch.dtype]:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MeganeuraError("--device cuda: CUDA is not available on this machine")
-    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
-    return torch.device(device), DTYPES[dtype]
+def resolve_device(args):
+    """(device, dtype, profile) from the flags, with the library's defaults and checks."""
+    from .api import resolve
+    from .compiler.cost import PROFILES
+
+    return resolve(args.device, DTYPES.get(args.dtype), PROFILES.get(args.profile))
 
 
 def token_ids(args, seq_len: int, vocab: int) -> torch.Tensor:
@@ -64,38 +64,51 @@ def print_top_tokens(logits: torch.Tensor, k: int) -> None:
 
 def cmd_compile(args) -> int:
     config, name = resolve_config(args)
-    seq_len = len(args.tokens) if args.tokens is not None else args.seq_len
     if args.tokens is not None and not args.tokens:
         raise MeganeuraError("--tokens: give at least one token id")
-    device, dtype = resolve_device(args)
+    seq_len = len(args.tokens) if args.tokens is not None else args.seq_len
+    device, dtype, profile = resolve_device(args)
     graph = build(config, seq_len)
     graph.validate()
     print_summary(name, config, graph, seq_len)
     if args.weights:
         stored = check_weights(args.weights, config)
         print(f"weights: {args.weights}: {len(stored)} tensors, names and shapes match")
-    from . import api
-    from .compiler.cost import PROFILES, CostModel
+    plan, report, optimize_s = optimize_and_report(args, graph, device, dtype, profile)
+    if args.run:
+        run_compiled(args, config, graph, plan, report, (device, dtype, profile), optimize_s)
+    return 0
+
+
+def optimize_and_report(args, graph, device, dtype, profile):
+    """Optimizes the graph, prints the report, and writes --emit-dir (no weights needed)."""
+    from .api import kernel_sources
+    from .compiler.cost import CostModel
     from .optimize import optimize
     from .report import emit, format_report
 
-    _, _, profile = api.resolve(device, dtype, PROFILES.get(args.profile))
     cost = CostModel(profile, "bf16" if dtype == torch.bfloat16 else "fp32")
     t0 = time.perf_counter()
     plan, report = optimize(graph, cost, keep_egglog=bool(args.emit_dir) or "egraph" in args.debug)
     optimize_s = time.perf_counter() - t0
     print(f"cost model: {profile.name}, {cost.dtype}")
     print(format_report(plan, report))
-    _debug(args, plan, report)
-    sources = api.kernel_sources(plan, device, dtype)
-    cache = KernelCache(args.cache_dir)
+    _debug(args, plan, report, device, dtype)
+    sources = kernel_sources(plan, device, dtype)
     print(f"codegen: {len(set(sources))} distinct kernel sources for {len(sources)} launches")
     if args.emit_dir:
         written = emit(plan, report, args.emit_dir)
-        written += cache.copy_to(sources, Path(args.emit_dir) / "kernels")
+        written += KernelCache(args.cache_dir).copy_to(sources, Path(args.emit_dir) / "kernels")
         print(f"wrote {len(written)} files to {args.emit_dir}")
-    if not args.run:
-        return 0
+    return plan, report, optimize_s
+
+
+def run_compiled(args, config, graph, plan, report, target, optimize_s) -> None:
+    """Loads weights, binds the kernels, runs them and checks them against the reference."""
+    from .api import bind
+    from .runtime.reference import run_reference
+
+    device, dtype, profile = target
     t0 = time.perf_counter()
     if args.weights:
         weights = load_weights(args.weights, config, dtype, device)
@@ -103,38 +116,32 @@ def cmd_compile(args) -> int:
         print(f"weights: none given, using deterministic random weights (seed {args.seed})")
         weights = random_weights(config, args.seed, dtype, device)
     print(f"weights ready in {time.perf_counter() - t0:.2f} s")
-    fn = api.bind(plan, report, profile, weights, device, dtype, args.cache_dir,
-                  optimize_s=optimize_s)
-    ids = token_ids(args, seq_len, config.vocab_size).to(device)
-    t0 = time.perf_counter()
-    logits = fn(ids)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    logits = fn(ids)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    fn = bind(plan, report, profile, weights, device, dtype, args.cache_dir, optimize_s=optimize_s)
+    ids = token_ids(args, graph.inputs()[0].shape[0], config.vocab_size).to(device)
+    first = _timed_s(lambda: fn(ids), device)
+    steady = _timed_s(lambda: fn(ids), device)
     print(f"compiled model on {device} ({str(dtype).removeprefix('torch.')}): first call "
-          f"{first * 1e3:.1f} ms (kernel JIT), then {(time.perf_counter() - t0) * 1e3:.1f} ms")
+          f"{first * 1e3:.1f} ms (kernel JIT), then {steady * 1e3:.1f} ms")
     if "timing" in args.debug:
         for launch in fn.launches:
-            t = time.perf_counter()
-            launch.run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
             n = plan.graph[launch.node]
-            print(f"  timing {(time.perf_counter() - t) * 1e3:8.2f} ms  {n.op} {list(n.shape)}")
+            print(f"  timing {_timed_s(launch.run, device) * 1e3:8.2f} ms  {n.op} {list(n.shape)}")
+    logits = fn(ids)
     print_top_tokens(logits, args.top)
-    from .runtime.reference import run_reference
-
-    ref_w = weights if dtype == torch.float32 else {k: v.float() for k, v in weights.items()}
-    (ref,) = run_reference(graph, ref_w, {"token_ids": ids}, torch.float32, device)
+    # fp32 reference on the same weights, upcast one parameter at a time
+    (ref,) = run_reference(graph, weights, {"token_ids": ids}, torch.float32, device)
     print(f"relative error vs the fp32 reference executor: {relative_error(logits, ref):.2e}")
-    return 0
 
 
-def _debug(args, plan, report) -> None:
+def _timed_s(fn, device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _debug(args, plan, report, device, dtype) -> None:
     """MEGANEURA_DEBUG=egraph,plan,kernels,timing prints the matching stage."""
     from .report import plan_text
 
@@ -146,7 +153,7 @@ def _debug(args, plan, report) -> None:
     if "kernels" in args.debug:
         from .api import kernel_sources
 
-        for src in dict.fromkeys(kernel_sources(plan, *resolve_device(args))):
+        for src in dict.fromkeys(kernel_sources(plan, device, dtype)):
             print("--- kernel\n" + src)
 
 
