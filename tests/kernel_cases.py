@@ -13,16 +13,18 @@ def _rand(gen, *shape, scale=1.0):
     return torch.randn(*shape, generator=gen) * scale
 
 
+def _input_x(g, gen, rows, cols, strided, pad):
+    """Input "x" of [rows, cols]; strided: a column slice of a wider input (row stride != cols)."""
+    if not strided:
+        return g.input_f32("x", (rows, cols)), [_rand(gen, rows, cols)]
+    wide = g.input_f32("x", (rows, cols + pad))
+    return g.slice_cols(wide, pad // 2, cols), [_rand(gen, rows, cols + pad)]
+
+
 def matmul_case(op, m, k, n, seed=0, strided=False):
     gen = torch.Generator().manual_seed(seed)
     g = Graph()
-    if strided:  # A is a column slice of a wider input: row stride != K
-        wide = g.input_f32("x", (m, k + 9))
-        x = g.slice_cols(wide, 5, k)
-        inputs = [_rand(gen, m, k + 9)]
-    else:
-        x = g.input_f32("x", (m, k))
-        inputs = [_rand(gen, m, k)]
+    x, inputs = _input_x(g, gen, m, k, strided, pad=9)
     width = 2 * n if "swiglu" in op else n
     b = g.parameter("b", (k, width))
     w = {"b": _rand(gen, k, width, scale=k ** -0.5)}
@@ -42,13 +44,7 @@ def row_case(op, s, heads, head_dim, seed=0, strided=False):
     gen = torch.Generator().manual_seed(seed)
     g = Graph()
     d = heads * head_dim
-    if strided:
-        wide = g.input_f32("x", (s, d + 6))
-        x = g.slice_cols(wide, 6, d)
-        inputs = [_rand(gen, s, d + 6)]
-    else:
-        x = g.input_f32("x", (s, d))
-        inputs = [_rand(gen, s, d)]
+    x, inputs = _input_x(g, gen, s, d, strided, pad=6)
     w = {"w": 1.0 + 0.1 * _rand(gen, d)}
     if op == "rms_norm":
         out = g.rms_norm(x, g.parameter("w", (d,)), 1e-6)
