@@ -53,7 +53,7 @@ def test_rms_norm_on_an_odd_width(tmp_path):
 
 @pytest.mark.parametrize("window", [None, 3, 50], ids=["causal", "window3", "window50"])
 @pytest.mark.parametrize("gqa", [1, 2])
-@pytest.mark.parametrize("head_dim", [16, 24, 132])
+@pytest.mark.parametrize("head_dim", [16, 24, 132, 144])
 def test_attention_archetype(head_dim, gqa, window, tmp_path):
     kv = 2
     check_case(attention_case(37, kv * gqa, kv, head_dim, window, seed=head_dim + gqa), "cpu",
@@ -68,9 +68,24 @@ def test_attention_short_sequences(s, window, tmp_path):
 
 def test_attention_skips_key_blocks_outside_the_window(tmp_path):
     from meganeura.codegen.attention import emit
-    src = emit(True, "ieee")
+    src = emit(True, "ieee", 128)
     assert "lo = (tl.maximum(q0 - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N" in src
     assert "hi = tl.minimum(q0 + BLOCK_M, S)" in src  # nothing past the diagonal
+    # three runs: diagonal (masked), inside the mask (no mask), the window's edge (masked)
+    runs = src.split("for n0 in range(")[1:]
+    assert [r.split(",")[0] for r in runs] == ["q0", "full", "lo"]
+    assert "tl.where" in runs[0] and "tl.where" not in runs[1] and "tl.where" in runs[2]
+    assert "mask=" not in runs[1]  # a power-of-two head: unmasked loads inside the mask
+
+
+def test_attention_splits_odd_head_dims_instead_of_doubling(tmp_path):
+    from meganeura.codegen.attention import emit
+    from meganeura.compiler.cost import head_dim_chunks
+    assert head_dim_chunks(132) == (128, 16) and head_dim_chunks(144) == (128, 16)
+    assert head_dim_chunks(240) == (256, 0) and head_dim_chunks(128) == (128, 0)
+    src = emit(False, "ieee", 144)
+    assert "acc_b" in src and "rd_b = D0 + tl.arange(0, D1)" in src
+    assert "acc_b" not in emit(False, "ieee", 128)
 
 
 @pytest.mark.parametrize("s", [1, 7, 37])

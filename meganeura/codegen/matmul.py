@@ -26,10 +26,15 @@ RESIDUAL = {"matmul_add"}
 OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_swiglu", "norm_matmul_swiglu")
 
 
-def emit(norm: bool, paired: bool, residual: bool, precision: str) -> str:
-    """Source of one variant; each flag adds its fragment, nothing else differs."""
-    params = ["a_ptr", "b_ptr", "c_ptr"] + (["r_ptr"] if residual else [])
-    params += ["M", "N", "K", "stride_am", "stride_bk", "stride_cm"]
+def emit(norm: bool, paired: bool, residual: bool, precision: str, tma: bool = False) -> str:
+    """Source of one variant; each flag adds its fragment, nothing else differs.
+
+    tma: A and B tiles come through tensor descriptors (Hopper's bulk tensor copies, which
+    also zero-fill past the edges) instead of masked pointer loads.
+    """
+    params = ["a_desc", "b_desc"] if tma else ["a_ptr", "b_ptr"]
+    params += ["c_ptr"] + (["r_ptr"] if residual else [])
+    params += ["M", "N", "K"] + ([] if tma else ["stride_am", "stride_bk"]) + ["stride_cm"]
     params += ["stride_rm"] if residual else []
     params += ["eps"] if norm else []
     params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr",
@@ -38,7 +43,8 @@ def emit(norm: bool, paired: bool, residual: bool, precision: str) -> str:
     dot = f'input_precision="{precision}"'
     if paired:  # U tiles sit N columns to the right of the G tiles in B
         init.append("acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)")
-        step.append("b_up = tl.load(b_ptrs + N, mask=k_mask[:, None] & n_mask[None, :], other=0.0)")
+        step.append("b_up = b_desc.load([k0, N + pid_n * BLOCK_N])" if tma else
+                    "b_up = tl.load(b_ptrs + N, mask=k_mask[:, None] & n_mask[None, :], other=0.0)")
         step.append(f"acc_up = tl.dot(a.to(b_up.dtype), b_up, acc_up, {dot})")
     if norm:  # sum of squares of the rows of A, from the tiles already in registers
         init.append("ss = tl.zeros((BLOCK_M,), dtype=tl.float32)")
@@ -54,20 +60,19 @@ def emit(norm: bool, paired: bool, residual: bool, precision: str) -> str:
         finish.append("r = tl.load(r_ptr + rows[:, None] * stride_rm + rn[None, :], mask=c_mask, "
                       "other=0.0)")
         finish.append("acc = acc + r.to(tl.float32)")
-    body = f'''
-pid = tl.program_id(0)
-num_m = tl.cdiv(M, BLOCK_M)
-num_n = tl.cdiv(N, BLOCK_N)
-# grouped order: GROUP_M row tiles share each B column tile while it is in L2
-per_group = GROUP_M * num_n
-first_m = (pid // per_group) * GROUP_M
-size_m = min(num_m - first_m, GROUP_M)
-pid_m = first_m + (pid % per_group) % size_m
-pid_n = (pid % per_group) // size_m
-rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-rows = rm.to(tl.int64)  # M * N can pass 2^31 (8192 tokens x 262144 logits)
-rk = tl.arange(0, BLOCK_K)
+    if tma:  # columns of a G tile past N read U's first columns: masked at the store
+        loop = f'''m_mask = rm < M
+n_mask = rn < N
+acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+{chr(10).join(init)}
+for k0 in range(0, K, BLOCK_K):
+    a = a_desc.load([pid_m * BLOCK_M, k0])
+    b = b_desc.load([k0, pid_n * BLOCK_N])
+    acc = tl.dot(a.to(b.dtype), b, acc, {dot})
+{indent(chr(10).join(step), 4) if step else ""}
+'''
+    else:
+        loop = f'''rk = tl.arange(0, BLOCK_K)
 m_mask = rm < M
 n_mask = rn < N
 a_ptrs = a_ptr + rows[:, None] * stride_am + rk[None, :]
@@ -82,7 +87,21 @@ for k0 in range(0, K, BLOCK_K):
 {indent(chr(10).join(step), 4) if step else ""}
     a_ptrs += BLOCK_K
     b_ptrs += BLOCK_K * stride_bk
-c_mask = m_mask[:, None] & n_mask[None, :]
+'''
+    body = f'''
+pid = tl.program_id(0)
+num_m = tl.cdiv(M, BLOCK_M)
+num_n = tl.cdiv(N, BLOCK_N)
+# grouped order: GROUP_M row tiles share each B column tile while it is in L2
+per_group = GROUP_M * num_n
+first_m = (pid // per_group) * GROUP_M
+size_m = min(num_m - first_m, GROUP_M)
+pid_m = first_m + (pid % per_group) % size_m
+pid_n = (pid % per_group) // size_m
+rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+rows = rm.to(tl.int64)  # M * N can pass 2^31 (8192 tokens x 262144 logits)
+{loop}c_mask = m_mask[:, None] & n_mask[None, :]
 {chr(10).join(finish)}
 tl.store(c_ptr + rows[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
          mask=c_mask)
@@ -93,7 +112,7 @@ tl.store(c_ptr + rows[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.ele
 def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) -> dict:
     """Block sizes: small on the interpreter (Python per program), MMA-sized on the GPU.
 
-    GPU choices come from benchmarks/matmul_tiles.py on the H200 (gemma4-4b, 2048 tokens):
+    GPU choices come from benchmarks/kernel_sweep.py on the H200 (gemma4-4b, 2048 tokens):
     paired gate/up tiles 128x128 (two accumulators), narrow residual products 64-row tiles
     so that enough programs fill the 132 SMs, everything else 128x256 with 4 stages.
     """

@@ -76,6 +76,22 @@ def attention_pairs(s: int, window: int | None) -> int:
     return window * (window + 1) // 2 + (s - window) * window
 
 
+def head_dim_chunks(hd: int) -> tuple[int, int]:
+    """Power-of-two column chunks the attention kernel splits a head into: (d0, d1), d1 may be 0.
+
+    One chunk of next_pow2(hd) unless two (the largest power of two below hd, then the
+    rest rounded up, at least 16 wide for the matrix units) are narrower: 132 -> (128, 16),
+    144 -> (128, 16), 240 -> (256, 0), 128 -> (128, 0).
+    """
+    one = max(16, 1 << (hd - 1).bit_length())
+    d0 = max(16, 1 << (hd.bit_length() - 1))
+    rest = hd - d0
+    if rest <= 0:
+        return one, 0
+    d1 = max(16, 1 << (rest - 1).bit_length())
+    return (d0, d1) if d0 + d1 < one else (one, 0)
+
+
 def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work | None:
     """Bytes and FLOPs of one kernel computing `op`; None for ops that launch nothing."""
     io = elem * (sum(_numel(s) for s in ins) + _numel(out))
@@ -93,8 +109,9 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
     if op in ("causal_attention", "sliding_window_attention"):
         s = ins[0][0]
         pairs = attention_pairs(s, attrs.get("window"))
-        heads, hd = attrs["num_heads"], attrs["head_dim"]
-        return Work(io, 4 * heads * hd * pairs, 6 * heads * pairs, "attention")
+        heads = attrs["num_heads"]
+        width = sum(head_dim_chunks(attrs["head_dim"]))  # the padded width the kernel runs
+        return Work(io, 4 * heads * width * pairs, 6 * heads * pairs, "attention")
     per_elem = {"rms_norm": 4, "rope": 6, "norm_rope": 10, "add": 1, "swiglu": 6,
                 "concat_cols": 0, "scale_rows": 1}[op]
     return Work(io, 0.0, per_elem * _numel(out))

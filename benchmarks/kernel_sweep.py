@@ -1,0 +1,153 @@
+"""Block-size sweep of the generated matmul and attention kernels on a model's real shapes.
+
+    python benchmarks/kernel_sweep.py --model gemma4-4b gemma4-12b --seq-len 2048
+
+Matmuls: each distinct (variant, M, N, K) of the model's plan, timed under each
+candidate configuration, with pointer loads and with tensor-descriptor (TMA) loads.
+Attention: the model's causal and sliding-window shapes (q, k, v as column slices of
+one merged projection, as in the plan), timed under each candidate (BLOCK_M, BLOCK_N,
+warps, stages), next to PyTorch's flash SDPA on the same problem, with the largest
+difference from SDPA's output. triton.testing.do_bench (L2 flushed, median); the best
+configurations feed the tables of codegen/matmul.py and codegen/attention.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from meganeura.codegen.attention import emit as emit_attention
+from meganeura.codegen.cache import KernelCache
+from meganeura.codegen.matmul import PAIRED, PROLOGUES, RESIDUAL, emit as emit_matmul
+from meganeura.compiler.cost import H200, CostModel, attention_pairs, head_dim_chunks
+from meganeura.models import MODEL_NAMES, PRESETS, build
+from meganeura.optimize import optimize
+
+MATMUL = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+    (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+    (64, 256, 64, 4, 4), (64, 128, 64, 4, 4),
+]
+ATTENTION = {  # padded head width -> BLOCK_M, BLOCK_N, warps, stages
+    "narrow": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+               (128, 32, 8, 3), (128, 128, 8, 2)],
+    "wide": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2),
+             (64, 128, 8, 2)],
+}
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def sweep_matmuls(model: str, seq: int, cache: KernelCache, max_n: int) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    plan, _ = optimize(build(PRESETS[MODEL_NAMES[model]], seq), CostModel(H200, "bf16"))
+    g = plan.graph
+    shapes = {}
+    for i in plan.launches:
+        n = g[i]
+        if "matmul" in n.op and n.shape[1] <= max_n:
+            shapes[(n.op, g[n.inputs[0]].shape[0], n.shape[1], g[n.inputs[0]].shape[1])] = 1
+    for op, m, n, k in shapes:
+        norm, paired, residual = op in PROLOGUES, op in PAIRED, op in RESIDUAL
+        a_ = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b_ = torch.randn(k, 2 * n if paired else n, device="cuda", dtype=torch.bfloat16)
+        c_ = torch.empty(m, n, device="cuda", dtype=torch.float32 if residual else torch.bfloat16)
+        r_ = torch.randn(m, n, device="cuda", dtype=torch.float32)
+        flops = 2 * m * k * (2 * n if paired else n)
+        results = []
+        for tma in (False, True):
+            fn = cache.load(emit_matmul(norm, paired, residual, "tf32", tma), "matmul_kernel", False)
+            for bm, bn, bk, warps, stages in MATMUL:
+                if tma:
+                    head = [TensorDescriptor.from_tensor(a_, [bm, bk]),
+                            TensorDescriptor.from_tensor(b_, [bk, bn])]
+                else:
+                    head = [a_, b_]
+                args = head + [c_] + ([r_] if residual else []) + [m, n, k]
+                args += [] if tma else [a_.stride(0), b_.stride(0)]
+                args += [c_.stride(0)] + ([r_.stride(0)] if residual else [])
+                args += [1e-6] if norm else []
+                grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+                cfg = ("tma" if tma else "ptr", bm, bn, bk, warps, stages)
+                try:
+                    ms = bench(lambda: fn[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                GROUP_M=8, num_warps=warps, num_stages=stages))
+                except Exception as e:  # noqa: BLE001 (out of shared memory, ...)
+                    print(f"  {cfg}: {type(e).__name__}")
+                    continue
+                results.append((ms, cfg))
+        results.sort()
+        line = ", ".join(f"{c}:{flops / ms / 1e9:.0f}" for ms, c in results[:5])
+        best = results[0]
+        print(f"{model} {op:20} M{m} N{n} K{k}: best {best[1]} {best[0] * 1e3:.1f} us = "
+              f"{flops / best[0] / 1e9:.0f} TFLOP/s | {line}", flush=True)
+
+
+def sweep_attention(model: str, seq: int, cache: KernelCache) -> None:
+    cfg = PRESETS[MODEL_NAMES[model]]
+    h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    d0, d1 = head_dim_chunks(hd)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(seq, (h + 2 * kv) * hd, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, k, v = qkv[:, :h * hd], qkv[:, h * hd:(h + kv) * hd], qkv[:, (h + kv) * hd:]
+    out = torch.empty(seq, h * hd, device="cuda", dtype=torch.bfloat16)
+    windows = [None] + ([cfg.sliding_window_size] if cfg.sliding_window_size < seq else [])
+    for window in windows:
+        sliding = window is not None
+        flops = 4 * h * hd * attention_pairs(seq, window)
+        qh, kh, vh = (t.reshape(seq, -1, hd).transpose(0, 1)[None] for t in (q, k, v))
+        kh, vh = (t.repeat_interleave(h // kv, dim=1) for t in (kh, vh))
+        mask = None
+        if sliding:
+            i = torch.arange(seq, device="cuda")
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        sdpa = (lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)) if sliding \
+            else (lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True))
+        ref = sdpa()[0].transpose(0, 1).reshape(seq, h * hd).float()
+        ref_ms = bench(sdpa)
+        fn = cache.load(emit_attention(sliding, "tf32", hd), "attention_kernel", False)
+        results = []
+        for bm, bn, warps, stages in ATTENTION["narrow" if d0 + d1 <= 144 else "wide"]:
+            args = [q, k, v, out, q.stride(0), k.stride(0), v.stride(0), out.stride(0), seq,
+                    math.log2(math.e) / math.sqrt(hd)] + ([window] if sliding else [])
+            kw = dict(GROUP=h // kv, HEAD_DIM=hd, D0=d0, D1=max(d1, 16), BLOCK_M=bm,
+                      BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            grid = (h, triton.cdiv(seq, bm))
+            try:
+                ms = bench(lambda: fn[grid](*args, **kw))
+            except Exception as e:  # noqa: BLE001
+                print(f"  {(bm, bn, warps, stages)}: {type(e).__name__}")
+                continue
+            err = (out.float() - ref).abs().max().item()
+            results.append((ms, (bm, bn, warps, stages), err))
+        results.sort()
+        line = ", ".join(f"{c}:{flops / ms / 1e9:.0f}(err {e:.1e})" for ms, c, e in results)
+        print(f"{model} S{seq} {'sliding ' + str(window) if sliding else 'causal'} H{h} KV{kv} "
+              f"hd{hd}: SDPA {ref_ms * 1e3:.0f} us = {flops / ref_ms / 1e9:.0f} TFLOP/s; best "
+              f"{results[0][1]} {results[0][0] * 1e3:.0f} us | {line}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", nargs="+", default=["gemma4-4b"])
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[2048])
+    ap.add_argument("--only", choices=["matmul", "attention"], default=None)
+    ap.add_argument("--max-n", type=int, default=65536, help="skip wider products (lm_head)")
+    a = ap.parse_args()
+    cache = KernelCache("/tmp/meganeura-sweep")
+    for model in a.model:
+        for seq in a.seq_len:
+            if a.only != "matmul":
+                sweep_attention(model, seq, cache)
+            if a.only != "attention":
+                sweep_matmuls(model, seq, cache, a.max_n)
+
+
+if __name__ == "__main__":
+    main()
