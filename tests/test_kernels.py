@@ -24,6 +24,18 @@ def test_matmul_reads_a_strided_view(op, tmp_path):
                "fp32")
 
 
+@pytest.mark.parametrize("op", MATMUL_OPS)
+def test_matmul_through_tensor_descriptors(op, tmp_path):
+    # rows of 16-byte multiples: A and B tiles come through tensor descriptors, and the
+    # edge tiles (M = 37, N = 40 against 32-wide blocks) are zero-filled by them
+    model = check_case(matmul_case(op, 37, 72, 40, seed=5), "cpu", torch.float32, tmp_path,
+                       "fp32")
+    spec = model.launches[0].spec
+    assert spec.variant.endswith("+tma") and "a_desc.load" in spec.source
+    odd = check_case(matmul_case(op, 37, 45, 70, seed=5), "cpu", torch.float32, tmp_path, "fp32")
+    assert "tma" not in odd.launches[0].spec.variant and "a_desc" not in odd.launches[0].spec.source
+
+
 def test_matmul_variants_are_generated_from_the_fused_term(tmp_path):
     norm = check_case(matmul_case("norm_matmul_swiglu", 7, 45, 70), "cpu", torch.float32,
                       tmp_path, "fp32").launches[0].spec

@@ -134,9 +134,10 @@ o_row = o_ptr + rm[:, None].to(tl.int64) * stride_o + h * HEAD_DIM
     return HEADER + f"def attention_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) by the padded head width, bf16 on the GPU
-GPU_BLOCKS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 144: (128, 64, 8, 3),
-              256: (64, 64, 4, 2)}
+# (BLOCK_M, BLOCK_N, warps, stages) by the padded head width, bf16 on the GPU, from
+# benchmarks/kernel_sweep.py on the H200 (4b 128 wide, 27b 144 = 128 + 16, 12b 240 -> 256)
+GPU_BLOCKS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 144: (128, 64, 8, 3),
+              256: (128, 64, 8, 2)}
 
 
 def blocks(head_dim: int, target: Target) -> tuple[int, int, int, int]:

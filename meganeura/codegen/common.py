@@ -25,6 +25,13 @@ class Target:
         return self.device.type == "cpu"
 
     @property
+    def sm_count(self) -> int:
+        """Streaming multiprocessors of the device (tile counts are weighed against it)."""
+        if self.interpreted:
+            return 1
+        return torch.cuda.get_device_properties(self.device).multi_processor_count
+
+    @property
     def dot_precision(self) -> str:
         # fp32 plans keep exact fp32 products (no tf32) so they meet the fp32 tolerance
         return "ieee" if self.dtype == torch.float32 else "tf32"

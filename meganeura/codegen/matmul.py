@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compiler.plan import RESIDUAL_OPS
 from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent
 
 PROLOGUES = {"norm_matmul", "norm_matmul_swiglu"}
@@ -109,12 +110,19 @@ tl.store(c_ptr + rows[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.ele
     return HEADER + f"def matmul_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
+def _fill(m: int, n: int, bm: int, bn: int, sms: int) -> float:
+    """Share of the SM slots the tiles use over their waves (1.0: the last wave is full)."""
+    t = cdiv(m, bm) * cdiv(n, bn)
+    return t / (cdiv(t, sms) * sms)
+
+
 def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) -> dict:
     """Block sizes: small on the interpreter (Python per program), MMA-sized on the GPU.
 
-    GPU choices come from benchmarks/kernel_sweep.py on the H200 (gemma4-4b, 2048 tokens):
-    paired gate/up tiles 128x128 (two accumulators), narrow residual products 64-row tiles
-    so that enough programs fill the 132 SMs, everything else 128x256 with 4 stages.
+    GPU choices come from benchmarks/kernel_sweep.py on the H200 (gemma4-4b and 12b, 2048
+    tokens, results/kernel-sweep-*.log): paired gate/up tiles 128x128 with 8 warps (two
+    accumulators); otherwise 128x256 tiles, unless they leave the last wave of SMs mostly
+    empty (4b's N=2560: 160 tiles on 132 SMs), then 128x128.
     """
     if target.interpreted:
         return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4,
@@ -124,11 +132,21 @@ def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) 
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)
     if paired:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=8, stages=3)
-    if residual and m * n <= 2048 * 4096:
-        bn = 256 if k >= 8192 else 128
-        return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, warps=8, stages=4)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=8, stages=4)
+    if _fill(m, n, 128, 256, target.sm_count) >= 0.85:
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, warps=8, stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)
+
+
+def _aligned(graph, nid: int) -> bool:
+    """Rows of the node's tensor start on 16 bytes (what a tensor descriptor needs), for
+    2-byte elements and so for 4-byte ones: its width, or a view's parent width and offset."""
+    node = graph[nid]
+    if node.op == "slice_cols":
+        parent = graph[node.inputs[0]]
+        return parent.shape[1] % 8 == 0 and node.attrs["start"] % 8 == 0 and _aligned(
+            graph, parent.id)
+    return node.shape[1] % 8 == 0
 
 
 def build(node, graph, target: Target) -> KernelSpec:
@@ -138,16 +156,25 @@ def build(node, graph, target: Target) -> KernelSpec:
     cfg = tiles(m, n, k, paired, residual, target)
     warps, stages = cfg.pop("warps"), cfg.pop("stages")
     elem = 4 if target.dtype == torch.float32 else 2
-    per_stage = elem * cfg["BLOCK_K"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"] * (2 if paired else 1))
+    a_elem = 4 if a.op in RESIDUAL_OPS else elem  # the fp32 residual stream
+    per_stage = cfg["BLOCK_K"] * (a_elem * cfg["BLOCK_M"] + elem * cfg["BLOCK_N"] * (2 if paired else 1))
     stages = fit_stages(per_stage, 0, stages)
-    args = [("node", a.id), ("node", b.id), ("node", node.id)]
+    tma = _aligned(graph, a.id) and _aligned(graph, b.id)
+    if tma:
+        args = [("desc", (a.id, (cfg["BLOCK_M"], cfg["BLOCK_K"]))),
+                ("desc", (b.id, (cfg["BLOCK_K"], cfg["BLOCK_N"])))]
+    else:
+        args = [("node", a.id), ("node", b.id)]
+    args += [("node", node.id)]
     args += [("node", node.inputs[2])] if residual else []
-    args += [("value", m), ("value", n), ("value", k), ("stride", a.id), ("stride", b.id),
-             ("stride", node.id)]
+    args += [("value", m), ("value", n), ("value", k)]
+    args += [] if tma else [("stride", a.id), ("stride", b.id)]
+    args += [("stride", node.id)]
     args += [("stride", node.inputs[2])] if residual else []
     args += [("value", node.attrs["eps"])] if norm else []
     variant = "+".join(x for x, on in (("rmsnorm-prologue", norm), ("swiglu-epilogue", paired),
                                        ("residual-epilogue", residual)) if on) or "plain"
     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
-    return KernelSpec("matmul", variant, emit(norm, paired, residual, target.dot_precision),
+    variant += "+tma" if tma else ""
+    return KernelSpec("matmul", variant, emit(norm, paired, residual, target.dot_precision, tma),
                       "matmul_kernel", grid, args, cfg, num_warps=warps, num_stages=stages)

@@ -45,9 +45,10 @@ H200_ROOFLINE = DeviceProfile("h200-roofline", bandwidth=4.3e12, matmul_flops=79
 # (benchmarks/results/prefill.csv, 2026-11-30, gemma4-4b bf16, seq 2048): plain and
 # epilogue matmuls ~76% of peak; a norm-prologue matmul whose A operand is the fp32
 # residual stream ran at 238 TFLOP/s against ~690 for a plain one (A goes through
-# registers to be squared and cast); attention ~28% of peak.
+# registers to be squared and cast). Attention: ~45% of peak at 2048 tokens (4b, 12b;
+# benchmarks/results/kernel-sweep-*.log), more on longer rows (~60% at 8192).
 H200 = dataclasses.replace(H200_ROOFLINE, name="h200", matmul_efficiency=0.76,
-                           prologue_efficiency=0.34, attention_efficiency=0.28)
+                           prologue_efficiency=0.34, attention_efficiency=0.45)
 # Triton's interpreter runs each program in Python with numpy: launches dominate.
 CPU_INTERPRETER = DeviceProfile("cpu-interpreter", bandwidth=2e9, matmul_flops=2e10,
                                 vector_flops=1e9, launch=1e-3, tile_n=32)

@@ -103,6 +103,8 @@ class CompiledModel:
                 args.append(t)
             elif kind == "stride":
                 args.append(self.tensors[x].stride(0))
+            elif kind == "desc":  # a tensor descriptor over the node's tensor, one tile's block
+                args.append(_descriptor(self.tensors[x[0]], x[1], g.label(x[0])))
             elif kind in ("rope_cos", "rope_sin"):
                 args.append(self._rope_table(*x)[kind == "rope_sin"])
             else:
@@ -200,3 +202,11 @@ def _vocab_of_inputs(g) -> dict[int, int]:
             if g[u].op == "embedding":
                 vocab[n.id] = g[g[u].inputs[1]].shape[0]
     return vocab
+
+
+def _descriptor(t: torch.Tensor, block: tuple[int, int], label: str):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(1) != 1:
+        raise AssertionError(f"{label}: a tensor descriptor needs 16-byte aligned rows")
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
