@@ -93,8 +93,9 @@ def test_attention_skips_key_blocks_outside_the_window(tmp_path):
 def test_attention_splits_odd_head_dims_instead_of_doubling(tmp_path):
     from meganeura.codegen.attention import emit
     from meganeura.compiler.cost import head_dim_chunks
-    assert head_dim_chunks(132) == (128, 16) and head_dim_chunks(144) == (128, 16)
-    assert head_dim_chunks(240) == (256, 0) and head_dim_chunks(128) == (128, 0)
+    assert head_dim_chunks(144) == (128, 16) and head_dim_chunks(160) == (128, 32)
+    assert head_dim_chunks(132) == (256, 0) and head_dim_chunks(240) == (256, 0)
+    assert head_dim_chunks(128) == (128, 0) and head_dim_chunks(24) == (32, 0)
     src = emit(False, "ieee", 144)
     assert "acc_b" in src and "rd_b = D0 + tl.arange(0, D1)" in src
     assert "acc_b" not in emit(False, "ieee", 128)

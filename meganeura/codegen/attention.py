@@ -12,11 +12,11 @@ is finite. Then the blocks wholly inside the mask, with no mask at all, and, for
 sliding window, the blocks across the window's lower edge, masked again. Blocks wholly
 outside the mask are never visited.
 
-A head_dim that is not a power of two is split in two power-of-two column chunks
-(132 = 128 + 16 of which 4 used, 144 = 128 + 16) instead of being padded to the next
-power of two (256), where that is narrower; each chunk has its own q tile and output
-accumulator, and the scores are the sum of the chunks' products. Loads and stores are
-masked to the real width.
+A head_dim that is the sum of two powers of two (144 = 128 + 16) is split in two column
+chunks instead of being padded to the next power of two (256): each chunk has its own
+q tile and output accumulator, and the scores are the sum of the chunks' products.
+Other widths (132, 240) are padded to the next power of two, the padding masked in
+loads and stores.
 
 bytes: elem * (S*H*hd + 2*S*KV*hd + S*H*hd) (q, k, v read once per head, o written)
 FLOPs: 4 * H * (chunk widths) * pairs on the matrix units, pairs = sum_i min(i + 1, window)
@@ -39,7 +39,7 @@ def _chunks(hd: int) -> list[tuple[str, str, bool]]:
     d0, d1 = head_dim_chunks(hd)
     out = [("a", "0", d0 > hd)]
     if d1:
-        out.append(("b", "D0", True))
+        out.append(("b", "D0", d0 + d1 > hd))  # never: the split is exact
     return out
 
 

@@ -80,17 +80,18 @@ def attention_pairs(s: int, window: int | None) -> int:
 def head_dim_chunks(hd: int) -> tuple[int, int]:
     """Power-of-two column chunks the attention kernel splits a head into: (d0, d1), d1 may be 0.
 
-    One chunk of next_pow2(hd) unless two (the largest power of two below hd, then the
-    rest rounded up, at least 16 wide for the matrix units) are narrower: 132 -> (128, 16),
-    144 -> (128, 16), 240 -> (256, 0), 128 -> (128, 0).
+    Two chunks when hd is the sum of two powers of two (the second at least 16 wide for
+    the matrix units): 144 -> (128, 16), 160 -> (128, 32); otherwise one chunk of
+    next_pow2(hd), its padding masked: 128 -> (128, 0), 132 -> (256, 0), 240 -> (256, 0).
+    A partly used second chunk (132 = 128 + 4 of 16) computed wrong values on the H200
+    (Triton 3.6) though right in the interpreter, so it is not used.
     """
     one = max(16, 1 << (hd - 1).bit_length())
-    d0 = max(16, 1 << (hd.bit_length() - 1))
+    d0 = 1 << (hd.bit_length() - 1)
     rest = hd - d0
-    if rest <= 0:
-        return one, 0
-    d1 = max(16, 1 << (rest - 1).bit_length())
-    return (d0, d1) if d0 + d1 < one else (one, 0)
+    if rest >= 16 and rest & (rest - 1) == 0:
+        return d0, rest
+    return one, 0
 
 
 def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work | None:
