@@ -117,3 +117,17 @@ def check_case(case, device, dtype, cache_dir, kind):
     (ref,) = run_reference(g, weights, dict(zip(names, inputs)))
     assert_close(out.float().cpu(), ref, kind)
     return model
+
+
+def parts_case(op, m, k, widths, seed=0):
+    """A matmul whose B is the load-time column concatenation of several weights."""
+    gen = torch.Generator().manual_seed(seed)
+    g = Graph()
+    x = g.input_f32("x", (m, k))
+    names = [f"w{i}" for i in range(len(widths))]
+    b = g.parameter(names[0], (k, widths[0]))
+    for name, w in zip(names[1:], widths[1:]):
+        b = g.concat_cols(b, g.parameter(name, (k, w)))
+    g.set_outputs([getattr(g, op)(x, b)])
+    weights = {name: _rand(gen, k, w, scale=k ** -0.5) for name, w in zip(names, widths)}
+    return g, weights, [_rand(gen, m, k)]

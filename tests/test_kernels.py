@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernel_cases import (attention_case, check_case, embedding_case, matmul_case,
-                          pointwise_case, row_case)
+                          parts_case, pointwise_case, row_case)
 
 MATMUL_OPS = ["matmul", "norm_matmul", "matmul_add", "matmul_swiglu", "norm_matmul_swiglu"]
 
@@ -34,6 +34,23 @@ def test_matmul_through_tensor_descriptors(op, tmp_path):
     assert spec.variant.endswith("+tma") and "a_desc.load" in spec.source
     odd = check_case(matmul_case(op, 37, 45, 70, seed=5), "cpu", torch.float32, tmp_path, "fp32")
     assert "tma" not in odd.launches[0].spec.variant and "a_desc" not in odd.launches[0].spec.source
+
+
+@pytest.mark.parametrize("op, widths, parts", [
+    ("matmul", (64, 32, 40), 3),  # q | k | v: column tiles (32 wide) never straddle two
+    ("matmul", (48, 32), 1),  # 48 is not a multiple of the tile: the concatenation is made
+    ("matmul_swiglu", (40, 40), 2),  # gate | up, each read in place
+])
+def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, tmp_path):
+    model = check_case(parts_case(op, 37, 48, widths, seed=2), "cpu", torch.float32, tmp_path,
+                       "fp32")
+    spec = model.launches[0].spec
+    g = model.plan.graph
+    kept = {g[i].op for i in model.tensors if i in model.plan.load_time}
+    if parts > 1:
+        assert f"{parts}-part-B" in spec.variant and "concat_cols" not in kept
+    else:
+        assert "part-B" not in spec.variant and kept == {"concat_cols"}
 
 
 def test_matmul_variants_are_generated_from_the_fused_term(tmp_path):

@@ -16,6 +16,8 @@ FLOPs: 2*M*N'*K on the matrix units; 2*M*K per column tile for the norm prologue
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..compiler.plan import RESIDUAL_OPS
@@ -27,15 +29,24 @@ RESIDUAL = {"matmul_add"}
 OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_swiglu", "norm_matmul_swiglu")
 
 
-def emit(norm: bool, paired: bool, residual: bool, precision: str, tma: bool = False) -> str:
+def emit(norm: bool, paired: bool, residual: bool, precision: str, tma: bool = False,
+         parts: int = 1) -> str:
     """Source of one variant; each flag adds its fragment, nothing else differs.
 
     tma: A and B tiles come through tensor descriptors (Hopper's bulk tensor copies, which
     also zero-fill past the edges) instead of masked pointer loads.
+    parts (tma only): B is read from `parts` weight tensors side by side rather than from
+    their concatenation, so that no concatenated copy of the weights is kept: paired
+    products read G from the first and U from the second; other products pick, per column
+    tile, the part that holds the tile's columns (the parts' ends are `end_i`).
     """
-    params = ["a_desc", "b_desc"] if tma else ["a_ptr", "b_ptr"]
+    params = ["a_desc"] + ([f"b{i}_desc" for i in range(parts)] if tma else ["b_ptr"])
+    if not tma:
+        params = ["a_ptr", "b_ptr"]
     params += ["c_ptr"] + (["r_ptr"] if residual else [])
     params += ["M", "N", "K"] + ([] if tma else ["stride_am", "stride_bk"]) + ["stride_cm"]
+    split = tma and parts > 1 and not paired  # column tiles choose their part
+    params += [f"end_{i}" for i in range(parts - 1)] if split else []
     params += ["stride_rm"] if residual else []
     params += ["eps"] if norm else []
     params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr",
@@ -44,7 +55,8 @@ def emit(norm: bool, paired: bool, residual: bool, precision: str, tma: bool = F
     dot = f'input_precision="{precision}"'
     if paired:  # U tiles sit N columns to the right of the G tiles in B
         init.append("acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)")
-        step.append("b_up = b_desc.load([k0, N + pid_n * BLOCK_N])" if tma else
+        up = "b1_desc.load([k0, pid_n * BLOCK_N])" if parts == 2 else "b0_desc.load([k0, N + pid_n * BLOCK_N])"
+        step.append(f"b_up = {up}" if tma else
                     "b_up = tl.load(b_ptrs + N, mask=k_mask[:, None] & n_mask[None, :], other=0.0)")
         step.append(f"acc_up = tl.dot(a.to(b_up.dtype), b_up, acc_up, {dot})")
     if norm:  # sum of squares of the rows of A, from the tiles already in registers
@@ -62,15 +74,27 @@ def emit(norm: bool, paired: bool, residual: bool, precision: str, tma: bool = F
                       "other=0.0)")
         finish.append("acc = acc + r.to(tl.float32)")
     if tma:  # columns of a G tile past N read U's first columns: masked at the store
+        def k_loop(desc: str, col: str) -> str:
+            return f"""for k0 in range(0, K, BLOCK_K):
+    a = a_desc.load([pid_m * BLOCK_M, k0])
+    b = {desc}.load([k0, {col}])
+    acc = tl.dot(a.to(b.dtype), b, acc, {dot})
+{indent(chr(10).join(step), 4) if step else ""}"""
+        if split:
+            ends = [f"end_{i}" for i in range(parts - 1)]
+            branches = []
+            for i in range(parts):
+                col = "pid_n * BLOCK_N" + (f" - {ends[i - 1]}" if i else "")
+                head = ("if" if i == 0 else "elif") + f" pid_n * BLOCK_N < {ends[i]}:" if i < parts - 1 else "else:"
+                branches.append(head + "\n" + indent(k_loop(f"b{i}_desc", col), 4))
+            body_loop = "\n".join(branches)
+        else:
+            body_loop = k_loop("b0_desc", "pid_n * BLOCK_N")
         loop = f'''m_mask = rm < M
 n_mask = rn < N
 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 {chr(10).join(init)}
-for k0 in range(0, K, BLOCK_K):
-    a = a_desc.load([pid_m * BLOCK_M, k0])
-    b = b_desc.load([k0, pid_n * BLOCK_N])
-    acc = tl.dot(a.to(b.dtype), b, acc, {dot})
-{indent(chr(10).join(step), 4) if step else ""}
+{body_loop}
 '''
     else:
         loop = f'''rk = tl.arange(0, BLOCK_K)
@@ -138,6 +162,24 @@ def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) 
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)
 
 
+def _weight_parts(graph, nid: int) -> list[int]:
+    """The parameters whose column concatenation B is (a load-time concat_cols tree), or [B]."""
+    node = graph[nid]
+    if node.op == "concat_cols" and all(graph[i].op in ("parameter", "concat_cols")
+                                        for i in node.inputs):
+        return [p for i in node.inputs for p in _weight_parts(graph, i)]
+    return [nid]
+
+
+def _parts_fit(graph, parts: list[int], paired: bool, n: int, block_n: int) -> bool:
+    """Parts can be read in place: G and U for a paired product; else column tiles that
+    never straddle two parts (every part but the last a multiple of the tile width)."""
+    widths = [graph[p].shape[1] for p in parts]
+    if paired:
+        return len(parts) == 1 or widths == [n, n]
+    return all(w % block_n == 0 for w in widths[:-1])
+
+
 def _aligned(graph, nid: int) -> bool:
     """Rows of the node's tensor start on 16 bytes (what a tensor descriptor needs), for
     2-byte elements and so for 4-byte ones: its width, or a view's parent width and offset."""
@@ -159,10 +201,16 @@ def build(node, graph, target: Target) -> KernelSpec:
     a_elem = 4 if a.op in RESIDUAL_OPS else elem  # the fp32 residual stream
     per_stage = cfg["BLOCK_K"] * (a_elem * cfg["BLOCK_M"] + elem * cfg["BLOCK_N"] * (2 if paired else 1))
     stages = fit_stages(per_stage, 0, stages)
-    tma = _aligned(graph, a.id) and _aligned(graph, b.id)
+    parts = _weight_parts(graph, b.id)
+    tma = _aligned(graph, a.id) and all(_aligned(graph, p) for p in parts)
+    if tma and not _parts_fit(graph, parts, paired, n, cfg["BLOCK_N"]):
+        parts = [b.id]
+        tma = _aligned(graph, b.id)
+    if not tma:
+        parts = [b.id]
     if tma:
-        args = [("desc", (a.id, (cfg["BLOCK_M"], cfg["BLOCK_K"]))),
-                ("desc", (b.id, (cfg["BLOCK_K"], cfg["BLOCK_N"])))]
+        args = [("desc", (a.id, (cfg["BLOCK_M"], cfg["BLOCK_K"])))]
+        args += [("desc", (p, (cfg["BLOCK_K"], cfg["BLOCK_N"]))) for p in parts]
     else:
         args = [("node", a.id), ("node", b.id)]
     args += [("node", node.id)]
@@ -171,10 +219,15 @@ def build(node, graph, target: Target) -> KernelSpec:
     args += [] if tma else [("stride", a.id), ("stride", b.id)]
     args += [("stride", node.id)]
     args += [("stride", node.inputs[2])] if residual else []
+    if tma and len(parts) > 1 and not paired:
+        ends = list(itertools.accumulate(graph[p].shape[1] for p in parts))[:-1]
+        args += [("value", e) for e in ends]
     args += [("value", node.attrs["eps"])] if norm else []
     variant = "+".join(x for x, on in (("rmsnorm-prologue", norm), ("swiglu-epilogue", paired),
                                        ("residual-epilogue", residual)) if on) or "plain"
     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     variant += "+tma" if tma else ""
-    return KernelSpec("matmul", variant, emit(norm, paired, residual, target.dot_precision, tma),
+    variant += f"+{len(parts)}-part-B" if len(parts) > 1 else ""
+    return KernelSpec("matmul", variant, emit(norm, paired, residual, target.dot_precision, tma,
+                                              len(parts)),
                       "matmul_kernel", grid, args, cfg, num_warps=warps, num_stages=stages)

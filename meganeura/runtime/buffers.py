@@ -1,10 +1,12 @@
-"""Buffer liveness and reuse for the plan's run-time tensors.
+"""Buffer liveness and placement for the plan's run-time tensors.
 
 Every launch writes one output. A view (column slice) shares its base's storage,
 so a base stays live until the last reader of any of its views. Outputs of the
-graph live to the end. Buffers are allocated once, at load, and a buffer whose
-tensor is dead is handed to the next launch that needs the same number of
-elements.
+graph live to the end. All buffers are carved out of one arena allocated at load:
+each gets a byte offset such that two buffers overlap in memory only if their
+lifetimes (first write to last read) do not overlap. The arena is as large as the
+most memory live at once (plus fragmentation), so the logits of the last matmul
+reuse the memory every layer's activations used before.
 """
 
 from __future__ import annotations
@@ -16,23 +18,28 @@ import torch
 
 from ..compiler.plan import Plan
 
+ALIGN = 256  # bytes; every buffer starts on a multiple (tensor descriptors need 16)
+
 
 @dataclass
 class BufferPlan:
-    slot_of: dict[int, int]  # launch node -> buffer slot
-    sizes: list[int]  # elements per slot
-    fp32: list[bool]  # slot holds fp32 (the residual stream) rather than the plan dtype
+    offset: dict[int, int]  # launch node -> byte offset in the arena
+    nbytes_of: dict[int, int]  # launch node -> bytes
+    life: dict[int, tuple[int, float]]  # launch node -> (position written, last position read)
+    fp32: set[int]  # nodes that hold fp32 (the residual stream) rather than the plan dtype
+    total: int  # arena bytes
 
-    def allocate(self, dtype, device) -> list[torch.Tensor]:
-        return [torch.empty(n, dtype=torch.float32 if wide else dtype, device=device)
-                for n, wide in zip(self.sizes, self.fp32)]
+    def allocate(self, device) -> torch.Tensor:
+        return torch.empty(self.total, dtype=torch.uint8, device=device)
 
-    def nbytes(self, dtype) -> int:
-        item = torch.finfo(dtype).bits // 8
-        return sum(n * (4 if wide else item) for n, wide in zip(self.sizes, self.fp32))
+    def view(self, arena: torch.Tensor, nid: int, shape, dtype) -> torch.Tensor:
+        o = self.offset[nid]
+        flat = arena[o:o + self.nbytes_of[nid]].view(torch.float32 if nid in self.fp32 else dtype)
+        return flat[:math.prod(shape)].view(shape)
 
 
-def plan_buffers(plan: Plan) -> BufferPlan:
+def plan_buffers(plan: Plan, elem: int = 2) -> BufferPlan:
+    """elem: bytes per element of the plan dtype (fp32-stream buffers take 4)."""
     g = plan.graph
     order = {nid: k for k, nid in enumerate(plan.launches)}
     base = {}  # run-time node -> the launch that owns its storage
@@ -49,24 +56,22 @@ def plan_buffers(plan: Plan) -> BufferPlan:
         if base.get(o) is not None:
             last[base[o]] = math.inf
     wide = plan.fp32_stream
-    free: dict[tuple[int, bool], list[int]] = {}
-    sizes: list[int] = []
-    fp32: list[bool] = []
-    slot_of: dict[int, int] = {}
-    dying: dict[int, list[int]] = {}  # launch position -> slots free after it
-    for k, nid in enumerate(plan.launches):
-        key = (math.prod(g[nid].shape), nid in wide)
-        pool = free.get(key)
-        if pool:
-            slot = pool.pop()
-        else:
-            slot = len(sizes)
-            sizes.append(key[0])
-            fp32.append(key[1])
-        slot_of[nid] = slot
-        if last[nid] != math.inf:
-            # readers at the same position still need it: release only after `last`
-            dying.setdefault(last[nid], []).append(slot)
-        for s in dying.pop(k, []):
-            free.setdefault((sizes[s], fp32[s]), []).append(s)
-    return BufferPlan(slot_of, sizes, fp32)
+    nbytes = {nid: -(-math.prod(g[nid].shape) * (4 if nid in wide else elem) // ALIGN) * ALIGN
+              for nid in plan.launches}
+    life = {nid: (order[nid], last[nid]) for nid in plan.launches}
+    offset: dict[int, int] = {}
+    placed: list[int] = []
+    # largest first, each at the lowest offset clear of every placed buffer it lives with
+    for nid in sorted(plan.launches, key=lambda i: (-nbytes[i], order[i])):
+        lo, hi = life[nid]
+        busy = sorted((offset[j], offset[j] + nbytes[j]) for j in placed
+                      if life[j][0] <= hi and lo <= life[j][1])
+        at = 0
+        for start, end in busy:
+            if at + nbytes[nid] <= start:
+                break
+            at = max(at, end)
+        offset[nid] = at
+        placed.append(nid)
+    total = max((offset[i] + nbytes[i] for i in plan.launches), default=0)
+    return BufferPlan(offset, nbytes, life, set(wide) & set(plan.launches), total)

@@ -43,11 +43,12 @@ class CompiledModel:
         self.vocab = _vocab_of_inputs(g)
         self.tensors: dict[int, torch.Tensor] = {}
         self._tables: dict[tuple, tuple] = {}
+        self.specs = {nid: kernel_for(g[nid], g, target) for nid in plan.launches}
         self._load_weights(weights)
         t1 = time.perf_counter()
-        buffers = plan_buffers(plan)
-        self.buffer_bytes = buffers.nbytes(target.dtype)
-        slabs = buffers.allocate(target.dtype, target.device)
+        buffers = plan_buffers(plan, torch.finfo(target.dtype).bits // 8)
+        self.buffer_bytes = buffers.total
+        arena = buffers.allocate(target.device)
         for n in self.inputs:
             dtype = torch.int64 if n.dtype == "u32" else target.dtype
             self.tensors[n.id] = torch.zeros(n.shape, dtype=dtype, device=target.device)
@@ -57,7 +58,7 @@ class CompiledModel:
                 a = n.attrs
                 self.tensors[nid] = self.tensors[n.inputs[0]][:, a["start"]:a["start"] + a["width"]]
             else:
-                self.tensors[nid] = slabs[buffers.slot_of[nid]][:_numel(n.shape)].view(n.shape)
+                self.tensors[nid] = buffers.view(arena, nid, n.shape, target.dtype)
         self.launches = [self._bind(nid) for nid in plan.launches]
         self.outputs = [self.tensors[o] for o in g.outputs]
         self.seconds = {"load": t1 - t0, "bind": time.perf_counter() - t1}
@@ -67,10 +68,22 @@ class CompiledModel:
     # ---- loading ------------------------------------------------------------------------
 
     def _load_weights(self, weights: dict) -> None:
+        """Weights onto the device; the load-time nodes a kernel reads (and only those:
+        a matmul that reads its weights in parts needs no concatenated copy)."""
         g, dev, dt = self.plan.graph, self.target.device, self.target.dtype
-        needed = set()
-        for nid in self.plan.launches + self.plan.views:
-            needed.update(g[nid].inputs)
+        read = set()  # what the kernels (and views) read
+        for spec in self.specs.values():
+            for kind, x in spec.args:
+                if kind in ("node", "stride"):
+                    read.add(x)
+                elif kind == "desc":
+                    read.add(x[0])
+        for nid in self.plan.views:
+            read.update(g[nid].inputs)
+        needed = set(read)
+        for nid in reversed(self.plan.load_time):  # what the needed load-time nodes are made of
+            if nid in needed:
+                needed.update(g[nid].inputs)
         for p in g.parameters():
             if p.name not in weights:
                 raise WeightsError(f"weight '{p.name}' is missing")
@@ -78,21 +91,22 @@ class CompiledModel:
             if not isinstance(w, torch.Tensor) or tuple(w.shape) != p.shape:
                 got = list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
                 raise WeightsError(f"weight '{p.name}' has shape {got}, expected {list(p.shape)}")
-            self.tensors[p.id] = w.to(device=dev, dtype=dt)
+            if p.id in needed:
+                self.tensors[p.id] = w.to(device=dev, dtype=dt)
         for nid in self.plan.load_time:  # parameter-only subterms, once
-            n = g[nid]
-            out = REFERENCE_OPS[n.op](n, *(self.tensors[i] for i in n.inputs))
-            self.tensors[nid] = out.contiguous()
+            if nid in needed:
+                n = g[nid]
+                self.tensors[nid] = REFERENCE_OPS[n.op](n, *(self.tensors[i] for i in n.inputs))
         for nid in list(self.tensors):  # keep only what the kernels read
-            if nid not in needed:
+            if nid not in read:
                 del self.tensors[nid]
-        for nid in needed:
-            if nid in self.tensors:
-                self.tensors[nid] = self.tensors[nid].contiguous()
+        for nid, t in self.tensors.items():  # tensor descriptors need 16-byte aligned rows
+            t = t.contiguous()
+            self.tensors[nid] = t.clone() if t.data_ptr() % 16 else t
 
     def _bind(self, nid: int) -> Launch:
         g = self.plan.graph
-        spec = kernel_for(g[nid], g, self.target)
+        spec = self.specs[nid]
         fn = self.cache.load(spec.source, spec.entry, self.target.interpreted)
         args = []
         for kind, x in spec.args:
