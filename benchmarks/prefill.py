@@ -40,6 +40,9 @@ from meganeura.runtime.reference import run_reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TABLE = [("gemma4-4b", 2048), ("gemma4-4b", 8192), ("gemma4-12b", 2048), ("gemma4-27b", 2048)]
+# issue 5's targets: time ratio to torch.compile (and share of the FLOP floor) per configuration
+TARGET_RATIO = {("gemma4-4b", 2048): 0.90, ("gemma4-4b", 8192): 0.70, ("gemma4-12b", 2048): 1.0,
+                ("gemma4-27b", 2048): 1.0}
 
 
 def timed(fn, warmup: int, iters: int, cuda: bool) -> float:
@@ -246,6 +249,51 @@ def print_row(r: dict) -> None:
               f"({meas / est:5.2f}x)")
 
 
+def print_targets(rows: list[dict]) -> None:
+    """One line per configuration: each target of the table, measured, met or missed."""
+    def mark(ok):
+        return "met" if ok else "MISSED"
+
+    print("\n== targets (ratio = meganeura / torch.compile, same process)")
+    for r in rows:
+        key = (r["model"], int(r["seq"]))
+        tc = _num(r.get("torch_compile_ms"))
+        ms = _num(r["meganeura_ms"])
+        parts = [f"{r['model']} {r['seq']}: {ms:.2f} ms vs {tc:.2f} ms"]
+        if key in TARGET_RATIO:
+            want = TARGET_RATIO[key]
+            parts.append(f"ratio {ms / tc:.3f} (<= {want}: {mark(ms / tc <= want)})")
+        floor = _num(r["floor_ms"]) / ms
+        parts.append(f"floor {floor:.0%}" + (f" (>= 80%: {mark(floor >= 0.8)})"
+                                             if key == ("gemma4-4b", 2048) else ""))
+        if r["model"] == "gemma4-4b":
+            cold, warm = _num(r["meganeura_compile_s"]), _num(r["meganeura_warm_compile_s"])
+            parts.append(f"compile {cold:.1f} s (<= 30: {mark(cold <= 30)}), warm {warm:.1f} s "
+                         f"(<= 5: {mark(warm <= 5)})")
+        peak, tpeak = _num(r["meganeura_peak_gib"]), _num(r.get("torch_compile_first_peak_gib"))
+        parts.append(f"peak {peak:.3f} vs {tpeak:.3f} GiB ({mark(peak <= tpeak)})")
+        if r.get("rel_error") not in (None, ""):
+            err = _num(r["rel_error"])
+            parts.append(f"rel. error {err:.1e} ({mark(err <= TOLERANCE['bf16'])})")
+        print("  " + "; ".join(parts))
+
+
+def _num(x) -> float:
+    return float("nan") if x in (None, "") else float(x)
+
+
+def rows_of(csv_path: Path, commit: str) -> list[dict]:
+    """The rows a run at `commit` appended, in table order."""
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["commit"] == commit]
+    for r in rows:
+        for k, v in r.items():
+            if k.endswith(("_ms", "_s", "_gib", "error")) and v not in (None, ""):
+                r[k] = float(v)
+    order = {k: i for i, k in enumerate(TABLE)}
+    return sorted(rows, key=lambda r: order.get((r["model"], int(r["seq"])), 99))
+
+
 def environment() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
     return {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
@@ -323,7 +371,19 @@ def main(argv=None) -> int:
                     "--seq-len (overrides --model)")
     ap.add_argument("--table", action="store_true", help="the prefill target table: 4b at 2048 "
                     "and 8192 tokens, 12b and 27b at 2048 (overrides --model(s) and --seq-len)")
+    ap.add_argument("--from-csv", metavar="COMMIT", default=None, help="no runs: the targets "
+                    "and the plot from the --csv rows of COMMIT (a table measured in parts)")
     args = ap.parse_args(argv)
+    if args.from_csv:
+        rows = rows_of(Path(args.csv), args.from_csv)
+        if not rows:
+            print(f"no rows of commit {args.from_csv} in {args.csv}", file=sys.stderr)
+            return 2
+        print_targets(rows)
+        env = {k: rows[0][k] for k in ("date", "gpu", "torch", "triton")}
+        if args.plot and plot(rows, env, Path(args.plot)):
+            print(f"wrote {args.plot}")
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -339,6 +399,7 @@ def main(argv=None) -> int:
         rows.append(r)
         _release(device.type == "cuda")
     append_csv(rows, env, Path(args.csv))
+    print_targets(rows)
     if args.plot:
         p = plot(rows, env, Path(args.plot))
         if p:
