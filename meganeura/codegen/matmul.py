@@ -199,8 +199,6 @@ def build(node, graph, target: Target) -> KernelSpec:
     warps, stages = cfg.pop("warps"), cfg.pop("stages")
     elem = 4 if target.dtype == torch.float32 else 2
     a_elem = 4 if a.op in RESIDUAL_OPS else elem  # the fp32 residual stream
-    per_stage = cfg["BLOCK_K"] * (a_elem * cfg["BLOCK_M"] + elem * cfg["BLOCK_N"] * (2 if paired else 1))
-    stages = fit_stages(per_stage, 0, stages)
     parts = _weight_parts(graph, b.id)
     tma = _aligned(graph, a.id) and all(_aligned(graph, p) for p in parts)
     if tma and not _parts_fit(graph, parts, paired, n, cfg["BLOCK_N"]):
@@ -208,6 +206,17 @@ def build(node, graph, target: Target) -> KernelSpec:
         tma = _aligned(graph, b.id)
     if not tma:
         parts = [b.id]
+    per_stage = cfg["BLOCK_K"] * (a_elem * cfg["BLOCK_M"] + elem * cfg["BLOCK_N"] * (2 if paired else 1))
+    if len(parts) > 1 and not paired and fit_stages(per_stage * len(parts), 0, stages) < min(
+            stages, 3):
+        # one K loop per part, each with its own stage buffers (Triton 3.6 does not share
+        # them: 4b's q|k|v at 4 stages asked 256 KiB): too few stages left, so the
+        # concatenation is made at load instead
+        parts = [b.id]
+        tma = tma and _aligned(graph, b.id)
+    if len(parts) > 1 and not paired:
+        per_stage *= len(parts)
+    stages = fit_stages(per_stage, 0, stages)
     if tma:
         args = [("desc", (a.id, (cfg["BLOCK_M"], cfg["BLOCK_K"])))]
         args += [("desc", (p, (cfg["BLOCK_K"], cfg["BLOCK_N"]))) for p in parts]
