@@ -367,7 +367,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--csv", default=str(RESULTS / "prefill.csv"))
     ap.add_argument("--plot", default=str(RESULTS / "prefill.png"))
-    ap.add_argument("--models", nargs="+", default=None, help="several presets, each at every "
+    ap.add_argument("--models", nargs="+", default=None, choices=sorted(MODEL_NAMES),
+                    help="several presets, each at every "
                     "--seq-len (overrides --model)")
     ap.add_argument("--table", action="store_true", help="the prefill target table: 4b at 2048 "
                     "and 8192 tokens, 12b and 27b at 2048 (overrides --model(s) and --seq-len)")
@@ -397,8 +398,8 @@ def main(argv=None) -> int:
         r = run_one(args, model, seq, device, dtype)
         print_row(r)
         rows.append(r)
+        append_csv([r], env, Path(args.csv))  # each row as soon as it is measured
         _release(device.type == "cuda")
-    append_csv(rows, env, Path(args.csv))
     print_targets(rows)
     if args.plot:
         p = plot(rows, env, Path(args.plot))

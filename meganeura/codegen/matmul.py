@@ -20,6 +20,7 @@ import itertools
 
 import torch
 
+from ..compiler.cost import matmul_tile
 from ..compiler.plan import RESIDUAL_OPS
 from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent
 
@@ -134,12 +135,6 @@ tl.store(c_ptr + rows[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.ele
     return HEADER + f"def matmul_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
-def _fill(m: int, n: int, bm: int, bn: int, sms: int) -> float:
-    """Share of the SM slots the tiles use over their waves (1.0: the last wave is full)."""
-    t = cdiv(m, bm) * cdiv(n, bn)
-    return t / (cdiv(t, sms) * sms)
-
-
 def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) -> dict:
     """Block sizes: small on the interpreter (Python per program), MMA-sized on the GPU.
 
@@ -155,11 +150,9 @@ def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) 
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, warps=4, stages=3)
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)
-    if paired:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=8, stages=4)
-    if _fill(m, n, 128, 256, target.sm_count) >= 0.85:
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, warps=8, stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)
+    bm, bn = matmul_tile(m, n, paired, target.sm_count)  # the cost model prices the same tile
+    warps = 8 if paired or bn == 256 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, warps=warps, stages=4)
 
 
 def _weight_parts(graph, nid: int) -> list[int]:

@@ -36,19 +36,30 @@ class DeviceProfile:
     matmul_efficiency: float = 1.0  # share of matmul_flops the generated matmuls reach
     prologue_efficiency: float = 1.0  # rate of a norm-prologue matmul relative to a plain one
     attention_efficiency: float = 1.0  # share of matmul_flops the attention kernel reaches
+    # Wave model: the SMs that run matmul tiles (0: none, every tile slot counts as busy).
+    # A last wave that fills few SMs leaves the rest idle: compute / wave_fill.
+    sms: int = 0
+    # Attention time outside the key loop (q loads, output, per-row softmax state), in
+    # seconds per query element (rows x heads x padded head width) over the whole device.
+    attention_row_time: float = 0.0
 
 
 # Ceilings measured on one H200 (DESIGN.md): ~4.3 TB/s copy, ~790 TFLOP/s bf16 matmul.
 H200_ROOFLINE = DeviceProfile("h200-roofline", bandwidth=4.3e12, matmul_flops=790e12,
                               vector_flops=60e12, launch=3e-6, tile_n=256)
-# The same ceilings with the efficiencies the generated kernels reached on the H200
-# (benchmarks/results/prefill.csv, 2026-11-30, gemma4-4b bf16, seq 2048): plain and
-# epilogue matmuls ~76% of peak; a norm-prologue matmul whose A operand is the fp32
-# residual stream ran at 238 TFLOP/s against ~690 for a plain one (A goes through
-# registers to be squared and cast). Attention: ~45% of peak at 2048 tokens (4b, 12b;
-# benchmarks/results/kernel-sweep-*.log), more on longer rows (~60% at 8192).
-H200 = dataclasses.replace(H200_ROOFLINE, name="h200", matmul_efficiency=0.76,
-                           prologue_efficiency=0.34, attention_efficiency=0.45)
+# The same ceilings with what the generated kernels reached on the H200 (Triton 3.6,
+# benchmarks/results/prefill.csv and kernel-sweep-*.log, 2026-11-30, bf16):
+# - matmuls ~86% of peak over the tiles' waves (4b SwiGLU 728 TFLOP/s at fill 0.97,
+#   lm_head 689, 12b SwiGLU 662), times the wave fill of the tile the kernel uses (4b's
+#   N=2560 products: 320 tiles of 128x128 on 132 SMs, fill 0.81);
+# - a norm-prologue matmul whose A operand is the fp32 residual stream: 238 TFLOP/s
+#   against ~690 for a plain one (A goes through registers to be squared and cast),
+#   0.30 of a plain matmul's rate;
+# - attention: 57.5% of peak in the key loop plus 2.6 ps per query element (fits 4b
+#   causal 2048 and 8192, sliding 8192 within 1%; 12b's 256-wide heads within 10%).
+H200 = dataclasses.replace(H200_ROOFLINE, name="h200", matmul_efficiency=0.86,
+                           prologue_efficiency=0.30, attention_efficiency=0.575, sms=132,
+                           attention_row_time=2.6e-12)
 # Triton's interpreter runs each program in Python with numpy: launches dominate.
 CPU_INTERPRETER = DeviceProfile("cpu-interpreter", bandwidth=2e9, matmul_flops=2e10,
                                 vector_flops=1e9, launch=1e-3, tile_n=32)
@@ -64,6 +75,8 @@ class Work:
     matmul_flops: float = 0.0
     vector_flops: float = 0.0
     efficiency: str | None = None  # which calibration factor applies to the compute time
+    fill: float = 1.0  # share of the SMs' tile slots busy over the matmul's waves
+    fixed: float = 0.0  # seconds outside the FLOP loop (attention's per-row work)
 
 
 def _numel(shape) -> int:
@@ -94,6 +107,24 @@ def head_dim_chunks(hd: int) -> tuple[int, int]:
     return one, 0
 
 
+def wave_fill(m: int, n: int, bm: int, bn: int, sms: int) -> float:
+    """Share of the SMs' tile slots over the waves that does useful work: 1.0 when the last
+    wave is full and the tiles divide M x N; edge tiles count for their useful part."""
+    if sms <= 0:
+        return 1.0
+    tiles = -(-m // bm) * -(-n // bn)
+    return m * n / (bm * bn * -(-tiles // sms) * sms)
+
+
+def matmul_tile(m: int, n: int, paired: bool, sms: int) -> tuple[int, int]:
+    """Output tile of the generated matmul on a GPU (M > 64, 2-byte operands): 128x128
+    for paired gate/up products (two accumulators); else 128x256 unless its waves leave
+    the last one mostly empty (fill < 0.85), then 128x128."""
+    if paired or wave_fill(m, n, 128, 256, sms) < 0.85:
+        return 128, 128
+    return 128, 256
+
+
 def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work | None:
     """Bytes and FLOPs of one kernel computing `op`; None for ops that launch nothing."""
     io = elem * (sum(_numel(s) for s in ins) + _numel(out))
@@ -104,16 +135,19 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
     if op in ("matmul", "matmul_add", "norm_matmul", "matmul_swiglu", "norm_matmul_swiglu"):
         (m, k), n = ins[0], ins[1][1]
         vec = 2 * _numel(out)  # epilogue: cast, add, or silu * up
+        sms = attrs.get("_sms", 0)
+        fill = wave_fill(m, n, *matmul_tile(m, n, "swiglu" in op, sms), sms) if m > 64 else 1.0
         if op.startswith("norm_"):  # sum(x^2) over the A tiles (one FMA each), per column tile
             vec += 2 * m * k * math.ceil(n / attrs["_tile_n"]) + m * n
-            return Work(io, 2 * m * n * k, vec, "prologue")
-        return Work(io, 2 * m * n * k, vec, "matmul")
+            return Work(io, 2 * m * n * k, vec, "prologue", fill)
+        return Work(io, 2 * m * n * k, vec, "matmul", fill)
     if op in ("causal_attention", "sliding_window_attention"):
         s = ins[0][0]
         pairs = attention_pairs(s, attrs.get("window"))
         heads = attrs["num_heads"]
         width = sum(head_dim_chunks(attrs["head_dim"]))  # the padded width the kernel runs
-        return Work(io, 4 * heads * width * pairs, 6 * heads * pairs, "attention")
+        fixed = s * heads * width * attrs.get("_row_time", 0.0)
+        return Work(io, 4 * heads * width * pairs, 6 * heads * pairs, "attention", fixed=fixed)
     per_elem = {"rms_norm": 4, "rope": 6, "norm_rope": 10, "add": 1, "swiglu": 6,
                 "concat_cols": 0, "scale_rows": 1}[op]
     return Work(io, 0.0, per_elem * _numel(out))
@@ -122,12 +156,12 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
 def kernel_time(profile: DeviceProfile, w: Work) -> float:
     compute = w.matmul_flops / profile.matmul_flops + w.vector_flops / profile.vector_flops
     if w.efficiency == "matmul":
-        compute /= profile.matmul_efficiency
+        compute /= profile.matmul_efficiency * w.fill
     elif w.efficiency == "prologue":
-        compute /= profile.matmul_efficiency * profile.prologue_efficiency
+        compute /= profile.matmul_efficiency * profile.prologue_efficiency * w.fill
     elif w.efficiency == "attention":
         compute /= profile.attention_efficiency
-    return max(w.bytes / profile.bandwidth, compute) + profile.launch
+    return max(w.bytes / profile.bandwidth, compute) + w.fixed + profile.launch
 
 
 @dataclass(frozen=True)
@@ -138,7 +172,8 @@ class CostModel:
     dtype: str = "bf16"
 
     def time(self, op: str, attrs: dict, ins: list[tuple], out: tuple) -> float:
-        attrs = {**attrs, "_tile_n": self.profile.tile_n}
+        attrs = {**attrs, "_tile_n": self.profile.tile_n, "_sms": self.profile.sms,
+                 "_row_time": self.profile.attention_row_time}
         w = work(op, attrs, ins, out, ELEMENT_BYTES[self.dtype])
         return 0.0 if w is None else kernel_time(self.profile, w)
 

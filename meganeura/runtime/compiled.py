@@ -83,7 +83,7 @@ class CompiledModel:
         needed = set(read)
         for nid in reversed(self.plan.load_time):  # what the needed load-time nodes are made of
             if nid in needed:
-                needed.update(g[nid].inputs)
+                needed.update(self._concat_leaves(nid))
         for p in g.parameters():
             if p.name not in weights:
                 raise WeightsError(f"weight '{p.name}' is missing")
@@ -96,13 +96,25 @@ class CompiledModel:
         for nid in self.plan.load_time:  # parameter-only subterms, once
             if nid in needed:
                 n = g[nid]
-                self.tensors[nid] = REFERENCE_OPS[n.op](n, *(self.tensors[i] for i in n.inputs))
+                if n.op == "concat_cols":  # a whole tree in one copy: no partial concatenations
+                    parts = [self.tensors[i] for i in self._concat_leaves(nid)]
+                    self.tensors[nid] = torch.cat(parts, dim=1)
+                else:
+                    self.tensors[nid] = REFERENCE_OPS[n.op](n, *(self.tensors[i] for i in n.inputs))
         for nid in list(self.tensors):  # keep only what the kernels read
             if nid not in read:
                 del self.tensors[nid]
         for nid, t in self.tensors.items():  # tensor descriptors need 16-byte aligned rows
             t = t.contiguous()
             self.tensors[nid] = t.clone() if t.data_ptr() % 16 else t
+
+    def _concat_leaves(self, nid: int) -> list[int]:
+        """The operands of a load-time concat_cols tree, left to right (else the inputs)."""
+        g = self.plan.graph
+        if g[nid].op != "concat_cols":
+            return list(g[nid].inputs)
+        return [x for i in g[nid].inputs
+                for x in (self._concat_leaves(i) if g[i].op == "concat_cols" else [i])]
 
     def _bind(self, nid: int) -> Launch:
         g = self.plan.graph
