@@ -157,6 +157,8 @@ def run_one(args, name: str, seq: int, device, dtype) -> dict:
 
     # cold: empty meganeura and Triton caches; warm: the same compile again
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="meganeura-kernels-")
+    if not args.cache_dir:  # Triton's on-disk cache too: each configuration compiles cold
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="meganeura-triton-")
     base = _allocated(cuda)
     t = time.perf_counter()
     fn = meganeura.compile(graph, weights, device, dtype, cache_dir=cache_dir)
@@ -282,10 +284,11 @@ def _num(x) -> float:
     return float("nan") if x in (None, "") else float(x)
 
 
-def rows_of(csv_path: Path, commit: str) -> list[dict]:
-    """The rows a run at `commit` appended, in table order."""
+def rows_of(csv_path: Path, commits: list[str]) -> list[dict]:
+    """The rows runs at `commits` appended (the last per configuration), in table order."""
     with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["commit"] == commit]
+        latest = {(r["model"], r["seq"]): r for r in csv.DictReader(f) if r["commit"] in commits}
+    rows = list(latest.values())
     for r in rows:
         for k, v in r.items():
             if k.endswith(("_ms", "_s", "_gib", "error")) and v not in (None, ""):
@@ -372,13 +375,14 @@ def main(argv=None) -> int:
                     "--seq-len (overrides --model)")
     ap.add_argument("--table", action="store_true", help="the prefill target table: 4b at 2048 "
                     "and 8192 tokens, 12b and 27b at 2048 (overrides --model(s) and --seq-len)")
-    ap.add_argument("--from-csv", metavar="COMMIT", default=None, help="no runs: the targets "
-                    "and the plot from the --csv rows of COMMIT (a table measured in parts)")
+    ap.add_argument("--from-csv", metavar="COMMIT", nargs="+", default=None, help="no runs: "
+                    "the targets and the plot from the --csv rows of these commits (a table "
+                    "measured in parts, by calls of a time limit)")
     args = ap.parse_args(argv)
     if args.from_csv:
         rows = rows_of(Path(args.csv), args.from_csv)
         if not rows:
-            print(f"no rows of commit {args.from_csv} in {args.csv}", file=sys.stderr)
+            print(f"no rows of commits {' '.join(args.from_csv)} in {args.csv}", file=sys.stderr)
             return 2
         print_targets(rows)
         env = {k: rows[0][k] for k in ("date", "gpu", "torch", "triton")}

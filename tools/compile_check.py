@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
 
 from meganeura.codegen import Target, kernel_for
 from meganeura.compiler.cost import PROFILES, CostModel
@@ -35,6 +36,10 @@ def signature(spec, graph, dtype):
         if kind == "node":
             wide = graph[x].op in RESIDUAL_OPS  # the fp32 residual stream
             sig_t = "*i64" if graph[x].dtype == "u32" else TYPES[torch.float32 if wide else dtype]
+        elif kind == "desc":  # a host tensor descriptor: element type and block shape
+            nid, block = x
+            elem = TYPES[torch.float32 if graph[nid].op in RESIDUAL_OPS else dtype][1:]
+            sig_t = f"tensordesc<{elem}[{', '.join(map(str, block))}]>"
         elif kind in ("rope_cos", "rope_sin"):
             sig_t = "*fp32"
         elif isinstance(x, float):
@@ -45,19 +50,19 @@ def signature(spec, graph, dtype):
     return fn_args
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="gemma4-4b")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--profile", default="h200")
-    a = ap.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
-    graph = build(PRESETS[MODEL_NAMES[a.model]], a.seq_len)
-    plan, _ = optimize(graph, CostModel(PROFILES[a.profile], a.dtype))
-    target = Target(torch.device("cuda"), dtype)
+SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
+
+
+def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h200",
+          sms: int = 132) -> list[dict]:
+    """Compiles every distinct kernel of the plan for sm_90; one dict per kernel."""
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    graph = build(PRESETS[MODEL_NAMES[model]], seq_len)
+    plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name))
+    target = Target(torch.device("cuda"), dtype, sms=sms)
     seen = set()
     tmp = Path(tempfile.mkdtemp())
+    out = []
     for nid in plan.launches:
         spec = kernel_for(plan.graph[nid], plan.graph, target)
         types = signature(spec, plan.graph, dtype)
@@ -70,19 +75,35 @@ def main():
         s = importlib.util.spec_from_file_location(path.stem, path)
         mod = importlib.util.module_from_spec(s)
         s.loader.exec_module(mod)
-        fn = triton.jit(getattr(mod, spec.entry))
+        fn = JITFunction(getattr(mod, spec.entry))  # compiled, also with the interpreter on
         names = [n for n in fn.arg_names if n not in spec.constexprs]
         sig = dict(zip(names, types))
         sig.update({k: "constexpr" for k in spec.constexprs})
         src = triton.compiler.ASTSource(fn, sig, dict(spec.constexprs))
         k = triton.compile(src, target=GPUTarget("cuda", 90, 128),
                            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
-        md = k.metadata
         ptx = k.asm["ptx"]
+        out.append(dict(spec=spec, shared=k.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                        local_memory="ld.local" in ptx or "st.local" in ptx))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gemma4-4b", choices=sorted(MODEL_NAMES))
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--profile", default="h200", choices=sorted(PROFILES))
+    ap.add_argument("--sms", type=int, default=132, help="SMs of the target GPU (H200: 132)")
+    a = ap.parse_args()
+    over = 0
+    for r in check(a.model, a.seq_len, a.dtype, a.profile, a.sms):
+        spec = r["spec"]
+        over += r["shared"] > SHARED_LIMIT
         print(f"{spec.archetype:10} {spec.variant:34} {str(spec.constexprs):70} "
-              f"smem {md.shared:6} wgmma {ptx.count('wgmma.mma_async'):3} "
-              f"local-mem {'ld.local' in ptx or 'st.local' in ptx}"
-              f"{'  OVER SHARED MEMORY' if md.shared > 232448 else ''}")
+              f"smem {r['shared']:6} wgmma {r['wgmma']:3} local-mem {r['local_memory']}"
+              f"{'  OVER SHARED MEMORY' if r['shared'] > SHARED_LIMIT else ''}")
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ HEADER = "import triton\nimport triton.language as tl\n\n\n"
 class Target:
     device: torch.device
     dtype: torch.dtype  # activations and weights
+    sms: int | None = None  # SM count; None: asked of the device (set it to build without one)
 
     @property
     def interpreted(self) -> bool:
@@ -29,6 +30,8 @@ class Target:
         """Streaming multiprocessors of the device (tile counts are weighed against it)."""
         if self.interpreted:
             return 1
+        if self.sms is not None:
+            return self.sms
         return torch.cuda.get_device_properties(self.device).multi_processor_count
 
     @property

@@ -1,0 +1,33 @@
+"""Every bf16 kernel of a real plan compiles for sm_90 (Hopper) within its shared memory.
+
+Triton lowers to PTX and ptxas assembles it here, without a GPU: a tile, stage count or
+kernel structure that asks more shared memory than an H200 block has is caught in CI.
+The check runs in its own process: the tests' process has Triton's interpreter on.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("model", ["gemma4-4b", "gemma4-27b"])
+def test_prefill_kernels_fit_an_sm90_block(model):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_check.py"), "--model",
+                          model, "--seq-len", "2048"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if " smem " in line]
+    kinds = {line.split()[0] for line in lines}
+    assert kinds == {"embedding", "rowwise", "matmul", "attention"}
+    assert not any("OVER SHARED MEMORY" in line for line in lines)
+    assert not any("local-mem True" in line for line in lines), "a kernel spills"
+    matmuls = [line for line in lines if line.startswith("matmul")]
+    assert all(" wgmma   0 " not in line for line in matmuls)  # Hopper's warpgroup MMA
+    assert any("2-part-B" in line for line in matmuls)  # gate | up read in place
