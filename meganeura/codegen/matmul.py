@@ -9,6 +9,9 @@ Epilogue (from the fused term): `+ R[m, n]` (matmul_add), or `silu(G) * U` where
 U are paired tiles of B's left and right halves (matmul_swiglu); then a cast.
 A may be fp32 (the residual stream): its tiles are cast to B's dtype for the dot, and the
 norm statistics use the fp32 values.
+Where rows are 16-byte aligned, A and B tiles come through tensor descriptors (TMA), and
+a B that is a load-time concatenation of weights (gate | up, q | k | v) is read from the
+weights in place, so the compiled model keeps no concatenated copy.
 
 bytes: elem * (M*K + K*N' + M*N [+ M*N residual]), N' = 2N for paired tiles
 FLOPs: 2*M*N'*K on the matrix units; 2*M*K per column tile for the norm prologue
@@ -41,8 +44,9 @@ def emit(norm: bool, paired: bool, residual: bool, precision: str, tma: bool = F
     products read G from the first and U from the second; other products pick, per column
     tile, the part that holds the tile's columns (the parts' ends are `end_i`).
     """
-    params = ["a_desc"] + ([f"b{i}_desc" for i in range(parts)] if tma else ["b_ptr"])
-    if not tma:
+    if tma:
+        params = ["a_desc"] + [f"b{i}_desc" for i in range(parts)]
+    else:
         params = ["a_ptr", "b_ptr"]
     params += ["c_ptr"] + (["r_ptr"] if residual else [])
     params += ["M", "N", "K"] + ([] if tma else ["stride_am", "stride_bk"]) + ["stride_cm"]
@@ -86,7 +90,10 @@ def emit(norm: bool, paired: bool, residual: bool, precision: str, tma: bool = F
             branches = []
             for i in range(parts):
                 col = "pid_n * BLOCK_N" + (f" - {ends[i - 1]}" if i else "")
-                head = ("if" if i == 0 else "elif") + f" pid_n * BLOCK_N < {ends[i]}:" if i < parts - 1 else "else:"
+                if i == parts - 1:
+                    head = "else:"
+                else:
+                    head = f"{'if' if i == 0 else 'elif'} pid_n * BLOCK_N < {ends[i]}:"
                 branches.append(head + "\n" + indent(k_loop(f"b{i}_desc", col), 4))
             body_loop = "\n".join(branches)
         else:
@@ -173,6 +180,23 @@ def _parts_fit(graph, parts: list[int], paired: bool, n: int, block_n: int) -> b
     return all(w % block_n == 0 for w in widths[:-1])
 
 
+def _b_reads(graph, a_id: int, b_id: int, paired: bool, n: int, block_n: int, per_stage: int,
+             stages: int) -> tuple[list[int], bool]:
+    """Where B's tiles come from: the weights it concatenates (read in place) or B itself;
+    and whether through tensor descriptors (A and every tensor read with 16-byte rows)."""
+    if not _aligned(graph, a_id):
+        return [b_id], False
+    parts = _weight_parts(graph, b_id)
+    if len(parts) > 1 and all(_aligned(graph, p) for p in parts) and _parts_fit(
+            graph, parts, paired, n, block_n):
+        # a paired product reads G and U in its one K loop; other products run one K loop
+        # per part, and Triton 3.6 gave each its own stage buffers (4b's q | k | v at 4
+        # stages asked 262 KiB on the H200): in place only where 3 stages fit that way
+        if paired or fit_stages(per_stage * len(parts), 0, stages) >= min(stages, 3):
+            return parts, True
+    return [b_id], _aligned(graph, b_id)
+
+
 def _aligned(graph, nid: int) -> bool:
     """Rows of the node's tensor start on 16 bytes (what a tensor descriptor needs), for
     2-byte elements and so for 4-byte ones: its width, or a view's parent width and offset."""
@@ -192,24 +216,10 @@ def build(node, graph, target: Target) -> KernelSpec:
     warps, stages = cfg.pop("warps"), cfg.pop("stages")
     elem = 4 if target.dtype == torch.float32 else 2
     a_elem = 4 if a.op in RESIDUAL_OPS else elem  # the fp32 residual stream
-    parts = _weight_parts(graph, b.id)
-    tma = _aligned(graph, a.id) and all(_aligned(graph, p) for p in parts)
-    if tma and not _parts_fit(graph, parts, paired, n, cfg["BLOCK_N"]):
-        parts = [b.id]
-        tma = _aligned(graph, b.id)
-    if not tma:
-        parts = [b.id]
     per_stage = cfg["BLOCK_K"] * (a_elem * cfg["BLOCK_M"] + elem * cfg["BLOCK_N"] * (2 if paired else 1))
-    if len(parts) > 1 and not paired and fit_stages(per_stage * len(parts), 0, stages) < min(
-            stages, 3):
-        # one K loop per part, each with its own stage buffers (Triton 3.6 does not share
-        # them: 4b's q|k|v at 4 stages asked 256 KiB): too few stages left, so the
-        # concatenation is made at load instead
-        parts = [b.id]
-        tma = tma and _aligned(graph, b.id)
-    if len(parts) > 1 and not paired:
-        per_stage *= len(parts)
-    stages = fit_stages(per_stage, 0, stages)
+    parts, tma = _b_reads(graph, a.id, b.id, paired, n, cfg["BLOCK_N"], per_stage, stages)
+    split = len(parts) > 1 and not paired
+    stages = fit_stages(per_stage * (len(parts) if split else 1), 0, stages)
     if tma:
         args = [("desc", (a.id, (cfg["BLOCK_M"], cfg["BLOCK_K"])))]
         args += [("desc", (p, (cfg["BLOCK_K"], cfg["BLOCK_N"]))) for p in parts]
@@ -221,7 +231,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     args += [] if tma else [("stride", a.id), ("stride", b.id)]
     args += [("stride", node.id)]
     args += [("stride", node.inputs[2])] if residual else []
-    if tma and len(parts) > 1 and not paired:
+    if split:
         ends = list(itertools.accumulate(graph[p].shape[1] for p in parts))[:-1]
         args += [("value", e) for e in ends]
     args += [("value", node.attrs["eps"])] if norm else []
