@@ -3,7 +3,9 @@
     python benchmarks/kernel_sweep.py --model gemma4-4b gemma4-12b --seq-len 2048
 
 Matmuls: each distinct (variant, M, N, K) of the model's plan, timed under each
-candidate configuration, with pointer loads and with tensor-descriptor (TMA) loads.
+candidate configuration, with pointer loads and with tensor-descriptor (TMA) loads; a
+product whose weight is a concatenation of several (q | k | v) also with the weights read
+in place (one K loop per part), at 2 to 4 stages.
 Attention: the model's causal and sliding-window shapes (q, k, v as column slices of
 one merged projection, as in the plan), timed under each candidate (BLOCK_M, BLOCK_N,
 warps, stages), next to PyTorch's flash SDPA on the same problem, with the largest
@@ -22,7 +24,8 @@ import triton.testing
 
 from meganeura.codegen.attention import emit as emit_attention
 from meganeura.codegen.cache import KernelCache
-from meganeura.codegen.matmul import PAIRED, PROLOGUES, RESIDUAL, emit as emit_matmul
+from meganeura.codegen.matmul import PAIRED, PROLOGUES, RESIDUAL, _weight_parts
+from meganeura.codegen.matmul import emit as emit_matmul
 from meganeura.compiler.cost import H200, CostModel, attention_pairs, head_dim_chunks
 from meganeura.models import MODEL_NAMES, PRESETS, build
 from meganeura.optimize import optimize
@@ -48,11 +51,17 @@ def sweep_matmuls(model: str, seq: int, cache: KernelCache, max_n: int) -> None:
 
     plan, _ = optimize(build(PRESETS[MODEL_NAMES[model]], seq), CostModel(H200, "bf16"))
     g = plan.graph
-    shapes = {}
+    shapes, split = {}, {}
     for i in plan.launches:
         n = g[i]
         if "matmul" in n.op and n.shape[1] <= max_n:
-            shapes[(n.op, g[n.inputs[0]].shape[0], n.shape[1], g[n.inputs[0]].shape[1])] = 1
+            key = (n.op, g[n.inputs[0]].shape[0], n.shape[1], g[n.inputs[0]].shape[1])
+            shapes[key] = 1
+            parts = _weight_parts(g, n.inputs[1])
+            if n.op == "matmul" and len(parts) > 1:
+                split[key] = [g[p].shape[1] for p in parts]
+    for key, widths in split.items():
+        sweep_parts(model, *key[1:], widths, cache)
     for op, m, n, k in shapes:
         norm, paired, residual = op in PROLOGUES, op in PAIRED, op in RESIDUAL
         a_ = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -87,6 +96,44 @@ def sweep_matmuls(model: str, seq: int, cache: KernelCache, max_n: int) -> None:
         best = results[0]
         print(f"{model} {op:20} M{m} N{n} K{k}: best {best[1]} {best[0] * 1e3:.1f} us = "
               f"{flops / best[0] / 1e9:.0f} TFLOP/s | {line}", flush=True)
+
+
+def sweep_parts(model: str, m: int, n: int, k: int, widths: list[int], cache) -> None:
+    """q | k | v: the weights read in place (one K loop per part) against their
+    concatenation, 128x128 and 128x256 tiles, 2 to 4 stages; out-of-resources reported."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    a_ = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(k, w, device="cuda", dtype=torch.bfloat16) for w in widths]
+    whole = torch.cat(ws, dim=1)
+    c_ = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    ends = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
+    flops = 2 * m * n * k
+    ref = None
+    line = []
+    for parts in (1, len(widths)):
+        fn = cache.load(emit_matmul(False, False, False, "tf32", True, parts), "matmul_kernel",
+                        False)
+        for bm, bn, warps in ((128, 128, 4), (128, 256, 8)):
+            if parts > 1 and any(w % bn for w in widths[:-1]):
+                continue
+            for stages in (2, 3, 4):
+                bs = [whole] if parts == 1 else ws
+                args = [TensorDescriptor.from_tensor(a_, [bm, 64])]
+                args += [TensorDescriptor.from_tensor(b, [64, bn]) for b in bs]
+                args += [c_, m, n, k, c_.stride(0)] + (ends if parts > 1 else [])
+                grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+                tag = f"{'in place' if parts > 1 else 'concat'} {bm}x{bn} s{stages}"
+                try:
+                    ms = bench(lambda: fn[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64,
+                                                GROUP_M=8, num_warps=warps, num_stages=stages))
+                except Exception as e:  # noqa: BLE001
+                    line.append(f"{tag}: {type(e).__name__}")
+                    continue
+                ref = c_.float().clone() if ref is None else ref
+                err = (c_.float() - ref).abs().max().item()
+                line.append(f"{tag}: {flops / ms / 1e9:.0f} (diff {err:.1e})")
+    print(f"{model} q|k|v M{m} N{n} K{k} parts {widths}: " + ", ".join(line), flush=True)
 
 
 def sweep_attention(model: str, seq: int, cache: KernelCache) -> None:

@@ -85,17 +85,15 @@ def emit(norm: bool, paired: bool, residual: bool, precision: str, tma: bool = F
     b = {desc}.load([k0, {col}])
     acc = tl.dot(a.to(b.dtype), b, acc, {dot})
 {indent(chr(10).join(step), 4) if step else ""}"""
-        if split:
-            ends = [f"end_{i}" for i in range(parts - 1)]
+        if split:  # independent ifs, not if/elif: Triton can then share the loops' buffers
+            bounds = ["0"] + [f"end_{i}" for i in range(parts - 1)]
             branches = []
             for i in range(parts):
-                col = "pid_n * BLOCK_N" + (f" - {ends[i - 1]}" if i else "")
-                if i == parts - 1:
-                    head = "else:"
-                else:
-                    head = f"{'if' if i == 0 else 'elif'} pid_n * BLOCK_N < {ends[i]}:"
-                branches.append(head + "\n" + indent(k_loop(f"b{i}_desc", col), 4))
-            body_loop = "\n".join(branches)
+                conds = [f"(col0 >= {bounds[i]})"] if i else []
+                conds += [f"(col0 < {bounds[i + 1]})"] if i < parts - 1 else []
+                col = "col0" + (f" - {bounds[i]}" if i else "")
+                branches.append(f"if {' & '.join(conds)}:\n" + indent(k_loop(f"b{i}_desc", col), 4))
+            body_loop = "col0 = pid_n * BLOCK_N\n" + "\n".join(branches)
         else:
             body_loop = k_loop("b0_desc", "pid_n * BLOCK_N")
         loop = f'''m_mask = rm < M
@@ -190,8 +188,10 @@ def _b_reads(graph, a_id: int, b_id: int, paired: bool, n: int, block_n: int, pe
     if len(parts) > 1 and all(_aligned(graph, p) for p in parts) and _parts_fit(
             graph, parts, paired, n, block_n):
         # a paired product reads G and U in its one K loop; other products run one K loop
-        # per part, and Triton 3.6 gave each its own stage buffers (4b's q | k | v at 4
-        # stages asked 262 KiB on the H200): in place only where 3 stages fit that way
+        # per part, and Triton 3.6 gave each its own stage buffers (if/elif branches: 4b's
+        # q | k | v at 4 stages asked 262 KiB on the H200; independent ifs compile to one
+        # loop's 128 KiB offline, not yet run on the GPU): in place only where 3 stages fit
+        # with a buffer set per part
         if paired or fit_stages(per_stage * len(parts), 0, stages) >= min(stages, 3):
             return parts, True
     return [b_id], _aligned(graph, b_id)
