@@ -24,7 +24,7 @@ import triton.testing
 
 from meganeura.codegen.attention import emit as emit_attention
 from meganeura.codegen.cache import KernelCache
-from meganeura.codegen.matmul import PAIRED, PROLOGUES, RESIDUAL, _weight_parts
+from meganeura.codegen.matmul import PAIRED, PROLOGUES, RESIDUAL, weight_parts
 from meganeura.codegen.matmul import emit as emit_matmul
 from meganeura.compiler.cost import H200, CostModel, attention_pairs, head_dim_chunks
 from meganeura.models import MODEL_NAMES, PRESETS, build
@@ -57,7 +57,7 @@ def sweep_matmuls(model: str, seq: int, cache: KernelCache, max_n: int) -> None:
         if "matmul" in n.op and n.shape[1] <= max_n:
             key = (n.op, g[n.inputs[0]].shape[0], n.shape[1], g[n.inputs[0]].shape[1])
             shapes[key] = 1
-            parts = _weight_parts(g, n.inputs[1])
+            parts = weight_parts(g, n.inputs[1])
             if n.op == "matmul" and len(parts) > 1:
                 split[key] = [g[p].shape[1] for p in parts]
     for key, widths in split.items():

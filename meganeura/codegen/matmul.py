@@ -160,12 +160,12 @@ def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) 
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, warps=warps, stages=4)
 
 
-def _weight_parts(graph, nid: int) -> list[int]:
+def weight_parts(graph, nid: int) -> list[int]:
     """The parameters whose column concatenation B is (a load-time concat_cols tree), or [B]."""
     node = graph[nid]
     if node.op == "concat_cols" and all(graph[i].op in ("parameter", "concat_cols")
                                         for i in node.inputs):
-        return [p for i in node.inputs for p in _weight_parts(graph, i)]
+        return [p for i in node.inputs for p in weight_parts(graph, i)]
     return [nid]
 
 
@@ -184,7 +184,7 @@ def _b_reads(graph, a_id: int, b_id: int, paired: bool, n: int, block_n: int, pe
     and whether through tensor descriptors (A and every tensor read with 16-byte rows)."""
     if not _aligned(graph, a_id):
         return [b_id], False
-    parts = _weight_parts(graph, b_id)
+    parts = weight_parts(graph, b_id)
     if len(parts) > 1 and all(_aligned(graph, p) for p in parts) and _parts_fit(
             graph, parts, paired, n, block_n):
         # a paired product reads G and U in its one K loop; other products run one K loop
