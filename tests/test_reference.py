@@ -1,4 +1,8 @@
-"""The reference executor against the independent forward in gemma4_forward.py."""
+"""The reference executor against the independent forward in gemma4_forward.py, and the
+plain PyTorch forward that benchmarks/ measures against (the same model, too)."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,9 @@ from meganeura.models.weights import random_weights
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from torch_forward import make_forward  # noqa: E402
+
 
 @pytest.mark.parametrize("seq", [1, 7, 37])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -21,6 +28,7 @@ def test_reference_matches_independent_forward(name, seq):
     (logits,) = run_reference(build(c, seq), w, {"token_ids": ids})
     assert logits.shape == (seq, c.vocab_size)
     assert_close(logits, forward(c, w, ids), "fp32-exact")
+    assert_close(make_forward(c, seq, "cpu")(w, ids), logits, "fp32-exact")  # the benchmark's
 
 
 def test_windows_shorter_than_the_sequence_are_exercised():
