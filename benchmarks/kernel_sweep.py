@@ -24,9 +24,10 @@ import triton.testing
 
 from meganeura.codegen.attention import emit as emit_attention
 from meganeura.codegen.cache import KernelCache
-from meganeura.codegen.matmul import PAIRED, PROLOGUES, RESIDUAL, weight_parts
 from meganeura.codegen.matmul import emit as emit_matmul
-from meganeura.compiler.cost import H200, CostModel, attention_pairs, head_dim_chunks
+from meganeura.codegen.matmul import weight_parts
+from meganeura.compiler.cost import (H200, PAIRED_MATMULS, CostModel, attention_pairs,
+                                     head_dim_chunks)
 from meganeura.models import MODEL_NAMES, PRESETS, build
 from meganeura.optimize import optimize
 
@@ -63,23 +64,26 @@ def sweep_matmuls(model: str, seq: int, cache: KernelCache, max_n: int) -> None:
     for key, widths in split.items():
         sweep_parts(model, *key[1:], widths, cache)
     for op, m, n, k in shapes:
-        norm, paired, residual = op in PROLOGUES, op in PAIRED, op in RESIDUAL
+        norm, paired, residual = op.startswith("norm_"), op in PAIRED_MATMULS, op == "matmul_add"
+        act = "silu" if paired else None
         a_ = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        nw_ = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
         b_ = torch.randn(k, 2 * n if paired else n, device="cuda", dtype=torch.bfloat16)
         c_ = torch.empty(m, n, device="cuda", dtype=torch.float32 if residual else torch.bfloat16)
         r_ = torch.randn(m, n, device="cuda", dtype=torch.float32)
         flops = 2 * m * k * (2 * n if paired else n)
         results = []
         for tma in (False, True):
-            fn = cache.load(emit_matmul(norm, paired, residual, "tf32", tma), "matmul_kernel", False)
+            fn = cache.load(emit_matmul(norm, act, residual, False, "tf32", tma), "matmul_kernel",
+                            False)
             for bm, bn, bk, warps, stages in MATMUL:
                 if tma:
                     head = [TensorDescriptor.from_tensor(a_, [bm, bk]),
                             TensorDescriptor.from_tensor(b_, [bk, bn])]
                 else:
                     head = [a_, b_]
-                args = head + [c_] + ([r_] if residual else []) + [m, n, k]
-                args += [] if tma else [a_.stride(0), b_.stride(0)]
+                args = head + [c_] + ([r_] if residual else []) + ([nw_] if norm else []) + [m, n, k]
+                args += [] if tma else [a_.stride(0), b_.stride(0), 1]
                 args += [c_.stride(0)] + ([r_.stride(0)] if residual else [])
                 args += [1e-6] if norm else []
                 grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
@@ -112,8 +116,8 @@ def sweep_parts(model: str, m: int, n: int, k: int, widths: list[int], cache) ->
     ref = None
     line = []
     for parts in (1, len(widths)):
-        fn = cache.load(emit_matmul(False, False, False, "tf32", True, parts), "matmul_kernel",
-                        False)
+        fn = cache.load(emit_matmul(False, None, False, False, "tf32", True, parts),
+                        "matmul_kernel", False)
         for bm, bn, warps in ((128, 128, 4), (128, 256, 8)):
             if parts > 1 and any(w % bn for w in widths[:-1]):
                 continue
@@ -139,7 +143,7 @@ def sweep_parts(model: str, m: int, n: int, k: int, widths: list[int], cache) ->
 def sweep_attention(model: str, seq: int, cache: KernelCache) -> None:
     cfg = PRESETS[MODEL_NAMES[model]]
     h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    d0, d1 = head_dim_chunks(hd)
+    widths = head_dim_chunks(hd)
     gen = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(seq, (h + 2 * kv) * hd, device="cuda", dtype=torch.bfloat16, generator=gen)
     q, k, v = qkv[:, :h * hd], qkv[:, h * hd:(h + kv) * hd], qkv[:, (h + kv) * hd:]
@@ -160,11 +164,11 @@ def sweep_attention(model: str, seq: int, cache: KernelCache) -> None:
         ref_ms = bench(sdpa)
         fn = cache.load(emit_attention(sliding, "tf32", hd), "attention_kernel", False)
         results = []
-        for bm, bn, warps, stages in ATTENTION["narrow" if d0 + d1 <= 144 else "wide"]:
+        for bm, bn, warps, stages in ATTENTION["narrow" if sum(widths) <= 144 else "wide"]:
             args = [q, k, v, out, q.stride(0), k.stride(0), v.stride(0), out.stride(0), seq,
                     math.log2(math.e) / math.sqrt(hd)] + ([window] if sliding else [])
-            kw = dict(GROUP=h // kv, HEAD_DIM=hd, D0=d0, D1=max(d1, 16), BLOCK_M=bm,
-                      BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            kw = dict(GROUP=h // kv, HEAD_DIM=hd, **{f"D{i}": w for i, w in enumerate(widths)},
+                      BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
             grid = (h, triton.cdiv(seq, bm))
             try:
                 ms = bench(lambda: fn[grid](*args, **kw))

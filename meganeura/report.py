@@ -11,10 +11,15 @@ from .optimize import OptimizeReport
 
 FUSED_OPS = {
     "norm_matmul": "rmsnorm_matmul",
-    "norm_matmul_swiglu": "swiglu_chain + rmsnorm_matmul",
-    "matmul_swiglu": "swiglu_chain",
+    "norm_matmul_glu": "gated_mlp + rmsnorm_matmul",
+    "matmul_glu": "gated_mlp",
     "norm_rope": "qk_norm_rope",
+    "head_norm_rope": "qk_norm_rope",
     "matmul_add": "residual_epilogue",
+    "norm_add": "post_norm_residual",
+    "norm_add_scale": "post_norm_residual",
+    "matmul_softcap": "softcap_epilogue",
+    "embedding_scale": "scalar_fold",
 }
 
 
@@ -28,7 +33,7 @@ def merged_weights(plan: Plan) -> int:
 
     def is_concat(i):
         n = g[i]
-        return n.op == "concat_cols" or (n.op == "scale_rows" and is_concat(n.inputs[0]))
+        return n.op == "concat_cols"
 
     return sum(1 for i in plan.launches if "matmul" in g[i].op and is_concat(g[i].inputs[1]))
 

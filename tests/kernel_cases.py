@@ -21,73 +21,135 @@ def _input_x(g, gen, rows, cols, strided, pad):
     return g.slice_cols(wide, pad // 2, cols), [_rand(gen, rows, cols + pad)]
 
 
-def matmul_case(op, m, k, n, seed=0, strided=False):
+# the matmul archetype's ops, with their attributes (the gated ones with both activations)
+MATMUL_OPS = ["matmul", "norm_matmul", "matmul_add", "matmul_glu-silu", "matmul_glu-gelu_tanh",
+              "norm_matmul_glu-silu", "norm_matmul_glu-gelu_tanh", "matmul_softcap"]
+
+
+def matmul_case(op, m, k, n, seed=0, strided=False, transposed=False):
+    """One matmul-archetype node; `op` may carry an activation ("matmul_glu-gelu_tanh").
+    transposed: B is a weight stored [N, K] (a checkpoint's linear layout), read in place."""
     gen = torch.Generator().manual_seed(seed)
+    op, _, act = op.partition("-")
     g = Graph()
     x, inputs = _input_x(g, gen, m, k, strided, pad=9)
-    width = 2 * n if "swiglu" in op else n
-    b = g.parameter("b", (k, width))
-    w = {"b": _rand(gen, k, width, scale=k ** -0.5)}
-    if op == "matmul_add":
+    width = 2 * n if "glu" in op else n
+    if transposed:
+        b = g.transpose(g.parameter("b", (width, k)))
+        w = {"b": _rand(gen, width, k, scale=k ** -0.5)}
+    else:
+        b = g.parameter("b", (k, width))
+        w = {"b": _rand(gen, k, width, scale=k ** -0.5)}
+    attrs = {"act": act} if act else {}
+    if op.startswith("norm_"):
+        w["nw"] = 1.0 + 0.3 * _rand(gen, k)
+        out = getattr(g, op)(x, b, g.parameter("nw", (k,)), 1e-6, **attrs)
+    elif op == "matmul_add":
         r = g.input_f32("r", (m, n))
         inputs.append(_rand(gen, m, n))
         out = g.matmul_add(x, b, r)
-    elif op.startswith("norm_"):
-        out = getattr(g, op)(x, b, 1e-6)
+    elif op == "matmul_softcap":  # a small cap: the tanh really bends
+        out = g.matmul_softcap(x, b, 1.5)
     else:
-        out = getattr(g, op)(x, b)
+        out = getattr(g, op)(x, b, **attrs)
     g.set_outputs([out])
     return g, w, inputs
+
+
+ROW_OPS = ["rms_norm", "rope", "rope-partial", "norm_rope", "head_rms_norm", "unit_rms_norm",
+           "head_norm_rope", "head_norm_rope-partial", "norm_add", "norm_add_scale"]
 
 
 def row_case(op, s, heads, head_dim, seed=0, strided=False):
+    """One row-archetype node over [s, heads * head_dim]; "-partial" rotates a quarter of the
+    frequencies (the published model's full-attention layers, theta 1e6)."""
     gen = torch.Generator().manual_seed(seed)
+    op, _, partial = op.partition("-")
     g = Graph()
     d = heads * head_dim
     x, inputs = _input_x(g, gen, s, d, strided, pad=6)
-    w = {"w": 1.0 + 0.1 * _rand(gen, d)}
-    if op == "rms_norm":
-        out = g.rms_norm(x, g.parameter("w", (d,)), 1e-6)
-    elif op == "rope":
-        w = {}
-        out = g.rope(x, 10000.0, head_dim)
+    rope = (1e6, head_dim, head_dim // 8) if partial else (10000.0, head_dim)
+    if op in ("rms_norm", "norm_rope", "norm_add", "norm_add_scale"):
+        w = {"w": 1.0 + 0.1 * _rand(gen, d)}
+        nw = g.parameter("w", (d,))
+    elif op in ("head_rms_norm", "head_norm_rope"):
+        w = {"w": 1.0 + 0.1 * _rand(gen, head_dim)}
+        nw = g.parameter("w", (head_dim,))
     else:
-        out = g.norm_rope(x, g.parameter("w", (d,)), 1e-6, 10000.0, head_dim)
+        w = {}
+    if op == "rms_norm":
+        out = g.rms_norm(x, nw, 1e-6)
+    elif op == "rope":
+        out = g.rope(x, *rope)
+    elif op == "norm_rope":
+        out = g.norm_rope(x, nw, 1e-6, *rope)
+    elif op == "head_rms_norm":
+        out = g.head_rms_norm(x, nw, 1e-6, head_dim)
+    elif op == "unit_rms_norm":
+        out = g.unit_rms_norm(x, 1e-6, head_dim)
+    elif op == "head_norm_rope":
+        out = g.head_norm_rope(x, nw, 1e-6, head_dim, *rope[:1], *rope[2:])
+    else:
+        r = g.input_f32("r", (s, d))
+        inputs.append(_rand(gen, s, d))
+        if op == "norm_add":
+            out = g.norm_add(x, nw, r, 1e-6)
+        else:
+            w["s"] = torch.tensor([0.63])
+            out = g.norm_add_scale(x, nw, r, g.parameter("s", (1,)), 1e-6)
     g.set_outputs([out])
     return g, w, inputs
 
 
-def attention_case(s, heads, kv_heads, head_dim, window=None, seed=0):
+def attention_case(s, heads, kv_heads, head_dim, window=None, seed=0, scale=None):
     gen = torch.Generator().manual_seed(seed)
     g = Graph()
     qkv = g.input_f32("qkv", (s, (heads + 2 * kv_heads) * head_dim))  # a merged product
     q = g.slice_cols(qkv, 0, heads * head_dim)
     k = g.slice_cols(qkv, heads * head_dim, kv_heads * head_dim)
     v = g.slice_cols(qkv, (heads + kv_heads) * head_dim, kv_heads * head_dim)
+    attrs = {} if scale is None else {"scale": scale}
     if window is None:
-        out = g.causal_attention(q, k, v, heads, kv_heads, head_dim)
+        out = g.causal_attention(q, k, v, heads, kv_heads, head_dim, **attrs)
     else:
-        out = g.sliding_window_attention(q, k, v, heads, kv_heads, head_dim, window)
+        out = g.sliding_window_attention(q, k, v, heads, kv_heads, head_dim, window, **attrs)
     g.set_outputs([out])
     return g, {}, [_rand(gen, s, (heads + 2 * kv_heads) * head_dim)]
 
 
-def embedding_case(s, vocab, d, seed=0):
+def embedding_case(s, vocab, d, seed=0, factor=None):
     gen = torch.Generator().manual_seed(seed)
     g = Graph()
     ids = g.input_u32("token_ids", (s,))
-    out = g.embedding(ids, g.parameter("table", (vocab, d)))
+    table = g.parameter("table", (vocab, d))
+    out = g.embedding(ids, table) if factor is None else g.embedding_scale(ids, table, factor)
     g.set_outputs([out])
     return g, {"table": _rand(gen, vocab, d)}, [torch.randint(0, vocab, (s,), generator=gen)]
 
 
+POINTWISE_OPS = ["add", "glu-silu", "glu-gelu_tanh", "scale", "scale_by", "softcap"]
+
+
 def pointwise_case(op, m, n, seed=0):
     gen = torch.Generator().manual_seed(seed)
+    op, _, act = op.partition("-")
     g = Graph()
     a, b = g.input_f32("a", (m, n + 3)), g.input_f32("b", (m, n))
-    out = getattr(g, op)(g.slice_cols(a, 3, n), b)
+    x = g.slice_cols(a, 3, n)
+    weights = {}
+    if op == "add":
+        out = g.add(x, b)
+    elif op == "glu":
+        out = g.glu(x, b, act)
+    elif op == "scale":
+        out = g.scale(x, 0.37)
+    elif op == "scale_by":
+        out = g.scale_by(x, g.parameter("s", (1,)))
+        weights = {"s": torch.tensor([1.7])}
+    else:
+        out = g.softcap(x, 2.5)
     g.set_outputs([out])
-    return g, {}, [_rand(gen, m, n + 3), _rand(gen, m, n)]
+    return g, weights, [3 * _rand(gen, m, n + 3), _rand(gen, m, n)]
 
 
 def compile_plan(g, weights, device, dtype, cache_dir):
@@ -119,15 +181,22 @@ def check_case(case, device, dtype, cache_dir, kind):
     return model
 
 
-def parts_case(op, m, k, widths, seed=0):
-    """A matmul whose B is the load-time column concatenation of several weights."""
+def parts_case(op, m, k, widths, seed=0, transposed=False):
+    """A matmul whose B is the load-time column concatenation of several weights (stored
+    [K, n_i], or [n_i, K] and transposed)."""
     gen = torch.Generator().manual_seed(seed)
+    op, _, act = op.partition("-")
     g = Graph()
     x = g.input_f32("x", (m, k))
     names = [f"w{i}" for i in range(len(widths))]
-    b = g.parameter(names[0], (k, widths[0]))
+
+    def weight(name, w):
+        return g.transpose(g.parameter(name, (w, k))) if transposed else g.parameter(name, (k, w))
+
+    b = weight(names[0], widths[0])
     for name, w in zip(names[1:], widths[1:]):
-        b = g.concat_cols(b, g.parameter(name, (k, w)))
-    g.set_outputs([getattr(g, op)(x, b)])
-    weights = {name: _rand(gen, k, w, scale=k ** -0.5) for name, w in zip(names, widths)}
+        b = g.concat_cols(b, weight(name, w))
+    g.set_outputs([getattr(g, op)(x, b, **({"act": act} if act else {}))])
+    weights = {name: _rand(gen, *((w, k) if transposed else (k, w)), scale=k ** -0.5)
+               for name, w in zip(names, widths)}
     return g, weights, [_rand(gen, m, k)]

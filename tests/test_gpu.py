@@ -5,8 +5,8 @@ import torch
 
 import meganeura
 from configs import CONFIGS
-from kernel_cases import (attention_case, check_case, embedding_case, matmul_case,
-                          pointwise_case, row_case)
+from kernel_cases import (MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case, check_case,
+                          embedding_case, matmul_case, parts_case, pointwise_case, row_case)
 from meganeura.models import build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.reference import run_reference
@@ -14,13 +14,19 @@ from numerics import assert_close
 
 pytestmark = pytest.mark.cuda
 
-MATMUL_OPS = ["matmul", "norm_matmul", "matmul_add", "matmul_swiglu", "norm_matmul_swiglu"]
-
-
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("mkn", [(1, 45, 70), (37, 45, 70), (300, 2560, 1000)])
 @pytest.mark.parametrize("op", MATMUL_OPS)
-def test_matmul_bf16(op, mkn, tmp_path):
-    check_case(matmul_case(op, *mkn, seed=mkn[0]), "cuda", torch.bfloat16, tmp_path, "bf16")
+def test_matmul_bf16(op, mkn, transposed, tmp_path):
+    check_case(matmul_case(op, *mkn, seed=mkn[0], transposed=transposed), "cuda", torch.bfloat16,
+               tmp_path, "bf16")
+
+
+@pytest.mark.parametrize("op, widths", [("matmul", (1024, 256, 512)),
+                                        ("matmul_glu-gelu_tanh", (768, 768))])
+def test_weights_read_in_parts_transposed_bf16(op, widths, tmp_path):
+    check_case(parts_case(op, 300, 512, widths, seed=1, transposed=True), "cuda", torch.bfloat16,
+               tmp_path, "bf16")
 
 
 @pytest.mark.parametrize("op", MATMUL_OPS)
@@ -28,8 +34,8 @@ def test_matmul_fp32_strided(op, tmp_path):
     check_case(matmul_case(op, 37, 45, 70, strided=True), "cuda", torch.float32, tmp_path, "fp32")
 
 
-@pytest.mark.parametrize("head_dim", [128, 132, 144, 240])
-@pytest.mark.parametrize("op", ["rms_norm", "rope", "norm_rope"])
+@pytest.mark.parametrize("head_dim", [128, 132, 144, 240, 256, 512])
+@pytest.mark.parametrize("op", ROW_OPS)
 def test_rowwise_bf16(op, head_dim, tmp_path):
     check_case(row_case(op, 300, 4, head_dim, strided=True), "cuda", torch.bfloat16, tmp_path,
                "bf16")
@@ -37,15 +43,18 @@ def test_rowwise_bf16(op, head_dim, tmp_path):
 
 @pytest.mark.parametrize("window", [None, 100, 5000], ids=["causal", "window100", "window5000"])
 @pytest.mark.parametrize("gqa", [1, 2])
-@pytest.mark.parametrize("head_dim", [128, 132, 144, 240])
+@pytest.mark.parametrize("head_dim", [128, 132, 144, 240, 256, 512])
 def test_attention_bf16(head_dim, gqa, window, tmp_path):
-    check_case(attention_case(600, 2 * gqa, 2, head_dim, window, seed=head_dim), "cuda",
-               torch.bfloat16, tmp_path, "bf16")
+    scale = 1.0 if head_dim in (256, 512) else None  # the published model's heads and scale
+    check_case(attention_case(600, 2 * gqa, 2, head_dim, window, seed=head_dim, scale=scale),
+               "cuda", torch.bfloat16, tmp_path, "bf16")
 
 
 def test_embedding_and_pointwise_bf16(tmp_path):
     check_case(embedding_case(300, 1000, 2560), "cuda", torch.bfloat16, tmp_path, "bf16")
-    for op in ("add", "swiglu"):
+    check_case(embedding_case(300, 1000, 2560, factor=50.6), "cuda", torch.bfloat16, tmp_path,
+               "bf16")
+    for op in POINTWISE_OPS:
         check_case(pointwise_case(op, 300, 1000), "cuda", torch.bfloat16, tmp_path, "bf16")
 
 

@@ -110,8 +110,11 @@ def test_fused_ops_validate_shapes(g):
     x = g.parameter("x", (7, 12))
     b = g.parameter("b", (12, 10))
     r = g.parameter("r", (7, 10))
-    assert g[g.matmul_swiglu(x, b)].shape == (7, 5)
+    assert g[g.matmul_glu(x, b, "silu")].shape == (7, 5)
     assert g[g.matmul_add(x, b, r)].shape == (7, 10)
+    assert g[g.norm_matmul(x, b, g.parameter("nw", (12,)), 1e-6)].shape == (7, 10)
+    with pytest.raises(GraphError, match="act must be one of silu, gelu_tanh, got 'relu'"):
+        g.matmul_glu(x, b, "relu")
     assert g[g.slice_cols(b, 4, 6)].shape == (12, 6)
     with pytest.raises(GraphError, match=r"columns \[4, 11\) out of range"):
         g.slice_cols(b, 4, 7)

@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from kernel_cases import (attention_case, check_case, embedding_case, matmul_case,
-                          parts_case, pointwise_case, row_case)
-
-MATMUL_OPS = ["matmul", "norm_matmul", "matmul_add", "matmul_swiglu", "norm_matmul_swiglu"]
+from kernel_cases import (MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case, check_case,
+                          embedding_case, matmul_case, parts_case, pointwise_case, row_case)
 
 
 @pytest.mark.parametrize("m", [1, 7, 37])
@@ -16,6 +14,18 @@ def test_matmul_archetype(op, m, tmp_path):
     model = check_case(matmul_case(op, m, 45, 70, seed=m), "cpu", torch.float32, tmp_path, "fp32")
     (launch,) = model.launches
     assert launch.spec.archetype == "matmul"
+
+
+@pytest.mark.parametrize("op", MATMUL_OPS)
+@pytest.mark.parametrize("shape", [(37, 72, 40), (7, 45, 70)], ids=["descriptors", "pointers"])
+def test_matmul_reads_weights_stored_transposed(op, shape, tmp_path):
+    # a checkpoint's [out, in] weight, read in place (no transposed copy is made)
+    model = check_case(matmul_case(op, *shape, seed=4, transposed=True), "cpu", torch.float32,
+                       tmp_path, "fp32")
+    spec = model.launches[0].spec
+    assert "B-transposed" in spec.variant
+    g = model.plan.graph
+    assert not any(g[i].op == "transpose" for i in model.tensors)
 
 
 @pytest.mark.parametrize("op", MATMUL_OPS)
@@ -40,11 +50,12 @@ def test_matmul_through_tensor_descriptors(op, tmp_path):
     ("matmul", (64, 32, 40), 3),  # q | k | v: column tiles (32 wide) never straddle two
     ("matmul", (48, 32, 16), 1),  # 48 is not a multiple of the tile: one concatenation
     # of the three (no partial w0|w1 kept)
-    ("matmul_swiglu", (40, 40), 2),  # gate | up, each read in place
+    ("matmul_glu-gelu_tanh", (40, 40), 2),  # gate | up, each read in place
 ])
-def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, tmp_path):
-    model = check_case(parts_case(op, 37, 48, widths, seed=2), "cpu", torch.float32, tmp_path,
-                       "fp32")
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, transposed, tmp_path):
+    model = check_case(parts_case(op, 37, 48, widths, seed=2, transposed=transposed), "cpu",
+                       torch.float32, tmp_path, "fp32")
     spec = model.launches[0].spec
     g = model.plan.graph
     kept = [g[i].op for i in model.tensors if i in model.plan.load_time]
@@ -55,18 +66,18 @@ def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, tmp_path)
 
 
 def test_matmul_variants_are_generated_from_the_fused_term(tmp_path):
-    norm = check_case(matmul_case("norm_matmul_swiglu", 7, 45, 70), "cpu", torch.float32,
+    norm = check_case(matmul_case("norm_matmul_glu-silu", 7, 45, 70), "cpu", torch.float32,
                       tmp_path, "fp32").launches[0].spec
     plain = check_case(matmul_case("matmul", 7, 45, 70), "cpu", torch.float32, tmp_path,
                        "fp32").launches[0].spec
-    assert norm.variant == "rmsnorm-prologue+swiglu-epilogue" and plain.variant == "plain"
+    assert norm.variant == "rmsnorm-prologue+silu-glu-epilogue" and plain.variant == "plain"
     assert "ss +=" in norm.source and "acc_up" in norm.source
     assert "ss +=" not in plain.source and "acc_up" not in plain.source and "r_ptr" not in plain.source
 
 
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("head_dim", [16, 24, 132])
-@pytest.mark.parametrize("op", ["rms_norm", "rope", "norm_rope"])
+@pytest.mark.parametrize("op", ROW_OPS)
 def test_row_archetype(op, head_dim, strided, tmp_path):
     check_case(row_case(op, 7, 3, head_dim, seed=head_dim, strided=strided), "cpu", torch.float32,
                tmp_path, "fp32")
@@ -83,11 +94,18 @@ def test_rms_norm_on_an_odd_width(tmp_path):
 
 @pytest.mark.parametrize("window", [None, 3, 50], ids=["causal", "window3", "window50"])
 @pytest.mark.parametrize("gqa", [1, 2])
-@pytest.mark.parametrize("head_dim", [16, 24, 132, 144])
+@pytest.mark.parametrize("head_dim", [16, 24, 132, 144, 512])
 def test_attention_archetype(head_dim, gqa, window, tmp_path):
     kv = 2
     check_case(attention_case(37, kv * gqa, kv, head_dim, window, seed=head_dim + gqa), "cpu",
                torch.float32, tmp_path, "fp32")
+
+
+def test_attention_with_a_given_scale(tmp_path):
+    # the published model's scale 1.0 (its q and k are normalized), not 1/sqrt(head_dim)
+    model = check_case(attention_case(37, 4, 2, 32, 5, seed=9, scale=1.0), "cpu", torch.float32,
+                       tmp_path, "fp32")
+    assert model.plan.graph[model.plan.launches[0]].attrs["scale"] == 1.0
 
 
 @pytest.mark.parametrize("s", [1, 7])
@@ -112,18 +130,22 @@ def test_attention_splits_odd_head_dims_instead_of_doubling(tmp_path):
     from meganeura.codegen.attention import emit
     from meganeura.compiler.cost import head_dim_chunks
     assert head_dim_chunks(144) == (128, 16) and head_dim_chunks(160) == (128, 32)
-    assert head_dim_chunks(132) == (256, 0) and head_dim_chunks(240) == (256, 0)
-    assert head_dim_chunks(128) == (128, 0) and head_dim_chunks(24) == (32, 0)
+    assert head_dim_chunks(132) == (256,) and head_dim_chunks(240) == (256,)
+    assert head_dim_chunks(128) == (128,) and head_dim_chunks(24) == (32,)
+    assert head_dim_chunks(512) == (256, 256)
     src = emit(False, "ieee", 144)
     assert "acc_b" in src and "rd_b = D0 + tl.arange(0, D1)" in src
     assert "acc_b" not in emit(False, "ieee", 128)
+    assert "rd_b = D0 + tl.arange(0, D1)" in emit(False, "ieee", 512)
 
 
+@pytest.mark.parametrize("factor", [None, 6.7])
 @pytest.mark.parametrize("s", [1, 7, 37])
-def test_embedding_archetype(s, tmp_path):
-    check_case(embedding_case(s, 61, 45, seed=s), "cpu", torch.float32, tmp_path, "fp32")
+def test_embedding_archetype(s, factor, tmp_path):
+    check_case(embedding_case(s, 61, 45, seed=s, factor=factor), "cpu", torch.float32, tmp_path,
+               "fp32")
 
 
-@pytest.mark.parametrize("op", ["add", "swiglu"])
+@pytest.mark.parametrize("op", POINTWISE_OPS)
 def test_pointwise_archetype(op, tmp_path):
     check_case(pointwise_case(op, 37, 45), "cpu", torch.float32, tmp_path, "fp32")

@@ -23,7 +23,7 @@ from triton.runtime.jit import JITFunction
 from meganeura.codegen import Target, kernel_for
 from meganeura.compiler.cost import PROFILES, CostModel
 from meganeura.models import MODEL_NAMES, PRESETS, build
-from meganeura.compiler.plan import RESIDUAL_OPS
+from meganeura.compiler.plan import holds_fp32
 from meganeura.optimize import optimize
 
 TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64"}
@@ -34,11 +34,11 @@ def signature(spec, graph, dtype):
     fn_args = []
     for kind, x in spec.args:
         if kind == "node":
-            wide = graph[x].op in RESIDUAL_OPS  # the fp32 residual stream
+            wide = holds_fp32(graph, x)  # the fp32 residual stream
             sig_t = "*i64" if graph[x].dtype == "u32" else TYPES[torch.float32 if wide else dtype]
         elif kind == "desc":  # a host tensor descriptor: element type and block shape
             nid, block = x
-            elem = TYPES[torch.float32 if graph[nid].op in RESIDUAL_OPS else dtype][1:]
+            elem = TYPES[torch.float32 if holds_fp32(graph, nid) else dtype][1:]
             sig_t = f"tensordesc<{elem}[{', '.join(map(str, block))}]>"
         elif kind in ("rope_cos", "rope_sin"):
             sig_t = "*fp32"

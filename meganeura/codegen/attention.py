@@ -1,6 +1,8 @@
 """Flash attention with online softmax: causal or sliding window, GQA, any even head_dim.
 
-    o[i] = sum_j softmax_j(q[i] . k[j] / sqrt(hd)) v[j]  over  j <= i  (and j > i - window)
+    o[i] = sum_j softmax_j(scale * q[i] . k[j]) v[j]  over  j <= i  (and j > i - window)
+
+(scale: 1/sqrt(hd) in the seed, 1.0 in the published Gemma-4, whose q and k are normalized)
 
 One program per (query head, query block); query head h reads kv head h // group, and
 the heads of one group run side by side so their k/v tiles are shared in L2. Query
@@ -35,12 +37,10 @@ OPS = ("causal_attention", "sliding_window_attention")
 
 
 def _chunks(hd: int) -> list[tuple[str, str, bool]]:
-    """(suffix, first column, masked) per column chunk of the head."""
-    d0, d1 = head_dim_chunks(hd)
-    out = [("a", "0", d0 > hd)]
-    if d1:
-        out.append(("b", "D0", d0 + d1 > hd))  # never: the split is exact
-    return out
+    """(suffix, first column, masked) per column chunk of the head; chunk i is D{i} wide."""
+    widths = head_dim_chunks(hd)
+    return [(chr(ord("a") + i), " + ".join(f"D{j}" for j in range(i)) or "0", sum(widths[:i + 1]) > hd)
+            for i in range(len(widths))]
 
 
 def _block(chunks, masked: bool, sliding: bool, dot: str) -> str:
@@ -83,8 +83,8 @@ def emit(sliding: bool, precision: str, head_dim: int) -> str:
     dot = f'input_precision="{precision}"'
     chunks = _chunks(head_dim)
     setup = []
-    for c, start, dmask in chunks:
-        width = "D0" if c == "a" else "D1"
+    for i, (c, start, dmask) in enumerate(chunks):
+        width = f"D{i}"
         setup.append(f"rd_{c} = {start} + tl.arange(0, {width})")
         mask = "(rm[:, None] < S)" + (f" & (rd_{c}[None, :] < HEAD_DIM)" if dmask else "")
         setup.append(f"q_{c} = tl.load(q_row + rd_{c}[None, :], mask={mask}, other=0.0)")
@@ -129,25 +129,26 @@ o_row = o_ptr + rm[:, None].to(tl.int64) * stride_o + h * HEAD_DIM
 '''
     params = ["q_ptr", "k_ptr", "v_ptr", "o_ptr", "stride_q", "stride_k", "stride_v", "stride_o",
               "S", "scale_log2e"] + (["WINDOW"] if sliding else [])
-    params += ["GROUP: tl.constexpr", "HEAD_DIM: tl.constexpr", "D0: tl.constexpr",
-               "D1: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]
+    params += ["GROUP: tl.constexpr", "HEAD_DIM: tl.constexpr"]
+    params += [f"D{i}: tl.constexpr" for i in range(len(chunks))]
+    params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]
     return HEADER + f"def attention_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) by the padded head width, bf16 on the GPU, from
 # benchmarks/kernel_sweep.py on the H200 (4b 128 wide, 27b 144 = 128 + 16, 12b 240 -> 256)
+# and, not yet measured, 512 (the published model's full-attention heads, 2 x 256)
 GPU_BLOCKS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 144: (128, 64, 8, 3),
-              256: (128, 64, 8, 2)}
+              256: (128, 64, 8, 2), 512: (64, 32, 8, 2)}
 
 
 def blocks(head_dim: int, target: Target) -> tuple[int, int, int, int]:
-    d0, d1 = head_dim_chunks(head_dim)
-    width = d0 + d1
+    width = sum(head_dim_chunks(head_dim))
     if target.interpreted:  # two key blocks per query block: the diagonal run loops
         return 32, 16, 4, 1
     if target.dtype == torch.float32:
         return (64, 32, 4, 2) if width <= 128 else (32, 32, 4, 2)
-    key = min((w for w in GPU_BLOCKS if w >= width), default=256)
+    key = min((w for w in GPU_BLOCKS if w >= width), default=512)
     return GPU_BLOCKS[key]
 
 
@@ -157,16 +158,16 @@ def build(node, graph, target: Target) -> KernelSpec:
     a = node.attrs
     sliding = node.op == "sliding_window_attention"
     hd = a["head_dim"]
-    d0, d1 = head_dim_chunks(hd)
+    widths = head_dim_chunks(hd)
     bm, bn, warps, want = blocks(hd, target)
     elem = 4 if target.dtype == torch.float32 else 2
-    stages = fit_stages(2 * bn * (d0 + d1) * elem, bm * (d0 + d1) * elem, want)
+    stages = fit_stages(2 * bn * sum(widths) * elem, bm * sum(widths) * elem, want)
     args = [("node", q.id), ("node", k.id), ("node", v.id), ("node", node.id),
             ("stride", q.id), ("stride", k.id), ("stride", v.id), ("stride", node.id),
-            ("value", s), ("value", math.log2(math.e) / math.sqrt(hd))]
+            ("value", s), ("value", math.log2(math.e) * a["scale"])]
     args += [("value", a["window"])] if sliding else []
-    cx = dict(GROUP=a["num_heads"] // a["num_kv_heads"], HEAD_DIM=hd, D0=d0, D1=max(d1, 16),
-              BLOCK_M=bm, BLOCK_N=bn)
+    cx = dict(GROUP=a["num_heads"] // a["num_kv_heads"], HEAD_DIM=hd,
+              **{f"D{i}": w for i, w in enumerate(widths)}, BLOCK_M=bm, BLOCK_N=bn)
     return KernelSpec("attention", "sliding-window" if sliding else "causal",
                       emit(sliding, target.dot_precision, hd), "attention_kernel",
                       (a["num_heads"], cdiv(s, bm)), args, cx, num_warps=warps,

@@ -47,7 +47,7 @@ class KernelSpec:
     source: str
     entry: str
     grid: tuple[int, ...]
-    args: list  # ("node", id) | ("value", number)
+    args: list  # ("node", id) | ("stride", id) | ("desc", (id, block)) | ("value", number) | ...
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
@@ -62,6 +62,31 @@ def fit_stages(per_stage: int, fixed: int, want: int) -> int:
     while stages > 1 and fixed + stages * per_stage > SHARED_MEMORY:
         stages -= 1
     return stages
+
+
+def activation(act: str, x: str) -> str:
+    """Triton expression of act(x) in fp32 (x a variable name), from exp only (the interpreter
+    has no libdevice): silu(x) = x sigmoid(x); gelu_tanh(x) = x sigmoid(2u), u = sqrt(2/pi)
+    (x + 0.044715 x^3), which equals 0.5 x (1 + tanh(u))."""
+    if act == "silu":
+        return f"{x} / (1.0 + tl.exp(-{x}))"
+    if act == "gelu_tanh":
+        return f"{x} / (1.0 + tl.exp(-1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x})))"
+    raise ValueError(f"no kernel expression for activation {act!r}")
+
+
+def softcap_lines(x: str, cap: str) -> list[str]:
+    """Lines that replace x by cap * tanh(x / cap) in fp32. tanh(y) = (1 - e) / (1 + e) with
+    e = exp(-2|y|), odd in y; below |y| = 1/16 its series (error < 1e-9 relative), where
+    1 - e would lose digits."""
+    return [f"sc_y = {x} / {cap}",
+            "sc_a = tl.abs(sc_y)",
+            "sc_e = tl.exp(-2.0 * sc_a)",
+            "sc_t = (1.0 - sc_e) / (1.0 + sc_e)",
+            "sc_y2 = sc_y * sc_y",
+            "sc_s = sc_a * (1.0 - sc_y2 * (1.0 / 3.0 - sc_y2 * (2.0 / 15.0 - sc_y2 * (17.0 / 315.0))))",
+            "sc_t = tl.where(sc_a < 0.0625, sc_s, sc_t)",
+            f"{x} = tl.where(sc_y < 0.0, -sc_t, sc_t) * {cap}"]
 
 
 def next_pow2(n: int) -> int:

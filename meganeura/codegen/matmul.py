@@ -1,20 +1,23 @@
 """Tiled matmul with a generated prologue and epilogue (fp32 accumulation).
 
-    C[m, n] = epilogue( scale[m] * sum_k A[m, k] B[k, n] )
+    C[m, n] = epilogue( rstd[m] * sum_k (A[m, k] w[k]) B[k, n] )
 
-Prologue (from `norm_*` ops): RMSNorm of A's rows. The norm weight is already folded
-into B (load time), so only scale[m] = rsqrt(sum_k A[m, k]^2 / K + eps) is needed;
-it is gathered from the A tiles the K loop loads anyway.
-Epilogue (from the fused term): `+ R[m, n]` (matmul_add), or `silu(G) * U` where G and
-U are paired tiles of B's left and right halves (matmul_swiglu); then a cast.
+Prologue (from `norm_*` ops): RMSNorm of A's rows, rstd[m] = rsqrt(sum_k A[m, k]^2 / K + eps),
+gathered from the A tiles the K loop loads anyway; the norm weight w scales the A tiles on
+their way to the matrix units, so no weight is copied.
+Epilogue (from the fused term): `+ R[m, n]` (matmul_add), `act(G) * U` where G and U are
+paired tiles of B's left and right halves (matmul_glu, act = silu or gelu_tanh), or
+`cap * tanh(C / cap)` (matmul_softcap); then a cast.
 A may be fp32 (the residual stream): its tiles are cast to B's dtype for the dot, and the
 norm statistics use the fp32 values.
-Where rows are 16-byte aligned, A and B tiles come through tensor descriptors (TMA), and
-a B that is a load-time concatenation of weights (gate | up, q | k | v) is read from the
-weights in place, so the compiled model keeps no concatenated copy.
+B is a weight read where it lies: stored [K, N] (the seed's layout), or transposed, stored
+[N, K] as checkpoints hold linear weights (the tile is loaded [BLOCK_N, BLOCK_K] and fed
+transposed to the matrix units); a B that is a concatenation of weights (gate | up,
+q | k | v) is read from the weights in place, so no concatenated copy is kept. Where rows
+are 16-byte aligned, A and B tiles come through tensor descriptors (TMA).
 
 bytes: elem * (M*K + K*N' + M*N [+ M*N residual]), N' = 2N for paired tiles
-FLOPs: 2*M*N'*K on the matrix units; 2*M*K per column tile for the norm prologue
+FLOPs: 2*M*N'*K on the matrix units; 3*M*K per column tile for the norm prologue
 """
 
 from __future__ import annotations
@@ -23,68 +26,68 @@ import itertools
 
 import torch
 
-from ..compiler.cost import matmul_tile
-from ..compiler.plan import RESIDUAL_OPS
-from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent
+from ..compiler.cost import PAIRED_MATMULS, matmul_tile
+from ..compiler.plan import holds_fp32
+from .common import HEADER, KernelSpec, Target, activation, cdiv, fit_stages, indent, softcap_lines
 
-PROLOGUES = {"norm_matmul", "norm_matmul_swiglu"}
-PAIRED = {"matmul_swiglu", "norm_matmul_swiglu"}
-RESIDUAL = {"matmul_add"}
-OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_swiglu", "norm_matmul_swiglu")
+OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_glu", "norm_matmul_glu", "matmul_softcap")
 
 
-def emit(norm: bool, paired: bool, residual: bool, precision: str, tma: bool = False,
-         parts: int = 1) -> str:
+def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: str,
+         tma: bool = False, parts: int = 1, b_trans: bool = False) -> str:
     """Source of one variant; each flag adds its fragment, nothing else differs.
 
+    act: the paired gate/up epilogue's activation (None: not paired).
     tma: A and B tiles come through tensor descriptors (Hopper's bulk tensor copies, which
     also zero-fill past the edges) instead of masked pointer loads.
     parts (tma only): B is read from `parts` weight tensors side by side rather than from
-    their concatenation, so that no concatenated copy of the weights is kept: paired
-    products read G from the first and U from the second; other products pick, per column
-    tile, the part that holds the tile's columns (the parts' ends are `end_i`).
+    their concatenation: paired products read G from the first and U from the second; other
+    products pick, per column tile, the part that holds the tile's columns (ends `end_i`).
+    b_trans: B's storage is [N, K] (tiles are loaded transposed).
     """
+    paired = act is not None
     if tma:
         params = ["a_desc"] + [f"b{i}_desc" for i in range(parts)]
     else:
         params = ["a_ptr", "b_ptr"]
-    params += ["c_ptr"] + (["r_ptr"] if residual else [])
-    params += ["M", "N", "K"] + ([] if tma else ["stride_am", "stride_bk"]) + ["stride_cm"]
+    params += ["c_ptr"] + (["r_ptr"] if residual else []) + (["nw_ptr"] if norm else [])
+    params += ["M", "N", "K"] + ([] if tma else ["stride_am", "stride_bk", "stride_bn"])
+    params += ["stride_cm"]
     split = tma and parts > 1 and not paired  # column tiles choose their part
     params += [f"end_{i}" for i in range(parts - 1)] if split else []
     params += ["stride_rm"] if residual else []
     params += ["eps"] if norm else []
+    params += ["cap"] if softcap else []
     params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr",
                "GROUP_M: tl.constexpr"]
-    init, step, finish = [], [], []
     dot = f'input_precision="{precision}"'
-    if paired:  # U tiles sit N columns to the right of the G tiles in B
-        init.append("acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)")
-        up = "b1_desc.load([k0, pid_n * BLOCK_N])" if parts == 2 else "b0_desc.load([k0, N + pid_n * BLOCK_N])"
-        step.append(f"b_up = {up}" if tma else
-                    "b_up = tl.load(b_ptrs + N, mask=k_mask[:, None] & n_mask[None, :], other=0.0)")
-        step.append(f"acc_up = tl.dot(a.to(b_up.dtype), b_up, acc_up, {dot})")
-    if norm:  # sum of squares of the rows of A, from the tiles already in registers
-        init.append("ss = tl.zeros((BLOCK_M,), dtype=tl.float32)")
-        step.append("a32 = a.to(tl.float32)")
-        step.append("ss += tl.sum(a32 * a32, axis=1)")
-        finish.append("rstd = 1.0 / tl.sqrt(ss / K + eps)")
-        finish.append("acc = acc * rstd[:, None]")
+
+    def load_b(desc: str, col: str) -> str:
+        if b_trans:
+            return f"tl.trans({desc}.load([{col}, k0]))"
+        return f"{desc}.load([k0, {col}])"
+
+    def k_step(b_tile: str, up_tile: str | None) -> str:
+        a_load = ("a_desc.load([pid_m * BLOCK_M, k0])" if tma else
+                  "tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)")
+        lines = [f"a = {a_load}", f"b = {b_tile}"]
+        if norm:  # sum of squares of A's rows; the norm weight scales A on the way in
+            lines += ["a32 = a.to(tl.float32)",
+                      "ss += tl.sum(a32 * a32, axis=1)",
+                      "nw = tl.load(nw_ptr + k0 + rk, mask=rk < K - k0, other=0.0).to(tl.float32)",
+                      "a = a32 * nw[None, :]"]
+        lines.append(f"acc = tl.dot(a.to(b.dtype), b, acc, {dot})")
         if paired:
-            finish.append("acc_up = acc_up * rstd[:, None]")
-    if paired:  # silu(gate) * up
-        finish.append("acc = acc / (1.0 + tl.exp(-acc)) * acc_up")
-    if residual:
-        finish.append("r = tl.load(r_ptr + rows[:, None] * stride_rm + rn[None, :], mask=c_mask, "
-                      "other=0.0)")
-        finish.append("acc = acc + r.to(tl.float32)")
+            lines += [f"b_up = {up_tile}", f"acc_up = tl.dot(a.to(b_up.dtype), b_up, acc_up, {dot})"]
+        return "\n".join(lines)
+
     if tma:  # columns of a G tile past N read U's first columns: masked at the store
         def k_loop(desc: str, col: str) -> str:
-            return f"""for k0 in range(0, K, BLOCK_K):
-    a = a_desc.load([pid_m * BLOCK_M, k0])
-    b = {desc}.load([k0, {col}])
-    acc = tl.dot(a.to(b.dtype), b, acc, {dot})
-{indent(chr(10).join(step), 4) if step else ""}"""
+            if paired:
+                up = load_b("b1_desc", col) if parts == 2 else load_b(desc, f"N + {col}")
+            else:
+                up = None
+            return f"for k0 in range(0, K, BLOCK_K):\n{indent(k_step(load_b(desc, col), up), 4)}"
         if split:  # independent ifs, not if/elif: Triton can then share the loops' buffers
             bounds = ["0"] + [f"end_{i}" for i in range(parts - 1)]
             branches = []
@@ -93,32 +96,35 @@ def emit(norm: bool, paired: bool, residual: bool, precision: str, tma: bool = F
                 conds += [f"(col0 < {bounds[i + 1]})"] if i < parts - 1 else []
                 col = "col0" + (f" - {bounds[i]}" if i else "")
                 branches.append(f"if {' & '.join(conds)}:\n" + indent(k_loop(f"b{i}_desc", col), 4))
-            body_loop = "col0 = pid_n * BLOCK_N\n" + "\n".join(branches)
+            loop = "col0 = pid_n * BLOCK_N\n" + "\n".join(branches)
         else:
-            body_loop = k_loop("b0_desc", "pid_n * BLOCK_N")
-        loop = f'''m_mask = rm < M
-n_mask = rn < N
-acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-{chr(10).join(init)}
-{body_loop}
-'''
+            loop = k_loop("b0_desc", "pid_n * BLOCK_N")
     else:
-        loop = f'''rk = tl.arange(0, BLOCK_K)
-m_mask = rm < M
-n_mask = rn < N
-a_ptrs = a_ptr + rows[:, None] * stride_am + rk[None, :]
-b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :]
-acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-{chr(10).join(init)}
+        b_tile = "tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)"
+        up_tile = ("tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], "
+                   "other=0.0)")
+        loop = f"""a_ptrs = a_ptr + rows[:, None] * stride_am + rk[None, :]
+b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
 for k0 in range(0, K, BLOCK_K):
     k_mask = rk < K - k0
-    a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-    b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-    acc = tl.dot(a.to(b.dtype), b, acc, {dot})
-{indent(chr(10).join(step), 4) if step else ""}
+{indent(k_step(b_tile, up_tile if paired else None), 4)}
     a_ptrs += BLOCK_K
-    b_ptrs += BLOCK_K * stride_bk
-'''
+    b_ptrs += BLOCK_K * stride_bk"""
+    init = ["acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"]
+    init += ["acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"] if paired else []
+    init += ["ss = tl.zeros((BLOCK_M,), dtype=tl.float32)"] if norm else []
+    finish = []
+    if norm:
+        finish += ["rstd = 1.0 / tl.sqrt(ss / K + eps)", "acc = acc * rstd[:, None]"]
+        finish += ["acc_up = acc_up * rstd[:, None]"] if paired else []
+    if paired:
+        finish.append(f"acc = ({activation(act, 'acc')}) * acc_up")
+    if residual:
+        finish.append("r = tl.load(r_ptr + rows[:, None] * stride_rm + rn[None, :], mask=c_mask, "
+                      "other=0.0)")
+        finish.append("acc = acc + r.to(tl.float32)")
+    if softcap:
+        finish += softcap_lines("acc", "cap")
     body = f'''
 pid = tl.program_id(0)
 num_m = tl.cdiv(M, BLOCK_M)
@@ -131,8 +137,13 @@ pid_m = first_m + (pid % per_group) % size_m
 pid_n = (pid % per_group) // size_m
 rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+rk = tl.arange(0, BLOCK_K)
 rows = rm.to(tl.int64)  # M * N can pass 2^31 (8192 tokens x 262144 logits)
-{loop}c_mask = m_mask[:, None] & n_mask[None, :]
+m_mask = rm < M
+n_mask = rn < N
+{chr(10).join(init)}
+{loop}
+c_mask = m_mask[:, None] & n_mask[None, :]
 {chr(10).join(finish)}
 tl.store(c_ptr + rows[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
          mask=c_mask)
@@ -161,18 +172,35 @@ def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) 
 
 
 def weight_parts(graph, nid: int) -> list[int]:
-    """The parameters whose column concatenation B is (a load-time concat_cols tree), or [B]."""
+    """The weights (parameters, or transposes of parameters) whose column concatenation B is
+    (a load-time concat_cols tree), or [B]."""
     node = graph[nid]
-    if node.op == "concat_cols" and all(graph[i].op in ("parameter", "concat_cols")
+    if node.op == "concat_cols" and all(_is_weight(graph, i) or graph[i].op == "concat_cols"
                                         for i in node.inputs):
         return [p for i in node.inputs for p in weight_parts(graph, i)]
     return [nid]
 
 
+def _is_weight(graph, nid: int) -> bool:
+    n = graph[nid]
+    return n.op == "parameter" or (n.op == "transpose" and graph[n.inputs[0]].op == "parameter")
+
+
+def storage(graph, nid: int) -> tuple[int, bool]:
+    """The node whose tensor holds B's part, and whether it holds it transposed ([N, K])."""
+    n = graph[nid]
+    if n.op == "transpose" and graph[n.inputs[0]].op == "parameter":
+        return n.inputs[0], True
+    return nid, False
+
+
 def _parts_fit(graph, parts: list[int], paired: bool, n: int, block_n: int) -> bool:
     """Parts can be read in place: G and U for a paired product; else column tiles that
-    never straddle two parts (every part but the last a multiple of the tile width)."""
+    never straddle two parts (every part but the last a multiple of the tile width); and
+    every part stored the same way."""
     widths = [graph[p].shape[1] for p in parts]
+    if len({storage(graph, p)[1] for p in parts}) > 1:
+        return False
     if paired:
         return len(parts) == 1 or widths == [n, n]
     return all(w % block_n == 0 for w in widths[:-1])
@@ -185,7 +213,7 @@ def _b_reads(graph, a_id: int, b_id: int, paired: bool, n: int, block_n: int, pe
     if not _aligned(graph, a_id):
         return [b_id], False
     parts = weight_parts(graph, b_id)
-    if len(parts) > 1 and all(_aligned(graph, p) for p in parts) and _parts_fit(
+    if len(parts) > 1 and all(_aligned(graph, storage(graph, p)[0]) for p in parts) and _parts_fit(
             graph, parts, paired, n, block_n):
         # a paired product reads G and U in its one K loop; other products run one K loop
         # per part, and Triton 3.6 gave each its own stage buffers (if/elif branches: 4b's
@@ -194,7 +222,7 @@ def _b_reads(graph, a_id: int, b_id: int, paired: bool, n: int, block_n: int, pe
         # with a buffer set per part
         if paired or fit_stages(per_stage * len(parts), 0, stages) >= min(stages, 3):
             return parts, True
-    return [b_id], _aligned(graph, b_id)
+    return [b_id], _aligned(graph, storage(graph, b_id)[0])
 
 
 def _aligned(graph, nid: int) -> bool:
@@ -211,35 +239,48 @@ def _aligned(graph, nid: int) -> bool:
 def build(node, graph, target: Target) -> KernelSpec:
     a, b = graph[node.inputs[0]], graph[node.inputs[1]]
     (m, k), n = a.shape, node.shape[1]
-    norm, paired, residual = node.op in PROLOGUES, node.op in PAIRED, node.op in RESIDUAL
+    norm, residual = node.op.startswith("norm_"), node.op == "matmul_add"
+    act = node.attrs["act"] if node.op in PAIRED_MATMULS else None
+    softcap = node.op == "matmul_softcap"
+    paired = act is not None
     cfg = tiles(m, n, k, paired, residual, target)
     warps, stages = cfg.pop("warps"), cfg.pop("stages")
     elem = 4 if target.dtype == torch.float32 else 2
-    a_elem = 4 if a.op in RESIDUAL_OPS else elem  # the fp32 residual stream
+    a_elem = 4 if holds_fp32(graph, a.id) else elem  # the fp32 residual stream
     per_stage = cfg["BLOCK_K"] * (a_elem * cfg["BLOCK_M"] + elem * cfg["BLOCK_N"] * (2 if paired else 1))
     parts, tma = _b_reads(graph, a.id, b.id, paired, n, cfg["BLOCK_N"], per_stage, stages)
+    stored = [storage(graph, p) for p in parts]
+    b_trans = stored[0][1]
     split = len(parts) > 1 and not paired
     stages = fit_stages(per_stage * (len(parts) if split else 1), 0, stages)
+    bk, bn = cfg["BLOCK_K"], cfg["BLOCK_N"]
     if tma:
-        args = [("desc", (a.id, (cfg["BLOCK_M"], cfg["BLOCK_K"])))]
-        args += [("desc", (p, (cfg["BLOCK_K"], cfg["BLOCK_N"]))) for p in parts]
+        args = [("desc", (a.id, (cfg["BLOCK_M"], bk)))]
+        args += [("desc", (sid, (bn, bk) if b_trans else (bk, bn))) for sid, _ in stored]
     else:
-        args = [("node", a.id), ("node", b.id)]
+        args = [("node", a.id), ("node", stored[0][0])]
     args += [("node", node.id)]
-    args += [("node", node.inputs[2])] if residual else []
+    args += [("node", node.inputs[2])] if residual or norm else []
     args += [("value", m), ("value", n), ("value", k)]
-    args += [] if tma else [("stride", a.id), ("stride", b.id)]
+    if not tma:  # B's strides along K and along N
+        b_strides = [("value", 1), ("stride", stored[0][0])] if b_trans else \
+            [("stride", stored[0][0]), ("value", 1)]
+        args += [("stride", a.id)] + b_strides
     args += [("stride", node.id)]
-    args += [("stride", node.inputs[2])] if residual else []
     if split:
         ends = list(itertools.accumulate(graph[p].shape[1] for p in parts))[:-1]
         args += [("value", e) for e in ends]
+    args += [("stride", node.inputs[2])] if residual else []
     args += [("value", node.attrs["eps"])] if norm else []
-    variant = "+".join(x for x, on in (("rmsnorm-prologue", norm), ("swiglu-epilogue", paired),
-                                       ("residual-epilogue", residual)) if on) or "plain"
+    args += [("value", node.attrs["cap"])] if softcap else []
+    variant = "+".join(x for x, on in (("rmsnorm-prologue", norm),
+                                       (f"{act}-glu-epilogue", paired),
+                                       ("residual-epilogue", residual),
+                                       ("softcap-epilogue", softcap)) if on) or "plain"
     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     variant += "+tma" if tma else ""
+    variant += "+B-transposed" if b_trans else ""
     variant += f"+{len(parts)}-part-B" if len(parts) > 1 else ""
-    return KernelSpec("matmul", variant, emit(norm, paired, residual, target.dot_precision, tma,
-                                              len(parts)),
+    return KernelSpec("matmul", variant, emit(norm, act, residual, softcap, target.dot_precision,
+                                              tma, len(parts), b_trans),
                       "matmul_kernel", grid, args, cfg, num_warps=warps, num_stages=stages)

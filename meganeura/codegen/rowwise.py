@@ -1,89 +1,121 @@
-"""Row kernels: RMSNorm, RoPE, and QK-norm + RoPE in one pass. One program per row (token).
+"""Row kernels: RMSNorm (over the row or per head, with or without a weight), RoPE, their
+fusions, and the post-norm + residual (+ layer scalar) pass. One program per row (token).
 
-    rms_norm:  y = x * rsqrt(mean(x^2) + eps) * w                       (fp32 inside)
-    rope:      per head, pair d with d + hd/2:  angle = pos * theta^(-2d/hd)
-               y[d] = x[d] cos - x[d+hd/2] sin,  y[d+hd/2] = x[d+hd/2] cos + x[d] sin
-               cos and sin come from a [S, hd/2] fp32 table computed once in float64 at load
-               (fp32 sin/cos of angles in the thousands of radians lose digits)
-    norm_rope: rope(rms_norm(x, w)) over the whole row (q_norm spans every head)
+    rms_norm:       y = x * rsqrt(mean(x^2) + eps) * w                    (fp32 inside)
+    head_rms_norm:  the same over each head, w[hd] shared by the heads (unit_: no weight)
+    rope:           per head, pair d with d + hd/2:  angle = pos * inv_freq[d]
+                    y[d] = x[d] cos - x[d+hd/2] sin,  y[d+hd/2] = x[d+hd/2] cos + x[d] sin
+                    cos and sin come from a [S, hd/2] fp32 table computed once in float64 at
+                    load; frequencies past `rotary` are 0 there (cos 1, sin 0: not rotated)
+    norm_rope:      rope(rms_norm(x, w)) (the seed: q_norm spans every head)
+    head_norm_rope: rope(head_rms_norm(x, w)) (the published model)
+    norm_add:       r + rms_norm(y, w);  norm_add_scale: (r + rms_norm(y, w)) * s[0]
 
-bytes: elem * (2 * S * D + D) + 8 * S * hd/2 (tables) ; FLOPs: ~4 (norm) + ~6 (rope) per
-element. The row is read once and written once.
+The row is seen as [heads, head width] (rope: as [heads, hd/2] pairs); a norm sums over the
+last axis (per head) or over both (the row).
+
+bytes: elem * (2 * S * D + D) (+ S * D for the residual) + 8 * S * hd/2 (tables);
+FLOPs: ~4 (norm) + ~6 (rope) per element. The row is read once and written once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .common import HEADER, KernelSpec, Target, indent, next_pow2
 
-OPS = ("rms_norm", "rope", "norm_rope")
+OPS = ("rms_norm", "head_rms_norm", "unit_rms_norm", "rope", "norm_rope", "head_norm_rope",
+       "norm_add", "norm_add_scale")
 
 
-def emit(norm: bool, rope: bool) -> str:
-    params = ["x_ptr"] + (["w_ptr"] if norm else []) + ["out_ptr", "stride_x", "stride_out", "D"]
-    params += ["eps"] if norm else []
-    params += ["cos_ptr", "sin_ptr"] if rope else []
-    if rope:  # the row as [heads, hd/2] pairs
-        params += ["HEADS: tl.constexpr", "HALF: tl.constexpr", "BLOCK_H: tl.constexpr",
-                   "BLOCK_HALF: tl.constexpr"]
-        load = '''
-h = tl.arange(0, BLOCK_H)[:, None]
-d = tl.arange(0, BLOCK_HALF)[None, :]
-mask = (h < HEADS) & (d < HALF)
-lo = h * (2 * HALF) + d
-x1 = tl.load(x_ptr + row * stride_x + lo, mask=mask, other=0.0).to(tl.float32)
-x2 = tl.load(x_ptr + row * stride_x + lo + HALF, mask=mask, other=0.0).to(tl.float32)
-'''
-        normalize = '''
-ss = tl.sum(tl.sum(x1 * x1 + x2 * x2, axis=1), axis=0)
-rstd = 1.0 / tl.sqrt(ss / D + eps)
-x1 = x1 * rstd * tl.load(w_ptr + lo, mask=mask, other=0.0).to(tl.float32)
-x2 = x2 * rstd * tl.load(w_ptr + lo + HALF, mask=mask, other=0.0).to(tl.float32)
-'''
-        finish = '''
-c = tl.load(cos_ptr + row * HALF + d, mask=d < HALF, other=0.0)
-s = tl.load(sin_ptr + row * HALF + d, mask=d < HALF, other=0.0)
-y1 = x1 * c - x2 * s
-y2 = x2 * c + x1 * s
-tl.store(out_ptr + row * stride_out + lo, y1.to(out_ptr.dtype.element_ty), mask=mask)
-tl.store(out_ptr + row * stride_out + lo + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
-'''
-    else:  # the row as one vector
-        params += ["BLOCK_D: tl.constexpr"]
-        load = '''
-d = tl.arange(0, BLOCK_D)
-mask = d < D
-x = tl.load(x_ptr + row * stride_x + d, mask=mask, other=0.0).to(tl.float32)
-'''
-        normalize = '''
-rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-x = x * rstd * tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
-'''
-        finish = '''
-tl.store(out_ptr + row * stride_out + d, x.to(out_ptr.dtype.element_ty), mask=mask)
-'''
-    body = "row = tl.program_id(0)\n" + load.strip() + "\n"
-    body += (normalize.strip() + "\n") if norm else ""
-    body += finish.strip() + "\n"
-    return HEADER + f"def row_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
+@dataclass(frozen=True)
+class RowVariant:
+    norm: str | None  # "row" | "head" | None
+    weight: bool
+    rope: bool
+    residual: bool
+    scalar: bool
+
+    @classmethod
+    def of(cls, op: str) -> "RowVariant":
+        norm = {"rms_norm": "row", "norm_rope": "row", "norm_add": "row", "norm_add_scale": "row",
+                "head_rms_norm": "head", "unit_rms_norm": "head", "head_norm_rope": "head"}.get(op)
+        return cls(norm, norm is not None and op != "unit_rms_norm", "rope" in op,
+                   op.startswith("norm_add"), op == "norm_add_scale")
+
+    @property
+    def name(self) -> str:
+        prefix = "" if self.norm == "row" else "head-"
+        parts = [f"{prefix}rmsnorm" + ("" if self.weight else "-unweighted")] if self.norm else []
+        parts += ["rope"] * self.rope + ["residual"] * self.residual + ["scalar"] * self.scalar
+        return "+".join(parts)
+
+
+def emit(v: RowVariant) -> str:
+    params = ["x_ptr"] + (["w_ptr"] if v.weight else []) + (["r_ptr"] if v.residual else [])
+    params += ["s_ptr"] if v.scalar else []
+    params += ["out_ptr", "stride_x", "stride_out"] + (["stride_r"] if v.residual else [])
+    params += ["D", "HD"] + (["eps"] if v.norm else []) + (["cos_ptr", "sin_ptr"] if v.rope else [])
+    params += ["HEADS: tl.constexpr", "BLOCK_H: tl.constexpr", "BLOCK_C: tl.constexpr"]
+    # tiles: [heads, columns of a head] (one tile), or its two halves for rope
+    halves = [("lo", ""), ("hi", " + HALF")] if v.rope else [("x", "")]
+    lines = ["row = tl.program_id(0).to(tl.int64)",
+             "h = tl.arange(0, BLOCK_H)[:, None]",
+             "d = tl.arange(0, BLOCK_C)[None, :]"]
+    if v.rope:
+        lines += ["HALF = HD // 2", "mask = (h < HEADS) & (d < HALF)"]
+    else:
+        lines += ["mask = (h < HEADS) & (d < HD)"]
+    lines.append("col = h * HD + d")
+    for t, off in halves:
+        lines.append(f"{t} = tl.load(x_ptr + row * stride_x + col{off}, mask=mask, other=0.0)"
+                     ".to(tl.float32)")
+    if v.norm:
+        sq = " + ".join(f"{t} * {t}" for t, _ in halves)
+        if v.norm == "row":
+            lines += [f"ss = tl.sum(tl.sum({sq}, axis=1), axis=0)", "rstd = 1.0 / tl.sqrt(ss / D + eps)"]
+        else:
+            lines += [f"ss = tl.sum({sq}, axis=1)", "rstd = (1.0 / tl.sqrt(ss / HD + eps))[:, None]"]
+        for t, off in halves:
+            w_at = ("col" if v.norm == "row" else "d") + off
+            scale = f" * tl.load(w_ptr + {w_at}, mask=mask, other=0.0).to(tl.float32)" if v.weight else ""
+            lines.append(f"{t} = {t} * rstd{scale}")
+    if v.rope:
+        lines += ["c = tl.load(cos_ptr + row * HALF + d, mask=d < HALF, other=0.0)",
+                  "s = tl.load(sin_ptr + row * HALF + d, mask=d < HALF, other=0.0)",
+                  "lo, hi = lo * c - hi * s, hi * c + lo * s"]
+    for t, off in halves:
+        if v.residual:
+            lines.append(f"{t} = {t} + tl.load(r_ptr + row * stride_r + col{off}, mask=mask, "
+                         "other=0.0).to(tl.float32)")
+        if v.scalar:
+            lines.append(f"{t} = {t} * tl.load(s_ptr).to(tl.float32)")
+        lines.append(f"tl.store(out_ptr + row * stride_out + col{off}, "
+                     f"{t}.to(out_ptr.dtype.element_ty), mask=mask)")
+    return HEADER + f"def row_kernel({', '.join(params)}):\n" + indent("\n".join(lines), 4) + "\n"
 
 
 def build(node, graph, target: Target) -> KernelSpec:
+    v = RowVariant.of(node.op)
     x = graph[node.inputs[0]]
     s, width = x.shape
-    norm, rope = node.op in ("rms_norm", "norm_rope"), node.op in ("rope", "norm_rope")
-    args = [("node", x.id)] + ([("node", node.inputs[1])] if norm else [])
-    args += [("node", node.id), ("stride", x.id), ("stride", node.id), ("value", width)]
-    args += [("value", node.attrs["eps"])] if norm else []
-    if rope:
-        hd = node.attrs["head_dim"]
-        table = (s, hd, node.attrs["theta"])
+    # the row as [heads, head width]: a row norm without rope is one head of the whole width
+    hd = node.attrs["head_dim"] if "head_dim" in node.attrs else width
+    heads = width // hd
+    args = [("node", x.id)]
+    args += [("node", node.inputs[1])] if v.weight else []
+    args += [("node", node.inputs[2])] if v.residual else []
+    args += [("node", node.inputs[3])] if v.scalar else []
+    args += [("node", node.id), ("stride", x.id), ("stride", node.id)]
+    args += [("stride", node.inputs[2])] if v.residual else []
+    args += [("value", width), ("value", hd)]
+    args += [("value", node.attrs["eps"])] if v.norm else []
+    if v.rope:
+        table = (s, hd, node.attrs["theta"], node.attrs["rotary"])
         args += [("rope_cos", table), ("rope_sin", table)]
-        cx = dict(HEADS=width // hd, HALF=hd // 2, BLOCK_H=next_pow2(width // hd),
-                  BLOCK_HALF=next_pow2(hd // 2))
-    else:
-        cx = dict(BLOCK_D=next_pow2(width))
-    block = next_pow2(width)
+    cols = next_pow2(hd // 2 if v.rope else hd)
+    cx = dict(HEADS=heads, BLOCK_H=next_pow2(heads), BLOCK_C=cols)
+    block = next_pow2(heads) * cols * (2 if v.rope else 1)
     warps = 1 if target.interpreted else max(1, min(16, block // 256))
-    variant = "+".join(v for v, on in (("rmsnorm", norm), ("rope", rope)) if on)
-    return KernelSpec("rowwise", variant, emit(norm, rope), "row_kernel", (s,), args, cx,
+    return KernelSpec("rowwise", v.name, emit(v), "row_kernel", (s,), args, cx,
                       num_warps=warps, num_stages=1)

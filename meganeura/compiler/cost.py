@@ -23,6 +23,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .ops import OPS
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -90,21 +92,24 @@ def attention_pairs(s: int, window: int | None) -> int:
     return window * (window + 1) // 2 + (s - window) * window
 
 
-def head_dim_chunks(hd: int) -> tuple[int, int]:
-    """Power-of-two column chunks the attention kernel splits a head into: (d0, d1), d1 may be 0.
+def head_dim_chunks(hd: int) -> tuple[int, ...]:
+    """Power-of-two column chunks the attention kernel splits a head into.
 
-    Two chunks when hd is the sum of two powers of two (the second at least 16 wide for
-    the matrix units): 144 -> (128, 16), 160 -> (128, 32); otherwise one chunk of
-    next_pow2(hd), its padding masked: 128 -> (128, 0), 132 -> (256, 0), 240 -> (256, 0).
-    A partly used second chunk (132 = 128 + 4 of 16) computed wrong values on the H200
-    (Triton 3.6) though right in the interpreter, so it is not used.
+    Up to 256: two chunks when hd is the sum of two powers of two (the second at least 16
+    wide for the matrix units): 144 -> (128, 16), 160 -> (128, 32); otherwise one chunk of
+    next_pow2(hd), its padding masked: 128 -> (128,), 132 -> (256,), 240 -> (256,). A partly
+    used second chunk (132 = 128 + 4 of 16) computed wrong values on the H200 (Triton 3.6)
+    though right in the interpreter, so it is not used. Wider heads (the published model's
+    512) split into exact 256-wide chunks where they divide, else one padded chunk.
     """
     one = max(16, 1 << (hd - 1).bit_length())
+    if hd > 256 and hd % 256 == 0:
+        return (256,) * (hd // 256)
     d0 = 1 << (hd.bit_length() - 1)
     rest = hd - d0
-    if rest >= 16 and rest & (rest - 1) == 0:
+    if hd <= 256 and rest >= 16 and rest & (rest - 1) == 0:
         return d0, rest
-    return one, 0
+    return (one,)
 
 
 def wave_fill(m: int, n: int, bm: int, bn: int, sms: int) -> float:
@@ -125,32 +130,34 @@ def matmul_tile(m: int, n: int, paired: bool, sms: int) -> tuple[int, int]:
     return 128, 256
 
 
+PAIRED_MATMULS = ("matmul_glu", "norm_matmul_glu")  # two accumulators: gate and up tiles
+
+
 def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work | None:
     """Bytes and FLOPs of one kernel computing `op`; None for ops that launch nothing."""
+    spec = OPS[op]
+    if spec.kind != "compute":
+        return None  # leaves, views, and layout ops (read in place or made at load time)
     io = elem * (sum(_numel(s) for s in ins) + _numel(out))
-    if op in ("input", "parameter", "slice_cols"):
-        return None
-    if op == "embedding":
+    if spec.work == "gather":
         return Work(ID_BYTES * _numel(ins[0]) + 2 * elem * _numel(out))
-    if op in ("matmul", "matmul_add", "norm_matmul", "matmul_swiglu", "norm_matmul_swiglu"):
+    if spec.work == "matmul":
         (m, k), n = ins[0], ins[1][1]
-        vec = 2 * _numel(out)  # epilogue: cast, add, or silu * up
+        vec = 2 * _numel(out)  # epilogue: cast, add, activation * up, or soft-cap
         sms = attrs.get("_sms", 0)
-        fill = wave_fill(m, n, *matmul_tile(m, n, "swiglu" in op, sms), sms) if m > 64 else 1.0
-        if op.startswith("norm_"):  # sum(x^2) over the A tiles (one FMA each), per column tile
-            vec += 2 * m * k * math.ceil(n / attrs["_tile_n"]) + m * n
+        fill = wave_fill(m, n, *matmul_tile(m, n, op in PAIRED_MATMULS, sms), sms) if m > 64 else 1.0
+        if op.startswith("norm_"):  # sum(x^2) and x * w over the A tiles, per column tile
+            vec += 3 * m * k * math.ceil(n / attrs["_tile_n"]) + m * n
             return Work(io, 2 * m * n * k, vec, "prologue", fill)
         return Work(io, 2 * m * n * k, vec, "matmul", fill)
-    if op in ("causal_attention", "sliding_window_attention"):
+    if spec.work == "attention":
         s = ins[0][0]
         pairs = attention_pairs(s, attrs.get("window"))
         heads = attrs["num_heads"]
         width = sum(head_dim_chunks(attrs["head_dim"]))  # the padded width the kernel runs
         fixed = s * heads * width * attrs.get("_row_time", 0.0)
         return Work(io, 4 * heads * width * pairs, 6 * heads * pairs, "attention", fixed=fixed)
-    per_elem = {"rms_norm": 4, "rope": 6, "norm_rope": 10, "add": 1, "swiglu": 6,
-                "concat_cols": 0, "scale_rows": 1}[op]
-    return Work(io, 0.0, per_elem * _numel(out))
+    return Work(io, 0.0, spec.vector_flops * _numel(out))
 
 
 def kernel_time(profile: DeviceProfile, w: Work) -> float:
@@ -178,6 +185,7 @@ class CostModel:
         return 0.0 if w is None else kernel_time(self.profile, w)
 
     def graph_time(self, graph) -> float:
-        """Estimated time of running every non-leaf node of `graph` as its own kernel."""
+        """Estimated time of running every run-time node of `graph` as its own kernel."""
+        memo: dict = {}
         return sum(self.time(n.op, n.attrs, [graph[i].shape for i in n.inputs], n.shape)
-                   for n in graph.nodes if n.op not in ("input", "parameter"))
+                   for n in graph.nodes if not graph.load_time(n.id, memo))

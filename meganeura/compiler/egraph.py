@@ -1,9 +1,11 @@
 """Graph IR <-> egglog terms.
 
-`Tensor` is the e-graph language: one constructor per IR op (the seed's ops, the
-layout ops and the fused kernels), named exactly as the op, so a serialized
-e-node decodes straight back into a Graph node. A block of the graph is encoded
-with its parameters as `parameter(slot)` and everything computed outside it as
+`Tensor` is the e-graph language: one constructor per op of the vocabulary
+(`compiler/ops.py`), generated from its declaration and named exactly as the op, so a
+serialized e-node decodes straight back into a Graph node. Tensor operands become
+`Tensor` arguments and literal attributes `f64` / `i64` / `String` ones, in the declared
+order; leaves are `Tensor.input(slot)` and `Tensor.parameter(slot)`. A block of the graph
+is encoded with its parameters as `parameter(slot)` and everything computed outside it as
 `input(slot)`; every tensor the block hands out is marked by `root(i)`.
 
 After saturation the e-graph is serialized and read into `EClasses`, a plain
@@ -15,99 +17,64 @@ subterms.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 
-from egglog import EGraph, Expr, f64Like, function, i64, i64Like, method, set_, union
+from egglog import EGraph, Expr, StringLike, f64Like, function, i64, i64Like, method, set_, union
 
 from .graph import Graph
 from .ops import OPS
 
+_LITERAL = {float: f64Like, int: i64Like, str: StringLike}
 
-class Tensor(Expr):
-    """A tensor-valued term of the IR."""
 
-    @method(egg_fn="input")
-    @classmethod
-    def input(cls, slot: i64Like) -> Tensor:
-        """A run-time input, or a tensor computed outside this block."""
+def _constructor(spec):
+    """The egglog method of one op: self is the first operand, then the others, then attrs."""
+    names = list(spec.inputs) + list(spec.attr_names)
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
 
-    @method(egg_fn="parameter")
-    @classmethod
-    def parameter(cls, slot: i64Like) -> Tensor:
-        """A weight of this block, by slot."""
+    def ctor(*args):  # a declaration only: egglog builds the term
+        ...
 
-    @method(egg_fn="embedding")
-    def embedding(self, table: Tensor) -> Tensor:
-        """Rows of `table` gathered by the token ids in self."""
+    ann = {n: "Tensor" for n in spec.inputs[1:]}
+    ann.update({n: _LITERAL[kind] for n, kind in spec.attrs})
+    ann["return"] = "Tensor"
+    ctor.__name__ = ctor.__qualname__ = spec.name
+    ctor.__doc__ = spec.doc
+    ctor.__signature__ = inspect.Signature([inspect.Parameter("self",
+                                            inspect.Parameter.POSITIONAL_OR_KEYWORD)] + params[1:])
+    ctor.__annotations__ = ann
+    return method(egg_fn=spec.name)(ctor)
 
-    @method(egg_fn="matmul")
-    def matmul(self, b: Tensor) -> Tensor:
-        """self @ b."""
 
-    @method(egg_fn="rms_norm")
-    def rms_norm(self, w: Tensor, eps: f64Like) -> Tensor:
-        """self * rsqrt(mean(self^2) + eps) * w, per row."""
+def _leaf(name: str, doc: str):
+    def leaf(cls, slot: i64Like) -> Tensor:  # noqa: F821 (resolved when the class exists)
+        ...
 
-    @method(egg_fn="rope")
-    def rope(self, theta: f64Like, head_dim: i64Like) -> Tensor:
-        """Half-split rotary embedding of each head."""
+    leaf.__name__ = leaf.__qualname__ = name
+    leaf.__doc__ = doc
+    return method(egg_fn=name)(classmethod(leaf))
 
-    @method(egg_fn="causal_attention")
-    def causal_attention(self, k: Tensor, v: Tensor, num_heads: i64Like, num_kv_heads: i64Like,
-                         head_dim: i64Like) -> Tensor:
-        """Causal GQA attention with self as queries."""
 
-    @method(egg_fn="sliding_window_attention")
-    def sliding_window_attention(self, k: Tensor, v: Tensor, num_heads: i64Like,
-                                 num_kv_heads: i64Like, head_dim: i64Like,
-                                 window: i64Like) -> Tensor:
-        """Causal GQA attention to the last `window` keys."""
+def _language():
+    ns = {"__module__": __name__, "__qualname__": "Tensor", "__doc__": "A tensor-valued term of the IR."}
+    for name, spec in OPS.items():
+        ns[name] = _leaf(name, spec.doc) if spec.kind == "leaf" else _constructor(spec)
+    return type("Tensor", (Expr,), ns)
 
-    @method(egg_fn="add")
-    def add(self, b: Tensor) -> Tensor:
-        """self + b."""
 
-    @method(egg_fn="swiglu")
-    def swiglu(self, up: Tensor) -> Tensor:
-        """silu(self) * up."""
-
-    @method(egg_fn="concat_cols")
-    def concat_cols(self, b: Tensor) -> Tensor:
-        """[self | b] along columns (weights only: evaluated at load time)."""
-
-    @method(egg_fn="scale_rows")
-    def scale_rows(self, v: Tensor) -> Tensor:
-        """self * v[:, None]: a norm weight folded into a weight matrix at load time."""
-
-    @method(egg_fn="slice_cols")
-    def slice_cols(self, start: i64Like, width: i64Like) -> Tensor:
-        """self[:, start:start+width], a view."""
-
-    @method(egg_fn="norm_matmul")
-    def norm_matmul(self, b: Tensor, eps: f64Like) -> Tensor:
-        """rsqrt(mean(self^2) + eps) * (self @ b): RMSNorm as the matmul's prologue."""
-
-    @method(egg_fn="matmul_add")
-    def matmul_add(self, b: Tensor, r: Tensor) -> Tensor:
-        """self @ b + r: the residual add as the matmul's epilogue."""
-
-    @method(egg_fn="matmul_swiglu")
-    def matmul_swiglu(self, b: Tensor) -> Tensor:
-        """silu(self @ b[:, :n]) * (self @ b[:, n:]): paired gate/up tiles."""
-
-    @method(egg_fn="norm_matmul_swiglu")
-    def norm_matmul_swiglu(self, b: Tensor, eps: f64Like) -> Tensor:
-        """matmul_swiglu with the RMSNorm prologue."""
-
-    @method(egg_fn="norm_rope")
-    def norm_rope(self, w: Tensor, eps: f64Like, theta: f64Like, head_dim: i64Like) -> Tensor:
-        """rope(rms_norm(self, w)) in one row-wise pass."""
+Tensor = _language()
 
 
 @function(egg_fn="cols")
 def cols(t: Tensor) -> i64:
     """Analysis: the column count of a tensor."""
+
+
+@function(egg_fn="wslot")
+def wslot(t: Tensor) -> i64:
+    """Analysis: the parameter slot of a weight read as stored or transposed."""
 
 
 @function(egg_fn="root")
@@ -116,7 +83,6 @@ def root(slot: i64Like) -> Tensor:
 
 
 LEAVES = ("input", "parameter")
-_FLOAT_ATTRS = {"eps", "theta"}
 
 
 @dataclass
@@ -134,17 +100,16 @@ def encode(graph: Graph, block: Block, egraph: EGraph) -> None:
     terms: dict[int, Tensor] = {}
     for slot, nid in enumerate(block.inputs):
         terms[nid] = egraph.let(f"i{slot}", Tensor.input(slot))
-        egraph.register(set_(cols(terms[nid])).to(i64(graph[nid].shape[-1])))
     for slot, nid in enumerate(block.params):
         terms[nid] = egraph.let(f"p{slot}", Tensor.parameter(slot))
-        egraph.register(set_(cols(terms[nid])).to(i64(graph[nid].shape[-1])))
     for nid in block.nodes:
         n = graph[nid]
         if nid in terms:
             continue
-        args = [terms[i] for i in n.inputs] + [n.attrs[a] for a in OPS[n.op].attrs]
-        term = getattr(Tensor, n.op)(*args) if n.op in LEAVES else getattr(args[0], n.op)(*args[1:])
-        terms[nid] = egraph.let(f"n{nid}", term)
+        args = [terms[i] for i in n.inputs] + [n.attrs[a] for a in OPS[n.op].attr_names]
+        terms[nid] = egraph.let(f"n{nid}", getattr(args[0], n.op)(*args[1:]))
+    for nid, term in terms.items():  # the analysis starts from every encoded tensor's width
+        egraph.register(set_(cols(term)).to(i64(graph[nid].shape[-1])))
     for slot, nid in enumerate(block.outputs):
         egraph.register(union(root(slot)).with_(terms[nid]))
 
@@ -195,8 +160,14 @@ def read_eclasses(egraph: EGraph, num_roots: int) -> EClasses:
         if v["op"] in LEAVES:
             node = ENode(v["op"], (), {}, int(literals[0]))
         else:
-            attrs = {a: float(x) if a in _FLOAT_ATTRS else int(x)
-                     for a, x in zip(spec.attrs, literals)}
+            attrs = {a: _literal(kind, x) for (a, kind), x in zip(spec.attrs, literals)}
             node = ENode(v["op"], tuple(cid(data[k]["eclass"]) for k in tensor_kids), attrs)
         nodes.setdefault(cid(v["eclass"]), []).append(node)
     return EClasses(nodes, roots)
+
+
+def _literal(kind: type, text: str):
+    """A serialized egglog literal as the attribute's Python type."""
+    if kind is str:
+        return json.loads(text)
+    return int(text) if kind is int else float(text)

@@ -22,7 +22,6 @@ from .graph import find_cycle
 from .ops import FLOAT, OPS, _Mismatch
 
 EPS = 1e-12  # the least own cost: views and load-time nodes still cost > 0 (no cycles)
-LOAD_TIME_OPS = ("concat_cols", "scale_rows", "slice_cols")
 
 
 def class_shapes(ec: EClasses, leaf_type) -> dict[int, tuple]:
@@ -51,7 +50,7 @@ def class_shapes(ec: EClasses, leaf_type) -> dict[int, tuple]:
 def _infer(n: ENode, shapes: dict, dtypes: dict) -> tuple:
     ins = [shapes[ch] for ch in n.children]
     try:
-        return tuple(OPS[n.op].rule(ins, [dtypes.get(ch, FLOAT) for ch in n.children], n.attrs))
+        return tuple(OPS[n.op].shape(ins, [dtypes.get(ch, FLOAT) for ch in n.children], n.attrs))
     except _Mismatch as e:
         raise GraphError(f"unsound rewrite: {n.op} e-node has {e}") from None
 

@@ -1,10 +1,13 @@
 """Graph IR: a list of nodes (op, inputs, shape, dtype, attrs) in topological order.
 
-Builder methods carry the seed's names (`input_u32`, `parameter`, `embedding`,
-`matmul`, `rms_norm`, `rope`, `causal_attention`, `sliding_window_attention`,
-`add`, `swiglu`, `set_outputs`). The fused ops that the e-graph introduces
-(`norm_matmul`, `matmul_add`, ...) are ops of the same vocabulary: an extracted
-plan is again a Graph, which the reference executor can run op by op.
+Every op of the vocabulary (`compiler/ops.py`) has a builder of its name, taking its
+tensor operands then its attributes: `g.matmul(a, b)`, `g.rms_norm(x, w, eps)`,
+`g.rope(x, theta, head_dim)`, `g.causal_attention(q, k, v, heads, kv_heads, head_dim)`;
+attributes the declaration gives a default for may be left out. The seed's names
+`swiglu` and the published model's `geglu` are the gated op with its activation. The
+fused ops that the e-graph introduces (`norm_matmul`, `matmul_add`, ...) are ops of the
+same vocabulary: an extracted plan is again a Graph, which the reference executor can
+run op by op.
 
 Every builder infers the output shape and raises GraphError naming the node and
 the mismatch; `Graph.validate()` re-checks a whole graph (dangling inputs,
@@ -14,6 +17,7 @@ cycles, unknown ops) before it reaches the optimizer.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -55,36 +59,35 @@ class Graph:
     def parameter(self, name: str, shape: Shape) -> int:
         return self._leaf("parameter", name, shape, FLOAT)
 
-    # ---- the seed's ops -----------------------------------------------------------------
+    # ---- ops ----------------------------------------------------------------------------
 
-    def embedding(self, ids: int, table: int) -> int:
-        return self._node("embedding", (ids, table))
+    def __getattr__(self, op: str):
+        """`g.<op>(*operands, *attrs, **attrs)`: a builder for every non-leaf op of OPS."""
+        spec = OPS.get(op) if not op.startswith("_") else None
+        if spec is None or spec.kind == "leaf":
+            raise AttributeError(f"Graph has no builder {op!r}")
 
-    def matmul(self, a: int, b: int) -> int:
-        return self._node("matmul", (a, b))
+        def build(*args, **attrs) -> int:
+            if len(args) < spec.arity or len(args) > spec.arity + len(spec.attrs):
+                raise GraphError(f"{op} takes {spec.arity} operands ({', '.join(spec.inputs)}) "
+                                 f"then attributes ({', '.join(spec.attr_names)}), got "
+                                 f"{len(args)} positional arguments")
+            for name, value in zip(spec.attr_names, args[spec.arity:]):
+                if name in attrs:
+                    raise GraphError(f"{op}: attribute {name} given twice")
+                attrs[name] = value
+            return self._node(op, tuple(args[:spec.arity]), **attrs)
 
-    def rms_norm(self, x: int, w: int, eps: float) -> int:
-        return self._node("rms_norm", (x, w), eps=float(eps))
-
-    def rope(self, x: int, theta: float, head_dim: int) -> int:
-        return self._node("rope", (x,), theta=float(theta), head_dim=int(head_dim))
-
-    def causal_attention(self, q: int, k: int, v: int, num_heads: int, num_kv_heads: int,
-                         head_dim: int) -> int:
-        return self._node("causal_attention", (q, k, v), num_heads=int(num_heads),
-                          num_kv_heads=int(num_kv_heads), head_dim=int(head_dim))
-
-    def sliding_window_attention(self, q: int, k: int, v: int, num_heads: int,
-                                 num_kv_heads: int, head_dim: int, window: int) -> int:
-        return self._node("sliding_window_attention", (q, k, v), num_heads=int(num_heads),
-                          num_kv_heads=int(num_kv_heads), head_dim=int(head_dim),
-                          window=int(window))
-
-    def add(self, a: int, b: int) -> int:
-        return self._node("add", (a, b))
+        build.__doc__ = spec.doc
+        return build
 
     def swiglu(self, gate: int, up: int) -> int:
-        return self._node("swiglu", (gate, up))
+        """silu(gate) * up: the seed's gated MLP."""
+        return self.glu(gate, up, "silu")
+
+    def geglu(self, gate: int, up: int) -> int:
+        """gelu_tanh(gate) * up: the published Gemma-4's gated MLP."""
+        return self.glu(gate, up, "gelu_tanh")
 
     def set_outputs(self, outputs: list[int]) -> None:
         for o in outputs:
@@ -92,36 +95,9 @@ class Graph:
                 raise GraphError(f"set_outputs: node %{o} does not exist")
         self.outputs = list(outputs)
 
-    # ---- layout and fused ops (built by the e-graph decoder) ----------------------------
-
-    def concat_cols(self, a: int, b: int) -> int:
-        return self._node("concat_cols", (a, b))
-
-    def scale_rows(self, w: int, v: int) -> int:
-        return self._node("scale_rows", (w, v))
-
-    def slice_cols(self, x: int, start: int, width: int) -> int:
-        return self._node("slice_cols", (x,), start=int(start), width=int(width))
-
-    def norm_matmul(self, x: int, b: int, eps: float) -> int:
-        return self._node("norm_matmul", (x, b), eps=float(eps))
-
-    def matmul_add(self, a: int, b: int, r: int) -> int:
-        return self._node("matmul_add", (a, b, r))
-
-    def matmul_swiglu(self, a: int, b: int) -> int:
-        return self._node("matmul_swiglu", (a, b))
-
-    def norm_matmul_swiglu(self, x: int, b: int, eps: float) -> int:
-        return self._node("norm_matmul_swiglu", (x, b), eps=float(eps))
-
-    def norm_rope(self, x: int, w: int, eps: float, theta: float, head_dim: int) -> int:
-        return self._node("norm_rope", (x, w), eps=float(eps), theta=float(theta),
-                          head_dim=int(head_dim))
-
     def op(self, op: str, inputs: tuple[int, ...], **attrs) -> int:
         """Adds a node of any non-leaf op by name (the e-graph decoder uses this)."""
-        if op not in OPS or OPS[op].rule is None:
+        if op not in OPS or OPS[op].kind == "leaf":
             raise GraphError(f"unknown op {op!r}")
         return self._node(op, tuple(inputs), **attrs)
 
@@ -174,13 +150,12 @@ class Graph:
                     raise GraphError(f"{self.label(pos)}: input %{i} does not exist (dangling)")
         self._check_acyclic()
         for n in self.nodes:
-            spec = OPS[n.op]
-            if spec.rule is None:
+            if OPS[n.op].kind == "leaf":
                 if n.inputs or not n.name:
                     raise GraphError(f"{self.label(n.id)}: a leaf needs a name and no inputs")
                 continue
             try:
-                shape = self._infer(n.op, n.inputs, n.attrs)
+                shape = self._infer(n.op, n.inputs, dict(n.attrs), n.id)
             except GraphError as e:
                 raise GraphError(f"{self.label(n.id)}: {e}") from None
             if shape != n.shape:
@@ -192,6 +167,28 @@ class Graph:
             if not (0 <= o < len(self.nodes)):
                 raise GraphError(f"output %{o} does not exist")
 
+    def load_time(self, i: int, _memo: dict | None = None) -> bool:
+        """Whether node i is computable from parameters alone (no run-time input reaches it)."""
+        memo = {} if _memo is None else _memo
+        stack = [i]
+        while stack:
+            j = stack[-1]
+            if j in memo:
+                stack.pop()
+                continue
+            n = self.nodes[j]
+            if n.op in ("parameter", "input"):
+                memo[j] = n.op == "parameter"
+                stack.pop()
+                continue
+            todo = [k for k in n.inputs if k not in memo]
+            if todo:
+                stack.extend(todo)
+                continue
+            memo[j] = all(memo[k] for k in n.inputs)
+            stack.pop()
+        return memo[i]
+
     # ---- internals ----------------------------------------------------------------------
 
     def _check_acyclic(self) -> None:
@@ -200,9 +197,12 @@ class Graph:
             raise GraphError(f"cycle through {self.label(edge[1])} and {self.label(edge[0])}")
 
     def _leaf(self, op: str, name: str, shape: Shape, dtype: str) -> int:
-        shape = tuple(int(s) for s in shape)
         if not isinstance(name, str) or not name:
             raise GraphError(f"{op}: name must be a non-empty string, got {name!r}")
+        if not isinstance(shape, (tuple, list)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in shape):
+            raise GraphError(f"{op} '{name}': shape must be a tuple of integers, got {shape!r}")
+        shape = tuple(shape)
         if name in self._names:
             raise GraphError(f"{op} '{name}': name already used by {self.label(self._names[name])}")
         if not shape or any(s <= 0 for s in shape):
@@ -212,33 +212,66 @@ class Graph:
         self._names[name] = nid
         return nid
 
-    def _infer(self, op: str, inputs: tuple[int, ...], attrs: dict) -> Shape:
+    def _infer(self, op: str, inputs: tuple[int, ...], attrs: dict, nid: int | None = None) -> Shape:
+        """Checks operands and attributes (filling declared defaults into `attrs`) and returns
+        the output shape."""
         spec = OPS[op]
         if len(inputs) != spec.arity:
             raise GraphError(f"{op} takes {spec.arity} inputs, got {len(inputs)}")
-        missing = set(spec.attrs) - set(attrs) - ({"window"} if op == "causal_attention" else set())
-        extra = set(attrs) - set(spec.attrs)
+        for i in inputs:
+            if not isinstance(i, int) or isinstance(i, bool) or not (0 <= i < len(self.nodes)) \
+                    or (nid is not None and i >= nid):
+                raise GraphError(f"{op}: input %{i} does not exist")
+        for name, fill in spec.defaults.items():
+            if name not in attrs:
+                try:
+                    attrs[name] = fill(attrs)
+                except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                    pass  # the missing attribute it depends on is reported below
+        missing = set(spec.attr_names) - set(attrs)
+        extra = set(attrs) - set(spec.attr_names)
         if missing or extra:
             raise GraphError(f"{op}: attributes {sorted(missing)} missing, {sorted(extra)} unknown")
-        for i in inputs:
-            if not isinstance(i, int) or not (0 <= i < len(self.nodes)):
-                raise GraphError(f"{op}: input %{i} does not exist")
+        for name, kind in spec.attrs:
+            attrs[name] = _coerce(op, name, kind, attrs[name])
         shapes = [self.nodes[i].shape for i in inputs]
         dtypes = [self.nodes[i].dtype for i in inputs]
-        if op != "embedding" and U32 in dtypes:
-            raise GraphError(f"{op}: u32 input {self.label(inputs[dtypes.index(U32)])} is only "
-                             f"valid as embedding ids")
         try:
-            return tuple(spec.rule(shapes, dtypes, attrs))
+            shape = tuple(spec.shape(shapes, dtypes, attrs))
         except _Mismatch as e:
             args = ", ".join(self.label(i) for i in inputs)
             raise GraphError(f"{op}({args}): {e}") from None
+        for pos, (i, d) in enumerate(zip(inputs, dtypes)):
+            if d == U32 and spec.inputs[pos] != "ids":
+                raise GraphError(f"{op}: u32 input {self.label(i)} is only valid as embedding ids")
+        if spec.kind == "layout":
+            memo: dict = {}
+            for i in inputs:
+                if not self.load_time(i, memo):
+                    raise GraphError(f"{op}: operand {self.label(i)} depends on a run-time input; "
+                                     f"{op} applies to weights only (it is evaluated at load time)")
+        return shape
 
     def _node(self, op: str, inputs: tuple[int, ...], **attrs) -> int:
         shape = self._infer(op, inputs, attrs)
         nid = len(self.nodes)
         self.nodes.append(Node(nid, op, tuple(inputs), shape, FLOAT, attrs, None, self._block))
         return nid
+
+
+def _coerce(op: str, name: str, kind: type, value):
+    """An attribute as its declared type: float (finite), int or str; bools are refused."""
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+        if math.isfinite(value):
+            return value
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        if -2 ** 63 <= value < 2 ** 63:
+            return value
+    elif kind is str and isinstance(value, str):
+        return value
+    want = {float: "a finite number", int: "a 64-bit integer", str: "a string"}[kind]
+    raise GraphError(f"{op}: attribute {name} must be {want}, got {value!r}")
 
 
 def find_cycle(roots, children) -> tuple | None:

@@ -1,4 +1,14 @@
-"""The op vocabulary: every op's arity, attributes and shape rule.
+"""The op vocabulary: one declaration per op, from which the rest of the pipeline follows.
+
+A declaration gives the op's tensor operands, its literal attributes (with their types and
+defaults), its shape rule, its reference formula (plain PyTorch, `formulas.py`), a one-line
+doc, and what the cost model needs (its kind of work, vector FLOPs per output element,
+whether its output belongs to the fp32 residual stream). From the table:
+- `Graph` builds any op by name (`g.head_rms_norm(x, w, eps, head_dim)`), checked by the rule;
+- `compiler/egraph.py` generates the egglog constructor (`Tensor.head_rms_norm`);
+- `runtime/reference.py` runs the formula; `compiler/cost.py` prices it.
+A new op then touches this file, its kernel archetype in `codegen/`, its rewrite (if fused)
+and its test.
 
 A shape rule takes the input shapes, input dtypes and attributes and returns the output
 shape, or raises _Mismatch with what is wrong; Graph turns that into a GraphError that
@@ -7,8 +17,12 @@ names the node. The e-graph extractor runs the same rules over e-classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
+
+import torch
+
+from . import formulas as fm
 
 FLOAT, U32 = "f32", "u32"
 Shape = tuple[int, ...]
@@ -27,6 +41,36 @@ def _rank(s: Shape, r: int, what: str) -> None:
     _need(len(s) == r, f"{what} must have rank {r}, got shape {list(s)}")
 
 
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    inputs: tuple[str, ...]  # tensor operands, in order
+    attrs: tuple[tuple[str, type], ...]  # literal attributes (float, int or str), in order
+    shape: Callable | None  # (shapes, dtypes, attrs) -> shape
+    reference: Callable | None  # (attrs, *tensors) -> tensor
+    doc: str
+    kind: str = "compute"  # leaf | compute | layout (weights only, load time) | view
+    work: str = "elementwise"  # what the cost model prices: matmul | attention | gather | elementwise
+    vector_flops: float = 0.0  # per output element (elementwise and row ops)
+    stream: bool = False  # output held in fp32 (the residual stream) whatever the plan dtype
+    defaults: dict = field(default_factory=dict)  # attr -> f(attrs) when the builder omits it
+
+    @property
+    def arity(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def attr_names(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.attrs)
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def _op(name, inputs, attrs, shape, reference, doc, **kw) -> None:
+    OPS[name] = OpSpec(name, tuple(inputs), tuple(attrs), shape, reference, doc, **kw)
+
+
 # ---- shape rules: (input shapes, input dtypes, attrs) -> output shape ---------------------
 
 
@@ -39,7 +83,7 @@ def _embedding(s, d, a):
 
 
 def _matmul(s, d, a):
-    x, w = s
+    x, w = s[:2]
     _rank(x, 2, "left operand")
     _rank(w, 2, "right operand")
     _need(x[1] == w[0], f"inner dims differ: left is {list(x)}, right is {list(w)}")
@@ -51,21 +95,47 @@ def _same(s, d, a):
     return s[0]
 
 
+def _rank2(s, d, a):
+    _rank(s[0], 2, "input")
+    return s[0]
+
+
+def _eps(a):
+    _need(a["eps"] > 0, f"eps must be > 0, got {a['eps']}")
+
+
+def _heads(width: int, hd: int, what: str = "width") -> None:
+    _need(hd > 0, f"head_dim must be > 0, got {hd}")
+    _need(width % hd == 0, f"{what} {width} is not a multiple of head_dim {hd}")
+
+
 def _rms_norm(s, d, a):
-    x, w = s
+    x, w = s[:2]
     _rank(x, 2, "normalized input")
     _need(w == (x[1],), f"norm weight must be [{x[1]}] to match input {list(x)}, got {list(w)}")
-    _need(a["eps"] > 0, f"eps must be > 0, got {a['eps']}")
+    _eps(a)
+    return x
+
+
+def _head_rms_norm(s, d, a):
+    x = s[0]
+    _rank(x, 2, "normalized input")
+    _heads(x[1], a["head_dim"])
+    if len(s) > 1:
+        _need(s[1] == (a["head_dim"],), f"per-head norm weight must be [{a['head_dim']}], "
+                                       f"got {list(s[1])}")
+    _eps(a)
     return x
 
 
 def _rope(s, d, a):
-    (x,) = s
+    x = s[0]
     _rank(x, 2, "rotated input")
     hd = a["head_dim"]
     _need(hd > 0 and hd % 2 == 0, f"head_dim must be even and > 0, got {hd}")
-    _need(x[1] % hd == 0, f"width {x[1]} is not a multiple of head_dim {hd}")
+    _heads(x[1], hd)
     _need(a["theta"] > 0, f"theta must be > 0, got {a['theta']}")
+    _need(0 <= a["rotary"] <= hd // 2, f"rotary must be in [0, {hd // 2}], got {a['rotary']}")
     return x
 
 
@@ -81,7 +151,34 @@ def _attention(s, d, a):
     _need(v == k, f"v is {list(v)}, k is {list(k)}: they must match")
     _need(q[0] == k[0], f"q has {q[0]} rows, k has {k[0]}")
     _need(a.get("window", 1) > 0, f"window must be > 0, got {a.get('window')}")
+    _need(a["scale"] > 0, f"scale must be > 0, got {a['scale']}")
     return q
+
+
+def _glu(s, d, a):
+    _need(a["act"] in fm.ACTIVATIONS, f"act must be one of {', '.join(fm.ACTIVATIONS)}, "
+                                      f"got {a['act']!r}")
+    return _same(s, d, a)
+
+
+def _scale(s, d, a):
+    _need(a["factor"] > 0, f"factor must be > 0, got {a['factor']}")
+    return s[0]
+
+
+def _scale_by(s, d, a):
+    _need(s[1] == (1,), f"the scalar must have shape [1], got {list(s[1])}")
+    return s[0]
+
+
+def _softcap(s, d, a):
+    _need(a["cap"] > 0, f"cap must be > 0, got {a['cap']}")
+    return s[0]
+
+
+def _transpose(s, d, a):
+    _rank(s[0], 2, "transposed input")
+    return (s[0][1], s[0][0])
 
 
 def _concat_cols(s, d, a):
@@ -90,13 +187,6 @@ def _concat_cols(s, d, a):
     _rank(y, 2, "right block")
     _need(x[0] == y[0], f"row counts differ: {list(x)} vs {list(y)}")
     return (x[0], x[1] + y[1])
-
-
-def _scale_rows(s, d, a):
-    w, v = s
-    _rank(w, 2, "scaled matrix")
-    _need(v == (w[0],), f"row scale must be [{w[0]}] for matrix {list(w)}, got {list(v)}")
-    return w
 
 
 def _slice_cols(s, d, a):
@@ -109,25 +199,32 @@ def _slice_cols(s, d, a):
 
 
 def _norm_matmul(s, d, a):
-    _need(a["eps"] > 0, f"eps must be > 0, got {a['eps']}")
-    return _matmul(s, d, a)
+    out = _matmul(s, d, a)
+    _need(s[2] == (s[0][1],), f"norm weight must be [{s[0][1]}], got {list(s[2])}")
+    _eps(a)
+    return out
 
 
 def _matmul_add(s, d, a):
-    out = _matmul(s[:2], d, a)
+    out = _matmul(s, d, a)
     _need(s[2] == out, f"residual is {list(s[2])}, product is {list(out)}")
     return out
 
 
-def _matmul_swiglu(s, d, a):
+def _matmul_glu(s, d, a):
     m, n2 = _matmul(s, d, a)
     _need(n2 % 2 == 0, f"paired gate/up weight must have an even width, got {n2}")
+    _glu([(m, n2 // 2)] * 2, d, a)
     return (m, n2 // 2)
 
 
-def _norm_matmul_swiglu(s, d, a):
-    _need(a["eps"] > 0, f"eps must be > 0, got {a['eps']}")
-    return _matmul_swiglu(s, d, a)
+def _norm_matmul_glu(s, d, a):
+    _norm_matmul(s, d, a)
+    return _matmul_glu(s, d, a)
+
+
+def _matmul_softcap(s, d, a):
+    return _softcap([_matmul(s, d, a)], d, a)
 
 
 def _norm_rope(s, d, a):
@@ -135,38 +232,116 @@ def _norm_rope(s, d, a):
     return _rope(s[:1], d, a)
 
 
-@dataclass(frozen=True)
-class OpSpec:
-    arity: int
-    attrs: tuple[str, ...]
-    rule: Callable
-    doc: str
+def _head_norm_rope(s, d, a):
+    _head_rms_norm(s, d, a)
+    return _rope(s[:1], d, a)
 
 
-OPS: dict[str, OpSpec] = {
-    # leaves
-    "input": OpSpec(0, (), None, "a run-time input tensor (token ids)"),
-    "parameter": OpSpec(0, (), None, "a named weight tensor"),
-    # the seed's ops
-    "embedding": OpSpec(2, (), _embedding, "rows of table gathered by token id"),
-    "matmul": OpSpec(2, (), _matmul, "a @ b"),
-    "rms_norm": OpSpec(2, ("eps",), _rms_norm, "x * rsqrt(mean(x^2) + eps) * w, in fp32"),
-    "rope": OpSpec(1, ("theta", "head_dim"), _rope, "half-split rotary embedding per head"),
-    "causal_attention": OpSpec(3, ("num_heads", "num_kv_heads", "head_dim"), _attention,
-                               "softmax(q k^T / sqrt(d)) v, causal, GQA"),
-    "sliding_window_attention": OpSpec(3, ("num_heads", "num_kv_heads", "head_dim", "window"),
-                                       _attention, "causal attention to the last `window` keys"),
-    "add": OpSpec(2, (), _same, "a + b"),
-    "swiglu": OpSpec(2, (), _same, "silu(gate) * up"),
-    # layout ops the rewrites introduce
-    "concat_cols": OpSpec(2, (), _concat_cols, "[a | b] along columns"),
-    "scale_rows": OpSpec(2, (), _scale_rows, "w * v[:, None]: a norm weight folded into a matrix"),
-    "slice_cols": OpSpec(1, ("start", "width"), _slice_cols, "x[:, start:start+width], a view"),
-    # fused kernels the rewrites introduce
-    "norm_matmul": OpSpec(2, ("eps",), _norm_matmul, "rsqrt(mean(x^2) + eps) * (x @ b)"),
-    "matmul_add": OpSpec(3, (), _matmul_add, "a @ b + r"),
-    "matmul_swiglu": OpSpec(2, (), _matmul_swiglu, "silu(a @ b[:, :n]) * (a @ b[:, n:])"),
-    "norm_matmul_swiglu": OpSpec(2, ("eps",), _norm_matmul_swiglu,
-                                 "matmul_swiglu of the row-normalized x"),
-    "norm_rope": OpSpec(2, ("eps", "theta", "head_dim"), _norm_rope, "rope(rms_norm(x, w))"),
-}
+def _norm_add(s, d, a):
+    _rms_norm(s[:2], d, a)
+    _need(s[2] == s[0], f"residual is {list(s[2])}, normalized input is {list(s[0])}")
+    return s[0]
+
+
+def _norm_add_scale(s, d, a):
+    _norm_add(s[:3], d, a)
+    return _scale_by([s[0], s[3]], d, a)
+
+
+def _embedding_scale(s, d, a):
+    _scale(s, d, a)
+    return _embedding(s, d, a)
+
+
+# ---- the vocabulary -------------------------------------------------------------------------
+
+_HEAD_ROPE = {"rotary": lambda a: a["head_dim"] // 2}  # default: every frequency rotates
+_SCALE = {"scale": lambda a: a["head_dim"] ** -0.5}  # default attention scale
+
+# leaves
+_op("input", (), (), None, None, "a run-time input tensor (token ids, or floats)", kind="leaf")
+_op("parameter", (), (), None, None, "a named weight tensor", kind="leaf")
+
+# the seed's ops, generalized
+_op("embedding", ("ids", "table"), (), _embedding, lambda a, ids, t: t[ids.long()],
+    "rows of table gathered by token id", work="gather", stream=True)
+_op("matmul", ("a", "b"), (), _matmul, lambda a, x, b: x @ b, "a @ b", work="matmul")
+_op("rms_norm", ("x", "w"), (("eps", float),), _rms_norm,
+    lambda a, x, w: fm.rms_norm(x, w, a["eps"]), "x * rsqrt(mean(x^2) + eps) * w over the row, fp32",
+    vector_flops=4)
+_op("rope", ("x",), (("theta", float), ("head_dim", int), ("rotary", int)), _rope,
+    lambda a, x: fm.rope(x, a["theta"], a["head_dim"], a["rotary"]),
+    "half-split rotary embedding per head; frequencies past `rotary` do not rotate",
+    vector_flops=6, defaults=_HEAD_ROPE)
+_op("causal_attention", ("q", "k", "v"),
+    (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("scale", float)), _attention,
+    lambda a, q, k, v: fm.attention(q, k, v, a["num_heads"], a["num_kv_heads"], a["head_dim"],
+                                    a["scale"]),
+    "softmax(scale * q k^T) v, causal, GQA", work="attention", defaults=_SCALE)
+_op("sliding_window_attention", ("q", "k", "v"),
+    (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("window", int),
+     ("scale", float)), _attention,
+    lambda a, q, k, v: fm.attention(q, k, v, a["num_heads"], a["num_kv_heads"], a["head_dim"],
+                                    a["scale"], a["window"]),
+    "causal attention to the last `window` keys", work="attention", defaults=_SCALE)
+_op("add", ("a", "b"), (), _same, lambda a, x, y: x + y, "a + b", vector_flops=1, stream=True)
+_op("glu", ("gate", "up"), (("act", str),), _glu, lambda a, g, u: fm.glu(g, u, a["act"]),
+    "act(gate) * up (SwiGLU: silu, GeGLU: gelu_tanh)", vector_flops=8)
+
+# the published Gemma-4's ops
+_op("head_rms_norm", ("x", "w"), (("eps", float), ("head_dim", int)), _head_rms_norm,
+    lambda a, x, w: fm.head_rms_norm(x, w, a["eps"], a["head_dim"]),
+    "RMSNorm of each head, one weight of head_dim shared by the heads", vector_flops=4)
+_op("unit_rms_norm", ("x",), (("eps", float), ("head_dim", int)), _head_rms_norm,
+    lambda a, x: fm.head_rms_norm(x, None, a["eps"], a["head_dim"]),
+    "RMSNorm of each head without a weight", vector_flops=3)
+_op("scale", ("x",), (("factor", float),), _scale, lambda a, x: fm.scale(x, a["factor"]),
+    "x * factor, a constant", vector_flops=1, stream=True)
+_op("scale_by", ("x", "s"), (), _scale_by, lambda a, x, s: fm.scale_by(x, s),
+    "x * s[0], a scalar read from the weights", vector_flops=1, stream=True)
+_op("softcap", ("x",), (("cap", float),), _softcap, lambda a, x: fm.softcap(x, a["cap"]),
+    "cap * tanh(x / cap)", vector_flops=6)
+_op("transpose", ("w",), (), _transpose, lambda a, w: w.T,
+    "w^T of a weight: read in place (linear weights are stored [out, in])", kind="layout")
+
+# layout ops the rewrites introduce
+_op("concat_cols", ("a", "b"), (), _concat_cols, lambda a, x, y: torch.cat([x, y], 1),
+    "[a | b] along columns, of weights (load time)", kind="layout")
+_op("slice_cols", ("x",), (("start", int), ("width", int)), _slice_cols,
+    lambda a, x: x[:, a["start"]:a["start"] + a["width"]], "x[:, start:start+width], a view",
+    kind="view")
+
+# fused kernels the rewrites introduce
+_op("norm_matmul", ("x", "b", "w"), (("eps", float),), _norm_matmul,
+    lambda a, x, b, w: fm.rms_norm(x, w, a["eps"]) @ b, "rms_norm(x, w) @ b: the norm as prologue",
+    work="matmul")
+_op("matmul_add", ("a", "b", "r"), (), _matmul_add, lambda a, x, b, r: x @ b + r,
+    "a @ b + r: the residual add as epilogue", work="matmul", stream=True)
+_op("matmul_glu", ("a", "b"), (("act", str),), _matmul_glu,
+    lambda a, x, b: fm.glu(*fm.halves(x @ b), a["act"]),
+    "act(a @ b[:, :n]) * (a @ b[:, n:]): paired gate/up tiles", work="matmul")
+_op("norm_matmul_glu", ("x", "b", "w"), (("eps", float), ("act", str)), _norm_matmul_glu,
+    lambda a, x, b, w: fm.glu(*fm.halves(fm.rms_norm(x, w, a["eps"]) @ b), a["act"]),
+    "matmul_glu with the RMSNorm prologue", work="matmul")
+_op("matmul_softcap", ("a", "b"), (("cap", float),), _matmul_softcap,
+    lambda a, x, b: fm.softcap(x @ b, a["cap"]), "softcap(a @ b): the soft-cap as epilogue",
+    work="matmul")
+_op("norm_rope", ("x", "w"), (("eps", float), ("theta", float), ("head_dim", int),
+                              ("rotary", int)), _norm_rope,
+    lambda a, x, w: fm.rope(fm.rms_norm(x, w, a["eps"]), a["theta"], a["head_dim"], a["rotary"]),
+    "rope(rms_norm(x, w)) in one row pass", vector_flops=10, defaults=_HEAD_ROPE)
+_op("head_norm_rope", ("x", "w"), (("eps", float), ("head_dim", int), ("theta", float),
+                                   ("rotary", int)), _head_norm_rope,
+    lambda a, x, w: fm.rope(fm.head_rms_norm(x, w, a["eps"], a["head_dim"]), a["theta"],
+                            a["head_dim"], a["rotary"]),
+    "rope(head_rms_norm(x, w)) in one row pass", vector_flops=10, defaults=_HEAD_ROPE)
+_op("norm_add", ("y", "w", "r"), (("eps", float),), _norm_add,
+    lambda a, y, w, r: r + fm.rms_norm(y, w, a["eps"]), "r + rms_norm(y, w): post-norm and residual",
+    vector_flops=5, stream=True)
+_op("norm_add_scale", ("y", "w", "r", "s"), (("eps", float),), _norm_add_scale,
+    lambda a, y, w, r, s: fm.scale_by(r + fm.rms_norm(y, w, a["eps"]), s),
+    "(r + rms_norm(y, w)) * s[0]: post-norm, residual and layer scalar", vector_flops=6,
+    stream=True)
+_op("embedding_scale", ("ids", "table"), (("factor", float),), _embedding_scale,
+    lambda a, ids, t: fm.scale(t[ids.long()], a["factor"]), "table[ids] * factor",
+    work="gather", stream=True)

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import GraphError
 from .cost import CostModel
 from .graph import Graph
+from .ops import OPS
 
-VIEW_OPS = ("slice_cols",)
-# The residual stream (the embedding and every residual add) is kept in fp32 even in bf16
-# plans: 34+ layers of bf16 rounding on the running sum cost more accuracy than the
-# matmuls do, and the stream is a small share of the bytes moved.
-RESIDUAL_OPS = ("embedding", "add", "matmul_add")
+
+def holds_fp32(graph: Graph, nid: int) -> bool:
+    """The residual stream (the embedding and every residual add, declared `stream` in OPS)
+    is kept in fp32 even in bf16 plans: 34+ layers of bf16 rounding on the running sum cost
+    more accuracy than the matmuls do, and the stream is a small share of the bytes moved.
+    A view holds what its base holds."""
+    while OPS[graph[nid].op].kind == "view":
+        nid = graph[nid].inputs[0]
+    return OPS[graph[nid].op].stream
 
 
 @dataclass
@@ -31,7 +37,7 @@ class Plan:
     @property
     def fp32_stream(self) -> set[int]:
         """Launches whose output is held in fp32 whatever the plan dtype."""
-        return {i for i in self.launches if self.graph[i].op in RESIDUAL_OPS}
+        return {i for i in self.launches if holds_fp32(self.graph, i)}
 
     @property
     def estimated_time(self) -> float:
@@ -55,8 +61,10 @@ def make_plan(graph: Graph, cost: CostModel) -> Plan:
             continue
         elif all(i in load_time for i in n.inputs):
             load_time.add(n.id)
-        elif n.op in VIEW_OPS:
+        elif OPS[n.op].kind == "view":
             views.append(n.id)
+        elif OPS[n.op].kind == "layout":  # the builder and the rewrites never make one
+            raise GraphError(f"{graph.label(n.id)}: {n.op} of a run-time tensor has no kernel")
         else:
             launches.append(n.id)
     estimate = {i: cost.time(graph[i].op, graph[i].attrs,

@@ -20,10 +20,12 @@ import torch
 
 from ..codegen import KernelSpec, Target, kernel_for
 from ..codegen.cache import KernelCache
+from ..compiler.ops import OPS
 from ..compiler.plan import Plan
 from ..errors import InputError, WeightsError
 from .buffers import plan_buffers
-from .reference import REFERENCE_OPS, check_float_input, check_token_ids
+from ..compiler.formulas import rope_tables
+from .reference import check_float_input, check_token_ids, evaluate
 
 
 @dataclass
@@ -100,7 +102,7 @@ class CompiledModel:
                     parts = [self.tensors[i] for i in self._concat_leaves(nid)]
                     self.tensors[nid] = torch.cat(parts, dim=1)
                 else:
-                    self.tensors[nid] = REFERENCE_OPS[n.op](n, *(self.tensors[i] for i in n.inputs))
+                    self.tensors[nid] = evaluate(n, *(self.tensors[i] for i in n.inputs))
         for nid in list(self.tensors):  # keep only what the kernels read
             if nid not in read:
                 del self.tensors[nid]
@@ -139,15 +141,12 @@ class CompiledModel:
         kw = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
         return Launch(nid, spec, lambda: launcher(*args, **kw))
 
-    def _rope_table(self, seq: int, head_dim: int, theta: float):
-        """cos and sin of pos * theta^(-2d/hd), [seq, hd/2] fp32, computed once in float64."""
-        key = (seq, head_dim, theta)
+    def _rope_table(self, seq: int, head_dim: int, theta: float, rotary: int):
+        """cos and sin of pos * inv_freq, [seq, hd/2] fp32, computed once in float64."""
+        key = (seq, head_dim, theta, rotary)
         if key not in self._tables:
-            half = head_dim // 2
-            inv = theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / head_dim)
-            ang = torch.arange(seq, dtype=torch.float64)[:, None] * inv[None, :]
-            self._tables[key] = tuple(t.float().contiguous().to(self.target.device)
-                                      for t in (ang.cos(), ang.sin()))
+            cos, sin = rope_tables(torch.arange(seq), theta, head_dim, rotary)
+            self._tables[key] = tuple(t.contiguous().to(self.target.device) for t in (cos, sin))
         return self._tables[key]
 
     # ---- running ------------------------------------------------------------------------
@@ -225,7 +224,7 @@ def _vocab_of_inputs(g) -> dict[int, int]:
     users = g.users()
     for n in g.inputs():
         for u in users[n.id]:
-            if g[u].op == "embedding":
+            if OPS[g[u].op].work == "gather":
                 vocab[n.id] = g[g[u].inputs[1]].shape[0]
     return vocab
 

@@ -1,0 +1,112 @@
+"""The formula of every op in plain PyTorch: what the reference executor runs and what each
+generated kernel must agree with.
+
+Norms, RoPE, activations and softmax compute in fp32 and cast back to the input's dtype;
+matmuls run in the input's dtype (fp32 accumulation on every backend).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(mean(x^2) + eps) over the last dim, fp32: [..., 1]."""
+    x32 = x.float()
+    return torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def rms_norm(x, w, eps):
+    # x: [S, D], w: [D]; y = x * rsqrt(mean(x^2) + eps) * w
+    return (x.float() * rstd(x, eps) * w.float()).to(x.dtype)
+
+
+def head_rms_norm(x, w, eps, head_dim):
+    # x: [S, heads*hd]; each head normalized on its own, w: [hd] shared by the heads (or None)
+    s, width = x.shape
+    xh = x.view(s, width // head_dim, head_dim)
+    y = xh.float() * rstd(xh, eps)
+    if w is not None:
+        y = y * w.float()
+    return y.reshape(s, width).to(x.dtype)
+
+
+def inv_freq(theta: float, head_dim: int, rotary: int) -> torch.Tensor:
+    """float64 [hd/2]: theta^(-2d/hd) for the first `rotary` frequencies, 0 (no rotation) after."""
+    d = torch.arange(head_dim // 2, dtype=torch.float64)
+    return torch.where(d < rotary, theta ** (-2.0 * d / head_dim), torch.zeros_like(d))
+
+
+def rope_tables(positions: torch.Tensor, theta: float, head_dim: int, rotary: int):
+    """cos and sin of pos * inv_freq, fp32 [S, hd/2], computed in float64 (fp32 angles in the
+    thousands of radians lose digits)."""
+    ang = positions.to(torch.float64)[:, None] * inv_freq(theta, head_dim, rotary)[None, :]
+    return ang.cos().float(), ang.sin().float()
+
+
+def rope(x, theta, head_dim, rotary, positions=None):
+    # x: [S, heads*hd]; pair d with d + hd/2 inside each head
+    s, width = x.shape
+    half = head_dim // 2
+    pos = torch.arange(s) if positions is None else positions.cpu()
+    cos, sin = (t.to(x.device)[:, None, :] for t in rope_tables(pos, theta, head_dim, rotary))
+    xh = x.float().view(s, width // head_dim, head_dim)
+    x1, x2 = xh[..., :half], xh[..., half:]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.reshape(s, width).to(x.dtype)
+
+
+def attention(q, k, v, num_heads, num_kv_heads, head_dim, scale, window=None):
+    # q: [S, H*hd], k/v: [S, KV*hd]; query head h reads kv head h // (H / KV)
+    s = q.shape[0]
+    group = num_heads // num_kv_heads
+    qh = q.view(s, num_heads, head_dim).transpose(0, 1)  # [H, S, hd]
+    kh = k.view(s, num_kv_heads, head_dim).transpose(0, 1)
+    vh = v.view(s, num_kv_heads, head_dim).transpose(0, 1)
+    i = torch.arange(s, device=q.device)[:, None]
+    j = torch.arange(s, device=q.device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= j > i - window
+    out = torch.empty_like(qh)
+    for g in range(num_kv_heads):  # one kv head at a time bounds the [group, S, S] scores
+        qg = qh[g * group:(g + 1) * group].float()
+        scores = (qg @ kh[g].float().T) * scale
+        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[g * group:(g + 1) * group] = (p @ vh[g].float()).to(q.dtype)
+    return out.transpose(0, 1).reshape(s, num_heads * head_dim)
+
+
+def activation(x32: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "silu":
+        return F.silu(x32)
+    if act == "gelu_tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        return F.gelu(x32, approximate="tanh")
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def glu(gate, up, act):
+    # act(gate) * up, fp32
+    return (activation(gate.float(), act) * up.float()).to(gate.dtype)
+
+
+def halves(t):
+    n = t.shape[1] // 2
+    return t[:, :n], t[:, n:]
+
+
+def softcap(x, cap):
+    # cap * tanh(x / cap)
+    return (torch.tanh(x.float() / cap) * cap).to(x.dtype)
+
+
+def scale(x, factor):
+    return (x.float() * factor).to(x.dtype)
+
+
+def scale_by(x, s):
+    # s: [1], a scalar read from the weights
+    return (x.float() * s.float()[0]).to(x.dtype)
