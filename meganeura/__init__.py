@@ -9,3 +9,10 @@ def compile(graph, weights, device=None, dtype=None, profile=None, cache_dir=Non
     from .api import compile as _compile
 
     return _compile(graph, weights, device, dtype, profile, cache_dir, cuda_graph)
+
+
+def from_pretrained(path, device=None, dtype=None, cache_dir=None, profile=None):
+    """Loads a checkpoint directory as a model object; see meganeura.pretrained.from_pretrained."""
+    from .pretrained import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, device, dtype, cache_dir, profile)

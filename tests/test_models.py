@@ -3,8 +3,9 @@ import json
 import pytest
 
 from meganeura.errors import ConfigError
-from meganeura.models import (PRESETS, Gemma4Config, build, config_from_dict, load_config,
+from meganeura.models import (Gemma4Config, build, config_from_dict, load_config,
                               transposed_weight_names, weight_names, weight_shapes)
+from meganeura.models.gemma4 import PRESETS  # the seed family's
 
 LAYER_NAMES = [  # the seed's per-layer order
     "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",

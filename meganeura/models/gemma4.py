@@ -14,8 +14,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..compiler.graph import Graph
 from ..errors import ConfigError
+from .specs import WeightSpec
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,32 @@ def transposed_weight_names(config: Gemma4Config) -> list[str]:
         names += [f"{p}.self_attn.{w}_proj.weight" for w in "qkvo"]
         names += [f"{p}.mlp.{w}_proj.weight" for w in ("gate", "up", "down")]
     return names + ["lm_head.weight"]
+
+
+def weight_specs(config: Gemma4Config) -> dict[str, WeightSpec]:
+    """Every parameter: its graph shape ([in, out] for linear weights) and whether the
+    checkpoint stores it transposed ([out, in])."""
+    shapes, transposed = weight_shapes(config), set(transposed_weight_names(config))
+    return {n: WeightSpec(shapes[n], n in transposed) for n in weight_names(config)}
+
+
+def random_weights(config: Gemma4Config, seed: int = 0, dtype=torch.float32,
+                   device="cpu") -> dict[str, torch.Tensor]:
+    """Deterministic random weights in graph layout: the same seed and device give the same values.
+
+    Embedding ~ N(0, 1); a linear [in, out] ~ N(0, 1/in); norm weights ~ 1 + N(0, 0.1^2),
+    so activations stay O(1) through any depth.
+    """
+    out = {}
+    for i, (name, shape) in enumerate(weight_shapes(config).items()):
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        if len(shape) == 1:
+            t = 1.0 + 0.1 * t
+        elif name != "model.embed_tokens.weight":
+            t = t / shape[0] ** 0.5
+        out[name] = t.to(dtype)
+    return out
 
 
 def build(config: Gemma4Config, seq_len: int) -> Graph:

@@ -1,17 +1,20 @@
 """Weights in the Hugging Face safetensors layout, and deterministic random weights.
 
 A checkpoint is a `.safetensors` file, or a directory holding one
-(`model.safetensors`) or shards listed in `model.safetensors.index.json`.
-Linear weights are stored [out, in] and transposed to the graph's [in, out] on
-load. Headers are parsed here (8-byte little-endian length, then JSON) so that
-names and shapes are checked without reading any tensor; data is read through
-safetensors (never pickle).
+(`model.safetensors`) or shards listed in `model.safetensors.index.json`. Each family
+says how its parameters are stored (`WeightSpec`): the seed's linear weights are stored
+[out, in] and transposed to the graph's [in, out] on load; the published Gemma-4's graph
+reads them as stored. Names in a file may carry a prefix (`model.language_model.` in the
+multimodal layout). Headers are parsed here (8-byte little-endian length, then JSON) so
+that names and shapes are checked without reading any tensor; data is read through
+safetensors (never pickle). Only regular files inside the checkpoint are read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -20,10 +23,12 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsError
-from .gemma4 import Gemma4Config, transposed_weight_names, weight_names, weight_shapes
+from .registry import family, weight_specs
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100_000_000  # bytes of a safetensors JSON header
+MAX_INDEX = 50_000_000  # bytes of a shard index
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F64": torch.float64}
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -37,22 +42,33 @@ class StoredTensor:
     shape: tuple[int, ...]
 
 
+def regular_file(path: Path, what: str) -> int:
+    """The size of `path`, which must be a regular file (not a FIFO, device or directory)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise WeightsError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise WeightsError(f"{what} {path} is not a regular file")
+    return st.st_size
+
+
 def read_header(file: Path) -> dict[str, StoredTensor]:
     """Names, dtypes and shapes of a safetensors file, checked against its size."""
+    size = regular_file(file, "weights file")
     try:
-        size = file.stat().st_size
         with open(file, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise WeightsError(f"{file}: corrupt safetensors file (shorter than its header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise WeightsError(f"{file}: corrupt safetensors file (header length {n} "
-                                   f"exceeds file size {size})")
+            if n > size - 8 or n > MAX_HEADER:
+                raise WeightsError(f"{file}: corrupt safetensors file (the header length it "
+                                   f"starts with does not fit its {size} bytes)")
             header = json.loads(f.read(n))
     except OSError as e:
         raise WeightsError(f"cannot read weights file {file}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise WeightsError(f"{file}: corrupt safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{file}: corrupt safetensors file (header is not a JSON object)")
@@ -63,8 +79,10 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
             continue
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape + (begin, end)):
+                raise ValueError
             expect = _ITEMSIZE[dtype] * int(torch.Size(shape).numel())
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError):
             raise WeightsError(f"{file}: corrupt safetensors entry for '{name}'") from None
         if not (0 <= begin <= end <= data_size) or end - begin != expect:
             raise WeightsError(f"{file}: tensor '{name}' lies outside the file or has the wrong "
@@ -74,97 +92,110 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint path (file, directory, or sharded directory)."""
+    """The safetensors files of a checkpoint path (file, directory, or sharded directory);
+    every shard an index names must be a regular file inside the directory."""
     p = Path(path)
     if p.is_dir():
-        if (p / INDEX_NAME).is_file():
-            try:
-                index = json.loads((p / INDEX_NAME).read_text())
-                shards = sorted(set(index["weight_map"].values()))
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise WeightsError(f"{p / INDEX_NAME}: not a valid shard index") from None
-            missing = [s for s in shards if not (p / s).is_file()]
-            if missing:
-                raise WeightsError(f"{p / INDEX_NAME} names shard {missing[0]}, which is missing")
-            return [p / s for s in shards]
-        if (p / SINGLE_NAME).is_file():
+        index_path = p / INDEX_NAME
+        if index_path.exists():
+            return _shards(p, index_path)
+        if (p / SINGLE_NAME).exists():
+            regular_file(p / SINGLE_NAME, "weights file")
             return [p / SINGLE_NAME]
         raise WeightsError(f"{p}: no {SINGLE_NAME} or {INDEX_NAME} in this directory")
     if not p.exists():
         raise WeightsError(f"weights path {p} does not exist")
+    regular_file(p, "weights file")
     return [p]
 
 
-def check_weights(path: str | Path, config: Gemma4Config) -> dict[str, StoredTensor]:
-    """Reads only headers; raises WeightsError for a missing or misshaped tensor."""
+def _shards(directory: Path, index_path: Path) -> list[Path]:
+    if regular_file(index_path, "shard index") > MAX_INDEX:
+        raise WeightsError(f"{index_path}: shard index larger than {MAX_INDEX} bytes")
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        names = set(weight_map.values())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+            AttributeError, RecursionError):
+        raise WeightsError(f"{index_path}: not a valid shard index") from None
+    if not all(isinstance(s, str) and s for s in names):
+        raise WeightsError(f"{index_path}: weight_map values must be shard file names")
+    root = directory.resolve()
+    files = []
+    for shard in sorted(names):
+        f = (directory / shard).resolve()
+        if f.parent != root:
+            raise WeightsError(f"{index_path} names shard {shard!r}, which is not a file inside "
+                               f"{directory}")
+        if not f.exists():
+            raise WeightsError(f"{index_path} names shard {shard}, which is missing")
+        regular_file(f, "weights file")
+        files.append(f)
+    return files
+
+
+def check_weights(path: str | Path, config, rename=None) -> dict[str, StoredTensor]:
+    """Reads only headers; raises WeightsError for a missing or misshaped tensor. Returns the
+    stored tensors by parameter name. rename: parameter name -> name in the files (the
+    multimodal layout's `model.language_model.` prefix), default the name itself."""
     stored: dict[str, StoredTensor] = {}
     for f in checkpoint_files(path):
         stored.update(read_header(f))
-    transposed = set(transposed_weight_names(config))
-    shapes = weight_shapes(config)
-    for name in weight_names(config):
-        if name not in stored:
-            raise WeightsError(f"weight '{name}' is missing from {path}")
-        want = shapes[name][::-1] if name in transposed else shapes[name]
-        got = stored[name].shape
-        if got != want:
-            layout = " (HF layout [out, in])" if name in transposed else ""
-            raise WeightsError(f"weight '{name}' has shape {list(got)} in {path}, "
-                               f"expected {list(want)}{layout}")
-        if stored[name].dtype not in _DTYPES:
-            raise WeightsError(f"weight '{name}' has dtype {stored[name].dtype}, expected a float")
-    return stored
+    out = {}
+    for name, spec in weight_specs(config).items():
+        key = rename(name) if rename else name
+        if key not in stored:
+            raise WeightsError(f"weight '{key}' is missing from {path}")
+        got = stored[key].shape
+        if got != spec.stored_shape:
+            layout = " (HF layout [out, in])" if spec.transposed else ""
+            raise WeightsError(f"weight '{key}' has shape {list(got)} in {path}, "
+                               f"expected {list(spec.stored_shape)}{layout}")
+        if stored[key].dtype not in _DTYPES:
+            raise WeightsError(f"weight '{key}' has dtype {stored[key].dtype}, expected a float")
+        out[name] = stored[key]
+    return out
 
 
-def load_weights(path: str | Path, config: Gemma4Config, dtype=torch.float32,
-                 device="cpu") -> dict[str, torch.Tensor]:
-    """Loads every weight of `config` in graph layout ([in, out]), cast to `dtype`."""
+def load_weights(path: str | Path, config, dtype=torch.float32, device="cpu",
+                 rename=None) -> dict[str, torch.Tensor]:
+    """Loads every weight of `config` in graph layout, cast to `dtype`, onto `device`."""
     from safetensors import SafetensorError, safe_open
 
-    stored = check_weights(path, config)
-    transposed = set(transposed_weight_names(config))
+    stored = check_weights(path, config, rename)
+    specs = weight_specs(config)
     by_file: dict[Path, list[str]] = {}
-    for name in weight_names(config):
+    for name in specs:
         by_file.setdefault(stored[name].file, []).append(name)
     out = {}
     for file, names in by_file.items():
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names:
-                    t = f.get_tensor(name)
-                    t = t.T if name in transposed else t
+                    t = f.get_tensor(rename(name) if rename else name)
+                    t = t.T if specs[name].transposed else t
                     out[name] = t.to(device=device, dtype=dtype).contiguous()
         except SafetensorError as e:
             raise WeightsError(f"{file}: corrupt safetensors file ({e})") from None
     return out
 
 
-def random_weights(config: Gemma4Config, seed: int = 0, dtype=torch.float32,
+def random_weights(config, seed: int = 0, dtype=torch.float32,
                    device="cpu") -> dict[str, torch.Tensor]:
-    """Deterministic random weights in graph layout: the same seed and device give the same values.
-
-    Embedding ~ N(0, 1); a linear [in, out] ~ N(0, 1/in); norm weights ~ 1 + N(0, 0.1^2),
-    so activations stay O(1) through any depth.
-    """
-    out = {}
-    for i, (name, shape) in enumerate(weight_shapes(config).items()):
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
-        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-        if len(shape) == 1:
-            t = 1.0 + 0.1 * t
-        elif name != "model.embed_tokens.weight":
-            t = t / shape[0] ** 0.5
-        out[name] = t.to(dtype)
-    return out
+    """Deterministic random weights of `config`'s family, in graph layout (see the family's
+    `random_weights` for the distributions)."""
+    return family(config).random_weights(config, seed, dtype, device)
 
 
-def save_weights(weights: dict[str, torch.Tensor], config: Gemma4Config, path: str | Path) -> None:
+def save_weights(weights: dict[str, torch.Tensor], config, path: str | Path,
+                 rename=None) -> None:
     """Writes graph-layout weights as one HF-layout safetensors file, atomically."""
     from safetensors.torch import save_file
 
-    transposed = set(transposed_weight_names(config))
-    tensors = {n: (weights[n].T if n in transposed else weights[n]).contiguous().cpu()
-               for n in weight_names(config)}
+    specs = weight_specs(config)
+    tensors = {(rename(n) if rename else n): (weights[n].T if s.transposed else weights[n])
+               .contiguous().cpu() for n, s in specs.items()}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -176,7 +207,6 @@ def save_weights(weights: dict[str, torch.Tensor], config: Gemma4Config, path: s
             os.unlink(tmp)
 
 
-def save_random_weights(config: Gemma4Config, path: str | Path, seed: int = 0,
-                        dtype=torch.float32) -> None:
+def save_random_weights(config, path: str | Path, seed: int = 0, dtype=torch.float32) -> None:
     """Writes `random_weights(config, seed)` in the HF layout, for tests and demos."""
     save_weights(random_weights(config, seed, dtype), config, path)

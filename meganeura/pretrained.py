@@ -1,0 +1,84 @@
+"""`meganeura.from_pretrained`: a checkpoint directory as a model object.
+
+    model = meganeura.from_pretrained("path/to/gemma-4-E4B-it")
+    logits = model(token_ids)          # [len(token_ids), vocab]
+
+The weights are loaded once, onto the device in the plan dtype; a plan is optimized and
+its kernels compiled the first time a sequence length is seen, and kept (every plan reads
+the same weight tensors). Calls are serialized: one model may be shared by threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from .api import bind, resolve
+from .compiler.cost import CostModel
+from .errors import InputError
+from .models.checkpoint import Checkpoint, open_checkpoint
+from .models.registry import build, family
+from .models.weights import load_weights
+from .optimize import optimize
+from .runtime.compiled import CompiledModel
+
+
+class PretrainedModel:
+    """A loaded model: `model(token_ids)` -> logits; compiled plans kept per sequence length."""
+
+    def __init__(self, config, weights: dict, device, dtype, profile, cache_dir=None,
+                 checkpoint: Checkpoint | None = None):
+        self.config = config
+        self.family = family(config)
+        self.checkpoint = checkpoint
+        self.weights = weights
+        self.device, self.dtype, self.profile = device, dtype, profile
+        self.cache_dir = cache_dir
+        self.plans: dict[int, CompiledModel] = {}
+        self.report = None  # the report of the plan compiled or run last
+        self._lock = threading.Lock()
+
+    @property
+    def notes(self) -> list[str]:
+        return self.checkpoint.notes if self.checkpoint else []
+
+    def compiled(self, seq_len: int) -> CompiledModel:
+        """The compiled prefill plan for `seq_len` tokens (optimized and compiled on first use)."""
+        if seq_len not in self.plans:
+            t0 = time.perf_counter()
+            graph = build(self.config, seq_len)
+            dt = "bf16" if self.dtype == torch.bfloat16 else "fp32"
+            plan, rep = optimize(graph, CostModel(self.profile, dt))
+            self.plans[seq_len] = bind(plan, rep, self.profile, self.weights, self.device,
+                                       self.dtype, self.cache_dir,
+                                       optimize_s=time.perf_counter() - t0)
+        return self.plans[seq_len]
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [len(token_ids), vocab] of a 1-D integer tensor of token ids. They live in
+        the plan's output buffer: the next call with as many tokens overwrites them."""
+        if not isinstance(token_ids, torch.Tensor):
+            raise InputError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
+        if token_ids.dim() != 1 or token_ids.numel() == 0:
+            raise InputError(f"token_ids must be a non-empty 1-D tensor, got shape "
+                             f"{list(token_ids.shape)}")
+        with self._lock:
+            fn = self.compiled(token_ids.shape[0])
+            self.report = fn.report
+            return fn(token_ids.to(self.device))
+
+
+def from_pretrained(path, device=None, dtype=None, cache_dir=None, profile=None) -> PretrainedModel:
+    """Loads a checkpoint directory (config.json + safetensors) of the published Gemma-4
+    (`gemma4_text`, or the text decoder of `gemma4`) or of the seed's model.
+
+    device: "cuda" or "cpu" (default: cuda when available); dtype: torch.bfloat16 or
+    torch.float32 (default: bf16 on cuda, fp32 on cpu); the stored dtype (bf16, fp16,
+    fp32) is cast once at load. cache_dir: the kernel source cache. Nothing is downloaded.
+    """
+    device, dtype, profile = resolve(device, dtype, profile)
+    ck = open_checkpoint(path)
+    weights = load_weights(ck.path, ck.config, dtype, device, ck.rename)
+    return PretrainedModel(ck.config, weights, device, dtype, profile, cache_dir, ck)
