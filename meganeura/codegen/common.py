@@ -67,11 +67,13 @@ def fit_stages(per_stage: int, fixed: int, want: int) -> int:
 def activation(act: str, x: str) -> str:
     """Triton expression of act(x) in fp32 (x a variable name), from exp only (the interpreter
     has no libdevice): silu(x) = x sigmoid(x); gelu_tanh(x) = x sigmoid(2u), u = sqrt(2/pi)
-    (x + 0.044715 x^3), which equals 0.5 x (1 + tanh(u))."""
+    (x + 0.044715 x^3), which equals 0.5 x (1 + tanh(u)). The exponent is clamped at 80
+    (exp stays finite; x / (1 + e^80) is 0 in fp32 all the same)."""
     if act == "silu":
-        return f"{x} / (1.0 + tl.exp(-{x}))"
+        return f"{x} / (1.0 + tl.exp(tl.minimum(-{x}, 80.0)))"
     if act == "gelu_tanh":
-        return f"{x} / (1.0 + tl.exp(-1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x})))"
+        return (f"{x} / (1.0 + tl.exp(tl.minimum(-1.5957691216057308 * "
+                f"({x} + 0.044715 * {x} * {x} * {x}), 80.0)))")
     raise ValueError(f"no kernel expression for activation {act!r}")
 
 

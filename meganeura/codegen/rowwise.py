@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .common import HEADER, KernelSpec, Target, indent, next_pow2
+from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 
 OPS = ("rms_norm", "head_rms_norm", "unit_rms_norm", "rope", "norm_rope", "head_norm_rope",
        "norm_add", "norm_add_scale")
@@ -54,43 +54,45 @@ class RowVariant:
 def emit(v: RowVariant) -> str:
     params = ["x_ptr"] + (["w_ptr"] if v.weight else []) + (["r_ptr"] if v.residual else [])
     params += ["s_ptr"] if v.scalar else []
-    params += ["out_ptr", "stride_x", "stride_out"] + (["stride_r"] if v.residual else [])
+    params += ["out_ptr", "S", "stride_x", "stride_out"] + (["stride_r"] if v.residual else [])
     params += ["D", "HD"] + (["eps"] if v.norm else []) + (["cos_ptr", "sin_ptr"] if v.rope else [])
-    params += ["HEADS: tl.constexpr", "BLOCK_H: tl.constexpr", "BLOCK_C: tl.constexpr"]
-    # tiles: [heads, columns of a head] (one tile), or its two halves for rope
+    params += ["HEADS: tl.constexpr", "ROWS: tl.constexpr", "BLOCK_H: tl.constexpr",
+               "BLOCK_C: tl.constexpr"]
+    # tiles: [rows, heads, columns of a head] (one tile), or its two halves for rope
     halves = [("lo", ""), ("hi", " + HALF")] if v.rope else [("x", "")]
-    lines = ["row = tl.program_id(0).to(tl.int64)",
-             "h = tl.arange(0, BLOCK_H)[:, None]",
-             "d = tl.arange(0, BLOCK_C)[None, :]"]
+    lines = ["r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None, None]",
+             "h = tl.arange(0, BLOCK_H)[None, :, None]",
+             "d = tl.arange(0, BLOCK_C)[None, None, :]"]
     if v.rope:
-        lines += ["HALF = HD // 2", "mask = (h < HEADS) & (d < HALF)"]
+        lines += ["HALF = HD // 2", "mask = (r < S) & (h < HEADS) & (d < HALF)"]
     else:
-        lines += ["mask = (h < HEADS) & (d < HD)"]
+        lines += ["mask = (r < S) & (h < HEADS) & (d < HD)"]
     lines.append("col = h * HD + d")
     for t, off in halves:
-        lines.append(f"{t} = tl.load(x_ptr + row * stride_x + col{off}, mask=mask, other=0.0)"
+        lines.append(f"{t} = tl.load(x_ptr + r * stride_x + col{off}, mask=mask, other=0.0)"
                      ".to(tl.float32)")
     if v.norm:
         sq = " + ".join(f"{t} * {t}" for t, _ in halves)
         if v.norm == "row":
-            lines += [f"ss = tl.sum(tl.sum({sq}, axis=1), axis=0)", "rstd = 1.0 / tl.sqrt(ss / D + eps)"]
+            lines += [f"ss = tl.sum(tl.sum({sq}, axis=2), axis=1)",
+                      "rstd = (1.0 / tl.sqrt(ss / D + eps))[:, None, None]"]
         else:
-            lines += [f"ss = tl.sum({sq}, axis=1)", "rstd = (1.0 / tl.sqrt(ss / HD + eps))[:, None]"]
+            lines += [f"ss = tl.sum({sq}, axis=2)", "rstd = (1.0 / tl.sqrt(ss / HD + eps))[:, :, None]"]
         for t, off in halves:
             w_at = ("col" if v.norm == "row" else "d") + off
             scale = f" * tl.load(w_ptr + {w_at}, mask=mask, other=0.0).to(tl.float32)" if v.weight else ""
             lines.append(f"{t} = {t} * rstd{scale}")
     if v.rope:
-        lines += ["c = tl.load(cos_ptr + row * HALF + d, mask=d < HALF, other=0.0)",
-                  "s = tl.load(sin_ptr + row * HALF + d, mask=d < HALF, other=0.0)",
+        lines += ["c = tl.load(cos_ptr + r * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
+                  "s = tl.load(sin_ptr + r * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
                   "lo, hi = lo * c - hi * s, hi * c + lo * s"]
     for t, off in halves:
         if v.residual:
-            lines.append(f"{t} = {t} + tl.load(r_ptr + row * stride_r + col{off}, mask=mask, "
+            lines.append(f"{t} = {t} + tl.load(r_ptr + r * stride_r + col{off}, mask=mask, "
                          "other=0.0).to(tl.float32)")
         if v.scalar:
             lines.append(f"{t} = {t} * tl.load(s_ptr).to(tl.float32)")
-        lines.append(f"tl.store(out_ptr + row * stride_out + col{off}, "
+        lines.append(f"tl.store(out_ptr + r * stride_out + col{off}, "
                      f"{t}.to(out_ptr.dtype.element_ty), mask=mask)")
     return HEADER + f"def row_kernel({', '.join(params)}):\n" + indent("\n".join(lines), 4) + "\n"
 
@@ -106,7 +108,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     args += [("node", node.inputs[1])] if v.weight else []
     args += [("node", node.inputs[2])] if v.residual else []
     args += [("node", node.inputs[3])] if v.scalar else []
-    args += [("node", node.id), ("stride", x.id), ("stride", node.id)]
+    args += [("node", node.id), ("value", s), ("stride", x.id), ("stride", node.id)]
     args += [("stride", node.inputs[2])] if v.residual else []
     args += [("value", width), ("value", hd)]
     args += [("value", node.attrs["eps"])] if v.norm else []
@@ -114,8 +116,10 @@ def build(node, graph, target: Target) -> KernelSpec:
         table = (s, hd, node.attrs["theta"], node.attrs["rotary"])
         args += [("rope_cos", table), ("rope_sin", table)]
     cols = next_pow2(hd // 2 if v.rope else hd)
-    cx = dict(HEADS=heads, BLOCK_H=next_pow2(heads), BLOCK_C=cols)
     block = next_pow2(heads) * cols * (2 if v.rope else 1)
+    # the interpreter pays per program, a GPU per row: several rows a program on the CPU
+    rows = min(16, next_pow2(s)) if target.interpreted else 1
+    cx = dict(HEADS=heads, ROWS=rows, BLOCK_H=next_pow2(heads), BLOCK_C=cols)
     warps = 1 if target.interpreted else max(1, min(16, block // 256))
-    return KernelSpec("rowwise", v.name, emit(v), "row_kernel", (s,), args, cx,
+    return KernelSpec("rowwise", v.name, emit(v), "row_kernel", (cdiv(s, rows),), args, cx,
                       num_warps=warps, num_stages=1)

@@ -1,0 +1,95 @@
+"""Tiny random Gemma-4 checkpoints written by transformers itself (nothing is downloaded).
+
+Every parameter and buffer that the checkpoint holds is perturbed away from transformers'
+initial values (norm weights of ones, layer scalars of one, ...), so a weight read from
+the wrong place, or not at all, changes the logits.
+"""
+
+import copy
+
+import torch
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+# transformers Gemma4TextConfig fields, by test case
+CONFIGS = {
+    # PLE, KV sharing (a sliding and a full producer), K = V with one global kv head, double-wide
+    # MLP on the shared layers, soft-cap, partial RoPE on 32-wide global heads, window 5
+    "every_feature": dict(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=7,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=3,
+        use_double_wide_mlp=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=97,
+        sliding_window=5, final_logit_softcapping=30.0,
+        layer_types=[SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL, FULL]),
+    # E2B's shape: four sliding layers then one full, one kv head, V its own projection
+    "e2b_like": dict(
+        vocab_size=61, hidden_size=40, intermediate_size=72, num_hidden_layers=10,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=12, global_head_dim=24,
+        num_kv_shared_layers=4, use_double_wide_mlp=True, hidden_size_per_layer_input=6,
+        vocab_size_per_layer_input=61, sliding_window=6, final_logit_softcapping=30.0,
+        layer_types=([SLIDING] * 4 + [FULL]) * 2),
+    # 31B's shape: no PLE, no sharing, K = V; here also untied, without soft-cap
+    "dense": dict(
+        vocab_size=53, hidden_size=32, intermediate_size=56, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+        num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+        sliding_window=4, final_logit_softcapping=None, tie_word_embeddings=False,
+        layer_types=[SLIDING] * 5 + [FULL]),
+}
+
+
+def _perturb(model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.add_(noise * (0.3 if p.dim() == 1 else 0.05))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.add_(torch.randn(b.shape, generator=gen) * 0.3)
+
+
+def text_model(name: str, seed: int = 0):
+    """A Gemma4ForCausalLM of the named config, fp32, every weight perturbed."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    torch.manual_seed(seed)
+    model = Gemma4ForCausalLM(Gemma4TextConfig(**CONFIGS[name])).eval()
+    _perturb(model, seed)
+    return model
+
+
+def multimodal_model(name: str, seed: int = 0):
+    """A Gemma4ForConditionalGeneration (tiny vision and audio towers) around the named text
+    config: its text weights sit under model.language_model."""
+    from transformers import (Gemma4AudioConfig, Gemma4Config, Gemma4ForConditionalGeneration,
+                              Gemma4VisionConfig)
+
+    torch.manual_seed(seed)
+    text = CONFIGS[name]
+    vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+    audio = Gemma4AudioConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                              output_proj_dims=text["hidden_size"])
+    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision,
+                                                        audio_config=audio)).eval()
+    _perturb(model, seed)
+    return model
+
+
+def save(model, directory, dtype=torch.float32, shard_size=None) -> None:
+    """save_pretrained in the given stored dtype (optionally sharded); the model is unchanged."""
+    kw = {"max_shard_size": shard_size} if shard_size else {}
+    copy.deepcopy(model).to(dtype).save_pretrained(directory, **kw)
+
+
+def reload_fp32(model, directory):
+    """transformers' own fp32 model of a saved checkpoint (stored bf16 / fp16 values upcast)."""
+    return type(model).from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' fp32 logits [S, vocab] for one sequence."""
+    with torch.no_grad():
+        return model(ids[None]).logits[0].float()

@@ -1,0 +1,188 @@
+"""The published Gemma-4 from checkpoint directories written by transformers: logits equal
+transformers' fp32 logits, every kernel generated from the extracted plan (the interpreter)."""
+
+import json
+
+import pytest
+import torch
+
+import hf_checkpoints as hf
+import meganeura
+from meganeura.errors import ConfigError, InputError, WeightsError
+from meganeura.models import build
+from meganeura.models.checkpoint import open_checkpoint
+from meganeura.models.gemma4_text import from_dict
+from meganeura.models.weights import load_weights
+from meganeura.runtime.reference import run_reference
+from numerics import assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _ids(vocab, n, seed):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(scope="module")
+def every_feature(tmp_path_factory):
+    model = hf.text_model("every_feature", seed=1)
+    d = tmp_path_factory.mktemp("every_feature")
+    hf.save(model, d)
+    return model, d
+
+
+def test_every_weight_is_perturbed_from_its_initial_value(every_feature):
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    model, _ = every_feature
+    torch.manual_seed(1)
+    fresh = Gemma4ForCausalLM(Gemma4TextConfig(**hf.CONFIGS["every_feature"]))
+    state = fresh.state_dict()
+    for name, t in model.state_dict().items():
+        if "inv_freq" not in name and "embed_scale" not in name:
+            assert not torch.equal(t, state[name]), name
+
+
+@pytest.mark.parametrize("seq", [1, 23])
+def test_text_checkpoint_matches_transformers(every_feature, kernels, seq):
+    model, d = every_feature
+    ours = meganeura.from_pretrained(d, device="cpu", cache_dir=kernels)
+    ids = _ids(97, seq, seq)
+    out = ours(ids)
+    assert out.shape == (seq, 97)
+    assert_close(out, hf.logits(model, ids), "fp32")
+    assert ours.checkpoint.layout == "gemma4_text"
+
+
+def test_every_feature_is_in_the_plan(every_feature, kernels):
+    _, d = every_feature
+    ours = meganeura.from_pretrained(d, device="cpu", cache_dir=kernels)
+    fn = ours.compiled(23)
+    g = fn.report.plan.graph
+    ops = g.op_counts()
+    c = ours.config
+    assert c.is_kv_consumer(6) and not c.is_kv_consumer(3) and c.kv_producer(6) == 2
+    assert ops["causal_attention"] == 3 and ops["sliding_window_attention"] == 4
+    # shared layers read their producer's K/V: only 4 layers project k (q | k | v merged)
+    assert ops["unit_rms_norm"] == 4 and ops["head_norm_rope"] == 7 + 4
+    assert ops["norm_add_scale"] == 7 and ops["matmul_softcap"] == 1
+    assert ops["embedding_scale"] == 2  # sqrt(H) and sqrt(P) * 2^-0.5 folded into the gathers
+    kinds = {(a, v) for _, a, v in fn.report.kernels}
+    assert ("matmul", "softcap-epilogue+tma+B-transposed") in kinds  # the lm_head
+    assert any("gelu_tanh-glu-epilogue" in v for _, v in kinds)
+    # the tied lm_head reads the embedding in place, every linear weight is read where it
+    # lies: the only load-time tensor is the PLE norm weight with 2^-0.5 folded in ([P])
+    kept = [g[i] for i in fn.tensors if i in fn.plan.load_time]
+    assert [(n.op, n.shape) for n in kept] == [("scale", (8,))]
+
+
+def test_multimodal_checkpoint_loads_its_text_decoder(tmp_path, kernels):
+    model = hf.multimodal_model("every_feature", seed=2)
+    hf.save(model, tmp_path)
+    ours = meganeura.from_pretrained(tmp_path, device="cpu", cache_dir=kernels)
+    assert ours.checkpoint.layout == "gemma4"
+    assert "vision and audio towers are skipped" in ours.notes[0]
+    ids = _ids(97, 11, 3)
+    assert_close(ours(ids), hf.logits(model, ids), "fp32")
+
+
+@pytest.mark.parametrize("name", ["e2b_like", "dense"])
+def test_other_layouts_match_transformers(name, tmp_path, kernels):
+    model = hf.text_model(name, seed=4)
+    hf.save(model, tmp_path, shard_size="20KB")  # sharded, with an index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = meganeura.from_pretrained(tmp_path, device="cpu", cache_dir=kernels)
+    vocab = hf.CONFIGS[name]["vocab_size"]
+    ids = _ids(vocab, 17, 5)
+    assert_close(ours(ids), hf.logits(model, ids), "fp32")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stored_half_precision_is_upcast(dtype, tmp_path, kernels):
+    model = hf.text_model("every_feature", seed=6)
+    hf.save(model, tmp_path, dtype=dtype)
+    ref_model = hf.reload_fp32(model, tmp_path)
+    ours = meganeura.from_pretrained(tmp_path, device="cpu", dtype=torch.float32,
+                                     cache_dir=kernels)
+    assert all(t.dtype == torch.float32 for t in ours.weights.values())
+    ids = _ids(97, 9, 7)
+    assert_close(ours(ids), hf.logits(ref_model, ids), "fp32")
+
+
+def test_reference_executor_matches_transformers(every_feature):
+    model, d = every_feature
+    ck = open_checkpoint(d)
+    w = load_weights(ck.path, ck.config)
+    ids = _ids(97, 31, 8)
+    (ref,) = run_reference(build(ck.config, 31), w, {"token_ids": ids})
+    assert_close(ref, hf.logits(model, ids), "fp32")
+
+
+def test_plans_are_kept_per_sequence_length(every_feature, kernels):
+    _, d = every_feature
+    ours = meganeura.from_pretrained(d, device="cpu", cache_dir=kernels)
+    a = ours(_ids(97, 3, 1)).clone()
+    ours(_ids(97, 4, 1))
+    assert sorted(ours.plans) == [3, 4] and ours.report is ours.plans[4].report
+    assert torch.equal(ours(_ids(97, 3, 1)), a)  # the same weights, the same plan
+    with pytest.raises(InputError, match="non-empty 1-D"):
+        ours(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(InputError, match="token id 97, outside"):
+        ours(torch.tensor([1, 97]))
+
+
+def _config_dir(tmp_path, text: dict, **top) -> str:
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gemma4_text", **hf.CONFIGS["dense"],
+                                               **text, **top}))
+    return d
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("enable_moe_block", True, "mixture-of-experts Gemma-4 .* not supported yet"),
+    ("hidden_size", "48", "hidden_size must be a positive integer"),
+    ("hidden_activation", "relu", "hidden_activation must be one of"),
+    ("layer_types", ["sliding_attention"], "layer_types must be a list of 6"),
+    ("num_kv_shared_layers", 6, "must leave at least one layer"),
+    ("rope_parameters", {"sliding_attention": {"rope_type": "yarn"},
+                         "full_attention": {"rope_type": "default"}}, "rope_type 'yarn' is not"),
+    ("rope_parameters", {"sliding_attention": {"rope_type": "default"}}, "no object for full"),
+    ("per_layer_config", {"9": {"head_dim": 8}}, "per_layer_config entry '9'"),
+    ("use_bidirectional_attention", "all", "bidirectional text attention"),
+])
+def test_unsupported_or_bad_config_names_the_field(tmp_path, field, value, message):
+    d = _config_dir(tmp_path, {field: value})
+    with pytest.raises(ConfigError, match=message):
+        meganeura.from_pretrained(d, device="cpu")
+
+
+def test_checkpoint_directory_errors(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        meganeura.from_pretrained(tmp_path / "nope", device="cpu")
+    with pytest.raises(ConfigError, match="no config.json"):
+        meganeura.from_pretrained(tmp_path, device="cpu")
+    d = _config_dir(tmp_path, {}, model_type="llama")
+    with pytest.raises(ConfigError, match="model_type 'llama' is not supported"):
+        meganeura.from_pretrained(d, device="cpu")
+    (d / "config.json").write_text(json.dumps({"model_type": "gemma4_text", **hf.CONFIGS["dense"]}))
+    with pytest.raises(WeightsError, match="no model.safetensors"):
+        meganeura.from_pretrained(d, device="cpu")
+
+
+def test_released_and_per_layer_config_forms_agree():
+    # the form transformers >= 5.17 writes (per_layer_config) and the released form
+    released = from_dict({**hf.CONFIGS["every_feature"]})
+    per_layer = from_dict({k: v for k, v in hf.CONFIGS["every_feature"].items()
+                           if k not in ("global_head_dim", "num_global_key_value_heads")}
+                          | {"per_layer_config": {str(i): {"head_dim": 32, "num_key_value_heads": 1}
+                                                  for i in (2, 5, 6)}})
+    assert released == per_layer
+    assert released.layer_head_dims == (16, 16, 32, 16, 16, 32, 32)
+    assert released.layer_kv_heads == (2, 2, 1, 2, 2, 1, 1)
+    assert released.rope_of(2) == (1e6, 4) and released.rope_of(0) == (1e4, 8)
