@@ -1,13 +1,19 @@
 """Prefill benchmark: meganeura against PyTorch eager and torch.compile, in one process.
 
     python benchmarks/prefill.py --model gemma4-4b --seq-len 2048 8192 [--check]
+    python benchmarks/prefill.py --model gemma4-e4b --check --hf-fp32
     python benchmarks/prefill.py --table --check      # every configuration of the targets
 
-Same weights and token ids for all three; CUDA events, warm-up, median of --iters.
+The seed's presets run against a plain PyTorch forward of the same graph
+(`torch_forward.py`); the published Gemma-4 presets (gemma4-e2b, -e4b, -31b) against
+transformers' own model (`hf_forward.py`, sdpa), eager and under torch.compile, meganeura
+reading that model's very tensors. Same weights and token ids for all three; CUDA events,
+warm-up, median of --iters.
 Prints a table (ms, ratios, TFLOP/s, peak memory, compile times), the estimated vs
 measured time of the most expensive kernels, and appends rows tagged with GPU,
 versions, commit and date to benchmarks/results/prefill.csv. --check compares the
-compiled logits with the fp32 reference executor (relative error, bound 2e-2 in bf16).
+compiled logits with the fp32 reference executor (relative error, bound 2e-2 in bf16);
+--hf-fp32 (published presets) also with transformers' model upcast to fp32.
 """
 
 from __future__ import annotations
@@ -33,16 +39,18 @@ from torch_forward import make_forward  # noqa: E402
 
 import meganeura  # noqa: E402
 import triton  # noqa: E402
-from meganeura.models import MODEL_NAMES, PRESETS, build  # noqa: E402
+from meganeura.models import MODEL_NAMES, PRESETS, Gemma4TextConfig, build  # noqa: E402
 from meganeura.models.weights import random_weights  # noqa: E402
 from meganeura.runtime.check import TOLERANCE, relative_error  # noqa: E402
 from meganeura.runtime.reference import run_reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TABLE = [("gemma4-4b", 2048), ("gemma4-4b", 8192), ("gemma4-12b", 2048), ("gemma4-27b", 2048)]
-# issue 5's targets: time ratio to torch.compile (and share of the FLOP floor) per configuration
+TABLE = [("gemma4-4b", 2048), ("gemma4-4b", 8192), ("gemma4-12b", 2048), ("gemma4-27b", 2048),
+         ("gemma4-e4b", 2048), ("gemma4-31b", 2048)]
+# targets: time ratio to torch.compile (and share of the FLOP floor) per configuration (the
+# seed's from the first prefill round, the published model's from the checkpoint issue)
 TARGET_RATIO = {("gemma4-4b", 2048): 0.90, ("gemma4-4b", 8192): 0.70, ("gemma4-12b", 2048): 1.0,
-                ("gemma4-27b", 2048): 1.0}
+                ("gemma4-27b", 2048): 1.0, ("gemma4-e4b", 2048): 1.0, ("gemma4-31b", 2048): 1.0}
 
 
 def timed(fn, warmup: int, iters: int, cuda: bool) -> float:
@@ -107,17 +115,22 @@ def _release(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def model_flops(cfg, s: int) -> float:
-    """Matmul FLOPs of one forward (projections, attention pairs, lm_head)."""
+def model_flops(graph) -> float:
+    """Matmul FLOPs of one forward: every product (projections, lm_head) and the attention
+    pairs the causal and sliding-window masks allow."""
     from meganeura.compiler.cost import attention_pairs
+    from meganeura.compiler.ops import OPS
 
-    h, q, kv, f = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
-    per_layer = 2 * s * h * (2 * q + 2 * kv) + 2 * s * h * 3 * f
-    attn = 0
-    for i in range(cfg.num_hidden_layers):
-        win = None if cfg.is_global_layer(i) else cfg.sliding_window_size
-        attn += 4 * cfg.num_attention_heads * cfg.head_dim * attention_pairs(s, win)
-    return cfg.num_hidden_layers * per_layer + attn + 2 * s * h * cfg.vocab_size
+    total = 0.0
+    for n in graph.nodes:
+        work = OPS[n.op].work
+        if work == "matmul":
+            (m, k), cols = graph[n.inputs[0]].shape, graph[n.inputs[1]].shape[1]
+            total += 2 * m * k * cols
+        elif work == "attention":
+            a = n.attrs
+            total += 4 * a["num_heads"] * a["head_dim"] * attention_pairs(n.shape[0], a.get("window"))
+    return total
 
 
 def kernel_times(model, cuda: bool, reps: int) -> dict[int, float]:
@@ -148,6 +161,8 @@ def _graph_time(fn, reps: int) -> float:
 
 def run_one(args, name: str, seq: int, device, dtype) -> dict:
     cfg = PRESETS[MODEL_NAMES[name]]
+    if isinstance(cfg, Gemma4TextConfig):
+        return run_published(args, name, cfg, seq, device, dtype)
     cuda = device.type == "cuda"
     graph = build(cfg, seq)
     weights = random_weights(cfg, args.seed, dtype, device)
@@ -156,22 +171,7 @@ def run_one(args, name: str, seq: int, device, dtype) -> dict:
     row = {"model": name, "seq": seq, "dtype": args.dtype}
 
     # cold: empty meganeura and Triton caches; warm: the same compile again
-    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="meganeura-kernels-")
-    if not args.cache_dir:  # Triton's on-disk cache too: each configuration compiles cold
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="meganeura-triton-")
-    base = _allocated(cuda)
-    t = time.perf_counter()
-    fn = meganeura.compile(graph, weights, device, dtype, cache_dir=cache_dir)
-    fn(ids)
-    row["meganeura_compile_s"] = _since(t, cuda)
-    row["meganeura_peak_gib"] = _peak_above(base, cuda)
-    row["meganeura_resident_gib"] = (_allocated(cuda) - base) / 2**30
-    del fn
-    _release(cuda)
-    t = time.perf_counter()
-    fn = meganeura.compile(graph, weights, device, dtype, cache_dir=cache_dir)
-    fn(ids)
-    row["meganeura_warm_compile_s"] = _since(t, cuda)
+    fn = compile_timed(row, graph, weights, ids, device, dtype, args.cache_dir, cuda)
     if args.check:  # fp32 reference on the same weights, upcast one parameter at a time
         logits = fn(ids).float().clone()
         (ref,) = run_reference(graph, weights, {"token_ids": ids}, torch.float32, device)
@@ -202,8 +202,13 @@ def run_one(args, name: str, seq: int, device, dtype) -> dict:
             row["torch_compile_ms"] = timed(lambda: compiled(weights, ids), args.warmup,
                                             args.iters, cuda)
             row["torch_compile_peak_gib"] = peak_during(lambda: compiled(weights, ids), cuda)
-    row["tflops"] = model_flops(cfg, seq) / (row["meganeura_ms"] * 1e-3) / 1e12
-    row["floor_ms"] = model_flops(cfg, seq) / 790e12 * 1e3
+    return finish_row(args, row, fn, graph, cuda)
+
+
+def finish_row(args, row: dict, fn, graph, cuda: bool) -> dict:
+    """FLOP rate and floor, and each kernel's measured time beside its estimate."""
+    row["tflops"] = model_flops(graph) / (row["meganeura_ms"] * 1e-3) / 1e12
+    row["floor_ms"] = model_flops(graph) / 790e12 * 1e3
     measured = kernel_times(fn, cuda, args.kernel_reps)
     plan = fn.report.plan
     top = sorted(measured, key=lambda i: -measured[i])[:10]
@@ -220,6 +225,76 @@ def run_one(args, name: str, seq: int, device, dtype) -> dict:
     row["by_op"] = by_op
     row["launches"] = len(fn.launches)
     return row
+
+
+def compile_timed(row: dict, graph, weights, ids, device, dtype, cache_dir, cuda: bool):
+    """meganeura cold (empty caches) then warm; the compiled model of the warm compile."""
+    if not cache_dir:  # Triton's on-disk cache too: each configuration compiles cold
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="meganeura-triton-")
+    cache_dir = cache_dir or tempfile.mkdtemp(prefix="meganeura-kernels-")
+    base = _allocated(cuda)
+    t = time.perf_counter()
+    fn = meganeura.compile(graph, weights, device, dtype, cache_dir=cache_dir)
+    fn(ids)
+    row["meganeura_compile_s"] = _since(t, cuda)
+    row["meganeura_peak_gib"] = _peak_above(base, cuda)
+    row["meganeura_resident_gib"] = (_allocated(cuda) - base) / 2**30
+    del fn
+    _release(cuda)
+    t = time.perf_counter()
+    fn = meganeura.compile(graph, weights, device, dtype, cache_dir=cache_dir)
+    fn(ids)
+    row["meganeura_warm_compile_s"] = _since(t, cuda)
+    return fn
+
+
+def run_published(args, name: str, cfg, seq: int, device, dtype) -> dict:
+    """The published Gemma-4 against transformers' model (eager and torch.compile), meganeura
+    reading the same weight tensors."""
+    import copy
+
+    from hf_forward import hf_logits, hf_model, shared_weights
+
+    cuda = device.type == "cuda"
+    model = hf_model(MODEL_NAMES[name], dtype, device, args.seed)
+    weights = shared_weights(model, cfg)
+    graph = build(cfg, seq)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + seq)
+    ids = torch.randint(0, cfg.vocab_size, (seq,), generator=gen).to(device)
+    row = {"model": name, "seq": seq, "dtype": args.dtype}
+    fn = compile_timed(row, graph, weights, ids, device, dtype, args.cache_dir, cuda)
+    if args.check:
+        logits = fn(ids).float().clone()
+        (ref,) = run_reference(graph, weights, {"token_ids": ids}, torch.float32, device)
+        row["rel_error"] = relative_error(logits, ref)
+        row["eager_rel_error"] = relative_error(hf_logits(model, ids).float(), ref)
+        if args.hf_fp32:  # transformers' own fp32 model of the same weights
+            ref_model = copy.deepcopy(model).float()
+            hf32 = hf_logits(ref_model, ids).float()
+            del ref_model
+            row["rel_error_hf_fp32"] = relative_error(logits, hf32)
+            row["reference_vs_hf_fp32"] = relative_error(ref, hf32)
+            del hf32
+        del logits, ref
+        _release(cuda)
+    row["meganeura_ms"] = timed(lambda: fn(ids), args.warmup, args.iters, cuda)
+    with torch.no_grad():
+        forward = lambda: model(input_ids=ids[None], use_cache=False)  # noqa: E731
+        row["eager_ms"] = timed(forward, args.warmup, args.iters, cuda)
+        row["eager_peak_gib"] = peak_during(forward, cuda)
+        if args.torch_compile:
+            compiled = torch.compile(model)
+            _release(cuda)
+            base = _allocated(cuda)
+            t = time.perf_counter()
+            compiled(input_ids=ids[None], use_cache=False)
+            row["torch_compile_s"] = _since(t, cuda)
+            row["torch_compile_first_peak_gib"] = _peak_above(base, cuda)
+            call = lambda: compiled(input_ids=ids[None], use_cache=False)  # noqa: E731
+            row["torch_compile_ms"] = timed(call, args.warmup, args.iters, cuda)
+            row["torch_compile_peak_gib"] = peak_during(call, cuda)
+            del compiled
+    return finish_row(args, row, fn, graph, cuda)
 
 
 def print_row(r: dict) -> None:
@@ -241,7 +316,10 @@ def print_row(r: dict) -> None:
     if r.get("rel_error") is not None:
         ok = "ok" if r["rel_error"] <= TOLERANCE["bf16"] else "FAIL"
         print(f"  relative error vs fp32 reference: {r['rel_error']:.2e} ({ok}); eager bf16 "
-              f"PyTorch: {r.get('eager_rel_error', float('nan')):.2e}")
+              f"baseline: {r.get('eager_rel_error', float('nan')):.2e}")
+    if r.get("rel_error_hf_fp32") is not None:
+        print(f"  relative error vs transformers' fp32 model: {r['rel_error_hf_fp32']:.2e}; the fp32 "
+              f"reference executor vs transformers' fp32 model: {r['reference_vs_hf_fp32']:.2e}")
     print(f"  kernels one by one: {r['kernel_sum_ms']:.2f} ms; ten most expensive "
           f"(estimated vs measured):")
     print("  by kernel kind: " + ", ".join(f"{op} x{n} {meas:.2f} ms (est {est:.2f})" for op, (
@@ -310,7 +388,7 @@ def append_csv(rows: list[dict], env: dict, path: Path) -> None:
               "meganeura_compile_s", "torch_compile_s", "meganeura_peak_gib", "eager_peak_gib",
               "torch_compile_peak_gib", "rel_error", "eager_rel_error", "launches",
               "meganeura_warm_compile_s", "meganeura_resident_gib",
-              "torch_compile_first_peak_gib"]
+              "torch_compile_first_peak_gib", "rel_error_hf_fp32", "reference_vs_hf_fp32"]
     path.parent.mkdir(parents=True, exist_ok=True)
     old = []
     if path.exists():  # keep earlier rows, under the current header
@@ -366,6 +444,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel-reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="relative error vs the fp32 reference")
+    ap.add_argument("--hf-fp32", action="store_true", help="with --check, published presets: "
+                    "also against transformers' model upcast to fp32 (needs 4 bytes a weight)")
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--csv", default=str(RESULTS / "prefill.csv"))

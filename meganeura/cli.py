@@ -12,7 +12,8 @@ import time
 
 from .errors import MeganeuraError
 
-MODEL_CHOICES = ("gemma4-small-test", "gemma4-1b", "gemma4-4b", "gemma4-12b", "gemma4-27b")
+MODEL_CHOICES = ("gemma4-small-test", "gemma4-1b", "gemma4-4b", "gemma4-12b", "gemma4-27b",
+                 "gemma4-e2b", "gemma4-e4b", "gemma4-31b")
 
 
 class UsageError(MeganeuraError):
@@ -44,14 +45,17 @@ def _token_list(text: str) -> list[int]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     m = p.add_mutually_exclusive_group()
     m.add_argument("--model", choices=MODEL_CHOICES, default=None,
-                   help="built-in preset (default: gemma4-small-test)")
-    m.add_argument("--config", metavar="FILE", help="model config as JSON, with the seed's field "
-                   "names (vocab_size, hidden_size, ..., head_dim)")
+                   help="built-in preset: the seed's gemma4-small-test (default), -1b, -4b, -12b, "
+                   "-27b, or the published gemma4-e2b, -e4b, -31b")
+    m.add_argument("--config", metavar="FILE", help="model config as JSON: the seed's field "
+                   "names (vocab_size, hidden_size, ..., head_dim), or a transformers "
+                   "config.json (model_type gemma4_text or gemma4)")
     p.add_argument("--seq-len", type=_positive_int, default=16, metavar="N",
                    help="tokens per forward pass (default: 16)")
-    p.add_argument("--weights", metavar="PATH", help="a .safetensors file, or a directory with "
-                   "model.safetensors or a sharded index (HF layout). Without it, deterministic "
-                   "random weights from --seed are used")
+    p.add_argument("--weights", metavar="PATH", help="a checkpoint directory (config.json and "
+                   "model.safetensors or shards: the model is read from it, no --model needed), "
+                   "or a .safetensors file / directory of the --model or --config model. Without "
+                   "it, deterministic random weights from --seed are used")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and token ids "
                    "(default: 0)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,

@@ -9,18 +9,34 @@ import torch
 
 from .codegen.cache import KernelCache
 from .errors import MeganeuraError
-from .models import MODEL_NAMES, PRESETS, build, load_config
+from .models import MODEL_NAMES, PRESETS, build, config_from_dict
 from .models.weights import check_weights, load_weights, random_weights
 from .runtime.check import relative_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def resolve_config(args):
+def resolve_model(args):
+    """(config, name, checkpoint or None) from --weights DIR (a checkpoint directory with its
+    config.json), --config FILE or --model NAME."""
+    from .models.checkpoint import is_checkpoint_dir, open_checkpoint, read_json
+
+    if args.weights and is_checkpoint_dir(args.weights):
+        if args.model or args.config:
+            raise MeganeuraError(f"--weights {args.weights} holds its own config.json: leave out "
+                                 f"--model and --config")
+        ck = open_checkpoint(args.weights)
+        return ck.config, str(args.weights), ck
     if args.config:
-        return load_config(args.config), args.config
+        d = read_json(Path(args.config), "config")
+        if isinstance(d, dict) and d.get("model_type") in ("gemma4_text", "gemma4"):
+            from .models.gemma4_text import from_dict
+
+            return from_dict(d.get("text_config", d) if d["model_type"] == "gemma4" else d), \
+                args.config, None
+        return config_from_dict(d), args.config, None
     name = args.model or "gemma4-small-test"
-    return PRESETS[MODEL_NAMES[name]], name
+    return PRESETS[MODEL_NAMES[name]], name, None
 
 
 def resolve_device(args):
@@ -43,13 +59,30 @@ def token_ids(args, seq_len: int, vocab: int) -> torch.Tensor:
 
 
 def print_summary(name: str, config, graph, seq_len: int) -> None:
-    kinds = ["global" if config.is_global_layer(i) else "sliding"
-             for i in range(config.num_hidden_layers)]
-    print(f"model {name}: {config.num_hidden_layers} layers ({kinds.count('global')} global, "
-          f"{kinds.count('sliding')} sliding-window {config.sliding_window_size}), hidden "
-          f"{config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads} "
-          f"x {config.head_dim}, ffn {config.intermediate_size}, vocab {config.vocab_size}")
-    print(f"parameters: {config.num_parameters():,} in {len(graph.parameters())} tensors")
+    from .models.gemma4_text import Gemma4TextConfig
+
+    c = config
+    if isinstance(c, Gemma4TextConfig):
+        n = c.num_hidden_layers
+        full = [i for i in range(n) if c.is_full(i)]
+        shared = sum(c.is_kv_consumer(i) for i in range(n))
+        heads = f"{c.num_attention_heads}/{c.num_key_value_heads} x {c.head_dim}"
+        if full:
+            heads += f" (full: {c.num_attention_heads}/{c.layer_kv_heads[full[0]]} x " \
+                     f"{c.layer_head_dims[full[0]]})"
+        print(f"model {name}: published Gemma-4, {n} layers ({len(full)} full, {n - len(full)} "
+              f"sliding-window {c.sliding_window}), hidden {c.hidden_size}, heads {heads}, ffn "
+              f"{c.intermediate_size}, vocab {c.vocab_size}, per-layer inputs "
+              f"{c.hidden_size_per_layer_input or 'none'}, {shared} layers sharing K/V"
+              f"{', K = V on full layers' if c.attention_k_eq_v else ''}, logit soft-cap "
+              f"{c.final_logit_softcapping}")
+    else:
+        kinds = ["global" if c.is_global_layer(i) else "sliding" for i in range(c.num_hidden_layers)]
+        print(f"model {name}: {c.num_hidden_layers} layers ({kinds.count('global')} global, "
+              f"{kinds.count('sliding')} sliding-window {c.sliding_window_size}), hidden "
+              f"{c.hidden_size}, heads {c.num_attention_heads}/{c.num_key_value_heads} "
+              f"x {c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}")
+    print(f"parameters: {c.num_parameters():,} in {len(graph.parameters())} tensors")
     counts = graph.op_counts()
     ops = ", ".join(f"{op} {n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     print(f"graph: {len(graph)} nodes at seq_len {seq_len}: {ops}")
@@ -63,20 +96,23 @@ def print_top_tokens(logits: torch.Tensor, k: int) -> None:
 
 
 def cmd_compile(args) -> int:
-    config, name = resolve_config(args)
+    config, name, ck = resolve_model(args)
     if args.tokens is not None and not args.tokens:
         raise MeganeuraError("--tokens: give at least one token id")
     seq_len = len(args.tokens) if args.tokens is not None else args.seq_len
     device, dtype, profile = resolve_device(args)
     graph = build(config, seq_len)
     graph.validate()
+    for note in ck.notes if ck else []:
+        print(f"checkpoint: {note}")
     print_summary(name, config, graph, seq_len)
     if args.weights:
-        stored = check_weights(args.weights, config)
+        stored = check_weights(args.weights, config, ck.rename if ck else None)
         print(f"weights: {args.weights}: {len(stored)} tensors, names and shapes match")
     plan, report, optimize_s = optimize_and_report(args, graph, device, dtype, profile)
     if args.run:
-        run_compiled(args, config, graph, plan, report, (device, dtype, profile), optimize_s)
+        run_compiled(args, config, graph, plan, report, (device, dtype, profile), optimize_s,
+                     ck.rename if ck else None)
     return 0
 
 
@@ -103,7 +139,7 @@ def optimize_and_report(args, graph, device, dtype, profile):
     return plan, report, optimize_s
 
 
-def run_compiled(args, config, graph, plan, report, target, optimize_s) -> None:
+def run_compiled(args, config, graph, plan, report, target, optimize_s, rename=None) -> None:
     """Loads weights, binds the kernels, runs them and checks them against the reference."""
     from .api import bind
     from .runtime.reference import run_reference
@@ -111,7 +147,7 @@ def run_compiled(args, config, graph, plan, report, target, optimize_s) -> None:
     device, dtype, profile = target
     t0 = time.perf_counter()
     if args.weights:
-        weights = load_weights(args.weights, config, dtype, device)
+        weights = load_weights(args.weights, config, dtype, device, rename)
     else:
         print(f"weights: none given, using deterministic random weights (seed {args.seed})")
         weights = random_weights(config, args.seed, dtype, device)

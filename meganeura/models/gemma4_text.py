@@ -261,25 +261,25 @@ def _rope(d: dict, kinds: list) -> tuple:
     return tuple(out.items())
 
 
-def _preset(**kw) -> Gemma4TextConfig:
-    return from_dict({**kw, "final_logit_softcapping": 30.0})
-
-
-# The released sizes (transformers' conversion script; random weights unless loaded).
-PRESETS: dict[str, Gemma4TextConfig] = {
-    "gemma4_e2b": _preset(hidden_size=1536, intermediate_size=6144, num_hidden_layers=35,
-                          num_attention_heads=8, num_key_value_heads=1,
-                          layer_types=([SLIDING] * 4 + [FULL]) * 7, num_kv_shared_layers=20,
-                          use_double_wide_mlp=True),
-    "gemma4_e4b": _preset(hidden_size=2560, intermediate_size=10240, num_hidden_layers=42,
-                          num_attention_heads=8, num_key_value_heads=2,
-                          layer_types=([SLIDING] * 5 + [FULL]) * 7, num_kv_shared_layers=18),
-    "gemma4_31b": _preset(hidden_size=5376, intermediate_size=21504, num_hidden_layers=60,
-                          num_attention_heads=32, num_key_value_heads=16,
-                          num_global_key_value_heads=4, attention_k_eq_v=True,
-                          hidden_size_per_layer_input=0, layer_types=([SLIDING] * 5 + [FULL]) * 10,
-                          sliding_window=1024, max_position_embeddings=262_144),
+# The released sizes, as transformers' Gemma4TextConfig fields (from its conversion script);
+# random weights unless a checkpoint is loaded.
+PRESET_FIELDS: dict[str, dict] = {
+    "gemma4_e2b": dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=35,
+                       num_attention_heads=8, num_key_value_heads=1,
+                       layer_types=([SLIDING] * 4 + [FULL]) * 7, num_kv_shared_layers=20,
+                       use_double_wide_mlp=True, final_logit_softcapping=30.0),
+    "gemma4_e4b": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=42,
+                       num_attention_heads=8, num_key_value_heads=2,
+                       layer_types=([SLIDING] * 5 + [FULL]) * 7, num_kv_shared_layers=18,
+                       final_logit_softcapping=30.0),
+    "gemma4_31b": dict(hidden_size=5376, intermediate_size=21504, num_hidden_layers=60,
+                       num_attention_heads=32, num_key_value_heads=16,
+                       num_global_key_value_heads=4, attention_k_eq_v=True,
+                       hidden_size_per_layer_input=0, layer_types=([SLIDING] * 5 + [FULL]) * 10,
+                       sliding_window=1024, max_position_embeddings=262_144,
+                       final_logit_softcapping=30.0),
 }
+PRESETS: dict[str, Gemma4TextConfig] = {k: from_dict(v) for k, v in PRESET_FIELDS.items()}
 
 
 # ---- the graph ------------------------------------------------------------------------------
