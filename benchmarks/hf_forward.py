@@ -3,7 +3,8 @@
 `hf_model` builds transformers' Gemma4ForCausalLM of a preset directly on the device in the
 plan dtype (sdpa attention, its best working implementation for these models: flex
 attention does not compile for their 512-wide heads), with random weights (transformers'
-own initialization; norm weights and layer scalars moved off their initial ones).
+own initialization; norm weights and layer scalars moved off their initial ones, q_norm
+and k_norm scaled so that attention is not a coin toss: see `qk_norm_scale`).
 `shared_weights` hands meganeura the very same tensors: its graph names and layout are the
 checkpoint's, so nothing is copied and both run on identical weights.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from meganeura.models import weight_specs
-from meganeura.models.gemma4_text import PRESET_FIELDS
+from meganeura.models.gemma4_text import PRESET_FIELDS, qk_norm_scale
 
 
 def hf_model(preset: str, dtype, device, seed: int = 0, fields: dict | None = None):
@@ -29,6 +30,7 @@ def hf_model(preset: str, dtype, device, seed: int = 0, fields: dict | None = No
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith(("norm.weight", "layer_scalar")):
                 t.add_(0.1 * torch.randn(t.shape, generator=gen, device=device, dtype=t.dtype))
+                t.mul_(qk_norm_scale(name, t.shape[0]))
     return model.eval()
 
 

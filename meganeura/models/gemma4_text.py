@@ -389,16 +389,26 @@ def random_weights(c: Gemma4TextConfig, seed: int = 0, dtype=torch.float32,
     """Deterministic random weights, stored layout: the same seed and device give the same values.
 
     Linear [out, in] ~ N(0, 1/in); embeddings ~ N(0, 1/width) (they are scaled by
-    sqrt(width) on the way in); norm weights and layer scalars ~ 1 + N(0, 0.1^2); so
-    activations stay O(1) through any depth and the logits are not all capped.
+    sqrt(width) on the way in); norm weights and layer scalars ~ 1 + N(0, 0.1^2), except
+    q_norm and k_norm, scaled by hd^-1/4 (see `qk_norm_scale`); so activations stay O(1)
+    through any depth and the logits are not all capped.
     """
     out = {}
     for i, (name, spec) in enumerate(weight_specs(c).items()):
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
         t = torch.randn(spec.shape, generator=gen, device=device, dtype=torch.float32)
         if len(spec.shape) == 1:
-            t = 1.0 + 0.1 * t
+            t = (1.0 + 0.1 * t) * qk_norm_scale(name, spec.shape[0])
         else:
             t = t / spec.shape[1] ** 0.5
         out[name] = t.to(dtype)
     return out
+
+
+def qk_norm_scale(name: str, head_dim: int) -> float:
+    """The scale random q_norm / k_norm weights need: attention here has scale 1.0 on
+    normalized q and k, so with weights near one the scores have a standard deviation of
+    sqrt(head_dim) (16 at 256) and the softmax picks one key by a hair's breadth, a network
+    whose logits change wholesale with the last bit of rounding. hd^-1/4 on each makes the
+    scores O(1), as trained weights keep them."""
+    return head_dim ** -0.25 if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
