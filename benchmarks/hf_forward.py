@@ -40,6 +40,19 @@ def shared_weights(model, config) -> dict[str, torch.Tensor]:
     return {name: state[name] for name in weight_specs(config)}
 
 
+def hf_fp32_copy(model):
+    """transformers' model in fp32, as from_pretrained(dtype=float32) would build it: the
+    weights upcast, and the embedding scales sqrt(width) in fp32 (a model built in bf16
+    holds them rounded to bf16, 50.5 for 50.596, which .float() would keep)."""
+    import copy
+
+    ref = copy.deepcopy(model).float()
+    for module in ref.modules():
+        if hasattr(module, "scalar_embed_scale") and hasattr(module, "embed_scale"):
+            module.embed_scale.fill_(module.scalar_embed_scale)
+    return ref
+
+
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits [S, vocab] of one sequence, in the model's dtype."""
     with torch.no_grad():

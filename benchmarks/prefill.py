@@ -251,9 +251,7 @@ def compile_timed(row: dict, graph, weights, ids, device, dtype, cache_dir, cuda
 def run_published(args, name: str, cfg, seq: int, device, dtype) -> dict:
     """The published Gemma-4 against transformers' model (eager and torch.compile), meganeura
     reading the same weight tensors."""
-    import copy
-
-    from hf_forward import hf_logits, hf_model, shared_weights
+    from hf_forward import hf_fp32_copy, hf_logits, hf_model, shared_weights
 
     cuda = device.type == "cuda"
     model = hf_model(MODEL_NAMES[name], dtype, device, args.seed)
@@ -269,7 +267,7 @@ def run_published(args, name: str, cfg, seq: int, device, dtype) -> dict:
         row["rel_error"] = relative_error(logits, ref)
         row["eager_rel_error"] = relative_error(hf_logits(model, ids).float(), ref)
         if args.hf_fp32:  # transformers' own fp32 model of the same weights
-            ref_model = copy.deepcopy(model).float()
+            ref_model = hf_fp32_copy(model)
             hf32 = hf_logits(ref_model, ids).float()
             del ref_model
             row["rel_error_hf_fp32"] = relative_error(logits, hf32)
