@@ -411,7 +411,7 @@ def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
         print("matplotlib is not installed: no plot")
         return None
     labels = [f"{r['model']}\nseq {r['seq']}" for r in rows]
-    series = [("meganeura", "meganeura_ms"), ("PyTorch eager", "eager_ms"),
+    series = [("meganeura", "meganeura_ms"), ("eager (PyTorch / transformers)", "eager_ms"),
               ("torch.compile", "torch_compile_ms")]
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(rows), 4))
     width = 0.27
@@ -459,6 +459,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.from_csv:
         rows = rows_of(Path(args.csv), args.from_csv)
+        rows = [r for r in rows if not args.models or r["model"] in args.models]
         if not rows:
             print(f"no rows of commits {' '.join(args.from_csv)} in {args.csv}", file=sys.stderr)
             return 2
