@@ -9,7 +9,7 @@ import torch
 
 from .codegen.cache import KernelCache
 from .errors import MeganeuraError
-from .models import MODEL_NAMES, PRESETS, build, config_from_dict
+from .models import MODEL_NAMES, PRESETS, build
 from .models.weights import check_weights, load_weights, random_weights
 from .runtime.check import relative_error
 
@@ -19,7 +19,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def resolve_model(args):
     """(config, name, checkpoint or None) from --weights DIR (a checkpoint directory with its
     config.json), --config FILE or --model NAME."""
-    from .models.checkpoint import is_checkpoint_dir, open_checkpoint, read_json
+    from .models.checkpoint import config_of, is_checkpoint_dir, open_checkpoint, read_json
 
     if args.weights and is_checkpoint_dir(args.weights):
         if args.model or args.config:
@@ -28,13 +28,8 @@ def resolve_model(args):
         ck = open_checkpoint(args.weights)
         return ck.config, str(args.weights), ck
     if args.config:
-        d = read_json(Path(args.config), "config")
-        if isinstance(d, dict) and d.get("model_type") in ("gemma4_text", "gemma4"):
-            from .models.gemma4_text import from_dict
-
-            return from_dict(d.get("text_config", d) if d["model_type"] == "gemma4" else d), \
-                args.config, None
-        return config_from_dict(d), args.config, None
+        ck = config_of(read_json(Path(args.config), "config"), args.config)
+        return ck.config, args.config, ck
     name = args.model or "gemma4-small-test"
     return PRESETS[MODEL_NAMES[name]], name, None
 
@@ -104,7 +99,7 @@ def cmd_compile(args) -> int:
     graph = build(config, seq_len)
     graph.validate()
     for note in ck.notes if ck else []:
-        print(f"checkpoint: {note}")
+        print(f"{'checkpoint' if ck.path else 'config'}: {note}")
     print_summary(name, config, graph, seq_len)
     if args.weights:
         stored = check_weights(args.weights, config, ck.rename if ck else None)

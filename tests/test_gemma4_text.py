@@ -186,3 +186,30 @@ def test_released_and_per_layer_config_forms_agree():
     assert released.layer_head_dims == (16, 16, 32, 16, 16, 32, 32)
     assert released.layer_kv_heads == (2, 2, 1, 2, 2, 1, 1)
     assert released.rope_of(2) == (1e6, 4) and released.rope_of(0) == (1e4, 8)
+
+
+def test_cli_reads_a_checkpoint_directory(tmp_path):
+    from test_cli import cli
+
+    model = hf.multimodal_model("dense", seed=3)
+    hf.save(model, tmp_path)
+    rc, out, err = cli("compile", "--weights", str(tmp_path), "--run", "--tokens", "5,1,7,3,2,9")
+    assert rc == 0, err
+    assert "checkpoint: Gemma-4 multimodal checkpoint (gemma4): its text decoder is loaded; the " \
+           "vision and audio towers are skipped" in out
+    assert "published Gemma-4, 6 layers (1 full, 5 sliding-window 4)" in out
+    assert "names and shapes match" in out and "top tokens at position 5" in out
+    err_line = next(line for line in out.splitlines() if line.startswith("relative error"))
+    assert float(err_line.split(": ")[1]) <= 1e-4
+    rc, out, err = cli("compile", "--weights", str(tmp_path), "--model", "gemma4-e4b")
+    assert rc == 2 and "holds its own config.json" in err
+
+
+def test_cli_published_preset_without_weights():
+    from test_cli import cli
+
+    rc, out, err = cli("compile", "--model", "gemma4-e4b", "--seq-len", "2048", "--profile", "h200")
+    assert rc == 0, err
+    assert "42 layers (7 full, 35 sliding-window 512)" in out and "parameters: 7,463,013,418" in out
+    assert "template 6:" in out and "template 7:" not in out  # few templates for 42 layers
+    assert "matmul_softcap x1 (softcap_epilogue)" in out and "norm_add_scale x42" in out

@@ -32,7 +32,7 @@ MAX_JSON = 10_000_000  # bytes of a config file
 
 @dataclass
 class Checkpoint:
-    path: Path
+    path: Path | None  # the directory (None: a config file alone)
     config: object  # seed.Gemma4Config | published.Gemma4TextConfig
     layout: str  # "gemma4_text" | "gemma4" | "seed"
     rename: Callable[[str], str] | None = None  # parameter name -> name in the files
@@ -71,27 +71,37 @@ def open_checkpoint(path) -> Checkpoint:
     if not (p / CONFIG_NAME).exists():
         raise ConfigError(f"{p}: no {CONFIG_NAME} in this directory")
     d = read_json(p / CONFIG_NAME, "config")
+    ck = config_of(d, p / CONFIG_NAME)
+    ck.path = p
+    ck.eos_token_ids = _eos_ids(p, d)
+    return ck
+
+
+def config_of(d, source) -> Checkpoint:
+    """The family, config and weight names a config.json's object describes."""
     if not isinstance(d, dict):
-        raise ConfigError(f"config {p / CONFIG_NAME} must be a JSON object")
+        raise ConfigError(f"config {source} must be a JSON object")
     kind = d.get("model_type")
     if kind == "gemma4_text":
-        ck = Checkpoint(p, published.from_dict(d), "gemma4_text")
+        ck = Checkpoint(None, published.from_dict(d), "gemma4_text")
         ck.notes.append("Gemma-4 text decoder (gemma4_text)")
     elif kind == "gemma4":
-        if "text_config" not in d:
-            raise ConfigError(f"config {p / CONFIG_NAME}: model_type gemma4 without text_config")
-        ck = Checkpoint(p, published.from_dict(d["text_config"]), "gemma4", _nested)
+        text = d.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"config {source}: model_type gemma4 needs a text_config object")
+        # the multimodal model ties its lm_head by its own (top-level) flag, as transformers does
+        text = {**text, "tie_word_embeddings": d.get("tie_word_embeddings", True)}
+        ck = Checkpoint(None, published.from_dict(text), "gemma4", _nested)
         towers = [t for t in ("vision", "audio") if d.get(f"{t}_config")]
         ck.notes.append("Gemma-4 multimodal checkpoint (gemma4): its text decoder is loaded"
                         + (f"; the {' and '.join(towers)} tower{'s' * (len(towers) > 1)} "
                            f"{'are' if len(towers) > 1 else 'is'} skipped" if towers else ""))
     elif kind is None:
-        ck = Checkpoint(p, seed.config_from_dict(d), "seed")
+        ck = Checkpoint(None, seed.config_from_dict(d), "seed")
         ck.notes.append("the seed's Gemma-4 (seed field names)")
     else:
-        raise ConfigError(f"config {p / CONFIG_NAME}: model_type {kind!r} is not supported "
+        raise ConfigError(f"config {source}: model_type {kind!r} is not supported "
                           f"(gemma4_text, gemma4, or the seed's fields without model_type)")
-    ck.eos_token_ids = _eos_ids(p, d)
     return ck
 
 
