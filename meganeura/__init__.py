@@ -16,3 +16,12 @@ def from_pretrained(path, device=None, dtype=None, cache_dir=None, profile=None)
     from .pretrained import from_pretrained as _from_pretrained
 
     return _from_pretrained(path, device, dtype, cache_dir, profile)
+
+
+def from_config(config, weights=None, device=None, dtype=None, cache_dir=None, profile=None,
+                seed=0):
+    """A model object for a config and weights (random ones by default); see
+    meganeura.pretrained.from_config."""
+    from .pretrained import from_config as _from_config
+
+    return _from_config(config, weights, device, dtype, cache_dir, profile, seed)

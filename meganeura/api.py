@@ -64,10 +64,13 @@ def compile(graph: Graph, weights: dict, device=None, dtype=None, profile=None,
 
 
 def bind(plan: Plan, opt_report: OptimizeReport, profile: DeviceProfile, weights: dict, device,
-         dtype, cache_dir=None, cuda_graph: bool = True, optimize_s: float = 0.0) -> CompiledModel:
-    """Generates the plan's kernels and binds them to weights and buffers on `device`."""
+         dtype, cache_dir=None, cuda_graph: bool = True, optimize_s: float = 0.0,
+         state: dict | None = None) -> CompiledModel:
+    """Generates the plan's kernels and binds them to weights, state (KV caches) and buffers
+    on `device`."""
     t1 = time.perf_counter()
-    model = CompiledModel(plan, weights, Target(device, dtype), KernelCache(cache_dir), cuda_graph)
+    model = CompiledModel(plan, weights, Target(device, dtype), KernelCache(cache_dir), cuda_graph,
+                          state)
     t2 = time.perf_counter()
     model.report = CompileReport(
         opt_report, plan, profile,

@@ -133,8 +133,8 @@ def instantiate(graph: Graph, extracted: list[_Extracted]) -> Graph:
     def leaf(orig: int) -> int:
         if orig not in leaves:
             n = graph[orig]
-            if n.op == "parameter":
-                leaves[orig] = out.parameter(n.name, n.shape)
+            if n.op in ("parameter", "state"):
+                leaves[orig] = getattr(out, n.op)(n.name, n.shape)
             else:
                 leaves[orig] = (out.input_u32 if n.dtype == "u32" else out.input_f32)(n.name, n.shape)
         return leaves[orig]
@@ -149,7 +149,7 @@ def instantiate(graph: Graph, extracted: list[_Extracted]) -> Graph:
             return n, ([] if orig not in producer else [producer[orig]]), [orig]
         return n, [(m, ch) for ch in n.children], []
 
-    for orig_out in graph.outputs:
+    for orig_out in graph.roots:
         stack = [producer[orig_out]]
         while stack:
             key = stack[-1]
@@ -170,5 +170,6 @@ def instantiate(graph: Graph, extracted: list[_Extracted]) -> Graph:
                 label = members[key[0]][0]
                 with out.block(graph[label.nodes[0]].block or "top"):
                     made[key] = out.op(n.op, tuple(made[d] for d in need), **n.attrs)
-    out.set_outputs([made[producer[o]] for o in graph.outputs])
+    out.set_outputs([made[producer[o]] for o in graph.outputs],
+                    [made[producer[o]] for o in graph.effects])
     return out

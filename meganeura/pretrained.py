@@ -2,10 +2,13 @@
 
     model = meganeura.from_pretrained("path/to/gemma-4-E4B-it")
     logits = model(token_ids)          # [len(token_ids), vocab]
+    ids = model.generate(token_ids, max_new_tokens=64)
 
 The weights are loaded once, onto the device in the plan dtype; a plan is optimized and
 its kernels compiled the first time a sequence length is seen, and kept (every plan reads
 the same weight tensors). Calls are serialized: one model may be shared by threads.
+`meganeura.from_config` makes the same object from a config and weights (random ones by
+default), for the seed's presets as for the published ones.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import torch
 
 from .api import bind, resolve
 from .compiler.cost import CostModel
-from .errors import InputError
+from .errors import InputError, WeightsError
+from .generation import Generator, SamplingParams
 from .models.checkpoint import Checkpoint, open_checkpoint
 from .models.registry import build, family
-from .models.weights import load_weights
+from .models.weights import load_weights, random_weights
 from .optimize import optimize
 from .runtime.compiled import CompiledModel
 
@@ -38,6 +42,8 @@ class PretrainedModel:
         self.cache_dir = cache_dir
         self.plans: dict[int, CompiledModel] = {}
         self.report = None  # the report of the plan compiled or run last
+        self.eos_token_ids: tuple[int, ...] = checkpoint.eos_token_ids if checkpoint else ()
+        self.generator = Generator(self)
         self._lock = threading.Lock()
 
     @property
@@ -68,6 +74,42 @@ class PretrainedModel:
             fn = self.compiled(token_ids.shape[0])
             self.report = fn.report
             return fn(token_ids.to(self.device))
+
+    def generate(self, token_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop=None, on_token=None) -> torch.Tensor:
+        """The prompt followed by up to max_new_tokens new ids (1-D int64, on the CPU).
+
+        Greedy at temperature 0; else a draw from softmax(logits / temperature) over the
+        top_k ids and the top_p probability mass, reproducible for a given seed. Stops after
+        an end-of-sequence id (the checkpoint's generation_config.json or config.json) or
+        one of `stop` when given (which replaces them). on_token(id) is called with each new
+        id as it is produced. The KV caches hold the prompt and the new tokens (never more
+        than max_position_embeddings): a request beyond raises before anything is allocated.
+        `model.generator.last_stats` has the counts and times of the last call.
+        """
+        with self._lock:
+            params = SamplingParams(temperature, top_k, top_p, seed)
+            out = self.generator.generate(token_ids, max_new_tokens, params, stop, on_token)
+            sessions = self.generator.sessions
+            if sessions:
+                s = max(sessions.values(), key=lambda s: s.decode is not None)
+                self.report = s.decode.report if s.decode else self.report
+            return out
+
+
+def from_config(config, weights: dict | None = None, device=None, dtype=None, cache_dir=None,
+                profile=None, seed: int = 0) -> PretrainedModel:
+    """A model object for a config (a preset of either family): its weights in graph layout,
+    or deterministic random ones from `seed`."""
+    device, dtype, profile = resolve(device, dtype, profile)
+    if weights is None:
+        weights = random_weights(config, seed, dtype, device)
+    if not isinstance(weights, dict):
+        raise WeightsError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}")
+    weights = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
+               for k, v in weights.items()}
+    return PretrainedModel(config, weights, device, dtype, profile, cache_dir)
 
 
 def from_pretrained(path, device=None, dtype=None, cache_dir=None, profile=None) -> PretrainedModel:

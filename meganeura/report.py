@@ -88,6 +88,7 @@ def plan_json(plan: Plan) -> dict:
         | {i: "launch" for i in plan.launches}
     return {
         "outputs": g.outputs,
+        "effects": g.effects,
         "nodes": [{"id": n.id, "op": n.op, "inputs": list(n.inputs), "shape": list(n.shape),
                    "attrs": n.attrs, "name": n.name, "block": n.block,
                    "kind": kind.get(n.id, "leaf"), "estimate_s": plan.estimate.get(n.id)}
@@ -140,4 +141,6 @@ def plan_text(plan: Plan) -> str:
         what = n.name if n.name else f"{n.op}({', '.join(f'%{i}' for i in n.inputs)}) {attrs}"
         lines.append(f"%{n.id} {kind.get(n.id, 'leaf'):6} {list(n.shape)} {what.strip()}")
     lines.append(f"outputs: {', '.join(f'%{o}' for o in g.outputs)}")
+    if g.effects:
+        lines.append(f"effects: {', '.join(f'%{o}' for o in g.effects)}")
     return "\n".join(lines) + "\n"

@@ -68,7 +68,13 @@ def row_case(op, s, heads, head_dim, seed=0, strided=False):
     g = Graph()
     d = heads * head_dim
     x, inputs = _input_x(g, gen, s, d, strided, pad=6)
-    rope = (1e6, head_dim, head_dim // 8) if partial else (10000.0, head_dim)
+    # positions given at run time, scattered below the table's end (a decode step's are)
+    limit = 3 * s + 5
+    if "rope" in op:
+        pos = g.input_u32("positions", (s,))
+        inputs.append(torch.randperm(limit, generator=gen)[:s])
+    rope = (1e6, head_dim, head_dim // 8, limit) if partial else (10000.0, head_dim,
+                                                                   head_dim // 2, limit)
     if op in ("rms_norm", "norm_rope", "norm_add", "norm_add_scale"):
         w = {"w": 1.0 + 0.1 * _rand(gen, d)}
         nw = g.parameter("w", (d,))
@@ -80,15 +86,15 @@ def row_case(op, s, heads, head_dim, seed=0, strided=False):
     if op == "rms_norm":
         out = g.rms_norm(x, nw, 1e-6)
     elif op == "rope":
-        out = g.rope(x, *rope)
+        out = g.rope(x, pos, *rope)
     elif op == "norm_rope":
-        out = g.norm_rope(x, nw, 1e-6, *rope)
+        out = g.norm_rope(x, nw, pos, 1e-6, *rope)
     elif op == "head_rms_norm":
         out = g.head_rms_norm(x, nw, 1e-6, head_dim)
     elif op == "unit_rms_norm":
         out = g.unit_rms_norm(x, 1e-6, head_dim)
     elif op == "head_norm_rope":
-        out = g.head_norm_rope(x, nw, 1e-6, head_dim, *rope[:1], *rope[2:])
+        out = g.head_norm_rope(x, nw, pos, 1e-6, head_dim, rope[0], *rope[2:])
     else:
         r = g.input_f32("r", (s, d))
         inputs.append(_rand(gen, s, d))

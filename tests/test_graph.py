@@ -23,7 +23,7 @@ def test_builders_infer_shapes(g):
     assert g[e].shape == (7, 12)
     assert g[g.matmul(x, w)].shape == (7, 5)
     assert g[g.rms_norm(x, g.parameter("nw", (12,)), 1e-6)].shape == (7, 12)
-    assert g[g.rope(x, 10000.0, 6)].shape == (7, 12)
+    assert g[g.rope(x, g.arange(7), 10000.0, 6, limit=7)].shape == (7, 12)
     q = g.parameter("q", (7, 24))
     kv = g.parameter("kv", (7, 12))
     assert g[g.causal_attention(q, kv, kv, 4, 2, 6)].shape == (7, 24)
@@ -40,14 +40,16 @@ def test_builders_infer_shapes(g):
     (lambda g, ids, x, w: g.embedding(ids, ids), "embedding table must have rank 2"),
     (lambda g, ids, x, w: g.rms_norm(x, w, 1e-6), "norm weight must be [12]"),
     (lambda g, ids, x, w: g.rms_norm(x, g.parameter("n", (12,)), 0.0), "eps must be > 0"),
-    (lambda g, ids, x, w: g.rope(x, 10000.0, 5), "head_dim must be even"),
-    (lambda g, ids, x, w: g.rope(x, 10000.0, 8), "width 12 is not a multiple of head_dim 8"),
+    (lambda g, ids, x, w: g.rope(x, g.arange(7), 10000.0, 5, limit=7), "head_dim must be even"),
+    (lambda g, ids, x, w: g.rope(x, g.arange(7), 10000.0, 8, limit=7),
+     "width 12 is not a multiple of head_dim 8"),
+    (lambda g, ids, x, w: g.rope(x, g.arange(6), 10000.0, 6, limit=7), "positions must be [7]"),
     (lambda g, ids, x, w: g.causal_attention(x, x, x, 3, 2, 4), "not a multiple of num_kv_heads"),
     (lambda g, ids, x, w: g.causal_attention(x, x, x, 2, 2, 4), "expected width num_heads*head_dim"),
     (lambda g, ids, x, w: g.sliding_window_attention(x, x, x, 2, 2, 6, 0), "window must be > 0"),
     (lambda g, ids, x, w: g.add(x, w), "shapes differ: [7, 12] vs [12, 5]"),
     (lambda g, ids, x, w: g.swiglu(x, w), "shapes differ"),
-    (lambda g, ids, x, w: g.add(ids, ids), "only valid as embedding ids"),
+    (lambda g, ids, x, w: g.add(ids, ids), "only valid as token ids or positions"),
     (lambda g, ids, x, w: g.matmul(x, 99), "input %99 does not exist"),
     (lambda g, ids, x, w: g.parameter("x", (3,)), "name already used"),
     (lambda g, ids, x, w: g.parameter("z", (3, 0)), "every dimension must be > 0"),

@@ -8,10 +8,11 @@ and emits its source.
 from __future__ import annotations
 
 from ..errors import MeganeuraError
-from . import attention, embedding, matmul, pointwise, rowwise
+from . import attention, decode_attention, embedding, kv_cache, matmul, pointwise, rowwise
 from .common import KernelSpec, Target
 
-ARCHETYPES = {op: mod for mod in (matmul, rowwise, attention, embedding, pointwise)
+ARCHETYPES = {op: mod for mod in (matmul, rowwise, attention, decode_attention, embedding,
+                                  pointwise, kv_cache)
               for op in mod.OPS}
 
 

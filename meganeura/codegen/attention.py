@@ -36,7 +36,7 @@ from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent
 OPS = ("causal_attention", "sliding_window_attention")
 
 
-def _chunks(hd: int) -> list[tuple[str, str, bool]]:
+def head_chunks(hd: int) -> list[tuple[str, str, bool]]:
     """(suffix, first column, masked) per column chunk of the head; chunk i is D{i} wide."""
     widths = head_dim_chunks(hd)
     return [(chr(ord("a") + i), " + ".join(f"D{j}" for j in range(i)) or "0", sum(widths[:i + 1]) > hd)
@@ -81,7 +81,7 @@ def _block(chunks, masked: bool, sliding: bool, dot: str) -> str:
 
 def emit(sliding: bool, precision: str, head_dim: int) -> str:
     dot = f'input_precision="{precision}"'
-    chunks = _chunks(head_dim)
+    chunks = head_chunks(head_dim)
     setup = []
     for i, (c, start, dmask) in enumerate(chunks):
         width = f"D{i}"

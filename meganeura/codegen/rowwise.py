@@ -3,10 +3,12 @@ fusions, and the post-norm + residual (+ layer scalar) pass. One program per row
 
     rms_norm:       y = x * rsqrt(mean(x^2) + eps) * w                    (fp32 inside)
     head_rms_norm:  the same over each head, w[hd] shared by the heads (unit_: no weight)
-    rope:           per head, pair d with d + hd/2:  angle = pos * inv_freq[d]
+    rope:           per head, pair d with d + hd/2:  angle = pos[row] * inv_freq[d]
                     y[d] = x[d] cos - x[d+hd/2] sin,  y[d+hd/2] = x[d+hd/2] cos + x[d] sin
-                    cos and sin come from a [S, hd/2] fp32 table computed once in float64 at
-                    load; frequencies past `rotary` are 0 there (cos 1, sin 0: not rotated)
+                    cos and sin come from a [limit, hd/2] fp32 table computed once in float64
+                    at load and read at each row's position (0 .. S-1 in a forward, the
+                    current one in a decode step); frequencies past `rotary` are 0 there
+                    (cos 1, sin 0: not rotated)
     norm_rope:      rope(rms_norm(x, w)) (the seed: q_norm spans every head)
     head_norm_rope: rope(head_rms_norm(x, w)) (the published model)
     norm_add:       r + rms_norm(y, w);  norm_add_scale: (r + rms_norm(y, w)) * s[0]
@@ -55,7 +57,8 @@ def emit(v: RowVariant) -> str:
     params = ["x_ptr"] + (["w_ptr"] if v.weight else []) + (["r_ptr"] if v.residual else [])
     params += ["s_ptr"] if v.scalar else []
     params += ["out_ptr", "S", "stride_x", "stride_out"] + (["stride_r"] if v.residual else [])
-    params += ["D", "HD"] + (["eps"] if v.norm else []) + (["cos_ptr", "sin_ptr"] if v.rope else [])
+    params += ["D", "HD"] + (["eps"] if v.norm else [])
+    params += ["pos_ptr", "cos_ptr", "sin_ptr"] if v.rope else []
     params += ["HEADS: tl.constexpr", "ROWS: tl.constexpr", "BLOCK_H: tl.constexpr",
                "BLOCK_C: tl.constexpr"]
     # tiles: [rows, heads, columns of a head] (one tile), or its two halves for rope
@@ -83,8 +86,9 @@ def emit(v: RowVariant) -> str:
             scale = f" * tl.load(w_ptr + {w_at}, mask=mask, other=0.0).to(tl.float32)" if v.weight else ""
             lines.append(f"{t} = {t} * rstd{scale}")
     if v.rope:
-        lines += ["c = tl.load(cos_ptr + r * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
-                  "s = tl.load(sin_ptr + r * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
+        lines += ["p = tl.load(pos_ptr + r, mask=r < S, other=0).to(tl.int64)  # the row's position",
+                  "c = tl.load(cos_ptr + p * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
+                  "s = tl.load(sin_ptr + p * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
                   "lo, hi = lo * c - hi * s, hi * c + lo * s"]
     for t, off in halves:
         if v.residual:
@@ -113,8 +117,9 @@ def build(node, graph, target: Target) -> KernelSpec:
     args += [("value", width), ("value", hd)]
     args += [("value", node.attrs["eps"])] if v.norm else []
     if v.rope:
-        table = (s, hd, node.attrs["theta"], node.attrs["rotary"])
-        args += [("rope_cos", table), ("rope_sin", table)]
+        a = node.attrs
+        table = (a["limit"], hd, a["theta"], a["rotary"])
+        args += [("node", node.inputs[-1]), ("rope_cos", table), ("rope_sin", table)]
     cols = next_pow2(hd // 2 if v.rope else hd)
     block = next_pow2(heads) * cols * (2 if v.rope else 1)
     # the interpreter pays per program, a GPU per row: several rows a program on the CPU

@@ -23,10 +23,10 @@ def split_blocks(graph: Graph) -> list[Block]:
     """One Block per block label (in order of first node), plus the unlabeled top block."""
     members: dict[str | None, list[int]] = defaultdict(list)
     for n in graph.nodes:
-        if n.op not in ("input", "parameter"):
+        if n.op not in ("input", "parameter", "state"):
             members[n.block].append(n.id)
     users = graph.users()
-    outputs = set(graph.outputs)
+    outputs = set(graph.roots)
     blocks = []
     for nodes in members.values():
         inside = set(nodes)

@@ -30,9 +30,10 @@ _LITERAL = {float: f64Like, int: i64Like, str: StringLike}
 
 
 def _constructor(spec):
-    """The egglog method of one op: self is the first operand, then the others, then attrs."""
-    names = list(spec.inputs) + list(spec.attr_names)
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    """The egglog method of one op: self is the first operand, then the others, then attrs
+    (an op without operands, a constant, is a classmethod of its attrs)."""
+    first = "self" if spec.inputs else "cls"
+    names = [first] + list(spec.inputs[1:]) + list(spec.attr_names)
 
     def ctor(*args):  # a declaration only: egglog builds the term
         ...
@@ -42,9 +43,11 @@ def _constructor(spec):
     ann["return"] = "Tensor"
     ctor.__name__ = ctor.__qualname__ = spec.name
     ctor.__doc__ = spec.doc
-    ctor.__signature__ = inspect.Signature([inspect.Parameter("self",
-                                            inspect.Parameter.POSITIONAL_OR_KEYWORD)] + params[1:])
+    ctor.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
     ctor.__annotations__ = ann
+    if not spec.inputs:
+        return method(egg_fn=spec.name)(classmethod(ctor))
     return method(egg_fn=spec.name)(ctor)
 
 
@@ -107,7 +110,8 @@ def encode(graph: Graph, block: Block, egraph: EGraph) -> None:
         if nid in terms:
             continue
         args = [terms[i] for i in n.inputs] + [n.attrs[a] for a in OPS[n.op].attr_names]
-        terms[nid] = egraph.let(f"n{nid}", getattr(args[0], n.op)(*args[1:]))
+        ctor = getattr(args[0], n.op) if n.inputs else getattr(Tensor, n.op)
+        terms[nid] = egraph.let(f"n{nid}", ctor(*(args[1:] if n.inputs else args)))
     for nid, term in terms.items():  # the analysis starts from every encoded tensor's width
         egraph.register(set_(cols(term)).to(i64(graph[nid].shape[-1])))
     for slot, nid in enumerate(block.outputs):

@@ -39,6 +39,7 @@ def class_shapes(ec: EClasses, leaf_type) -> dict[int, tuple]:
                     s, dtypes[c] = leaf_type(n)
                 else:
                     s = _infer(n, shapes, dtypes)
+                    dtypes[c] = OPS[n.op].out_dtype
                 if c not in shapes:
                     shapes[c], pending = tuple(s), True
                 elif shapes[c] != s:
@@ -69,7 +70,7 @@ def load_time_classes(ec: EClasses) -> set[int]:
 
 
 def _param_only(n: ENode, done: set[int]) -> bool:
-    if n.op == "parameter":
+    if n.op == "parameter" or OPS[n.op].kind == "constant":
         return True
     return n.op not in LEAVES and bool(n.children) and all(ch in done for ch in n.children)
 

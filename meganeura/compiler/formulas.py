@@ -48,10 +48,10 @@ def rope_tables(positions: torch.Tensor, theta: float, head_dim: int, rotary: in
 
 
 def rope(x, theta, head_dim, rotary, positions=None):
-    # x: [S, heads*hd]; pair d with d + hd/2 inside each head
+    # x: [S, heads*hd] at positions [S] (default 0 .. S-1); pair d with d + hd/2 in each head
     s, width = x.shape
     half = head_dim // 2
-    pos = torch.arange(s) if positions is None else positions.cpu()
+    pos = torch.arange(s) if positions is None else positions.cpu().long()
     cos, sin = (t.to(x.device)[:, None, :] for t in rope_tables(pos, theta, head_dim, rotary))
     xh = x.float().view(s, width // head_dim, head_dim)
     x1, x2 = xh[..., :half], xh[..., half:]
@@ -110,3 +110,25 @@ def scale(x, factor):
 def scale_by(x, s):
     # s: [1], a scalar read from the weights
     return (x.float() * s.float()[0]).to(x.dtype)
+
+
+def cache_write(cache, x, pos):
+    # cache: [slots, width], x: [S, width], pos: [S] increasing; a ring of `slots` rows keeps
+    # the last `slots` positions, position p at slot p % slots
+    slots = cache.shape[0]
+    out = cache.clone()
+    keep = pos.long() > pos.long()[-1] - slots
+    out[pos.long()[keep] % slots] = x[keep].to(cache.dtype)
+    return out
+
+
+def cache_attention(q, k, v, pos, num_heads, num_kv_heads, head_dim, scale):
+    # q: [1, H*hd] at position pos; k/v: [slots, KV*hd]; the valid slots are the first
+    # min(pos + 1, slots) (a full cache filled in order, or a ring that has wrapped)
+    n = min(int(pos.reshape(-1)[-1]) + 1, k.shape[0])
+    group = num_heads // num_kv_heads
+    qh = q.float().view(num_kv_heads, group, head_dim)
+    kh = k[:n].float().view(n, num_kv_heads, head_dim).transpose(0, 1)  # [KV, n, hd]
+    vh = v[:n].float().view(n, num_kv_heads, head_dim).transpose(0, 1)
+    p = torch.softmax((qh @ kh.transpose(1, 2)) * scale, dim=-1)  # [KV, group, n]
+    return (p @ vh).reshape(1, num_heads * head_dim).to(q.dtype)

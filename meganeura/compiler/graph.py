@@ -41,9 +41,11 @@ class Node:
 class Graph:
     """A computation graph built op by op; node ids are positions in `nodes`."""
 
-    def __init__(self, nodes: list[Node] | None = None, outputs: list[int] | None = None):
+    def __init__(self, nodes: list[Node] | None = None, outputs: list[int] | None = None,
+                 effects: list[int] | None = None):
         self.nodes: list[Node] = list(nodes or [])
         self.outputs: list[int] = list(outputs or [])
+        self.effects: list[int] = list(effects or [])  # run for their state writes, not returned
         self._block: str | None = None
         self._names = {n.name: n.id for n in self.nodes if n.name is not None}
 
@@ -58,6 +60,10 @@ class Graph:
 
     def parameter(self, name: str, shape: Shape) -> int:
         return self._leaf("parameter", name, shape, FLOAT)
+
+    def state(self, name: str, shape: Shape) -> int:
+        """Persistent run-time state (a KV cache): an external buffer that kernels update."""
+        return self._leaf("state", name, shape, FLOAT)
 
     # ---- ops ----------------------------------------------------------------------------
 
@@ -89,11 +95,21 @@ class Graph:
         """gelu_tanh(gate) * up: the published Gemma-4's gated MLP."""
         return self.glu(gate, up, "gelu_tanh")
 
-    def set_outputs(self, outputs: list[int]) -> None:
-        for o in outputs:
+    def set_outputs(self, outputs: list[int], effects: list[int] = ()) -> None:
+        """What a run returns, and the nodes it runs for their effect alone (cache writes)."""
+        for o in list(outputs) + list(effects):
             if not (0 <= o < len(self.nodes)):
                 raise GraphError(f"set_outputs: node %{o} does not exist")
+        for e in effects:
+            if not OPS[self.nodes[e].op].inplace:
+                raise GraphError(f"set_outputs: {self.label(e)} has no effect to run for")
         self.outputs = list(outputs)
+        self.effects = list(effects)
+
+    @property
+    def roots(self) -> list[int]:
+        """Everything a run must compute: the outputs and the effects."""
+        return self.outputs + self.effects
 
     def op(self, op: str, inputs: tuple[int, ...], **attrs) -> int:
         """Adds a node of any non-leaf op by name (the e-graph decoder uses this)."""
@@ -131,6 +147,9 @@ class Graph:
     def inputs(self) -> list[Node]:
         return [n for n in self.nodes if n.op == "input"]
 
+    def states(self) -> list[Node]:
+        return [n for n in self.nodes if n.op == "state"]
+
     def op_counts(self) -> Counter:
         return Counter(n.op for n in self.nodes)
 
@@ -163,7 +182,7 @@ class Graph:
                                  f"give {list(shape)}")
         if not self.outputs:
             raise GraphError("graph has no outputs (call set_outputs)")
-        for o in self.outputs:
+        for o in self.roots:
             if not (0 <= o < len(self.nodes)):
                 raise GraphError(f"output %{o} does not exist")
 
@@ -177,7 +196,7 @@ class Graph:
                 stack.pop()
                 continue
             n = self.nodes[j]
-            if n.op in ("parameter", "input"):
+            if n.op in ("parameter", "input", "state"):
                 memo[j] = n.op == "parameter"
                 stack.pop()
                 continue
@@ -242,8 +261,9 @@ class Graph:
             args = ", ".join(self.label(i) for i in inputs)
             raise GraphError(f"{op}({args}): {e}") from None
         for pos, (i, d) in enumerate(zip(inputs, dtypes)):
-            if d == U32 and spec.inputs[pos] != "ids":
-                raise GraphError(f"{op}: u32 input {self.label(i)} is only valid as embedding ids")
+            if d == U32 and spec.inputs[pos] not in ("ids", "pos"):
+                raise GraphError(f"{op}: u32 input {self.label(i)} is only valid as token ids "
+                                 f"or positions")
         if spec.kind == "layout":
             memo: dict = {}
             for i in inputs:
@@ -255,7 +275,8 @@ class Graph:
     def _node(self, op: str, inputs: tuple[int, ...], **attrs) -> int:
         shape = self._infer(op, inputs, attrs)
         nid = len(self.nodes)
-        self.nodes.append(Node(nid, op, tuple(inputs), shape, FLOAT, attrs, None, self._block))
+        self.nodes.append(Node(nid, op, tuple(inputs), shape, OPS[op].out_dtype, attrs, None,
+                               self._block))
         return nid
 
 

@@ -49,11 +49,14 @@ class OpSpec:
     shape: Callable | None  # (shapes, dtypes, attrs) -> shape
     reference: Callable | None  # (attrs, *tensors) -> tensor
     doc: str
-    kind: str = "compute"  # leaf | compute | layout (weights only, load time) | view
+    kind: str = "compute"  # leaf | constant | compute | layout (weights only, load time) | view
     work: str = "elementwise"  # what the cost model prices: matmul | attention | gather | elementwise
     vector_flops: float = 0.0  # per output element (elementwise and row ops)
     stream: bool = False  # output held in fp32 (the residual stream) whatever the plan dtype
     defaults: dict = field(default_factory=dict)  # attr -> f(attrs) when the builder omits it
+    inplace: bool = False  # the kernel updates operand 0's buffer (state) and returns it
+    out_dtype: str = FLOAT
+    rows: tuple[int, ...] = ()  # operands whose row i alone makes the output's row i
 
     @property
     def arity(self) -> int:
@@ -131,6 +134,8 @@ def _head_rms_norm(s, d, a):
 def _rope(s, d, a):
     x = s[0]
     _rank(x, 2, "rotated input")
+    _positions(x, s[-1], d[-1])
+    _need(a["limit"] > 0, f"limit (positions are below it) must be > 0, got {a['limit']}")
     hd = a["head_dim"]
     _need(hd > 0 and hd % 2 == 0, f"head_dim must be even and > 0, got {hd}")
     _heads(x[1], hd)
@@ -228,13 +233,50 @@ def _matmul_softcap(s, d, a):
 
 
 def _norm_rope(s, d, a):
-    _rms_norm(s, d, a)
-    return _rope(s[:1], d, a)
+    _rms_norm(s[:2], d, a)
+    return _rope([s[0], s[2]], [d[0], d[2]], a)
 
 
 def _head_norm_rope(s, d, a):
-    _head_rms_norm(s, d, a)
-    return _rope(s[:1], d, a)
+    _head_rms_norm(s[:2], d, a)
+    return _rope([s[0], s[2]], [d[0], d[2]], a)
+
+
+def _positions(x: Shape, pos: Shape, dtype: str, what: str = "rows") -> None:
+    _need(pos == (x[0],), f"positions must be [{x[0]}], one per {what[:-1]}, got {list(pos)}")
+    _need(dtype == U32, f"positions must be u32, got {dtype}")
+
+
+def _arange(s, d, a):
+    _need(a["length"] > 0, f"length must be > 0, got {a['length']}")
+    return (a["length"],)
+
+
+def _slice_rows(s, d, a):
+    (x,) = s
+    _rank(x, 2, "sliced input")
+    start, count = a["start"], a["count"]
+    _need(start >= 0 and count > 0 and start + count <= x[0],
+          f"rows [{start}, {start + count}) out of range for {list(x)}")
+    return (count, x[1])
+
+
+def _cache_write(s, d, a):
+    cache, x, pos = s
+    _rank(cache, 2, "cache")
+    _rank(x, 2, "written rows")
+    _need(x[1] == cache[1], f"rows of width {x[1]} do not fit a cache of width {cache[1]}")
+    _positions(x, pos, d[2])
+    return cache
+
+
+def _cache_attention(s, d, a):
+    q, k, v, pos = s
+    _need(q[0] == 1, f"attention over a cache takes one query row, got {q[0]}")
+    _attention([q, (1, k[1]), (1, v[1])], d, a)  # head widths, as a one-key attention
+    _need(k == v, f"k cache is {list(k)}, v cache is {list(v)}: they must match")
+    _positions(q, pos, d[3])
+    return q
 
 
 def _norm_add(s, d, a):
@@ -261,6 +303,10 @@ _SCALE = {"scale": lambda a: a["head_dim"] ** -0.5}  # default attention scale
 # leaves
 _op("input", (), (), None, None, "a run-time input tensor (token ids, or floats)", kind="leaf")
 _op("parameter", (), (), None, None, "a named weight tensor", kind="leaf")
+_op("state", (), (), None, None, "persistent run-time state (a KV cache), an external buffer",
+    kind="leaf")
+_op("arange", (), (("length", int),), _arange, lambda a: torch.arange(a["length"]),
+    "the positions 0 .. length-1 (a constant made at load time)", kind="constant", out_dtype=U32)
 
 # the seed's ops, generalized
 _op("embedding", ("ids", "table"), (), _embedding, lambda a, ids, t: t[ids.long()],
@@ -268,11 +314,11 @@ _op("embedding", ("ids", "table"), (), _embedding, lambda a, ids, t: t[ids.long(
 _op("matmul", ("a", "b"), (), _matmul, lambda a, x, b: x @ b, "a @ b", work="matmul")
 _op("rms_norm", ("x", "w"), (("eps", float),), _rms_norm,
     lambda a, x, w: fm.rms_norm(x, w, a["eps"]), "x * rsqrt(mean(x^2) + eps) * w over the row, fp32",
-    vector_flops=4)
-_op("rope", ("x",), (("theta", float), ("head_dim", int), ("rotary", int)), _rope,
-    lambda a, x: fm.rope(x, a["theta"], a["head_dim"], a["rotary"]),
-    "half-split rotary embedding per head; frequencies past `rotary` do not rotate",
-    vector_flops=6, defaults=_HEAD_ROPE)
+    vector_flops=4, rows=(0,))
+_op("rope", ("x", "pos"), (("theta", float), ("head_dim", int), ("rotary", int), ("limit", int)),
+    _rope, lambda a, x, pos: fm.rope(x, a["theta"], a["head_dim"], a["rotary"], pos),
+    "half-split rotary embedding per head at positions pos (< limit); frequencies past "
+    "`rotary` do not rotate", vector_flops=6, defaults=_HEAD_ROPE)
 _op("causal_attention", ("q", "k", "v"),
     (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("scale", float)), _attention,
     lambda a, q, k, v: fm.attention(q, k, v, a["num_heads"], a["num_kv_heads"], a["head_dim"],
@@ -284,21 +330,22 @@ _op("sliding_window_attention", ("q", "k", "v"),
     lambda a, q, k, v: fm.attention(q, k, v, a["num_heads"], a["num_kv_heads"], a["head_dim"],
                                     a["scale"], a["window"]),
     "causal attention to the last `window` keys", work="attention", defaults=_SCALE)
-_op("add", ("a", "b"), (), _same, lambda a, x, y: x + y, "a + b", vector_flops=1, stream=True)
+_op("add", ("a", "b"), (), _same, lambda a, x, y: x + y, "a + b", vector_flops=1, stream=True,
+    rows=(0, 1))
 _op("glu", ("gate", "up"), (("act", str),), _glu, lambda a, g, u: fm.glu(g, u, a["act"]),
     "act(gate) * up (SwiGLU: silu, GeGLU: gelu_tanh)", vector_flops=8)
 
 # the published Gemma-4's ops
 _op("head_rms_norm", ("x", "w"), (("eps", float), ("head_dim", int)), _head_rms_norm,
     lambda a, x, w: fm.head_rms_norm(x, w, a["eps"], a["head_dim"]),
-    "RMSNorm of each head, one weight of head_dim shared by the heads", vector_flops=4)
+    "RMSNorm of each head, one weight of head_dim shared by the heads", vector_flops=4, rows=(0,))
 _op("unit_rms_norm", ("x",), (("eps", float), ("head_dim", int)), _head_rms_norm,
     lambda a, x: fm.head_rms_norm(x, None, a["eps"], a["head_dim"]),
     "RMSNorm of each head without a weight", vector_flops=3)
 _op("scale", ("x",), (("factor", float),), _scale, lambda a, x: fm.scale(x, a["factor"]),
     "x * factor, a constant", vector_flops=1, stream=True)
 _op("scale_by", ("x", "s"), (), _scale_by, lambda a, x, s: fm.scale_by(x, s),
-    "x * s[0], a scalar read from the weights", vector_flops=1, stream=True)
+    "x * s[0], a scalar read from the weights", vector_flops=1, stream=True, rows=(0,))
 _op("softcap", ("x",), (("cap", float),), _softcap, lambda a, x: fm.softcap(x, a["cap"]),
     "cap * tanh(x / cap)", vector_flops=6)
 _op("transpose", ("w",), (), _transpose, lambda a, w: w.T,
@@ -310,6 +357,22 @@ _op("concat_cols", ("a", "b"), (), _concat_cols, lambda a, x, y: torch.cat([x, y
 _op("slice_cols", ("x",), (("start", int), ("width", int)), _slice_cols,
     lambda a, x: x[:, a["start"]:a["start"] + a["width"]], "x[:, start:start+width], a view",
     kind="view")
+_op("slice_rows", ("x",), (("start", int), ("count", int)), _slice_rows,
+    lambda a, x: x[a["start"]:a["start"] + a["count"]], "x[start:start+count], a view",
+    kind="view")
+
+# the KV cache (generation)
+_op("cache_write", ("cache", "x", "pos"), (), _cache_write,
+    lambda a, cache, x, pos: fm.cache_write(cache, x, pos),
+    "the cache with row i of x at slot pos[i] % rows (the rows a ring of that size keeps)",
+    inplace=True)
+_op("cache_attention", ("q", "k", "v", "pos"),
+    (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("scale", float)),
+    _cache_attention,
+    lambda a, q, k, v, pos: fm.cache_attention(q, k, v, pos, a["num_heads"], a["num_kv_heads"],
+                                               a["head_dim"], a["scale"]),
+    "one query at position pos attending to the first min(pos + 1, rows) cache slots, GQA",
+    work="cache_attention", defaults=_SCALE)
 
 # fused kernels the rewrites introduce
 _op("norm_matmul", ("x", "b", "w"), (("eps", float),), _norm_matmul,
@@ -326,22 +389,23 @@ _op("norm_matmul_glu", ("x", "b", "w"), (("eps", float), ("act", str)), _norm_ma
 _op("matmul_softcap", ("a", "b"), (("cap", float),), _matmul_softcap,
     lambda a, x, b: fm.softcap(x @ b, a["cap"]), "softcap(a @ b): the soft-cap as epilogue",
     work="matmul")
-_op("norm_rope", ("x", "w"), (("eps", float), ("theta", float), ("head_dim", int),
-                              ("rotary", int)), _norm_rope,
-    lambda a, x, w: fm.rope(fm.rms_norm(x, w, a["eps"]), a["theta"], a["head_dim"], a["rotary"]),
+_op("norm_rope", ("x", "w", "pos"), (("eps", float), ("theta", float), ("head_dim", int),
+                                     ("rotary", int), ("limit", int)), _norm_rope,
+    lambda a, x, w, pos: fm.rope(fm.rms_norm(x, w, a["eps"]), a["theta"], a["head_dim"],
+                                 a["rotary"], pos),
     "rope(rms_norm(x, w)) in one row pass", vector_flops=10, defaults=_HEAD_ROPE)
-_op("head_norm_rope", ("x", "w"), (("eps", float), ("head_dim", int), ("theta", float),
-                                   ("rotary", int)), _head_norm_rope,
-    lambda a, x, w: fm.rope(fm.head_rms_norm(x, w, a["eps"], a["head_dim"]), a["theta"],
-                            a["head_dim"], a["rotary"]),
+_op("head_norm_rope", ("x", "w", "pos"), (("eps", float), ("head_dim", int), ("theta", float),
+                                          ("rotary", int), ("limit", int)), _head_norm_rope,
+    lambda a, x, w, pos: fm.rope(fm.head_rms_norm(x, w, a["eps"], a["head_dim"]), a["theta"],
+                                 a["head_dim"], a["rotary"], pos),
     "rope(head_rms_norm(x, w)) in one row pass", vector_flops=10, defaults=_HEAD_ROPE)
 _op("norm_add", ("y", "w", "r"), (("eps", float),), _norm_add,
     lambda a, y, w, r: r + fm.rms_norm(y, w, a["eps"]), "r + rms_norm(y, w): post-norm and residual",
-    vector_flops=5, stream=True)
+    vector_flops=5, stream=True, rows=(0, 2))
 _op("norm_add_scale", ("y", "w", "r", "s"), (("eps", float),), _norm_add_scale,
     lambda a, y, w, r, s: fm.scale_by(r + fm.rms_norm(y, w, a["eps"]), s),
     "(r + rms_norm(y, w)) * s[0]: post-norm, residual and layer scalar", vector_flops=6,
-    stream=True)
+    stream=True, rows=(0, 2))
 _op("embedding_scale", ("ids", "table"), (("factor", float),), _embedding_scale,
     lambda a, ids, t: fm.scale(t[ids.long()], a["factor"]), "table[ids] * factor",
     work="gather", stream=True)

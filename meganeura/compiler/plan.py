@@ -2,8 +2,9 @@
 
 - load-time nodes: computed from parameters alone (weight concatenation, norm weights
   folded into matrices); evaluated once when the weights load;
-- views: column slices of run-time tensors; no kernel, a strided view;
-- launches: every other node, one kernel each, in order.
+- views: column and row slices of run-time tensors; no kernel, a strided view;
+- launches: every other node, one kernel each, in order (a cache write updates its state
+  buffer in place and stands for it).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def make_plan(graph: Graph, cost: CostModel) -> Plan:
     for n in graph.nodes:
         if n.op == "parameter":
             load_time.add(n.id)
-        elif n.op == "input":
+        elif n.op in ("input", "state"):
             continue
         elif all(i in load_time for i in n.inputs):
             load_time.add(n.id)

@@ -18,6 +18,8 @@ import torch
 
 from ..compiler.graph import Graph
 from ..errors import ConfigError
+from . import kv
+from .kv import Generation
 from .specs import WeightSpec
 
 
@@ -143,28 +145,33 @@ def load_config(path: str | Path) -> Gemma4Config:
     return config_from_dict(d)
 
 
-def build_graph(g: Graph, config: Gemma4Config, seq_len: int) -> int:
-    """Builds the decoder into `g` and returns the logits node: [seq_len, vocab_size]."""
+def build_graph(g: Graph, config: Gemma4Config, seq_len: int,
+                generation: Generation | None = None) -> int:
+    """Builds the decoder into `g` and returns the logits node: [seq_len, vocab_size] (a
+    prefill or decode step for generation: [1, vocab_size], see models/kv.py)."""
     c = config
-    if not isinstance(seq_len, int) or seq_len <= 0:
-        raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
+    kv.check(seq_len, generation)
     hidden, eps = c.hidden_size, c.rms_norm_eps
     token_ids = g.input_u32("token_ids", (seq_len,))
+    pos = kv.positions(g, seq_len, generation)
     embed = g.parameter("model.embed_tokens.weight", (c.vocab_size, hidden))
     x = g.embedding(token_ids, embed)  # x: [S, hidden]
+    writes: list[int] = []
     for i in range(c.num_hidden_layers):
         with g.block(f"layer.{i}"):
-            x = _layer(g, c, i, x)
+            x = _layer(g, c, i, x, pos, generation, writes)
     final_w = g.parameter("model.norm.weight", (hidden,))
-    x = g.rms_norm(x, final_w, eps)
+    x = kv.last_row(g, g.rms_norm(x, final_w, eps), seq_len, generation)
     lm_head = g.parameter("lm_head.weight", (hidden, c.vocab_size))
     logits = g.matmul(x, lm_head)  # logits: [S, vocab]
-    g.set_outputs([logits])
+    g.set_outputs([logits], writes)
     return logits
 
 
-def _layer(g: Graph, c: Gemma4Config, i: int, x: int) -> int:
+def _layer(g: Graph, c: Gemma4Config, i: int, x: int, positions: tuple[int, int],
+           generation: Generation | None, writes: list[int]) -> int:
     p, eps, hd = f"model.layers.{i}", c.rms_norm_eps, c.head_dim
+    pos, limit = positions
     h = g.rms_norm(x, g.parameter(f"{p}.input_layernorm.weight", (c.hidden_size,)), eps)
     q = g.matmul(h, g.parameter(f"{p}.self_attn.q_proj.weight", (c.hidden_size, c.q_dim)))
     k = g.matmul(h, g.parameter(f"{p}.self_attn.k_proj.weight", (c.hidden_size, c.kv_dim)))
@@ -172,12 +179,13 @@ def _layer(g: Graph, c: Gemma4Config, i: int, x: int) -> int:
     if c.use_qk_norm:  # over the whole row: q_norm has q_dim weights, k_norm kv_dim
         q = g.rms_norm(q, g.parameter(f"{p}.self_attn.q_norm.weight", (c.q_dim,)), eps)
         k = g.rms_norm(k, g.parameter(f"{p}.self_attn.k_norm.weight", (c.kv_dim,)), eps)
-    q, k = g.rope(q, c.rope_theta, hd), g.rope(k, c.rope_theta, hd)
+    q = g.rope(q, pos, c.rope_theta, hd, limit=limit)
+    k = g.rope(k, pos, c.rope_theta, hd, limit=limit)
+    window = None if c.is_global_layer(i) else c.sliding_window_size
+    cache = kv.store(g, i, k, v, pos, kv.slots(window, generation), generation)
+    writes += cache.writes
     heads = (c.num_attention_heads, c.num_key_value_heads, hd)
-    if c.is_global_layer(i):
-        a = g.causal_attention(q, k, v, *heads)  # a: [S, q_dim]
-    else:
-        a = g.sliding_window_attention(q, k, v, *heads, c.sliding_window_size)
+    a = kv.attend(g, q, cache, pos, *heads, window, hd ** -0.5, generation)  # a: [S, q_dim]
     x = g.add(x, g.matmul(a, g.parameter(f"{p}.self_attn.o_proj.weight", (c.q_dim, c.hidden_size))))
     h = g.rms_norm(x, g.parameter(f"{p}.post_attention_layernorm.weight", (c.hidden_size,)), eps)
     ffn = c.intermediate_size
@@ -237,9 +245,9 @@ def random_weights(config: Gemma4Config, seed: int = 0, dtype=torch.float32,
     return out
 
 
-def build(config: Gemma4Config, seq_len: int) -> Graph:
+def build(config: Gemma4Config, seq_len: int, generation: Generation | None = None) -> Graph:
     g = Graph()
-    build_graph(g, config, seq_len)
+    build_graph(g, config, seq_len, generation)
     return g
 
 

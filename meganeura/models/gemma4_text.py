@@ -30,6 +30,8 @@ import torch
 
 from ..compiler.graph import Graph
 from ..errors import ConfigError
+from . import kv
+from .kv import Generation
 from .specs import WeightSpec
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -285,27 +287,31 @@ PRESETS: dict[str, Gemma4TextConfig] = {k: from_dict(v) for k, v in PRESET_FIELD
 # ---- the graph ------------------------------------------------------------------------------
 
 
-def build_graph(g: Graph, c: Gemma4TextConfig, seq_len: int) -> int:
-    """Builds the decoder into `g` and returns the logits node: [seq_len, vocab_size]."""
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
-        raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
+def build_graph(g: Graph, c: Gemma4TextConfig, seq_len: int,
+                generation: Generation | None = None) -> int:
+    """Builds the decoder into `g` and returns the logits node: [seq_len, vocab_size] (a
+    prefill or decode step for generation: [1, vocab_size], see models/kv.py)."""
+    kv.check(seq_len, generation)
     hidden, eps = c.hidden_size, c.rms_norm_eps
     ids = g.input_u32("token_ids", (seq_len,))
+    pos = kv.positions(g, seq_len, generation)
     embed = g.parameter("model.embed_tokens.weight", (c.vocab_size, hidden))
     x = g.scale(g.embedding(ids, embed), math.sqrt(hidden))  # x: [S, hidden]
     ple = _per_layer_inputs(g, c, ids, x) if c.hidden_size_per_layer_input else None
-    shared: dict[str, tuple[int, int]] = {}  # layer type -> (k, v) of its producer
+    shared: dict[str, kv.KV] = {}  # layer type -> K/V of its producer
+    writes: list[int] = []
     for i in range(c.num_hidden_layers):
         p = c.hidden_size_per_layer_input
         ple_i = g.slice_cols(ple, i * p, p) if ple is not None else None  # a view, outside the layer
         with g.block(f"layer.{i}"):
-            x = _layer(g, c, i, x, ple_i, shared)
-    x = g.rms_norm(x, g.parameter("model.norm.weight", (hidden,)), eps)
+            x = _layer(g, c, i, x, ple_i, pos, generation, shared, writes)
+    x = kv.last_row(g, g.rms_norm(x, g.parameter("model.norm.weight", (hidden,)), eps), seq_len,
+                    generation)
     head = embed if c.tie_word_embeddings else g.parameter("lm_head.weight", (c.vocab_size, hidden))
     logits = g.matmul(x, g.transpose(head))  # logits: [S, vocab], the embedding read in place
     if c.final_logit_softcapping is not None:
         logits = g.softcap(logits, c.final_logit_softcapping)
-    g.set_outputs([logits])
+    g.set_outputs([logits], writes)
     return logits
 
 
@@ -326,10 +332,13 @@ def _per_layer_inputs(g: Graph, c: Gemma4TextConfig, ids: int, x: int) -> int:
 
 
 def _layer(g: Graph, c: Gemma4TextConfig, i: int, x: int, ple_i: int | None,
-           shared: dict) -> int:
+           positions: tuple[int, int], generation: Generation | None, shared: dict,
+           writes: list[int]) -> int:
     pre, eps, hidden = f"model.layers.{i}", c.rms_norm_eps, c.hidden_size
     hd, kvh, heads = c.layer_head_dims[i], c.layer_kv_heads[i], c.num_attention_heads
     theta, rotary = c.rope_of(i)
+    pos, limit = positions
+    window = None if c.is_full(i) else c.sliding_window
 
     def norm(t: int, name: str) -> int:
         return g.rms_norm(t, g.parameter(f"{pre}.{name}.weight", (hidden,)), eps)
@@ -337,9 +346,9 @@ def _layer(g: Graph, c: Gemma4TextConfig, i: int, x: int, ple_i: int | None,
     h = norm(x, "input_layernorm")
     q = _linear(g, h, f"{pre}.self_attn.q_proj.weight", heads * hd, hidden)
     q = g.head_rms_norm(q, g.parameter(f"{pre}.self_attn.q_norm.weight", (hd,)), eps, hd)
-    q = g.rope(q, theta, hd, rotary)
+    q = g.rope(q, pos, theta, hd, rotary, limit)
     if c.is_kv_consumer(i):
-        k, v = shared[c.layer_types[i]]
+        cache = shared[c.layer_types[i]]
     else:
         k_raw = _linear(g, h, f"{pre}.self_attn.k_proj.weight", kvh * hd, hidden)
         if c.attention_k_eq_v and c.is_full(i):
@@ -347,14 +356,13 @@ def _layer(g: Graph, c: Gemma4TextConfig, i: int, x: int, ple_i: int | None,
         else:
             v_raw = _linear(g, h, f"{pre}.self_attn.v_proj.weight", kvh * hd, hidden)
         k = g.head_rms_norm(k_raw, g.parameter(f"{pre}.self_attn.k_norm.weight", (hd,)), eps, hd)
-        k = g.rope(k, theta, hd, rotary)
+        k = g.rope(k, pos, theta, hd, rotary, limit)
         v = g.unit_rms_norm(v_raw, eps, hd)
+        cache = kv.store(g, i, k, v, pos, kv.slots(window, generation), generation)
+        writes += cache.writes
         if c.num_kv_shared_layers and i == c.kv_producer(i):
-            shared[c.layer_types[i]] = (k, v)
-    if c.is_full(i):
-        a = g.causal_attention(q, k, v, heads, kvh, hd, 1.0)  # a: [S, heads * hd]
-    else:
-        a = g.sliding_window_attention(q, k, v, heads, kvh, hd, c.sliding_window, 1.0)
+            shared[c.layer_types[i]] = cache
+    a = kv.attend(g, q, cache, pos, heads, kvh, hd, window, 1.0, generation)  # a: [S, heads*hd]
     x = g.add(x, norm(_linear(g, a, f"{pre}.self_attn.o_proj.weight", hidden, heads * hd),
                       "post_attention_layernorm"))
     h = norm(x, "pre_feedforward_layernorm")
@@ -372,9 +380,9 @@ def _layer(g: Graph, c: Gemma4TextConfig, i: int, x: int, ple_i: int | None,
     return g.scale_by(x, g.parameter(f"{pre}.layer_scalar", (1,)))  # x: [S, hidden]
 
 
-def build(c: Gemma4TextConfig, seq_len: int) -> Graph:
+def build(c: Gemma4TextConfig, seq_len: int, generation: Generation | None = None) -> Graph:
     g = Graph()
-    build_graph(g, c, seq_len)
+    build_graph(g, c, seq_len, generation)
     return g
 
 

@@ -32,9 +32,10 @@ def family(config) -> ModuleType:
     raise ConfigError(f"not a model config: {type(config).__name__}")
 
 
-def build(config, seq_len: int):
-    """The unoptimized graph of `config` at `seq_len` tokens: logits [seq_len, vocab]."""
-    return family(config).build(config, seq_len)
+def build(config, seq_len: int, generation=None):
+    """The unoptimized graph of `config` at `seq_len` tokens: logits [seq_len, vocab] (with a
+    `kv.Generation`, a prefill or decode step over the KV caches, logits [1, vocab])."""
+    return family(config).build(config, seq_len, generation)
 
 
 def weight_specs(config):

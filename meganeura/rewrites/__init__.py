@@ -13,6 +13,7 @@ from .norm_matmul import rmsnorm_matmul
 from .post_norm import post_norm_residual
 from .qk_norm_rope import qk_norm_rope
 from .residual import residual_epilogue
+from .row_slice import row_slice
 from .scalar import scalar_fold
 from .softcap import softcap_epilogue
 
@@ -25,6 +26,7 @@ FUSIONS = {
     "softcap_epilogue": softcap_epilogue,
     "scalar_fold": scalar_fold,
     "shared_input_merge": shared_input_merge,
+    "row_slice": row_slice,
     "algebra": algebra,
 }
 

@@ -12,11 +12,12 @@ qk_norm_rope = ruleset(name="qk_norm_rope")
 
 
 @qk_norm_rope.register
-def _(x: Tensor, w: Tensor, m: Tensor, eps: f64, theta: f64, hd: i64, rot: i64):
+def _(x: Tensor, w: Tensor, pos: Tensor, m: Tensor, eps: f64, theta: f64, hd: i64, rot: i64,
+      limit: i64):
     # one pass over the row instead of two, one launch instead of two
-    yield rule(m == x.rms_norm(w, eps).rope(theta, hd, rot),
+    yield rule(m == x.rms_norm(w, eps).rope(pos, theta, hd, rot, limit),
                name="qk-norm then rope as one row kernel").then(
-        union(m).with_(x.norm_rope(w, eps, theta, hd, rot)))
-    yield rule(m == x.head_rms_norm(w, eps, hd).rope(theta, hd, rot),
+        union(m).with_(x.norm_rope(w, pos, eps, theta, hd, rot, limit)))
+    yield rule(m == x.head_rms_norm(w, eps, hd).rope(pos, theta, hd, rot, limit),
                name="per-head qk-norm then rope as one row kernel").then(
-        union(m).with_(x.head_norm_rope(w, eps, hd, theta, rot)))
+        union(m).with_(x.head_norm_rope(w, pos, eps, hd, theta, rot, limit)))

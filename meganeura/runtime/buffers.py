@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiler.ops import OPS
 from ..compiler.plan import Plan
 
 ALIGN = 256  # bytes; every buffer starts on a multiple (tensor descriptors need 16)
@@ -45,24 +46,25 @@ def plan_buffers(plan: Plan, elem: int = 2) -> BufferPlan:
     base = {}  # run-time node -> the launch that owns its storage
     for nid in sorted(plan.launches + plan.views):
         n = g[nid]
-        # a view of an input (or of a weight) owns no buffer
-        base[nid] = base.get(n.inputs[0]) if nid in plan.views else nid
-    last = {nid: order[nid] for nid in plan.launches}
+        # a view of an input or a weight, and a cache write (its state), own no buffer
+        base[nid] = base.get(n.inputs[0]) if nid in plan.views or OPS[n.op].inplace else nid
+    owners = [nid for nid in plan.launches if base[nid] == nid]
+    last = {nid: order[nid] for nid in owners}
     for nid in plan.launches:
         for i in g[nid].inputs:
             if base.get(i) is not None:
                 last[base[i]] = max(last[base[i]], order[nid])
-    for o in g.outputs:
+    for o in g.roots:
         if base.get(o) is not None:
             last[base[o]] = math.inf
     wide = plan.fp32_stream
     nbytes = {nid: -(-math.prod(g[nid].shape) * (4 if nid in wide else elem) // ALIGN) * ALIGN
-              for nid in plan.launches}
-    life = {nid: (order[nid], last[nid]) for nid in plan.launches}
+              for nid in owners}
+    life = {nid: (order[nid], last[nid]) for nid in owners}
     offset: dict[int, int] = {}
     placed: list[int] = []
     # largest first, each at the lowest offset clear of every placed buffer it lives with
-    for nid in sorted(plan.launches, key=lambda i: (-nbytes[i], order[i])):
+    for nid in sorted(owners, key=lambda i: (-nbytes[i], order[i])):
         lo, hi = life[nid]
         busy = sorted((offset[j], offset[j] + nbytes[j]) for j in placed
                       if life[j][0] <= hi and lo <= life[j][1])
@@ -73,5 +75,5 @@ def plan_buffers(plan: Plan, elem: int = 2) -> BufferPlan:
             at = max(at, end)
         offset[nid] = at
         placed.append(nid)
-    total = max((offset[i] + nbytes[i] for i in plan.launches), default=0)
-    return BufferPlan(offset, nbytes, life, set(wide) & set(plan.launches), total)
+    total = max((offset[i] + nbytes[i] for i in owners), default=0)
+    return BufferPlan(offset, nbytes, life, set(wide) & set(owners), total)

@@ -37,12 +37,13 @@ class Launch:
 
 class CompiledModel:
     def __init__(self, plan: Plan, weights: dict, target: Target, cache: KernelCache,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, state: dict | None = None):
+        """state: name -> tensor for the plan's state leaves (KV caches), used in place."""
         t0 = time.perf_counter()
         self.plan, self.target, self.cache = plan, target, cache
         g = plan.graph
         self.inputs = g.inputs()
-        self.vocab = _vocab_of_inputs(g)
+        self.bounds = _bounds_of_inputs(g)
         self.tensors: dict[int, torch.Tensor] = {}
         self._tables: dict[tuple, tuple] = {}
         self.specs = {nid: kernel_for(g[nid], g, target) for nid in plan.launches}
@@ -54,11 +55,16 @@ class CompiledModel:
         for n in self.inputs:
             dtype = torch.int64 if n.dtype == "u32" else target.dtype
             self.tensors[n.id] = torch.zeros(n.shape, dtype=dtype, device=target.device)
+        self._bind_state(state or {})
         for nid in sorted(plan.launches + plan.views):
             n = g[nid]
-            if nid in plan.views:
-                a = n.attrs
-                self.tensors[nid] = self.tensors[n.inputs[0]][:, a["start"]:a["start"] + a["width"]]
+            a, base = n.attrs, self.tensors.get(n.inputs[0]) if n.inputs else None
+            if n.op == "slice_cols":
+                self.tensors[nid] = base[:, a["start"]:a["start"] + a["width"]]
+            elif n.op == "slice_rows":
+                self.tensors[nid] = base[a["start"]:a["start"] + a["count"]]
+            elif OPS[n.op].inplace:  # a cache write stands for the state it updates
+                self.tensors[nid] = base
             else:
                 self.tensors[nid] = buffers.view(arena, nid, n.shape, target.dtype)
         self.launches = [self._bind(nid) for nid in plan.launches]
@@ -68,6 +74,19 @@ class CompiledModel:
         self._use_cuda_graph = cuda_graph and target.device.type == "cuda"
 
     # ---- loading ------------------------------------------------------------------------
+
+    def _bind_state(self, state: dict) -> None:
+        """The state leaves (KV caches) bound to the caller's tensors, used in place."""
+        dev, dt = self.target.device, self.target.dtype
+        for n in self.plan.graph.states():
+            t = state.get(n.name)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != n.shape or t.dtype != dt \
+                    or not _same_device(t.device, dev) or not t.is_contiguous():
+                got = (f"{list(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)
+                       else "nothing")
+                raise InputError(f"state '{n.name}' must be a contiguous {list(n.shape)} {dt} "
+                                 f"tensor on {dev}, got {got}")
+            self.tensors[n.id] = t
 
     def _load_weights(self, weights: dict) -> None:
         """Weights onto the device; the load-time nodes a kernel reads (and only those:
@@ -102,7 +121,7 @@ class CompiledModel:
                     parts = [self.tensors[i] for i in self._concat_leaves(nid)]
                     self.tensors[nid] = torch.cat(parts, dim=1)
                 else:
-                    self.tensors[nid] = evaluate(n, *(self.tensors[i] for i in n.inputs))
+                    self.tensors[nid] = evaluate(n, *(self.tensors[i] for i in n.inputs)).to(dev)
         for nid in list(self.tensors):  # keep only what the kernels read
             if nid not in read:
                 del self.tensors[nid]
@@ -141,11 +160,12 @@ class CompiledModel:
         kw = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
         return Launch(nid, spec, lambda: launcher(*args, **kw))
 
-    def _rope_table(self, seq: int, head_dim: int, theta: float, rotary: int):
-        """cos and sin of pos * inv_freq, [seq, hd/2] fp32, computed once in float64."""
-        key = (seq, head_dim, theta, rotary)
+    def _rope_table(self, limit: int, head_dim: int, theta: float, rotary: int):
+        """cos and sin of pos * inv_freq for pos < limit, [limit, hd/2] fp32, computed once in
+        float64."""
+        key = (limit, head_dim, theta, rotary)
         if key not in self._tables:
-            cos, sin = rope_tables(torch.arange(seq), theta, head_dim, rotary)
+            cos, sin = rope_tables(torch.arange(limit), theta, head_dim, rotary)
             self._tables[key] = tuple(t.contiguous().to(self.target.device) for t in (cos, sin))
         return self._tables[key]
 
@@ -163,12 +183,12 @@ class CompiledModel:
             if not _same_device(x.device, self.target.device):
                 raise InputError(f"input '{n.name}' is on {x.device}, the model runs on "
                                  f"{self.target.device}")
-            if n.dtype == "u32" and x.numel():
-                lo, hi = torch.aminmax(x)  # one sync: no out-of-range id may reach a gather
-                lo, hi, vocab = int(lo), int(hi), self.vocab[n.id]
-                if lo < 0 or hi >= vocab:
-                    raise InputError(f"input '{n.name}' holds token id {lo if lo < 0 else hi}, "
-                                     f"outside [0, {vocab})")
+            if n.dtype == "u32" and x.numel() and n.id in self.bounds:
+                lo, hi = torch.aminmax(x)  # one sync: no id may reach past a table it indexes
+                lo, hi, (bound, what) = int(lo), int(hi), self.bounds[n.id]
+                if lo < 0 or hi >= bound:
+                    raise InputError(f"input '{n.name}' holds {what} {lo if lo < 0 else hi}, "
+                                     f"outside [0, {bound})")
 
     def run_kernels(self) -> None:
         for launch in self.launches:
@@ -219,14 +239,23 @@ def _numel(shape) -> int:
     return n
 
 
-def _vocab_of_inputs(g) -> dict[int, int]:
-    vocab = {}
+def _bounds_of_inputs(g) -> dict[int, tuple[int, str]]:
+    """Integer inputs -> (exclusive bound, what they are): token ids index every table they
+    gather from; positions index the RoPE tables (`limit`). A cache write takes any position."""
+    bounds: dict[int, tuple[int, str]] = {}
     users = g.users()
     for n in g.inputs():
         for u in users[n.id]:
-            if OPS[g[u].op].work == "gather":
-                vocab[n.id] = g[g[u].inputs[1]].shape[0]
-    return vocab
+            un = g[u]
+            if OPS[un.op].work == "gather" and un.inputs[0] == n.id:
+                b = (g[un.inputs[1]].shape[0], "token id")
+            elif "limit" in un.attrs and un.inputs[-1] == n.id:
+                b = (un.attrs["limit"], "position")
+            else:
+                continue
+            if n.id not in bounds or b[0] < bounds[n.id][0]:
+                bounds[n.id] = b
+    return bounds
 
 
 def _descriptor(t: torch.Tensor, block: tuple[int, int], label: str):

@@ -46,7 +46,9 @@ def check_float_input(node: Node, x) -> None:
 
 def run_reference(graph: Graph, weights: dict, inputs: dict, dtype=torch.float32,
                   device=None) -> list[torch.Tensor]:
-    """Evaluates `graph` with plain torch; returns its outputs in the run's dtype."""
+    """Evaluates `graph` with plain torch; returns its outputs in the run's dtype. `inputs`
+    holds the run-time inputs and the state leaves (KV caches) by name; a cache write
+    returns the updated cache and leaves the given one as it was."""
     device = torch.device(device) if device is not None else None
     users = graph.users()
     remaining = [len(u) for u in users]
@@ -58,9 +60,16 @@ def run_reference(graph: Graph, weights: dict, inputs: dict, dtype=torch.float32
             vals[n.id] = _parameter(n, weights, dtype, device)
         elif n.op == "input":
             vals[n.id] = _input(graph, n, inputs, device)
+        elif n.op == "state":
+            if n.name not in inputs:
+                raise InputError(f"state '{n.name}' is missing")
+            check_float_input(n, inputs[n.name])
+            vals[n.id] = inputs[n.name].to(device=device or inputs[n.name].device, dtype=dtype)
         else:
             args = [vals[i] for i in n.inputs]
             vals[n.id] = evaluate(n, *args)
+            if not n.inputs and device is not None:  # a constant, made on the CPU
+                vals[n.id] = vals[n.id].to(device)
             for i in set(n.inputs):  # free what no later node reads
                 remaining[i] -= n.inputs.count(i)
                 if remaining[i] == 0:
@@ -86,7 +95,7 @@ def _input(graph: Graph, n: Node, inputs: dict, device) -> torch.Tensor:
         return ids.to(device=device or ids.device)
     vocab = None
     for u in graph.users()[n.id]:
-        if OPS[graph[u].op].work == "gather":
+        if OPS[graph[u].op].work == "gather" and graph[u].inputs[0] == n.id:
             vocab = graph[graph[u].inputs[1]].shape[0]
     check_token_ids(n, ids, vocab)
     return ids.to(device=device or ids.device)

@@ -1,0 +1,208 @@
+"""Generation: a prefill plan and a decode plan over persistent KV caches, and sampling.
+
+    ids = model.generate(prompt_ids, max_new_tokens=64)          # greedy
+    ids = model.generate(prompt_ids, 64, temperature=0.8, top_p=0.95, seed=1)
+
+Both plans go through the e-graph at their own sizes (models/kv.py builds them): the
+prefill writes the prompt's K/V into the caches and computes the last row's logits; the
+decode step takes one token and its position as device inputs, so on CUDA one captured
+graph replays at every position. The caches belong to the session (allocated once per
+capacity), not to a plan's buffer arena. Sampling stays on the device: greedy is an
+argmax, sampling an argmax of probabilities over exponential noise (a multinomial draw
+without a host round trip), seeded by `seed`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .api import bind
+from .compiler.cost import CostModel
+from .errors import InputError
+from .models.kv import Generation
+from .models.registry import build
+from .optimize import optimize
+from .runtime.compiled import CompiledModel
+
+CAPACITY_STEP = 256  # caches and plans are made for capacities rounded up to a multiple
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def check(self, vocab: int) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise InputError(f"temperature must be a number >= 0, got {t!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(
+                self.top_k, int) or not 1 <= self.top_k <= vocab):
+            raise InputError(f"top_k must be an integer in [1, {vocab}], got {self.top_k!r}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))
+                              or not 0 < p <= 1):
+            raise InputError(f"top_p must be a number in (0, 1], got {p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(
+                self.seed, int) or not 0 <= self.seed < 2 ** 63):
+            raise InputError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """The next token id, [1] on the logits' device: argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k ids and the top_p mass."""
+    if params.temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    x = logits.float() / params.temperature
+    if params.top_k is not None and params.top_k < x.numel():
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1:
+        probs, order = torch.softmax(x, -1).sort(descending=True)
+        outside = probs.cumsum(-1) - probs > params.top_p  # keeps the id that crosses top_p
+        x = x.masked_fill(outside.scatter(0, order, outside), float("-inf"))
+    probs = torch.softmax(x, -1)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=gen)
+    return (probs / noise).argmax(-1, keepdim=True)
+
+
+@dataclass
+class Session:
+    """KV caches of one capacity and the plans that use them."""
+
+    capacity: int
+    caches: dict[str, torch.Tensor]
+    prefills: dict[int, CompiledModel] = field(default_factory=dict)
+    decode: CompiledModel | None = None
+
+
+class Generator:
+    """Generation for one model object (PretrainedModel): sessions by capacity."""
+
+    def __init__(self, model):
+        self.model = model
+        self.sessions: dict[int, Session] = {}
+        self.last_stats: dict = {}
+
+    def capacity_for(self, positions: int) -> int:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and positions > limit:
+            raise InputError(f"the prompt and the new tokens need {positions} positions, the "
+                             f"model has {limit} (max_position_embeddings)")
+        cap = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+        return min(cap, limit) if limit is not None else cap
+
+    def session(self, capacity: int) -> Session:
+        if capacity not in self.sessions:
+            m = self.model
+            decode = build(m.config, 1, Generation(capacity, decode=True))
+            caches = {n.name: torch.zeros(n.shape, dtype=m.dtype, device=m.device)
+                      for n in decode.states()}
+            self.sessions[capacity] = Session(capacity, caches)
+        return self.sessions[capacity]
+
+    def _plan(self, s: Session, seq_len: int, decode: bool) -> CompiledModel:
+        m = self.model
+        t0 = time.perf_counter()
+        graph = build(m.config, seq_len, Generation(s.capacity, decode))
+        dt = "bf16" if m.dtype == torch.bfloat16 else "fp32"
+        plan, rep = optimize(graph, CostModel(m.profile, dt))
+        return bind(plan, rep, m.profile, m.weights, m.device, m.dtype, m.cache_dir,
+                    optimize_s=time.perf_counter() - t0, state=s.caches)
+
+    def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
+        if seq_len not in s.prefills:
+            s.prefills[seq_len] = self._plan(s, seq_len, False)
+        return s.prefills[seq_len]
+
+    def decode_plan(self, s: Session) -> CompiledModel:
+        if s.decode is None:
+            s.decode = self._plan(s, 1, True)
+        return s.decode
+
+    def generate(self, token_ids, max_new_tokens: int, params: SamplingParams, stop=None,
+                 on_token=None, on_logits=None) -> torch.Tensor:
+        """See PretrainedModel.generate; on_logits(logits [vocab]) sees each step's logits
+        before the next id is drawn from them (checks compare them with full forwards)."""
+        m = self.model
+        prompt = _prompt(token_ids, m.config.vocab_size)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+                max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        params.check(m.config.vocab_size)
+        stops = _stop_ids(stop, m.eos_token_ids, m.config.vocab_size)
+        if on_token is not None and not callable(on_token):
+            raise InputError("on_token must be callable (it is called with each new id)")
+        if max_new_tokens == 0:
+            return prompt
+        s = self.session(self.capacity_for(prompt.numel() + max_new_tokens))
+        dev = m.device
+        gen = torch.Generator(device=dev).manual_seed(params.seed) if params.seed is not None \
+            else None
+        t0 = time.perf_counter()
+        prefill, decode = self.prefill_plan(s, prompt.numel()), self.decode_plan(s)
+        t_ready = time.perf_counter()
+        logits = prefill(prompt.to(dev))
+        new: list[int] = []
+        pos = torch.empty(1, dtype=torch.int64, device=dev)
+        t_first = None
+        for step in range(max_new_tokens):
+            if on_logits is not None:
+                on_logits(logits[-1])
+            nxt = sample(logits[-1], params, gen)
+            tok = int(nxt)  # the host needs it: streaming and the stop test
+            if t_first is None:
+                t_first = time.perf_counter()
+            new.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if tok in stops or step == max_new_tokens - 1:
+                break
+            pos.fill_(prompt.numel() + step)
+            logits = decode(nxt, pos)
+        t_end = time.perf_counter()
+        self.last_stats = {"prompt_tokens": prompt.numel(), "new_tokens": len(new),
+                           "plans_s": t_ready - t0, "time_to_first_token_s": t_first - t_ready,
+                           "decode_s": t_end - t_first}
+        return torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)])
+
+
+def _prompt(token_ids, vocab: int) -> torch.Tensor:
+    if isinstance(token_ids, (list, tuple)):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+            raise InputError("token ids must be integers")
+        if any(not -2 ** 63 <= t < 2 ** 63 for t in token_ids):
+            raise InputError(f"token ids must lie in [0, {vocab})")
+        token_ids = torch.tensor(token_ids, dtype=torch.int64)
+    if not isinstance(token_ids, torch.Tensor):
+        raise InputError(f"token ids must be a 1-D tensor or a list, got {type(token_ids).__name__}")
+    if token_ids.dim() != 1 or token_ids.numel() == 0:
+        raise InputError(f"the prompt must be a non-empty 1-D sequence of ids, got shape "
+                         f"{list(token_ids.shape)}")
+    if token_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise InputError(f"token ids must be integers, got {token_ids.dtype}")
+    ids = token_ids.detach().to("cpu", torch.int64)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise InputError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def _stop_ids(stop, default: tuple[int, ...], vocab: int) -> set[int]:
+    if stop is None:
+        return set(default)
+    if isinstance(stop, int) and not isinstance(stop, bool):
+        stop = [stop]
+    try:
+        ids = list(stop)
+    except TypeError:
+        raise InputError(f"stop must be a token id or a list of ids, got {stop!r}") from None
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise InputError(f"stop ids must be integers in [0, {vocab}), got {stop!r}")
+    return set(ids)

@@ -1,0 +1,141 @@
+"""Generation: prefill and decode plans over KV caches, for both model families, through the
+interpreter. Greedy tokens equal transformers' generate (the published model) or a plain
+step-by-step loop of full reference forwards (the seed's); every decode step's logits equal
+a full forward over the same prefix."""
+
+import pytest
+import torch
+
+import hf_checkpoints as hf
+import meganeura
+from configs import CONFIGS
+from meganeura.errors import InputError
+from meganeura.models import build
+from meganeura.models.kv import Generation
+from meganeura.runtime.reference import run_reference
+from numerics import assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")
+
+
+def _prompt(vocab, n, seed):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate_with_logits(model, prompt, n, **kw):
+    steps = []
+    out = model.generator.generate(prompt, n, meganeura.generation.SamplingParams(**kw),
+                                   stop=[], on_logits=lambda x: steps.append(x.clone()))
+    return out, steps
+
+
+@pytest.mark.parametrize("name", ["every_feature", "dense"])
+def test_published_greedy_equals_transformers(name, tmp_path, kernels):
+    model = hf.text_model(name, seed=11)
+    hf.save(model, tmp_path)
+    ours = meganeura.from_pretrained(tmp_path, device="cpu", cache_dir=kernels)
+    vocab = hf.CONFIGS[name]["vocab_size"]
+    prompt = _prompt(vocab, 8, 2)  # longer than both sliding windows (5, 4)
+    out, steps = _generate_with_logits(ours, prompt, 5)
+    with torch.no_grad():
+        ref = model.generate(prompt[None], max_new_tokens=5, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0]
+    assert out.tolist() == ref.tolist()
+    # each step's logits: a full forward over the same prefix (transformers'), last row
+    full = hf.logits(model, out[:-1])
+    for k, logits in enumerate(steps):
+        assert_close(logits, full[prompt.numel() - 1 + k], "fp32")
+
+
+def test_seed_greedy_equals_a_step_by_step_reference_loop(kernels):
+    c = CONFIGS["gqa2"]  # window 5, GQA 4/2, a sliding and a global layer
+    ours = meganeura.from_config(c, device="cpu", seed=7, cache_dir=kernels)
+    prompt = _prompt(c.vocab_size, 7, 3)
+    out, steps = _generate_with_logits(ours, prompt, 5)
+    ids = prompt.clone()
+    for k in range(5):  # the plain loop: a full reference forward per token
+        (logits,) = run_reference(build(c, ids.numel()), ours.weights, {"token_ids": ids})
+        assert_close(steps[k], logits[-1], "fp32")
+        ids = torch.cat([ids, logits[-1].argmax().reshape(1)])
+    assert out.tolist() == ids.tolist()
+
+
+def test_sampling_repeats_for_a_seed_and_respects_top_k(kernels):
+    c = CONFIGS["small_test"]
+    ours = meganeura.from_config(c, device="cpu", seed=1, cache_dir=kernels)
+    prompt = _prompt(c.vocab_size, 4, 5)
+    kw = dict(max_new_tokens=4, temperature=1.3, top_k=7, top_p=0.9)
+    a = ours.generate(prompt, seed=123, **kw)
+    b = ours.generate(prompt, seed=123, **kw)
+    c_ = ours.generate(prompt, seed=124, **kw)
+    assert a.tolist() == b.tolist() and a[:4].tolist() == prompt.tolist() and len(a) == 8
+    assert a.tolist() != c_.tolist()  # another seed, other draws
+    seen = []
+    out = ours.generate(prompt, max_new_tokens=6, seed=9, temperature=5.0, top_k=1,
+                        on_token=seen.append)
+    greedy = ours.generate(prompt, max_new_tokens=6)
+    assert out.tolist() == greedy.tolist() and seen == out[4:].tolist()  # top_k 1 is greedy
+
+
+def test_stop_ids_end_generation(kernels):
+    c = CONFIGS["small_test"]
+    ours = meganeura.from_config(c, device="cpu", seed=1, cache_dir=kernels)
+    prompt = _prompt(c.vocab_size, 4, 5)
+    greedy = ours.generate(prompt, max_new_tokens=5)
+    third = int(greedy[6])
+    first_at = greedy[4:].tolist().index(third)
+    stopped = ours.generate(prompt, max_new_tokens=5, stop=[third])
+    assert stopped.tolist() == greedy[:4 + first_at + 1].tolist()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(token_ids=torch.tensor([], dtype=torch.long)), "non-empty 1-D"),
+    (dict(token_ids=torch.tensor([1, 99])), r"token id 99 is outside the vocabulary \[0, 64\)"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+    (dict(temperature=-0.5), "temperature must be a number >= 0"),
+    (dict(top_k=0), r"top_k must be an integer in \[1, 64\]"),
+    (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+    (dict(stop=["x"]), "stop ids must be integers"),
+    (dict(seed=-1), "seed must be an integer"),
+])
+def test_bad_requests_fail_before_anything_is_allocated(kw, message):
+    c = CONFIGS["small_test"]
+    ours = meganeura.from_config(c, device="cpu", seed=1)
+    args = dict(token_ids=torch.tensor([1, 2, 3]), max_new_tokens=2) | kw
+    with pytest.raises(InputError, match=message):
+        ours.generate(args.pop("token_ids"), **args)
+    assert ours.generator.sessions == {}
+
+
+def test_capacity_beyond_the_model_is_refused(tmp_path):
+    model = hf.text_model("dense", seed=1)
+    model.config.max_position_embeddings = 40
+    hf.save(model, tmp_path)
+    ours = meganeura.from_pretrained(tmp_path, device="cpu")
+    with pytest.raises(InputError, match="need 41 positions, the model has 40"):
+        ours.generate(torch.tensor([1, 2, 3]), max_new_tokens=38)
+    assert ours.generator.sessions == {}
+
+
+def test_prefill_and_decode_are_planned_apart(tmp_path):
+    from meganeura.compiler.cost import H200, CostModel
+    from meganeura.models.gemma4_text import from_dict
+    from meganeura.optimize import optimize
+
+    c = from_dict(hf.CONFIGS["every_feature"])
+    prefill, prep = optimize(build(c, 300, Generation(512, False)), CostModel(H200, "bf16"))
+    decode, drep = optimize(build(c, 1, Generation(512, True)), CostModel(H200, "bf16"))
+    # the prefill keeps its last row only, and the e-graph moved the slice before the norm
+    assert prep.rules_fired()["row slice before rms_norm"] >= 1
+    final = prefill.graph[prefill.graph.outputs[0]]
+    assert final.shape == (1, c.vocab_size)
+    assert any(n.op == "slice_rows" for n in prefill.graph.nodes)
+    # both write the caches; the decode step attends over them
+    assert prefill.graph.op_counts()["cache_write"] == 2 * 4 == decode.graph.op_counts()["cache_write"]
+    assert decode.graph.op_counts()["cache_attention"] == 7
+    assert prefill.kernel_counts() != decode.kernel_counts()
