@@ -37,12 +37,39 @@ def _positive_int(text: str) -> int:
 
 def _token_list(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    bad = [t for t in ids if not 0 <= t < 2 ** 63]
+    if bad:
+        raise argparse.ArgumentTypeError(f"token id {bad[0]} is not an integer in [0, 2^63)")
+    return ids
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^63), got {v}")
+    return v
+
+
+def _number(low: float, high: float, open_low: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < v if open_low else low <= v) or not v <= high:
+            raise argparse.ArgumentTypeError(f"expected a number in {'(' if open_low else '['}"
+                                             f"{low:g}, {high:g}], got {text}")
+        return v
+    return parse
+
+
+def _add_model_args(p: argparse.ArgumentParser, seq_len: bool = True) -> None:
     m = p.add_mutually_exclusive_group()
     m.add_argument("--model", choices=MODEL_CHOICES, default=None,
                    help="built-in preset: the seed's gemma4-small-test (default), -1b, -4b, -12b, "
@@ -50,18 +77,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--config", metavar="FILE", help="model config as JSON: the seed's field "
                    "names (vocab_size, hidden_size, ..., head_dim), or a transformers "
                    "config.json (model_type gemma4_text or gemma4)")
-    p.add_argument("--seq-len", type=_positive_int, default=16, metavar="N",
-                   help="tokens per forward pass (default: 16)")
+    if seq_len:
+        p.add_argument("--seq-len", type=_positive_int, default=16, metavar="N",
+                       help="tokens per forward pass (default: 16)")
     p.add_argument("--weights", metavar="PATH", help="a checkpoint directory (config.json and "
                    "model.safetensors or shards: the model is read from it, no --model needed), "
                    "or a .safetensors file / directory of the --model or --config model. Without "
                    "it, deterministic random weights from --seed are used")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and token ids "
-                   "(default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for random weights, token ids and "
+                   "sampling (default: 0)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where to run (default: cuda if available, else cpu)")
+    p.add_argument("--profile", choices=("h200", "h200-roofline", "cpu-interpreter"),
+                   default=None, help="device profile the cost model prices kernels with: h200 "
+                   "carries efficiencies measured on an H200, h200-roofline only its ceilings "
+                   "(default: h200 on cuda, cpu-interpreter on cpu)")
+    p.add_argument("--cache-dir", metavar="DIR", default=None, help="kernel source cache "
+                   "(default: $MEGANEURA_CACHE_DIR or ~/.cache/meganeura/kernels)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,20 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
                        "are materialized, so any preset compiles on a small machine; a given "
                        "--weights file is checked from its header alone.")
     _add_model_args(c)
-    c.add_argument("--profile", choices=("h200", "h200-roofline", "cpu-interpreter"),
-                   default=None, help="device profile the cost model prices kernels with: h200 "
-                   "carries efficiencies measured on an H200, h200-roofline only its ceilings "
-                   "(default: h200 on cuda, cpu-interpreter on cpu)")
     c.add_argument("--emit-dir", metavar="DIR", help="write the egglog program of each template, "
                    "the plan as JSON and the full report into DIR")
-    c.add_argument("--cache-dir", metavar="DIR", default=None, help="kernel source cache "
-                   "(default: $MEGANEURA_CACHE_DIR or ~/.cache/meganeura/kernels)")
     c.add_argument("--run", action="store_true", help="load weights, run the model and print the "
                    "top tokens of the last position")
     c.add_argument("--tokens", type=_token_list, metavar="IDS", help="comma-separated token ids "
                    "for --run (default: random ids from --seed); their count sets --seq-len")
     c.add_argument("--top", type=_positive_int, default=5, metavar="K",
                    help="how many top tokens to print (default: 5)")
+    gen = sub.add_parser("generate", help="generate text (or token ids) after a prompt",
+                         description="Generate after a prompt with KV caches: a prefill plan "
+                         "and a decode plan, both optimized by the e-graph. The text is "
+                         "streamed as tokens arrive; a last line gives the prompt and new "
+                         "token counts, the time to the first token and the decode rate.")
+    _add_model_args(gen, seq_len=False)
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", metavar="TEXT", help="the prompt, tokenized with the "
+                      "checkpoint's tokenizer.json (the tokenizers library; nothing is downloaded)")
+    what.add_argument("--tokens", type=_token_list, metavar="IDS", help="the prompt as "
+                      "comma-separated token ids (no tokenizer needed)")
+    gen.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use (default: the "
+                     "one in the --weights directory)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N",
+                     help="tokens to generate at most (default: 32)")
+    gen.add_argument("--temperature", type=_number(0, 1e6), default=0.0, metavar="T",
+                     help="0 (the default) is greedy; above 0, sample from softmax(logits / T)")
+    gen.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                     help="sample among the K most likely ids only")
+    gen.add_argument("--top-p", type=_number(0, 1, open_low=True), default=None, metavar="P",
+                     help="sample within the smallest set of ids holding probability P")
+    gen.add_argument("--stop", type=_token_list, default=None, metavar="IDS", help="ids that end "
+                     "generation (default: the checkpoint's end-of-sequence ids)")
     return parser
 
 

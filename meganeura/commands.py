@@ -188,4 +188,85 @@ def _debug(args, plan, report, device, dtype) -> None:
             print("--- kernel\n" + src)
 
 
-COMMANDS = {"compile": cmd_compile}
+def cmd_generate(args) -> int:
+    """Everything is checked (model, tokenizer, prompt, sampling, capacity) before weights load."""
+    from .generation import SamplingParams, check_request
+    from .pretrained import PretrainedModel
+
+    config, name, ck = resolve_model(args)
+    tokenizer = _tokenizer(args, ck)
+    ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else args.tokens
+    if not ids:
+        raise MeganeuraError("the prompt is empty" + (" after tokenization" if args.prompt else ""))
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    eos = ck.eos_token_ids if ck else ()
+    prompt, _, capacity = check_request(config, ids, args.max_new_tokens, params, args.stop, eos)
+    device, dtype, profile = resolve_device(args)
+    for note in ck.notes if ck else []:
+        print(f"{'checkpoint' if ck.path else 'config'}: {note}")
+    t0 = time.perf_counter()
+    if args.weights:
+        weights = load_weights(args.weights, config, dtype, device, ck.rename if ck else None)
+    else:
+        print(f"weights: none given, using deterministic random weights (seed {args.seed})")
+        weights = random_weights(config, args.seed, dtype, device)
+    print(f"model {name}: weights ready on {device} in {time.perf_counter() - t0:.2f} s; caches for "
+          f"{capacity} positions", flush=True)
+    model = PretrainedModel(config, weights, device, dtype, profile, args.cache_dir, ck)
+    stream = _Stream(tokenizer)
+    out = model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                         args.seed, args.stop, on_token=stream.add)
+    stream.end()
+    st = model.generator.last_stats
+    rate = (st["new_tokens"] - 1) / st["decode_s"] if st["new_tokens"] > 1 and st["decode_s"] else 0
+    print(f"prompt {st['prompt_tokens']} tokens, {st['new_tokens']} new tokens; plans ready in "
+          f"{st['plans_s']:.2f} s; time to first token {st['time_to_first_token_s'] * 1e3:.1f} ms; "
+          f"decode {rate:.1f} tokens/s")
+    if args.prompt is None:
+        print(f"ids: {','.join(str(t) for t in out.tolist())}")
+    return 0
+
+
+def _tokenizer(args, ck):
+    """The tokenizers library's Tokenizer of --tokenizer or the checkpoint's tokenizer.json,
+    or None when the prompt is given as ids and no tokenizer is at hand."""
+    path = Path(args.tokenizer) if args.tokenizer else (
+        ck.path / "tokenizer.json" if ck is not None and ck.path is not None else None)
+    if path is None or not path.exists():
+        if args.prompt is not None:
+            raise MeganeuraError("--prompt needs a tokenizer: a --weights directory holding "
+                                 "tokenizer.json, or --tokenizer FILE (or give --tokens IDS)"
+                                 + (f"; {path} does not exist" if path else ""))
+        return None
+    from tokenizers import Tokenizer
+
+    from .models.weights import regular_file
+
+    regular_file(path, "tokenizer")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 (the library raises its own exception type)
+        raise MeganeuraError(f"cannot read tokenizer {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+class _Stream:
+    """Prints the text of the new ids as they arrive (ids when there is no tokenizer)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def add(self, tok: int) -> None:
+        self.ids.append(tok)
+        if self.tokenizer is None:
+            print(tok, end=" ", flush=True)
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if not text.endswith("\ufffd"):  # a character still incomplete: wait for its bytes
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def end(self) -> None:
+        print(flush=True)
+
+
+COMMANDS = {"compile": cmd_compile, "generate": cmd_generate}

@@ -91,12 +91,7 @@ class Generator:
         self.last_stats: dict = {}
 
     def capacity_for(self, positions: int) -> int:
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and positions > limit:
-            raise InputError(f"the prompt and the new tokens need {positions} positions, the "
-                             f"model has {limit} (max_position_embeddings)")
-        cap = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
-        return min(cap, limit) if limit is not None else cap
+        return capacity_for(self.model.config, positions)
 
     def session(self, capacity: int) -> Session:
         if capacity not in self.sessions:
@@ -131,17 +126,13 @@ class Generator:
         """See PretrainedModel.generate; on_logits(logits [vocab]) sees each step's logits
         before the next id is drawn from them (checks compare them with full forwards)."""
         m = self.model
-        prompt = _prompt(token_ids, m.config.vocab_size)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-                max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        params.check(m.config.vocab_size)
-        stops = _stop_ids(stop, m.eos_token_ids, m.config.vocab_size)
+        prompt, stops, capacity = check_request(m.config, token_ids, max_new_tokens, params, stop,
+                                                m.eos_token_ids)
         if on_token is not None and not callable(on_token):
             raise InputError("on_token must be callable (it is called with each new id)")
         if max_new_tokens == 0:
             return prompt
-        s = self.session(self.capacity_for(prompt.numel() + max_new_tokens))
+        s = self.session(capacity)
         dev = m.device
         gen = torch.Generator(device=dev).manual_seed(params.seed) if params.seed is not None \
             else None
@@ -171,6 +162,30 @@ class Generator:
                            "plans_s": t_ready - t0, "time_to_first_token_s": t_first - t_ready,
                            "decode_s": t_end - t_first}
         return torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)])
+
+
+def capacity_for(config, positions: int) -> int:
+    """Cache capacity for `positions` (prompt + new tokens): rounded up to CAPACITY_STEP, never
+    past the model's max_position_embeddings (a request beyond it is refused)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and positions > limit:
+        raise InputError(f"the prompt and the new tokens need {positions} positions, the model "
+                         f"has {limit} (max_position_embeddings)")
+    cap = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+    return min(cap, limit) if limit is not None else cap
+
+
+def check_request(config, token_ids, max_new_tokens, params: SamplingParams, stop,
+                  eos: tuple[int, ...]) -> tuple[torch.Tensor, set[int], int]:
+    """(prompt ids on the CPU, stop ids, cache capacity) of a valid request; InputError for
+    anything out of range. Nothing is allocated on the device."""
+    prompt = _prompt(token_ids, config.vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            not 0 <= max_new_tokens < 2 ** 31:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    params.check(config.vocab_size)
+    stops = _stop_ids(stop, eos, config.vocab_size)
+    return prompt, stops, capacity_for(config, prompt.numel() + max_new_tokens)
 
 
 def _prompt(token_ids, vocab: int) -> torch.Tensor:

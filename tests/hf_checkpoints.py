@@ -6,6 +6,7 @@ the wrong place, or not at all, changes the logits.
 """
 
 import copy
+from pathlib import Path
 
 import torch
 
@@ -93,3 +94,15 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     """transformers' fp32 logits [S, vocab] for one sequence."""
     with torch.no_grad():
         return model(ids[None]).logits[0].float()
+
+
+def save_tokenizer(directory, vocab_size: int) -> None:
+    """A word-level tokenizer.json over the words w0 .. w{vocab-1} (w0 unknown, w1 end of
+    sequence as transformers' default eos_token_id 1), split on whitespace."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(Path(directory) / "tokenizer.json"))

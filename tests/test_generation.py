@@ -139,3 +139,45 @@ def test_prefill_and_decode_are_planned_apart(tmp_path):
     assert prefill.graph.op_counts()["cache_write"] == 2 * 4 == decode.graph.op_counts()["cache_write"]
     assert decode.graph.op_counts()["cache_attention"] == 7
     assert prefill.kernel_counts() != decode.kernel_counts()
+
+
+def test_cli_generate_streams_text_and_reports(tmp_path):
+    from test_cli import cli
+
+    model = hf.text_model("dense", seed=5)
+    hf.save(model, tmp_path)
+    hf.save_tokenizer(tmp_path, hf.CONFIGS["dense"]["vocab_size"])
+    prompt = "w5 w9 w13 w40 w2 w17 w8"
+    rc, out, err = cli("generate", "--weights", str(tmp_path), "--prompt", prompt,
+                       "--max-new-tokens", "4", "--stop", "0")
+    assert rc == 0, err
+    ids = torch.tensor([int(w[1:]) for w in prompt.split()])
+    with torch.no_grad():
+        ref = model.generate(ids[None], max_new_tokens=4, do_sample=False, eos_token_id=0,
+                             pad_token_id=0)[0, ids.numel():].tolist()
+    text = " ".join(f"w{t}" for t in ref)
+    lines = out.splitlines()
+    assert text in lines, out  # the greedy continuation, streamed as text
+    last = lines[-1]
+    assert last.startswith("prompt 7 tokens, 4 new tokens") and "time to first token" in last
+    assert last.endswith("tokens/s")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--model", "gemma4-small-test", "--prompt", "hi"), "--prompt needs a tokenizer"),
+    (("--model", "gemma4-small-test", "--tokens", "1,64"), r"token id 64 is outside"),
+    (("--model", "gemma4-small-test", "--tokens", ","), "the prompt is empty"),
+    (("--model", "gemma4-small-test", "--tokens", "1", "--temperature", "-1"),
+     "--temperature: expected a number in"),
+    (("--model", "gemma4-e4b", "--tokens", "1", "--max-new-tokens", "131072"),
+     "need 131073 positions, the model has 131072"),
+    (("--model", "gemma4-small-test", "--tokens", "1", "--seed", str(2 ** 64)), "--seed"),
+])
+def test_cli_generate_refuses_bad_requests_before_loading(args, message):
+    from test_cli import cli
+
+    rc, out, err = cli("generate", *args)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, (rc, err)
+    assert "weights" not in out  # nothing was loaded
+    import re
+    assert re.search(message, err), err

@@ -70,3 +70,32 @@ def test_compiled_models_on_cuda(name, dtype, kind, tmp_path):
         (ref,) = run_reference(g, w, {"token_ids": ids})
         assert_close(fn(ids.cuda()).float().cpu(), ref, kind)
     assert fn._graph is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_replays_without_recapture(dtype, tmp_path):
+    c = CONFIGS["gqa2"]  # window 5: the prompt and the new tokens wrap the ring
+    model = meganeura.from_config(c, device="cuda", dtype=dtype, seed=3, cache_dir=tmp_path)
+    prompt = torch.randint(0, c.vocab_size, (9,), generator=torch.Generator().manual_seed(1))
+    out = model.generate(prompt, max_new_tokens=7, stop=[])
+    (session,) = model.generator.sessions.values()
+    graph = session.decode._graph
+    assert graph is not None  # captured at the first step, replayed at the next ones
+    again = model.generate(prompt, max_new_tokens=7, stop=[])
+    assert session.decode._graph is graph and again.tolist() == out.tolist()
+    if dtype == torch.float32:  # the tokens of a step-by-step loop of full reference forwards
+        ids = prompt.clone()
+        w = {k: v.float().cpu() for k, v in model.weights.items()}
+        for _ in range(7):
+            (logits,) = run_reference(build(c, ids.numel()), w, {"token_ids": ids})
+            ids = torch.cat([ids, logits[-1].argmax().reshape(1)])
+        assert out.tolist() == ids.tolist()
+
+
+def test_sampling_with_a_seed_repeats_on_cuda(tmp_path):
+    c = CONFIGS["small_test"]
+    model = meganeura.from_config(c, device="cuda", seed=3, cache_dir=tmp_path)
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    a = model.generate(prompt, 6, temperature=1.1, top_p=0.95, seed=7)
+    b = model.generate(prompt, 6, temperature=1.1, top_p=0.95, seed=7)
+    assert a.tolist() == b.tolist()

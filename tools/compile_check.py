@@ -23,6 +23,7 @@ from triton.runtime.jit import JITFunction
 from meganeura.codegen import Target, kernel_for
 from meganeura.compiler.cost import PROFILES, CostModel
 from meganeura.models import MODEL_NAMES, PRESETS, build
+from meganeura.models.kv import Generation
 from meganeura.compiler.plan import holds_fp32
 from meganeura.optimize import optimize
 
@@ -54,10 +55,12 @@ SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
 
 
 def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h200",
-          sms: int = 132) -> list[dict]:
+          sms: int = 132, capacity: int = 0) -> list[dict]:
     """Compiles every distinct kernel of the plan for sm_90; one dict per kernel."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    graph = build(PRESETS[MODEL_NAMES[model]], seq_len)
+    # capacity > 0: the generation plans over KV caches (seq_len 1: the decode step)
+    generation = Generation(capacity, decode=seq_len == 1) if capacity else None
+    graph = build(PRESETS[MODEL_NAMES[model]], seq_len, generation)
     plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name))
     target = Target(torch.device("cuda"), dtype, sms=sms)
     seen = set()
@@ -95,9 +98,12 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--profile", default="h200", choices=sorted(PROFILES))
     ap.add_argument("--sms", type=int, default=132, help="SMs of the target GPU (H200: 132)")
+    ap.add_argument("--capacity", type=int, default=0, help="the generation plans with KV caches "
+                    "of this many positions: the prefill of --seq-len tokens, or the decode step "
+                    "with --seq-len 1")
     a = ap.parse_args()
     over = 0
-    for r in check(a.model, a.seq_len, a.dtype, a.profile, a.sms):
+    for r in check(a.model, a.seq_len, a.dtype, a.profile, a.sms, a.capacity):
         spec = r["spec"]
         over += r["shared"] > SHARED_LIMIT
         print(f"{spec.archetype:10} {spec.variant:34} {str(spec.constexprs):70} "
