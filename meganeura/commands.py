@@ -219,9 +219,9 @@ def cmd_generate(args) -> int:
     stream.end()
     st = model.generator.last_stats
     rate = (st["new_tokens"] - 1) / st["decode_s"] if st["new_tokens"] > 1 and st["decode_s"] else 0
-    print(f"prompt {st['prompt_tokens']} tokens, {st['new_tokens']} new tokens; plans ready in "
-          f"{st['plans_s']:.2f} s; time to first token {st['time_to_first_token_s'] * 1e3:.1f} ms; "
-          f"decode {rate:.1f} tokens/s")
+    print(f"prompt {st['prompt_tokens']} tokens, {st['new_tokens']} new tokens; plans optimized "
+          f"and their kernels built in {st['plans_s']:.2f} s; time to first token "
+          f"{st['time_to_first_token_s'] * 1e3:.1f} ms; decode {rate:.1f} tokens/s")
     if args.prompt is None:
         print(f"ids: {','.join(str(t) for t in out.tolist())}")
     return 0

@@ -112,13 +112,22 @@ class Generator:
                     optimize_s=time.perf_counter() - t0, state=s.caches)
 
     def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
+        """The prefill of seq_len tokens, its kernels built by one run on token 0: what that
+        run writes into the caches is overwritten by every real prefill before it is read."""
         if seq_len not in s.prefills:
-            s.prefills[seq_len] = self._plan(s, seq_len, False)
+            fn = self._plan(s, seq_len, False)
+            fn(torch.zeros(seq_len, dtype=torch.int64, device=self.model.device))
+            s.prefills[seq_len] = fn
         return s.prefills[seq_len]
 
     def decode_plan(self, s: Session) -> CompiledModel:
+        """The decode step, its kernels built (and on CUDA its graph captured) by one run at
+        position 0, whose cache slot a real step writes before any step reads it."""
         if s.decode is None:
-            s.decode = self._plan(s, 1, True)
+            fn = self._plan(s, 1, True)
+            zero = torch.zeros(1, dtype=torch.int64, device=self.model.device)
+            fn(zero, zero)
+            s.decode = fn
         return s.decode
 
     def generate(self, token_ids, max_new_tokens: int, params: SamplingParams, stop=None,
