@@ -217,6 +217,13 @@ def cmd_generate(args) -> int:
     out = model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                          args.seed, args.stop, on_token=stream.add)
     stream.end()
+    from .report import plan_summary
+
+    (session,) = model.generator.sessions.values()
+    for label, fn in ((f"prefill plan ({prompt.numel()} tokens)", session.prefills[prompt.numel()]),
+                      ("decode plan (1 token)", session.decode)):
+        if fn is not None:
+            print(f"{label}: {plan_summary(fn.report.plan)}")
     st = model.generator.last_stats
     rate = (st["new_tokens"] - 1) / st["decode_s"] if st["new_tokens"] > 1 and st["decode_s"] else 0
     print(f"prompt {st['prompt_tokens']} tokens, {st['new_tokens']} new tokens; plans optimized "

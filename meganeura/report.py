@@ -82,6 +82,13 @@ def format_report(plan: Plan, rep: OptimizeReport, kernels: int = 0) -> str:
     return "\n".join(lines)
 
 
+def plan_summary(plan: Plan) -> str:
+    """One line: launches by kind, the fusions among them, the estimated time."""
+    counts = plan.kernel_counts()
+    kinds = ", ".join(f"{op} {n}" for op, n in sorted(counts.items(), key=lambda x: -x[1]))
+    return f"{len(plan.launches)} launches ({kinds}); estimated {_us(plan.estimated_time)}"
+
+
 def plan_json(plan: Plan) -> dict:
     g = plan.graph
     kind = {i: "load" for i in plan.load_time} | {i: "view" for i in plan.views} \
