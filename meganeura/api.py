@@ -10,10 +10,10 @@ import torch
 
 from .codegen import Target
 from .codegen.cache import KernelCache
-from .compiler.cost import CPU_INTERPRETER, H200, CostModel, DeviceProfile
+from .compiler.cost import CPU_INTERPRETER, H200, PROFILES, CostModel, DeviceProfile
 from .compiler.graph import Graph
 from .compiler.plan import Plan
-from .errors import MeganeuraError
+from .errors import MeganeuraError, WeightsError
 from .optimize import OptimizeReport, optimize
 from .runtime.compiled import CompiledModel
 
@@ -30,8 +30,12 @@ class CompileReport:
 
 
 def resolve(device=None, dtype=None, profile=None):
-    """Fills in defaults: (torch.device, torch.dtype, DeviceProfile), checking each."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Fills in defaults: (torch.device, torch.dtype, DeviceProfile), checking each. A profile
+    may be given by name ("h200", "h200-roofline", "cpu-interpreter")."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise MeganeuraError(f"device must be cuda or cpu, got {device!r}") from None
     if device.type not in ("cuda", "cpu"):
         raise MeganeuraError(f"device must be cuda or cpu, got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -39,8 +43,26 @@ def resolve(device=None, dtype=None, profile=None):
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if dtype not in _DTYPES:
         raise MeganeuraError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if device.type == "cpu" and dtype != torch.float32:
+        # Triton's interpreter computes bf16 dot products wrong (near-uniform logits, no error)
+        raise MeganeuraError("bf16 runs on CUDA only: on the CPU, Triton's interpreter computes "
+                             "bf16 matrix products wrong; use fp32 there (the default)")
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise MeganeuraError(f"unknown profile {profile!r} (known: {', '.join(PROFILES)})")
+        profile = PROFILES[profile]
+    if profile is not None and not isinstance(profile, DeviceProfile):
+        raise MeganeuraError(f"profile must be a DeviceProfile or one of {', '.join(PROFILES)}, "
+                             f"got {type(profile).__name__}")
     profile = profile or (H200 if device.type == "cuda" else CPU_INTERPRETER)
     return device, dtype, profile
+
+
+def check_weights_dict(weights) -> None:
+    """weights: a dict of name -> torch.Tensor (graph layout)."""
+    if not isinstance(weights, dict):
+        raise WeightsError(f"weights must be a dict of parameter name -> torch.Tensor, got "
+                           f"{type(weights).__name__}")
 
 
 def compile(graph: Graph, weights: dict, device=None, dtype=None, profile=None,
@@ -58,6 +80,9 @@ def compile(graph: Graph, weights: dict, device=None, dtype=None, profile=None,
     """
     t0 = time.perf_counter()
     device, dtype, profile = resolve(device, dtype, profile)
+    check_weights_dict(weights)
+    if not isinstance(graph, Graph):
+        raise MeganeuraError(f"graph must be a meganeura Graph, got {type(graph).__name__}")
     plan, opt_report = optimize(graph, CostModel(profile, _DTYPES[dtype]))
     return bind(plan, opt_report, profile, weights, device, dtype, cache_dir, cuda_graph,
                 time.perf_counter() - t0)
@@ -69,8 +94,9 @@ def bind(plan: Plan, opt_report: OptimizeReport, profile: DeviceProfile, weights
     """Generates the plan's kernels and binds them to weights, state (KV caches) and buffers
     on `device`."""
     t1 = time.perf_counter()
-    model = CompiledModel(plan, weights, Target(device, dtype), KernelCache(cache_dir), cuda_graph,
-                          state)
+    cache = KernelCache(cache_dir)
+    cache.check_writable()
+    model = CompiledModel(plan, weights, Target(device, dtype), cache, cuda_graph, state)
     t2 = time.perf_counter()
     model.report = CompileReport(
         opt_report, plan, profile,

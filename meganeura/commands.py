@@ -96,6 +96,11 @@ def cmd_compile(args) -> int:
         raise MeganeuraError("--tokens: give at least one token id")
     seq_len = len(args.tokens) if args.tokens is not None else args.seq_len
     device, dtype, profile = resolve_device(args)
+    if args.emit_dir:
+        check_emit_dir(Path(args.emit_dir))
+    if args.run:
+        KernelCache(args.cache_dir).check_writable()
+        warn_cpu_size(config, device)
     graph = build(config, seq_len)
     graph.validate()
     for note in ck.notes if ck else []:
@@ -146,8 +151,12 @@ def run_compiled(args, config, graph, plan, report, target, optimize_s, rename=N
     else:
         print(f"weights: none given, using deterministic random weights (seed {args.seed})")
         weights = random_weights(config, args.seed, dtype, device)
-    print(f"weights ready in {time.perf_counter() - t0:.2f} s")
+    print(f"weights ready in {time.perf_counter() - t0:.2f} s", flush=True)
     fn = bind(plan, report, profile, weights, device, dtype, args.cache_dir, optimize_s=optimize_s)
+    print(f"kernels bound: {len(fn.launches)} launches of {len(set(fn.kernel_sources()))} "
+          f"kernels", flush=True)
+    if device.type == "cpu":
+        fn.progress = _Progress("running kernels (Triton's interpreter)")
     ids = token_ids(args, graph.inputs()[0].shape[0], config.vocab_size).to(device)
     first = _timed_s(lambda: fn(ids), device)
     steady = _timed_s(lambda: fn(ids), device)
@@ -162,6 +171,57 @@ def run_compiled(args, config, graph, plan, report, target, optimize_s, rename=N
     # fp32 reference on the same weights, upcast one parameter at a time
     (ref,) = run_reference(graph, weights, {"token_ids": ids}, torch.float32, device)
     print(f"relative error vs the fp32 reference executor: {relative_error(logits, ref):.2e}")
+
+
+def check_emit_dir(d: Path) -> None:
+    """--emit-dir must be a directory we can write (made if missing), checked before any work."""
+    if d.exists() and not d.is_dir():
+        raise MeganeuraError(f"--emit-dir {d} exists and is not a directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".meganeura-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise MeganeuraError(f"--emit-dir {d} is not writable: {e.strerror or e}") from None
+
+
+CPU_WARN_PARAMETERS = 50_000_000
+
+
+def warn_cpu_size(config, device) -> None:
+    """A model this size through Triton's interpreter takes long, and its fp32 weights take
+    memory: say so before anything is loaded, and refuse what cannot fit."""
+    if device.type != "cpu":
+        return
+    from .runtime.compiled import _host_available
+
+    n = config.num_parameters()
+    need = 4 * n
+    free = _host_available()
+    if free is not None and need > free:
+        raise MeganeuraError(f"the fp32 weights of this model need {need / 2**30:.1f} GiB; the "
+                             f"machine has {free / 2**30:.1f} GiB available (run it on CUDA)")
+    if n > CPU_WARN_PARAMETERS:
+        print(f"warning: {n:,} parameters ({need / 2**30:.1f} GiB in fp32) through Triton's "
+              f"interpreter on the CPU: every kernel program runs in Python, so this takes a "
+              f"long time (minutes to hours); --device cuda runs it on a GPU", flush=True)
+
+
+class _Progress:
+    """A line every 10% of the launches of a run, with the time so far."""
+
+    def __init__(self, what: str):
+        self.what, self.t0, self.shown = what, None, -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == 1 or self.t0 is None:
+            self.t0, self.shown = time.perf_counter(), -1
+        tenth = done * 10 // total
+        if tenth > self.shown and total >= 50:
+            self.shown = tenth
+            print(f"  {self.what}: {done}/{total} launches, {time.perf_counter() - self.t0:.1f} s",
+                  flush=True)
 
 
 def _timed_s(fn, device) -> float:
@@ -202,6 +262,8 @@ def cmd_generate(args) -> int:
     eos = ck.eos_token_ids if ck else ()
     prompt, _, capacity = check_request(config, ids, args.max_new_tokens, params, args.stop, eos)
     device, dtype, profile = resolve_device(args)
+    KernelCache(args.cache_dir).check_writable()
+    warn_cpu_size(config, device)
     for note in ck.notes if ck else []:
         print(f"{'checkpoint' if ck.path else 'config'}: {note}")
     t0 = time.perf_counter()

@@ -31,6 +31,9 @@ class TemplateReport:
     seconds: dict  # phase -> seconds
     cost: float  # DAG cost of the extracted block
     egglog: str | None = None  # the egglog program, when asked for
+    block: Block | None = None  # the member it was built from
+    saturated: EClasses | None = None  # the saturated e-graph, as extracted
+    price: object = None  # (class, e-node) -> seconds, the own cost extraction used
 
 
 @dataclass
@@ -94,7 +97,7 @@ def _optimize_template(graph, members, schedule, cost, keep_egglog, local_search
     t = time.perf_counter()
 
     def leaf_type(n):
-        leaf = graph[(rep.inputs if n.op == "input" else rep.params)[n.leaf_slot]]
+        leaf = graph[leaf_node(rep, n)]
         return leaf.shape, leaf.dtype
 
     shapes = class_shapes(ec, leaf_type)
@@ -112,8 +115,13 @@ def _optimize_template(graph, members, schedule, cost, keep_egglog, local_search
         rules[getattr(decl, "name", None) or str(decl)] += n
     report = TemplateReport(len(members), len(rep.nodes), len(ec.nodes), ec.num_nodes(), rules,
                             times, selection.cost,
-                            egraph.as_egglog_string if keep_egglog else None)
+                            egraph.as_egglog_string if keep_egglog else None, rep, ec, own_cost)
     return _Extracted(members, ec, selection), report
+
+
+def leaf_node(block: Block, n) -> int:
+    """The graph node an input or parameter e-node of `block` stands for."""
+    return (block.inputs if n.op == "input" else block.params)[n.leaf_slot]
 
 
 def instantiate(graph: Graph, extracted: list[_Extracted]) -> Graph:
@@ -149,6 +157,9 @@ def instantiate(graph: Graph, extracted: list[_Extracted]) -> Graph:
             return n, ([] if orig not in producer else [producer[orig]]), [orig]
         return n, [(m, ch) for ch in n.children], []
 
+    for n in graph.nodes:  # run-time inputs and state in the graph's own order: callers pass
+        if n.op in ("input", "state"):  # inputs positionally, in that order
+            leaf(n.id)
     for orig_out in graph.roots:
         stack = [producer[orig_out]]
         while stack:

@@ -107,6 +107,8 @@ def emit(plan: Plan, rep: OptimizeReport, directory: str | Path) -> list[Path]:
     """Writes the egglog program of each template and the plan as JSON into `directory`."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    for old in d.glob("template*.egg"):  # an earlier emit's templates, not this plan's
+        old.unlink()
     written = []
     for k, t in enumerate(rep.templates):
         if t.egglog is not None:

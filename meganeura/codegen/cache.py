@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -49,25 +50,49 @@ class KernelCache:
         return f"# sha256 {hashlib.sha256(body.encode()).hexdigest()}\n{body}"
 
     def store(self, source: str) -> Path:
-        """Writes the source file unless an intact copy is already there."""
+        """Writes the source file unless an intact copy is already there. Only a regular file
+        is read, and no more of it than the source takes: anything else is replaced."""
         path, text = self.path(source), self._text(source)
+        data = text.encode()
         try:
-            if path.read_text() == text:
-                self.hits += 1
-                return path
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_size == len(data):
+                with open(path, "rb") as f:
+                    if f.read(len(data) + 1) == data:
+                        self.hits += 1
+                        return path
             self.rebuilt += 1  # present but not what its name promises
-        except (OSError, UnicodeDecodeError):
+            os.unlink(path)
+        except FileNotFoundError:
             self.misses += 1
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp_", suffix=".py")
+        except OSError as e:
+            raise MeganeuraError(f"kernel cache {self.directory}: cannot read or replace {path.name}: "
+                                 f"{e.strerror}") from None
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp_", suffix=".py")
+        except OSError as e:
+            raise MeganeuraError(f"kernel cache directory {self.directory} is not writable: "
+                                 f"{e.strerror or e}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
+
+    def check_writable(self) -> None:
+        """The cache directory exists (made if needed) and takes new files; MeganeuraError if not."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".probe_")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise MeganeuraError(f"kernel cache directory {self.directory} is not writable: "
+                                 f"{e.strerror or e}") from None
 
     def load(self, source: str, entry: str, interpreted: bool):
         """The kernel `entry` of `source`, ready to launch on the chosen backend."""
@@ -88,9 +113,12 @@ class KernelCache:
         return fn
 
     def copy_to(self, sources: list[str], directory: str | Path) -> list[Path]:
-        """Copies the cached files of `sources` out for reading (--emit-dir)."""
+        """Copies the cached files of `sources` out for reading (--emit-dir), replacing the
+        kernels an earlier emit left there."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
+        for old in d.glob("k_*.py"):
+            old.unlink()
         out = []
         for s in dict.fromkeys(sources):
             dst = d / self.path(s).name

@@ -70,10 +70,10 @@ def validate(c: Gemma4Config) -> None:
     """Raises ConfigError naming the first field that is out of range."""
     for f in _INT_FIELDS:
         v = getattr(c, f)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"config field {f} must be a positive integer, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2 ** 31:
+            raise ConfigError(f"config field {f} must be a positive integer below 2^31, got {v!r}")
     off = c.global_attn_offset
-    if not isinstance(off, int) or isinstance(off, bool) or off < 0:
+    if not isinstance(off, int) or isinstance(off, bool) or not 0 <= off < 2 ** 31:
         raise ConfigError(f"config field global_attn_offset must be an integer >= 0, got {off!r}")
     for f in ("rms_norm_eps", "rope_theta"):
         v = getattr(c, f)
@@ -118,18 +118,21 @@ def config_from_dict(d: dict) -> Gemma4Config:
     if unknown:
         raise ConfigError(f"unknown config field {unknown[0]} (known: {', '.join(sorted(known))})")
     d = dict(d)
-    if "head_dim" not in d:
-        h, n = d.get("hidden_size"), d.get("num_attention_heads")
-        if isinstance(h, int) and isinstance(n, int) and n > 0 and h % n:
-            raise ConfigError(f"config field head_dim is required: hidden_size {h} is not "
-                              f"divisible by num_attention_heads {n}")
-        if isinstance(h, int) and isinstance(n, int) and n > 0:
-            d["head_dim"] = h // n
     required = [f.name for f in dataclasses.fields(Gemma4Config)
-                if f.default is dataclasses.MISSING]
+                if f.default is dataclasses.MISSING and f.name != "head_dim"]
     for f in required:
         if f not in d:
             raise ConfigError(f"config field {f} is missing")
+    if "head_dim" not in d:  # hidden_size / num_attention_heads, which must be integers first
+        h, n = d["hidden_size"], d["num_attention_heads"]
+        for f, v in (("hidden_size", h), ("num_attention_heads", n)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2 ** 31:
+                raise ConfigError(f"config field {f} must be a positive integer below 2^31, "
+                                  f"got {v!r}")
+        if h % n:
+            raise ConfigError(f"config field head_dim is required: hidden_size {h} is not "
+                              f"divisible by num_attention_heads {n}")
+        d["head_dim"] = h // n
     return Gemma4Config(**d)
 
 

@@ -120,7 +120,7 @@ def _check(cond: bool, field_name: str, msg: str) -> None:
 
 
 def _posint(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2 ** 63
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2 ** 31
 
 
 def validate(c: Gemma4TextConfig) -> None:
@@ -131,7 +131,7 @@ def validate(c: Gemma4TextConfig) -> None:
         _check(_posint(getattr(c, f)), f, f"must be a positive integer, got {getattr(c, f)!r}")
     for f in ("hidden_size_per_layer_input", "num_kv_shared_layers"):
         v = getattr(c, f)
-        _check(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 63, f,
+        _check(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 31, f,
                f"must be an integer >= 0, got {v!r}")
     _check(_posnum(c.rms_norm_eps), "rms_norm_eps", f"must be a positive number, got {c.rms_norm_eps!r}")
     _check(c.final_logit_softcapping is None or _posnum(c.final_logit_softcapping),

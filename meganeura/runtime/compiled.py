@@ -13,6 +13,8 @@ them (clone to keep them), as with any CUDA-graph runtime.
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -22,7 +24,7 @@ from ..codegen import KernelSpec, Target, kernel_for
 from ..codegen.cache import KernelCache
 from ..compiler.ops import OPS
 from ..compiler.plan import Plan
-from ..errors import InputError, WeightsError
+from ..errors import InputError, MeganeuraError, WeightsError
 from .buffers import plan_buffers
 from ..compiler.formulas import rope_tables
 from .reference import check_float_input, check_token_ids, evaluate
@@ -47,9 +49,10 @@ class CompiledModel:
         self.tensors: dict[int, torch.Tensor] = {}
         self._tables: dict[tuple, tuple] = {}
         self.specs = {nid: kernel_for(g[nid], g, target) for nid in plan.launches}
+        buffers = plan_buffers(plan, torch.finfo(target.dtype).bits // 8)
+        check_memory(self._bytes_needed(buffers), target.device)
         self._load_weights(weights)
         t1 = time.perf_counter()
-        buffers = plan_buffers(plan, torch.finfo(target.dtype).bits // 8)
         self.buffer_bytes = buffers.total
         arena = buffers.allocate(target.device)
         for n in self.inputs:
@@ -72,8 +75,22 @@ class CompiledModel:
         self.seconds = {"load": t1 - t0, "bind": time.perf_counter() - t1}
         self._graph = None
         self._use_cuda_graph = cuda_graph and target.device.type == "cuda"
+        self._lock = threading.Lock()
+        self.progress = None  # f(launches done, launches) after each launch run one by one
 
     # ---- loading ------------------------------------------------------------------------
+
+    def _bytes_needed(self, buffers) -> int:
+        """Device bytes the model allocates beyond the weights: the buffer arena, the inputs,
+        the RoPE tables and the constants made at load."""
+        g = self.plan.graph
+        total = buffers.total + sum(8 * math.prod(n.shape) for n in self.inputs)
+        tables = {x for spec in self.specs.values() for kind, x in spec.args
+                  if kind in ("rope_cos", "rope_sin")}
+        total += sum(2 * 4 * limit * (hd // 2) for limit, hd, _, _ in tables)
+        total += sum(8 * math.prod(g[i].shape) for i in self.plan.load_time
+                     if OPS[g[i].op].kind == "constant")
+        return total
 
     def _bind_state(self, state: dict) -> None:
         """The state leaves (KV caches) bound to the caller's tensors, used in place."""
@@ -109,9 +126,16 @@ class CompiledModel:
             if p.name not in weights:
                 raise WeightsError(f"weight '{p.name}' is missing")
             w = weights[p.name]
-            if not isinstance(w, torch.Tensor) or tuple(w.shape) != p.shape:
-                got = list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-                raise WeightsError(f"weight '{p.name}' has shape {got}, expected {list(p.shape)}")
+            if not isinstance(w, torch.Tensor):
+                raise WeightsError(f"weight '{p.name}' must be a torch.Tensor, got "
+                                   f"{type(w).__module__}.{type(w).__name__}")
+            if tuple(w.shape) != p.shape:
+                raise WeightsError(f"weight '{p.name}' has shape {list(w.shape)}, expected "
+                                   f"{list(p.shape)}")
+            if not w.is_floating_point():
+                raise WeightsError(f"weight '{p.name}' must hold floats, got {w.dtype}")
+            if not all_finite(w):
+                raise WeightsError(f"weight '{p.name}' holds NaN or infinity")
             if p.id in needed:
                 self.tensors[p.id] = w.to(device=dev, dtype=dt)
         for nid in self.plan.load_time:  # parameter-only subterms, once
@@ -191,11 +215,19 @@ class CompiledModel:
                                      f"outside [0, {bound})")
 
     def run_kernels(self) -> None:
-        for launch in self.launches:
+        n = len(self.launches)
+        for k, launch in enumerate(self.launches):
             launch.run()
+            if self.progress is not None:
+                self.progress(k + 1, n)
 
     def __call__(self, *args) -> torch.Tensor:
-        """logits = model(token_ids); the result is overwritten by the next call."""
+        """logits = model(token_ids); the result is overwritten by the next call. Calls from
+        several threads run one at a time (they share the buffers)."""
+        with self._lock:
+            return self._call(*args)
+
+    def _call(self, *args) -> torch.Tensor:
         self.check_inputs(*args)
         for n, x in zip(self.inputs, args):
             self.tensors[n.id].copy_(x)
@@ -222,6 +254,35 @@ class CompiledModel:
         return [launch.spec.source for launch in self.launches]
 
 
+def check_memory(needed: int, device: torch.device) -> None:
+    """MeganeuraError when `needed` bytes exceed what the device has free (the host's
+    available memory for the CPU), before anything is allocated."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _host_available()
+    if free is not None and needed > free:
+        raise MeganeuraError(f"the plan needs {needed / 2**30:.2f} GiB of {device.type} memory "
+                             f"for its buffers, tables and inputs; {free / 2**30:.2f} GiB is free")
+
+
+def _host_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 26) -> bool:
+    """No NaN or infinity in t, checked a chunk at a time (no full-size temporary)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
@@ -230,13 +291,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     current = torch.cuda.current_device()
     return (a.index if a.index is not None else current) == (b.index if b.index is not None
                                                               else current)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _bounds_of_inputs(g) -> dict[int, tuple[int, str]]:

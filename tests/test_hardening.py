@@ -1,0 +1,399 @@
+"""Bad input gets one clear line, nothing escapes its directory, nothing hangs; and the checks
+the other tests lean on (rule soundness, extraction, the tolerance) can catch what they
+claim to."""
+
+import json
+import os
+import struct
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import hf_checkpoints as hf
+import meganeura
+from configs import CONFIGS, SMALL
+from egraph_checks import assert_classes_agree, brute_force_cost
+from meganeura.compiler.cost import CPU_INTERPRETER, H200, H200_ROOFLINE, CostModel
+from meganeura.compiler.graph import Graph
+from meganeura.errors import ConfigError, GraphError, MeganeuraError, WeightsError
+from meganeura.models import build
+from meganeura.models.gemma4_text import from_dict
+from meganeura.models.kv import Generation
+from meganeura.models.weights import load_weights, random_weights, save_random_weights
+from meganeura.optimize import optimize
+from meganeura.runtime.check import ROW_TOLERANCE, TOLERANCE, row_relative_error
+from meganeura.runtime.reference import run_reference
+from numerics import assert_close
+from test_cli import cli
+
+
+def _one_line_exit_2(rc, out, err, message):
+    assert rc == 2, (rc, out[-500:], err[-2000:])
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+
+
+# ---- the library ----------------------------------------------------------------------------
+
+
+def test_bf16_on_the_cpu_is_refused_not_wrong(tmp_path):
+    g, w = build(SMALL, 3), random_weights(SMALL)
+    with pytest.raises(MeganeuraError, match="bf16 runs on CUDA only"):
+        meganeura.compile(g, w, device="cpu", dtype=torch.bfloat16, cache_dir=tmp_path)
+    _one_line_exit_2(*cli("compile", "--dtype", "bf16", "--device", "cpu", "--run"),
+                     "bf16 runs on CUDA only")
+
+
+@pytest.mark.parametrize("weights, message", [
+    (None, "weights must be a dict of parameter name -> torch.Tensor, got NoneType"),
+    ({**random_weights(SMALL), "lm_head.weight": np.zeros((32, 64))},
+     "'lm_head.weight' must be a torch.Tensor, got numpy.ndarray"),
+])
+def test_bad_weights_arguments(weights, message, tmp_path):
+    with pytest.raises(WeightsError, match=message):
+        meganeura.compile(build(SMALL, 3), weights, device="cpu", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(device="gpu"), "device must be cuda or cpu, got 'gpu'"),
+    (dict(profile="h100"), "unknown profile 'h100'"),
+    (dict(profile=3), "profile must be a DeviceProfile"),
+])
+def test_bad_device_and_profile_arguments(kw, message, tmp_path):
+    with pytest.raises(MeganeuraError, match=message):
+        meganeura.compile(build(SMALL, 3), random_weights(SMALL), cache_dir=tmp_path, **kw)
+
+
+def test_a_profile_by_name(tmp_path):
+    fn = meganeura.compile(build(SMALL, 3), random_weights(SMALL), device="cpu", profile="h200",
+                           cache_dir=tmp_path)
+    assert fn.report.profile is H200
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_name(value, tmp_path):
+    w = random_weights(SMALL)
+    w["model.layers.2.mlp.up_proj.weight"][3, 5] = value
+    with pytest.raises(WeightsError, match="'model.layers.2.mlp.up_proj.weight' holds NaN or inf"):
+        meganeura.compile(build(SMALL, 3), w, device="cpu", cache_dir=tmp_path)
+
+
+def test_one_model_called_from_threads(tmp_path):
+    g, w = build(SMALL, 6), random_weights(SMALL, seed=4)
+    fn = meganeura.compile(g, w, device="cpu", cache_dir=tmp_path)
+    ids = [torch.randint(0, 64, (6,), generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    refs = [run_reference(g, w, {"token_ids": x})[0] for x in ids]
+    errors = []
+
+    def worker(k):
+        for _ in range(2):
+            try:
+                assert_close(fn(ids[k]).clone(), refs[k], "fp32")
+            except Exception as e:  # noqa: BLE001 (collected and failed on below)
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_a_run_far_beyond_the_device_says_what_it_needs():
+    rc, out, err = cli("compile", "--seq-len", "1000000000", "--run")
+    _one_line_exit_2(rc, out, err, "of cpu memory for its buffers, tables and inputs")
+    assert "GiB is free" in err
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/hostname"])
+def test_shards_must_lie_inside_the_checkpoint(tmp_path, shard):
+    d = tmp_path / "ck"
+    d.mkdir()
+    save_random_weights(SMALL, tmp_path / "outside.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": shard}}))
+    with pytest.raises(WeightsError, match="which is not a file inside"):
+        load_weights(d, SMALL)
+
+
+def test_index_values_must_be_file_names(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": 3}}))
+    with pytest.raises(WeightsError, match="weight_map values must be shard file names"):
+        load_weights(tmp_path, SMALL)
+
+
+def test_a_header_error_shows_no_bytes_of_the_file(tmp_path):
+    f = tmp_path / "notes.safetensors"
+    f.write_bytes(b"secret-token-1234" * 4)
+    with pytest.raises(WeightsError) as e:
+        load_weights(f, SMALL)
+    n = struct.unpack("<Q", b"secret-t")[0]
+    assert "corrupt safetensors" in str(e.value) and str(n) not in str(e.value)
+
+
+def test_a_fifo_is_not_read(tmp_path):
+    fifo = tmp_path / "w.safetensors"
+    os.mkfifo(fifo)
+    rc, out, err = cli("compile", "--weights", str(fifo), timeout=60)
+    _one_line_exit_2(rc, out, err, "is not a regular file")
+
+
+def test_a_cache_entry_that_is_not_a_file_is_replaced(tmp_path):
+    from meganeura.codegen.cache import KernelCache
+
+    cache = KernelCache(tmp_path)
+    source = "import triton\n# a kernel source\n"
+    cache.path(source).symlink_to("/dev/zero")
+    path = cache.store(source)  # read nothing from the device: replaced at once
+    assert path.is_file() and not path.is_symlink() and cache.rebuilt == 1
+    assert path.read_text().endswith(source)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("compile", "--emit-dir", "FILE"), "exists and is not a directory"),
+    (("compile", "--emit-dir", "/proc/meganeura-emit"), "is not writable"),
+    (("compile", "--run", "--cache-dir", "/proc/meganeura-kernels"), "is not writable"),
+    (("compile", "--seed", str(2 ** 64)), "--seed: expected an integer in [0, 2^63)"),
+    (("compile", "--run", "--tokens", f"1,{2 ** 64}"), "is not an integer in [0, 2^63)"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    (tmp_path / "FILE").write_text("")
+    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    rc, out, err = cli(*args)
+    _one_line_exit_2(rc, out, err, message)
+    assert "weights ready" not in out  # checked before anything was loaded
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe{}", "is not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000, "is nested too deeply"),
+    (json.dumps({**SMALL.__dict__, "hidden_size": 2 ** 70}).encode(),
+     "hidden_size must be a positive integer below 2^31"),
+    (json.dumps({**SMALL.__dict__, "hidden_size": "32", "head_dim": None}).encode(),
+     "hidden_size must be a positive integer"),
+])
+def test_bad_config_files(tmp_path, content, message):
+    f = tmp_path / "c.json"
+    f.write_bytes(content)
+    _one_line_exit_2(*cli("compile", "--config", str(f)), message)
+
+
+@pytest.mark.parametrize("value", ["32", 32.0, None])
+def test_a_bad_hidden_size_is_named(value):
+    d = {k: v for k, v in SMALL.__dict__.items() if k != "head_dim"} | {"hidden_size": value}
+    from meganeura.models import config_from_dict
+
+    with pytest.raises(ConfigError, match="config field hidden_size must be a positive integer"):
+        config_from_dict(d)
+
+
+def test_emit_dir_keeps_only_the_last_models_files(tmp_path):
+    out = tmp_path / "out"
+    assert cli("compile", "--model", "gemma4-4b", "--seq-len", "64", "--emit-dir", str(out))[0] == 0
+    first = {p.name for p in (out / "kernels").iterdir()}
+    rc, _, err = cli("compile", "--emit-dir", str(out), "--seq-len", "5")
+    assert rc == 0, err
+    second = {p.name for p in (out / "kernels").iterdir()}
+    from meganeura.api import kernel_sources
+    from meganeura.codegen.cache import KernelCache
+
+    plan, _ = optimize(build(SMALL, 5), CostModel(CPU_INTERPRETER, "fp32"))
+    expected = {KernelCache().path(s).name for s in kernel_sources(plan, "cpu", torch.float32)}
+    assert second == expected and first != second
+    assert sorted(p.name for p in out.glob("template*.egg")) == [f"template{k}.egg"
+                                                                 for k in range(3)]
+
+
+# ---- long phases --------------------------------------------------------------------------
+
+
+def test_long_cpu_runs_show_progress_and_big_models_warn(tmp_path, capsys):
+    model = hf.text_model("dense", seed=2)
+    hf.save(model, tmp_path)
+    rc, out, err = cli("compile", "--weights", str(tmp_path), "--run", "--tokens", "1,2,3")
+    assert rc == 0, err
+    assert "kernels bound:" in out and "running kernels (Triton's interpreter):" in out
+    from meganeura.commands import warn_cpu_size
+    from meganeura.models import PRESETS
+
+    warn_cpu_size(PRESETS["gemma4_1b"], torch.device("cpu"))
+    assert "2,315,537,864 parameters" in capsys.readouterr().out
+
+
+# ---- graphs the builder accepts compile ----------------------------------------------------
+
+
+def _runtime_operand_graphs():
+    """Fusions whose operands are run-time tensors, not weights."""
+    g1 = Graph()  # matmul(rms_norm(x, w), y): y and the norm weight given at run time
+    x, y = g1.input_f32("x", (7, 24)), g1.input_f32("y", (24, 10))
+    g1.set_outputs([g1.matmul(g1.rms_norm(x, g1.input_f32("w", (24,)), 1e-6), y)])
+    g2 = Graph()  # swiglu(h @ a, h @ b) with a, b run-time
+    h, a, b = (g2.input_f32(n, s) for n, s in (("h", (5, 12)), ("a", (12, 9)), ("b", (12, 9))))
+    g2.set_outputs([g2.swiglu(g2.matmul(h, a), g2.matmul(h, b))])
+    g3 = Graph()  # q | k merge candidates with one weight run-time
+    h3, wq = g3.input_f32("h", (5, 16)), g3.parameter("wq", (16, 8))
+    wk = g3.input_f32("wk", (16, 8))
+    g3.set_outputs([g3.add(g3.matmul(h3, wq), g3.matmul(h3, wk))])
+    return [g1, g2, g3]
+
+
+@pytest.mark.parametrize("k", range(3))
+def test_fusions_over_runtime_operands_compile(k, tmp_path):
+    g = _runtime_operand_graphs()[k]
+    gen = torch.Generator().manual_seed(k)
+    weights = {n.name: torch.randn(n.shape, generator=gen) for n in g.parameters()}
+    inputs = {n.name: torch.randn(n.shape, generator=gen) for n in g.inputs()}
+    for profile in (CPU_INTERPRETER, H200_ROOFLINE):
+        fn = meganeura.compile(g, weights, device="cpu", profile=profile, cache_dir=tmp_path)
+        (ref,) = run_reference(g, weights, inputs)
+        assert_close(fn(*(inputs[n.name] for n in g.inputs())), ref, "fp32")
+
+
+def _random_graph(seed: int) -> Graph:
+    """A random sequence of builder ops over [rows, width] tensors: run-time and parameter
+    operands, norms with either kind of weight, gated products, scales, soft-caps."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(n):
+        return int(torch.randint(0, n, (1,), generator=gen))
+
+    rows, width = 3 + pick(9), 8 * (1 + pick(4))
+    g = Graph()
+    live = [g.input_f32("x0", (rows, width))]
+    for k in range(6 + pick(6)):
+        x = live[pick(len(live))]
+        kind = pick(8)
+        name = f"t{k}"
+        if kind == 0:
+            b = g.parameter(name, (width, width)) if pick(2) else g.input_f32(name, (width, width))
+            y = g.matmul(x, b)
+        elif kind == 1:
+            w = g.parameter(name, (width,)) if pick(2) else g.input_f32(name, (width,))
+            y = g.rms_norm(x, w, 1e-5)
+        elif kind == 2:
+            y = g.add(x, live[pick(len(live))])
+        elif kind == 3:
+            y = g.glu(x, live[pick(len(live))], ["silu", "gelu_tanh"][pick(2)])
+        elif kind == 4:
+            y = g.scale(x, 0.25 + pick(8) / 4)
+        elif kind == 5:
+            y = g.softcap(x, 1.0 + pick(30))
+        elif kind == 6:
+            hd = width // 2
+            y = g.head_rms_norm(x, g.parameter(name, (hd,)), 1e-6, hd)
+        else:
+            b = g.transpose(g.parameter(name, (width, width)))
+            y = g.matmul(g.rms_norm(x, g.parameter(name + "n", (width,)), 1e-6), b)
+        live.append(y)
+    g.set_outputs(live[-2:] if live[-1] != live[-2] else live[-1:])
+    return g
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_graphs_compile_and_match_the_reference(seed, tmp_path):
+    g = _random_graph(seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    weights = {n.name: torch.randn(n.shape, generator=gen) * n.shape[0] ** -0.5
+               for n in g.parameters()}
+    inputs = {n.name: torch.randn(n.shape, generator=gen) for n in g.inputs()}
+    fn = meganeura.compile(g, weights, device="cpu", profile=H200_ROOFLINE, cache_dir=tmp_path)
+    outs = fn(*(inputs[n.name] for n in g.inputs()))
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    for out, ref in zip(outs, run_reference(g, weights, inputs)):
+        assert_close(out, ref, "fp32")
+
+
+def test_layers_that_differ_in_eps_window_or_theta_are_separate_templates(tmp_path):
+    c = CONFIGS["gqa2"]
+    g = build(c, 9)
+    nodes = list(g.nodes)  # layer 0 and a copy of it as layer 1's: then change one attribute
+    by_block = {}
+    for n in nodes:
+        by_block.setdefault(n.block, []).append(n)
+    for attr, value in (("eps", 1e-3), ("window", 3), ("theta", 500.0)):
+        h = Graph([n if n.block != "layer.0" or attr not in n.attrs
+                   else type(n)(n.id, n.op, n.inputs, n.shape, n.dtype, {**n.attrs, attr: value},
+                                n.name, n.block) for n in nodes], g.outputs)
+        base, _ = optimize(g, CostModel(CPU_INTERPRETER, "fp32"))
+        plan, rep = optimize(h, CostModel(CPU_INTERPRETER, "fp32"))
+        w = random_weights(c, seed=3)
+        ids = torch.randint(0, c.vocab_size, (9,), generator=torch.Generator().manual_seed(4))
+        (ref,) = run_reference(h, w, {"token_ids": ids})
+        (other,) = run_reference(g, w, {"token_ids": ids})
+        assert (ref - other).abs().max() > 1e-4, attr  # the attribute matters here
+        fn = meganeura.compile(h, w, device="cpu", cache_dir=tmp_path)
+        assert_close(fn(ids), ref, "fp32")
+        changed = [n for n in plan.graph.nodes if n.block == "layer.0" and n.attrs.get(attr) == value]
+        assert changed, attr
+    assert len(rep.templates) == 3
+
+
+# ---- the checks themselves ------------------------------------------------------------------
+
+def _templates():
+    c = from_dict(hf.CONFIGS["every_feature"])
+    return [build(CONFIGS["gqa2"], 7), build(SMALL, 5), build(c, 9),
+            build(c, 9, Generation(16, False)), build(c, 1, Generation(16, True))]
+
+
+@pytest.mark.parametrize("profile", [H200, CPU_INTERPRETER], ids=lambda p: p.name)
+@pytest.mark.parametrize("k", range(5), ids=["gqa2", "small", "published", "prefill", "decode"])
+def test_every_enode_of_every_class_computes_the_same(k, profile):
+    g = _templates()[k]
+    _, rep = optimize(g, CostModel(profile, "fp32"))
+    assert assert_classes_agree(g, rep, seed=k) > sum(t.enodes for t in rep.templates) * 0.99
+
+
+def test_the_class_check_catches_an_unsound_rule():
+    from meganeura.compiler.egraph import EClasses, ENode
+
+    g = build(SMALL, 5)
+    _, rep = optimize(g, CostModel(CPU_INTERPRETER, "fp32"))
+    t = rep.templates[1]
+    # a "rule" that claims glu(a, b) is glu(b, a): an e-node no rewrite may add
+    c, node = next((c, n) for c, ns in t.saturated.nodes.items() for n in ns if n.op == "glu")
+    wrong = ENode("glu", node.children[::-1], dict(node.attrs))
+    t.saturated = EClasses({**t.saturated.nodes, c: t.saturated.nodes[c] + [wrong]},
+                           t.saturated.roots)
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_classes_agree(g, rep)
+
+
+@pytest.mark.parametrize("name, seq, generation", [
+    ("gqa2", 7, None), ("gemma4_4b", 2048, None), ("gemma4_e4b", 2048, None),
+    ("gemma4_e4b", 1, Generation(4096, True)), ("gemma4_e4b", 600, Generation(4096, False))])
+def test_extraction_equals_the_exhaustive_optimum(name, seq, generation):
+    from meganeura.models import PRESETS
+
+    config = CONFIGS.get(name) or PRESETS[name]
+    _, rep = optimize(build(config, seq, generation), CostModel(H200, "bf16"))
+    for t in rep.templates:
+        best = brute_force_cost(t.saturated, t.price)
+        assert abs(t.cost - best) <= 1e-9 * best, (t.cost, best)
+
+
+def test_the_row_check_catches_one_wrong_row():
+    ref = torch.randn(2048, 300, generator=torch.Generator().manual_seed(0))
+    out = ref.clone()
+    out[1234] *= 1.5  # one row 50% off: lost in the whole tensor's error
+    from meganeura.runtime.check import relative_error
+
+    assert relative_error(out, ref) < TOLERANCE["bf16"]
+    assert row_relative_error(out, ref) > ROW_TOLERANCE["bf16"]
+    with pytest.raises(AssertionError, match="worst row"):
+        assert_close(out, ref, "bf16")
+
+
+def test_a_graph_the_builder_refuses_names_why():
+    g = Graph()
+    x = g.input_f32("x", (3, 4))
+    with pytest.raises(GraphError, match="transpose: operand %0 input 'x' depends on a run-time"):
+        g.transpose(x)
