@@ -120,7 +120,11 @@ def attention_case(s, heads, kv_heads, head_dim, window=None, seed=0, scale=None
     else:
         out = g.sliding_window_attention(q, k, v, heads, kv_heads, head_dim, window, **attrs)
     g.set_outputs([out])
-    return g, {}, [_rand(gen, s, (heads + 2 * kv_heads) * head_dim)]
+    # with a given scale (1.0: the published model's, on normalized q and k) the inputs keep
+    # the scores O(1) as normalized q and k do; N(0, 1) rows would give scores of std
+    # sqrt(head_dim), a softmax decided by rounding
+    spread = 1.0 if scale is None else head_dim ** -0.25
+    return g, {}, [_rand(gen, s, (heads + 2 * kv_heads) * head_dim, scale=spread)]
 
 
 def embedding_case(s, vocab, d, seed=0, factor=None):
