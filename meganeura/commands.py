@@ -281,7 +281,7 @@ def cmd_generate(args) -> int:
     stream.end()
     from .report import plan_summary
 
-    (session,) = model.generator.sessions.values()
+    session = model.generator.last_session
     for label, fn in ((f"prefill plan ({prompt.numel()} tokens)", session.prefills[prompt.numel()]),
                       ("decode plan (1 token)", session.decode)):
         if fn is not None:

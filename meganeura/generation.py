@@ -88,6 +88,7 @@ class Generator:
     def __init__(self, model):
         self.model = model
         self.sessions: dict[int, Session] = {}
+        self.last_session: Session | None = None  # the caches and plans of the last call
         self.last_stats: dict = {}
 
     def capacity_for(self, positions: int) -> int:
@@ -142,6 +143,7 @@ class Generator:
         if max_new_tokens == 0:
             return prompt
         s = self.session(capacity)
+        self.last_session = s
         dev = m.device
         gen = torch.Generator(device=dev).manual_seed(params.seed) if params.seed is not None \
             else None

@@ -91,10 +91,9 @@ class PretrainedModel:
         with self._lock:
             params = SamplingParams(temperature, top_k, top_p, seed)
             out = self.generator.generate(token_ids, max_new_tokens, params, stop, on_token)
-            sessions = self.generator.sessions
-            if sessions:
-                s = max(sessions.values(), key=lambda s: s.decode is not None)
-                self.report = s.decode.report if s.decode else self.report
+            s = self.generator.last_session
+            if s is not None and s.decode is not None:
+                self.report = s.decode.report
             return out
 
 
