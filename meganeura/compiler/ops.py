@@ -194,13 +194,16 @@ def _concat_cols(s, d, a):
     return (x[0], x[1] + y[1])
 
 
-def _slice_cols(s, d, a):
-    (x,) = s
+def _span(x: Shape, axis: int, start: int, n: int) -> None:
+    """[start, start + n) lies inside axis `axis` (0: rows, 1: columns) of a 2-D x."""
     _rank(x, 2, "sliced input")
-    start, width = a["start"], a["width"]
-    _need(start >= 0 and width > 0 and start + width <= x[1],
-          f"columns [{start}, {start + width}) out of range for {list(x)}")
-    return (x[0], width)
+    _need(start >= 0 and n > 0 and start + n <= x[axis],
+          f"{('rows', 'columns')[axis]} [{start}, {start + n}) out of range for {list(x)}")
+
+
+def _slice_cols(s, d, a):
+    _span(s[0], 1, a["start"], a["width"])
+    return (s[0][0], a["width"])
 
 
 def _norm_matmul(s, d, a):
@@ -242,8 +245,8 @@ def _head_norm_rope(s, d, a):
     return _rope([s[0], s[2]], [d[0], d[2]], a)
 
 
-def _positions(x: Shape, pos: Shape, dtype: str, what: str = "rows") -> None:
-    _need(pos == (x[0],), f"positions must be [{x[0]}], one per {what[:-1]}, got {list(pos)}")
+def _positions(x: Shape, pos: Shape, dtype: str) -> None:
+    _need(pos == (x[0],), f"positions must be [{x[0]}], one per row, got {list(pos)}")
     _need(dtype == U32, f"positions must be u32, got {dtype}")
 
 
@@ -253,12 +256,8 @@ def _arange(s, d, a):
 
 
 def _slice_rows(s, d, a):
-    (x,) = s
-    _rank(x, 2, "sliced input")
-    start, count = a["start"], a["count"]
-    _need(start >= 0 and count > 0 and start + count <= x[0],
-          f"rows [{start}, {start + count}) out of range for {list(x)}")
-    return (count, x[1])
+    _span(s[0], 0, a["start"], a["count"])
+    return (a["count"], s[0][1])
 
 
 def _cache_write(s, d, a):
