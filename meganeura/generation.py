@@ -132,9 +132,15 @@ class Generator:
         return s.decode
 
     def generate(self, token_ids, max_new_tokens: int, params: SamplingParams, stop=None,
-                 on_token=None, on_logits=None) -> torch.Tensor:
+                 on_token=None, on_logits=None, on_step=None) -> torch.Tensor:
         """See PretrainedModel.generate; on_logits(logits [vocab]) sees each step's logits
-        before the next id is drawn from them (checks compare them with full forwards)."""
+        before the next id is drawn from them (checks compare them with full forwards);
+        on_step() is called after each step's work is queued, before the host waits for its
+        id (benchmarks record CUDA events there).
+
+        The device runs one step ahead of the host: step t + 1 is queued with step t's id
+        still on the device, before the host reads that id to stream it and test it against
+        the stop ids. A stop found that way leaves one step computed and unused."""
         m = self.model
         prompt, stops, capacity = check_request(m.config, token_ids, max_new_tokens, params, stop,
                                                 m.eos_token_ids)
@@ -151,23 +157,34 @@ class Generator:
         prefill, decode = self.prefill_plan(s, prompt.numel()), self.decode_plan(s)
         t_ready = time.perf_counter()
         logits = prefill(prompt.to(dev))
+        if on_logits is not None:
+            on_logits(logits[-1])
+        nxt = sample(logits[-1], params, gen)
+        if on_step is not None:
+            on_step()
+        # every step's position, on the device once: step t reads row t
+        positions = torch.arange(prompt.numel(), prompt.numel() + max_new_tokens,
+                                 dtype=torch.int64).to(dev)
         new: list[int] = []
-        pos = torch.empty(1, dtype=torch.int64, device=dev)
         t_first = None
         for step in range(max_new_tokens):
-            if on_logits is not None:
-                on_logits(logits[-1])
-            nxt = sample(logits[-1], params, gen)
+            last = step == max_new_tokens - 1
+            if not last:  # queue the next step before waiting for this one's id
+                logits = decode.run_trusted(nxt, positions[step:step + 1])
+                if on_logits is not None:
+                    on_logits(logits[-1])
+                following = sample(logits[-1], params, gen)
+                if on_step is not None:
+                    on_step()
             tok = int(nxt)  # the host needs it: streaming and the stop test
             if t_first is None:
                 t_first = time.perf_counter()
             new.append(tok)
             if on_token is not None:
                 on_token(tok)
-            if tok in stops or step == max_new_tokens - 1:
+            if tok in stops or last:
                 break
-            pos.fill_(prompt.numel() + step)
-            logits = decode(nxt, pos)
+            nxt = following
         t_end = time.perf_counter()
         self.last_stats = {"prompt_tokens": prompt.numel(), "new_tokens": len(new),
                            "plans_s": t_ready - t0, "time_to_first_token_s": t_first - t_ready,

@@ -162,7 +162,22 @@ def pointwise_case(op, m, n, seed=0):
     return g, weights, [3 * _rand(gen, m, n + 3), _rand(gen, m, n)]
 
 
-def compile_plan(g, weights, device, dtype, cache_dir):
+def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0):
+    """One decode step's attention over caches of `slots` rows, random contents, at `pos`
+    (a ring that has wrapped when pos >= slots). Inputs: q and the position; the caches are
+    state, given as (weights-like) "state" by name."""
+    gen = torch.Generator().manual_seed(seed)
+    g = Graph()
+    q = g.input_f32("q", (1, heads * head_dim))
+    p = g.input_u32("positions", (1,))
+    width = kv_heads * head_dim
+    k, v = g.state("cache.k", (slots, width)), g.state("cache.v", (slots, width))
+    g.set_outputs([g.cache_attention(q, k, v, p, heads, kv_heads, head_dim, head_dim ** -0.5)])
+    state = {"cache.k": _rand(gen, slots, width), "cache.v": _rand(gen, slots, width)}
+    return g, state, [_rand(gen, 1, heads * head_dim), torch.tensor([pos])]
+
+
+def compile_plan(g, weights, device, dtype, cache_dir, state=None):
     """Runs the graph's own ops as kernels (no optimizer): the archetype under test."""
     from meganeura.codegen import Target
     from meganeura.codegen.cache import KernelCache
@@ -171,7 +186,8 @@ def compile_plan(g, weights, device, dtype, cache_dir):
     from meganeura.runtime.compiled import CompiledModel
 
     plan = make_plan(g, CostModel(CPU_INTERPRETER, "fp32"))
-    return CompiledModel(plan, weights, Target(torch.device(device), dtype), KernelCache(cache_dir))
+    return CompiledModel(plan, weights, Target(torch.device(device), dtype), KernelCache(cache_dir),
+                         state=state)
 
 
 def check_case(case, device, dtype, cache_dir, kind):
@@ -191,6 +207,23 @@ def check_case(case, device, dtype, cache_dir, kind):
     return model
 
 
+def check_cache_attention(case, device, dtype, cache_dir, kind):
+    """The decode attention kernel against the reference; the caches held in `dtype` on the
+    device, the reference reading the same rounded values."""
+    from meganeura.runtime.reference import run_reference
+    from numerics import assert_close
+
+    g, state, (q, pos) = case
+    dev_state = {k: v.to(device, dtype) for k, v in state.items()}
+    model = compile_plan(g, {}, device, dtype, cache_dir, state=dev_state)
+    model.outputs[0].fill_(float("nan"))
+    out = model(q.to(device, dtype), pos.to(device))
+    ref_inputs = {"q": q, "positions": pos, **{k: v.float().cpu() for k, v in dev_state.items()}}
+    (ref,) = run_reference(g, {}, ref_inputs)
+    assert_close(out.float().cpu(), ref, kind)
+    return model
+
+
 def parts_case(op, m, k, widths, seed=0, transposed=False):
     """A matmul whose B is the load-time column concatenation of several weights (stored
     [K, n_i], or [n_i, K] and transposed)."""
@@ -206,7 +239,13 @@ def parts_case(op, m, k, widths, seed=0, transposed=False):
     b = weight(names[0], widths[0])
     for name, w in zip(names[1:], widths[1:]):
         b = g.concat_cols(b, weight(name, w))
-    g.set_outputs([getattr(g, op)(x, b, **({"act": act} if act else {}))])
     weights = {name: _rand(gen, *((w, k) if transposed else (k, w)), scale=k ** -0.5)
                for name, w in zip(names, widths)}
+    attrs = {"act": act} if act else {}
+    if op.startswith("norm_"):  # the RMSNorm prologue (a decode step's q | k | v)
+        weights["nw"] = 1.0 + 0.3 * _rand(gen, k)
+        out = getattr(g, op)(x, b, g.parameter("nw", (k,)), 1e-6, **attrs)
+    else:
+        out = getattr(g, op)(x, b, **attrs)
+    g.set_outputs([out])
     return g, weights, [_rand(gen, m, k)]

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kernel_cases import (MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case, check_case,
+from kernel_cases import (MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case, cache_attention_case,
+                          check_cache_attention, check_case,
                           embedding_case, matmul_case, parts_case, pointwise_case, row_case)
 
 
@@ -59,6 +60,37 @@ def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, transpose
     spec = model.launches[0].spec
     g = model.plan.graph
     kept = [g[i].op for i in model.tensors if i in model.plan.load_time]
+    if parts > 1:
+        assert f"{parts}-part-B" in spec.variant and "concat_cols" not in kept
+    else:
+        assert "part-B" not in spec.variant and kept == ["concat_cols"]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("op", MATMUL_OPS)
+def test_one_row_runs_the_matrix_vector_kernel(op, transposed, tmp_path):
+    # a decode step's products: K = 45 and N = 70 leave partial K steps and column tiles
+    model = check_case(matmul_case(op, 1, 45, 70, seed=11, transposed=transposed), "cpu",
+                       torch.float32, tmp_path, "fp32")
+    spec = model.launches[0].spec
+    assert "+matvec" in spec.variant and spec.entry == "matvec_kernel"
+    assert ("B-transposed" in spec.variant) == transposed
+
+
+@pytest.mark.parametrize("op, widths, parts", [
+    ("matmul", (64, 32, 40), 3),  # q | k | v: 8-column tiles never straddle two parts
+    ("matmul", (44, 32, 16), 1),  # 44 is not a multiple of the tile: the concatenation
+    ("norm_matmul", (24, 16, 16), 3),
+    ("matmul_glu-silu", (40, 40), 2),
+])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_one_row_reads_concatenated_weights_in_place(op, widths, parts, transposed, tmp_path):
+    model = check_case(parts_case(op, 1, 48, widths, seed=3, transposed=transposed), "cpu",
+                       torch.float32, tmp_path, "fp32")
+    spec = model.launches[0].spec
+    g = model.plan.graph
+    kept = [g[i].op for i in model.tensors if i in model.plan.load_time]
+    assert "+matvec" in spec.variant
     if parts > 1:
         assert f"{parts}-part-B" in spec.variant and "concat_cols" not in kept
     else:
@@ -149,3 +181,19 @@ def test_embedding_archetype(s, factor, tmp_path):
 @pytest.mark.parametrize("op", POINTWISE_OPS)
 def test_pointwise_archetype(op, tmp_path):
     check_case(pointwise_case(op, 37, 45), "cpu", torch.float32, tmp_path, "fp32")
+
+
+@pytest.mark.parametrize("slots, pos", [(20, 6), (100, 0), (100, 40), (100, 99), (100, 257)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 24), (3, 1, 48)])
+def test_decode_attention_splits_the_slots(slots, pos, heads, kv_heads, head_dim, tmp_path):
+    # on the interpreter a program takes 32 slots: 100 slots are 4 programs per kv head, of
+    # which those past the valid slots return at once and the last to finish merges;
+    # pos 257 is a ring that has wrapped (every slot valid)
+    model = check_cache_attention(cache_attention_case(slots, pos, heads, kv_heads, head_dim,
+                                                       seed=pos), "cpu", torch.float32,
+                                  tmp_path, "fp32")
+    spec = model.launches[0].spec
+    assert spec.grid == (kv_heads, -(-slots // 32))
+    assert ("split" in spec.variant) == (slots > 32)
+    counts = [t for (name, *_), t in model._scratches.items() if name == "count"]
+    assert all(int(c.abs().sum()) == 0 for c in counts)  # left as found for the next step

@@ -43,6 +43,8 @@ def signature(spec, graph, dtype):
             sig_t = f"tensordesc<{elem}[{', '.join(map(str, block))}]>"
         elif kind in ("rope_cos", "rope_sin"):
             sig_t = "*fp32"
+        elif kind == "scratch":
+            sig_t = {"fp32": "*fp32", "i32": "*i32"}[x[2]]
         elif isinstance(x, float):
             sig_t = "fp32"
         else:

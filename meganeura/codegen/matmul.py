@@ -28,6 +28,7 @@ import torch
 
 from ..compiler.cost import PAIRED_MATMULS, matmul_tile
 from ..compiler.plan import holds_fp32
+from . import matvec
 from .common import HEADER, KernelSpec, Target, activation, cdiv, fit_stages, indent, softcap_lines
 
 OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_glu", "norm_matmul_glu", "matmul_softcap")
@@ -194,7 +195,7 @@ def storage(graph, nid: int) -> tuple[int, bool]:
     return nid, False
 
 
-def _parts_fit(graph, parts: list[int], paired: bool, n: int, block_n: int) -> bool:
+def parts_fit(graph, parts: list[int], paired: bool, n: int, block_n: int) -> bool:
     """Parts can be read in place: G and U for a paired product; else column tiles that
     never straddle two parts (every part but the last a multiple of the tile width); and
     every part stored the same way."""
@@ -213,7 +214,7 @@ def _b_reads(graph, a_id: int, b_id: int, paired: bool, n: int, block_n: int, pe
     if not _aligned(graph, a_id):
         return [b_id], False
     parts = weight_parts(graph, b_id)
-    if len(parts) > 1 and all(_aligned(graph, storage(graph, p)[0]) for p in parts) and _parts_fit(
+    if len(parts) > 1 and all(_aligned(graph, storage(graph, p)[0]) for p in parts) and parts_fit(
             graph, parts, paired, n, block_n):
         # a paired product reads G and U in its one K loop; other products run one K loop
         # per part, and Triton 3.6 gave each its own stage buffers (if/elif branches: 4b's
@@ -243,6 +244,13 @@ def build(node, graph, target: Target) -> KernelSpec:
     act = node.attrs["act"] if node.op in PAIRED_MATMULS else None
     softcap = node.op == "matmul_softcap"
     paired = act is not None
+    variant = "+".join(x for x, on in (("rmsnorm-prologue", norm),
+                                       (f"{act}-glu-epilogue", paired),
+                                       ("residual-epilogue", residual),
+                                       ("softcap-epilogue", softcap)) if on) or "plain"
+    if m <= matvec.ROWS:
+        return _matvec(node, graph, target, dict(norm=norm, act=act, residual=residual,
+                                                 softcap=softcap, variant=variant))
     cfg = tiles(m, n, k, paired, residual, target)
     warps, stages = cfg.pop("warps"), cfg.pop("stages")
     elem = 4 if target.dtype == torch.float32 else 2
@@ -273,10 +281,6 @@ def build(node, graph, target: Target) -> KernelSpec:
     args += [("stride", node.inputs[2])] if residual else []
     args += [("value", node.attrs["eps"])] if norm else []
     args += [("value", node.attrs["cap"])] if softcap else []
-    variant = "+".join(x for x, on in (("rmsnorm-prologue", norm),
-                                       (f"{act}-glu-epilogue", paired),
-                                       ("residual-epilogue", residual),
-                                       ("softcap-epilogue", softcap)) if on) or "plain"
     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     variant += "+tma" if tma else ""
     variant += "+B-transposed" if b_trans else ""
@@ -284,3 +288,17 @@ def build(node, graph, target: Target) -> KernelSpec:
     return KernelSpec("matmul", variant, emit(norm, act, residual, softcap, target.dot_precision,
                                               tma, len(parts), b_trans),
                       "matmul_kernel", grid, args, cfg, num_warps=warps, num_stages=stages)
+
+
+def _matvec(node, graph, target: Target, flags: dict) -> KernelSpec:
+    """One row: the matrix-vector kernel, B's weights read in place where its column tiles
+    fit the parts (else the load-time concatenation)."""
+    k, n = graph[node.inputs[0]].shape[1], node.shape[1]
+    paired = flags["act"] is not None
+    parts = weight_parts(graph, node.inputs[1])
+    b_trans = storage(graph, parts[0])[1]
+    cfg = matvec.tiles(n, k, paired, b_trans, target)
+    if len(parts) > 1 and not parts_fit(graph, parts, paired, n, cfg["BLOCK_N"]):
+        parts = [node.inputs[1]]
+        cfg = matvec.tiles(n, k, paired, storage(graph, parts[0])[1], target)
+    return matvec.build(node, graph, target, [storage(graph, p) for p in parts], cfg, flags)

@@ -48,6 +48,7 @@ class CompiledModel:
         self.bounds = _bounds_of_inputs(g)
         self.tensors: dict[int, torch.Tensor] = {}
         self._tables: dict[tuple, tuple] = {}
+        self._scratches: dict[tuple, torch.Tensor] = {}
         self.specs = {nid: kernel_for(g[nid], g, target) for nid in plan.launches}
         buffers = plan_buffers(plan, torch.finfo(target.dtype).bits // 8)
         check_memory(self._bytes_needed(buffers), target.device)
@@ -88,6 +89,8 @@ class CompiledModel:
         tables = {x for spec in self.specs.values() for kind, x in spec.args
                   if kind in ("rope_cos", "rope_sin")}
         total += sum(2 * 4 * limit * (hd // 2) for limit, hd, _, _ in tables)
+        scratch = {x for spec in self.specs.values() for kind, x in spec.args if kind == "scratch"}
+        total += sum(4 * math.prod(shape) for _, shape, _ in scratch)
         total += sum(8 * math.prod(g[i].shape) for i in self.plan.load_time
                      if OPS[g[i].op].kind == "constant")
         return total
@@ -178,11 +181,22 @@ class CompiledModel:
                 args.append(_descriptor(self.tensors[x[0]], x[1], g.label(x[0])))
             elif kind in ("rope_cos", "rope_sin"):
                 args.append(self._rope_table(*x)[kind == "rope_sin"])
+            elif kind == "scratch":  # zeroed once; kernels leave counters as they found them
+                args.append(self._scratch(*x))
             else:
                 args.append(x)
         launcher = fn[spec.grid]
         kw = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
         return Launch(nid, spec, lambda: launcher(*args, **kw))
+
+    def _scratch(self, name: str, shape: tuple, dtype: str) -> torch.Tensor:
+        """A kernel's working buffer, shared by every launch that asks the same one (launches
+        run in order)."""
+        key = (name, shape, dtype)
+        if key not in self._scratches:
+            dt = {"fp32": torch.float32, "i32": torch.int32}[dtype]
+            self._scratches[key] = torch.zeros(shape, dtype=dt, device=self.target.device)
+        return self._scratches[key]
 
     def _rope_table(self, limit: int, head_dim: int, theta: float, rotary: int):
         """cos and sin of pos * inv_freq for pos < limit, [limit, hd/2] fp32, computed once in
@@ -227,8 +241,17 @@ class CompiledModel:
         with self._lock:
             return self._call(*args)
 
+    def run_trusted(self, *args) -> torch.Tensor:
+        """A call whose inputs the caller vouches for (the generation loop's own sampled ids
+        and positions, already on the device): no value check, so no wait for the device."""
+        with self._lock:
+            return self._launch(args)
+
     def _call(self, *args) -> torch.Tensor:
         self.check_inputs(*args)
+        return self._launch(args)
+
+    def _launch(self, args) -> torch.Tensor:
         for n, x in zip(self.inputs, args):
             self.tensors[n.id].copy_(x)
         if self._use_cuda_graph:

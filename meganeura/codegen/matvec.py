@@ -1,0 +1,146 @@
+"""The matmul archetype at one row (a decode step): a matrix-vector product that streams B.
+
+    c[n] = epilogue( rstd * sum_k (a[k] w[k]) B[k, n] )
+
+At one row the product is bound by reading B once: the tiled kernel's 64-row tiles would
+waste the matrix units and, with N / 128 programs, leave most SMs idle. Here each program
+owns BLOCK_N output columns and streams their whole K extent (B stored [N, K] gives
+K-contiguous rows; stored [K, N], BLOCK_N-wide segments of each row), multiplying in fp32
+on the ordinary units and reducing once at the end; narrow column tiles give every SM
+several programs. The prologue and epilogues are the tiled kernel's (RMSNorm of a with its
+weight; act(G) * U, + R, soft-cap), so the e-graph's fusions carry over unchanged. A B that
+concatenates weights (q | k | v, gate | up) is always read in place: each program reads the
+part that holds its columns.
+
+bytes: elem * (K + K*N' + N [+ N]); FLOPs: 2*N'*K on the vector units
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .common import HEADER, KernelSpec, Target, activation, cdiv, indent, softcap_lines
+
+ROWS = 1  # the matmul archetype hands over products of at most this many rows
+
+
+def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int = 1) -> str:
+    """Source of one variant. parts: B's weights passed separately (the paired product reads
+    G from the first and U from the second; otherwise a column tile reads the one part that
+    holds it, its end columns `end_i`)."""
+    paired = act is not None
+    split = parts > 1 and not paired
+    params = ["a_ptr"] + [f"b{i}_ptr" for i in range(parts)] + ["c_ptr"]
+    params += (["r_ptr"] if residual else []) + (["nw_ptr"] if norm else [])
+    params += ["N", "K", "stride_am"]
+    params += [f"stride_bn{i}" for i in range(parts)] + [f"stride_bk{i}" for i in range(parts)]
+    params += ["stride_cm"] + (["stride_rm"] if residual else [])
+    params += [f"end_{i}" for i in range(parts - 1)] if split else []
+    params += (["eps"] if norm else []) + (["cap"] if softcap else [])
+    params += ["BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
+
+    def k_loop(i: int, col: str, up: str | None) -> str:
+        """The K loop over part i's columns `col` (and the U columns `up` of a paired product)."""
+        w = (f"tl.load(b{i}_ptr + {{c}}[:, None].to(tl.int64) * stride_bn{i} + kk[None, :] * "
+             f"stride_bk{i}, mask=n_mask[:, None] & k_mask[None, :], other=0.0)")
+        lines = ["kk = k0 + rk", "k_mask = kk < K",
+                 "a = tl.load(a_row + kk, mask=k_mask, other=0.0).to(tl.float32)"]
+        if norm:  # sum of squares of the row; the norm weight scales it on the way in
+            lines += ["ss += a * a",
+                      "a = a * tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)"]
+        lines.append(f"acc += {w.format(c=col)}.to(tl.float32) * a[None, :]")
+        if up is not None:
+            j = 1 if parts == 2 else 0
+            w_up = w.replace(f"b{i}_ptr", f"b{j}_ptr").replace(f"_bn{i}", f"_bn{j}").replace(
+                f"_bk{i}", f"_bk{j}")
+            lines.append(f"acc_up += {w_up.format(c=up)}.to(tl.float32) * a[None, :]")
+        return "for k0 in range(0, K, BLOCK_K):\n" + indent("\n".join(lines), 4)
+
+    if split:  # independent ifs: exactly one holds for a column tile
+        bounds = ["0"] + [f"end_{i}" for i in range(parts - 1)]
+        branches = []
+        for i in range(parts):
+            conds = [f"(col0 >= {bounds[i]})"] if i else []
+            conds += [f"(col0 < {bounds[i + 1]})"] if i < parts - 1 else []
+            col = "rn" + (f" - {bounds[i]}" if i else "")
+            branches.append(f"if {' & '.join(conds)}:\n" + indent(k_loop(i, f"({col})", None), 4))
+        loop = "col0 = pid_n * BLOCK_N\n" + "\n".join(branches)
+    else:
+        loop = k_loop(0, "rn", ("rn" if parts == 2 else "(N + rn)") if paired else None)
+    init = ["acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)"]
+    init += ["acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)"] if paired else []
+    init += ["ss = tl.zeros((BLOCK_K,), dtype=tl.float32)"] if norm else []
+    finish = ["out = tl.sum(acc, axis=1)"]
+    finish += ["up = tl.sum(acc_up, axis=1)"] if paired else []
+    if norm:
+        finish += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)", "out = out * rstd"]
+        finish += ["up = up * rstd"] if paired else []
+    if paired:
+        finish.append(f"out = ({activation(act, 'out')}) * up")
+    if residual:
+        finish.append("out += tl.load(r_ptr + row * stride_rm + rn, mask=n_mask, other=0.0)"
+                      ".to(tl.float32)")
+    if softcap:
+        finish += softcap_lines("out", "cap")
+    body = f'''
+pid_n = tl.program_id(0)
+row = tl.program_id(1).to(tl.int64)
+rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+n_mask = rn < N
+rk = tl.arange(0, BLOCK_K)
+a_row = a_ptr + row * stride_am
+{chr(10).join(init)}
+{loop}
+{chr(10).join(finish)}
+tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), mask=n_mask)
+'''
+    return HEADER + f"def matvec_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
+
+
+def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
+    """Column tile and K step. Stored [N, K], a column's K run is contiguous and tiles can be
+    narrow; stored [K, N], each row gives a BLOCK_N-wide segment, 16 columns = 32 bytes, one
+    memory sector. The tile is the widest whose programs still give each SM several."""
+    if target.interpreted:
+        return dict(BLOCK_N=8, BLOCK_K=32, warps=4)
+    want = 4 * target.sm_count
+    widths = (16, 8, 4, 2) if b_trans else (64, 32, 16)
+    bn = next((w for w in widths if cdiv(n, w) >= want), widths[-1])
+    bk = min(512 if b_trans else 128, max(32, 1 << (k - 1).bit_length()))
+    return dict(BLOCK_N=bn, BLOCK_K=bk, warps=4)
+
+
+def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict,
+          flags: dict) -> KernelSpec:
+    """The one-row kernel of a matmul-archetype node. stored: the tensors holding B's parts
+    and whether each holds it transposed; cfg: `tiles`; flags: the variant (matmul.build)."""
+    a = graph[node.inputs[0]]
+    k, n = a.shape[1], node.shape[1]
+    act, residual, norm = flags["act"], flags["residual"], flags["norm"]
+    cfg = dict(cfg)
+    warps = cfg.pop("warps")
+    split = len(stored) > 1 and act is None
+    args = [("node", a.id)] + [("node", sid) for sid, _ in stored] + [("node", node.id)]
+    args += [("node", node.inputs[2])] if residual or norm else []
+    args += [("value", n), ("value", k), ("stride", a.id)]
+    # each part's stride along N, then along K
+    args += [("stride", sid) if tr else ("value", 1) for sid, tr in stored]
+    args += [("value", 1) if tr else ("stride", sid) for sid, tr in stored]
+    args += [("stride", node.id)]
+    args += [("stride", node.inputs[2])] if residual else []
+    if split:
+        widths = [graph[sid].shape[0] if tr else graph[sid].shape[1] for sid, tr in stored]
+        args += [("value", e) for e in list(itertools.accumulate(widths))[:-1]]
+    args += [("value", node.attrs["eps"])] if norm else []
+    args += [("value", node.attrs["cap"])] if flags["softcap"] else []
+    variant = flags["variant"] + "+matvec"
+    variant += "+B-transposed" if stored[0][1] else ""
+    variant += f"+{len(stored)}-part-B" if len(stored) > 1 else ""
+    grid = (cdiv(n, cfg["BLOCK_N"]), a.shape[0])
+    return KernelSpec("matmul", variant, emit(norm, act, residual, flags["softcap"], len(stored)),
+                      "matvec_kernel", grid, args, cfg, num_warps=warps, num_stages=3)
+
+
+__all__ = ["ROWS", "build", "emit", "tiles"]
