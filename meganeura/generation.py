@@ -155,6 +155,9 @@ class Generator:
             else None
         t0 = time.perf_counter()
         prefill, decode = self.prefill_plan(s, prompt.numel()), self.decode_plan(s)
+        # every step's position, on the device once: step t reads row t
+        positions = torch.arange(prompt.numel(), prompt.numel() + max_new_tokens,
+                                 dtype=torch.int64).to(dev)
         t_ready = time.perf_counter()
         logits = prefill(prompt.to(dev))
         if on_logits is not None:
@@ -162,9 +165,6 @@ class Generator:
         nxt = sample(logits[-1], params, gen)
         if on_step is not None:
             on_step()
-        # every step's position, on the device once: step t reads row t
-        positions = torch.arange(prompt.numel(), prompt.numel() + max_new_tokens,
-                                 dtype=torch.int64).to(dev)
         new: list[int] = []
         t_first = None
         for step in range(max_new_tokens):

@@ -5,7 +5,8 @@ import torch
 
 import meganeura
 from configs import CONFIGS
-from kernel_cases import (MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case, check_case,
+from kernel_cases import (MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case, cache_attention_case,
+                          check_cache_attention, check_case,
                           embedding_case, matmul_case, parts_case, pointwise_case, row_case)
 from meganeura.models import build
 from meganeura.models.weights import random_weights
@@ -27,6 +28,31 @@ def test_matmul_bf16(op, mkn, transposed, tmp_path):
 def test_weights_read_in_parts_transposed_bf16(op, widths, tmp_path):
     check_case(parts_case(op, 300, 512, widths, seed=1, transposed=True), "cuda", torch.bfloat16,
                tmp_path, "bf16")
+
+
+@pytest.mark.parametrize("op, widths", [("norm_matmul", (2048, 512, 512)),
+                                        ("matmul", (1000, 200, 64)),
+                                        ("norm_matmul_glu-gelu_tanh", (1536, 1536))])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_one_row_reads_weights_in_parts_bf16(op, widths, transposed, tmp_path):
+    # a decode step's q | k | v and gate | up through the matrix-vector kernel (1000 is not
+    # a multiple of its column tile: the concatenation)
+    model = check_case(parts_case(op, 1, 2560, widths, seed=2, transposed=transposed), "cuda",
+                       torch.bfloat16, tmp_path, "bf16")
+    assert "+matvec" in model.launches[0].spec.variant
+
+
+@pytest.mark.parametrize("slots, pos", [(512, 100), (512, 5000), (4352, 4000), (32832, 30000),
+                                        (40, 39)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 2, 256), (8, 2, 512), (16, 8, 128),
+                                                       (32, 16, 144)])
+def test_decode_attention_bf16(slots, pos, heads, kv_heads, head_dim, tmp_path):
+    # long caches split their slots among programs that the last one merges; a ring that
+    # has wrapped (pos >= slots) reads every slot
+    case = cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=slots)
+    g, state, inputs = case
+    state = {k: v * head_dim ** -0.25 for k, v in state.items()}  # O(1) scores at scale 1/sqrt(hd)
+    check_cache_attention((g, state, inputs), "cuda", torch.bfloat16, tmp_path, "bf16")
 
 
 @pytest.mark.parametrize("op", MATMUL_OPS)

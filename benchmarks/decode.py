@@ -1,0 +1,479 @@
+"""Decode speed: time per generated token, batch 1, against transformers and the bandwidth floor.
+
+    python benchmarks/decode.py --table                 # the decode targets, H200
+    python benchmarks/decode.py --models gemma4-e4b --contexts 512 4096 32768 --no-hf-compiled
+
+Per model and context length C, each system generates `--steps` tokens (greedy) after a
+context of C tokens; the time of each step is taken between CUDA events recorded as the
+steps are queued, and the row reports the median (the host reads every id, as a user's
+loop does):
+- meganeura: the decode plan of a session whose caches hold C + steps positions, driven as
+  `generate` drives it (the next step queued before the host reads an id). The context's
+  cache contents are random (attention time does not depend on the values);
+- transformers eager: Gemma4ForCausalLM (sdpa) with its dynamic cache after a prefill of C
+  random tokens;
+- transformers compiled: the same model's forward under torch.compile (reduce-overhead,
+  fullgraph) over a static cache sized for the largest context of the run plus the steps,
+  compiled once (as `generate(cache_implementation="static")` does), prefilled eagerly;
+- the floor: bytes a step must read at 4.3 TB/s (the H200's measured copy bandwidth): every
+  weight the step's products read, the embedding rows gathered, the valid cache rows each
+  attention reads and the new K/V written.
+Also: time to first token of meganeura for a 2048-token prompt (prefill, last row's logits,
+first id, on the host) against transformers' compiled forward over the same prompt
+keeping the last row's logits; and the compile time of meganeura's prefill and decode plans
+with an empty kernel cache. Published presets share transformers' weight tensors; the seed
+family has no transformers counterpart (its rows hold meganeura and the floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prefill import environment  # noqa: E402
+
+import meganeura  # noqa: E402
+from meganeura.compiler.ops import OPS  # noqa: E402
+from meganeura.generation import SamplingParams, capacity_for, sample  # noqa: E402
+from meganeura.models import MODEL_NAMES, PRESETS, build  # noqa: E402
+from meganeura.models.kv import Generation  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BANDWIDTH = 4.3e12  # bytes/s, H200 copy bandwidth measured (DESIGN.md)
+CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
+TABLE = {"gemma4-4b": [4096], "gemma4-e4b": [4096, 32768], "gemma4-31b": [4096]}
+TARGET_FLOOR = {"gemma4-4b": 1.2, "gemma4-e4b": 1.25, "gemma4-31b": 1.15}
+TTFT_TARGET, COMPILE_TARGET_S = 0.9, 30.0
+PUBLISHED = ("gemma4-e2b", "gemma4-e4b", "gemma4-31b")
+
+
+def floor_bytes(cfg, context: int, elem: int) -> float:
+    """Bytes one decode step must move at context C: weights read by run-time nodes (each
+    once), gathered rows, valid cache rows read by attention, K/V rows written."""
+    g = build(cfg, 1, Generation(capacity_for(cfg, context + 1), decode=True))
+    memo: dict = {}
+    weights, total = set(), 0.0
+
+    def params_under(nid):
+        n = g[nid]
+        if n.op == "parameter":
+            return [nid]
+        if g.load_time(nid, memo):
+            return [p for i in n.inputs for p in params_under(i)]
+        return []
+
+    for n in g.nodes:
+        if OPS[n.op].kind != "compute" or g.load_time(n.id, memo):
+            continue
+        if OPS[n.op].work == "gather":
+            total += elem * math.prod(n.shape)
+            continue
+        if n.op == "cache_attention":
+            valid = min(context + 1, g[n.inputs[1]].shape[0])
+            total += elem * valid * (g[n.inputs[1]].shape[1] + g[n.inputs[2]].shape[1])
+        elif n.op == "cache_write":
+            total += elem * math.prod(g[n.inputs[1]].shape)
+        for i in n.inputs:
+            weights.update(params_under(i))
+    return total + elem * sum(math.prod(g[p].shape) for p in weights)
+
+
+def step_times(run_step, steps: int, warmup: int = 4) -> float:
+    """Median ms per step: run_step() queues one step and returns a device scalar (the id)
+    that the host reads one step later; CUDA events between the steps (the host clock on
+    the CPU, where each step runs as it is called)."""
+    cuda = torch.cuda.is_available()
+    marks, prev = [], None
+    for i in range(warmup + steps + 1):
+        tok = run_step()
+        if i >= warmup:
+            if cuda:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+            else:
+                marks.append(time.perf_counter())
+        if prev is not None:
+            int(prev)
+        prev = tok
+    int(prev)
+    if not cuda:
+        return statistics.median((b - a) * 1e3 for a, b in zip(marks, marks[1:]))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
+
+
+def print_profile(decode, step_ms: float, reps: int = 20) -> None:
+    """Each launch of the decode step timed on its own (replayed `reps` times in a CUDA
+    graph), summed by kernel variant and shape: where a step's time goes."""
+    from prefill import kernel_times
+
+    times = kernel_times(decode, True, reps)
+    g = decode.plan.graph
+    groups: dict = {}
+    for launch in decode.launches:
+        n = g[launch.node]
+        key = (launch.spec.archetype, launch.spec.variant,
+               " ".join(str(list(g[i].shape)) for i in n.inputs[:2]), str(launch.spec.grid))
+        t, c = groups.get(key, (0.0, 0))
+        groups[key] = (t + times[launch.node], c + 1)
+    total = sum(times.values())
+    print(f"  profile: {len(decode.launches)} launches, {total:.3f} ms one by one, "
+          f"{step_ms:.3f} ms a step")
+    for (arch, variant, shapes, grid), (t, c) in sorted(groups.items(), key=lambda x: -x[1][0]):
+        print(f"  {t:8.3f} ms {c:4d}x {t / c * 1e3:8.2f} us  {arch:16} {variant:60} {shapes:26} "
+              f"grid {grid}")
+
+
+def meganeura_decode(model, context: int, steps: int, profile: bool = False) -> float:
+    """Median ms per token of meganeura's decode plan after a context of `context` tokens."""
+    gen = model.generator
+    cap = gen.capacity_for(context + steps + 8)
+    s = gen.session(cap)
+    g = torch.Generator(device=model.device).manual_seed(context)
+    for t in s.caches.values():  # a context's worth of keys and values (random rows)
+        t.normal_(generator=g)
+    decode = gen.decode_plan(s)
+    positions = torch.arange(context, context + steps + 8, device=model.device)
+    state = {"tok": torch.zeros(1, dtype=torch.int64, device=model.device), "i": 0}
+
+    def run_step():
+        i = min(state["i"], steps + 7)
+        logits = decode.run_trusted(state["tok"], positions[i:i + 1])
+        state["tok"] = sample(logits[-1], SamplingParams(), None)
+        state["i"] += 1
+        return state["tok"]
+
+    ms = step_times(run_step, steps)
+    if profile and torch.cuda.is_available():
+        print_profile(decode, ms)
+    gen.sessions.pop(cap, None)
+    gen.last_session = None
+    _empty_cache()
+    return ms
+
+
+def hf_decode(hf, forward, cache, context: int, steps: int, vocab: int, device) -> float:
+    """Median ms per token of transformers' model: a prefill of `context` random tokens into
+    `cache` (eager), then greedy steps through `forward`."""
+    g = torch.Generator(device="cpu").manual_seed(context)
+    ids = torch.randint(0, vocab, (1, context), generator=g).to(device)
+    with torch.no_grad():
+        out = hf(input_ids=ids, past_key_values=cache, use_cache=True,
+                 cache_position=torch.arange(context, device=device), logits_to_keep=1)
+        state = {"tok": out.logits[:, -1].argmax(-1, keepdim=True), "pos": context}
+        del out
+
+        def run_step():
+            pos = torch.tensor([state["pos"]], device=device)
+            o = forward(input_ids=state["tok"], past_key_values=cache, use_cache=True,
+                        cache_position=pos)
+            state["tok"] = o.logits[:, -1].argmax(-1, keepdim=True)
+            state["pos"] += 1
+            return state["tok"][0, 0]
+
+        return step_times(run_step, steps)
+
+
+def ttft(model, hf_compiled, cfg, device, reps: int = 5) -> dict:
+    """Time to first token for a 2048-token prompt: meganeura's generate (host clock, the id
+    on the host) and transformers' compiled forward keeping the last row (CUDA events)."""
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, cfg.vocab_size, (2048,), generator=g)
+    out = {}
+    times = []
+    for _ in range(reps + 1):
+        model.generator.generate(prompt, 1, SamplingParams(), stop=[])
+        times.append(model.generator.last_stats["time_to_first_token_s"] * 1e3)
+    out["meganeura_ttft_ms"] = statistics.median(times[1:])
+    if hf_compiled is not None:
+        ids = prompt[None].to(device)
+        call = lambda: hf_compiled(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+        with torch.no_grad():
+            t = time.perf_counter()
+            call()
+            torch.cuda.synchronize()
+            out["hf_prefill_compile_s"] = time.perf_counter() - t
+            ts = []
+            for _ in range(reps + 2):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                call().logits.argmax(-1).item()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b))
+        out["hf_compiled_prefill_ms"] = statistics.median(ts[2:])
+    return out
+
+
+def compile_seconds(cfg, weights, device, dtype) -> float:
+    """Seconds to make the 2048-token prefill plan and the decode plan (kernels built, the
+    decode graph captured) with an empty kernel cache."""
+    with tempfile.TemporaryDirectory() as d:
+        m = meganeura.from_config(cfg, weights, device, dtype, cache_dir=d)
+        t = time.perf_counter()
+        s = m.generator.session(m.generator.capacity_for(2048 + 256))
+        m.generator.prefill_plan(s, 2048)
+        m.generator.decode_plan(s)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        del m, s
+    _empty_cache()
+    return dt
+
+
+def run_model(args, name: str, contexts: list[int], device, dtype, env) -> list[dict]:
+    cfg = PRESETS[MODEL_NAMES[name]]
+    published = name in PUBLISHED
+    hf = None
+    if published:
+        from hf_forward import hf_model, shared_weights
+
+        hf = hf_model(MODEL_NAMES[name], dtype, device, args.seed)
+        weights = shared_weights(hf, cfg)
+    else:
+        from meganeura.models.weights import random_weights
+
+        weights = random_weights(cfg, args.seed, dtype, device)
+    extra = {}
+    if args.compile_time and name == "gemma4-e4b":
+        extra["meganeura_compile_s"] = compile_seconds(cfg, weights, device, dtype)
+        print(f"{name}: prefill (2048) + decode plans from an empty kernel cache "
+              f"{extra['meganeura_compile_s']:.1f} s", flush=True)
+    model = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
+    compiled, static = None, None
+    if hf is not None and args.hf_compiled:
+        from transformers import StaticCache
+
+        static = StaticCache(config=hf.config, max_cache_len=max(contexts) + args.steps + 16)
+        compiled = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    rows = []
+    for c in contexts:
+        row = {"model": name, "context": c, "steps": args.steps, "dtype": args.dtype,
+               "floor_ms": floor_bytes(cfg, c, 2) / BANDWIDTH * 1e3, **extra}
+        row["meganeura_ms"] = meganeura_decode(model, c, args.steps, c in args.profile)
+        print(f"{name} C={c}: meganeura {row['meganeura_ms']:.3f} ms/token, floor "
+              f"{row['floor_ms']:.3f} ({row['meganeura_ms'] / row['floor_ms']:.2f}x)", flush=True)
+        if hf is not None and args.hf_eager:
+            from transformers import DynamicCache
+
+            row["hf_eager_ms"] = hf_decode(hf, hf, DynamicCache(config=hf.config), c, args.steps,
+                                           cfg.vocab_size, device)
+            print(f"  transformers eager {row['hf_eager_ms']:.2f} ms/token", flush=True)
+            _empty_cache()
+        if compiled is not None:
+            static.reset()
+            t = time.perf_counter()
+            try:
+                row["hf_compiled_ms"] = hf_decode(hf, compiled, static, c, args.steps,
+                                                  cfg.vocab_size, device)
+            except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, not fatal
+                print(f"  transformers static cache, compiled: failed: {type(e).__name__}: "
+                      f"{str(e)[:300]}", flush=True)
+                compiled = None
+            else:
+                if "hf_compile_s" not in extra:  # the first context's run holds the compile
+                    extra["hf_compile_s"] = row["hf_compile_s"] = time.perf_counter() - t
+                print(f"  transformers static cache, compiled {row['hf_compiled_ms']:.2f} "
+                      f"ms/token", flush=True)
+        rows.append(row)
+        append_csv([row], env, Path(args.csv))
+    if args.ttft and name in ("gemma4-e4b", "gemma4-small-test"):
+        hf_prefill = torch.compile(hf) if hf is not None and args.hf_compiled else None
+        try:
+            t = ttft(model, hf_prefill, cfg, device)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name}: transformers' compiled prefill failed: {type(e).__name__}: "
+                  f"{str(e)[:300]}", flush=True)
+            t = ttft(model, None, cfg, device)
+        print(f"{name}: time to first token (2048 prompt) meganeura {t['meganeura_ttft_ms']:.2f} ms"
+              + (f", transformers compiled prefill {t['hf_compiled_prefill_ms']:.2f} ms"
+                 if "hf_compiled_prefill_ms" in t else ""), flush=True)
+        for r in rows:
+            if r["context"] == 4096:
+                r.update(t)
+        append_csv([{"model": name, "context": 2048, "steps": 0, "dtype": args.dtype, **t}], env,
+                   Path(args.csv))
+    del model, compiled, static, hf
+    _empty_cache()
+    return rows
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit", "model",
+          "context", "steps", "dtype", "meganeura_ms", "floor_ms", "hf_eager_ms",
+          "hf_compiled_ms", "hf_compile_s", "meganeura_ttft_ms", "hf_compiled_prefill_ms",
+          "hf_prefill_compile_s", "meganeura_compile_s"]
+
+
+def append_csv(rows: list[dict], env: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = []
+    if path.exists():
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(old)
+        for r in rows:
+            w.writerow({**env, **{k: (f"{v:.4g}" if isinstance(v, float) else v)
+                                  for k, v in r.items()}})
+
+
+def rows_of(path: Path, commits: list[str]) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if any(r["commit"].startswith(c) for c in commits)]
+    for r in rows:
+        for k in FIELDS[7:]:
+            if k not in ("model", "dtype") and r.get(k) not in (None, ""):
+                r[k] = float(r[k]) if k not in ("context", "steps") else int(r[k])
+    return rows
+
+
+def print_targets(rows: list[dict]) -> None:
+    def mark(ok):
+        return "met" if ok else "MISSED"
+
+    print("\n== targets (per-token time, batch 1)")
+    for name, contexts in TABLE.items():
+        for c in contexts:
+            r = next((r for r in rows if r["model"] == name and r["context"] == c
+                      and r.get("meganeura_ms")), None)
+            if r is None:
+                print(f"{name} C={c}: not measured")
+                continue
+            ratio = r["meganeura_ms"] / r["floor_ms"]
+            print(f"{name} C={c}: {r['meganeura_ms']:.3f} ms, floor {r['floor_ms']:.3f} ms, "
+                  f"{ratio:.2f}x (target <= {TARGET_FLOOR[name]}x): {mark(ratio <= TARGET_FLOOR[name])}")
+    t = next((r for r in rows if r.get("meganeura_ttft_ms")), None)
+    if t and t.get("hf_compiled_prefill_ms"):
+        ratio = t["meganeura_ttft_ms"] / t["hf_compiled_prefill_ms"]
+        print(f"gemma4-e4b time to first token (2048): {t['meganeura_ttft_ms']:.2f} ms vs "
+              f"{t['hf_compiled_prefill_ms']:.2f} ms, {ratio:.3f}x (target <= {TTFT_TARGET}x): "
+              f"{mark(ratio <= TTFT_TARGET)}")
+    else:
+        print("gemma4-e4b time to first token: not measured against transformers")
+    c = next((r for r in rows if r.get("meganeura_compile_s")), None)
+    if c:
+        print(f"gemma4-e4b compile (prefill + decode plans, empty cache): "
+              f"{c['meganeura_compile_s']:.1f} s (target <= {COMPILE_TARGET_S:.0f} s): "
+              f"{mark(c['meganeura_compile_s'] <= COMPILE_TARGET_S)}")
+    else:
+        print("gemma4-e4b compile time: not measured")
+
+
+def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
+    """Per-token time against context length, one panel per model: each system and the floor."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    models = [m for m in dict.fromkeys(r["model"] for r in rows if r.get("meganeura_ms"))]
+    if not models:
+        return None
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    series = [("meganeura", "meganeura_ms", "o-"), ("transformers eager", "hf_eager_ms", "s--"),
+              ("transformers static cache + torch.compile", "hf_compiled_ms", "^--"),
+              ("floor (bytes / 4.3 TB/s)", "floor_ms", "k:")]
+    for ax, m in zip(axes[0], models):
+        rs = sorted((r for r in rows if r["model"] == m and r.get("meganeura_ms")),
+                    key=lambda r: r["context"])
+        for label, key, style in series:
+            pts = [(r["context"], r[key]) for r in rs if r.get(key) not in (None, "")]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label, markersize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per token (median)")
+        ax.set_title(m, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"decode, batch 1, bf16: {env['gpu']}, torch {env['torch']}, triton "
+                 f"{env['triton']}, {env['date']}", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["gemma4-e4b"], choices=sorted(MODEL_NAMES),
+                    help="presets measured at every --contexts")
+    ap.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
+    ap.add_argument("--table", action="store_true", help="the decode targets: 4b and 31b at "
+                    "4096, e4b at every --contexts (4096 and 32768 at least), time to first "
+                    "token and compile time (overrides --models)")
+    ap.add_argument("--steps", type=int, default=64, help="steps timed per context (>= 64 for "
+                    "the targets)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-hf-eager", dest="hf_eager", action="store_false")
+    ap.add_argument("--no-hf-compiled", dest="hf_compiled", action="store_false",
+                    help="skip transformers under torch.compile (its compile takes minutes)")
+    ap.add_argument("--no-ttft", dest="ttft", action="store_false")
+    ap.add_argument("--no-compile-time", dest="compile_time", action="store_false")
+    ap.add_argument("--profile", type=int, nargs="*", default=[], metavar="CONTEXT",
+                    help="at these contexts, also time every kernel of the step on its own")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--csv", default=str(RESULTS / "decode.csv"))
+    ap.add_argument("--plot", default=str(RESULTS / "decode.png"))
+    ap.add_argument("--from-csv", metavar="COMMIT", nargs="+", default=None,
+                    help="no runs: the targets and the plot from the --csv rows of these commits")
+    args = ap.parse_args(argv)
+    if args.from_csv:
+        rows = rows_of(Path(args.csv), args.from_csv)
+        if not rows:
+            print(f"no rows of commits {' '.join(args.from_csv)} in {args.csv}", file=sys.stderr)
+            return 2
+        print_targets(rows)
+        env = {k: rows[0][k] for k in ("date", "gpu", "torch", "triton")}
+        if args.plot and plot(rows, env, Path(args.plot)):
+            print(f"wrote {args.plot}")
+        return 0
+    if torch.cuda.is_available():
+        device, dtype, args.dtype = torch.device("cuda"), torch.bfloat16, "bf16"
+    else:  # the script itself, through Triton's interpreter: fp32, the host's clock
+        device, dtype, args.dtype = torch.device("cpu"), torch.float32, "fp32"
+    env = environment()
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = ""
+        args.hf_eager = args.hf_compiled = False
+    print(f"# decode benchmark {env}", flush=True)
+    plan = {m: sorted(set(args.contexts)) for m in args.models}
+    if args.table:
+        plan = {m: sorted(set(c) | (set(args.contexts) if m == "gemma4-e4b" else set()))
+                for m, c in TABLE.items()}
+    rows = []
+    for name, contexts in plan.items():
+        rows += run_model(args, name, contexts, device, dtype, env)
+    print_targets(rows)
+    if args.plot:
+        p = plot(rows, env, Path(args.plot))
+        if p:
+            print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

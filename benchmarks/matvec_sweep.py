@@ -1,0 +1,124 @@
+"""Tile sweep of the one-row (matrix-vector) matmul kernel on the GPU: bandwidth reached per
+column tile, K step, warps and stages, on the decode step's product shapes.
+
+    python benchmarks/matvec_sweep.py                  # every shape below
+    python benchmarks/matvec_sweep.py --shapes e4b-down seed-down
+
+Each configuration runs the generated kernel (codegen/matvec.py) on random operands,
+replayed 50 times in one CUDA graph; the table gives microseconds per launch and the
+bandwidth of the bytes the product must read (B, a, the output). The best tile per shape
+is what `matvec.tiles` should choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+
+import torch
+
+from meganeura.codegen.cache import KernelCache
+from meganeura.codegen.matvec import emit
+
+# name: (N, K, variant flags, B stored [N, K]); the variants of the decode plans
+SHAPES = {
+    "e4b-gate-up": (10240, 2560, dict(norm=True, act="gelu_tanh", parts=2), True),
+    "e4b-down": (2560, 10240, dict(), True),
+    "e4b-qkv": (3072, 2560, dict(norm=True, parts=3), True),
+    "e4b-o": (2560, 2048, dict(), True),
+    "e4b-ple-up": (2560, 256, dict(), True),
+    "e4b-lm-head": (262144, 2560, dict(softcap=True), True),
+    "31b-gate-up": (21504, 5376, dict(norm=True, act="gelu_tanh", parts=2), True),
+    "31b-down": (5376, 21504, dict(), True),
+    "seed-gate-up": (10240, 2560, dict(norm=True, act="silu"), False),
+    "seed-down": (2560, 10240, dict(), False),
+}
+
+
+def launch_args(n, k, flags, b_trans, dev):
+    parts = flags.get("parts", 1)
+    paired = flags.get("act") is not None
+    widths = [n, n] if paired and parts == 2 else (
+        [n * 2] if paired else ([n - 1024, 512, 512] if parts == 3 else [n]))
+    a = torch.randn(1, k, device=dev, dtype=torch.float32 if flags.get("norm") else torch.bfloat16)
+    bs = [torch.randn(*((w, k) if b_trans else (k, w)), device=dev, dtype=torch.bfloat16) * k ** -0.5
+          for w in widths]
+    c = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+    args = [a, *bs, c]
+    args += [torch.ones(k, device=dev)] if flags.get("norm") else []
+    args += [n, k, a.stride(0)]
+    args += [b.stride(0) if b_trans else 1 for b in bs] + [1 if b_trans else b.stride(0) for b in bs]
+    args += [c.stride(0)]
+    if parts > 1 and not paired:
+        args += list(itertools.accumulate(widths))[:-1]
+    args += [1e-6] if flags.get("norm") else []
+    args += [30.0] if flags.get("softcap") else []
+    nbytes = sum(b.numel() * 2 for b in bs) + a.numel() * a.element_size() + c.numel() * 2
+    return args, nbytes
+
+
+def time_us(fn, reps: int = 50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        best = min(best, s.elapsed_time(e) * 1e3 / reps)
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 3])
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("the sweep needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    cache = KernelCache(tempfile.mkdtemp())
+    for name in args.shapes:
+        n, k, flags, b_trans = SHAPES[name]
+        src = emit(flags.get("norm", False), flags.get("act"), False, flags.get("softcap", False),
+                   flags.get("parts", 1))
+        fn = cache.load(src, "matvec_kernel", False)
+        run_args, nbytes = launch_args(n, k, flags, b_trans, dev)
+        block_ns = (1, 2, 4, 8, 16, 32) if b_trans else (16, 32, 64, 128)
+        block_ks = (256, 512, 1024) if b_trans else (32, 64, 128)
+        results = []
+        for bn, bk, w, st in itertools.product(block_ns, block_ks, args.warps, args.stages):
+            if bk > max(k, 32) * 2 or (flags.get("parts") == 3 and 512 % bn):
+                continue
+            grid = (-(-n // bn), 1)
+            try:
+                us = time_us(lambda: fn[grid](*run_args, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
+                                              num_stages=st))
+            except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported
+                print(f"{name} BLOCK_N={bn} BLOCK_K={bk} warps={w} stages={st}: "
+                      f"{type(e).__name__}: {str(e)[:120]}")
+                continue
+            results.append((us, bn, bk, w, st))
+        results.sort()
+        print(f"\n== {name}: N={n} K={k} {flags} B stored {'[N, K]' if b_trans else '[K, N]'}, "
+              f"{nbytes / 1e6:.1f} MB")
+        for us, bn, bk, w, st in results[:8]:
+            print(f"  {us:8.2f} us {nbytes / us / 1e6:7.0f} GB/s  BLOCK_N={bn:<4} BLOCK_K={bk:<5} "
+                  f"warps={w} stages={st}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
