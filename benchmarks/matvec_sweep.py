@@ -96,8 +96,8 @@ def main(argv=None) -> int:
                    flags.get("parts", 1))
         fn = cache.load(src, "matvec_kernel", False)
         run_args, nbytes = launch_args(n, k, flags, b_trans, dev)
-        block_ns = (1, 2, 4, 8, 16, 32) if b_trans else (16, 32, 64, 128)
-        block_ks = (256, 512, 1024) if b_trans else (32, 64, 128)
+        block_ns = (1, 2, 4, 8, 16) if b_trans else (16, 32)
+        block_ks = (256, 512, 1024) if b_trans else (128, 256, 512, 1024)
         results = []
         for bn, bk, w, st in itertools.product(block_ns, block_ks, args.warps, args.stages):
             if bk > max(k, 32) * 2 or (flags.get("parts") == 3 and 512 % bn):
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         print(f"\n== {name}: N={n} K={k} {flags} B stored {'[N, K]' if b_trans else '[K, N]'}, "
               f"{nbytes / 1e6:.1f} MB")
         for us, bn, bk, w, st in results[:8]:
-            print(f"  {us:8.2f} us {nbytes / us / 1e6:7.0f} GB/s  BLOCK_N={bn:<4} BLOCK_K={bk:<5} "
+            print(f"  {us:8.2f} us {nbytes / us / 1e3:7.0f} GB/s  BLOCK_N={bn:<4} BLOCK_K={bk:<5} "
                   f"warps={w} stages={st}", flush=True)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,13 +91,17 @@ def compile(graph: Graph, weights: dict, device=None, dtype=None, profile=None,
 
 def bind(plan: Plan, opt_report: OptimizeReport, profile: DeviceProfile, weights: dict, device,
          dtype, cache_dir=None, cuda_graph: bool = True, optimize_s: float = 0.0,
-         state: dict | None = None) -> CompiledModel:
+         state: dict | None = None, dependent_launches: bool = False) -> CompiledModel:
     """Generates the plan's kernels and binds them to weights, state (KV caches) and buffers
-    on `device`."""
+    on `device`. dependent_launches: on a Hopper GPU, each kernel is launched while the one
+    before it finishes (see codegen.common.dependent_launch; MEGANEURA_PDL=0 turns it off)."""
     t1 = time.perf_counter()
     cache = KernelCache(cache_dir)
     cache.check_writable()
-    model = CompiledModel(plan, weights, Target(device, dtype), cache, cuda_graph, state)
+    device = torch.device(device)
+    pdl = dependent_launches and device.type == "cuda" and os.environ.get("MEGANEURA_PDL") != "0" \
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    model = CompiledModel(plan, weights, Target(device, dtype, pdl=pdl), cache, cuda_graph, state)
     t2 = time.perf_counter()
     model.report = CompileReport(
         opt_report, plan, profile,
@@ -110,4 +115,5 @@ def kernel_sources(plan: Plan, device, dtype) -> list[str]:
     from .codegen import kernel_for
 
     target = Target(torch.device(device), dtype)
-    return [kernel_for(plan.graph[i], plan.graph, target).source for i in plan.launches]
+    return [k.source for i in plan.launches for k in kernel_for(plan.graph[i], plan.graph,
+                                                                 target).chain()]

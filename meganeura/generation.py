@@ -110,7 +110,8 @@ class Generator:
         dt = "bf16" if m.dtype == torch.bfloat16 else "fp32"
         plan, rep = optimize(graph, CostModel(m.profile, dt))
         return bind(plan, rep, m.profile, m.weights, m.device, m.dtype, m.cache_dir,
-                    optimize_s=time.perf_counter() - t0, state=s.caches)
+                    optimize_s=time.perf_counter() - t0, state=s.caches,
+                    dependent_launches=decode)
 
     def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
         """The prefill of seq_len tokens, its kernels built by one run on token 0: what that

@@ -64,12 +64,14 @@ def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h2
     generation = Generation(capacity, decode=seq_len == 1) if capacity else None
     graph = build(PRESETS[MODEL_NAMES[model]], seq_len, generation)
     plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name))
-    target = Target(torch.device("cuda"), dtype, sms=sms)
+    # the decode step's kernels are launched as programmatic dependents (generation.py)
+    target = Target(torch.device("cuda"), dtype, sms=sms, pdl=bool(capacity) and seq_len == 1)
     seen = set()
     tmp = Path(tempfile.mkdtemp())
     out = []
-    for nid in plan.launches:
-        spec = kernel_for(plan.graph[nid], plan.graph, target)
+    specs = [k for nid in plan.launches for k in kernel_for(plan.graph[nid], plan.graph,
+                                                            target).chain()]
+    for spec in specs:
         types = signature(spec, plan.graph, dtype)
         key = (spec.source, tuple(types), tuple(sorted(spec.constexprs.items())), spec.num_warps)
         if key in seen:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import MeganeuraError
 from . import attention, decode_attention, embedding, kv_cache, matmul, pointwise, rowwise
-from .common import KernelSpec, Target
+from .common import KernelSpec, Target, dependent_launch
 
 ARCHETYPES = {op: mod for mod in (matmul, rowwise, attention, decode_attention, embedding,
                                   pointwise, kv_cache)
@@ -19,7 +19,8 @@ ARCHETYPES = {op: mod for mod in (matmul, rowwise, attention, decode_attention, 
 def kernel_for(node, graph, target: Target) -> KernelSpec:
     if node.op not in ARCHETYPES:
         raise MeganeuraError(f"no kernel archetype runs {node.op} at run time ({graph.label(node.id)})")
-    return ARCHETYPES[node.op].build(node, graph, target)
+    spec = ARCHETYPES[node.op].build(node, graph, target)
+    return dependent_launch(spec) if target.pdl and not target.interpreted else spec
 
 
 __all__ = ["ARCHETYPES", "KernelSpec", "Target", "kernel_for"]

@@ -8,6 +8,7 @@ shapes, eps and theta travel as arguments, and block sizes as constexprs.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,9 @@ class Target:
     device: torch.device
     dtype: torch.dtype  # activations and weights
     sms: int | None = None  # SM count; None: asked of the device (set it to build without one)
+    # programmatic dependent launch (Hopper): each kernel may be launched while the one
+    # before it finishes, and waits for it (griddepcontrol.wait) before touching memory
+    pdl: bool = False
 
     @property
     def interpreted(self) -> bool:
@@ -51,6 +55,12 @@ class KernelSpec:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    then: "KernelSpec | None" = None  # a second kernel the node launches right after
+    pdl: bool = False  # launched as a programmatic dependent of the kernel before it
+
+    def chain(self) -> list["KernelSpec"]:
+        """This kernel and those launched after it, in order."""
+        return [self] + (self.then.chain() if self.then is not None else [])
 
 
 SHARED_MEMORY = 200 * 1024  # bytes a program may stage on Hopper (232448 max, some headroom)
@@ -102,3 +112,16 @@ def cdiv(a: int, b: int) -> int:
 def indent(code: str, spaces: int) -> str:
     pad = " " * spaces
     return "\n".join(pad + line if line.strip() else line for line in code.strip("\n").split("\n"))
+
+
+def dependent_launch(spec: KernelSpec) -> KernelSpec:
+    """The kernel (and those chained after it) as programmatic dependents: the first thing
+    each program does is wait until the kernel before it has finished and its writes are
+    visible (every read and write comes after, so reused buffers are safe too); it then lets
+    the next kernel be launched, whose programs fill SMs as this one's last ones run."""
+    head, _, body = spec.source.partition(f"def {spec.entry}(")
+    params, _, rest = body.partition("):\n")
+    gate = "    tl.extra.cuda.gdc_wait()\n    tl.extra.cuda.gdc_launch_dependents()\n"
+    source = f"{head}def {spec.entry}({params}):\n{gate}{rest}"
+    then = dependent_launch(spec.then) if spec.then is not None else None
+    return dataclasses.replace(spec, source=source, then=then, pdl=True)

@@ -1,5 +1,5 @@
 """Attention of one new token over the KV cache (a decode step): per kv head, its slots
-shared among programs (split keys) that a last program merges.
+shared among programs (split keys) whose partials a second kernel merges.
 
     o[h] = sum_j softmax_j(scale * q[h] . k[j]) v[j]   over the first min(pos + 1, slots)
                                                        cache slots
@@ -13,9 +13,9 @@ not depend on their order (RoPE was applied at their positions when they were wr
 Head widths split into power-of-two column chunks as in the prefill kernel.
 A long cache is shared among a kv head's programs (CHUNK slots each, fixed when the plan is
 built; those past the valid slots return at once): each writes its unnormalized output with
-its running max and sum, and the last to finish, told by a counter, merges them as the
-online softmax would have (o = sum_j e^(m_j - m) o_j / sum_j e^(m_j - m) l_j). A short one
-(a sliding ring, a small capacity) stays in one program per kv head.
+its running max and sum, and a second kernel, one program per query head and column block,
+merges them as the online softmax would have (o = sum_j e^(m_j - m) o_j / sum_j e^(m_j - m) l_j).
+A short cache (a sliding ring, a small capacity) stays in one program per kv head.
 
 bytes: elem * (2 * n * KV * hd + 2 * H * hd), n = valid slots; FLOPs: 4 * H * hd * n
 """
@@ -35,9 +35,8 @@ OPS = ("cache_attention",)
 
 def emit(precision: str, head_dim: int, split: bool = False) -> str:
     """split: the slots are shared among the programs of grid axis 1, CHUNK each; every
-    program with valid slots writes its partial (unnormalized output, running max and sum)
-    to the scratch buffers, and the last of a kv head's programs to finish (a counter,
-    released and acquired at GPU scope) merges them and writes the output."""
+    program with valid slots writes its partial (unnormalized output, running max and sum
+    in log2 units) for `combine` to merge."""
     dot = f'input_precision="{precision}"'
     chunks = head_chunks(head_dim)
     setup, block_k, block_v, stores, merge = [], [], [], [], []
@@ -58,17 +57,9 @@ def emit(precision: str, head_dim: int, split: bool = False) -> str:
             stores.append(f"tl.store({out}, (acc_{c} / l_i[:, None]).to(o_ptr.dtype.element_ty), "
                           f"{omask})")
             continue
-        # partial outputs: [kv head, split, BLOCK_G, HEAD_DIM] fp32
-        part = f"po_ptr + (part_row[:, None] + rd_{c}[None, :])"
-        stores.append(f"tl.store({part}, acc_{c}, mask=rd_{c}[None, :] < HEAD_DIM)")
-        merge += [f"o_{c} = tl.zeros((BLOCK_G, D{i}), dtype=tl.float32)",
-                  f"for j in range(0, n_parts):",
-                  f"    rows_j = ((kvh * SPLITS + j) * BLOCK_G + g).to(tl.int64) * HEAD_DIM",
-                  f"    w_j = tl.exp2(tl.load(pm_ptr + (kvh * SPLITS + j) * BLOCK_G + g, "
-                  f"cache_modifier=\".cg\") - m_all)",
-                  f"    o_{c} += w_j[:, None] * tl.load(po_ptr + rows_j[:, None] + rd_{c}[None, :], "
-                  f"mask=rd_{c}[None, :] < HEAD_DIM, other=0.0, cache_modifier=\".cg\")",
-                  f"tl.store({out}, (o_{c} / l_all[:, None]).to(o_ptr.dtype.element_ty), {omask})"]
+        # partial outputs: [kv head, split, GROUP, HEAD_DIM] fp32, the group's rows only
+        stores.append(f"tl.store(po_ptr + part_row[:, None] + rd_{c}[None, :], acc_{c}, "
+                      f"{omask})")
     scores = [f"s = tl.dot(q_{c}, tl.trans(k_{c}){'' if k == 0 else ', s'}, {dot})"
               for k, (c, _, _) in enumerate(chunks)]
     loop = block_k + scores + [
@@ -79,26 +70,12 @@ def emit(precision: str, head_dim: int, split: bool = False) -> str:
         "l_i = l_i * alpha + tl.sum(p, axis=1)"] + block_v + ["m_i = m_new"]
     if split:
         span = """n_begin = tl.program_id(1) * CHUNK
-if n_begin < n_valid:
+if n_begin < n_valid:  # programs past the valid slots have nothing to add
     n_end = tl.minimum(n_begin + CHUNK, n_valid)"""
-        finish = ["part = (kvh * SPLITS + tl.program_id(1)) * BLOCK_G + g",
+        finish = ["part = (kvh * SPLITS + tl.program_id(1)) * GROUP + g",
                   "part_row = part.to(tl.int64) * HEAD_DIM"] + stores + [
-            "tl.store(pm_ptr + part, m_i)", "tl.store(pl_ptr + part, l_i)",
-            "tl.debug_barrier()  # every thread's partial is written before the count",
-            "done = tl.atomic_add(count_ptr + kvh, 1, sem=\"acq_rel\", scope=\"gpu\")",
-            "n_parts = tl.cdiv(n_valid, CHUNK)",
-            "if done == n_parts - 1:  # the last: merge the partials, reset the count",
-            indent("\n".join([
-                "m_all = tl.full((BLOCK_G,), float(\"-inf\"), dtype=tl.float32)",
-                "for j in range(0, n_parts):",
-                "    m_all = tl.maximum(m_all, tl.load(pm_ptr + (kvh * SPLITS + j) * BLOCK_G + g, "
-                "cache_modifier=\".cg\"))",
-                "l_all = tl.zeros((BLOCK_G,), dtype=tl.float32)",
-                "for j in range(0, n_parts):",
-                "    cell = (kvh * SPLITS + j) * BLOCK_G + g",
-                "    l_all += tl.exp2(tl.load(pm_ptr + cell, cache_modifier=\".cg\") - m_all) * "
-                "tl.load(pl_ptr + cell, cache_modifier=\".cg\")"] + merge +
-                ["tl.atomic_xchg(count_ptr + kvh, 0)"]), 4)]
+            "tl.store(pm_ptr + part, m_i, mask=g < GROUP)",
+            "tl.store(pl_ptr + part, l_i, mask=g < GROUP)"]
         body_loop = indent(f"""m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
 l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
 for n0 in range(n_begin, n_end, BLOCK_N):
@@ -124,7 +101,7 @@ n_valid = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, SLOTS)
 {main}
 '''
     params = ["q_ptr", "k_ptr", "v_ptr", "pos_ptr", "o_ptr"]
-    params += ["po_ptr", "pm_ptr", "pl_ptr", "count_ptr"] if split else []
+    params += ["po_ptr", "pm_ptr", "pl_ptr"] if split else []
     params += ["stride_k", "stride_v", "SLOTS", "scale_log2e", "GROUP: tl.constexpr",
                "HEAD_DIM: tl.constexpr"]
     params += [f"D{i}: tl.constexpr" for i in range(len(chunks))]
@@ -133,14 +110,52 @@ n_valid = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, SLOTS)
     return HEADER + f"def decode_attention_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
+def emit_combine() -> str:
+    """The merge of a split attention: one program per query head and BLOCK_D columns,
+    the partials of the valid splits weighted by e^(m_j - m) (o = sum_j w_j o_j / sum_j w_j l_j),
+    BLOCK_J splits a load."""
+    body = '''
+h = tl.program_id(0)
+kvh = h // GROUP
+g = h % GROUP
+rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+d_mask = rd < HEAD_DIM
+n_valid = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, SLOTS)
+n_parts = tl.cdiv(n_valid, CHUNK)
+m = tl.full((BLOCK_J,), float("-inf"), dtype=tl.float32)
+for j0 in range(0, n_parts, BLOCK_J):
+    rj = j0 + tl.arange(0, BLOCK_J)
+    cell = (kvh * SPLITS + rj) * GROUP + g
+    m = tl.maximum(m, tl.load(pm_ptr + cell, mask=rj < n_parts, other=float("-inf")))
+m_all = tl.max(m, axis=0)
+acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+l_all = tl.zeros((BLOCK_J,), dtype=tl.float32)
+for j0 in range(0, n_parts, BLOCK_J):
+    rj = j0 + tl.arange(0, BLOCK_J)
+    j_mask = rj < n_parts
+    cell = (kvh * SPLITS + rj) * GROUP + g
+    w = tl.exp2(tl.load(pm_ptr + cell, mask=j_mask, other=float("-inf")) - m_all)
+    l_all += w * tl.load(pl_ptr + cell, mask=j_mask, other=0.0)
+    po = tl.load(po_ptr + cell.to(tl.int64)[:, None] * HEAD_DIM + rd[None, :],
+                 mask=j_mask[:, None] & d_mask[None, :], other=0.0)
+    acc += tl.sum(w[:, None] * po, axis=0)
+tl.store(o_ptr + h * HEAD_DIM + rd, (acc / tl.sum(l_all, axis=0)).to(o_ptr.dtype.element_ty),
+         mask=d_mask)
+'''
+    params = ["po_ptr", "pm_ptr", "pl_ptr", "pos_ptr", "o_ptr", "SLOTS", "GROUP: tl.constexpr",
+              "HEAD_DIM: tl.constexpr", "CHUNK: tl.constexpr", "SPLITS: tl.constexpr",
+              "BLOCK_D: tl.constexpr", "BLOCK_J: tl.constexpr"]
+    return HEADER + f"def decode_combine_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
+
+
 def split_chunk(slots: int, kv_heads: int, block_n: int, target: Target) -> int:
-    """Slots per program: the slots shared so that the kv heads' programs fill the SMs twice
-    over at a full cache, each streaming at least four key blocks; all of them (one program
-    per kv head) where that leaves one chunk."""
+    """Slots per program: a full cache shared so that the kv heads' programs fill the SMs
+    about twice, each streaming at least two key blocks; a cache of one chunk stays in one
+    program per kv head (no merge)."""
     if target.interpreted:
         return 2 * block_n
     want = -(-slots * kv_heads // (2 * target.sm_count))
-    return max(4 * block_n, next_pow2(want))
+    return max(2 * block_n, next_pow2(want))
 
 
 def build(node, graph, target: Target) -> KernelSpec:
@@ -149,23 +164,30 @@ def build(node, graph, target: Target) -> KernelSpec:
     hd, group, kv_heads = a["head_dim"], a["num_heads"] // a["num_kv_heads"], a["num_kv_heads"]
     widths = head_dim_chunks(hd)
     block_n = 16 if target.interpreted else (32 if sum(widths) > 256 else 64)
-    block_g = max(16, next_pow2(group))
     slots = k.shape[0]
     chunk = split_chunk(slots, kv_heads, block_n, target)
     splits = -(-slots // chunk)
+    cells = (kv_heads, splits, group)
+    scratch = [("scratch", ("partial_out", cells + (hd,), "fp32")),
+               ("scratch", ("partial_max", cells, "fp32")),
+               ("scratch", ("partial_sum", cells, "fp32"))] if splits > 1 else []
     args = [("node", q.id), ("node", k.id), ("node", v.id), ("node", pos.id), ("node", node.id)]
-    if splits > 1:  # scratch shared by every launch of the same shape (they run in order)
-        cells = (kv_heads, splits, block_g)
-        args += [("scratch", ("partial_out", cells + (hd,), "fp32")),
-                 ("scratch", ("partial_max", cells, "fp32")),
-                 ("scratch", ("partial_sum", cells, "fp32")),
-                 ("scratch", ("count", (kv_heads,), "i32"))]
+    args += scratch
     args += [("stride", k.id), ("stride", v.id), ("value", slots),
              ("value", math.log2(math.e) * a["scale"])]
     cx = dict(GROUP=group, HEAD_DIM=hd, **{f"D{i}": w for i, w in enumerate(widths)},
-              BLOCK_G=block_g, BLOCK_N=block_n)
-    cx.update(dict(CHUNK=chunk, SPLITS=splits) if splits > 1 else {})
+              BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n)
+    then = None
+    if splits > 1:
+        cx.update(CHUNK=chunk, SPLITS=splits)
+        block_d = min(128, next_pow2(hd))
+        block_j = min(64, next_pow2(splits))
+        then = KernelSpec("decode_attention", "combine", emit_combine(), "decode_combine_kernel",
+                          (a["num_heads"], -(-hd // block_d)),
+                          scratch + [("node", pos.id), ("node", node.id), ("value", slots)],
+                          dict(GROUP=group, HEAD_DIM=hd, CHUNK=chunk, SPLITS=splits,
+                               BLOCK_D=block_d, BLOCK_J=block_j), num_warps=4, num_stages=1)
     warps = 4 if target.interpreted or target.dtype == torch.float32 else 8
     return KernelSpec("decode_attention", "cache" + (f"+split-{chunk}" if splits > 1 else ""),
                       emit(target.dot_precision, hd, splits > 1), "decode_attention_kernel",
-                      (kv_heads, splits), args, cx, num_warps=warps, num_stages=2)
+                      (kv_heads, splits), args, cx, num_warps=warps, num_stages=2, then=then)

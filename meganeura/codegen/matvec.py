@@ -100,16 +100,23 @@ tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), mask=n_ma
 
 
 def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
-    """Column tile and K step. Stored [N, K], a column's K run is contiguous and tiles can be
-    narrow; stored [K, N], each row gives a BLOCK_N-wide segment, 16 columns = 32 bytes, one
-    memory sector. The tile is the widest whose programs still give each SM several."""
+    """Column tile and K step, from benchmarks/matvec_sweep.py on the H200 (Triton 3.6,
+    results/matvec-sweep-*.log). Stored [N, K], a column's K run is contiguous: the widest
+    tile (up to 8 columns) whose program reads at most 40 KB of B and that still gives every
+    SM a program, K steps of 512 (1024 for K >= 8192): e4b's gate | up 31 us for 105 MB,
+    its down projection 13.8 us for 52 MB, the lm_head 302 us for 1.34 GB (3.4-4.4 TB/s).
+    Stored [K, N], each K row gives a BLOCK_N-wide segment: 16 columns, 32 bytes, one
+    memory sector."""
     if target.interpreted:
         return dict(BLOCK_N=8, BLOCK_K=32, warps=4)
-    want = 4 * target.sm_count
-    widths = (16, 8, 4, 2) if b_trans else (64, 32, 16)
-    bn = next((w for w in widths if cdiv(n, w) >= want), widths[-1])
-    bk = min(512 if b_trans else 128, max(32, 1 << (k - 1).bit_length()))
-    return dict(BLOCK_N=bn, BLOCK_K=bk, warps=4)
+    if not b_trans:
+        return dict(BLOCK_N=16, BLOCK_K=256, warps=8)
+    per_column = 2 * k * (2 if paired else 1)
+    bn = 8
+    while bn > 1 and (bn * per_column > 40 * 1024 or cdiv(n, bn) < target.sm_count):
+        bn //= 2
+    bk = 1024 if k >= 8192 else 512
+    return dict(BLOCK_N=bn, BLOCK_K=min(bk, max(32, 1 << (k - 1).bit_length())), warps=4)
 
 
 def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict,

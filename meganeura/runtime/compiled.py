@@ -86,10 +86,10 @@ class CompiledModel:
         the RoPE tables and the constants made at load."""
         g = self.plan.graph
         total = buffers.total + sum(8 * math.prod(n.shape) for n in self.inputs)
-        tables = {x for spec in self.specs.values() for kind, x in spec.args
+        tables = {x for spec in self._all_specs() for kind, x in spec.args
                   if kind in ("rope_cos", "rope_sin")}
         total += sum(2 * 4 * limit * (hd // 2) for limit, hd, _, _ in tables)
-        scratch = {x for spec in self.specs.values() for kind, x in spec.args if kind == "scratch"}
+        scratch = {x for spec in self._all_specs() for kind, x in spec.args if kind == "scratch"}
         total += sum(4 * math.prod(shape) for _, shape, _ in scratch)
         total += sum(8 * math.prod(g[i].shape) for i in self.plan.load_time
                      if OPS[g[i].op].kind == "constant")
@@ -113,7 +113,7 @@ class CompiledModel:
         a matmul that reads its weights in parts needs no concatenated copy)."""
         g, dev, dt = self.plan.graph, self.target.device, self.target.dtype
         read = set()  # what the kernels (and views) read
-        for spec in self.specs.values():
+        for spec in self._all_specs():
             for kind, x in spec.args:
                 if kind in ("node", "stride"):
                     read.add(x)
@@ -164,9 +164,18 @@ class CompiledModel:
         return [x for i in g[nid].inputs
                 for x in (self._concat_leaves(i) if g[i].op == "concat_cols" else [i])]
 
+    def _all_specs(self) -> list[KernelSpec]:
+        return [k for spec in self.specs.values() for k in spec.chain()]
+
     def _bind(self, nid: int) -> Launch:
+        runs = [self._prepare(k) for k in self.specs[nid].chain()]
+        if len(runs) == 1:
+            return Launch(nid, self.specs[nid], runs[0])
+        return Launch(nid, self.specs[nid], lambda: [run() for run in runs])
+
+    def _prepare(self, spec: KernelSpec):
+        """The zero-argument launch of one kernel: its tensors, strides and constants fixed."""
         g = self.plan.graph
-        spec = self.specs[nid]
         fn = self.cache.load(spec.source, spec.entry, self.target.interpreted)
         args = []
         for kind, x in spec.args:
@@ -187,7 +196,9 @@ class CompiledModel:
                 args.append(x)
         launcher = fn[spec.grid]
         kw = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
-        return Launch(nid, spec, lambda: launcher(*args, **kw))
+        if spec.pdl:
+            kw["launch_pdl"] = True
+        return lambda: launcher(*args, **kw)
 
     def _scratch(self, name: str, shape: tuple, dtype: str) -> torch.Tensor:
         """A kernel's working buffer, shared by every launch that asks the same one (launches
@@ -274,7 +285,7 @@ class CompiledModel:
         self._graph = graph
 
     def kernel_sources(self) -> list[str]:
-        return [launch.spec.source for launch in self.launches]
+        return [k.source for launch in self.launches for k in launch.spec.chain()]
 
 
 def check_memory(needed: int, device: torch.device) -> None:
