@@ -101,18 +101,24 @@ tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), mask=n_ma
 
 def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
     """Column tile and K step, from benchmarks/matvec_sweep.py on the H200 (Triton 3.6,
-    results/matvec-sweep-*.log). Stored [N, K], a column's K run is contiguous: the widest
-    tile (up to 8 columns) whose program reads at most 40 KB of B and that still gives every
-    SM a program, K steps of 512 (1024 for K >= 8192): e4b's gate | up 31 us for 105 MB,
-    its down projection 13.8 us for 52 MB, the lm_head 302 us for 1.34 GB (3.4-4.4 TB/s).
-    Stored [K, N], each K row gives a BLOCK_N-wide segment: 16 columns, 32 bytes, one
-    memory sector."""
+    results/matvec-sweep-2026-12-01-*.log; pipeline stages change nothing here).
+    Stored [N, K], a column's K run is contiguous: the widest tile (up to 8 columns) whose
+    program reads at most 40 KB of B and that still gives every SM a program, 4 columns at
+    most for the widest products (the lm_head: 302 us for 1.34 GB at 4, 359 at 8), K steps
+    of 512 (1024 for K >= 8192): e4b's gate | up 31 us for 105 MB, its down projection
+    13.8 us for 52 MB. Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide
+    segment: 16 columns and K steps of 1024 rows for long K (down: 26 us for 52 MB), else
+    32 columns (16 where that leaves fewer than two programs an SM) and 128 rows (gate | up:
+    33 us for 105 MB)."""
     if target.interpreted:
         return dict(BLOCK_N=8, BLOCK_K=32, warps=4)
     if not b_trans:
-        return dict(BLOCK_N=16, BLOCK_K=256, warps=8)
+        if k >= 8192:
+            return dict(BLOCK_N=16, BLOCK_K=1024, warps=8)
+        return dict(BLOCK_N=32 if cdiv(n, 32) >= 2 * target.sm_count else 16, BLOCK_K=128,
+                    warps=4)
     per_column = 2 * k * (2 if paired else 1)
-    bn = 8
+    bn = 4 if n >= 65536 else 8
     while bn > 1 and (bn * per_column > 40 * 1024 or cdiv(n, bn) < target.sm_count):
         bn //= 2
     bk = 1024 if k >= 8192 else 512
