@@ -22,8 +22,9 @@ def _input_x(g, gen, rows, cols, strided, pad):
 
 
 # the matmul archetype's ops, with their attributes (the gated ones with both activations)
-MATMUL_OPS = ["matmul", "norm_matmul", "matmul_add", "matmul_glu-silu", "matmul_glu-gelu_tanh",
-              "norm_matmul_glu-silu", "norm_matmul_glu-gelu_tanh", "matmul_softcap"]
+MATMUL_OPS = ["matmul", "norm_matmul", "matmul_add", "matmul_gate-gelu_tanh", "matmul_gate-silu",
+              "matmul_glu-silu", "matmul_glu-gelu_tanh", "norm_matmul_glu-silu",
+              "norm_matmul_glu-gelu_tanh", "matmul_softcap"]
 
 
 def matmul_case(op, m, k, n, seed=0, strided=False, transposed=False):
@@ -48,6 +49,10 @@ def matmul_case(op, m, k, n, seed=0, strided=False, transposed=False):
         r = g.input_f32("r", (m, n))
         inputs.append(_rand(gen, m, n))
         out = g.matmul_add(x, b, r)
+    elif op == "matmul_gate":
+        u = g.input_f32("u", (m, n))
+        inputs.append(_rand(gen, m, n))
+        out = g.matmul_gate(x, b, u, act)
     elif op == "matmul_softcap":  # a small cap: the tanh really bends
         out = g.matmul_softcap(x, b, 1.5)
     else:

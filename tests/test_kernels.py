@@ -197,3 +197,66 @@ def test_decode_attention_splits_the_slots(slots, pos, heads, kv_heads, head_dim
     assert ("split" in spec.variant) == (slots > 32)
     assert [k.entry for k in spec.chain()] == ["decode_attention_kernel"] + (
         ["decode_combine_kernel"] if slots > 32 else [])
+
+
+def _before_the_gate(source: str) -> list[str]:
+    """Loads, stores and atomics on the path to each griddepcontrol.wait: walking up from
+    it, the lines of its own block and of the blocks that enclose it (not the bodies of
+    sibling branches, which another program's path takes)."""
+    lines, out = source.split("\n"), []
+
+    def depth(x):
+        return len(x) - len(x.lstrip())
+
+    for k, line in enumerate(lines):
+        if "gdc_wait" not in line:
+            continue
+        level = depth(line)
+        for x in reversed(lines[:k]):
+            if not x.strip() or x.lstrip().startswith("def "):
+                continue
+            if depth(x) < level:  # the header of the enclosing block
+                level = depth(x)
+            elif depth(x) > level:  # inside a sibling block
+                continue
+            if "tl.load" in x or "tl.store" in x or "atomic" in x:
+                out.append(x)
+    return out
+
+
+def test_dependent_launches_touch_only_weights_before_the_gate():
+    # a decode step's kernels, built for an H200 (no GPU needed to emit them): every one
+    # waits for the kernel before it ahead of any write and any read of activations; only
+    # weight tiles are asked before the wait
+    from meganeura.codegen import Target, kernel_for
+    from meganeura.compiler.cost import H200, CostModel
+    from meganeura.models import PRESETS, build
+    from meganeura.models.kv import Generation
+    from meganeura.optimize import optimize
+
+    plan, _ = optimize(build(PRESETS["gemma4_e4b"], 1, Generation(512, decode=True)),
+                       CostModel(H200, "bf16"))
+    target = Target(torch.device("cuda"), torch.bfloat16, sms=132, pdl=True)
+    early = 0
+    for nid in plan.launches:
+        for spec in kernel_for(plan.graph[nid], plan.graph, target).chain():
+            assert spec.pdl and "gdc_wait" in spec.source, spec.variant
+            for line in _before_the_gate(spec.source):
+                assert "tl.store" not in line and "atomic" not in line, (spec.variant, line)
+                assert line.split("=")[0].strip() in ("w_next", "u_next") and \
+                    "tl.load(b" in line, (spec.variant, line)
+                early += 1
+    assert early > 0  # the weight-streaming kernels do prefetch
+
+
+def test_a_product_of_activations_waits_before_reading_b():
+    from meganeura.codegen import Target, kernel_for
+    from meganeura.compiler.graph import Graph
+
+    g = Graph()
+    x, y = g.input_f32("x", (1, 64)), g.input_f32("y", (64, 48))
+    out = g.matmul(x, y)
+    g.set_outputs([out])
+    spec = kernel_for(g[out], g, Target(torch.device("cuda"), torch.bfloat16, sms=132, pdl=True))
+    assert "+matvec" in spec.variant and "gdc_wait" in spec.source
+    assert _before_the_gate(spec.source) == []

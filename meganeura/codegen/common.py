@@ -114,14 +114,28 @@ def indent(code: str, spaces: int) -> str:
     return "\n".join(pad + line if line.strip() else line for line in code.strip("\n").split("\n"))
 
 
+# Where a kernel that reads something before the dependent-launch gate (weights) puts it;
+# elsewhere the gate opens the kernel. A comment: kernels launched normally ignore it.
+GATE = "# dependent-launch gate"
+
+
 def dependent_launch(spec: KernelSpec) -> KernelSpec:
-    """The kernel (and those chained after it) as programmatic dependents: the first thing
-    each program does is wait until the kernel before it has finished and its writes are
-    visible (every read and write comes after, so reused buffers are safe too); it then lets
-    the next kernel be launched, whose programs fill SMs as this one's last ones run."""
-    head, _, body = spec.source.partition(f"def {spec.entry}(")
-    params, _, rest = body.partition("):\n")
-    gate = "    tl.extra.cuda.gdc_wait()\n    tl.extra.cuda.gdc_launch_dependents()\n"
-    source = f"{head}def {spec.entry}({params}):\n{gate}{rest}"
+    """The kernel (and those chained after it) as programmatic dependents: each program
+    waits until the kernel before it has finished and its writes are visible before it
+    touches anything that kernel may write (every activation read and every write come
+    after, so reused buffers are safe too; only weights may be read before, at the GATE
+    marker); it then lets the next kernel be launched, whose programs fill SMs as this
+    one's last ones run."""
+    wait = ["tl.extra.cuda.gdc_wait()", "tl.extra.cuda.gdc_launch_dependents()"]
+    if GATE in spec.source:  # in place of each marker (one per path a program can take)
+        lines = []
+        for line in spec.source.split("\n"):
+            pad = line[:len(line) - len(line.lstrip())]
+            lines += [pad + w for w in wait] if line.strip() == GATE else [line]
+        source = "\n".join(lines)
+    else:
+        head, _, body = spec.source.partition(f"def {spec.entry}(")
+        params, _, rest = body.partition("):\n")
+        source = f"{head}def {spec.entry}({params}):\n" + "".join(f"    {w}\n" for w in wait) + rest
     then = dependent_launch(spec.then) if spec.then is not None else None
     return dataclasses.replace(spec, source=source, then=then, pdl=True)

@@ -150,12 +150,12 @@ tl.store(o_ptr + h * HEAD_DIM + rd, (acc / tl.sum(l_all, axis=0)).to(o_ptr.dtype
 
 def split_chunk(slots: int, kv_heads: int, block_n: int, target: Target) -> int:
     """Slots per program: a full cache shared so that the kv heads' programs fill the SMs
-    about twice, each streaming at least two key blocks; a cache of one chunk stays in one
-    program per kv head (no merge)."""
+    about twice, each streaming at least one key block (e4b's 512-slot rings: 8 programs a
+    kv head); a cache of one chunk stays in one program per kv head (no merge)."""
     if target.interpreted:
         return 2 * block_n
     want = -(-slots * kv_heads // (2 * target.sm_count))
-    return max(2 * block_n, next_pow2(want))
+    return max(block_n, next_pow2(want))
 
 
 def build(node, graph, target: Target) -> KernelSpec:

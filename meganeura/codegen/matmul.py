@@ -5,9 +5,9 @@
 Prologue (from `norm_*` ops): RMSNorm of A's rows, rstd[m] = rsqrt(sum_k A[m, k]^2 / K + eps),
 gathered from the A tiles the K loop loads anyway; the norm weight w scales the A tiles on
 their way to the matrix units, so no weight is copied.
-Epilogue (from the fused term): `+ R[m, n]` (matmul_add), `act(G) * U` where G and U are
-paired tiles of B's left and right halves (matmul_glu, act = silu or gelu_tanh), or
-`cap * tanh(C / cap)` (matmul_softcap); then a cast.
+Epilogue (from the fused term): `+ R[m, n]` (matmul_add), `act(C) * R[m, n]` (matmul_gate),
+`act(G) * U` where G and U are paired tiles of B's left and right halves (matmul_glu, act =
+silu or gelu_tanh), or `cap * tanh(C / cap)` (matmul_softcap); then a cast.
 A may be fp32 (the residual stream): its tiles are cast to B's dtype for the dot, and the
 norm statistics use the fp32 values.
 B is a weight read where it lies: stored [K, N] (the seed's layout), or transposed, stored
@@ -31,11 +31,12 @@ from ..compiler.plan import holds_fp32
 from . import matvec
 from .common import HEADER, KernelSpec, Target, activation, cdiv, fit_stages, indent, softcap_lines
 
-OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_glu", "norm_matmul_glu", "matmul_softcap")
+OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_gate", "matmul_glu", "norm_matmul_glu",
+       "matmul_softcap")
 
 
 def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: str,
-         tma: bool = False, parts: int = 1, b_trans: bool = False) -> str:
+         tma: bool = False, parts: int = 1, b_trans: bool = False, gate: str | None = None) -> str:
     """Source of one variant; each flag adds its fragment, nothing else differs.
 
     act: the paired gate/up epilogue's activation (None: not paired).
@@ -45,18 +46,20 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: 
     their concatenation: paired products read G from the first and U from the second; other
     products pick, per column tile, the part that holds the tile's columns (ends `end_i`).
     b_trans: B's storage is [N, K] (tiles are loaded transposed).
+    gate: the product's activation, times the [M, N] operand R (matmul_gate), in place of
+    the residual add.
     """
     paired = act is not None
     if tma:
         params = ["a_desc"] + [f"b{i}_desc" for i in range(parts)]
     else:
         params = ["a_ptr", "b_ptr"]
-    params += ["c_ptr"] + (["r_ptr"] if residual else []) + (["nw_ptr"] if norm else [])
+    params += ["c_ptr"] + (["r_ptr"] if residual or gate else []) + (["nw_ptr"] if norm else [])
     params += ["M", "N", "K"] + ([] if tma else ["stride_am", "stride_bk", "stride_bn"])
     params += ["stride_cm"]
     split = tma and parts > 1 and not paired  # column tiles choose their part
     params += [f"end_{i}" for i in range(parts - 1)] if split else []
-    params += ["stride_rm"] if residual else []
+    params += ["stride_rm"] if residual or gate else []
     params += ["eps"] if norm else []
     params += ["cap"] if softcap else []
     params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr",
@@ -120,10 +123,11 @@ for k0 in range(0, K, BLOCK_K):
         finish += ["acc_up = acc_up * rstd[:, None]"] if paired else []
     if paired:
         finish.append(f"acc = ({activation(act, 'acc')}) * acc_up")
-    if residual:
+    if residual or gate:
         finish.append("r = tl.load(r_ptr + rows[:, None] * stride_rm + rn[None, :], mask=c_mask, "
                       "other=0.0)")
-        finish.append("acc = acc + r.to(tl.float32)")
+        finish.append(f"acc = ({activation(gate, 'acc')}) * r.to(tl.float32)" if gate else
+                      "acc = acc + r.to(tl.float32)")
     if softcap:
         finish += softcap_lines("acc", "cap")
     body = f'''
@@ -242,15 +246,17 @@ def build(node, graph, target: Target) -> KernelSpec:
     (m, k), n = a.shape, node.shape[1]
     norm, residual = node.op.startswith("norm_"), node.op == "matmul_add"
     act = node.attrs["act"] if node.op in PAIRED_MATMULS else None
+    gate = node.attrs["act"] if node.op == "matmul_gate" else None
     softcap = node.op == "matmul_softcap"
     paired = act is not None
     variant = "+".join(x for x, on in (("rmsnorm-prologue", norm),
                                        (f"{act}-glu-epilogue", paired),
                                        ("residual-epilogue", residual),
+                                       (f"{gate}-gate-epilogue", gate),
                                        ("softcap-epilogue", softcap)) if on) or "plain"
     if m <= matvec.ROWS:
         return _matvec(node, graph, target, dict(norm=norm, act=act, residual=residual,
-                                                 softcap=softcap, variant=variant))
+                                                 softcap=softcap, variant=variant, gate=gate))
     cfg = tiles(m, n, k, paired, residual, target)
     warps, stages = cfg.pop("warps"), cfg.pop("stages")
     elem = 4 if target.dtype == torch.float32 else 2
@@ -268,7 +274,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     else:
         args = [("node", a.id), ("node", stored[0][0])]
     args += [("node", node.id)]
-    args += [("node", node.inputs[2])] if residual or norm else []
+    args += [("node", node.inputs[2])] if residual or norm or gate else []
     args += [("value", m), ("value", n), ("value", k)]
     if not tma:  # B's strides along K and along N
         b_strides = [("value", 1), ("stride", stored[0][0])] if b_trans else \
@@ -278,7 +284,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     if split:
         ends = list(itertools.accumulate(graph[p].shape[1] for p in parts))[:-1]
         args += [("value", e) for e in ends]
-    args += [("stride", node.inputs[2])] if residual else []
+    args += [("stride", node.inputs[2])] if residual or gate else []
     args += [("value", node.attrs["eps"])] if norm else []
     args += [("value", node.attrs["cap"])] if softcap else []
     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
@@ -286,7 +292,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     variant += "+B-transposed" if b_trans else ""
     variant += f"+{len(parts)}-part-B" if len(parts) > 1 else ""
     return KernelSpec("matmul", variant, emit(norm, act, residual, softcap, target.dot_precision,
-                                              tma, len(parts), b_trans),
+                                              tma, len(parts), b_trans, gate),
                       "matmul_kernel", grid, args, cfg, num_warps=warps, num_stages=stages)
 
 

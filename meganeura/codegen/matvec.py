@@ -8,7 +8,8 @@ owns BLOCK_N output columns and streams their whole K extent (B stored [N, K] gi
 K-contiguous rows; stored [K, N], BLOCK_N-wide segments of each row), multiplying in fp32
 on the ordinary units and reducing once at the end; narrow column tiles give every SM
 several programs. The prologue and epilogues are the tiled kernel's (RMSNorm of a with its
-weight; act(G) * U, + R, soft-cap), so the e-graph's fusions carry over unchanged. A B that
+weight; act(G) * U, + R, act(C) * R, soft-cap), so the e-graph's fusions carry over
+unchanged. A B that
 concatenates weights (q | k | v, gate | up) is always read in place: each program reads the
 part that holds its columns.
 
@@ -21,42 +22,55 @@ import itertools
 
 import torch
 
-from .common import HEADER, KernelSpec, Target, activation, cdiv, indent, softcap_lines
+from .common import GATE, HEADER, KernelSpec, Target, activation, cdiv, indent, softcap_lines
 
 ROWS = 1  # the matmul archetype hands over products of at most this many rows
 
 
-def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int = 1) -> str:
+def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int = 1,
+         weights: bool = True, gate: str | None = None) -> str:
     """Source of one variant. parts: B's weights passed separately (the paired product reads
     G from the first and U from the second; otherwise a column tile reads the one part that
-    holds it, its end columns `end_i`)."""
+    holds it, its end columns `end_i`). weights: B is made of parameters (never written at
+    run time), so its first tile may be read before the dependent-launch gate. gate: act(c)
+    times the row of R (matmul_gate) in place of the residual add."""
     paired = act is not None
     split = parts > 1 and not paired
     params = ["a_ptr"] + [f"b{i}_ptr" for i in range(parts)] + ["c_ptr"]
-    params += (["r_ptr"] if residual else []) + (["nw_ptr"] if norm else [])
+    params += (["r_ptr"] if residual or gate else []) + (["nw_ptr"] if norm else [])
     params += ["N", "K", "stride_am"]
     params += [f"stride_bn{i}" for i in range(parts)] + [f"stride_bk{i}" for i in range(parts)]
-    params += ["stride_cm"] + (["stride_rm"] if residual else [])
+    params += ["stride_cm"] + (["stride_rm"] if residual or gate else [])
     params += [f"end_{i}" for i in range(parts - 1)] if split else []
     params += (["eps"] if norm else []) + (["cap"] if softcap else [])
     params += ["BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
 
     def k_loop(i: int, col: str, up: str | None) -> str:
-        """The K loop over part i's columns `col` (and the U columns `up` of a paired product)."""
-        w = (f"tl.load(b{i}_ptr + {{c}}[:, None].to(tl.int64) * stride_bn{i} + kk[None, :] * "
-             f"stride_bk{i}, mask=n_mask[:, None] & k_mask[None, :], other=0.0)")
-        lines = ["kk = k0 + rk", "k_mask = kk < K",
-                 "a = tl.load(a_row + kk, mask=k_mask, other=0.0).to(tl.float32)"]
+        """The K loop over part i's columns `col` (and the U columns `up` of a paired
+        product). B's tiles are loaded one K step ahead (two in flight per program); the
+        first is asked before the dependent-launch gate: weights are never written, so they
+        stream while the kernel before finishes."""
+        j = 1 if parts == 2 else 0
+
+        def tile(p: int, c: str, k: str) -> str:
+            return (f"tl.load(b{p}_ptr + {c}[:, None].to(tl.int64) * stride_bn{p} + {k}[None, :] * "
+                    f"stride_bk{p}, mask=n_mask[:, None] & ({k}[None, :] < K), other=0.0)")
+
+        first = [f"w_next = {tile(i, col, 'rk')}"]
+        first += [f"u_next = {tile(j, up, 'rk')}"] if up is not None else []
+        lines = ["kk = k0 + rk", "k_mask = kk < K", "w = w_next",
+                 f"w_next = {tile(i, col, '(kk + BLOCK_K)')}"]
+        if up is not None:
+            lines += ["u = u_next", f"u_next = {tile(j, up, '(kk + BLOCK_K)')}"]
+        lines.append("a = tl.load(a_row + kk, mask=k_mask, other=0.0).to(tl.float32)")
         if norm:  # sum of squares of the row; the norm weight scales it on the way in
             lines += ["ss += a * a",
                       "a = a * tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)"]
-        lines.append(f"acc += {w.format(c=col)}.to(tl.float32) * a[None, :]")
+        lines.append("acc += w.to(tl.float32) * a[None, :]")
         if up is not None:
-            j = 1 if parts == 2 else 0
-            w_up = w.replace(f"b{i}_ptr", f"b{j}_ptr").replace(f"_bn{i}", f"_bn{j}").replace(
-                f"_bk{i}", f"_bk{j}")
-            lines.append(f"acc_up += {w_up.format(c=up)}.to(tl.float32) * a[None, :]")
-        return "for k0 in range(0, K, BLOCK_K):\n" + indent("\n".join(lines), 4)
+            lines.append("acc_up += u.to(tl.float32) * a[None, :]")
+        return "\n".join(first + ([GATE] if weights else [])) + "\nfor k0 in range(0, K, BLOCK_K):\n" + indent(
+            "\n".join(lines), 4)
 
     if split:  # independent ifs: exactly one holds for a column tile
         bounds = ["0"] + [f"end_{i}" for i in range(parts - 1)]
@@ -79,9 +93,10 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
         finish += ["up = up * rstd"] if paired else []
     if paired:
         finish.append(f"out = ({activation(act, 'out')}) * up")
-    if residual:
-        finish.append("out += tl.load(r_ptr + row * stride_rm + rn, mask=n_mask, other=0.0)"
+    if residual or gate:
+        finish.append("r = tl.load(r_ptr + row * stride_rm + rn, mask=n_mask, other=0.0)"
                       ".to(tl.float32)")
+        finish.append(f"out = ({activation(gate, 'out')}) * r" if gate else "out += r")
     if softcap:
         finish += softcap_lines("out", "cap")
     body = f'''
@@ -104,9 +119,9 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
     results/matvec-sweep-2026-12-01-*.log; pipeline stages change nothing here).
     Stored [N, K], a column's K run is contiguous: the widest tile (up to 8 columns) whose
     program reads at most 40 KB of B and that still gives every SM a program, 4 columns at
-    most for the widest products (the lm_head: 302 us for 1.34 GB at 4, 359 at 8), K steps
-    of 512 (1024 for K >= 8192): e4b's gate | up 31 us for 105 MB, its down projection
-    13.8 us for 52 MB. Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide
+    most for the widest products (the lm_head: 302 us for 1.34 GB at 4, 359 at 8) and one
+    for paired gate | up tiles (e4b: 29.9 us for 105 MB at 1, 32.2 at 4), K steps of 512
+    (1024 for K >= 8192): e4b's down projection 13.8 us for 52 MB. Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide
     segment: 16 columns and K steps of 1024 rows for long K (down: 26 us for 52 MB), else
     32 columns (16 where that leaves fewer than two programs an SM) and 128 rows (gate | up:
     33 us for 105 MB)."""
@@ -118,7 +133,7 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
         return dict(BLOCK_N=32 if cdiv(n, 32) >= 2 * target.sm_count else 16, BLOCK_K=128,
                     warps=4)
     per_column = 2 * k * (2 if paired else 1)
-    bn = 4 if n >= 65536 else 8
+    bn = 1 if paired else (4 if n >= 65536 else 8)
     while bn > 1 and (bn * per_column > 40 * 1024 or cdiv(n, bn) < target.sm_count):
         bn //= 2
     bk = 1024 if k >= 8192 else 512
@@ -131,18 +146,18 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     and whether each holds it transposed; cfg: `tiles`; flags: the variant (matmul.build)."""
     a = graph[node.inputs[0]]
     k, n = a.shape[1], node.shape[1]
-    act, residual, norm = flags["act"], flags["residual"], flags["norm"]
+    act, residual, norm, gate = flags["act"], flags["residual"], flags["norm"], flags["gate"]
     cfg = dict(cfg)
     warps = cfg.pop("warps")
     split = len(stored) > 1 and act is None
     args = [("node", a.id)] + [("node", sid) for sid, _ in stored] + [("node", node.id)]
-    args += [("node", node.inputs[2])] if residual or norm else []
+    args += [("node", node.inputs[2])] if residual or norm or gate else []
     args += [("value", n), ("value", k), ("stride", a.id)]
     # each part's stride along N, then along K
     args += [("stride", sid) if tr else ("value", 1) for sid, tr in stored]
     args += [("value", 1) if tr else ("stride", sid) for sid, tr in stored]
     args += [("stride", node.id)]
-    args += [("stride", node.inputs[2])] if residual else []
+    args += [("stride", node.inputs[2])] if residual or gate else []
     if split:
         widths = [graph[sid].shape[0] if tr else graph[sid].shape[1] for sid, tr in stored]
         args += [("value", e) for e in list(itertools.accumulate(widths))[:-1]]
@@ -152,7 +167,9 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     variant += "+B-transposed" if stored[0][1] else ""
     variant += f"+{len(stored)}-part-B" if len(stored) > 1 else ""
     grid = (cdiv(n, cfg["BLOCK_N"]), a.shape[0])
-    return KernelSpec("matmul", variant, emit(norm, act, residual, flags["softcap"], len(stored)),
+    weights = all(graph.load_time(sid) for sid, _ in stored)
+    return KernelSpec("matmul", variant, emit(norm, act, residual, flags["softcap"], len(stored),
+                                              weights, gate),
                       "matvec_kernel", grid, args, cfg, num_warps=warps, num_stages=3)
 
 

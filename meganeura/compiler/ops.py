@@ -219,6 +219,13 @@ def _matmul_add(s, d, a):
     return out
 
 
+def _matmul_gate(s, d, a):
+    out = _matmul(s, d, a)
+    _need(s[2] == out, f"gating operand is {list(s[2])}, product is {list(out)}")
+    _glu([out, s[2]], d, a)
+    return out
+
+
 def _matmul_glu(s, d, a):
     m, n2 = _matmul(s, d, a)
     _need(n2 % 2 == 0, f"paired gate/up weight must have an even width, got {n2}")
@@ -385,6 +392,10 @@ _op("matmul_glu", ("a", "b"), (("act", str),), _matmul_glu,
 _op("norm_matmul_glu", ("x", "b", "w"), (("eps", float), ("act", str)), _norm_matmul_glu,
     lambda a, x, b, w: fm.glu(*fm.halves(fm.rms_norm(x, w, a["eps"]) @ b), a["act"]),
     "matmul_glu with the RMSNorm prologue", work="matmul")
+_op("matmul_gate", ("a", "b", "up"), (("act", str),), _matmul_gate,
+    lambda a, x, b, u: fm.glu(x @ b, u, a["act"]),
+    "act(a @ b) * up: the activation and gating as epilogue (the per-layer input gate)",
+    work="matmul")
 _op("matmul_softcap", ("a", "b"), (("cap", float),), _matmul_softcap,
     lambda a, x, b: fm.softcap(x @ b, a["cap"]), "softcap(a @ b): the soft-cap as epilogue",
     work="matmul")
