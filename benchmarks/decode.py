@@ -281,6 +281,7 @@ def run_model(args, name: str, contexts: list[int], device, dtype, env) -> list[
                       f"{str(e)[:300]}", flush=True)
                 compiled = None
             else:
+                row["hf_static_cache"] = static.max_cache_len
                 if "hf_compile_s" not in extra:  # the first context's run holds the compile
                     extra["hf_compile_s"] = row["hf_compile_s"] = time.perf_counter() - t
                 print(f"  transformers static cache, compiled {row['hf_compiled_ms']:.2f} "
@@ -315,8 +316,8 @@ def _empty_cache() -> None:
 
 FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit", "model",
           "context", "steps", "dtype", "meganeura_ms", "floor_ms", "hf_eager_ms",
-          "hf_compiled_ms", "hf_compile_s", "meganeura_ttft_ms", "hf_compiled_prefill_ms",
-          "hf_prefill_compile_s", "meganeura_compile_s"]
+          "hf_compiled_ms", "hf_static_cache", "hf_compile_s", "meganeura_ttft_ms",
+          "hf_compiled_prefill_ms", "hf_prefill_compile_s", "meganeura_compile_s"]
 
 
 def append_csv(rows: list[dict], env: dict, path: Path) -> None:
@@ -340,8 +341,18 @@ def rows_of(path: Path, commits: list[str]) -> list[dict]:
     for r in rows:
         for k in FIELDS[7:]:
             if k not in ("model", "dtype") and r.get(k) not in (None, ""):
-                r[k] = float(r[k]) if k not in ("context", "steps") else int(r[k])
+                r[k] = float(r[k]) if k not in ("context", "steps", "hf_static_cache") else int(r[k])
     return rows
+
+
+def latest(rows: list[dict], key: str, model: str, where=lambda r: True) -> dict[int, float]:
+    """context -> the value of `key` in the last row (CSV order: the newest) of `model` that
+    has it and satisfies `where`."""
+    out = {}
+    for r in rows:
+        if r["model"] == model and r.get("steps") and r.get(key) not in (None, "") and where(r):
+            out[r["context"]] = r[key]
+    return out
 
 
 def print_targets(rows: list[dict]) -> None:
@@ -350,24 +361,24 @@ def print_targets(rows: list[dict]) -> None:
 
     print("\n== targets (per-token time, batch 1)")
     for name, contexts in TABLE.items():
+        ms, floor = latest(rows, "meganeura_ms", name), latest(rows, "floor_ms", name)
         for c in contexts:
-            r = next((r for r in rows if r["model"] == name and r["context"] == c
-                      and r.get("meganeura_ms")), None)
-            if r is None:
+            if c not in ms:
                 print(f"{name} C={c}: not measured")
                 continue
-            ratio = r["meganeura_ms"] / r["floor_ms"]
-            print(f"{name} C={c}: {r['meganeura_ms']:.3f} ms, floor {r['floor_ms']:.3f} ms, "
+            ratio = ms[c] / floor[c]
+            print(f"{name} C={c}: {ms[c]:.3f} ms, floor {floor[c]:.3f} ms, "
                   f"{ratio:.2f}x (target <= {TARGET_FLOOR[name]}x): {mark(ratio <= TARGET_FLOOR[name])}")
-    t = next((r for r in rows if r.get("meganeura_ttft_ms")), None)
-    if t and t.get("hf_compiled_prefill_ms"):
+    t = next((r for r in reversed(rows) if r.get("meganeura_ttft_ms")
+              and r.get("hf_compiled_prefill_ms")), None)
+    if t:
         ratio = t["meganeura_ttft_ms"] / t["hf_compiled_prefill_ms"]
         print(f"gemma4-e4b time to first token (2048): {t['meganeura_ttft_ms']:.2f} ms vs "
               f"{t['hf_compiled_prefill_ms']:.2f} ms, {ratio:.3f}x (target <= {TTFT_TARGET}x): "
               f"{mark(ratio <= TTFT_TARGET)}")
     else:
         print("gemma4-e4b time to first token: not measured against transformers")
-    c = next((r for r in rows if r.get("meganeura_compile_s")), None)
+    c = next((r for r in reversed(rows) if r.get("meganeura_compile_s")), None)
     if c:
         print(f"gemma4-e4b compile (prefill + decode plans, empty cache): "
               f"{c['meganeura_compile_s']:.1f} s (target <= {COMPILE_TARGET_S:.0f} s): "
@@ -390,15 +401,19 @@ def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
     series = [("meganeura", "meganeura_ms", "o-"), ("transformers eager", "hf_eager_ms", "s--"),
-              ("transformers static cache + torch.compile", "hf_compiled_ms", "^--"),
-              ("floor (bytes / 4.3 TB/s)", "floor_ms", "k:")]
+              ("floor (bytes / 4.3 TB/s)", "floor_ms", "kx:")]
     for ax, m in zip(axes[0], models):
-        rs = sorted((r for r in rows if r["model"] == m and r.get("meganeura_ms")),
-                    key=lambda r: r["context"])
-        for label, key, style in series:
-            pts = [(r["context"], r[key]) for r in rs if r.get(key) not in (None, "")]
+        for label, key, style in series:  # each point from the newest row that has it
+            pts = sorted(latest(rows, key, m).items())
             if pts:
                 ax.plot(*zip(*pts), style, label=label, markersize=4)
+        caches = sorted({r["hf_static_cache"] for r in rows if r["model"] == m
+                         and r.get("hf_static_cache") not in (None, "")})
+        for cache, style in zip(caches, ("^--", "v-.", "d--")):  # one line per static cache
+            pts = sorted(latest(rows, "hf_compiled_ms", m,
+                                lambda r, c=cache: r.get("hf_static_cache") == c).items())
+            ax.plot(*zip(*pts), style, markersize=5,
+                    label=f"transformers + torch.compile, static cache of {cache}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
