@@ -250,6 +250,7 @@ def run_model(args, name: str, contexts: list[int], device, dtype, env) -> list[
         print(f"{name}: prefill (2048) + decode plans from an empty kernel cache "
               f"{extra['meganeura_compile_s']:.1f} s", flush=True)
     model = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
+    model.generator.dependent_launches = args.dependent_launches
     compiled, static = None, None
     if hf is not None and args.hf_compiled:
         from transformers import StaticCache
@@ -445,6 +446,9 @@ def main(argv=None) -> int:
                     help="skip transformers under torch.compile (its compile takes minutes)")
     ap.add_argument("--no-ttft", dest="ttft", action="store_false")
     ap.add_argument("--no-compile-time", dest="compile_time", action="store_false")
+    ap.add_argument("--no-dependent-launches", dest="dependent_launches", action="store_false",
+                    help="launch the decode step's kernels plainly (not as programmatic "
+                    "dependents of the kernel before)")
     ap.add_argument("--profile", type=int, nargs="*", default=[], metavar="CONTEXT",
                     help="at these contexts, also time every kernel of the step on its own")
     ap.add_argument("--cache-dir", default=None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,14 +92,14 @@ def bind(plan: Plan, opt_report: OptimizeReport, profile: DeviceProfile, weights
          dtype, cache_dir=None, cuda_graph: bool = True, optimize_s: float = 0.0,
          state: dict | None = None, dependent_launches: bool = False) -> CompiledModel:
     """Generates the plan's kernels and binds them to weights, state (KV caches) and buffers
-    on `device`. dependent_launches: on a Hopper GPU, each kernel is launched while the one
-    before it finishes (see codegen.common.dependent_launch; MEGANEURA_PDL=0 turns it off)."""
+    on `device`. dependent_launches: on a Hopper (or later) GPU, each kernel is launched
+    while the one before it finishes (see codegen.common.dependent_launch)."""
     t1 = time.perf_counter()
     cache = KernelCache(cache_dir)
     cache.check_writable()
     device = torch.device(device)
-    pdl = dependent_launches and device.type == "cuda" and os.environ.get("MEGANEURA_PDL") != "0" \
-        and torch.cuda.get_device_capability(device)[0] >= 9
+    pdl = dependent_launches and device.type == "cuda" and \
+        torch.cuda.get_device_capability(device)[0] >= 9
     model = CompiledModel(plan, weights, Target(device, dtype, pdl=pdl), cache, cuda_graph, state)
     t2 = time.perf_counter()
     model.report = CompileReport(

@@ -89,6 +89,9 @@ class Generator:
         self.model = model
         self.sessions: dict[int, Session] = {}
         self.last_session: Session | None = None  # the caches and plans of the last call
+        # decode steps launch each kernel as a programmatic dependent of the one before
+        # (Hopper and later; set False before the first call to launch them plainly)
+        self.dependent_launches = True
         self.last_stats: dict = {}
 
     def capacity_for(self, positions: int) -> int:
@@ -111,7 +114,7 @@ class Generator:
         plan, rep = optimize(graph, CostModel(m.profile, dt))
         return bind(plan, rep, m.profile, m.weights, m.device, m.dtype, m.cache_dir,
                     optimize_s=time.perf_counter() - t0, state=s.caches,
-                    dependent_launches=decode)
+                    dependent_launches=decode and self.dependent_launches)
 
     def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
         """The prefill of seq_len tokens, its kernels built by one run on token 0: what that
