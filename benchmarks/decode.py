@@ -43,7 +43,7 @@ from prefill import environment  # noqa: E402
 
 import meganeura  # noqa: E402
 from meganeura.compiler.ops import OPS  # noqa: E402
-from meganeura.generation import SamplingParams, capacity_for, sample  # noqa: E402
+from meganeura.generation import LateIds, SamplingParams, capacity_for, sample  # noqa: E402
 from meganeura.models import MODEL_NAMES, PRESETS, build  # noqa: E402
 from meganeura.models.kv import Generation  # noqa: E402
 
@@ -88,23 +88,24 @@ def floor_bytes(cfg, context: int, elem: int) -> float:
 
 
 def step_times(run_step, steps: int, warmup: int = 4) -> float:
-    """Median ms per step: run_step() queues one step and returns a device scalar (the id)
-    that the host reads one step later; CUDA events between the steps (the host clock on
+    """Median ms per step: run_step() queues one step and returns its id on the device, which
+    the host reads one step later as `generate` does (generation.LateIds: behind that step,
+    not behind the one queued after it); CUDA events between the steps (the host clock on
     the CPU, where each step runs as it is called)."""
     cuda = torch.cuda.is_available()
-    marks, prev = [], None
+    ids = LateIds(torch.device("cuda" if cuda else "cpu"))
+    marks = []
     for i in range(warmup + steps + 1):
-        tok = run_step()
+        ids.send(run_step())
         if i >= warmup:
             if cuda:
                 marks.append(torch.cuda.Event(enable_timing=True))
                 marks[-1].record()
             else:
                 marks.append(time.perf_counter())
-        if prev is not None:
-            int(prev)
-        prev = tok
-    int(prev)
+        if i > 0:
+            ids.take()
+    ids.take()
     if not cuda:
         return statistics.median((b - a) * 1e3 for a, b in zip(marks, marks[1:]))
     torch.cuda.synchronize()

@@ -72,6 +72,40 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
     return (probs / noise).argmax(-1, keepdim=True)
 
 
+class LateIds:
+    """Sampled ids read by the host without stalling the device: `send(t)` queues a copy of
+    the device id t into pinned host memory and marks the stream; `take()` waits for the
+    oldest id sent and returns it. Reading an id with int() would instead wait for all the
+    work queued since (the next step included). Two ids may be in flight (a ring of two
+    pinned slots); on the CPU an id is read as it is sent."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.slots = [torch.empty(1, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
+            if self.cuda else []
+        self.pending: list = []
+        self.sent = 0
+
+    def send(self, t: torch.Tensor) -> None:
+        if not self.cuda:
+            self.pending.append(int(t))
+            return
+        slot = self.slots[self.sent % 2]
+        slot.copy_(t.reshape(1), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.pending.append((slot, done))
+        self.sent += 1
+
+    def take(self) -> int:
+        item = self.pending.pop(0)
+        if not self.cuda:
+            return item
+        slot, done = item
+        done.synchronize()
+        return int(slot[0])
+
+
 @dataclass
 class Session:
     """KV caches of one capacity and the plans that use them."""
@@ -143,8 +177,10 @@ class Generator:
         id (benchmarks record CUDA events there).
 
         The device runs one step ahead of the host: step t + 1 is queued with step t's id
-        still on the device, before the host reads that id to stream it and test it against
-        the stop ids. A stop found that way leaves one step computed and unused."""
+        still on the device, before the host reads that id (copied to pinned memory behind
+        step t, not behind step t + 1) to stream it and test it against the stop ids. A stop
+        found that way leaves one step computed and unused (on_logits and on_step have seen
+        it)."""
         m = self.model
         prompt, stops, capacity = check_request(m.config, token_ids, max_new_tokens, params, stop,
                                                 m.eos_token_ids)
@@ -167,6 +203,8 @@ class Generator:
         if on_logits is not None:
             on_logits(logits[-1])
         nxt = sample(logits[-1], params, gen)
+        ids = LateIds(dev)
+        ids.send(nxt)
         if on_step is not None:
             on_step()
         new: list[int] = []
@@ -178,9 +216,10 @@ class Generator:
                 if on_logits is not None:
                     on_logits(logits[-1])
                 following = sample(logits[-1], params, gen)
+                ids.send(following)
                 if on_step is not None:
                     on_step()
-            tok = int(nxt)  # the host needs it: streaming and the stop test
+            tok = ids.take()  # the host needs it: streaming and the stop test
             if t_first is None:
                 t_first = time.perf_counter()
             new.append(tok)

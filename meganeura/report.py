@@ -13,6 +13,7 @@ FUSED_OPS = {
     "norm_matmul": "rmsnorm_matmul",
     "norm_matmul_glu": "gated_mlp + rmsnorm_matmul",
     "matmul_glu": "gated_mlp",
+    "matmul_gate": "gated_mlp",
     "norm_rope": "qk_norm_rope",
     "head_norm_rope": "qk_norm_rope",
     "matmul_add": "residual_epilogue",

@@ -53,8 +53,9 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
         j = 1 if parts == 2 else 0
 
         def tile(p: int, c: str, k: str) -> str:
-            return (f"tl.load(b{p}_ptr + {c}[:, None].to(tl.int64) * stride_bn{p} + {k}[None, :] * "
-                    f"stride_bk{p}, mask=n_mask[:, None] & ({k}[None, :] < K), other=0.0)")
+            return (f"tl.load(b{p}_ptr + {c}[:, None].to(tl.int64) * stride_bn{p} + "
+                    f"{k}[None, :].to(tl.int64) * stride_bk{p}, mask=n_mask[:, None] & "
+                    f"({k}[None, :] < K), other=0.0)")
 
         first = [f"w_next = {tile(i, col, 'rk')}"]
         first += [f"u_next = {tile(j, up, 'rk')}"] if up is not None else []
