@@ -3,8 +3,12 @@
 This is what meganeura is measured against: run eagerly, and under torch.compile.
 It uses the same weights dict (graph layout) and the same semantics as the graph:
 RMSNorm in fp32, half-split RoPE, GQA through scaled_dot_product_attention (kv heads
-repeated so that the flash backend serves causal layers; a boolean band mask for
-sliding-window layers shorter than the sequence), SwiGLU, residual adds.
+repeated so that the flash backend serves causal layers), SwiGLU, residual adds.
+Sliding-window layers shorter than the sequence take one of two forms:
+- "flex" (the default, the strongest under torch.compile): FlexAttention with a
+  sliding-window block mask, so the blocks outside the window are skipped as meganeura
+  skips them (GQA without repeating the kv heads);
+- "dense": scaled_dot_product_attention with a boolean band mask over every key.
 """
 
 from __future__ import annotations
@@ -35,20 +39,42 @@ def rope(x, cos, sin, head_dim):
     return torch.cat([x1 * c - x2 * sn, x2 * c + x1 * sn], -1).view(s, -1).to(x.dtype)
 
 
-def make_forward(cfg, seq: int, device):
-    """Returns forward(weights, token_ids) -> logits [S, vocab] for a fixed sequence length."""
+def make_forward(cfg, seq: int, device, sliding: str = "flex"):
+    """Returns forward(weights, token_ids) -> logits [S, vocab] for a fixed sequence length;
+    sliding: "flex" or "dense", the form of the sliding-window layers (module docstring)."""
+    if sliding not in ("flex", "dense"):
+        raise ValueError(f"sliding must be 'flex' or 'dense', got {sliding!r}")
     cos, sin = rope_tables(seq, cfg.head_dim, cfg.rope_theta, device)
-    i = torch.arange(seq, device=device)
-    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - cfg.sliding_window_size)
+    window = cfg.sliding_window_size
     eps, hd = cfg.rms_norm_eps, cfg.head_dim
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    band = block_mask = None
+    if window < seq and sliding == "dense":
+        i = torch.arange(seq, device=device)
+        band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    elif window < seq:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def in_window(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+        block_mask = create_block_mask(in_window, None, None, seq, seq, device=device)
 
     def attend(q, k, v, global_layer):
         # [S, H*hd] -> [1, H, S, hd]: 4-D inputs, so SDPA can pick its flash backend
         qh = q.view(1, seq, heads, hd).transpose(1, 2)
-        kh = k.view(1, seq, kv, hd).transpose(1, 2).repeat_interleave(heads // kv, 1)
-        vh = v.view(1, seq, kv, hd).transpose(1, 2).repeat_interleave(heads // kv, 1)
-        if global_layer or cfg.sliding_window_size >= seq:
+        kh = k.view(1, seq, kv, hd).transpose(1, 2)
+        vh = v.view(1, seq, kv, hd).transpose(1, 2)
+        if block_mask is not None and not global_layer:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            # [1, H, S, hd] laid out as such (torch.compile fuses the copy into the producer;
+            # the CPU lowering of flex_attention takes no transposed views)
+            o = flex_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(),
+                               block_mask=block_mask, enable_gqa=heads != kv)
+            return o.transpose(1, 2).reshape(seq, heads * hd)
+        kh, vh = kh.repeat_interleave(heads // kv, 1), vh.repeat_interleave(heads // kv, 1)
+        if global_layer or band is None:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
         else:
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=band)

@@ -28,7 +28,8 @@ def test_reference_matches_independent_forward(name, seq):
     (logits,) = run_reference(build(c, seq), w, {"token_ids": ids})
     assert logits.shape == (seq, c.vocab_size)
     assert_close(logits, forward(c, w, ids), "fp32-exact")
-    assert_close(make_forward(c, seq, "cpu")(w, ids), logits, "fp32-exact")  # the benchmark's
+    for sliding in ("flex", "dense"):  # the benchmark's two forms of sliding-window layers
+        assert_close(make_forward(c, seq, "cpu", sliding)(w, ids), logits, "fp32-exact")
 
 
 def test_windows_shorter_than_the_sequence_are_exercised():

@@ -1,4 +1,5 @@
-"""benchmarks/decode.py itself: its floor, and one run through Triton's interpreter."""
+"""The benchmark harnesses themselves: the decode floor and one decode run through Triton's
+interpreter; the interleaving of the prefill regimes."""
 
 import csv
 import sys
@@ -42,3 +43,18 @@ def test_one_run_writes_its_rows(tmp_path):
     assert [(r["model"], r["context"]) for r in rows] == [("gemma4-small-test", "5"),
                                                           ("gemma4-small-test", "11")]
     assert all(float(r["meganeura_ms"]) > 0 and float(r["floor_ms"]) > 0 for r in rows)
+
+
+def test_prefill_regimes_interleave_the_contenders():
+    # from idle: A, B, A, B one call each after the idle time; sustained: a warm-up block
+    # each, then blocks of `block` calls, alternating
+    from prefill import regimes
+
+    calls = []
+    out = regimes({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3,
+                  cuda=False, idle_s=0.0, block=2)
+    assert calls[:6] == ["a", "b"] * 3
+    assert calls[6:10] == ["a", "a", "b", "b"]  # the warm-up blocks
+    assert calls[10:] == ["a", "a", "b", "b"] * 3
+    assert set(out) == {"a_idle_ms", "b_idle_ms", "a_sustained_ms", "b_sustained_ms"}
+    assert all(v >= 0 for v in out.values())
