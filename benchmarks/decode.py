@@ -14,7 +14,10 @@ loop does):
   random tokens;
 - transformers compiled: the same model's forward under torch.compile (reduce-overhead,
   fullgraph) over a static cache sized for the largest context of the run plus the steps,
-  compiled once (as `generate(cache_implementation="static")` does), prefilled eagerly;
+  compiled once, prefilled eagerly, called step by step;
+- with --hf-generate, transformers' own `generate` loop, each step marked by a logits
+  processor: with its dynamic cache, and with `cache_implementation="static"` (for which
+  transformers compiles the forward itself);
 - the floor: bytes a step must read at 4.3 TB/s (the H200's measured copy bandwidth): every
   weight the step's products read, the embedding rows gathered, the valid cache rows each
   attention reads and the new K/V written.
@@ -184,6 +187,43 @@ def hf_decode(hf, forward, cache, context: int, steps: int, vocab: int, device) 
         return step_times(run_step, steps)
 
 
+def hf_generate_decode(hf, context: int, steps: int, vocab: int, device, static: bool,
+                       warmup: int = 4) -> float:
+    """Median ms per token inside transformers' own `generate` (greedy) after a prompt of
+    `context` random tokens: a logits processor marks each step (a CUDA event, or the host
+    clock on the CPU). static: `cache_implementation="static"`, for which transformers
+    compiles the forward itself."""
+    from transformers import LogitsProcessor
+
+    cuda = device.type == "cuda"
+
+    class Mark(LogitsProcessor):
+        def __init__(self):
+            self.marks = []
+
+        def __call__(self, input_ids, scores):
+            if cuda:
+                self.marks.append(torch.cuda.Event(enable_timing=True))
+                self.marks[-1].record()
+            else:
+                self.marks.append(time.perf_counter())
+            return scores
+
+    g = torch.Generator(device="cpu").manual_seed(context)
+    ids = torch.randint(0, vocab, (1, context), generator=g).to(device)
+    mark = Mark()
+    n = warmup + steps + 1
+    kw = dict(cache_implementation="static") if static else {}
+    with torch.no_grad():
+        hf.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                    logits_processor=[mark], **kw)
+    marks = mark.marks[warmup:]
+    if not cuda:
+        return statistics.median((b - a) * 1e3 for a, b in zip(marks, marks[1:]))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
+
+
 def ttft(model, hf_compiled, cfg, device, reps: int = 5) -> dict:
     """Time to first token for a 2048-token prompt: meganeura's generate (host clock, the id
     on the host) and transformers' compiled forward keeping the last row (CUDA events)."""
@@ -288,6 +328,18 @@ def run_model(args, name: str, contexts: list[int], device, dtype, env) -> list[
                     extra["hf_compile_s"] = row["hf_compile_s"] = time.perf_counter() - t
                 print(f"  transformers static cache, compiled {row['hf_compiled_ms']:.2f} "
                       f"ms/token", flush=True)
+        if hf is not None and args.hf_generate:
+            for key, static in (("hf_generate_ms", False), ("hf_generate_static_ms", True)):
+                try:
+                    row[key] = hf_generate_decode(hf, c, args.steps, cfg.vocab_size, device,
+                                                  static)
+                except Exception as e:  # noqa: BLE001 - a baseline that fails is reported
+                    print(f"  transformers generate{' (static cache)' if static else ''}: "
+                          f"failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                print(f"  transformers generate{', static cache (compiled by transformers)' if static else ''}"
+                      f" {row[key]:.2f} ms/token", flush=True)
+            _empty_cache()
         rows.append(row)
         append_csv([row], env, Path(args.csv))
     if args.ttft and name in ("gemma4-e4b", "gemma4-small-test"):
@@ -318,7 +370,8 @@ def _empty_cache() -> None:
 
 FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit", "model",
           "context", "steps", "dtype", "meganeura_ms", "floor_ms", "hf_eager_ms",
-          "hf_compiled_ms", "hf_static_cache", "hf_compile_s", "meganeura_ttft_ms",
+          "hf_compiled_ms", "hf_static_cache", "hf_compile_s", "hf_generate_ms",
+          "hf_generate_static_ms", "meganeura_ttft_ms",
           "hf_compiled_prefill_ms", "hf_prefill_compile_s", "meganeura_compile_s"]
 
 
@@ -403,6 +456,8 @@ def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
     series = [("meganeura", "meganeura_ms", "o-"), ("transformers eager", "hf_eager_ms", "s--"),
+              ("transformers generate", "hf_generate_ms", "P--"),
+              ("transformers generate, static cache", "hf_generate_static_ms", "X--"),
               ("floor (bytes / 4.3 TB/s)", "floor_ms", "kx:")]
     for ax, m in zip(axes[0], models):
         for label, key, style in series:  # each point from the newest row that has it
@@ -445,6 +500,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf-eager", dest="hf_eager", action="store_false")
     ap.add_argument("--no-hf-compiled", dest="hf_compiled", action="store_false",
                     help="skip transformers under torch.compile (its compile takes minutes)")
+    ap.add_argument("--hf-generate", action="store_true", help="also time transformers' own "
+                    "generate loop (dynamic cache, and static cache with the forward it compiles)")
     ap.add_argument("--no-ttft", dest="ttft", action="store_false")
     ap.add_argument("--no-compile-time", dest="compile_time", action="store_false")
     ap.add_argument("--no-dependent-launches", dest="dependent_launches", action="store_false",

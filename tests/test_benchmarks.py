@@ -58,3 +58,19 @@ def test_prefill_regimes_interleave_the_contenders():
     assert calls[10:] == ["a", "a", "b", "b"] * 3
     assert set(out) == {"a_idle_ms", "b_idle_ms", "a_sustained_ms", "b_sustained_ms"}
     assert all(v >= 0 for v in out.values())
+
+
+def test_transformers_generate_is_timed_step_by_step():
+    # a tiny published config through transformers' own generate loop (dynamic cache, CPU)
+    import torch
+
+    from decode import hf_decode, hf_generate_decode
+    from hf_checkpoints import CONFIGS
+    from hf_forward import hf_model
+    from transformers import DynamicCache
+
+    hf = hf_model("", torch.float32, torch.device("cpu"), 0, fields=CONFIGS["every_feature"])
+    ms = hf_generate_decode(hf, 9, 3, 97, torch.device("cpu"), static=False, warmup=1)
+    assert ms > 0
+    eager = hf_decode(hf, hf, DynamicCache(config=hf.config), 9, 3, 97, torch.device("cpu"))
+    assert eager > 0
