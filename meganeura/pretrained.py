@@ -62,9 +62,10 @@ class PretrainedModel:
                                        optimize_s=time.perf_counter() - t0)
         return self.plans[seq_len]
 
-    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, token_ids: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """Logits [len(token_ids), vocab] of a 1-D integer tensor of token ids. They live in
-        the plan's output buffer: the next call with as many tokens overwrites them."""
+        the plan's output buffer: the next call with as many tokens overwrites them (copy=True
+        returns a copy made before another thread's call may start)."""
         if not isinstance(token_ids, torch.Tensor):
             raise InputError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
         if token_ids.dim() != 1 or token_ids.numel() == 0:
@@ -73,7 +74,7 @@ class PretrainedModel:
         with self._lock:
             fn = self.compiled(token_ids.shape[0])
             self.report = fn.report
-            return fn(token_ids.to(self.device))
+            return fn(token_ids.to(self.device), copy=copy)
 
     def generate(self, token_ids, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,

@@ -246,11 +246,17 @@ class CompiledModel:
             if self.progress is not None:
                 self.progress(k + 1, n)
 
-    def __call__(self, *args) -> torch.Tensor:
+    def __call__(self, *args, copy: bool = False) -> torch.Tensor:
         """logits = model(token_ids); the result is overwritten by the next call. Calls from
-        several threads run one at a time (they share the buffers)."""
+        several threads run one at a time (they share the buffers); copy=True returns a copy
+        made before the next call may start (what a thread sharing the model needs: a
+        .clone() after the call returns can read another thread's logits)."""
         with self._lock:
-            return self._call(*args)
+            out = self._call(*args)
+            if copy:
+                out = out.clone() if isinstance(out, torch.Tensor) else tuple(o.clone()
+                                                                              for o in out)
+            return out
 
     def run_trusted(self, *args) -> torch.Tensor:
         """A call whose inputs the caller vouches for (the generation loop's own sampled ids
