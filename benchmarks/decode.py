@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefill import environment  # noqa: E402
+from prefill import _release, environment, pyplot, write_rows  # noqa: E402
 
 import meganeura  # noqa: E402
 from meganeura.compiler.ops import OPS  # noqa: E402
@@ -90,6 +90,23 @@ def floor_bytes(cfg, context: int, elem: int) -> float:
     return total + elem * sum(math.prod(g[p].shape) for p in weights)
 
 
+def mark_step(marks: list, cuda: bool) -> None:
+    """A mark in the stream (a CUDA event) or, on the CPU, the host clock."""
+    if cuda:
+        marks.append(torch.cuda.Event(enable_timing=True))
+        marks[-1].record()
+    else:
+        marks.append(time.perf_counter())
+
+
+def median_gap(marks: list) -> float:
+    """Median milliseconds between consecutive marks (mark_step's)."""
+    if marks and isinstance(marks[0], float):
+        return statistics.median((b - a) * 1e3 for a, b in zip(marks, marks[1:]))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
+
+
 def step_times(run_step, steps: int, warmup: int = 4) -> float:
     """Median ms per step: run_step() queues one step and returns its id on the device, which
     the host reads one step later as `generate` does (generation.LateIds: behind that step,
@@ -101,18 +118,11 @@ def step_times(run_step, steps: int, warmup: int = 4) -> float:
     for i in range(warmup + steps + 1):
         ids.send(run_step())
         if i >= warmup:
-            if cuda:
-                marks.append(torch.cuda.Event(enable_timing=True))
-                marks[-1].record()
-            else:
-                marks.append(time.perf_counter())
+            mark_step(marks, cuda)
         if i > 0:
             ids.take()
     ids.take()
-    if not cuda:
-        return statistics.median((b - a) * 1e3 for a, b in zip(marks, marks[1:]))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
+    return median_gap(marks)
 
 
 def print_profile(decode, step_ms: float, reps: int = 20) -> None:
@@ -161,7 +171,7 @@ def meganeura_decode(model, context: int, steps: int, profile: bool = False) -> 
         print_profile(decode, ms)
     gen.sessions.pop(cap, None)
     gen.last_session = None
-    _empty_cache()
+    _release(torch.cuda.is_available())
     return ms
 
 
@@ -202,11 +212,7 @@ def hf_generate_decode(hf, context: int, steps: int, vocab: int, device, static:
             self.marks = []
 
         def __call__(self, input_ids, scores):
-            if cuda:
-                self.marks.append(torch.cuda.Event(enable_timing=True))
-                self.marks[-1].record()
-            else:
-                self.marks.append(time.perf_counter())
+            mark_step(self.marks, cuda)
             return scores
 
     g = torch.Generator(device="cpu").manual_seed(context)
@@ -217,11 +223,7 @@ def hf_generate_decode(hf, context: int, steps: int, vocab: int, device, static:
     with torch.no_grad():
         hf.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                     logits_processor=[mark], **kw)
-    marks = mark.marks[warmup:]
-    if not cuda:
-        return statistics.median((b - a) * 1e3 for a, b in zip(marks, marks[1:]))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
+    return median_gap(mark.marks[warmup:])
 
 
 def ttft(model, hf_compiled, cfg, device, reps: int = 5) -> dict:
@@ -268,7 +270,7 @@ def compile_seconds(cfg, weights, device, dtype) -> float:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
         del m, s
-    _empty_cache()
+    _release(torch.cuda.is_available())
     return dt
 
 
@@ -311,7 +313,7 @@ def run_model(args, name: str, contexts: list[int], device, dtype, env) -> list[
             row["hf_eager_ms"] = hf_decode(hf, hf, DynamicCache(config=hf.config), c, args.steps,
                                            cfg.vocab_size, device)
             print(f"  transformers eager {row['hf_eager_ms']:.2f} ms/token", flush=True)
-            _empty_cache()
+            _release(torch.cuda.is_available())
         if compiled is not None:
             static.reset()
             t = time.perf_counter()
@@ -339,7 +341,7 @@ def run_model(args, name: str, contexts: list[int], device, dtype, env) -> list[
                     continue
                 print(f"  transformers generate{', static cache (compiled by transformers)' if static else ''}"
                       f" {row[key]:.2f} ms/token", flush=True)
-            _empty_cache()
+            _release(torch.cuda.is_available())
         rows.append(row)
         append_csv([row], env, Path(args.csv))
     if args.ttft and name in ("gemma4-e4b", "gemma4-small-test"):
@@ -359,13 +361,9 @@ def run_model(args, name: str, contexts: list[int], device, dtype, env) -> list[
         append_csv([{"model": name, "context": 2048, "steps": 0, "dtype": args.dtype, **t}], env,
                    Path(args.csv))
     del model, compiled, static, hf
-    _empty_cache()
+    _release(torch.cuda.is_available())
     return rows
 
-
-def _empty_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit", "model",
@@ -376,18 +374,7 @@ FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit
 
 
 def append_csv(rows: list[dict], env: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = []
-    if path.exists():
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(old)
-        for r in rows:
-            w.writerow({**env, **{k: (f"{v:.4g}" if isinstance(v, float) else v)
-                                  for k, v in r.items()}})
+    write_rows(rows, env, path, FIELDS)
 
 
 def rows_of(path: Path, commits: list[str]) -> list[dict]:
@@ -444,12 +431,8 @@ def print_targets(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
     """Per-token time against context length, one panel per model: each system and the floor."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return None
     models = [m for m in dict.fromkeys(r["model"] for r in rows if r.get("meganeura_ms"))]
     if not models:

@@ -5,7 +5,7 @@ column tile, K step, warps and stages, on the decode step's product shapes.
     python benchmarks/matvec_sweep.py --shapes e4b-down seed-down
 
 Each configuration runs the generated kernel (codegen/matvec.py) on random operands,
-replayed 50 times in one CUDA graph; the table gives microseconds per launch and the
+replayed 50 times in one CUDA graph (prefill.graph_time); the table gives microseconds per launch and the
 bandwidth of the bytes the product must read (B, a, the output). The best tile per shape
 is what `matvec.tiles` should choose.
 """
@@ -17,10 +17,15 @@ import itertools
 import sys
 import tempfile
 
+from pathlib import Path
+
 import torch
 
-from meganeura.codegen.cache import KernelCache
-from meganeura.codegen.matvec import emit
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prefill import graph_time  # noqa: E402
+
+from meganeura.codegen.cache import KernelCache  # noqa: E402
+from meganeura.codegen.matvec import emit  # noqa: E402
 
 # name: (N, K, variant flags, B stored [N, K]); the variants of the decode plans
 SHAPES = {
@@ -59,26 +64,6 @@ def launch_args(n, k, flags, b_trans, dev):
     return args, nbytes
 
 
-def time_us(fn, reps: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        best = min(best, s.elapsed_time(e) * 1e3 / reps)
-    return best
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -104,8 +89,8 @@ def main(argv=None) -> int:
                 continue
             grid = (-(-n // bn), 1)
             try:
-                us = time_us(lambda: fn[grid](*run_args, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
-                                              num_stages=st))
+                us = 1e3 * graph_time(lambda: fn[grid](*run_args, BLOCK_N=bn, BLOCK_K=bk,
+                                                       num_warps=w, num_stages=st), 50)
             except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported
                 print(f"{name} BLOCK_N={bn} BLOCK_K={bk} warps={w} stages={st}: "
                       f"{type(e).__name__}: {str(e)[:120]}")

@@ -225,12 +225,13 @@ def kernel_times(model, cuda: bool, reps: int) -> dict[int, float]:
     (so the host's launch overhead, which the model's own graph replay also avoids, is out)."""
     out = {}
     for launch in model.launches:
-        out[launch.node] = _graph_time(launch.run, reps) if cuda else timed(launch.run, 1, reps,
+        out[launch.node] = graph_time(launch.run, reps) if cuda else timed(launch.run, 1, reps,
                                                                                 False)
     return out
 
 
-def _graph_time(fn, reps: int) -> float:
+def graph_time(fn, reps: int) -> float:
+    """Milliseconds of one fn() call: `reps` calls captured in a CUDA graph, replayed."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -495,16 +496,23 @@ def environment() -> dict:
             "commit": os.environ.get("MEGANEURA_COMMIT", "unknown")}
 
 
+FIELDS = ["date", "gpu", "torch", "triton", "meganeura", "commit", "model", "seq", "dtype",
+          "meganeura_ms", "eager_ms", "torch_compile_ms", "tflops", "floor_ms",
+          "meganeura_compile_s", "torch_compile_s", "meganeura_peak_gib", "eager_peak_gib",
+          "torch_compile_peak_gib", "rel_error", "eager_rel_error", "launches",
+          "meganeura_warm_compile_s", "meganeura_resident_gib", "torch_compile_first_peak_gib",
+          "rel_error_hf_fp32", "reference_vs_hf_fp32", "torch_compile_dense_ms",
+          "meganeura_idle_ms", "torch_compile_idle_ms", "meganeura_sustained_ms",
+          "torch_compile_sustained_ms", "meganeura_j", "torch_compile_j"]
+
+
 def append_csv(rows: list[dict], env: dict, path: Path) -> None:
-    fields = ["date", "gpu", "torch", "triton", "meganeura", "commit", "model", "seq", "dtype",
-              "meganeura_ms", "eager_ms", "torch_compile_ms", "tflops", "floor_ms",
-              "meganeura_compile_s", "torch_compile_s", "meganeura_peak_gib", "eager_peak_gib",
-              "torch_compile_peak_gib", "rel_error", "eager_rel_error", "launches",
-              "meganeura_warm_compile_s", "meganeura_resident_gib",
-              "torch_compile_first_peak_gib", "rel_error_hf_fp32", "reference_vs_hf_fp32",
-              "torch_compile_dense_ms", "meganeura_idle_ms", "torch_compile_idle_ms",
-              "meganeura_sustained_ms", "torch_compile_sustained_ms", "meganeura_j",
-              "torch_compile_j"]
+    write_rows(rows, env, path, FIELDS)
+
+
+def write_rows(rows: list[dict], env: dict, path: Path, fields: list[str]) -> None:
+    """Appends rows (tagged with env) to the CSV at path, earlier rows kept under the current
+    header; floats to 4 significant digits."""
     path.parent.mkdir(parents=True, exist_ok=True)
     old = []
     if path.exists():  # keep earlier rows, under the current header
@@ -519,14 +527,22 @@ def append_csv(rows: list[dict], env: dict, path: Path) -> None:
                                   for k, v in r.items()}})
 
 
-def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
-    """Bar chart of ms per configuration: meganeura, eager, torch.compile."""
+def pyplot():
+    """matplotlib's pyplot without a display, or None (and a line saying so) without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot")
+        return None
+    return plt
+
+
+def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
+    """Bar chart of ms per configuration: meganeura, eager, torch.compile."""
+    plt = pyplot()
+    if plt is None:
         return None
     labels = [f"{r['model']}\nseq {r['seq']}" for r in rows]
     series = [("meganeura", "meganeura_ms"), ("eager (PyTorch / transformers)", "eager_ms"),
