@@ -48,18 +48,24 @@ def test_matmul_through_tensor_descriptors(op, tmp_path):
 
 
 @pytest.mark.parametrize("op, widths, parts", [
-    ("matmul", (64, 32, 40), 3),  # q | k | v: column tiles (32 wide) never straddle two
-    ("matmul", (48, 32, 16), 1),  # 48 is not a multiple of the tile: one concatenation
-    # of the three (no partial w0|w1 kept)
+    # q | k | v: column tiles (32 wide; 8 at one row) never straddle two parts
+    ("matmul", (64, 32, 40), 3),
+    ("norm_matmul", (64, 32, 32), 3),
+    # 44 is not a multiple of either tile: one concatenation of the three (no partial w0|w1)
+    ("matmul", (44, 32, 16), 1),
     ("matmul_glu-gelu_tanh", (40, 40), 2),  # gate | up, each read in place
+    ("matmul_glu-silu", (40, 40), 2),
 ])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, transposed, tmp_path):
-    model = check_case(parts_case(op, 37, 48, widths, seed=2, transposed=transposed), "cpu",
-                       torch.float32, tmp_path, "fp32")
+@pytest.mark.parametrize("rows", [37, 1], ids=["tiled", "one-row"])
+def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, transposed, rows,
+                                                    tmp_path):
+    model = check_case(parts_case(op, rows, 48, widths, seed=rows, transposed=transposed),
+                       "cpu", torch.float32, tmp_path, "fp32")
     spec = model.launches[0].spec
     g = model.plan.graph
     kept = [g[i].op for i in model.tensors if i in model.plan.load_time]
+    assert ("+matvec" in spec.variant) == (rows == 1)
     if parts > 1:
         assert f"{parts}-part-B" in spec.variant and "concat_cols" not in kept
     else:
@@ -75,26 +81,6 @@ def test_one_row_runs_the_matrix_vector_kernel(op, transposed, tmp_path):
     spec = model.launches[0].spec
     assert "+matvec" in spec.variant and spec.entry == "matvec_kernel"
     assert ("B-transposed" in spec.variant) == transposed
-
-
-@pytest.mark.parametrize("op, widths, parts", [
-    ("matmul", (64, 32, 40), 3),  # q | k | v: 8-column tiles never straddle two parts
-    ("matmul", (44, 32, 16), 1),  # 44 is not a multiple of the tile: the concatenation
-    ("norm_matmul", (24, 16, 16), 3),
-    ("matmul_glu-silu", (40, 40), 2),
-])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_one_row_reads_concatenated_weights_in_place(op, widths, parts, transposed, tmp_path):
-    model = check_case(parts_case(op, 1, 48, widths, seed=3, transposed=transposed), "cpu",
-                       torch.float32, tmp_path, "fp32")
-    spec = model.launches[0].spec
-    g = model.plan.graph
-    kept = [g[i].op for i in model.tensors if i in model.plan.load_time]
-    assert "+matvec" in spec.variant
-    if parts > 1:
-        assert f"{parts}-part-B" in spec.variant and "concat_cols" not in kept
-    else:
-        assert "part-B" not in spec.variant and kept == ["concat_cols"]
 
 
 def test_matmul_variants_are_generated_from_the_fused_term(tmp_path):

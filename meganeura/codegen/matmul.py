@@ -29,7 +29,7 @@ import torch
 from ..compiler.cost import PAIRED_MATMULS, matmul_tile
 from ..compiler.plan import holds_fp32
 from . import matvec
-from .common import HEADER, KernelSpec, Target, activation, cdiv, fit_stages, indent, softcap_lines
+from .common import HEADER, KernelSpec, Target, cdiv, epilogue_lines, fit_stages, indent
 
 OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_gate", "matmul_glu", "norm_matmul_glu",
        "matmul_softcap")
@@ -121,15 +121,9 @@ for k0 in range(0, K, BLOCK_K):
     if norm:
         finish += ["rstd = 1.0 / tl.sqrt(ss / K + eps)", "acc = acc * rstd[:, None]"]
         finish += ["acc_up = acc_up * rstd[:, None]"] if paired else []
-    if paired:
-        finish.append(f"acc = ({activation(act, 'acc')}) * acc_up")
-    if residual or gate:
-        finish.append("r = tl.load(r_ptr + rows[:, None] * stride_rm + rn[None, :], mask=c_mask, "
-                      "other=0.0)")
-        finish.append(f"acc = ({activation(gate, 'acc')}) * r.to(tl.float32)" if gate else
-                      "acc = acc + r.to(tl.float32)")
-    if softcap:
-        finish += softcap_lines("acc", "cap")
+    r_load = "tl.load(r_ptr + rows[:, None] * stride_rm + rn[None, :], mask=c_mask, other=0.0)"
+    finish += epilogue_lines("acc", "acc_up" if paired else None, act,
+                             r_load if residual or gate else None, gate, softcap)
     body = f'''
 pid = tl.program_id(0)
 num_m = tl.cdiv(M, BLOCK_M)

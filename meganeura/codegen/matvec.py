@@ -22,7 +22,7 @@ import itertools
 
 import torch
 
-from .common import GATE, HEADER, KernelSpec, Target, activation, cdiv, indent, softcap_lines
+from .common import GATE, HEADER, KernelSpec, Target, cdiv, epilogue_lines, indent
 
 ROWS = 1  # the matmul archetype hands over products of at most this many rows
 
@@ -92,14 +92,9 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
     if norm:
         finish += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)", "out = out * rstd"]
         finish += ["up = up * rstd"] if paired else []
-    if paired:
-        finish.append(f"out = ({activation(act, 'out')}) * up")
-    if residual or gate:
-        finish.append("r = tl.load(r_ptr + row * stride_rm + rn, mask=n_mask, other=0.0)"
-                      ".to(tl.float32)")
-        finish.append(f"out = ({activation(gate, 'out')}) * r" if gate else "out += r")
-    if softcap:
-        finish += softcap_lines("out", "cap")
+    r_load = "tl.load(r_ptr + row * stride_rm + rn, mask=n_mask, other=0.0)"
+    finish += epilogue_lines("out", "up" if paired else None, act,
+                             r_load if residual or gate else None, gate, softcap)
     body = f'''
 pid_n = tl.program_id(0)
 row = tl.program_id(1).to(tl.int64)
