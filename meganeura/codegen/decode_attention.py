@@ -68,29 +68,22 @@ def emit(precision: str, head_dim: int, split: bool = False) -> str:
         "alpha = tl.exp2(m_i - m_new)",
         "p = tl.exp2(s - m_new[:, None])",
         "l_i = l_i * alpha + tl.sum(p, axis=1)"] + block_v + ["m_i = m_new"]
+    key_loop = f"""m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+for n0 in range(n_begin, n_end, BLOCK_N):
+    rn = n0 + tl.arange(0, BLOCK_N)
+{indent(chr(10).join(loop), 4)}"""
     if split:
-        span = """n_begin = tl.program_id(1) * CHUNK
-if n_begin < n_valid:  # programs past the valid slots have nothing to add
-    n_end = tl.minimum(n_begin + CHUNK, n_valid)"""
         finish = ["part = (kvh * SPLITS + tl.program_id(1)) * GROUP + g",
                   "part_row = part.to(tl.int64) * HEAD_DIM"] + stores + [
             "tl.store(pm_ptr + part, m_i, mask=g < GROUP)",
             "tl.store(pl_ptr + part, l_i, mask=g < GROUP)"]
-        body_loop = indent(f"""m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-for n0 in range(n_begin, n_end, BLOCK_N):
-    rn = n0 + tl.arange(0, BLOCK_N)
-{indent(chr(10).join(loop), 4)}
-{chr(10).join(finish)}""", 4)
-        main = span + "\n" + body_loop
+        main = """n_begin = tl.program_id(1) * CHUNK
+if n_begin < n_valid:  # programs past the valid slots have nothing to add
+    n_end = tl.minimum(n_begin + CHUNK, n_valid)
+""" + indent(key_loop + "\n" + "\n".join(finish), 4)
     else:
-        main = f"""n_end = n_valid
-m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-for n0 in range(0, n_valid, BLOCK_N):
-    rn = n0 + tl.arange(0, BLOCK_N)
-{indent(chr(10).join(loop), 4)}
-{chr(10).join(stores)}"""
+        main = "n_begin = 0\nn_end = n_valid\n" + key_loop + "\n" + "\n".join(stores)
     body = f'''
 kvh = tl.program_id(0)
 g = tl.arange(0, BLOCK_G)
