@@ -30,6 +30,7 @@ from meganeura.codegen.matvec import emit  # noqa: E402
 # name: (N, K, variant flags, B stored [N, K]); the variants of the decode plans
 SHAPES = {
     "e4b-gate-up": (10240, 2560, dict(norm=True, act="gelu_tanh", parts=2), True),
+    "e4b-gate-up-bf16": (10240, 2560, dict(act="gelu_tanh", parts=2), True),  # no norm prologue
     "e4b-down": (2560, 10240, dict(), True),
     "e4b-qkv": (3072, 2560, dict(norm=True, parts=3), True),
     "e4b-o": (2560, 2048, dict(), True),
