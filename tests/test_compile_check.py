@@ -31,3 +31,5 @@ def test_prefill_kernels_fit_an_sm90_block(model):
     matmuls = [line for line in lines if line.startswith("matmul")]
     assert all(" wgmma   0 " not in line for line in matmuls)  # Hopper's warpgroup MMA
     assert any("2-part-B" in line for line in matmuls)  # gate | up read in place
+    # q | k | v read in place too: the three K loops share one set of stage buffers
+    assert any("3-part-B" in line for line in matmuls)

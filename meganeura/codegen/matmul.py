@@ -205,8 +205,8 @@ def parts_fit(graph, parts: list[int], paired: bool, n: int, block_n: int) -> bo
     return all(w % block_n == 0 for w in widths[:-1])
 
 
-def _b_reads(graph, a_id: int, b_id: int, paired: bool, n: int, block_n: int, per_stage: int,
-             stages: int) -> tuple[list[int], bool]:
+def _b_reads(graph, a_id: int, b_id: int, paired: bool, n: int, block_n: int
+             ) -> tuple[list[int], bool]:
     """Where B's tiles come from: the weights it concatenates (read in place) or B itself;
     and whether through tensor descriptors (A and every tensor read with 16-byte rows)."""
     if not _aligned(graph, a_id):
@@ -215,12 +215,10 @@ def _b_reads(graph, a_id: int, b_id: int, paired: bool, n: int, block_n: int, pe
     if len(parts) > 1 and all(_aligned(graph, storage(graph, p)[0]) for p in parts) and parts_fit(
             graph, parts, paired, n, block_n):
         # a paired product reads G and U in its one K loop; other products run one K loop
-        # per part, and Triton 3.6 gave each its own stage buffers (if/elif branches: 4b's
-        # q | k | v at 4 stages asked 262 KiB on the H200; independent ifs compile to one
-        # loop's 128 KiB offline, not yet run on the GPU): in place only where 3 stages fit
-        # with a buffer set per part
-        if paired or fit_stages(per_stage * len(parts), 0, stages) >= min(stages, 3):
-            return parts, True
+        # per part in independent ifs (exactly one runs per tile), which Triton 3.6 compiles
+        # to one set of stage buffers (if/elif gave each loop its own: 4b's q | k | v at 4
+        # stages asked 262 KiB; the ifs ask the one loop's 128 KiB, tools/compile_check.py)
+        return parts, True
     return [b_id], _aligned(graph, storage(graph, b_id)[0])
 
 
@@ -256,11 +254,11 @@ def build(node, graph, target: Target) -> KernelSpec:
     elem = 4 if target.dtype == torch.float32 else 2
     a_elem = 4 if holds_fp32(graph, a.id) else elem  # the fp32 residual stream
     per_stage = cfg["BLOCK_K"] * (a_elem * cfg["BLOCK_M"] + elem * cfg["BLOCK_N"] * (2 if paired else 1))
-    parts, tma = _b_reads(graph, a.id, b.id, paired, n, cfg["BLOCK_N"], per_stage, stages)
+    parts, tma = _b_reads(graph, a.id, b.id, paired, n, cfg["BLOCK_N"])
     stored = [storage(graph, p) for p in parts]
     b_trans = stored[0][1]
     split = len(parts) > 1 and not paired
-    stages = fit_stages(per_stage * (len(parts) if split else 1), 0, stages)
+    stages = fit_stages(per_stage, 0, stages)
     bk, bn = cfg["BLOCK_K"], cfg["BLOCK_N"]
     if tma:
         args = [("desc", (a.id, (cfg["BLOCK_M"], bk)))]

@@ -115,9 +115,10 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
     results/matvec-sweep-2026-12-01-*.log; pipeline stages change nothing here).
     Stored [N, K], a column's K run is contiguous: the widest tile (up to 8 columns) whose
     program reads at most 40 KB of B and that still gives every SM a program, 4 columns at
-    most for the widest products (the lm_head: 302 us for 1.34 GB at 4, 359 at 8) and one
-    for paired gate | up tiles (e4b: 29.9 us for 105 MB at 1, 32.2 at 4), K steps of 512
-    (1024 for K >= 8192): e4b's down projection 13.8 us for 52 MB. Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide
+    most for the widest products (the lm_head: 302 us for 1.34 GB at 4, 359 at 8), K steps
+    of 512 (1024 for K >= 8192); paired gate | up products 8 columns of each part in K steps
+    of 256 (e4b: 27.3 us for 105 MB; one column in steps of 512, the earlier tile, over 31.2 us
+    since the first tile is read ahead of the dependent-launch gate): e4b's down projection 13.8 us for 52 MB. Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide
     segment: 16 columns and K steps of 1024 rows for long K (down: 26 us for 52 MB), else
     32 columns (16 where that leaves fewer than two programs an SM) and 128 rows (gate | up:
     33 us for 105 MB)."""
@@ -128,8 +129,13 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
             return dict(BLOCK_N=16, BLOCK_K=1024, warps=8)
         return dict(BLOCK_N=32 if cdiv(n, 32) >= 2 * target.sm_count else 16, BLOCK_K=128,
                     warps=4)
-    per_column = 2 * k * (2 if paired else 1)
-    bn = 1 if paired else (4 if n >= 65536 else 8)
+    if paired:  # G and U tiles side by side: 8 columns of each in 256-wide K steps
+        bn, bk = 8, 256
+        while bn > 1 and cdiv(n, bn) < 2 * target.sm_count:
+            bn //= 2
+        return dict(BLOCK_N=bn, BLOCK_K=bk, warps=4)
+    per_column = 2 * k
+    bn = 4 if n >= 65536 else 8
     while bn > 1 and (bn * per_column > 40 * 1024 or cdiv(n, bn) < target.sm_count):
         bn //= 2
     bk = 1024 if k >= 8192 else 512
