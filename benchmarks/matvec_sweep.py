@@ -38,16 +38,27 @@ SHAPES = {
     "e4b-lm-head": (262144, 2560, dict(softcap=True), True),
     "31b-gate-up": (21504, 5376, dict(norm=True, act="gelu_tanh", parts=2), True),
     "31b-down": (5376, 21504, dict(), True),
+    "31b-qkv": (16384, 5376, dict(norm=True, parts=3, widths=[8192, 4096, 4096]), True),
+    "31b-qk-full": (18432, 5376, dict(norm=True, parts=2, widths=[16384, 2048]), True),
+    "31b-o": (5376, 8192, dict(), True),
+    "31b-o-full": (5376, 16384, dict(), True),
     "seed-gate-up": (10240, 2560, dict(norm=True, act="silu"), False),
     "seed-down": (2560, 10240, dict(), False),
 }
 
 
+def part_widths(n, flags):
+    """Widths of the weights B is read from (e4b's q | k | v by default for three parts)."""
+    parts = flags.get("parts", 1)
+    paired = flags.get("act") is not None
+    return flags.get("widths") or ([n, n] if paired and parts == 2 else (
+        [n * 2] if paired else ([n - 1024, 512, 512] if parts == 3 else [n])))
+
+
 def launch_args(n, k, flags, b_trans, dev):
     parts = flags.get("parts", 1)
     paired = flags.get("act") is not None
-    widths = [n, n] if paired and parts == 2 else (
-        [n * 2] if paired else ([n - 1024, 512, 512] if parts == 3 else [n]))
+    widths = part_widths(n, flags)
     a = torch.randn(1, k, device=dev, dtype=torch.float32 if flags.get("norm") else torch.bfloat16)
     bs = [torch.randn(*((w, k) if b_trans else (k, w)), device=dev, dtype=torch.bfloat16) * k ** -0.5
           for w in widths]
@@ -86,7 +97,8 @@ def main(argv=None) -> int:
         block_ks = (256, 512, 1024) if b_trans else (128, 256, 512, 1024)
         results = []
         for bn, bk, w, st in itertools.product(block_ns, block_ks, args.warps, args.stages):
-            if bk > max(k, 32) * 2 or (flags.get("parts") == 3 and 512 % bn):
+            if bk > max(k, 32) * 2 or (flags.get("act") is None and any(
+                    width % bn for width in part_widths(n, flags)[:-1])):
                 continue
             grid = (-(-n // bn), 1)
             try:

@@ -182,6 +182,53 @@ def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0):
     return g, state, [_rand(gen, 1, heads * head_dim), torch.tensor([pos])]
 
 
+CACHE_ROW_OPS = ["norm_rope_write", "head_norm_rope_write", "unit_norm_write"]
+
+
+def cache_rows_case(op, s, slots, last, heads, head_dim, seed=0):
+    """One row kernel writing s new k or v rows (positions last-s+1 .. last) normalized
+    straight into a cache of `slots` rows holding random older rows (a ring that wraps
+    when last >= slots; rows it no longer keeps are skipped). Output: the updated cache."""
+    gen = torch.Generator().manual_seed(seed)
+    g = Graph()
+    d = heads * head_dim
+    x = g.input_f32("x", (s, d))
+    pos = g.input_u32("positions", (s,))
+    cache = g.state("cache.k", (slots, d))
+    rope = (10000.0, head_dim, head_dim // 2, last + 1)
+    w = {}
+    if op == "norm_rope_write":
+        w["w"] = 1.0 + 0.1 * _rand(gen, d)
+        out = g.norm_rope_write(cache, x, g.parameter("w", (d,)), pos, 1e-6, *rope)
+    elif op == "head_norm_rope_write":
+        w["w"] = 1.0 + 0.1 * _rand(gen, head_dim)
+        out = g.head_norm_rope_write(cache, x, g.parameter("w", (head_dim,)), pos, 1e-6,
+                                     head_dim, rope[0], *rope[2:])
+    else:
+        out = g.unit_norm_write(cache, x, pos, 1e-6, head_dim)
+    g.set_outputs([out])
+    inputs = {"x": 3 * _rand(gen, s, d), "positions": torch.arange(last - s + 1, last + 1)}
+    return g, w, {"cache.k": _rand(gen, slots, d)}, inputs
+
+
+def check_cache_rows(case, device, dtype, cache_dir, kind):
+    """The cache after the fused row kernel against the reference's, every slot (the rows
+    not written keep their values)."""
+    from meganeura.runtime.reference import run_reference
+    from numerics import assert_close
+
+    g, w, state, inputs = case
+    dev_state = {k: v.to(device, dtype) for k, v in state.items()}
+    ref_state = {k: v.float().cpu() for k, v in dev_state.items()}
+    model = compile_plan(g, {k: v.to(device) for k, v in w.items()}, device, dtype, cache_dir,
+                         state=dev_state)
+    out = model(inputs["x"].to(device, dtype), inputs["positions"].to(device))
+    assert out.data_ptr() == dev_state["cache.k"].data_ptr()  # updated in place
+    (ref,) = run_reference(g, w, {**inputs, **ref_state})
+    assert_close(out.float().cpu(), ref, kind)
+    return model
+
+
 def compile_plan(g, weights, device, dtype, cache_dir, state=None):
     """Runs the graph's own ops as kernels (no optimizer): the archetype under test."""
     from meganeura.codegen import Target

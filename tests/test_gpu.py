@@ -5,9 +5,10 @@ import torch
 
 import meganeura
 from configs import CONFIGS
-from kernel_cases import (MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case, cache_attention_case,
-                          check_cache_attention, check_case,
-                          embedding_case, matmul_case, parts_case, pointwise_case, row_case)
+from kernel_cases import (CACHE_ROW_OPS, MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case,
+                          cache_attention_case, cache_rows_case, check_cache_attention,
+                          check_cache_rows, check_case, embedding_case, matmul_case, parts_case,
+                          pointwise_case, row_case)
 from meganeura.models import build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.reference import run_reference
@@ -57,6 +58,13 @@ def test_decode_attention_bf16(slots, pos, heads, kv_heads, head_dim, tmp_path):
     g, state, inputs = case
     state = {k: v * head_dim ** -0.25 for k, v in state.items()}  # O(1) scores at scale 1/sqrt(hd)
     check_cache_attention((g, state, inputs), "cuda", torch.bfloat16, tmp_path, "bf16")
+
+
+@pytest.mark.parametrize("s, slots, last", [(1, 4352, 4000), (1, 512, 5000), (300, 512, 299)])
+@pytest.mark.parametrize("op", CACHE_ROW_OPS)
+def test_rows_normalized_into_the_cache_bf16(op, s, slots, last, tmp_path):
+    check_cache_rows(cache_rows_case(op, s, slots, last, 2, 256, seed=slots), "cuda",
+                     torch.bfloat16, tmp_path, "bf16")
 
 
 @pytest.mark.parametrize("op", MATMUL_OPS)

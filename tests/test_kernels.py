@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from kernel_cases import (MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case, cache_attention_case,
-                          check_cache_attention, check_case,
+from kernel_cases import (CACHE_ROW_OPS, MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case,
+                          cache_attention_case, cache_rows_case, check_cache_attention,
+                          check_cache_rows, check_case,
                           embedding_case, matmul_case, parts_case, pointwise_case, row_case)
 
 
@@ -183,6 +184,16 @@ def test_decode_attention_splits_the_slots(slots, pos, heads, kv_heads, head_dim
     assert ("split" in spec.variant) == (slots > 32)
     assert [k.entry for k in spec.chain()] == ["decode_attention_kernel"] + (
         ["decode_combine_kernel"] if slots > 32 else [])
+
+
+@pytest.mark.parametrize("s, slots, last", [(1, 40, 17), (1, 6, 23), (7, 40, 6), (7, 5, 30)])
+@pytest.mark.parametrize("op", CACHE_ROW_OPS)
+def test_rows_normalized_into_the_cache(op, s, slots, last, tmp_path):
+    # a decode step's row (into a full cache, into a ring that has wrapped) and a prefill's
+    # rows (all kept; more than a ring of 5 keeps, the older ones skipped)
+    model = check_cache_rows(cache_rows_case(op, s, slots, last, 3, 24, seed=s + slots),
+                             "cpu", torch.float32, tmp_path, "fp32")
+    assert model.launches[0].spec.variant.endswith("cache-write")
 
 
 def _before_the_gate(source: str) -> list[str]:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..compiler.cost import head_dim_chunks
 from .attention import head_chunks
 from .common import HEADER, KernelSpec, Target, indent, next_pow2
@@ -48,9 +46,10 @@ def emit(precision: str, head_dim: int, split: bool = False) -> str:
                   f"acc_{c} = tl.zeros((BLOCK_G, D{i}), dtype=tl.float32)"]
         block_k.append(f"k_{c} = tl.load(k_ptr + rn[:, None].to(tl.int64) * stride_k + kv_col + rd_{c}[None, :], "
                        f"mask=(rn[:, None] < n_end){dm}, other=0.0)")
-        block_v += [f"v_{c} = tl.load(v_ptr + rn[:, None].to(tl.int64) * stride_v + kv_col + rd_{c}[None, :], "
-                    f"mask=(rn[:, None] < n_end){dm}, other=0.0)",
-                    f"acc_{c} = tl.dot(p.to(v_{c}.dtype), v_{c}, acc_{c} * alpha[:, None], {dot})"]
+        # V's block is asked with K's, so both stream while the scores are computed
+        block_k.append(f"v_{c} = tl.load(v_ptr + rn[:, None].to(tl.int64) * stride_v + kv_col + rd_{c}[None, :], "
+                       f"mask=(rn[:, None] < n_end){dm}, other=0.0)")
+        block_v += [f"acc_{c} = tl.dot(p.to(v_{c}.dtype), v_{c}, acc_{c} * alpha[:, None], {dot})"]
         out = f"o_ptr + q_col[:, None] + rd_{c}[None, :]"
         omask = f"mask=(g[:, None] < GROUP){dm}"
         if not split:
@@ -180,7 +179,9 @@ def build(node, graph, target: Target) -> KernelSpec:
                           scratch + [("node", pos.id), ("node", node.id), ("value", slots)],
                           dict(GROUP=group, HEAD_DIM=hd, CHUNK=chunk, SPLITS=splits,
                                BLOCK_D=block_d, BLOCK_J=block_j), num_warps=4, num_stages=1)
-    warps = 4 if target.interpreted or target.dtype == torch.float32 else 8
+    # 4 warps (benchmarks/decode_attention_sweep.py on the H200: e4b's full layers at 4096
+    # 12.7 us with 4, 14.7 with 8; 31b's 16.6 and over 20)
+    warps = 4
     return KernelSpec("decode_attention", "cache" + (f"+split-{chunk}" if splits > 1 else ""),
                       emit(target.dot_precision, hd, splits > 1), "decode_attention_kernel",
                       (kv_heads, splits), args, cx, num_warps=warps, num_stages=2, then=then)

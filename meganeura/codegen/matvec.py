@@ -113,15 +113,19 @@ tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), mask=n_ma
 def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
     """Column tile and K step, from benchmarks/matvec_sweep.py on the H200 (Triton 3.6,
     results/matvec-sweep-2026-12-01-*.log; pipeline stages change nothing here).
-    Stored [N, K], a column's K run is contiguous: the widest tile (up to 8 columns) whose
-    program reads at most 40 KB of B and that still gives every SM a program, 4 columns at
-    most for the widest products (the lm_head: 302 us for 1.34 GB at 4, 359 at 8), K steps
-    of 512 (1024 for K >= 8192); paired gate | up products 8 columns of each part in K steps
-    of 256 (e4b: 27.3 us for 105 MB; one column in steps of 512, the earlier tile, over 31.2 us
-    since the first tile is read ahead of the dependent-launch gate): e4b's down projection 13.8 us for 52 MB. Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide
-    segment: 16 columns and K steps of 1024 rows for long K (down: 26 us for 52 MB), else
-    32 columns (16 where that leaves fewer than two programs an SM) and 128 rows (gate | up:
-    33 us for 105 MB)."""
+    Stored [N, K], a column's K run is contiguous:
+    - paired gate | up: 8 columns of each part (fewer where a program would read more than
+      96 KB or the SMs get fewer than two programs) in K steps of 256: e4b 26.2 us for
+      105 MB in the decode step (32.4 at one column in steps of 512); 31b 110.8 us for
+      463 MB at 4 columns, 116.1 at 8;
+    - otherwise the widest tile (up to 8 columns) whose program reads at most 40 KB of B and
+      that still gives every SM a program, 4 columns at most for the widest products (the
+      lm_head: 302 us for 1.34 GB at 4, 359 at 8), K steps of 1024 for 8192 <= K < 16384
+      (e4b's down projection: 13.5 us for 52 MB), else 512 (31b's down: 58.4 us for 231 MB,
+      60.1 in steps of 1024).
+    Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide segment: 16 columns
+    and K steps of 1024 rows for long K (down: 26 us for 52 MB), else 32 columns (16 where
+    that leaves fewer than two programs an SM) and 128 rows (gate | up: 33 us for 105 MB)."""
     if target.interpreted:
         return dict(BLOCK_N=8, BLOCK_K=32, warps=4)
     if not b_trans:
@@ -129,16 +133,16 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
             return dict(BLOCK_N=16, BLOCK_K=1024, warps=8)
         return dict(BLOCK_N=32 if cdiv(n, 32) >= 2 * target.sm_count else 16, BLOCK_K=128,
                     warps=4)
-    if paired:  # G and U tiles side by side: 8 columns of each in 256-wide K steps
-        bn, bk = 8, 256
-        while bn > 1 and cdiv(n, bn) < 2 * target.sm_count:
+    if paired:  # G and U tiles side by side in 256-wide K steps, at most 96 KB a program
+        bn = 8
+        while bn > 1 and (bn * 4 * k > 96 * 1024 or cdiv(n, bn) < 2 * target.sm_count):
             bn //= 2
-        return dict(BLOCK_N=bn, BLOCK_K=bk, warps=4)
+        return dict(BLOCK_N=bn, BLOCK_K=256, warps=4)
     per_column = 2 * k
     bn = 4 if n >= 65536 else 8
     while bn > 1 and (bn * per_column > 40 * 1024 or cdiv(n, bn) < target.sm_count):
         bn //= 2
-    bk = 1024 if k >= 8192 else 512
+    bk = 1024 if 8192 <= k < 16384 else 512
     return dict(BLOCK_N=bn, BLOCK_K=min(bk, max(32, 1 << (k - 1).bit_length())), warps=4)
 
 

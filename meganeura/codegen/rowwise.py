@@ -12,6 +12,9 @@ fusions, and the post-norm + residual (+ layer scalar) pass. One program per row
     norm_rope:      rope(rms_norm(x, w)) (the seed: q_norm spans every head)
     head_norm_rope: rope(head_rms_norm(x, w)) (the published model)
     norm_add:       r + rms_norm(y, w);  norm_add_scale: (r + rms_norm(y, w)) * s[0]
+    *_write:        norm_rope, head_norm_rope or unit_rms_norm with the row stored straight
+                    into its KV-cache slot pos % slots (the rows a ring keeps, as
+                    cache_write): a decode step's k and v in one launch each
 
 The row is seen as [heads, head width] (rope: as [heads, hd/2] pairs); a norm sums over the
 last axis (per head) or over both (the row).
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 
 OPS = ("rms_norm", "head_rms_norm", "unit_rms_norm", "rope", "norm_rope", "head_norm_rope",
-       "norm_add", "norm_add_scale")
+       "norm_add", "norm_add_scale", "norm_rope_write", "head_norm_rope_write", "unit_norm_write")
 
 
 @dataclass(frozen=True)
@@ -37,20 +40,23 @@ class RowVariant:
     rope: bool
     residual: bool
     scalar: bool
+    cache: bool = False  # rows stored into a cache's slots (operand 0) rather than a buffer
 
     @classmethod
     def of(cls, op: str) -> "RowVariant":
+        cache = op.endswith("_write")
+        op = {"unit_norm_write": "unit_rms_norm"}.get(op, op.removesuffix("_write"))
         norm = {"rms_norm": "row", "norm_rope": "row", "norm_add": "row", "norm_add_scale": "row",
                 "head_rms_norm": "head", "unit_rms_norm": "head", "head_norm_rope": "head"}.get(op)
         return cls(norm, norm is not None and op != "unit_rms_norm", "rope" in op,
-                   op.startswith("norm_add"), op == "norm_add_scale")
+                   op.startswith("norm_add"), op == "norm_add_scale", cache)
 
     @property
     def name(self) -> str:
         prefix = "" if self.norm == "row" else "head-"
         parts = [f"{prefix}rmsnorm" + ("" if self.weight else "-unweighted")] if self.norm else []
         parts += ["rope"] * self.rope + ["residual"] * self.residual + ["scalar"] * self.scalar
-        return "+".join(parts)
+        return "+".join(parts + ["cache-write"] * self.cache)
 
 
 def emit(v: RowVariant) -> str:
@@ -58,7 +64,9 @@ def emit(v: RowVariant) -> str:
     params += ["s_ptr"] if v.scalar else []
     params += ["out_ptr", "S", "stride_x", "stride_out"] + (["stride_r"] if v.residual else [])
     params += ["D", "HD"] + (["eps"] if v.norm else [])
-    params += ["pos_ptr", "cos_ptr", "sin_ptr"] if v.rope else []
+    params += ["pos_ptr"] if v.rope or v.cache else []
+    params += ["cos_ptr", "sin_ptr"] if v.rope else []
+    params += ["SLOTS"] if v.cache else []
     params += ["HEADS: tl.constexpr", "ROWS: tl.constexpr", "BLOCK_H: tl.constexpr",
                "BLOCK_C: tl.constexpr"]
     # tiles: [rows, heads, columns of a head] (one tile), or its two halves for rope
@@ -85,9 +93,14 @@ def emit(v: RowVariant) -> str:
             w_at = ("col" if v.norm == "row" else "d") + off
             scale = f" * tl.load(w_ptr + {w_at}, mask=mask, other=0.0).to(tl.float32)" if v.weight else ""
             lines.append(f"{t} = {t} * rstd{scale}")
+    if v.rope or v.cache:
+        lines.append("p = tl.load(pos_ptr + r, mask=r < S, other=0).to(tl.int64)  # the row's position")
+    if v.cache:  # its slot, and whether the ring still holds it (as cache_write)
+        lines += ["last = tl.load(pos_ptr + S - 1).to(tl.int64)",
+                  "mask = mask & (p > last - SLOTS)",
+                  "slot = p % SLOTS"]
     if v.rope:
-        lines += ["p = tl.load(pos_ptr + r, mask=r < S, other=0).to(tl.int64)  # the row's position",
-                  "c = tl.load(cos_ptr + p * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
+        lines += ["c = tl.load(cos_ptr + p * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
                   "s = tl.load(sin_ptr + p * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
                   "lo, hi = lo * c - hi * s, hi * c + lo * s"]
     for t, off in halves:
@@ -96,30 +109,35 @@ def emit(v: RowVariant) -> str:
                          "other=0.0).to(tl.float32)")
         if v.scalar:
             lines.append(f"{t} = {t} * tl.load(s_ptr).to(tl.float32)")
-        lines.append(f"tl.store(out_ptr + r * stride_out + col{off}, "
+        lines.append(f"tl.store(out_ptr + {'slot' if v.cache else 'r'} * stride_out + col{off}, "
                      f"{t}.to(out_ptr.dtype.element_ty), mask=mask)")
     return HEADER + f"def row_kernel({', '.join(params)}):\n" + indent("\n".join(lines), 4) + "\n"
 
 
 def build(node, graph, target: Target) -> KernelSpec:
     v = RowVariant.of(node.op)
-    x = graph[node.inputs[0]]
+    # a cache write's operands follow the cache, and its rows go into the cache's buffer
+    ins = node.inputs[1:] if v.cache else node.inputs
+    out = node.inputs[0] if v.cache else node.id
+    x = graph[ins[0]]
     s, width = x.shape
     # the row as [heads, head width]: a row norm without rope is one head of the whole width
     hd = node.attrs["head_dim"] if "head_dim" in node.attrs else width
     heads = width // hd
     args = [("node", x.id)]
-    args += [("node", node.inputs[1])] if v.weight else []
-    args += [("node", node.inputs[2])] if v.residual else []
-    args += [("node", node.inputs[3])] if v.scalar else []
-    args += [("node", node.id), ("value", s), ("stride", x.id), ("stride", node.id)]
-    args += [("stride", node.inputs[2])] if v.residual else []
+    args += [("node", ins[1])] if v.weight else []
+    args += [("node", ins[2])] if v.residual else []
+    args += [("node", ins[3])] if v.scalar else []
+    args += [("node", out), ("value", s), ("stride", x.id), ("stride", out)]
+    args += [("stride", ins[2])] if v.residual else []
     args += [("value", width), ("value", hd)]
     args += [("value", node.attrs["eps"])] if v.norm else []
+    args += [("node", ins[-1])] if v.rope or v.cache else []
     if v.rope:
         a = node.attrs
         table = (a["limit"], hd, a["theta"], a["rotary"])
-        args += [("node", node.inputs[-1]), ("rope_cos", table), ("rope_sin", table)]
+        args += [("rope_cos", table), ("rope_sin", table)]
+    args += [("value", graph[out].shape[0])] if v.cache else []
     cols = next_pow2(hd // 2 if v.rope else hd)
     block = next_pow2(heads) * cols * (2 if v.rope else 1)
     # the interpreter pays per program, a GPU per row: several rows a program on the CPU

@@ -285,6 +285,17 @@ def _cache_attention(s, d, a):
     return q
 
 
+def _written(rule, reads_pos: bool = True):
+    """Shape rule of a row op whose rows go straight into a cache (operand 0) at the
+    positions (the last operand), as cache_write would write them. reads_pos: the row op
+    itself takes the positions (rope), else its operands stop before them."""
+    def shape(s, d, a):
+        end = len(s) if reads_pos else -1
+        x = rule(s[1:end], d[1:end], a)
+        return _cache_write([s[0], x, s[-1]], [d[0], d[1], d[-1]], a)
+    return shape
+
+
 def _norm_add(s, d, a):
     _rms_norm(s[:2], d, a)
     _need(s[2] == s[0], f"residual is {list(s[2])}, normalized input is {list(s[0])}")
@@ -416,6 +427,27 @@ _op("norm_add_scale", ("y", "w", "r", "s"), (("eps", float),), _norm_add_scale,
     lambda a, y, w, r, s: fm.scale_by(r + fm.rms_norm(y, w, a["eps"]), s),
     "(r + rms_norm(y, w)) * s[0]: post-norm, residual and layer scalar", vector_flops=6,
     stream=True, rows=(0, 2))
+# a decode step's k and v rows: normalized (and rotated) straight into their cache slots
+_op("norm_rope_write", ("cache", "x", "w", "pos"), (("eps", float), ("theta", float),
+                                                   ("head_dim", int), ("rotary", int),
+                                                   ("limit", int)), _written(_norm_rope),
+    lambda a, cache, x, w, pos: fm.cache_write(cache, fm.rope(
+        fm.rms_norm(x, w, a["eps"]), a["theta"], a["head_dim"], a["rotary"], pos), pos),
+    "cache_write(cache, norm_rope(x, w, pos), pos) in one row pass", vector_flops=10,
+    defaults=_HEAD_ROPE, inplace=True)
+_op("head_norm_rope_write", ("cache", "x", "w", "pos"),
+    (("eps", float), ("head_dim", int), ("theta", float), ("rotary", int), ("limit", int)),
+    _written(_head_norm_rope),
+    lambda a, cache, x, w, pos: fm.cache_write(cache, fm.rope(
+        fm.head_rms_norm(x, w, a["eps"], a["head_dim"]), a["theta"], a["head_dim"],
+        a["rotary"], pos), pos),
+    "cache_write(cache, head_norm_rope(x, w, pos), pos) in one row pass", vector_flops=10,
+    defaults=_HEAD_ROPE, inplace=True)
+_op("unit_norm_write", ("cache", "x", "pos"), (("eps", float), ("head_dim", int)),
+    _written(_head_rms_norm, reads_pos=False),
+    lambda a, cache, x, pos: fm.cache_write(cache, fm.head_rms_norm(x, None, a["eps"],
+                                                                     a["head_dim"]), pos),
+    "cache_write(cache, unit_rms_norm(x), pos) in one row pass", vector_flops=3, inplace=True)
 _op("embedding_scale", ("ids", "table"), (("factor", float),), _embedding_scale,
     lambda a, ids, t: fm.scale(t[ids.long()], a["factor"]), "table[ids] * factor",
     work="gather", stream=True)

@@ -7,6 +7,7 @@ which of them runs is decided afterwards by cost-based extraction.
 
 from .algebra import algebra
 from .analysis import analysis
+from .cache_rows import cache_rows
 from .gated_mlp import gated_mlp
 from .merge_matmul import shared_input_merge
 from .norm_matmul import rmsnorm_matmul
@@ -20,6 +21,7 @@ from .softcap import softcap_epilogue
 FUSIONS = {
     "rmsnorm_matmul": rmsnorm_matmul,
     "qk_norm_rope": qk_norm_rope,
+    "cache_rows": cache_rows,
     "gated_mlp": gated_mlp,
     "residual_epilogue": residual_epilogue,
     "post_norm_residual": post_norm_residual,
