@@ -118,6 +118,10 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
       96 KB or the SMs get fewer than two programs) in K steps of 256: e4b 26.2 us for
       105 MB in the decode step (32.4 at one column in steps of 512); 31b 110.8 us for
       463 MB at 4 columns, 116.1 at 8;
+    - long rows (K >= 4096) with at least two programs an SM at 16 columns: 16 columns in K
+      steps of 256 (512 for K >= 8192): 31b's q | k | v 45.5 us for 176 MB (53.0 at 2
+      columns in steps of 512), its o projection 23.4 us for 88 MB (25.3), its down
+      projection 58.4 us for 231 MB (as at one column);
     - otherwise the widest tile (up to 8 columns) whose program reads at most 40 KB of B and
       that still gives every SM a program, 4 columns at most for the widest products (the
       lm_head: 302 us for 1.34 GB at 4, 359 at 8), K steps of 1024 for 8192 <= K < 16384
@@ -138,6 +142,8 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
         while bn > 1 and (bn * 4 * k > 96 * 1024 or cdiv(n, bn) < 2 * target.sm_count):
             bn //= 2
         return dict(BLOCK_N=bn, BLOCK_K=256, warps=4)
+    if k >= 4096 and n < 65536 and cdiv(n, 16) >= 2 * target.sm_count:
+        return dict(BLOCK_N=16, BLOCK_K=256 if k < 8192 else 512, warps=4)
     per_column = 2 * k
     bn = 4 if n >= 65536 else 8
     while bn > 1 and (bn * per_column > 40 * 1024 or cdiv(n, bn) < target.sm_count):
