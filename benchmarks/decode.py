@@ -397,6 +397,17 @@ def latest(rows: list[dict], key: str, model: str, where=lambda r: True) -> dict
     return out
 
 
+def series(rows: list[dict], key: str, model: str, where=lambda r: True) -> tuple[str, dict]:
+    """One line of the plot: `key` over the contexts, all from the newest commit that
+    measured it for `model` (lines from different commits are not joined), and that commit."""
+    have = [r for r in rows if r["model"] == model and r.get("steps")
+            and r.get(key) not in (None, "") and where(r)]
+    if not have:
+        return "", {}
+    commit = have[-1]["commit"]
+    return commit, latest(rows, key, model, lambda r: where(r) and r["commit"] == commit)
+
+
 def print_targets(rows: list[dict]) -> None:
     def mark(ok):
         return "met" if ok else "MISSED"
@@ -438,22 +449,23 @@ def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
     if not models:
         return None
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
-    series = [("meganeura", "meganeura_ms", "o-"), ("transformers eager", "hf_eager_ms", "s--"),
+    lines = [("meganeura", "meganeura_ms", "o-"), ("transformers eager", "hf_eager_ms", "s--"),
               ("transformers generate", "hf_generate_ms", "P--"),
               ("transformers generate, static cache", "hf_generate_static_ms", "X--"),
               ("floor (bytes / 4.3 TB/s)", "floor_ms", "kx:")]
     for ax, m in zip(axes[0], models):
-        for label, key, style in series:  # each point from the newest row that has it
-            pts = sorted(latest(rows, key, m).items())
+        for label, key, style in lines:
+            commit, pts = series(rows, key, m)
             if pts:
-                ax.plot(*zip(*pts), style, label=label, markersize=4)
+                tag = "" if key == "floor_ms" else f" ({commit})"
+                ax.plot(*zip(*sorted(pts.items())), style, label=label + tag, markersize=4)
         caches = sorted({r["hf_static_cache"] for r in rows if r["model"] == m
                          and r.get("hf_static_cache") not in (None, "")})
         for cache, style in zip(caches, ("^--", "v-.", "d--")):  # one line per static cache
-            pts = sorted(latest(rows, "hf_compiled_ms", m,
-                                lambda r, c=cache: r.get("hf_static_cache") == c).items())
-            ax.plot(*zip(*pts), style, markersize=5,
-                    label=f"transformers + torch.compile, static cache of {cache}")
+            commit, pts = series(rows, "hf_compiled_ms", m,
+                                 lambda r, c=cache: r.get("hf_static_cache") == c)
+            ax.plot(*zip(*sorted(pts.items())), style, markersize=5,
+                    label=f"transformers + torch.compile, static cache of {cache} ({commit})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
