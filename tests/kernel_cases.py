@@ -65,16 +65,17 @@ ROW_OPS = ["rms_norm", "rope", "rope-partial", "norm_rope", "head_rms_norm", "un
            "head_norm_rope", "head_norm_rope-partial", "norm_add", "norm_add_scale"]
 
 
-def row_case(op, s, heads, head_dim, seed=0, strided=False):
+def row_case(op, s, heads, head_dim, seed=0, strided=False, limit=None):
     """One row-archetype node over [s, heads * head_dim]; "-partial" rotates a quarter of the
-    frequencies (the published model's full-attention layers, theta 1e6)."""
+    frequencies (the published model's full-attention layers, theta 1e6). limit: positions
+    are drawn below it (default 3 s + 5)."""
     gen = torch.Generator().manual_seed(seed)
     op, _, partial = op.partition("-")
     g = Graph()
     d = heads * head_dim
     x, inputs = _input_x(g, gen, s, d, strided, pad=6)
     # positions given at run time, scattered below the table's end (a decode step's are)
-    limit = 3 * s + 5
+    limit = limit or 3 * s + 5
     if "rope" in op:
         pos = g.input_u32("positions", (s,))
         inputs.append(torch.randperm(limit, generator=gen)[:s])

@@ -102,6 +102,17 @@ def test_row_archetype(op, head_dim, strided, tmp_path):
                tmp_path, "fp32")
 
 
+@pytest.mark.parametrize("limit", [257, 131072])
+@pytest.mark.parametrize("op", ["rope", "head_norm_rope-partial"])
+def test_rope_far_past_the_fine_table(op, limit, tmp_path):
+    # positions up to a long context: the angle comes from a fine and a coarse table row
+    # (cos(a + b) from both), against the reference's [positions, hd/2] table from float64
+    model = check_case(row_case(op, 9, 2, 24, seed=limit, limit=limit), "cpu", torch.float32,
+                       tmp_path, "fp32")
+    cos = model._rope_table(limit, 24, *([1e6, 3] if "partial" in op else [10000.0, 12]))[0]
+    assert cos.shape == (256 + -(-limit // 256), 12)  # not [limit, 12]
+
+
 def test_rms_norm_on_an_odd_width(tmp_path):
     from meganeura.compiler.graph import Graph
     g = Graph()

@@ -5,10 +5,11 @@ fusions, and the post-norm + residual (+ layer scalar) pass. One program per row
     head_rms_norm:  the same over each head, w[hd] shared by the heads (unit_: no weight)
     rope:           per head, pair d with d + hd/2:  angle = pos[row] * inv_freq[d]
                     y[d] = x[d] cos - x[d+hd/2] sin,  y[d+hd/2] = x[d+hd/2] cos + x[d] sin
-                    cos and sin come from a [limit, hd/2] fp32 table computed once in float64
-                    at load and read at each row's position (0 .. S-1 in a forward, the
-                    current one in a decode step); frequencies past `rotary` are 0 there
-                    (cos 1, sin 0: not rotated)
+                    cos and sin of the row's position (0 .. S-1 in a forward, the current
+                    one in a decode step) come from two rows of small fp32 tables computed
+                    once in float64 at load, p = c * FINE + f: cos = cos_c cos_f - sin_c
+                    sin_f, sin = sin_c cos_f + cos_c sin_f (formulas.rope_split_tables);
+                    frequencies past `rotary` are 0 there (cos 1, sin 0: not rotated)
     norm_rope:      rope(rms_norm(x, w)) (the seed: q_norm spans every head)
     head_norm_rope: rope(head_rms_norm(x, w)) (the published model)
     norm_add:       r + rms_norm(y, w);  norm_add_scale: (r + rms_norm(y, w)) * s[0]
@@ -19,7 +20,7 @@ fusions, and the post-norm + residual (+ layer scalar) pass. One program per row
 The row is seen as [heads, head width] (rope: as [heads, hd/2] pairs); a norm sums over the
 last axis (per head) or over both (the row).
 
-bytes: elem * (2 * S * D + D) (+ S * D for the residual) + 8 * S * hd/2 (tables);
+bytes: elem * (2 * S * D + D) (+ S * D for the residual) + 16 * S * hd/2 (tables);
 FLOPs: ~4 (norm) + ~6 (rope) per element. The row is read once and written once.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..compiler.formulas import ROPE_FINE
 from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 
 OPS = ("rms_norm", "head_rms_norm", "unit_rms_norm", "rope", "norm_rope", "head_norm_rope",
@@ -68,7 +70,7 @@ def emit(v: RowVariant) -> str:
     params += ["cos_ptr", "sin_ptr"] if v.rope else []
     params += ["SLOTS"] if v.cache else []
     params += ["HEADS: tl.constexpr", "ROWS: tl.constexpr", "BLOCK_H: tl.constexpr",
-               "BLOCK_C: tl.constexpr"]
+               "BLOCK_C: tl.constexpr"] + (["FINE: tl.constexpr"] if v.rope else [])
     # tiles: [rows, heads, columns of a head] (one tile), or its two halves for rope
     halves = [("lo", ""), ("hi", " + HALF")] if v.rope else [("x", "")]
     lines = ["r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None, None]",
@@ -99,9 +101,15 @@ def emit(v: RowVariant) -> str:
         lines += ["last = tl.load(pos_ptr + S - 1).to(tl.int64)",
                   "mask = mask & (p > last - SLOTS)",
                   "slot = p % SLOTS"]
-    if v.rope:
-        lines += ["c = tl.load(cos_ptr + p * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
-                  "s = tl.load(sin_ptr + p * HALF + d, mask=(r < S) & (d < HALF), other=0.0)",
+    if v.rope:  # the angle's fine and coarse parts, each a row of the tables
+        fine = "(p % FINE) * HALF + d"
+        coarse = "(FINE + p // FINE) * HALF + d"
+        at = "mask=(r < S) & (d < HALF), other=0.0"
+        lines += [f"cf = tl.load(cos_ptr + {fine}, {at})", f"sf = tl.load(sin_ptr + {fine}, {at})",
+                  f"cc = tl.load(cos_ptr + {coarse}, {at})",
+                  f"sc = tl.load(sin_ptr + {coarse}, {at})",
+                  "c = cc * cf - sc * sf",
+                  "s = sc * cf + cc * sf",
                   "lo, hi = lo * c - hi * s, hi * c + lo * s"]
     for t, off in halves:
         if v.residual:
@@ -143,6 +151,8 @@ def build(node, graph, target: Target) -> KernelSpec:
     # the interpreter pays per program, a GPU per row: several rows a program on the CPU
     rows = min(16, next_pow2(s)) if target.interpreted else 1
     cx = dict(HEADS=heads, ROWS=rows, BLOCK_H=next_pow2(heads), BLOCK_C=cols)
+    if v.rope:
+        cx["FINE"] = ROPE_FINE
     warps = 1 if target.interpreted else max(1, min(16, block // 256))
     return KernelSpec("rowwise", v.name, emit(v), "row_kernel", (cdiv(s, rows),), args, cx,
                       num_warps=warps, num_stages=1)

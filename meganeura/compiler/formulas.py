@@ -47,6 +47,22 @@ def rope_tables(positions: torch.Tensor, theta: float, head_dim: int, rotary: in
     return ang.cos().float(), ang.sin().float()
 
 
+ROPE_FINE = 256  # positions a step of the fine RoPE table covers (see rope_split_tables)
+
+
+def rope_split_tables(limit: int, theta: float, head_dim: int, rotary: int):
+    """cos and sin tables that give every position below `limit` from two rows: p = c * FINE
+    + f, rows 0 .. FINE-1 hold the angles f * inv_freq and rows FINE + c the angles
+    c * FINE * inv_freq, so cos(p w) = cos_c cos_f - sin_c sin_f and sin(p w) = sin_c cos_f +
+    cos_c sin_f (fp32 [FINE + ceil(limit / FINE), hd/2], from float64: within a few fp32
+    roundings of the [limit, hd/2] table, in a fraction of its memory: 0.8 MB rather than
+    134 MB for 131072 positions of a 256-wide head)."""
+    fine = torch.arange(ROPE_FINE)
+    coarse = torch.arange(-(-limit // ROPE_FINE)) * ROPE_FINE
+    cos, sin = rope_tables(torch.cat([fine, coarse]), theta, head_dim, rotary)
+    return cos, sin
+
+
 def rope(x, theta, head_dim, rotary, positions=None):
     # x: [S, heads*hd] at positions [S] (default 0 .. S-1); pair d with d + hd/2 in each head
     s, width = x.shape

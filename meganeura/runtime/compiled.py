@@ -26,7 +26,7 @@ from ..compiler.ops import OPS
 from ..compiler.plan import Plan
 from ..errors import InputError, MeganeuraError, WeightsError
 from .buffers import plan_buffers
-from ..compiler.formulas import rope_tables
+from ..compiler.formulas import ROPE_FINE, rope_split_tables
 from .reference import check_float_input, check_token_ids, evaluate
 
 
@@ -88,7 +88,8 @@ class CompiledModel:
         total = buffers.total + sum(8 * math.prod(n.shape) for n in self.inputs)
         tables = {x for spec in self._all_specs() for kind, x in spec.args
                   if kind in ("rope_cos", "rope_sin")}
-        total += sum(2 * 4 * limit * (hd // 2) for limit, hd, _, _ in tables)
+        total += sum(2 * 4 * (ROPE_FINE - (-limit // ROPE_FINE)) * (hd // 2)
+                     for limit, hd, _, _ in tables)
         scratch = {x for spec in self._all_specs() for kind, x in spec.args if kind == "scratch"}
         total += sum(4 * math.prod(shape) for _, shape, _ in scratch)
         total += sum(8 * math.prod(g[i].shape) for i in self.plan.load_time
@@ -210,11 +211,11 @@ class CompiledModel:
         return self._scratches[key]
 
     def _rope_table(self, limit: int, head_dim: int, theta: float, rotary: int):
-        """cos and sin of pos * inv_freq for pos < limit, [limit, hd/2] fp32, computed once in
-        float64."""
+        """cos and sin for every pos < limit as two-row products (formulas.rope_split_tables),
+        fp32, computed once in float64."""
         key = (limit, head_dim, theta, rotary)
         if key not in self._tables:
-            cos, sin = rope_tables(torch.arange(limit), theta, head_dim, rotary)
+            cos, sin = rope_split_tables(limit, theta, head_dim, rotary)
             self._tables[key] = tuple(t.contiguous().to(self.target.device) for t in (cos, sin))
         return self._tables[key]
 
