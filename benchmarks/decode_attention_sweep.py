@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefill import graph_time  # noqa: E402
+from matvec_sweep import print_best, time_config  # noqa: E402
 
 from meganeura.compiler.cost import head_dim_chunks  # noqa: E402
 from meganeura.codegen.cache import KernelCache  # noqa: E402
@@ -91,19 +91,13 @@ def main(argv=None) -> int:
                                                            HEAD_DIM=hd, CHUNK=chunk, SPLITS=splits,
                                                            BLOCK_D=bd, BLOCK_J=bj, num_warps=4,
                                                            num_stages=1)
-                    try:
-                        us = 1e3 * graph_time(step, 50)
-                    except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported
-                        print(f"{name} BLOCK_N={block_n} CHUNK={chunk} warps={warps}: "
-                              f"{type(e).__name__}: {str(e)[:120]}")
-                        continue
-                    results.append((us, block_n, chunk, splits, warps))
-        results.sort()
-        print(f"\n== {name}: {slots} slots, {heads} heads over {kv} kv heads of {hd}, "
-              f"{nbytes / 1e6:.1f} MB of cache")
-        for us, block_n, chunk, splits, warps in results[:8]:
-            print(f"  {us:8.2f} us {nbytes / us / 1e3:7.0f} GB/s  BLOCK_N={block_n:<3} "
-                  f"CHUNK={chunk:<6} splits={splits:<4} warps={warps}", flush=True)
+                    label = (f"BLOCK_N={block_n:<3} CHUNK={chunk:<6} splits={splits:<4} "
+                             f"warps={warps}")
+                    us = time_config(step, f"{name} {label}")
+                    if us is not None:
+                        results.append((us, label))
+        print_best(f"{name}: {slots} slots, {heads} heads over {kv} kv heads of {hd}, "
+                   f"{nbytes / 1e6:.1f} MB of cache", results, nbytes)
     return 0
 
 

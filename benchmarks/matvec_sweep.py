@@ -76,6 +76,23 @@ def launch_args(n, k, flags, b_trans, dev):
     return args, nbytes
 
 
+def time_config(fn, label: str) -> float | None:
+    """Microseconds of one fn() call (graph-replayed), or None after printing why a
+    configuration that does not compile or run failed."""
+    try:
+        return 1e3 * graph_time(fn, 50)
+    except Exception as e:  # noqa: BLE001 - a configuration that fails is reported
+        print(f"{label}: {type(e).__name__}: {str(e)[:120]}")
+        return None
+
+
+def print_best(title: str, results: list[tuple[float, str]], nbytes: int, best: int = 8) -> None:
+    """The fastest configurations: microseconds, the bandwidth of `nbytes`, the label."""
+    print(f"\n== {title}")
+    for us, label in sorted(results)[:best]:
+        print(f"  {us:8.2f} us {nbytes / us / 1e3:7.0f} GB/s  {label}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -101,20 +118,13 @@ def main(argv=None) -> int:
                     width % bn for width in part_widths(n, flags)[:-1])):
                 continue
             grid = (-(-n // bn), 1)
-            try:
-                us = 1e3 * graph_time(lambda: fn[grid](*run_args, BLOCK_N=bn, BLOCK_K=bk,
-                                                       num_warps=w, num_stages=st), 50)
-            except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported
-                print(f"{name} BLOCK_N={bn} BLOCK_K={bk} warps={w} stages={st}: "
-                      f"{type(e).__name__}: {str(e)[:120]}")
-                continue
-            results.append((us, bn, bk, w, st))
-        results.sort()
-        print(f"\n== {name}: N={n} K={k} {flags} B stored {'[N, K]' if b_trans else '[K, N]'}, "
-              f"{nbytes / 1e6:.1f} MB")
-        for us, bn, bk, w, st in results[:8]:
-            print(f"  {us:8.2f} us {nbytes / us / 1e3:7.0f} GB/s  BLOCK_N={bn:<4} BLOCK_K={bk:<5} "
-                  f"warps={w} stages={st}", flush=True)
+            label = f"BLOCK_N={bn:<4} BLOCK_K={bk:<5} warps={w} stages={st}"
+            us = time_config(lambda: fn[grid](*run_args, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
+                                              num_stages=st), f"{name} {label}")
+            if us is not None:
+                results.append((us, label))
+        print_best(f"{name}: N={n} K={k} {flags} B stored {'[N, K]' if b_trans else '[K, N]'}, "
+                   f"{nbytes / 1e6:.1f} MB", results, nbytes)
     return 0
 
 
