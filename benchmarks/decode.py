@@ -464,6 +464,8 @@ def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
         for cache, style in zip(caches, ("^--", "v-.", "d--")):  # one line per static cache
             commit, pts = series(rows, "hf_compiled_ms", m,
                                  lambda r, c=cache: r.get("hf_static_cache") == c)
+            if not pts:
+                continue
             ax.plot(*zip(*sorted(pts.items())), style, markersize=5,
                     label=f"transformers + torch.compile, static cache of {cache} ({commit})")
         ax.set_xscale("log", base=2)

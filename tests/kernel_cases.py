@@ -186,11 +186,13 @@ def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0):
 CACHE_ROW_OPS = ["norm_rope_write", "head_norm_rope_write", "unit_norm_write"]
 
 
-def cache_rows_case(op, s, slots, last, heads, head_dim, seed=0):
-    """One row kernel writing s new k or v rows (positions last-s+1 .. last) normalized
-    straight into a cache of `slots` rows holding random older rows (a ring that wraps
-    when last >= slots; rows it no longer keeps are skipped). Output: the updated cache."""
+def cache_rows_case(op, s, slots, last, heads, head_dim, seed=0, positions=None):
+    """One row kernel writing s new k or v rows (positions last-s+1 .. last, or the given
+    increasing ones ending at last) normalized straight into a cache of `slots` rows
+    holding random older rows (a ring that wraps when last >= slots; rows it no longer
+    keeps are skipped). Output: the updated cache."""
     gen = torch.Generator().manual_seed(seed)
+    positions = torch.arange(last - s + 1, last + 1) if positions is None else positions
     g = Graph()
     d = heads * head_dim
     x = g.input_f32("x", (s, d))
@@ -208,7 +210,7 @@ def cache_rows_case(op, s, slots, last, heads, head_dim, seed=0):
     else:
         out = g.unit_norm_write(cache, x, pos, 1e-6, head_dim)
     g.set_outputs([out])
-    inputs = {"x": 3 * _rand(gen, s, d), "positions": torch.arange(last - s + 1, last + 1)}
+    inputs = {"x": 3 * _rand(gen, s, d), "positions": positions}
     return g, w, {"cache.k": _rand(gen, slots, d)}, inputs
 
 
@@ -220,7 +222,9 @@ def check_cache_rows(case, device, dtype, cache_dir, kind):
 
     g, w, state, inputs = case
     dev_state = {k: v.to(device, dtype) for k, v in state.items()}
-    ref_state = {k: v.float().cpu() for k, v in dev_state.items()}
+    # the cache as it was (a copy: on the CPU in fp32 these conversions return the tensor
+    # the kernel then updates in place)
+    ref_state = {k: v.float().cpu().clone() for k, v in dev_state.items()}
     model = compile_plan(g, {k: v.to(device) for k, v in w.items()}, device, dtype, cache_dir,
                          state=dev_state)
     out = model(inputs["x"].to(device, dtype), inputs["positions"].to(device))

@@ -60,7 +60,8 @@ def test_decode_attention_bf16(slots, pos, heads, kv_heads, head_dim, tmp_path):
     check_cache_attention((g, state, inputs), "cuda", torch.bfloat16, tmp_path, "bf16")
 
 
-@pytest.mark.parametrize("s, slots, last", [(1, 4352, 4000), (1, 512, 5000), (300, 512, 299)])
+@pytest.mark.parametrize("s, slots, last", [(1, 4352, 4000), (1, 512, 5000), (300, 512, 299),
+                                            (300, 64, 299)])
 @pytest.mark.parametrize("op", CACHE_ROW_OPS)
 def test_rows_normalized_into_the_cache_bf16(op, s, slots, last, tmp_path):
     check_cache_rows(cache_rows_case(op, s, slots, last, 2, 256, seed=slots), "cuda",

@@ -107,9 +107,10 @@ def test_row_archetype(op, head_dim, strided, tmp_path):
 def test_rope_far_past_the_fine_table(op, limit, tmp_path):
     # positions up to a long context: the angle comes from a fine and a coarse table row
     # (cos(a + b) from both), against the reference's [positions, hd/2] table from float64
-    model = check_case(row_case(op, 9, 2, 24, seed=limit, limit=limit), "cpu", torch.float32,
-                       tmp_path, "fp32")
-    cos = model._rope_table(limit, 24, *([1e6, 3] if "partial" in op else [10000.0, 12]))[0]
+    g, w, inputs = row_case(op, 9, 2, 24, seed=limit, limit=limit)
+    inputs[-1][:3] = torch.tensor([255, 256, limit - 1])  # both sides of a fine step, the end
+    model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
+    (cos, _), = model._tables.values()  # the one table the kernel reads
     assert cos.shape == (256 + -(-limit // 256), 12)  # not [limit, 12]
 
 
@@ -197,13 +198,19 @@ def test_decode_attention_splits_the_slots(slots, pos, heads, kv_heads, head_dim
         ["decode_combine_kernel"] if slots > 32 else [])
 
 
-@pytest.mark.parametrize("s, slots, last", [(1, 40, 17), (1, 6, 23), (7, 40, 6), (7, 5, 30)])
+@pytest.mark.parametrize("s, slots, last, positions", [
+    (1, 40, 17, None), (1, 6, 23, None), (7, 40, 6, None), (7, 5, 30, None),
+    (3, 5, 11, [2, 10, 11]), (3, 600, 300, [0, 255, 300])])
 @pytest.mark.parametrize("op", CACHE_ROW_OPS)
-def test_rows_normalized_into_the_cache(op, s, slots, last, tmp_path):
+def test_rows_normalized_into_the_cache(op, s, slots, last, positions, tmp_path):
     # a decode step's row (into a full cache, into a ring that has wrapped) and a prefill's
-    # rows (all kept; more than a ring of 5 keeps, the older ones skipped)
-    model = check_cache_rows(cache_rows_case(op, s, slots, last, 3, 24, seed=s + slots),
-                             "cpu", torch.float32, tmp_path, "fp32")
+    # rows (all kept; more than a ring of 5 keeps, the older ones skipped: position 2 is
+    # older than the ring of 5 ending at 11 keeps, and its slot 2 must keep its old row);
+    # positions past the fine RoPE table's 256
+    pos = None if positions is None else torch.tensor(positions)
+    model = check_cache_rows(cache_rows_case(op, s, slots, last, 3, 24, seed=s + slots,
+                                             positions=pos), "cpu", torch.float32, tmp_path,
+                             "fp32")
     assert model.launches[0].spec.variant.endswith("cache-write")
 
 

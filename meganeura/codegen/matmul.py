@@ -217,7 +217,8 @@ def _b_reads(graph, a_id: int, b_id: int, paired: bool, n: int, block_n: int
         # a paired product reads G and U in its one K loop; other products run one K loop
         # per part in independent ifs (exactly one runs per tile), which Triton 3.6 compiles
         # to one set of stage buffers (if/elif gave each loop its own: 4b's q | k | v at 4
-        # stages asked 262 KiB; the ifs ask the one loop's 128 KiB, tools/compile_check.py)
+        # stages asked 262 KiB; the ifs ask the one loop's 128 KiB, tools/compile_check.py).
+        # That sharing is the compiler's: test_compile_check holds it for the Triton in use.
         return parts, True
     return [b_id], _aligned(graph, storage(graph, b_id)[0])
 

@@ -124,9 +124,8 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
       projection 58.4 us for 231 MB (as at one column);
     - otherwise the widest tile (up to 8 columns) whose program reads at most 40 KB of B and
       that still gives every SM a program, 4 columns at most for the widest products (the
-      lm_head: 302 us for 1.34 GB at 4, 359 at 8), K steps of 1024 for 8192 <= K < 16384
-      (e4b's down projection: 13.5 us for 52 MB), else 512 (31b's down: 58.4 us for 231 MB,
-      60.1 in steps of 1024).
+      lm_head: 302 us for 1.34 GB at 4, 359 at 8), K steps of 1024 for K >= 8192 (e4b's
+      down projection: 13.5 us for 52 MB, 16.1 in steps of 512), else 512.
     Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide segment: 16 columns
     and K steps of 1024 rows for long K (down: 26 us for 52 MB), else 32 columns (16 where
     that leaves fewer than two programs an SM) and 128 rows (gate | up: 33 us for 105 MB)."""
@@ -137,19 +136,21 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
             return dict(BLOCK_N=16, BLOCK_K=1024, warps=8)
         return dict(BLOCK_N=32 if cdiv(n, 32) >= 2 * target.sm_count else 16, BLOCK_K=128,
                     warps=4)
+    elem = 4 if target.dtype == torch.float32 else 2
+    k_pow2 = max(32, 1 << (k - 1).bit_length())
     if paired:  # G and U tiles side by side in 256-wide K steps, at most 96 KB a program
         bn = 8
-        while bn > 1 and (bn * 4 * k > 96 * 1024 or cdiv(n, bn) < 2 * target.sm_count):
+        while bn > 1 and (bn * 2 * elem * k > 96 * 1024 or cdiv(n, bn) < 2 * target.sm_count):
             bn //= 2
-        return dict(BLOCK_N=bn, BLOCK_K=256, warps=4)
+        return dict(BLOCK_N=bn, BLOCK_K=min(256, k_pow2), warps=4)
     if k >= 4096 and n < 65536 and cdiv(n, 16) >= 2 * target.sm_count:
         return dict(BLOCK_N=16, BLOCK_K=256 if k < 8192 else 512, warps=4)
-    per_column = 2 * k
+    per_column = elem * k
     bn = 4 if n >= 65536 else 8
     while bn > 1 and (bn * per_column > 40 * 1024 or cdiv(n, bn) < target.sm_count):
         bn //= 2
-    bk = 1024 if 8192 <= k < 16384 else 512
-    return dict(BLOCK_N=bn, BLOCK_K=min(bk, max(32, 1 << (k - 1).bit_length())), warps=4)
+    bk = 1024 if k >= 8192 else 512
+    return dict(BLOCK_N=bn, BLOCK_K=min(bk, k_pow2), warps=4)
 
 
 def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict,

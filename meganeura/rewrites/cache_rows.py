@@ -3,9 +3,11 @@ rows are written by the row kernel that makes them.
 
 cache_write(c, norm_rope(x, w, pos), pos) reads x once and writes the cache slot, instead
 of writing the row, launching the copy, and reading it back. Only where the cache is the
-row's sole reader does this save anything (a decode step: attention reads the cache); a
-prefill's attention reads the fresh rows too, and extraction keeps the plain row kernel
-and the copy there.
+row's sole reader does this save anything (a decode step: attention reads the cache). A
+prefill's attention reads the fresh rows too, so their row kernel runs anyway: there the
+fused write of a weighted, rotated row costs more than the copy (it reads the norm weight
+and the RoPE tables again) and extraction keeps the copy; the unweighted norm's costs the
+same bytes as the copy, and either may be chosen.
 """
 
 from egglog import f64, i64, rule, ruleset, union
