@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefill import _release, environment, pyplot, write_rows  # noqa: E402
+from prefill import _release, environment, pyplot, save_figure, write_rows  # noqa: E402
 
 import meganeura  # noqa: E402
 from meganeura.compiler.ops import OPS  # noqa: E402
@@ -477,10 +477,7 @@ def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"decode, batch 1, bf16: {env['gpu']}, torch {env['torch']}, triton "
                  f"{env['triton']}, {env['date']}", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -93,9 +93,7 @@ def main(argv=None) -> int:
                                                            num_stages=1)
                     label = (f"BLOCK_N={block_n:<3} CHUNK={chunk:<6} splits={splits:<4} "
                              f"warps={warps}")
-                    us = time_config(step, f"{name} {label}")
-                    if us is not None:
-                        results.append((us, label))
+                    time_config(results, step, name, label)
         print_best(f"{name}: {slots} slots, {heads} heads over {kv} kv heads of {hd}, "
                    f"{nbytes / 1e6:.1f} MB of cache", results, nbytes)
     return 0

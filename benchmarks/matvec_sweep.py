@@ -76,14 +76,13 @@ def launch_args(n, k, flags, b_trans, dev):
     return args, nbytes
 
 
-def time_config(fn, label: str) -> float | None:
-    """Microseconds of one fn() call (graph-replayed), or None after printing why a
-    configuration that does not compile or run failed."""
+def time_config(results: list, fn, shape: str, label: str) -> None:
+    """Appends (microseconds of one graph-replayed fn() call, label) to results, or prints
+    why a configuration of `shape` that does not compile or run failed."""
     try:
-        return 1e3 * graph_time(fn, 50)
+        results.append((1e3 * graph_time(fn, 50), label))
     except Exception as e:  # noqa: BLE001 - a configuration that fails is reported
-        print(f"{label}: {type(e).__name__}: {str(e)[:120]}")
-        return None
+        print(f"{shape} {label}: {type(e).__name__}: {str(e)[:120]}")
 
 
 def print_best(title: str, results: list[tuple[float, str]], nbytes: int, best: int = 8) -> None:
@@ -119,10 +118,8 @@ def main(argv=None) -> int:
                 continue
             grid = (-(-n // bn), 1)
             label = f"BLOCK_N={bn:<4} BLOCK_K={bk:<5} warps={w} stages={st}"
-            us = time_config(lambda: fn[grid](*run_args, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
-                                              num_stages=st), f"{name} {label}")
-            if us is not None:
-                results.append((us, label))
+            time_config(results, lambda: fn[grid](*run_args, BLOCK_N=bn, BLOCK_K=bk,
+                                                   num_warps=w, num_stages=st), name, label)
         print_best(f"{name}: N={n} K={k} {flags} B stored {'[N, K]' if b_trans else '[K, N]'}, "
                    f"{nbytes / 1e6:.1f} MB", results, nbytes)
     return 0

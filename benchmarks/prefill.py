@@ -559,6 +559,11 @@ def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
     ax.set_title(f"prefill, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
                  f"{env['date']}", fontsize=8)
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Writes a finished figure (the prefill, decode and sweep plots) and returns its path."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

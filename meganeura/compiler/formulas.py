@@ -57,10 +57,13 @@ def rope_split_tables(limit: int, theta: float, head_dim: int, rotary: int):
     cos_c sin_f (fp32 [FINE + ceil(limit / FINE), hd/2], from float64: within a few fp32
     roundings of the [limit, hd/2] table, in a fraction of its memory: 0.8 MB rather than
     134 MB for 131072 positions of a 256-wide head)."""
-    fine = torch.arange(ROPE_FINE)
-    coarse = torch.arange(-(-limit // ROPE_FINE)) * ROPE_FINE
-    cos, sin = rope_tables(torch.cat([fine, coarse]), theta, head_dim, rotary)
-    return cos, sin
+    coarse = torch.arange(rope_split_rows(limit) - ROPE_FINE) * ROPE_FINE
+    return rope_tables(torch.cat([torch.arange(ROPE_FINE), coarse]), theta, head_dim, rotary)
+
+
+def rope_split_rows(limit: int) -> int:
+    """Rows of each rope_split_tables table: the fine steps, then one per FINE positions."""
+    return ROPE_FINE - (-limit // ROPE_FINE)
 
 
 def rope(x, theta, head_dim, rotary, positions=None):

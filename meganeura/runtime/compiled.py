@@ -26,7 +26,7 @@ from ..compiler.ops import OPS
 from ..compiler.plan import Plan
 from ..errors import InputError, MeganeuraError, WeightsError
 from .buffers import plan_buffers
-from ..compiler.formulas import ROPE_FINE, rope_split_tables
+from ..compiler.formulas import rope_split_rows, rope_split_tables
 from .reference import check_float_input, check_token_ids, evaluate
 
 
@@ -88,8 +88,7 @@ class CompiledModel:
         total = buffers.total + sum(8 * math.prod(n.shape) for n in self.inputs)
         tables = {x for spec in self._all_specs() for kind, x in spec.args
                   if kind in ("rope_cos", "rope_sin")}
-        total += sum(2 * 4 * (ROPE_FINE - (-limit // ROPE_FINE)) * (hd // 2)
-                     for limit, hd, _, _ in tables)
+        total += sum(2 * 4 * rope_split_rows(limit) * (hd // 2) for limit, hd, _, _ in tables)
         scratch = {x for spec in self._all_specs() for kind, x in spec.args if kind == "scratch"}
         total += sum(4 * math.prod(shape) for _, shape, _ in scratch)
         total += sum(8 * math.prod(g[i].shape) for i in self.plan.load_time
