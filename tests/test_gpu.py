@@ -138,3 +138,19 @@ def test_sampling_with_a_seed_repeats_on_cuda(tmp_path):
     a = model.generate(prompt, 6, temperature=1.1, top_p=0.95, seed=7)
     b = model.generate(prompt, 6, temperature=1.1, top_p=0.95, seed=7)
     assert a.tolist() == b.tolist()
+
+
+def test_kernels_built_in_parallel_before_the_first_run(tmp_path):
+    c = CONFIGS["small_test"]
+    g = build(c, 37)
+    w = random_weights(c, seed=3)
+    fn = meganeura.compile(g, w, device="cuda", dtype=torch.bfloat16, cache_dir=tmp_path)
+    kernels = {id(k): k for launch in fn.launches for k, _ in launch.builds}
+    assert len(kernels) > 2
+    fn.build_kernels(threads=4)
+    device = torch.cuda.current_device()
+    for k in kernels.values():  # every kernel compiled, none launched yet
+        assert len(k.device_caches[device][0]) >= 1
+    ids = torch.randint(0, c.vocab_size, (37,), generator=torch.Generator().manual_seed(5))
+    (ref,) = run_reference(g, w, {"token_ids": ids})
+    assert_close(fn(ids.cuda()).float().cpu(), ref, "bf16")

@@ -14,8 +14,10 @@ them (clone to keep them), as with any CUDA-graph runtime.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,7 @@ class Launch:
     node: int
     spec: KernelSpec
     run: object  # zero-argument callable
+    builds: list  # (kernel, zero-argument build of the kernel for this launch's arguments)
 
 
 class CompiledModel:
@@ -75,6 +78,7 @@ class CompiledModel:
         self.outputs = [self.tensors[o] for o in g.outputs]
         self.seconds = {"load": t1 - t0, "bind": time.perf_counter() - t1}
         self._graph = None
+        self._built = False
         self._use_cuda_graph = cuda_graph and target.device.type == "cuda"
         self._lock = threading.Lock()
         self.progress = None  # f(launches done, launches) after each launch run one by one
@@ -168,13 +172,16 @@ class CompiledModel:
         return [k for spec in self.specs.values() for k in spec.chain()]
 
     def _bind(self, nid: int) -> Launch:
-        runs = [self._prepare(k) for k in self.specs[nid].chain()]
+        prepared = [self._prepare(k) for k in self.specs[nid].chain()]
+        runs = [run for run, _ in prepared]
+        builds = [build for _, build in prepared]
         if len(runs) == 1:
-            return Launch(nid, self.specs[nid], runs[0])
-        return Launch(nid, self.specs[nid], lambda: [run() for run in runs])
+            return Launch(nid, self.specs[nid], runs[0], builds)
+        return Launch(nid, self.specs[nid], lambda: [run() for run in runs], builds)
 
     def _prepare(self, spec: KernelSpec):
-        """The zero-argument launch of one kernel: its tensors, strides and constants fixed."""
+        """The zero-argument launch of one kernel, its tensors, strides and constants fixed,
+        and (kernel, zero-argument build for those arguments without a launch)."""
         g = self.plan.graph
         fn = self.cache.load(spec.source, spec.entry, self.target.interpreted)
         args = []
@@ -198,7 +205,8 @@ class CompiledModel:
         kw = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
         if spec.pdl:
             kw["launch_pdl"] = True
-        return lambda: launcher(*args, **kw)
+        return (lambda: launcher(*args, **kw),
+                (fn, lambda: fn.warmup(*args, grid=spec.grid, **kw)))
 
     def _scratch(self, name: str, shape: tuple, dtype: str) -> torch.Tensor:
         """A kernel's working buffer, shared by every launch that asks the same one (launches
@@ -240,6 +248,7 @@ class CompiledModel:
                                      f"outside [0, {bound})")
 
     def run_kernels(self) -> None:
+        self.build_kernels()
         n = len(self.launches)
         for k, launch in enumerate(self.launches):
             launch.run()
@@ -279,7 +288,38 @@ class CompiledModel:
             self.run_kernels()
         return self.outputs[0] if len(self.outputs) == 1 else tuple(self.outputs)
 
+    def build_kernels(self, threads: int | None = None) -> None:
+        """Builds every kernel of the plan for CUDA before the first launch, several at once
+        (Triton's compiler passes and ptxas leave the interpreter lock): a cold start waits
+        for the slowest thread, not for the sum. Each kernel's variants build on one thread;
+        a build that fails here is left to its launch, which reports it."""
+        if self.target.interpreted or self.target.device.type != "cuda" or self._built:
+            return
+        self._built = True
+        per_kernel: dict[int, list] = {}
+        for launch in self.launches:
+            for fn, build in launch.builds:
+                per_kernel.setdefault(id(fn), []).append(build)
+        if len(per_kernel) < 2:
+            return
+        device = self.target.device.index
+        if device is None:
+            device = torch.cuda.current_device()
+
+        def build_all(builds):
+            with torch.cuda.device(device):
+                for build in builds:
+                    try:
+                        build()
+                    except Exception:  # noqa: BLE001 - the launch reports it
+                        return
+
+        workers = threads or min(len(per_kernel), max(1, (os.cpu_count() or 2)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(build_all, per_kernel.values()))
+
     def _capture(self) -> None:
+        self.build_kernels()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
