@@ -42,8 +42,11 @@ SHAPES = {
     "31b-qk-full": (18432, 5376, dict(norm=True, parts=2, widths=[16384, 2048]), True),
     "31b-o": (5376, 8192, dict(), True),
     "31b-o-full": (5376, 16384, dict(), True),
-    "seed-gate-up": (10240, 2560, dict(norm=True, act="silu"), False),
+    "seed-gate-up": (10240, 2560, dict(norm=True, act="silu", parts=2), False),
     "seed-down": (2560, 10240, dict(), False),
+    "seed-qkv": (5120, 2560, dict(norm=True, parts=3, widths=[2560, 1280, 1280]), False),
+    "seed-o": (2560, 2560, dict(), False),
+    "seed-lm-head": (262144, 2560, dict(norm=True), False),
 }
 
 
@@ -55,7 +58,9 @@ def part_widths(n, flags):
         [n * 2] if paired else ([n - 1024, 512, 512] if parts == 3 else [n])))
 
 
-def launch_args(n, k, flags, b_trans, dev):
+def launch_args(n, k, flags, b_trans, dev, split: tuple | None = None):
+    """The kernel's arguments on random operands, and the bytes it must move. split:
+    (K_SPLIT, SPLIT_K) for the split-K variant (its zeroed workspace and counters made here)."""
     parts = flags.get("parts", 1)
     paired = flags.get("act") is not None
     widths = part_widths(n, flags)
@@ -65,6 +70,9 @@ def launch_args(n, k, flags, b_trans, dev):
     c = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
     args = [a, *bs, c]
     args += [torch.ones(k, device=dev)] if flags.get("norm") else []
+    if split is not None:
+        args += [torch.zeros((2 if paired else 1) * n, device=dev),
+                 torch.zeros(n, dtype=torch.int32, device=dev), *split]
     args += [n, k, a.stride(0)]
     args += [b.stride(0) if b_trans else 1 for b in bs] + [1 if b_trans else b.stride(0) for b in bs]
     args += [c.stride(0)]
@@ -76,11 +84,25 @@ def launch_args(n, k, flags, b_trans, dev):
     return args, nbytes
 
 
-def time_config(results: list, fn, shape: str, label: str) -> None:
+def cold_time(fn, reps: int = 30) -> float:
+    """Milliseconds of one fn() call with its operands out of L2, as in a decode step (whose
+    weights never fit): each call follows a read of 256 MB, whose own time is subtracted."""
+    big = torch.empty(1 << 26, device="cuda")
+    total = torch.empty((), device="cuda")
+
+    def flushed():
+        torch.sum(big, out=total)
+        fn()
+
+    return graph_time(flushed, reps) - graph_time(lambda: torch.sum(big, out=total), reps)
+
+
+def time_config(results: list, fn, shape: str, label: str, cold: bool = False) -> None:
     """Appends (microseconds of one graph-replayed fn() call, label) to results, or prints
-    why a configuration of `shape` that does not compile or run failed."""
+    why a configuration of `shape` that does not compile or run failed. cold: B out of L2
+    (cold_time): products of less than ~50 MB otherwise read it from L2 when replayed."""
     try:
-        results.append((1e3 * graph_time(fn, 50), label))
+        results.append((1e3 * (cold_time(fn) if cold else graph_time(fn, 50)), label))
     except Exception as e:  # noqa: BLE001 - a configuration that fails is reported
         print(f"{shape} {label}: {type(e).__name__}: {str(e)[:120]}")
 
@@ -105,24 +127,87 @@ def main(argv=None) -> int:
     cache = KernelCache(tempfile.mkdtemp())
     for name in args.shapes:
         n, k, flags, b_trans = SHAPES[name]
-        src = emit(flags.get("norm", False), flags.get("act"), False, flags.get("softcap", False),
-                   flags.get("parts", 1))
-        fn = cache.load(src, "matvec_kernel", False)
-        run_args, nbytes = launch_args(n, k, flags, b_trans, dev)
-        block_ns = (1, 2, 4, 8, 16) if b_trans else (16, 32)
-        block_ks = (256, 512, 1024) if b_trans else (128, 256, 512, 1024)
-        results = []
-        for bn, bk, w, st in itertools.product(block_ns, block_ks, args.warps, args.stages):
-            if bk > max(k, 32) * 2 or (flags.get("act") is None and any(
-                    width % bn for width in part_widths(n, flags)[:-1])):
-                continue
-            grid = (-(-n // bn), 1)
-            label = f"BLOCK_N={bn:<4} BLOCK_K={bk:<5} warps={w} stages={st}"
-            time_config(results, lambda: fn[grid](*run_args, BLOCK_N=bn, BLOCK_K=bk,
-                                                   num_warps=w, num_stages=st), name, label)
-        print_best(f"{name}: N={n} K={k} {flags} B stored {'[N, K]' if b_trans else '[K, N]'}, "
-                   f"{nbytes / 1e6:.1f} MB", results, nbytes)
+        if b_trans:
+            sweep_n_k(cache, name, n, k, flags, args, dev)
+        else:
+            sweep_k_n(cache, name, n, k, flags, args, dev)
     return 0
+
+
+def sweep_n_k(cache, name, n, k, flags, args, dev) -> None:
+    """B stored [N, K]: column tiles of 1-16, K steps of 256-1024, warm L2 (B >= 50 MB)."""
+    src = emit(flags.get("norm", False), flags.get("act"), False, flags.get("softcap", False),
+               flags.get("parts", 1))
+    fn = cache.load(src, "matvec_kernel", False)
+    run_args, nbytes = launch_args(n, k, flags, True, dev)
+    results = []
+    for bn, bk, w, st in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024), args.warps,
+                                           args.stages):
+        if bk > max(k, 32) * 2 or not fits(n, flags, bn):
+            continue
+        grid = (-(-n // bn), 1)
+        label = f"BLOCK_N={bn:<4} BLOCK_K={bk:<5} warps={w} stages={st}"
+        time_config(results, lambda: fn[grid](*run_args, BLOCK_N=bn, BLOCK_K=bk,
+                                               num_warps=w, num_stages=st), name, label)
+    print_best(f"{name}: N={n} K={k} {flags} B stored [N, K], {nbytes / 1e6:.1f} MB", results,
+               nbytes)
+
+
+def sweep_k_n(cache, name, n, k, flags, args, dev) -> None:
+    """B stored [K, N] (the seed's layout), timed cold: the kernel as it was (16-32 columns,
+    K steps of 128-1024, one program a column tile) against the split-K variant (32-128
+    columns, K steps of 32-128, K shared by 1-16 programs, the last finishing the tile)."""
+    emit_args = (flags.get("norm", False), flags.get("act"), False, flags.get("softcap", False),
+                 flags.get("parts", 1))
+    whole = cache.load(emit(*emit_args), "matvec_kernel", False)
+    shared = cache.load(emit(*emit_args, True, None, True), "matvec_kernel", False)
+    run_args, nbytes = launch_args(n, k, flags, False, dev)
+    configs = []  # (label, kernel, grid, args, constexprs, warps)
+    for bn, bk in itertools.product((16, 32), (128, 256, 1024)):
+        if fits(n, flags, bn):
+            configs.append((f"whole   BLOCK_N={bn:<4} BLOCK_K={bk:<5}", whole, (-(-n // bn), 1),
+                            run_args, bn, bk, 8 if bk >= 1024 else 4))
+    for bn, bk, w, split in itertools.product((32, 64, 128), (32, 64, 128), args.warps,
+                                              (1, 2, 4, 8, 16)):
+        k_split = -(-(-(-k // split)) // bk) * bk
+        splits = -(-k // k_split)
+        if not fits(n, flags, bn) or splits != split:
+            continue
+        split_args, _ = launch_args(n, k, flags, False, dev, (k_split, splits))
+        configs.append((f"split-K BLOCK_N={bn:<4} BLOCK_K={bk:<5} warps={w} SPLIT_K={splits}",
+                        shared, (-(-n // bn), 1, splits), split_args, bn, bk, w))
+    build_all(configs)
+    results = []
+    for label, fn, grid, fargs, bn, bk, w in configs:
+        time_config(results, lambda: fn[grid](*fargs, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
+                                               num_stages=3), name, label, cold=True)
+    print_best(f"{name}: N={n} K={k} {flags} B stored [K, N], {nbytes / 1e6:.1f} MB, cold",
+               results, nbytes, best=12)
+
+
+def fits(n, flags, bn) -> bool:
+    """A column tile of a product read in parts lies in one part."""
+    return flags.get("act") is not None or not any(w % bn for w in part_widths(n, flags)[:-1])
+
+
+def build_all(configs) -> None:
+    """Compiles the configurations' kernels on a thread pool (one thread per kernel object
+    and tile) before any is timed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen = {}
+    for _, fn, grid, fargs, bn, bk, w in configs:
+        seen.setdefault((id(fn), bn, bk, w), (fn, grid, fargs, bn, bk, w))
+
+    def build(c):
+        fn, grid, fargs, bn, bk, w = c
+        try:
+            fn.warmup(*fargs, grid=grid, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3)
+        except Exception:  # noqa: BLE001 - the timing reports it
+            pass
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(build, seen.values()))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from kernel_cases import (CACHE_ROW_OPS, MATMUL_OPS, POINTWISE_OPS, ROW_OPS, att
                           cache_attention_case, cache_rows_case, check_cache_attention,
                           check_cache_rows, check_case, embedding_case, matmul_case, parts_case,
                           pointwise_case, row_case)
-from meganeura.models import build
+from meganeura.models import Gemma4Config, build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
@@ -17,7 +17,7 @@ from numerics import assert_close
 pytestmark = pytest.mark.cuda
 
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("mkn", [(1, 45, 70), (37, 45, 70), (300, 2560, 1000)])
+@pytest.mark.parametrize("mkn", [(1, 45, 70), (1, 2560, 1000), (37, 45, 70), (300, 2560, 1000)])
 @pytest.mark.parametrize("op", MATMUL_OPS)
 def test_matmul_bf16(op, mkn, transposed, tmp_path):
     check_case(matmul_case(op, *mkn, seed=mkn[0], transposed=transposed), "cuda", torch.bfloat16,
@@ -154,3 +154,23 @@ def test_kernels_built_in_parallel_before_the_first_run(tmp_path):
     ids = torch.randint(0, c.vocab_size, (37,), generator=torch.Generator().manual_seed(5))
     (ref,) = run_reference(g, w, {"token_ids": ids})
     assert_close(fn(ids.cuda()).float().cpu(), ref, "bf16")
+
+
+def test_decode_with_split_products_matches_the_reference(tmp_path):
+    # wide enough that every [K, N] product of the decode step is split along K (the plan's
+    # products share one workspace and its counters, each leaving them zeroed)
+    c = Gemma4Config(vocab_size=997, hidden_size=640, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=1536, head_dim=128,
+                     sliding_window_size=5, global_attn_period=2, global_attn_offset=1)
+    model = meganeura.from_config(c, device="cuda", dtype=torch.float32, seed=5,
+                                  cache_dir=tmp_path)
+    prompt = torch.randint(0, c.vocab_size, (9,), generator=torch.Generator().manual_seed(2))
+    out = model.generate(prompt, max_new_tokens=12, stop=[])
+    (session,) = model.generator.sessions.values()
+    variants = [launch.spec.variant for launch in session.decode.launches]
+    assert sum("+split-K" in v for v in variants) >= 8, variants
+    w = {k: v.float().cpu() for k, v in model.weights.items()}
+    (logits,) = run_reference(build(c, out.numel() - 1), w, {"token_ids": out[:-1].cpu()})
+    for t in range(prompt.numel() - 1, out.numel() - 1):  # each token the argmax, to rounding
+        row = logits[t]
+        assert row[out[t + 1]] >= row.max() - 1e-4 * row.abs().max(), t

@@ -73,15 +73,23 @@ def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, transpose
         assert "part-B" not in spec.variant and kept == ["concat_cols"]
 
 
+@pytest.mark.parametrize("k", [30, 45, 130])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("op", MATMUL_OPS)
-def test_one_row_runs_the_matrix_vector_kernel(op, transposed, tmp_path):
-    # a decode step's products: K = 45 and N = 70 leave partial K steps and column tiles
-    model = check_case(matmul_case(op, 1, 45, 70, seed=11, transposed=transposed), "cpu",
+def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
+    # a decode step's products: K = 45 or 130 and N = 70 leave partial K steps and column
+    # tiles; B stored [K, N] past one K step is shared among programs in K slices (two of
+    # 32 rows at K = 45, three of 64 at 130), whose last program finishes each column tile
+    model = check_case(matmul_case(op, 1, k, 70, seed=11, transposed=transposed), "cpu",
                        torch.float32, tmp_path, "fp32")
     spec = model.launches[0].spec
     assert "+matvec" in spec.variant and spec.entry == "matvec_kernel"
     assert ("B-transposed" in spec.variant) == transposed
+    assert ("+split-K" in spec.variant) == (not transposed and k > 32)
+    if "+split-K" in spec.variant:
+        assert spec.grid[2] == (2 if k == 45 else 3)
+        for (name, _, _), buf in model._scratches.items():  # left zeroed for the next launch
+            assert name.startswith("matvec_") and not buf.any()
 
 
 def test_matmul_variants_are_generated_from_the_fused_term(tmp_path):

@@ -28,16 +28,21 @@ ROWS = 1  # the matmul archetype hands over products of at most this many rows
 
 
 def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int = 1,
-         weights: bool = True, gate: str | None = None) -> str:
+         weights: bool = True, gate: str | None = None, split_k: bool = False) -> str:
     """Source of one variant. parts: B's weights passed separately (the paired product reads
     G from the first and U from the second; otherwise a column tile reads the one part that
     holds it, its end columns `end_i`). weights: B is made of parameters (never written at
     run time), so its first tile may be read before the dependent-launch gate. gate: act(c)
-    times the row of R (matmul_gate) in place of the residual add."""
+    times the row of R (matmul_gate) in place of the residual add. split_k: grid axis 2
+    shares K among SPLIT_K programs per column tile, K_SPLIT rows each (a multiple of
+    BLOCK_K); each adds its partial sums into a zeroed fp32 workspace (`ws`, N values, 2N
+    paired) and counts itself in the tile's counter (`cnt`); the last to count finishes the
+    tile (epilogue, store) and leaves workspace and counter zeroed for the next launch."""
     paired = act is not None
     split = parts > 1 and not paired
     params = ["a_ptr"] + [f"b{i}_ptr" for i in range(parts)] + ["c_ptr"]
     params += (["r_ptr"] if residual or gate else []) + (["nw_ptr"] if norm else [])
+    params += ["ws_ptr", "cnt_ptr", "K_SPLIT", "SPLIT_K"] if split_k else []
     params += ["N", "K", "stride_am"]
     params += [f"stride_bn{i}" for i in range(parts)] + [f"stride_bk{i}" for i in range(parts)]
     params += ["stride_cm"] + (["stride_rm"] if residual or gate else [])
@@ -55,22 +60,27 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
         def tile(p: int, c: str, k: str) -> str:
             return (f"tl.load(b{p}_ptr + {c}[:, None].to(tl.int64) * stride_bn{p} + "
                     f"{k}[None, :].to(tl.int64) * stride_bk{p}, mask=n_mask[:, None] & "
-                    f"({k}[None, :] < K), other=0.0)")
+                    f"({k}[None, :] < k_hi), other=0.0)")
 
-        first = [f"w_next = {tile(i, col, 'rk')}"]
-        first += [f"u_next = {tile(j, up, 'rk')}"] if up is not None else []
-        lines = ["kk = k0 + rk", "k_mask = kk < K", "w = w_next",
+        first = [f"w_next = {tile(i, col, '(k_lo + rk)')}"]
+        first += [f"u_next = {tile(j, up, '(k_lo + rk)')}"] if up is not None else []
+        lines = ["kk = k0 + rk", "k_mask = kk < k_hi", "w = w_next",
                  f"w_next = {tile(i, col, '(kk + BLOCK_K)')}"]
         if up is not None:
             lines += ["u = u_next", f"u_next = {tile(j, up, '(kk + BLOCK_K)')}"]
         lines.append("a = tl.load(a_row + kk, mask=k_mask, other=0.0).to(tl.float32)")
         if norm:  # sum of squares of the row; the norm weight scales it on the way in
-            lines += ["ss += a * a",
-                      "a = a * tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)"]
+            lines += ["ss += a * a"] if not split_k else []
+            lines += ["a = a * tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)"]
         lines.append("acc += w.to(tl.float32) * a[None, :]")
         if up is not None:
             lines.append("acc_up += u.to(tl.float32) * a[None, :]")
-        return "\n".join(first + ([GATE] if weights else [])) + "\nfor k0 in range(0, K, BLOCK_K):\n" + indent(
+        head = first + ([GATE] if weights else [])
+        if norm and split_k:  # the norm needs the whole row's sum of squares (from L2)
+            head += ["for k0 in range(0, K, BLOCK_K):",
+                     "    a = tl.load(a_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)",
+                     "    ss += a * a"]
+        return "\n".join(head) + "\nfor k0 in range(k_lo, k_hi, BLOCK_K):\n" + indent(
             "\n".join(lines), 4)
 
     if split:  # independent ifs: exactly one holds for a column tile
@@ -93,8 +103,26 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
         finish += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)", "out = out * rstd"]
         finish += ["up = up * rstd"] if paired else []
     r_load = "tl.load(r_ptr + row * stride_rm + rn, mask=n_mask, other=0.0)"
-    finish += epilogue_lines("out", "up" if paired else None, act,
-                             r_load if residual or gate else None, gate, softcap)
+    tail = epilogue_lines("out", "up" if paired else None, act,
+                          r_load if residual or gate else None, gate, softcap)
+    tail.append("tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), "
+                "mask=n_mask)")
+    if split_k:  # partials summed in the workspace; the tile's last program finishes it
+        finish += ['tl.atomic_add(ws_ptr + rn, out, mask=n_mask, sem="relaxed")']
+        finish += ['tl.atomic_add(ws_ptr + N + rn, up, mask=n_mask, sem="relaxed")'] if paired else []
+        finish += ["tl.debug_barrier()  # every thread's partials before the count",
+                   'done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")']
+        # the sums read at L2 (an atomic add of zero), then zeroed: every other program of
+        # the tile has counted, so nothing else touches them in this launch
+        last = ['zero = tl.zeros((BLOCK_N,), dtype=tl.float32)',
+                'out = tl.atomic_add(ws_ptr + rn, zero, mask=n_mask, sem="relaxed")',
+                'tl.store(ws_ptr + rn, zero, mask=n_mask)']
+        last += ['up = tl.atomic_add(ws_ptr + N + rn, zero, mask=n_mask, sem="relaxed")',
+                 'tl.store(ws_ptr + N + rn, zero, mask=n_mask)'] if paired else []
+        last += tail + ['tl.store(cnt_ptr + pid_n, 0)']
+        tail = ["if done == SPLIT_K - 1:"] + ["    " + x for x in last]
+    k_range = (["k_lo = tl.program_id(2) * K_SPLIT", "k_hi = tl.minimum(k_lo + K_SPLIT, K)"]
+               if split_k else ["k_lo = 0", "k_hi = K"])
     body = f'''
 pid_n = tl.program_id(0)
 row = tl.program_id(1).to(tl.int64)
@@ -102,10 +130,11 @@ rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 n_mask = rn < N
 rk = tl.arange(0, BLOCK_K)
 a_row = a_ptr + row * stride_am
+{chr(10).join(k_range)}
 {chr(10).join(init)}
 {loop}
 {chr(10).join(finish)}
-tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), mask=n_mask)
+{chr(10).join(tail)}
 '''
     return HEADER + f"def matvec_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
@@ -129,13 +158,15 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
     Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide segment: 16 columns
     and K steps of 1024 rows for long K (down: 26 us for 52 MB), else 32 columns (16 where
     that leaves fewer than two programs an SM) and 128 rows (gate | up: 33 us for 105 MB)."""
-    if target.interpreted:
-        return dict(BLOCK_N=8, BLOCK_K=32, warps=4)
+    if target.interpreted:  # [K, N] in up to three K slices, so tests cover the split
+        return dict(BLOCK_N=8, BLOCK_K=32, warps=4,
+                    SPLIT_K=1 if b_trans else min(3, cdiv(k, 32)))
     if not b_trans:
-        if k >= 8192:
-            return dict(BLOCK_N=16, BLOCK_K=1024, warps=8)
-        return dict(BLOCK_N=32 if cdiv(n, 32) >= 2 * target.sm_count else 16, BLOCK_K=128,
-                    warps=4)
+        bn = 64
+        split = 1
+        while cdiv(n, bn) * split * 2 <= 3 * target.sm_count and k // (split * 2) >= 256:
+            split *= 2
+        return dict(BLOCK_N=bn, BLOCK_K=64, warps=4, SPLIT_K=split)
     elem = 4 if target.dtype == torch.float32 else 2
     k_pow2 = max(32, 1 << (k - 1).bit_length())
     if paired:  # G and U tiles side by side in 256-wide K steps, at most 96 KB a program
@@ -161,10 +192,19 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     k, n = a.shape[1], node.shape[1]
     act, residual, norm, gate = flags["act"], flags["residual"], flags["norm"], flags["gate"]
     cfg = dict(cfg)
-    warps = cfg.pop("warps")
+    warps, split_k = cfg.pop("warps"), cfg.pop("SPLIT_K", 1)
     split = len(stored) > 1 and act is None
     args = [("node", a.id)] + [("node", sid) for sid, _ in stored] + [("node", node.id)]
     args += [("node", node.inputs[2])] if residual or norm or gate else []
+    if split_k > 1:  # a workspace and counters shared by the plan's split products (each
+        # leaves them zeroed); K in SPLIT_K slices of whole K steps
+        if a.shape[0] != 1:
+            raise AssertionError("split-K one-row products take one row")
+        k_split = cdiv(cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        split_k = cdiv(k, k_split)
+        args += [("scratch", ("matvec_partials", ((2 if act else 1) * n,), "fp32")),
+                 ("scratch", ("matvec_counters", (cdiv(n, cfg["BLOCK_N"]),), "i32")),
+                 ("value", k_split), ("value", split_k)]
     args += [("value", n), ("value", k), ("stride", a.id)]
     # each part's stride along N, then along K
     args += [("stride", sid) if tr else ("value", 1) for sid, tr in stored]
@@ -179,10 +219,11 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     variant = flags["variant"] + "+matvec"
     variant += "+B-transposed" if stored[0][1] else ""
     variant += f"+{len(stored)}-part-B" if len(stored) > 1 else ""
-    grid = (cdiv(n, cfg["BLOCK_N"]), a.shape[0])
+    variant += "+split-K" if split_k > 1 else ""
+    grid = (cdiv(n, cfg["BLOCK_N"]), a.shape[0]) + ((split_k,) if split_k > 1 else ())
     weights = all(graph.load_time(sid) for sid, _ in stored)
     return KernelSpec("matmul", variant, emit(norm, act, residual, flags["softcap"], len(stored),
-                                              weights, gate),
+                                              weights, gate, split_k > 1),
                       "matvec_kernel", grid, args, cfg, num_warps=warps, num_stages=3)
 
 
