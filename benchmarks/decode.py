@@ -554,7 +554,7 @@ def main(argv=None) -> int:
         rows += run_model(args, name, contexts, device, dtype, env)
     print_targets(rows)
     if args.plot:
-        p = plot(rows, env, Path(args.plot))
+        p = plot([{**env, **r} for r in rows], env, Path(args.plot))
         if p:
             print(f"wrote {p}")
     return 0
