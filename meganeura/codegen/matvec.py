@@ -155,18 +155,32 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
       that still gives every SM a program, 4 columns at most for the widest products (the
       lm_head: 302 us for 1.34 GB at 4, 359 at 8), K steps of 1024 for K >= 8192 (e4b's
       down projection: 13.5 us for 52 MB, 16.1 in steps of 512), else 512.
-    Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide segment: 16 columns
-    and K steps of 1024 rows for long K (down: 26 us for 52 MB), else 32 columns (16 where
-    that leaves fewer than two programs an SM) and 128 rows (gate | up: 33 us for 105 MB)."""
+    Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide segment; timed with
+    B out of L2 (results/matvec-sweep-2026-12-01-h200-3357d59-seed-split-k-cold.log):
+    - paired gate | up: 32 columns (16 where that leaves fewer than two programs an SM) in
+      K steps of 128, whole K a program: 29.6 us for 105 MB (32.2 and more split);
+    - the widest products (the lm_head): 64 columns in K steps of 128: 347 us for 1.34 GB
+      (381 in steps of 64, over 392 at 16-32 columns);
+    - two programs an SM at 16 columns (q | k | v): 16 columns in K steps of 256, whole K:
+      11.5 us for 26 MB (12.5 split four ways);
+    - else (down, o) 32 columns in K steps of 128, K split up to 8 ways in slices of at
+      least 640 rows: down 16.6 us for 52 MB (8 ways; 26 us whole at 16 columns), o 7.9 us
+      for 13 MB (4 ways)."""
     if target.interpreted:  # [K, N] in up to three K slices, so tests cover the split
         return dict(BLOCK_N=8, BLOCK_K=32, warps=4,
                     SPLIT_K=1 if b_trans else min(3, cdiv(k, 32)))
     if not b_trans:
-        bn = 64
+        if paired:
+            return dict(BLOCK_N=32 if cdiv(n, 32) >= 2 * target.sm_count else 16, BLOCK_K=128,
+                        warps=4, SPLIT_K=1)
+        if n >= 65536:
+            return dict(BLOCK_N=64, BLOCK_K=128, warps=4, SPLIT_K=1)
+        if cdiv(n, 16) >= 2 * target.sm_count:
+            return dict(BLOCK_N=16, BLOCK_K=256, warps=4, SPLIT_K=1)
         split = 1
-        while cdiv(n, bn) * split * 2 <= 3 * target.sm_count and k // (split * 2) >= 256:
+        while split < 8 and k // (split * 2) >= 640:
             split *= 2
-        return dict(BLOCK_N=bn, BLOCK_K=64, warps=4, SPLIT_K=split)
+        return dict(BLOCK_N=32, BLOCK_K=128, warps=4, SPLIT_K=split)
     elem = 4 if target.dtype == torch.float32 else 2
     k_pow2 = max(32, 1 << (k - 1).bit_length())
     if paired:  # G and U tiles side by side in 256-wide K steps, at most 96 KB a program

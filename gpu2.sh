@@ -1,5 +1,0 @@
-export MEGANEURA_CACHE=/tmp/mcache
-timeout 150 python3 -m pytest -q -m cuda tests/test_gpu.py -n 8 -p no:cacheprovider -k "matmul_bf16 or split or parallel or one_row or compiled_models or decode_replays" > $OUT/gpu-tests.log 2>&1; tail -5 $OUT/gpu-tests.log
-timeout 200 python3 benchmarks/matvec_sweep.py --shapes seed-down seed-o seed-qkv seed-gate-up seed-lm-head --warps 4 8 > $OUT/sweep.log 2>&1; cat $OUT/sweep.log | grep -v "^  .*whole" | head -90; grep "whole" $OUT/sweep.log | head -20
-timeout 150 python3 benchmarks/decode.py --models gemma4-4b --contexts 4096 --no-hf-eager --no-hf-compiled --no-ttft --no-compile-time --profile 4096 --cache-dir /tmp/kc2 --csv $OUT/decode.csv --plot $OUT/decode.png > $OUT/decode.log 2>&1; grep -v "^\s*0.0[0-4]" $OUT/decode.log | head -30
-timeout 200 python3 benchmarks/prefill.py --model gemma4-4b --seq-len 2048 --check --regimes --csv $OUT/prefill.csv --plot $OUT/prefill.png > $OUT/prefill.log 2>&1; head -12 $OUT/prefill.log; grep -A3 "== targets" $OUT/prefill.log
