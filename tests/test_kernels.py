@@ -112,14 +112,14 @@ def test_row_archetype(op, head_dim, strided, tmp_path):
 
 @pytest.mark.parametrize("limit", [257, 131072])
 @pytest.mark.parametrize("op", ["rope", "head_norm_rope-partial"])
-def test_rope_far_past_the_fine_table(op, limit, tmp_path):
-    # positions up to a long context: the angle comes from a fine and a coarse table row
-    # (cos(a + b) from both), against the reference's [positions, hd/2] table from float64
+def test_rope_at_far_positions(op, limit, tmp_path):
+    # positions up to a long context: the angle in float64, reduced there, cos and sin in
+    # fp32, against the reference's [positions, hd/2] table from float64
     g, w, inputs = row_case(op, 9, 2, 24, seed=limit, limit=limit)
-    inputs[-1][:3] = torch.tensor([255, 256, limit - 1])  # both sides of a fine step, the end
+    inputs[-1][:4] = torch.tensor([0, 255, 40000 % limit, limit - 1])
     model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
-    (cos, _), = model._tables.values()  # the one table the kernel reads
-    assert cos.shape == (256 + -(-limit // 256), 12)  # not [limit, 12]
+    (freq,) = model._tables.values()  # the one table the kernel reads: hd/2 + 2 float64
+    assert freq.dtype == torch.float64 and freq.shape == (24 // 2 + 2,)
 
 
 def test_rms_norm_on_an_odd_width(tmp_path):

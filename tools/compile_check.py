@@ -41,8 +41,8 @@ def signature(spec, graph, dtype):
             nid, block = x
             elem = TYPES[torch.float32 if holds_fp32(graph, nid) else dtype][1:]
             sig_t = f"tensordesc<{elem}[{', '.join(map(str, block))}]>"
-        elif kind in ("rope_cos", "rope_sin"):
-            sig_t = "*fp32"
+        elif kind == "rope_freq":
+            sig_t = "*fp64"
         elif kind == "scratch":
             sig_t = {"fp32": "*fp32", "i32": "*i32"}[x[2]]
         elif isinstance(x, float):

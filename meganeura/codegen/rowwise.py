@@ -5,11 +5,13 @@ fusions, and the post-norm + residual (+ layer scalar) pass. One program per row
     head_rms_norm:  the same over each head, w[hd] shared by the heads (unit_: no weight)
     rope:           per head, pair d with d + hd/2:  angle = pos[row] * inv_freq[d]
                     y[d] = x[d] cos - x[d+hd/2] sin,  y[d+hd/2] = x[d+hd/2] cos + x[d] sin
-                    cos and sin of the row's position (0 .. S-1 in a forward, the current
-                    one in a decode step) come from two rows of small fp32 tables computed
-                    once in float64 at load, p = c * FINE + f: cos = cos_c cos_f - sin_c
-                    sin_f, sin = sin_c cos_f + cos_c sin_f (formulas.rope_split_tables);
-                    frequencies past `rotary` are 0 there (cos 1, sin 0: not rotated)
+                    at the row's position (0 .. S-1 in a forward, the current one in a
+                    decode step): the angle in float64 from a float64 table of inv_freq
+                    (formulas.rope_frequencies, hd/2 + 2 values: then pi and 1 / pi), less
+                    k pi in float64, and the cos and sin of the rest (|x| <= pi/2) from
+                    their Taylor series in fp32, times (-1)^k (an fp32 angle in the
+                    thousands of radians keeps no digits: positions reach 131072);
+                    frequencies past `rotary` are 0 there (not rotated)
     norm_rope:      rope(rms_norm(x, w)) (the seed: q_norm spans every head)
     head_norm_rope: rope(head_rms_norm(x, w)) (the published model)
     norm_add:       r + rms_norm(y, w);  norm_add_scale: (r + rms_norm(y, w)) * s[0]
@@ -20,15 +22,15 @@ fusions, and the post-norm + residual (+ layer scalar) pass. One program per row
 The row is seen as [heads, head width] (rope: as [heads, hd/2] pairs); a norm sums over the
 last axis (per head) or over both (the row).
 
-bytes: elem * (2 * S * D + D) (+ S * D for the residual) + 16 * S * hd/2 (tables);
+bytes: elem * (2 * S * D + D) (+ S * D for the residual) (+ the 1-2 KB frequency table);
 FLOPs: ~4 (norm) + ~6 (rope) per element. The row is read once and written once.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from ..compiler.formulas import ROPE_FINE
 from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 
 OPS = ("rms_norm", "head_rms_norm", "unit_rms_norm", "rope", "norm_rope", "head_norm_rope",
@@ -61,16 +63,31 @@ class RowVariant:
         return "+".join(parts + ["cache-write"] * self.cache)
 
 
+# Taylor coefficients of sin(x) / x and cos(x) in x^2 on |x| <= pi/2: the first term left
+# out is below 1e-9 (sin: x^15 / 15!, cos: x^16 / 16!), far under an fp32 rounding; no libm
+# call (whose slow path for large arguments keeps an array in local memory)
+SIN_TERMS = [(-1) ** i / math.factorial(2 * i + 1) for i in range(7)]
+COS_TERMS = [(-1) ** i / math.factorial(2 * i) for i in range(8)]
+
+
+def _series(coefs: list[float], x2: str) -> str:
+    """Horner form of sum_i coefs[i] * x2^i."""
+    out = repr(coefs[-1])
+    for c in reversed(coefs[:-1]):
+        out = f"{c!r} + {x2} * ({out})"
+    return out
+
+
 def emit(v: RowVariant) -> str:
     params = ["x_ptr"] + (["w_ptr"] if v.weight else []) + (["r_ptr"] if v.residual else [])
     params += ["s_ptr"] if v.scalar else []
     params += ["out_ptr", "S", "stride_x", "stride_out"] + (["stride_r"] if v.residual else [])
     params += ["D", "HD"] + (["eps"] if v.norm else [])
     params += ["pos_ptr"] if v.rope or v.cache else []
-    params += ["cos_ptr", "sin_ptr"] if v.rope else []
+    params += ["freq_ptr"] if v.rope else []
     params += ["SLOTS"] if v.cache else []
     params += ["HEADS: tl.constexpr", "ROWS: tl.constexpr", "BLOCK_H: tl.constexpr",
-               "BLOCK_C: tl.constexpr"] + (["FINE: tl.constexpr"] if v.rope else [])
+               "BLOCK_C: tl.constexpr"]
     # tiles: [rows, heads, columns of a head] (one tile), or its two halves for rope
     halves = [("lo", ""), ("hi", " + HALF")] if v.rope else [("x", "")]
     lines = ["r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None, None]",
@@ -101,15 +118,16 @@ def emit(v: RowVariant) -> str:
         lines += ["last = tl.load(pos_ptr + S - 1).to(tl.int64)",
                   "mask = mask & (p > last - SLOTS)",
                   "slot = p % SLOTS"]
-    if v.rope:  # the angle's fine and coarse parts, each a row of the tables
-        fine = "(p % FINE) * HALF + d"
-        coarse = "(FINE + p // FINE) * HALF + d"
-        at = "mask=(r < S) & (d < HALF), other=0.0"
-        lines += [f"cf = tl.load(cos_ptr + {fine}, {at})", f"sf = tl.load(sin_ptr + {fine}, {at})",
-                  f"cc = tl.load(cos_ptr + {coarse}, {at})",
-                  f"sc = tl.load(sin_ptr + {coarse}, {at})",
-                  "c = cc * cf - sc * sf",
-                  "s = sc * cf + cc * sf",
+    if v.rope:  # the angle in float64, less k pi there; cos and sin of the rest in fp32
+        lines += ["pi = tl.load(freq_ptr + HALF)",
+                  "inv_pi = tl.load(freq_ptr + HALF + 1)",
+                  "ang = p.to(tl.float64) * tl.load(freq_ptr + d, mask=d < HALF, other=0.0)",
+                  "k = tl.floor(ang * inv_pi + 0.5)",
+                  "x = (ang - k * pi).to(tl.float32)  # in [-pi/2, pi/2]",
+                  "odd = (k - 2.0 * tl.floor(k * 0.5)).to(tl.float32)  # cos, sin change sign",
+                  "x2 = x * x",
+                  f"s = x * ({_series(SIN_TERMS, 'x2')}) * (1.0 - 2.0 * odd)",
+                  f"c = ({_series(COS_TERMS, 'x2')}) * (1.0 - 2.0 * odd)",
                   "lo, hi = lo * c - hi * s, hi * c + lo * s"]
     for t, off in halves:
         if v.residual:
@@ -143,16 +161,13 @@ def build(node, graph, target: Target) -> KernelSpec:
     args += [("node", ins[-1])] if v.rope or v.cache else []
     if v.rope:
         a = node.attrs
-        table = (a["limit"], hd, a["theta"], a["rotary"])
-        args += [("rope_cos", table), ("rope_sin", table)]
+        args += [("rope_freq", (hd, a["theta"], a["rotary"]))]
     args += [("value", graph[out].shape[0])] if v.cache else []
     cols = next_pow2(hd // 2 if v.rope else hd)
     block = next_pow2(heads) * cols * (2 if v.rope else 1)
     # the interpreter pays per program, a GPU per row: several rows a program on the CPU
     rows = min(16, next_pow2(s)) if target.interpreted else 1
     cx = dict(HEADS=heads, ROWS=rows, BLOCK_H=next_pow2(heads), BLOCK_C=cols)
-    if v.rope:
-        cx["FINE"] = ROPE_FINE
     warps = 1 if target.interpreted else max(1, min(16, block // 256))
     return KernelSpec("rowwise", v.name, emit(v), "row_kernel", (cdiv(s, rows),), args, cx,
                       num_warps=warps, num_stages=1)

@@ -142,8 +142,6 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
     if spec.inplace:  # a cache write: its rows read and written, the cache itself untouched
         rows = _numel(ins[1])
         extra = elem * sum(_numel(s) for s in ins[2:-1])  # a fused norm's weight
-        if "rope" in op:  # the fine and coarse RoPE table rows, cos and sin, of every row
-            extra += 16 * ins[1][0] * attrs["head_dim"] // 2
         return Work(2 * elem * rows + extra, 0.0, spec.vector_flops * rows)
     if spec.work == "cache_attention":  # one query against every slot of the cache, at most
         slots, heads = ins[1][0], attrs["num_heads"]

@@ -7,6 +7,8 @@ matmuls run in the input's dtype (fp32 accumulation on every backend).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -47,23 +49,10 @@ def rope_tables(positions: torch.Tensor, theta: float, head_dim: int, rotary: in
     return ang.cos().float(), ang.sin().float()
 
 
-ROPE_FINE = 256  # positions a step of the fine RoPE table covers (see rope_split_tables)
-
-
-def rope_split_tables(limit: int, theta: float, head_dim: int, rotary: int):
-    """cos and sin tables that give every position below `limit` from two rows: p = c * FINE
-    + f, rows 0 .. FINE-1 hold the angles f * inv_freq and rows FINE + c the angles
-    c * FINE * inv_freq, so cos(p w) = cos_c cos_f - sin_c sin_f and sin(p w) = sin_c cos_f +
-    cos_c sin_f (fp32 [FINE + ceil(limit / FINE), hd/2], from float64: within a few fp32
-    roundings of the [limit, hd/2] table, in a fraction of its memory: 0.8 MB rather than
-    134 MB for 131072 positions of a 256-wide head)."""
-    coarse = torch.arange(rope_split_rows(limit) - ROPE_FINE) * ROPE_FINE
-    return rope_tables(torch.cat([torch.arange(ROPE_FINE), coarse]), theta, head_dim, rotary)
-
-
-def rope_split_rows(limit: int) -> int:
-    """Rows of each rope_split_tables table: the fine steps, then one per FINE positions."""
-    return ROPE_FINE - (-limit // ROPE_FINE)
+def rope_frequencies(theta: float, head_dim: int, rotary: int) -> torch.Tensor:
+    """float64 [hd/2 + 2]: inv_freq, then pi and 1 / pi (the kernels' angle reduction)."""
+    return torch.cat([inv_freq(theta, head_dim, rotary),
+                      torch.tensor([math.pi, 1 / math.pi], dtype=torch.float64)])
 
 
 def rope(x, theta, head_dim, rotary, positions=None):

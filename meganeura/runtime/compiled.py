@@ -28,7 +28,7 @@ from ..compiler.ops import OPS
 from ..compiler.plan import Plan
 from ..errors import InputError, MeganeuraError, WeightsError
 from .buffers import plan_buffers
-from ..compiler.formulas import rope_split_rows, rope_split_tables
+from ..compiler.formulas import rope_frequencies
 from .reference import check_float_input, check_token_ids, evaluate
 
 
@@ -50,7 +50,7 @@ class CompiledModel:
         self.inputs = g.inputs()
         self.bounds = _bounds_of_inputs(g)
         self.tensors: dict[int, torch.Tensor] = {}
-        self._tables: dict[tuple, tuple] = {}
+        self._tables: dict[tuple, torch.Tensor] = {}
         self._scratches: dict[tuple, torch.Tensor] = {}
         self.specs = {nid: kernel_for(g[nid], g, target) for nid in plan.launches}
         buffers = plan_buffers(plan, torch.finfo(target.dtype).bits // 8)
@@ -90,9 +90,8 @@ class CompiledModel:
         the RoPE tables and the constants made at load."""
         g = self.plan.graph
         total = buffers.total + sum(8 * math.prod(n.shape) for n in self.inputs)
-        tables = {x for spec in self._all_specs() for kind, x in spec.args
-                  if kind in ("rope_cos", "rope_sin")}
-        total += sum(2 * 4 * rope_split_rows(limit) * (hd // 2) for limit, hd, _, _ in tables)
+        tables = {x for spec in self._all_specs() for kind, x in spec.args if kind == "rope_freq"}
+        total += sum(8 * (hd // 2 + 2) for hd, _, _ in tables)
         scratch = {x for spec in self._all_specs() for kind, x in spec.args if kind == "scratch"}
         total += sum(4 * math.prod(shape) for _, shape, _ in scratch)
         total += sum(8 * math.prod(g[i].shape) for i in self.plan.load_time
@@ -195,8 +194,8 @@ class CompiledModel:
                 args.append(self.tensors[x].stride(0))
             elif kind == "desc":  # a tensor descriptor over the node's tensor, one tile's block
                 args.append(_descriptor(self.tensors[x[0]], x[1], g.label(x[0])))
-            elif kind in ("rope_cos", "rope_sin"):
-                args.append(self._rope_table(*x)[kind == "rope_sin"])
+            elif kind == "rope_freq":
+                args.append(self._rope_table(*x))
             elif kind == "scratch":  # zeroed once; kernels leave counters as they found them
                 args.append(self._scratch(*x))
             else:
@@ -217,13 +216,11 @@ class CompiledModel:
             self._scratches[key] = torch.zeros(shape, dtype=dt, device=self.target.device)
         return self._scratches[key]
 
-    def _rope_table(self, limit: int, head_dim: int, theta: float, rotary: int):
-        """cos and sin for every pos < limit as two-row products (formulas.rope_split_tables),
-        fp32, computed once in float64."""
-        key = (limit, head_dim, theta, rotary)
+    def _rope_table(self, head_dim: int, theta: float, rotary: int) -> torch.Tensor:
+        """The RoPE kernels' float64 frequencies (formulas.rope_frequencies), made once."""
+        key = (head_dim, theta, rotary)
         if key not in self._tables:
-            cos, sin = rope_split_tables(limit, theta, head_dim, rotary)
-            self._tables[key] = tuple(t.contiguous().to(self.target.device) for t in (cos, sin))
+            self._tables[key] = rope_frequencies(theta, head_dim, rotary).to(self.target.device)
         return self._tables[key]
 
     # ---- running ------------------------------------------------------------------------
