@@ -6,7 +6,7 @@ of writing the row, launching the copy, and reading it back. Only where the cach
 row's sole reader does this save anything (a decode step: attention reads the cache). A
 prefill's attention reads the fresh rows too, so their row kernel runs anyway: there the
 fused write of a weighted, rotated row costs more than the copy (it reads the norm weight
-and the RoPE tables again) and extraction keeps the copy; the unweighted norm's costs the
+again) and extraction keeps the copy; the unweighted norm's costs the
 same bytes as the copy, and either may be chosen.
 """
 

@@ -87,7 +87,7 @@ class CompiledModel:
 
     def _bytes_needed(self, buffers) -> int:
         """Device bytes the model allocates beyond the weights: the buffer arena, the inputs,
-        the RoPE tables and the constants made at load."""
+        the RoPE frequency tables and the constants made at load."""
         g = self.plan.graph
         total = buffers.total + sum(8 * math.prod(n.shape) for n in self.inputs)
         tables = {x for spec in self._all_specs() for kind, x in spec.args if kind == "rope_freq"}
@@ -372,7 +372,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def _bounds_of_inputs(g) -> dict[int, tuple[int, str]]:
     """Integer inputs -> (exclusive bound, what they are): token ids index every table they
-    gather from; positions index the RoPE tables (`limit`). A cache write takes any position."""
+    gather from; positions stay below the model's `limit` where RoPE reads them. A cache write
+    takes any position."""
     bounds: dict[int, tuple[int, str]] = {}
     users = g.users()
     for n in g.inputs():
