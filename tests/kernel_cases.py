@@ -187,16 +187,19 @@ CACHE_ROW_OPS = ["norm_rope_write", "head_norm_rope_write", "unit_norm_write"]
 
 
 def cache_rows_case(op, s, slots, last, heads, head_dim, seed=0, positions=None):
-    """One row kernel writing s new k or v rows (positions last-s+1 .. last, or the given
-    increasing ones ending at last) normalized straight into a cache of `slots` rows
+    """One row kernel writing s new k or v rows (positions last-s+1 .. last, the given
+    increasing ones ending at last, or "arange": 0 .. s-1 made at load, as a forward's) normalized straight into a cache of `slots` rows
     holding random older rows (a ring that wraps when last >= slots; rows it no longer
     keeps are skipped). Output: the updated cache."""
     gen = torch.Generator().manual_seed(seed)
+    if isinstance(positions, str):  # "arange": the rows' positions are their indices
+        last = s - 1
     positions = torch.arange(last - s + 1, last + 1) if positions is None else positions
     g = Graph()
     d = heads * head_dim
     x = g.input_f32("x", (s, d))
-    pos = g.input_u32("positions", (s,))
+    iota = isinstance(positions, str) and positions == "arange"  # a forward's 0 .. S-1
+    pos = g.arange(s) if iota else g.input_u32("positions", (s,))
     cache = g.state("cache.k", (slots, d))
     rope = (10000.0, head_dim, head_dim // 2, last + 1)
     w = {}
@@ -210,7 +213,8 @@ def cache_rows_case(op, s, slots, last, heads, head_dim, seed=0, positions=None)
     else:
         out = g.unit_norm_write(cache, x, pos, 1e-6, head_dim)
     g.set_outputs([out])
-    inputs = {"x": 3 * _rand(gen, s, d), "positions": positions}
+    inputs = {"x": 3 * _rand(gen, s, d)} if iota else {"x": 3 * _rand(gen, s, d),
+                                                        "positions": positions}
     return g, w, {"cache.k": _rand(gen, slots, d)}, inputs
 
 
@@ -227,7 +231,8 @@ def check_cache_rows(case, device, dtype, cache_dir, kind):
     ref_state = {k: v.float().cpu().clone() for k, v in dev_state.items()}
     model = compile_plan(g, {k: v.to(device) for k, v in w.items()}, device, dtype, cache_dir,
                          state=dev_state)
-    out = model(inputs["x"].to(device, dtype), inputs["positions"].to(device))
+    out = model(inputs["x"].to(device, dtype),
+                *([inputs["positions"].to(device)] if "positions" in inputs else []))
     assert out.data_ptr() == dev_state["cache.k"].data_ptr()  # updated in place
     (ref,) = run_reference(g, w, {**inputs, **ref_state})
     assert_close(out.float().cpu(), ref, kind)

@@ -113,7 +113,8 @@ def test_only_the_kernels_inputs_stay_resident(small_model):
               "self_attn.o_proj", "input_layernorm"):
         assert f"model.layers.0.{w}.weight" in resident, w
     kept = {g[i].op for i in small_model.tensors if i in small_model.plan.load_time}
-    assert kept == {"arange"}  # the positions 0 .. S-1 the RoPE tables are read at
+    # nothing: not even the positions 0 .. S-1 (RoPE takes the row index for them)
+    assert kept == set() and "arange" in {g[i].op for i in small_model.plan.load_time}
     assert {v for _, a, v in small_model.report.kernels if a == "matmul"} >= {
         "rmsnorm-prologue+tma+3-part-B", "rmsnorm-prologue+silu-glu-epilogue+tma+2-part-B"}
 
@@ -131,19 +132,23 @@ def test_buffers_are_reused_by_liveness_and_never_alias_a_live_input():
     # memory is reused layer after layer: three times the depth, the same arena
     assert plan_buffers(deep_plan, 4).total == buffers.total < sum(buffers.nbytes_of.values())
     g = plan.graph
-    order = {nid: k for k, nid in enumerate(plan.launches)}
+    ids = [n.id for n in g.inputs()]  # copied in before the first launch, in the arena too
+    order = {nid: k for k, nid in enumerate(plan.launches)} | {i: -1 for i in ids}
     base = {v: g[v].inputs[0] for v in plan.views}
-    last = {nid: order[nid] for nid in plan.launches}  # lifetimes, recomputed here
+    last = {nid: order[nid] for nid in plan.launches + ids}  # lifetimes, recomputed here
     for nid in plan.launches:
         for i in g[nid].inputs:
             if base.get(i, i) in last:
                 last[base.get(i, i)] = max(last[base.get(i, i)], order[nid])
     for o in g.outputs:
         last[base.get(o, o)] = float("inf")
-    span = {n: (buffers.offset[n], buffers.offset[n] + buffers.nbytes_of[n]) for n in plan.launches}
-    for a in plan.launches:
+    owners = plan.launches + ids
+    span = {n: (buffers.offset[n], buffers.offset[n] + buffers.nbytes_of[n]) for n in owners}
+    assert any(span[i][0] < span[b][1] and span[b][0] < span[i][1] for i in ids
+               for b in plan.launches)  # the token ids' memory is reused once they are read
+    for a in owners:
         assert span[a][0] % 256 == 0 and span[a][1] <= buffers.total
-        for b in plan.launches:
+        for b in owners:
             if a < b and span[a][0] < span[b][1] and span[b][0] < span[a][1]:  # same memory
                 assert last[a] < order[b] or last[b] < order[a], (
                     f"{g.label(a)} and {g.label(b)} share memory while both live")

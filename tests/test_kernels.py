@@ -208,18 +208,22 @@ def test_decode_attention_splits_the_slots(slots, pos, heads, kv_heads, head_dim
 
 @pytest.mark.parametrize("s, slots, last, positions", [
     (1, 40, 17, None), (1, 6, 23, None), (7, 40, 6, None), (7, 5, 30, None),
-    (3, 5, 11, [2, 10, 11]), (3, 600, 300, [0, 255, 300])])
+    (3, 5, 11, [2, 10, 11]), (3, 600, 300, [0, 255, 300]), (7, 40, None, "arange"),
+    (9, 5, None, "arange")])
 @pytest.mark.parametrize("op", CACHE_ROW_OPS)
 def test_rows_normalized_into_the_cache(op, s, slots, last, positions, tmp_path):
     # a decode step's row (into a full cache, into a ring that has wrapped) and a prefill's
     # rows (all kept; more than a ring of 5 keeps, the older ones skipped: position 2 is
     # older than the ring of 5 ending at 11 keeps, and its slot 2 must keep its old row);
-    # positions past the fine RoPE table's 256
-    pos = None if positions is None else torch.tensor(positions)
+    # far positions; a forward's positions 0 .. S-1 (their row indices, nothing read), all
+    # kept or wrapping a ring of 5
+    pos = positions if positions is None or isinstance(positions, str) else torch.tensor(positions)
     model = check_cache_rows(cache_rows_case(op, s, slots, last, 3, 24, seed=s + slots,
                                              positions=pos), "cpu", torch.float32, tmp_path,
                              "fp32")
-    assert model.launches[0].spec.variant.endswith("cache-write")
+    spec = model.launches[0].spec
+    assert spec.variant.endswith("cache-write")
+    assert ("pos_ptr" in spec.source) == (positions != "arange")
 
 
 def _before_the_gate(source: str) -> list[str]:

@@ -78,12 +78,13 @@ def _series(coefs: list[float], x2: str) -> str:
     return out
 
 
-def emit(v: RowVariant) -> str:
+def emit(v: RowVariant, iota: bool = False) -> str:
+    """iota: the rows' positions are their indices 0 .. S-1 (a forward's), not read."""
     params = ["x_ptr"] + (["w_ptr"] if v.weight else []) + (["r_ptr"] if v.residual else [])
     params += ["s_ptr"] if v.scalar else []
     params += ["out_ptr", "S", "stride_x", "stride_out"] + (["stride_r"] if v.residual else [])
     params += ["D", "HD"] + (["eps"] if v.norm else [])
-    params += ["pos_ptr"] if v.rope or v.cache else []
+    params += ["pos_ptr"] if (v.rope or v.cache) and not iota else []
     params += ["freq_ptr"] if v.rope else []
     params += ["SLOTS"] if v.cache else []
     params += ["HEADS: tl.constexpr", "ROWS: tl.constexpr", "BLOCK_H: tl.constexpr",
@@ -112,10 +113,12 @@ def emit(v: RowVariant) -> str:
             w_at = ("col" if v.norm == "row" else "d") + off
             scale = f" * tl.load(w_ptr + {w_at}, mask=mask, other=0.0).to(tl.float32)" if v.weight else ""
             lines.append(f"{t} = {t} * rstd{scale}")
-    if v.rope or v.cache:
+    if (v.rope or v.cache) and iota:
+        lines.append("p = r  # the row's position: its index")
+    elif v.rope or v.cache:
         lines.append("p = tl.load(pos_ptr + r, mask=r < S, other=0).to(tl.int64)  # the row's position")
     if v.cache:  # its slot, and whether the ring still holds it (as cache_write)
-        lines += ["last = tl.load(pos_ptr + S - 1).to(tl.int64)",
+        lines += ["last = r * 0 + (S - 1)" if iota else "last = tl.load(pos_ptr + S - 1).to(tl.int64)",
                   "mask = mask & (p > last - SLOTS)",
                   "slot = p % SLOTS"]
     if v.rope:  # the angle in float64, less k pi there; cos and sin of the rest in fp32
@@ -158,7 +161,9 @@ def build(node, graph, target: Target) -> KernelSpec:
     args += [("stride", ins[2])] if v.residual else []
     args += [("value", width), ("value", hd)]
     args += [("value", node.attrs["eps"])] if v.norm else []
-    args += [("node", ins[-1])] if v.rope or v.cache else []
+    # a forward's positions (a load-time arange) are the row indices: nothing to read
+    iota = (v.rope or v.cache) and graph[ins[-1]].op == "arange"
+    args += [("node", ins[-1])] if (v.rope or v.cache) and not iota else []
     if v.rope:
         a = node.attrs
         args += [("rope_freq", (hd, a["theta"], a["rotary"]))]
@@ -169,5 +174,5 @@ def build(node, graph, target: Target) -> KernelSpec:
     rows = min(16, next_pow2(s)) if target.interpreted else 1
     cx = dict(HEADS=heads, ROWS=rows, BLOCK_H=next_pow2(heads), BLOCK_C=cols)
     warps = 1 if target.interpreted else max(1, min(16, block // 256))
-    return KernelSpec("rowwise", v.name, emit(v), "row_kernel", (cdiv(s, rows),), args, cx,
+    return KernelSpec("rowwise", v.name, emit(v, iota), "row_kernel", (cdiv(s, rows),), args, cx,
                       num_warps=warps, num_stages=1)

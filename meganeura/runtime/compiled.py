@@ -59,9 +59,9 @@ class CompiledModel:
         t1 = time.perf_counter()
         self.buffer_bytes = buffers.total
         arena = buffers.allocate(target.device)
-        for n in self.inputs:
+        for n in self.inputs:  # in the arena too, live until their last reader
             dtype = torch.int64 if n.dtype == "u32" else target.dtype
-            self.tensors[n.id] = torch.zeros(n.shape, dtype=dtype, device=target.device)
+            self.tensors[n.id] = buffers.view(arena, n.id, n.shape, dtype)
         self._bind_state(state or {})
         for nid in sorted(plan.launches + plan.views):
             n = g[nid]
@@ -86,10 +86,10 @@ class CompiledModel:
     # ---- loading ------------------------------------------------------------------------
 
     def _bytes_needed(self, buffers) -> int:
-        """Device bytes the model allocates beyond the weights: the buffer arena, the inputs,
-        the RoPE frequency tables and the constants made at load."""
+        """Device bytes the model allocates beyond the weights: the buffer arena (the inputs
+        in it), the RoPE frequency tables and the constants made at load."""
         g = self.plan.graph
-        total = buffers.total + sum(8 * math.prod(n.shape) for n in self.inputs)
+        total = buffers.total
         tables = {x for spec in self._all_specs() for kind, x in spec.args if kind == "rope_freq"}
         total += sum(8 * (hd // 2 + 2) for hd, _, _ in tables)
         scratch = {x for spec in self._all_specs() for kind, x in spec.args if kind == "scratch"}
