@@ -15,7 +15,7 @@ from numerics import assert_close
 
 def _leaf_value(graph, nid, gen):
     """A fresh random value for a block's leaf: floats in fp64, integer ids below every table
-    they index, positions in order (a prefill's) or below the RoPE tables' bound."""
+    they index, positions in order (a prefill's) or below the model's position bound."""
     n = graph[nid]
     if n.dtype != U32:
         return torch.randn(n.shape, generator=gen, dtype=torch.float64)

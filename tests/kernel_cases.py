@@ -188,8 +188,8 @@ CACHE_ROW_OPS = ["norm_rope_write", "head_norm_rope_write", "unit_norm_write"]
 
 def cache_rows_case(op, s, slots, last, heads, head_dim, seed=0, positions=None):
     """One row kernel writing s new k or v rows (positions last-s+1 .. last, the given
-    increasing ones ending at last, or "arange": 0 .. s-1 made at load, as a forward's) normalized straight into a cache of `slots` rows
-    holding random older rows (a ring that wraps when last >= slots; rows it no longer
+    increasing ones ending at last, or "arange": 0 .. s-1 made at load, as a forward's)
+    normalized straight into a cache of `slots` rows holding random older rows (a ring that wraps when last >= slots; rows it no longer
     keeps are skipped). Output: the updated cache."""
     gen = torch.Generator().manual_seed(seed)
     if isinstance(positions, str):  # "arange": the rows' positions are their indices

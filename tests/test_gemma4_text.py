@@ -76,10 +76,10 @@ def test_every_feature_is_in_the_plan(every_feature, kernels):
     assert ("matmul", "softcap-epilogue+tma+B-transposed") in kinds  # the lm_head
     assert any("gelu_tanh-glu-epilogue" in v for _, v in kinds)
     # the tied lm_head reads the embedding in place, every linear weight is read where it
-    # lies: the only load-time tensors are the PLE norm weight with 2^-0.5 folded in ([P]) and
-    # the positions
+    # lies: the only load-time tensor is the PLE norm weight with 2^-0.5 folded in ([P]) (the
+    # positions 0 .. S-1 are the row kernels' row indices)
     kept = [g[i] for i in fn.tensors if i in fn.plan.load_time]
-    assert sorted((n.op, n.shape) for n in kept) == [("arange", (23,)), ("scale", (8,))]
+    assert sorted((n.op, n.shape) for n in kept) == [("scale", (8,))]
 
 
 def test_multimodal_checkpoint_loads_its_text_decoder(tmp_path, kernels):

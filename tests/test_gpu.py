@@ -149,7 +149,7 @@ def test_kernels_built_in_parallel_before_the_first_run(tmp_path):
     assert len(kernels) > 2
     fn.build_kernels(threads=4)
     device = torch.cuda.current_device()
-    for k in kernels.values():  # every kernel compiled, none launched yet
+    for k in kernels.values():  # every kernel compiled before the first call
         assert len(k.device_caches[device][0]) >= 1
     ids = torch.randint(0, c.vocab_size, (37,), generator=torch.Generator().manual_seed(5))
     (ref,) = run_reference(g, w, {"token_ids": ids})
@@ -157,9 +157,9 @@ def test_kernels_built_in_parallel_before_the_first_run(tmp_path):
 
 
 def test_decode_with_split_products_matches_the_reference(tmp_path):
-    # wide enough that the decode step's q | k | v, o, down and lm_head products (B stored
-    # [K, N]) are split along K (they share one workspace and its counters, each leaving
-    # them zeroed)
+    # wide enough that the decode step's products over [K, N] weights are split along K (on
+    # the H200: q | k | v, o, down and the lm_head; o and down share a workspace and its
+    # counters, each leaving them zeroed)
     c = Gemma4Config(vocab_size=997, hidden_size=1280, num_hidden_layers=2,
                      num_attention_heads=10, num_key_value_heads=2, intermediate_size=2560,
                      head_dim=128, sliding_window_size=5, global_attn_period=2,
@@ -170,9 +170,21 @@ def test_decode_with_split_products_matches_the_reference(tmp_path):
     out = model.generate(prompt, max_new_tokens=12, stop=[])
     (session,) = model.generator.sessions.values()
     variants = [launch.spec.variant for launch in session.decode.launches]
-    assert sum("+split-K" in v for v in variants) == 7, variants
+    # o and down split on any GPU of 41 SMs or more (80 16-column tiles fill no two waves)
+    assert sum("+split-K" in v for v in variants) >= 4, variants
     w = {k: v.float().cpu() for k, v in model.weights.items()}
     (logits,) = run_reference(build(c, out.numel() - 1), w, {"token_ids": out[:-1].cpu()})
     for t in range(prompt.numel() - 1, out.numel() - 1):  # each token the argmax, to rounding
         row = logits[t]
         assert row[out[t + 1]] >= row.max() - 1e-4 * row.abs().max(), t
+
+
+def test_split_products_repeat_bit_for_bit(tmp_path):
+    # the slices' partials are summed in slice order, not in the order programs finish: a
+    # seeded generation gives the same tokens on every run
+    g, w, inputs = matmul_case("matmul_add", 1, 10240, 2560, seed=7)
+    model = check_case((g, w, inputs), "cuda", torch.float32, tmp_path, "fp32")
+    assert "+split-K" in model.launches[0].spec.variant
+    dev = [x.cuda() for x in inputs]
+    outs = [model(*dev).clone() for _ in range(8)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -88,6 +88,7 @@ def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
     assert ("+split-K" in spec.variant) == (not transposed and k > 32)
     if "+split-K" in spec.variant:
         assert spec.grid[2] == (2 if k == 45 else 3)
+        assert len(model._scratches) == 2  # the slices' partial rows and the tiles' counters
         for (name, _, _), buf in model._scratches.items():  # left zeroed for the next launch
             assert name.startswith("matvec_") and not buf.any()
 

@@ -165,7 +165,9 @@ def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) 
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, warps=4, stages=3)
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)
-    bm, bn = matmul_tile(m, n, paired, target.sm_count)  # the cost model prices the same tile
+    # the cost model prices the same tile (build narrows a 256-wide one to 128 where that
+    # lets it read concatenated weights in place)
+    bm, bn = matmul_tile(m, n, paired, target.sm_count)
     warps = 8 if paired or bn == 256 else 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, warps=warps, stages=4)
 

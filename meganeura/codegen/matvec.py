@@ -7,13 +7,16 @@ waste the matrix units and, with N / 128 programs, leave most SMs idle. Here eac
 owns BLOCK_N output columns and streams their whole K extent (B stored [N, K] gives
 K-contiguous rows; stored [K, N], BLOCK_N-wide segments of each row), multiplying in fp32
 on the ordinary units and reducing once at the end; narrow column tiles give every SM
-several programs. The prologue and epilogues are the tiled kernel's (RMSNorm of a with its
+several programs. Over [K, N] weights with too few column tiles, SPLIT_K programs share a
+tile's K extent and the last of them to finish sums their partials (in slice order, so
+every run gives the same bits) and applies the epilogue. The prologue and epilogues are the tiled kernel's (RMSNorm of a with its
 weight; act(G) * U, + R, act(C) * R, soft-cap), so the e-graph's fusions carry over
 unchanged. A B that
 concatenates weights (q | k | v, gate | up) is always read in place: each program reads the
 part that holds its columns.
 
-bytes: elem * (K + K*N' + N [+ N]); FLOPs: 2*N'*K on the vector units
+bytes: elem * (K + K*N' + N [+ N]) (+ 8 * SPLIT_K * N' of fp32 partials at L2, split);
+FLOPs: 2*N'*K on the vector units
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
     run time), so its first tile may be read before the dependent-launch gate. gate: act(c)
     times the row of R (matmul_gate) in place of the residual add. split_k: grid axis 2
     shares K among SPLIT_K programs per column tile, K_SPLIT rows each (a multiple of
-    BLOCK_K); each adds its partial sums into a zeroed fp32 workspace (`ws`, N values, 2N
-    paired) and counts itself in the tile's counter (`cnt`); the last to count finishes the
-    tile (epilogue, store) and leaves workspace and counter zeroed for the next launch."""
+    BLOCK_K); each adds its partial sums onto its own zeroed row of an fp32 workspace (`ws`,
+    SPLIT_K rows of N values, 2N paired) and counts itself in the tile's counter (`cnt`);
+    the last to count sums the rows in order, finishes the tile (epilogue, store) and leaves
+    workspace and counter zeroed for the next launch."""
     paired = act is not None
     split = parts > 1 and not paired
     params = ["a_ptr"] + [f"b{i}_ptr" for i in range(parts)] + ["c_ptr"]
@@ -107,19 +111,26 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
                           r_load if residual or gate else None, gate, softcap)
     tail.append("tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), "
                 "mask=n_mask)")
-    if split_k:  # partials summed in the workspace; the tile's last program finishes it
-        finish += ['tl.atomic_add(ws_ptr + rn, out, mask=n_mask, sem="relaxed")']
-        finish += ['tl.atomic_add(ws_ptr + N + rn, up, mask=n_mask, sem="relaxed")'] if paired else []
+    if split_k:  # each slice's partials in its own workspace row; the last to count sums
+        # the rows in slice order (the same bits every run, whatever order programs finish)
+        width = "2 * N" if paired else "N"
+        finish += [f"part = ws_ptr + tl.program_id(2).to(tl.int64) * {width} + rn",
+                   "# added at L2 onto the zeros the row was left with: the partials exactly",
+                   'tl.atomic_add(part, out, mask=n_mask, sem="relaxed")']
+        finish += ['tl.atomic_add(part + N, up, mask=n_mask, sem="relaxed")'] if paired else []
         finish += ["tl.debug_barrier()  # every thread's partials before the count",
                    'done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")']
-        # the sums read at L2 (an atomic add of zero), then zeroed: every other program of
+        # each row read at L2 (an atomic add of zero), then zeroed: every other program of
         # the tile has counted, so nothing else touches them in this launch
-        last = ['zero = tl.zeros((BLOCK_N,), dtype=tl.float32)',
-                'out = tl.atomic_add(ws_ptr + rn, zero, mask=n_mask, sem="relaxed")',
-                'tl.store(ws_ptr + rn, zero, mask=n_mask)']
-        last += ['up = tl.atomic_add(ws_ptr + N + rn, zero, mask=n_mask, sem="relaxed")',
-                 'tl.store(ws_ptr + N + rn, zero, mask=n_mask)'] if paired else []
-        last += tail + ['tl.store(cnt_ptr + pid_n, 0)']
+        last = ["zero = tl.zeros((BLOCK_N,), dtype=tl.float32)", "out = zero"]
+        last += ["up = zero"] if paired else []
+        last += ["for j in range(0, SPLIT_K):",
+                 f"    part = ws_ptr + j * {width} + rn",
+                 '    out += tl.atomic_add(part, zero, mask=n_mask, sem="relaxed")',
+                 "    tl.store(part, zero, mask=n_mask)"]
+        last += ['    up += tl.atomic_add(part + N, zero, mask=n_mask, sem="relaxed")',
+                 "    tl.store(part + N, zero, mask=n_mask)"] if paired else []
+        last += tail + ["tl.store(cnt_ptr + pid_n, 0)"]
         tail = ["if done == SPLIT_K - 1:"] + ["    " + x for x in last]
     k_range = (["k_lo = tl.program_id(2) * K_SPLIT", "k_hi = tl.minimum(k_lo + K_SPLIT, K)"]
                if split_k else ["k_lo = 0", "k_hi = K"])
@@ -210,13 +221,12 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     split = len(stored) > 1 and act is None
     args = [("node", a.id)] + [("node", sid) for sid, _ in stored] + [("node", node.id)]
     args += [("node", node.inputs[2])] if residual or norm or gate else []
-    if split_k > 1:  # a workspace and counters shared by the plan's split products (each
-        # leaves them zeroed); K in SPLIT_K slices of whole K steps
-        if a.shape[0] != 1:
-            raise AssertionError("split-K one-row products take one row")
-        k_split = cdiv(cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        split_k = cdiv(k, k_split)
-        args += [("scratch", ("matvec_partials", ((2 if act else 1) * n,), "fp32")),
+    # K in SPLIT_K slices of whole K steps (one row: the workspace holds one row's partials)
+    k_split = cdiv(cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split_k = cdiv(k, k_split) if a.shape[0] == 1 else 1
+    if split_k > 1:  # a workspace row per slice and a counter per column tile, shared by the
+        # plan's products of the same shape (each leaves them zeroed)
+        args += [("scratch", ("matvec_partials", (split_k * (2 if act else 1) * n,), "fp32")),
                  ("scratch", ("matvec_counters", (cdiv(n, cfg["BLOCK_N"]),), "i32")),
                  ("value", k_split), ("value", split_k)]
     args += [("value", n), ("value", k), ("stride", a.id)]

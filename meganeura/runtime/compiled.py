@@ -309,7 +309,10 @@ class CompiledModel:
                     try:
                         build()
                     except Exception:  # noqa: BLE001 - the launch reports it
-                        return
+                        continue
+
+        from triton.runtime import driver  # made here, not first by several threads at once
+        driver.active.get_current_device()
 
         workers = threads or min(len(per_kernel), max(1, (os.cpu_count() or 2)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -320,7 +323,7 @@ class CompiledModel:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.run_kernels()  # compiles every kernel before capture
+            self.run_kernels()  # every kernel built and run once before capture
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
