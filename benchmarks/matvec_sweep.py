@@ -60,7 +60,8 @@ def part_widths(n, flags):
 
 def launch_args(n, k, flags, b_trans, dev, split: tuple | None = None):
     """The kernel's arguments on random operands, and the bytes it must move. split:
-    (K_SPLIT, SPLIT_K) for the split-K variant (its zeroed workspace and counters made here)."""
+    (K_SPLIT, SPLIT_K) for the split-K variant (its zeroed workspace, a row per slice, and
+    counters made here)."""
     parts = flags.get("parts", 1)
     paired = flags.get("act") is not None
     widths = part_widths(n, flags)
@@ -71,7 +72,7 @@ def launch_args(n, k, flags, b_trans, dev, split: tuple | None = None):
     args = [a, *bs, c]
     args += [torch.ones(k, device=dev)] if flags.get("norm") else []
     if split is not None:
-        args += [torch.zeros((2 if paired else 1) * n, device=dev),
+        args += [torch.zeros(split[1] * (2 if paired else 1) * n, device=dev),
                  torch.zeros(n, dtype=torch.int32, device=dev), *split]
     args += [n, k, a.stride(0)]
     args += [b.stride(0) if b_trans else 1 for b in bs] + [1 if b_trans else b.stride(0) for b in bs]
