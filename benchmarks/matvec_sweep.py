@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prefill import graph_time  # noqa: E402
 
 from meganeura.codegen.cache import KernelCache  # noqa: E402
-from meganeura.codegen.matvec import emit  # noqa: E402
+from meganeura.codegen.matvec import emit, k_slices  # noqa: E402
 
 # name: (N, K, variant flags, B stored [N, K]); the variants of the decode plans
 SHAPES = {
@@ -170,8 +170,7 @@ def sweep_k_n(cache, name, n, k, flags, args, dev) -> None:
                             run_args, bn, bk, 8 if bk >= 1024 else 4))
     for bn, bk, w, split in itertools.product((32, 64, 128), (32, 64, 128), args.warps,
                                               (1, 2, 4, 8, 16)):
-        k_split = -(-(-(-k // split)) // bk) * bk
-        splits = -(-k // k_split)
+        k_split, splits = k_slices(k, split, bk)
         if not fits(n, flags, bn) or splits != split:
             continue
         split_args, _ = launch_args(n, k, flags, False, dev, (k_split, splits))

@@ -209,6 +209,12 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
     return dict(BLOCK_N=bn, BLOCK_K=min(bk, k_pow2), warps=4)
 
 
+def k_slices(k: int, split: int, block_k: int) -> tuple[int, int]:
+    """(rows a slice, slices): K in at most `split` slices of whole K steps."""
+    k_split = cdiv(cdiv(k, split), block_k) * block_k
+    return k_split, cdiv(k, k_split)
+
+
 def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict,
           flags: dict) -> KernelSpec:
     """The one-row kernel of a matmul-archetype node. stored: the tensors holding B's parts
@@ -222,8 +228,8 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     args = [("node", a.id)] + [("node", sid) for sid, _ in stored] + [("node", node.id)]
     args += [("node", node.inputs[2])] if residual or norm or gate else []
     # K in SPLIT_K slices of whole K steps (one row: the workspace holds one row's partials)
-    k_split = cdiv(cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split_k = cdiv(k, k_split) if a.shape[0] == 1 else 1
+    k_split, split_k = k_slices(k, split_k, cfg["BLOCK_K"])
+    split_k = split_k if a.shape[0] == 1 else 1
     if split_k > 1:  # a workspace row per slice and a counter per column tile, shared by the
         # plan's products of the same shape (each leaves them zeroed)
         args += [("scratch", ("matvec_partials", (split_k * (2 if act else 1) * n,), "fp32")),
@@ -251,4 +257,4 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
                       "matvec_kernel", grid, args, cfg, num_warps=warps, num_stages=3)
 
 
-__all__ = ["ROWS", "build", "emit", "tiles"]
+__all__ = ["ROWS", "build", "emit", "k_slices", "tiles"]
