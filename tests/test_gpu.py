@@ -158,7 +158,7 @@ def test_kernels_built_in_parallel_before_the_first_run(tmp_path):
 
 def test_decode_with_split_products_matches_the_reference(tmp_path):
     # wide enough that the decode step's products over [K, N] weights are split along K (on
-    # the H200: q | k | v, o, down and the lm_head; o and down share a workspace and its
+    # the H200: q | k | v, o, down and the lm_head; products of one width share the tiles'
     # counters, each leaving them zeroed)
     c = Gemma4Config(vocab_size=997, hidden_size=1280, num_hidden_layers=2,
                      num_attention_heads=10, num_key_value_heads=2, intermediate_size=2560,

@@ -2,8 +2,7 @@
 
 Every launch writes one output. A view (column slice) shares its base's storage,
 so a base stays live until the last reader of any of its views. Outputs of the
-graph live to the end. The inputs (token ids, positions), copied in before the first
-launch, live until their last reader: a forward's ids share memory with the logits. All buffers are carved out of one arena allocated at load:
+graph live to the end. All buffers are carved out of one arena allocated at load:
 each gets a byte offset such that two buffers overlap in memory only if their
 lifetimes (first write to last read) do not overlap. The arena is as large as the
 most memory live at once (plus fragmentation), so the logits of the last matmul
@@ -25,10 +24,9 @@ ALIGN = 256  # bytes; every buffer starts on a multiple (tensor descriptors need
 
 @dataclass
 class BufferPlan:
-    offset: dict[int, int]  # launch or input node -> byte offset in the arena
-    nbytes_of: dict[int, int]  # launch or input node -> bytes
-    life: dict[int, tuple[int, float]]  # node -> (position written (-1: before the first
-    # launch), last position read)
+    offset: dict[int, int]  # launch node -> byte offset in the arena
+    nbytes_of: dict[int, int]  # launch node -> bytes
+    life: dict[int, tuple[int, float]]  # launch node -> (position written, last position read)
     fp32: set[int]  # nodes that hold fp32 (the residual stream) rather than the plan dtype
     total: int  # arena bytes
 
@@ -44,16 +42,13 @@ class BufferPlan:
 def plan_buffers(plan: Plan, elem: int = 2) -> BufferPlan:
     """elem: bytes per element of the plan dtype (fp32-stream buffers take 4)."""
     g = plan.graph
-    inputs = [n.id for n in g.inputs()]
     order = {nid: k for k, nid in enumerate(plan.launches)}
-    order.update({nid: -1 for nid in inputs})  # written before the first launch
-    base = {nid: nid for nid in inputs}  # run-time node -> the node that owns its storage
+    base = {}  # run-time node -> the launch that owns its storage
     for nid in sorted(plan.launches + plan.views):
         n = g[nid]
-        # a view of a weight, and a cache write (its state), own no buffer
+        # a view of an input or a weight, and a cache write (its state), own no buffer
         base[nid] = base.get(n.inputs[0]) if nid in plan.views or OPS[n.op].inplace else nid
-    launched = [nid for nid in plan.launches if base[nid] == nid]
-    owners = inputs + launched
+    owners = [nid for nid in plan.launches if base[nid] == nid]
     last = {nid: order[nid] for nid in owners}
     for nid in plan.launches:
         for i in g[nid].inputs:
@@ -62,9 +57,9 @@ def plan_buffers(plan: Plan, elem: int = 2) -> BufferPlan:
     for o in g.roots:
         if base.get(o) is not None:
             last[base[o]] = math.inf
-    wide = set(plan.fp32_stream) & set(launched)  # inputs hold int64 ids or the plan dtype
-    size = {nid: 8 if g[nid].dtype == "u32" else (4 if nid in wide else elem) for nid in owners}
-    nbytes = {nid: -(-math.prod(g[nid].shape) * size[nid] // ALIGN) * ALIGN for nid in owners}
+    wide = plan.fp32_stream
+    nbytes = {nid: -(-math.prod(g[nid].shape) * (4 if nid in wide else elem) // ALIGN) * ALIGN
+              for nid in owners}
     life = {nid: (order[nid], last[nid]) for nid in owners}
     offset: dict[int, int] = {}
     placed: list[int] = []
@@ -81,4 +76,4 @@ def plan_buffers(plan: Plan, elem: int = 2) -> BufferPlan:
         offset[nid] = at
         placed.append(nid)
     total = max((offset[i] + nbytes[i] for i in owners), default=0)
-    return BufferPlan(offset, nbytes, life, wide, total)
+    return BufferPlan(offset, nbytes, life, set(wide) & set(owners), total)

@@ -59,9 +59,9 @@ class CompiledModel:
         t1 = time.perf_counter()
         self.buffer_bytes = buffers.total
         arena = buffers.allocate(target.device)
-        for n in self.inputs:  # in the arena too, live until their last reader
+        for n in self.inputs:
             dtype = torch.int64 if n.dtype == "u32" else target.dtype
-            self.tensors[n.id] = buffers.view(arena, n.id, n.shape, dtype)
+            self.tensors[n.id] = torch.zeros(n.shape, dtype=dtype, device=target.device)
         self._bind_state(state or {})
         for nid in sorted(plan.launches + plan.views):
             n = g[nid]
@@ -86,16 +86,17 @@ class CompiledModel:
     # ---- loading ------------------------------------------------------------------------
 
     def _bytes_needed(self, buffers) -> int:
-        """Device bytes the model allocates beyond the weights: the buffer arena (the inputs
-        in it), the RoPE frequency tables and the constants made at load."""
+        """Device bytes the model allocates beyond the weights: the buffer arena, the inputs,
+        the RoPE frequency tables and the constants made at load that a kernel reads."""
         g = self.plan.graph
-        total = buffers.total
+        total = buffers.total + sum(8 * math.prod(n.shape) for n in self.inputs)
         tables = {x for spec in self._all_specs() for kind, x in spec.args if kind == "rope_freq"}
         total += sum(8 * (hd // 2 + 2) for hd, _, _ in tables)
         scratch = {x for spec in self._all_specs() for kind, x in spec.args if kind == "scratch"}
         total += sum(4 * math.prod(shape) for _, shape, _ in scratch)
+        read = {x for spec in self._all_specs() for kind, x in spec.args if kind == "node"}
         total += sum(8 * math.prod(g[i].shape) for i in self.plan.load_time
-                     if OPS[g[i].op].kind == "constant")
+                     if OPS[g[i].op].kind == "constant" and i in read)
         return total
 
     def _bind_state(self, state: dict) -> None:
