@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefill import _release, environment, pyplot, save_figure, write_rows  # noqa: E402
+from prefill import (_release, environment, pyplot, report_from_csv, save_figure,  # noqa: E402
+                     write_rows)
 
 import meganeura  # noqa: E402
 from meganeura.compiler.ops import OPS  # noqa: E402
@@ -524,15 +525,8 @@ def main(argv=None) -> int:
                     help="no runs: the targets and the plot from the --csv rows of these commits")
     args = ap.parse_args(argv)
     if args.from_csv:
-        rows = rows_of(Path(args.csv), args.from_csv)
-        if not rows:
-            print(f"no rows of commits {' '.join(args.from_csv)} in {args.csv}", file=sys.stderr)
-            return 2
-        print_targets(rows)
-        env = {k: rows[0][k] for k in ("date", "gpu", "torch", "triton")}
-        if args.plot and plot(rows, env, Path(args.plot)):
-            print(f"wrote {args.plot}")
-        return 0
+        return report_from_csv(args, rows_of(Path(args.csv), args.from_csv), print_targets,
+                               plot)
     if torch.cuda.is_available():
         device, dtype, args.dtype = torch.device("cuda"), torch.bfloat16, "bf16"
     else:  # the script itself, through Triton's interpreter: fp32, the host's clock

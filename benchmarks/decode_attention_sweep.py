@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from matvec_sweep import print_best, time_config  # noqa: E402
+from matvec_sweep import print_best, sweep_device, time_config  # noqa: E402
 
 from meganeura.compiler.cost import head_dim_chunks  # noqa: E402
-from meganeura.codegen.cache import KernelCache  # noqa: E402
 from meganeura.codegen.common import next_pow2  # noqa: E402
 from meganeura.codegen.decode_attention import emit, emit_combine  # noqa: E402
 
@@ -43,11 +41,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("the sweep needs a CUDA GPU", file=sys.stderr)
+    if (setup := sweep_device()) is None:
         return 2
-    dev = torch.device("cuda")
-    cache = KernelCache(tempfile.mkdtemp())
+    dev, cache = setup
     for name in args.shapes:
         slots, heads, kv, hd = SHAPES[name]
         group = heads // kv

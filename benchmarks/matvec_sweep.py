@@ -115,17 +115,23 @@ def print_best(title: str, results: list[tuple[float, str]], nbytes: int, best: 
         print(f"  {us:8.2f} us {nbytes / us / 1e3:7.0f} GB/s  {label}", flush=True)
 
 
+def sweep_device():
+    """(the CUDA device, a fresh kernel cache) for a sweep, or None (said why) without a GPU."""
+    if not torch.cuda.is_available():
+        print("the sweep needs a CUDA GPU", file=sys.stderr)
+        return None
+    return torch.device("cuda"), KernelCache(tempfile.mkdtemp())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 3])
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("the sweep needs a CUDA GPU", file=sys.stderr)
+    if (setup := sweep_device()) is None:
         return 2
-    dev = torch.device("cuda")
-    cache = KernelCache(tempfile.mkdtemp())
+    dev, cache = setup
     for name in args.shapes:
         n, k, flags, b_trans = SHAPES[name]
         if b_trans:

@@ -572,6 +572,18 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def report_from_csv(args, rows: list[dict], print_targets, plot) -> int:
+    """--from-csv: the targets and the plot of rows measured earlier (no runs)."""
+    if not rows:
+        print(f"no rows of commits {' '.join(args.from_csv)} in {args.csv}", file=sys.stderr)
+        return 2
+    print_targets(rows)
+    env = {k: rows[0][k] for k in ("date", "gpu", "torch", "triton")}
+    if args.plot and plot(rows, env, Path(args.plot)):
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma4-4b", choices=sorted(MODEL_NAMES))
@@ -607,14 +619,7 @@ def main(argv=None) -> int:
     if args.from_csv:
         rows = rows_of(Path(args.csv), args.from_csv)
         rows = [r for r in rows if not args.models or r["model"] in args.models]
-        if not rows:
-            print(f"no rows of commits {' '.join(args.from_csv)} in {args.csv}", file=sys.stderr)
-            return 2
-        print_targets(rows)
-        env = {k: rows[0][k] for k in ("date", "gpu", "torch", "triton")}
-        if args.plot and plot(rows, env, Path(args.plot)):
-            print(f"wrote {args.plot}")
-        return 0
+        return report_from_csv(args, rows, print_targets, plot)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]

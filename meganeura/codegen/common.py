@@ -66,6 +66,21 @@ class KernelSpec:
 SHARED_MEMORY = 200 * 1024  # bytes a program may stage on Hopper (232448 max, some headroom)
 
 
+def part_branches(parts: int, col: str, k_loop) -> str:
+    """A product whose B is `parts` weights side by side: one K loop per part, each under
+    its own `if` on the tile's first column col0 (independent ifs, not if/elif: exactly one
+    holds, and Triton then shares the loops' stage buffers). k_loop(i, c) gives part i's
+    loop for its columns c, `col` less the part's start."""
+    bounds = ["0"] + [f"end_{i}" for i in range(parts - 1)]
+    branches = []
+    for i in range(parts):
+        conds = [f"(col0 >= {bounds[i]})"] if i else []
+        conds += [f"(col0 < {bounds[i + 1]})"] if i < parts - 1 else []
+        c = col + (f" - {bounds[i]}" if i else "")
+        branches.append(f"if {' & '.join(conds)}:\n" + indent(k_loop(i, c), 4))
+    return "col0 = pid_n * BLOCK_N\n" + "\n".join(branches)
+
+
 def fit_stages(per_stage: int, fixed: int, want: int) -> int:
     """The most pipeline stages (<= want, >= 1) whose buffers fit in shared memory."""
     stages = want

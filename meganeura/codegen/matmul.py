@@ -29,7 +29,8 @@ import torch
 from ..compiler.cost import PAIRED_MATMULS, matmul_tile
 from ..compiler.plan import holds_fp32
 from . import matvec
-from .common import HEADER, KernelSpec, Target, cdiv, epilogue_lines, fit_stages, indent
+from .common import (HEADER, KernelSpec, Target, cdiv, epilogue_lines, fit_stages, indent,
+                     part_branches)
 
 OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_gate", "matmul_glu", "norm_matmul_glu",
        "matmul_softcap")
@@ -92,15 +93,8 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: 
             else:
                 up = None
             return f"for k0 in range(0, K, BLOCK_K):\n{indent(k_step(load_b(desc, col), up), 4)}"
-        if split:  # independent ifs, not if/elif: Triton can then share the loops' buffers
-            bounds = ["0"] + [f"end_{i}" for i in range(parts - 1)]
-            branches = []
-            for i in range(parts):
-                conds = [f"(col0 >= {bounds[i]})"] if i else []
-                conds += [f"(col0 < {bounds[i + 1]})"] if i < parts - 1 else []
-                col = "col0" + (f" - {bounds[i]}" if i else "")
-                branches.append(f"if {' & '.join(conds)}:\n" + indent(k_loop(f"b{i}_desc", col), 4))
-            loop = "col0 = pid_n * BLOCK_N\n" + "\n".join(branches)
+        if split:
+            loop = part_branches(parts, "col0", lambda i, c: k_loop(f"b{i}_desc", c))
         else:
             loop = k_loop("b0_desc", "pid_n * BLOCK_N")
     else:
@@ -256,7 +250,6 @@ def build(node, graph, target: Target) -> KernelSpec:
     warps, stages = cfg.pop("warps"), cfg.pop("stages")
     elem = 4 if target.dtype == torch.float32 else 2
     a_elem = 4 if holds_fp32(graph, a.id) else elem  # the fp32 residual stream
-    per_stage = cfg["BLOCK_K"] * (a_elem * cfg["BLOCK_M"] + elem * cfg["BLOCK_N"] * (2 if paired else 1))
     parts, tma = _b_reads(graph, a.id, b.id, paired, n, cfg["BLOCK_N"])
     if len(parts) == 1 and cfg["BLOCK_N"] == 256 and len(weight_parts(graph, b.id)) > 1:
         # 256-wide tiles would straddle the weights (12b's q | k | v: 3840 | 1920 | 1920):
@@ -266,7 +259,7 @@ def build(node, graph, target: Target) -> KernelSpec:
         if len(narrow) > 1:
             parts, tma = narrow, narrow_tma
             cfg["BLOCK_N"], warps = 128, 8 if paired else 4
-            per_stage = cfg["BLOCK_K"] * (a_elem * cfg["BLOCK_M"] + elem * 128 * (2 if paired else 1))
+    per_stage = cfg["BLOCK_K"] * (a_elem * cfg["BLOCK_M"] + elem * cfg["BLOCK_N"] * (2 if paired else 1))
     stored = [storage(graph, p) for p in parts]
     b_trans = stored[0][1]
     split = len(parts) > 1 and not paired

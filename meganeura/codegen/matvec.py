@@ -25,7 +25,8 @@ import itertools
 
 import torch
 
-from .common import GATE, HEADER, KernelSpec, Target, cdiv, epilogue_lines, indent
+from .common import (GATE, HEADER, KernelSpec, Target, cdiv, epilogue_lines, indent,
+                     part_branches)
 
 ROWS = 1  # the matmul archetype hands over products of at most this many rows
 
@@ -87,15 +88,8 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
         return "\n".join(head) + "\nfor k0 in range(k_lo, k_hi, BLOCK_K):\n" + indent(
             "\n".join(lines), 4)
 
-    if split:  # independent ifs: exactly one holds for a column tile
-        bounds = ["0"] + [f"end_{i}" for i in range(parts - 1)]
-        branches = []
-        for i in range(parts):
-            conds = [f"(col0 >= {bounds[i]})"] if i else []
-            conds += [f"(col0 < {bounds[i + 1]})"] if i < parts - 1 else []
-            col = "rn" + (f" - {bounds[i]}" if i else "")
-            branches.append(f"if {' & '.join(conds)}:\n" + indent(k_loop(i, f"({col})", None), 4))
-        loop = "col0 = pid_n * BLOCK_N\n" + "\n".join(branches)
+    if split:
+        loop = part_branches(parts, "rn", lambda i, c: k_loop(i, f"({c})", None))
     else:
         loop = k_loop(0, "rn", ("rn" if parts == 2 else "(N + rn)") if paired else None)
     init = ["acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)"]
