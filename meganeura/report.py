@@ -22,6 +22,8 @@ FUSED_OPS = {
     "matmul_add": "residual_epilogue",
     "norm_add": "post_norm_residual",
     "norm_add_scale": "post_norm_residual",
+    "matmul_norm_add": "post_norm_residual",
+    "matmul_norm_add_scale": "post_norm_residual",
     "matmul_softcap": "softcap_epilogue",
     "embedding_scale": "scalar_fold",
 }

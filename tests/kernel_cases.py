@@ -61,6 +61,33 @@ def matmul_case(op, m, k, n, seed=0, strided=False, transposed=False):
     return g, w, inputs
 
 
+# one-row products whose epilogue is the row's post-norm (+ residual, + layer scalar)
+ROW_NORM_MATMUL_OPS = ["matmul_norm_add", "matmul_norm_add_scale"]
+
+
+def row_norm_matmul_case(op, m, k, n, seed=0, transposed=False):
+    """r + rms_norm(x @ b, w) (times s[0] for the _scale form) over [m, n]."""
+    gen = torch.Generator().manual_seed(seed)
+    g = Graph()
+    x, inputs = _input_x(g, gen, m, k, False, 0)
+    if transposed:
+        b = g.transpose(g.parameter("b", (n, k)))
+        w = {"b": _rand(gen, n, k, scale=k ** -0.5)}
+    else:
+        b = g.parameter("b", (k, n))
+        w = {"b": _rand(gen, k, n, scale=k ** -0.5)}
+    w["w"] = 1.0 + 0.3 * _rand(gen, n)
+    r = g.input_f32("r", (m, n))
+    inputs.append(_rand(gen, m, n))
+    if op == "matmul_norm_add":
+        out = g.matmul_norm_add(x, b, g.parameter("w", (n,)), r, 1e-6)
+    else:
+        w["s"] = torch.tensor([0.63])
+        out = g.matmul_norm_add_scale(x, b, g.parameter("w", (n,)), r, g.parameter("s", (1,)), 1e-6)
+    g.set_outputs([out])
+    return g, w, inputs
+
+
 ROW_OPS = ["rms_norm", "rope", "rope-partial", "norm_rope", "head_rms_norm", "unit_rms_norm",
            "head_norm_rope", "head_norm_rope-partial", "norm_add", "norm_add_scale"]
 

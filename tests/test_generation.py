@@ -147,6 +147,12 @@ def test_prefill_and_decode_are_planned_apart(tmp_path):
     # the prefill's attention reads the rotated k rows anyway: their cache write stays a copy
     assert "head_norm_rope_write" not in prefill.graph.op_counts()
     assert decode.graph.op_counts()["cache_attention"] == 7
+    # at one row the post-norms (+ residual, + layer scalar) end the products that feed
+    # them; a forward's tiled products keep the row kernels
+    assert counts["matmul_norm_add"] == 2 * 7 and counts["matmul_norm_add_scale"] == 7
+    assert "norm_add" not in counts and "norm_add_scale" not in counts
+    pcounts = prefill.graph.op_counts()
+    assert pcounts["norm_add"] == 2 * 7 and "matmul_norm_add" not in pcounts
     assert prefill.kernel_counts() != decode.kernel_counts()
 
 

@@ -5,10 +5,11 @@ import torch
 
 import meganeura
 from configs import CONFIGS
-from kernel_cases import (CACHE_ROW_OPS, MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case,
-                          cache_attention_case, cache_rows_case, check_cache_attention,
-                          check_cache_rows, check_case, embedding_case, matmul_case, parts_case,
-                          pointwise_case, row_case)
+from kernel_cases import (CACHE_ROW_OPS, MATMUL_OPS, POINTWISE_OPS, ROW_NORM_MATMUL_OPS, ROW_OPS,
+                          attention_case, cache_attention_case, cache_rows_case,
+                          check_cache_attention, check_cache_rows, check_case, embedding_case,
+                          matmul_case, parts_case, pointwise_case, row_case,
+                          row_norm_matmul_case)
 from meganeura.models import Gemma4Config, build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.reference import run_reference
@@ -188,3 +189,21 @@ def test_split_products_repeat_bit_for_bit(tmp_path):
     dev = [x.cuda() for x in inputs]
     outs = [model(*dev).clone() for _ in range(8)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("k, n", [(2048, 2560), (10240, 2560), (8192, 5376)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("op", ROW_NORM_MATMUL_OPS)
+def test_product_ends_with_the_rows_post_norm_bf16(op, transposed, k, n, tmp_path):
+    # the decode step's o, down and per-layer projections with their post-norms: hundreds
+    # of column tiles on every SM, the row normalized by the last to count; the same bits
+    # on every call, the counter left zeroed
+    g, w, inputs = row_norm_matmul_case(op, 1, k, n, seed=k, transposed=transposed)
+    model = check_case((g, w, inputs), "cuda", torch.bfloat16, tmp_path, "bf16")
+    assert "post-norm-residual-epilogue" in model.launches[0].spec.variant
+    assert model.launches[0].spec.grid[0] >= 132
+    dev = [x.to("cuda", torch.bfloat16) for x in inputs]
+    outs = [model(*dev).clone() for _ in range(8)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    counters = [b for (name, _, _), b in model._scratches.items() if name.endswith("counters")]
+    assert len(counters) == 1 and not counters[0].any()

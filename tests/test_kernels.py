@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from kernel_cases import (CACHE_ROW_OPS, MATMUL_OPS, POINTWISE_OPS, ROW_OPS, attention_case,
-                          cache_attention_case, cache_rows_case, check_cache_attention,
-                          check_cache_rows, check_case,
-                          embedding_case, matmul_case, parts_case, pointwise_case, row_case)
+from kernel_cases import (CACHE_ROW_OPS, MATMUL_OPS, POINTWISE_OPS, ROW_NORM_MATMUL_OPS, ROW_OPS,
+                          attention_case, cache_attention_case, cache_rows_case,
+                          check_cache_attention, check_cache_rows, check_case, embedding_case,
+                          matmul_case, parts_case, pointwise_case, row_case,
+                          row_norm_matmul_case)
+from meganeura.runtime.reference import run_reference
+from numerics import assert_close
 
 
 @pytest.mark.parametrize("m", [1, 7, 37])
@@ -91,6 +94,27 @@ def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
         assert len(model._scratches) == 2  # the slices' partial rows and the tiles' counters
         for (name, _, _), buf in model._scratches.items():  # left zeroed for the next launch
             assert name.startswith("matvec_") and not buf.any()
+
+
+@pytest.mark.parametrize("m, k", [(1, 45), (1, 130), (3, 45)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("op", ROW_NORM_MATMUL_OPS)
+def test_product_ends_with_the_rows_post_norm(op, transposed, m, k, tmp_path):
+    # N = 70: nine 8-column tiles, the last one partial; the last tile of each row to count
+    # normalizes the whole row (several rows: a counter each), and leaves its counter zeroed
+    g, w, inputs = row_norm_matmul_case(op, m, k, 70, seed=k + m, transposed=transposed)
+    model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
+    spec = model.launches[0].spec
+    assert "post-norm-residual-epilogue" in spec.variant and "+matvec" in spec.variant
+    assert "+split-K" not in spec.variant and spec.grid == (9, m)  # whole column tiles count
+    assert ("+scalar" in spec.variant) == op.endswith("_scale")
+    counters = [buf for (name, _, _), buf in model._scratches.items() if name.endswith("counters")]
+    assert len(counters) == 1 and counters[0].shape == (m,) and not counters[0].any()
+    # a second call finds the counters zeroed: its last tiles normalize the new rows
+    fresh = [torch.randn(x.shape, generator=torch.Generator().manual_seed(99)) for x in inputs]
+    model.outputs[0].fill_(float("nan"))
+    (ref,) = run_reference(g, w, dict(zip([n.name for n in g.inputs()], fresh)))
+    assert_close(model(*fresh).float(), ref, "fp32")
 
 
 def test_matmul_variants_are_generated_from_the_fused_term(tmp_path):

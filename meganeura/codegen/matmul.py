@@ -26,14 +26,14 @@ import itertools
 
 import torch
 
-from ..compiler.cost import PAIRED_MATMULS, matmul_tile
+from ..compiler.cost import PAIRED_MATMULS, ROW_NORM_MATMULS, matmul_tile
 from ..compiler.plan import holds_fp32
 from . import matvec
 from .common import (HEADER, KernelSpec, Target, cdiv, epilogue_lines, fit_stages, indent,
                      part_branches)
 
 OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_gate", "matmul_glu", "norm_matmul_glu",
-       "matmul_softcap")
+       "matmul_softcap") + ROW_NORM_MATMULS
 
 
 def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: str,
@@ -237,15 +237,22 @@ def build(node, graph, target: Target) -> KernelSpec:
     act = node.attrs["act"] if node.op in PAIRED_MATMULS else None
     gate = node.attrs["act"] if node.op == "matmul_gate" else None
     softcap = node.op == "matmul_softcap"
+    post_norm = node.op in ROW_NORM_MATMULS
+    scalar = node.op == "matmul_norm_add_scale"
     paired = act is not None
     variant = "+".join(x for x, on in (("rmsnorm-prologue", norm),
                                        (f"{act}-glu-epilogue", paired),
                                        ("residual-epilogue", residual),
                                        (f"{gate}-gate-epilogue", gate),
-                                       ("softcap-epilogue", softcap)) if on) or "plain"
-    if m <= matvec.ROWS:
+                                       ("softcap-epilogue", softcap),
+                                       ("post-norm-residual-epilogue", post_norm),
+                                       ("scalar", scalar)) if on) or "plain"
+    # a row's post-norm waits on the row's last column tile: the matrix-vector kernel's
+    # (the cost model offers the fused form only at one row; a graph built with it runs)
+    if m <= matvec.ROWS or post_norm:
         return _matvec(node, graph, target, dict(norm=norm, act=act, residual=residual,
-                                                 softcap=softcap, variant=variant, gate=gate))
+                                                 softcap=softcap, variant=variant, gate=gate,
+                                                 post_norm=post_norm, scalar=scalar))
     cfg = tiles(m, n, k, paired, residual, target)
     warps, stages = cfg.pop("warps"), cfg.pop("stages")
     elem = 4 if target.dtype == torch.float32 else 2
@@ -300,8 +307,9 @@ def _matvec(node, graph, target: Target, flags: dict) -> KernelSpec:
     paired = flags["act"] is not None
     parts = weight_parts(graph, node.inputs[1])
     b_trans = storage(graph, parts[0])[1]
-    cfg = matvec.tiles(n, k, paired, b_trans, target)
+    splits = not flags["post_norm"]  # a row's post-norm counts whole column tiles
+    cfg = matvec.tiles(n, k, paired, b_trans, target, splits)
     if len(parts) > 1 and not parts_fit(graph, parts, paired, n, cfg["BLOCK_N"]):
         parts = [node.inputs[1]]
-        cfg = matvec.tiles(n, k, paired, storage(graph, parts[0])[1], target)
+        cfg = matvec.tiles(n, k, paired, storage(graph, parts[0])[1], target, splits)
     return matvec.build(node, graph, target, [storage(graph, p) for p in parts], cfg, flags)

@@ -26,13 +26,14 @@ import itertools
 import torch
 
 from .common import (GATE, HEADER, KernelSpec, Target, cdiv, epilogue_lines, indent,
-                     part_branches)
+                     next_pow2, part_branches)
 
 ROWS = 1  # the matmul archetype hands over products of at most this many rows
 
 
 def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int = 1,
-         weights: bool = True, gate: str | None = None, split_k: bool = False) -> str:
+         weights: bool = True, gate: str | None = None, split_k: bool = False,
+         post_norm: bool = False, scalar: bool = False) -> str:
     """Source of one variant. parts: B's weights passed separately (the paired product reads
     G from the first and U from the second; otherwise a column tile reads the one part that
     holds it, its end columns `end_i`). weights: B is made of parameters (never written at
@@ -42,18 +43,27 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
     BLOCK_K); each adds its partial sums onto its own zeroed row of an fp32 workspace (`ws`,
     SPLIT_K rows of N values, 2N paired) and counts itself in the tile's counter (`cnt`);
     the last to count sums the rows in order, finishes the tile (epilogue, store) and leaves
-    workspace and counter zeroed for the next launch."""
+    workspace and counter zeroed for the next launch.
+    post_norm: c = r + rms_norm(product, pw) over the whole row (times s[0] with scalar):
+    each program stores its columns of the product in the row's workspace (`y`) and counts
+    itself in the row's counter; the last to count reads the row back from L2, normalizes
+    it in BLOCK_R-wide pieces, and leaves the counter zeroed (not with split_k)."""
+    assert not (post_norm and (split_k or norm or residual or gate or softcap or act))
     paired = act is not None
     split = parts > 1 and not paired
+    reads_r = residual or gate or post_norm
     params = ["a_ptr"] + [f"b{i}_ptr" for i in range(parts)] + ["c_ptr"]
-    params += (["r_ptr"] if residual or gate else []) + (["nw_ptr"] if norm else [])
+    params += (["r_ptr"] if reads_r else []) + (["nw_ptr"] if norm else [])
+    if post_norm:
+        params += ["pw_ptr"] + (["s_ptr"] if scalar else []) + ["y_ptr", "row_cnt_ptr"]
     params += ["ws_ptr", "cnt_ptr", "K_SPLIT", "SPLIT_K"] if split_k else []
     params += ["N", "K", "stride_am"]
     params += [f"stride_bn{i}" for i in range(parts)] + [f"stride_bk{i}" for i in range(parts)]
-    params += ["stride_cm"] + (["stride_rm"] if residual or gate else [])
+    params += ["stride_cm"] + (["stride_rm"] if reads_r else [])
     params += [f"end_{i}" for i in range(parts - 1)] if split else []
-    params += (["eps"] if norm else []) + (["cap"] if softcap else [])
+    params += (["eps"] if norm or post_norm else []) + (["cap"] if softcap else [])
     params += ["BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
+    params += ["BLOCK_R: tl.constexpr"] if post_norm else []
 
     def k_loop(i: int, col: str, up: str | None) -> str:
         """The K loop over part i's columns `col` (and the U columns `up` of a paired
@@ -105,6 +115,8 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
                           r_load if residual or gate else None, gate, softcap)
     tail.append("tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), "
                 "mask=n_mask)")
+    if post_norm:
+        tail = _post_norm_tail(scalar)
     if split_k:  # each slice's partials in its own workspace row; the last to count sums
         # the rows in slice order (the same bits every run, whatever order programs finish)
         width = "2 * N" if paired else "N"
@@ -144,7 +156,36 @@ a_row = a_ptr + row * stride_am
     return HEADER + f"def matvec_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
-def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
+def _post_norm_tail(scalar: bool) -> list[str]:
+    """The row's post-norm after the product: columns to the workspace, counted; the last
+    program reads the whole row back (L2 only: other SMs wrote it), then normalizes, adds
+    the residual (and scales) piece by piece."""
+    def piece(name: str) -> list[str]:
+        return ["cols = c0 + tl.arange(0, BLOCK_R)",
+                "cm = cols < N",
+                f"{name} = tl.load(y_ptr + row * N + cols, mask=cm, other=0.0, "
+                'cache_modifier=".cg")']
+    out = ["tl.store(y_ptr + row * N + rn, out, mask=n_mask)",
+            "tl.debug_barrier()  # every thread's columns before the count",
+            'done = tl.atomic_add(row_cnt_ptr + row, 1, sem="acq_rel")',
+            "if done == tl.num_programs(0) - 1:  # the row's last program: every column is in"]
+    last = ["ss = tl.zeros((BLOCK_R,), dtype=tl.float32)",
+            "for c0 in range(0, N, BLOCK_R):"]
+    last += ["    " + x for x in piece("y") + ["ss += y * y"]]
+    last += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / N + eps)",
+             "for c0 in range(0, N, BLOCK_R):"]
+    body = piece("y") + [
+        "y = y * rstd * tl.load(pw_ptr + cols, mask=cm, other=0.0).to(tl.float32)",
+        "y = y + tl.load(r_ptr + row * stride_rm + cols, mask=cm, other=0.0).to(tl.float32)"]
+    body += ["y = y * tl.load(s_ptr).to(tl.float32)"] if scalar else []
+    body += ["tl.store(c_ptr + row * stride_cm + cols, y.to(c_ptr.dtype.element_ty), mask=cm)"]
+    last += ["    " + x for x in body]
+    last += ["tl.store(row_cnt_ptr + row, 0)  # zeroed for the next launch"]
+    return out + ["    " + x for x in last]
+
+
+def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target,
+          splits: bool = True) -> dict:
     """Column tile and K step, from benchmarks/matvec_sweep.py on the H200 (Triton 3.6,
     results/matvec-sweep-2026-12-01-*.log; pipeline stages change nothing here).
     Stored [N, K], a column's K run is contiguous:
@@ -170,17 +211,19 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target) -> dict:
       11.5 us for 26 MB (12.5 split four ways);
     - else (down, o) 32 columns in K steps of 128, K split up to 8 ways in slices of at
       least 640 rows: down 16.6 us for 52 MB (8 ways; 26 us whole at 16 columns), o 7.9 us
-      for 13 MB (4 ways)."""
+      for 13 MB (4 ways).
+    splits=False (a row's post-norm counts whole column tiles): 16 columns in K steps of
+    256 where a split would have been chosen, so every SM still gets a program."""
     if target.interpreted:  # [K, N] in up to three K slices, so tests cover the split
         return dict(BLOCK_N=8, BLOCK_K=32, warps=4,
-                    SPLIT_K=1 if b_trans else min(3, cdiv(k, 32)))
+                    SPLIT_K=1 if b_trans or not splits else min(3, cdiv(k, 32)))
     if not b_trans:
         if paired:
             return dict(BLOCK_N=32 if cdiv(n, 32) >= 2 * target.sm_count else 16, BLOCK_K=128,
                         warps=4, SPLIT_K=1)
         if n >= 65536:
             return dict(BLOCK_N=64, BLOCK_K=128, warps=4, SPLIT_K=1)
-        if cdiv(n, 16) >= 2 * target.sm_count:
+        if cdiv(n, 16) >= 2 * target.sm_count or not splits:
             return dict(BLOCK_N=16, BLOCK_K=256, warps=4, SPLIT_K=1)
         split = 1
         while split < 8 and k // (split * 2) >= 640:
@@ -216,14 +259,23 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     a = graph[node.inputs[0]]
     k, n = a.shape[1], node.shape[1]
     act, residual, norm, gate = flags["act"], flags["residual"], flags["norm"], flags["gate"]
+    post_norm, scalar = flags.get("post_norm", False), flags.get("scalar", False)
+    rows = a.shape[0]
     cfg = dict(cfg)
     warps, split_k = cfg.pop("warps"), cfg.pop("SPLIT_K", 1)
     split = len(stored) > 1 and act is None
     args = [("node", a.id)] + [("node", sid) for sid, _ in stored] + [("node", node.id)]
     args += [("node", node.inputs[2])] if residual or norm or gate else []
-    # K in SPLIT_K slices of whole K steps (one row: the workspace holds one row's partials)
+    if post_norm:  # operands a, b, w, r (, s): r, w (, s), then the rows' workspace, counters
+        args += [("node", node.inputs[3]), ("node", node.inputs[2])]
+        args += [("node", node.inputs[4])] if scalar else []
+        args += [("scratch", ("matvec_rows", (rows * n,), "fp32")),
+                 ("scratch", ("matvec_row_counters", (rows,), "i32"))]
+        cfg["BLOCK_R"] = min(next_pow2(n), 2048 if target.interpreted else 8192)
+    # K in SPLIT_K slices of whole K steps (one row: the workspace holds one row's partials;
+    # a post-norm row counts whole column tiles)
     k_split, split_k = k_slices(k, split_k, cfg["BLOCK_K"])
-    split_k = split_k if a.shape[0] == 1 else 1
+    split_k = split_k if rows == 1 and not post_norm else 1
     if split_k > 1:  # a workspace row per slice and a counter per column tile, shared by the
         # plan's products of the same shape (each leaves them zeroed)
         args += [("scratch", ("matvec_partials", (split_k * (2 if act else 1) * n,), "fp32")),
@@ -235,10 +287,11 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     args += [("value", 1) if tr else ("stride", sid) for sid, tr in stored]
     args += [("stride", node.id)]
     args += [("stride", node.inputs[2])] if residual or gate else []
+    args += [("stride", node.inputs[3])] if post_norm else []
     if split:
         widths = [graph[sid].shape[0] if tr else graph[sid].shape[1] for sid, tr in stored]
         args += [("value", e) for e in list(itertools.accumulate(widths))[:-1]]
-    args += [("value", node.attrs["eps"])] if norm else []
+    args += [("value", node.attrs["eps"])] if norm or post_norm else []
     args += [("value", node.attrs["cap"])] if flags["softcap"] else []
     variant = flags["variant"] + "+matvec"
     variant += "+B-transposed" if stored[0][1] else ""
@@ -247,7 +300,7 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     grid = (cdiv(n, cfg["BLOCK_N"]), a.shape[0]) + ((split_k,) if split_k > 1 else ())
     weights = all(graph.load_time(sid) for sid, _ in stored)
     return KernelSpec("matmul", variant, emit(norm, act, residual, flags["softcap"], len(stored),
-                                              weights, gate, split_k > 1),
+                                              weights, gate, split_k > 1, post_norm, scalar),
                       "matvec_kernel", grid, args, cfg, num_warps=warps, num_stages=3)
 
 

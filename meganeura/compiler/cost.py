@@ -131,6 +131,13 @@ def matmul_tile(m: int, n: int, paired: bool, sms: int) -> tuple[int, int]:
 
 
 PAIRED_MATMULS = ("matmul_glu", "norm_matmul_glu")  # two accumulators: gate and up tiles
+# products whose epilogue normalizes the whole row: the last column tile of a row to finish
+# does it, after the others left their values in a workspace. Only a one-row product (a
+# decode step) runs that way; a tiled product's row blocks would each wait on a row of tiles
+ROW_NORM_MATMULS = ("matmul_norm_add", "matmul_norm_add_scale")
+# the last column tile's pass over the row (count, then the row's values read back from L2,
+# normalized, added and stored): about one dependent round trip to L2 more than a row kernel
+ROW_NORM_TAIL = 1e-6
 
 
 def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work | None:
@@ -153,6 +160,11 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         vec = 2 * _numel(out)  # epilogue: cast, add, activation * up, or soft-cap
         sms = attrs.get("_sms", 0)
         fill = wave_fill(m, n, *matmul_tile(m, n, op in PAIRED_MATMULS, sms), sms) if m > 64 else 1.0
+        if op in ROW_NORM_MATMULS:
+            if m > 1:
+                return Work(math.inf)
+            # the product's values to the workspace and back (L2), 5 FLOPs an element of the row
+            return Work(io + 8 * n, 2 * m * n * k, 7 * n, "matmul", fixed=ROW_NORM_TAIL)
         if op.startswith("norm_"):  # sum(x^2) and x * w over the A tiles, per column tile
             vec += 3 * m * k * math.ceil(n / attrs["_tile_n"]) + m * n
             return Work(io, 2 * m * n * k, vec, "prologue", fill)

@@ -307,6 +307,16 @@ def _norm_add_scale(s, d, a):
     return _scale_by([s[0], s[3]], d, a)
 
 
+def _matmul_norm_add(s, d, a):
+    out = _matmul(s[:2], d, a)
+    return _norm_add([out] + list(s[2:4]), d, a)
+
+
+def _matmul_norm_add_scale(s, d, a):
+    out = _matmul(s[:2], d, a)
+    return _norm_add_scale([out] + list(s[2:5]), d, a)
+
+
 def _embedding_scale(s, d, a):
     _scale(s, d, a)
     return _embedding(s, d, a)
@@ -427,6 +437,17 @@ _op("norm_add_scale", ("y", "w", "r", "s"), (("eps", float),), _norm_add_scale,
     lambda a, y, w, r, s: fm.scale_by(r + fm.rms_norm(y, w, a["eps"]), s),
     "(r + rms_norm(y, w)) * s[0]: post-norm, residual and layer scalar", vector_flops=6,
     stream=True, rows=(0, 2))
+# a one-row product whose row is then post-normed (the norm needs the whole row: the last
+# column tile to finish normalizes it)
+_op("matmul_norm_add", ("a", "b", "w", "r"), (("eps", float),), _matmul_norm_add,
+    lambda a, x, b, w, r: r + fm.rms_norm(x @ b, w, a["eps"]),
+    "r + rms_norm(a @ b, w): post-norm and residual as the product's epilogue", work="matmul",
+    stream=True)
+_op("matmul_norm_add_scale", ("a", "b", "w", "r", "s"), (("eps", float),),
+    _matmul_norm_add_scale,
+    lambda a, x, b, w, r, s: fm.scale_by(r + fm.rms_norm(x @ b, w, a["eps"]), s),
+    "(r + rms_norm(a @ b, w)) * s[0]: post-norm, residual and layer scalar as the product's "
+    "epilogue", work="matmul", stream=True)
 # a decode step's k and v rows: normalized (and rotated) straight into their cache slots
 _op("norm_rope_write", ("cache", "x", "w", "pos"), (("eps", float), ("theta", float),
                                                    ("head_dim", int), ("rotary", int),
