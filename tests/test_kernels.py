@@ -92,16 +92,23 @@ def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
     if "+split-K" in spec.variant:
         assert spec.grid[2] == (2 if k == 45 else 3)
         assert len(model._scratches) == 2  # the slices' partial rows and the tiles' counters
-        for (name, _, _), buf in model._scratches.items():  # left zeroed for the next launch
-            assert name.startswith("matvec_") and not buf.any()
+        counters = model._scratches[("matvec_counters", (9,), "i32")]
+        assert not counters.any()  # left zeroed for the next launch
+        # which it finds: a second call with fresh inputs
+        g, w, inputs = matmul_case(op, 1, k, 70, seed=11, transposed=transposed)
+        fresh = [torch.randn(x.shape, generator=torch.Generator().manual_seed(98)) for x in inputs]
+        model.outputs[0].fill_(float("nan"))
+        (ref,) = run_reference(g, w, dict(zip([n.name for n in g.inputs()], fresh)))
+        assert_close(model(*fresh).float(), ref, "fp32")
 
 
 @pytest.mark.parametrize("m, k", [(1, 45), (1, 130), (3, 45)])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("op", ROW_NORM_MATMUL_OPS)
 def test_product_ends_with_the_rows_post_norm(op, transposed, m, k, tmp_path):
-    # N = 70: nine 8-column tiles, the last one partial; the last tile of each row to count
-    # normalizes the whole row (several rows: a counter each), and leaves its counter zeroed
+    # N = 70: nine 8-column tiles, the last one partial, counted in three groups of three;
+    # the last tile of each row to count normalizes the whole row (several rows: counters
+    # each), and leaves the counters zeroed
     g, w, inputs = row_norm_matmul_case(op, m, k, 70, seed=k + m, transposed=transposed)
     model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
     spec = model.launches[0].spec
@@ -109,7 +116,9 @@ def test_product_ends_with_the_rows_post_norm(op, transposed, m, k, tmp_path):
     assert "+split-K" not in spec.variant and spec.grid == (9, m)  # whole column tiles count
     assert ("+scalar" in spec.variant) == op.endswith("_scale")
     counters = [buf for (name, _, _), buf in model._scratches.items() if name.endswith("counters")]
-    assert len(counters) == 1 and counters[0].shape == (m,) and not counters[0].any()
+    assert spec.constexprs["GROUPS"] == 3 and spec.constexprs["GROUP_TILES"] == 3
+    # a counter a cache line: the row's, then its three groups'
+    assert len(counters) == 1 and counters[0].shape == (m * 4 * 32,) and not counters[0].any()
     # a second call finds the counters zeroed: its last tiles normalize the new rows
     fresh = [torch.randn(x.shape, generator=torch.Generator().manual_seed(99)) for x in inputs]
     model.outputs[0].fill_(float("nan"))

@@ -8,7 +8,7 @@ owns BLOCK_N output columns and streams their whole K extent (B stored [N, K] gi
 K-contiguous rows; stored [K, N], BLOCK_N-wide segments of each row), multiplying in fp32
 on the ordinary units and reducing once at the end; narrow column tiles give every SM
 several programs. Over [K, N] weights with too few column tiles, SPLIT_K programs share a
-tile's K extent and the last of them to finish sums their partials (in slice order, so
+tile's K extent and the last of them to finish sums their partials (in one fixed order, so
 every run gives the same bits) and applies the epilogue. The prologue and epilogues are the tiled kernel's (RMSNorm of a with its
 weight; act(G) * U, + R, act(C) * R, soft-cap), so the e-graph's fusions carry over
 unchanged. A B that
@@ -22,6 +22,7 @@ FLOPs: 2*N'*K on the vector units
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -40,14 +41,15 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
     run time), so its first tile may be read before the dependent-launch gate. gate: act(c)
     times the row of R (matmul_gate) in place of the residual add. split_k: grid axis 2
     shares K among SPLIT_K programs per column tile, K_SPLIT rows each (a multiple of
-    BLOCK_K); each adds its partial sums onto its own zeroed row of an fp32 workspace (`ws`,
+    BLOCK_K); each stores its partial sums in its own row of an fp32 workspace (`ws`,
     SPLIT_K rows of N values, 2N paired) and counts itself in the tile's counter (`cnt`);
-    the last to count sums the rows in order, finishes the tile (epilogue, store) and leaves
-    workspace and counter zeroed for the next launch.
+    the last to count reads the BLOCK_S rows at once and sums them in one fixed order,
+    finishes the tile (epilogue, store) and leaves the counter zeroed for the next launch.
     post_norm: c = r + rms_norm(product, pw) over the whole row (times s[0] with scalar):
     each program stores its columns of the product in the row's workspace (`y`) and counts
-    itself in the row's counter; the last to count reads the row back from L2, normalizes
-    it in BLOCK_R-wide pieces, and leaves the counter zeroed (not with split_k)."""
+    itself in its group's counter (GROUPS of GROUP_TILES column tiles), the last of a group
+    in the row's; the last of those reads the row back from L2, normalizes it in
+    BLOCK_R-wide pieces, and leaves the counters zeroed (not with split_k)."""
     assert not (post_norm and (split_k or norm or residual or gate or softcap or act))
     paired = act is not None
     split = parts > 1 and not paired
@@ -63,7 +65,9 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
     params += [f"end_{i}" for i in range(parts - 1)] if split else []
     params += (["eps"] if norm or post_norm else []) + (["cap"] if softcap else [])
     params += ["BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
-    params += ["BLOCK_R: tl.constexpr"] if post_norm else []
+    params += ["BLOCK_S: tl.constexpr"] if split_k else []
+    params += ["BLOCK_R: tl.constexpr", "GROUP_TILES: tl.constexpr", "GROUPS: tl.constexpr",
+               "BLOCK_CNT: tl.constexpr"] if post_norm else []
 
     def k_loop(i: int, col: str, up: str | None) -> str:
         """The K loop over part i's columns `col` (and the U columns `up` of a paired
@@ -118,24 +122,20 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
     if post_norm:
         tail = _post_norm_tail(scalar)
     if split_k:  # each slice's partials in its own workspace row; the last to count sums
-        # the rows in slice order (the same bits every run, whatever order programs finish)
+        # the rows in one fixed order (the same bits every run, whatever order programs finish)
         width = "2 * N" if paired else "N"
         finish += [f"part = ws_ptr + tl.program_id(2).to(tl.int64) * {width} + rn",
-                   "# added at L2 onto the zeros the row was left with: the partials exactly",
-                   'tl.atomic_add(part, out, mask=n_mask, sem="relaxed")']
-        finish += ['tl.atomic_add(part + N, up, mask=n_mask, sem="relaxed")'] if paired else []
+                   "tl.store(part, out, mask=n_mask)"]
+        finish += ["tl.store(part + N, up, mask=n_mask)"] if paired else []
         finish += ["tl.debug_barrier()  # every thread's partials before the count",
                    'done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")']
-        # each row read at L2 (an atomic add of zero), then zeroed: every other program of
-        # the tile has counted, so nothing else touches them in this launch
-        last = ["zero = tl.zeros((BLOCK_N,), dtype=tl.float32)", "out = zero"]
-        last += ["up = zero"] if paired else []
-        last += ["for j in range(0, SPLIT_K):",
-                 f"    part = ws_ptr + j * {width} + rn",
-                 '    out += tl.atomic_add(part, zero, mask=n_mask, sem="relaxed")',
-                 "    tl.store(part, zero, mask=n_mask)"]
-        last += ['    up += tl.atomic_add(part + N, zero, mask=n_mask, sem="relaxed")',
-                 "    tl.store(part + N, zero, mask=n_mask)"] if paired else []
+        # every slice's row asked at once (from L2: other SMs wrote them), then summed
+        last = ["js = tl.arange(0, BLOCK_S)",
+                f"rows = ws_ptr + js[:, None].to(tl.int64) * {width} + rn[None, :]",
+                "rmask = (js[:, None] < SPLIT_K) & n_mask[None, :]",
+                'out = tl.sum(tl.load(rows, mask=rmask, other=0.0, cache_modifier=".cg"), axis=0)']
+        last += ['up = tl.sum(tl.load(rows + N, mask=rmask, other=0.0, cache_modifier=".cg"), '
+                 'axis=0)'] if paired else []
         last += tail + ["tl.store(cnt_ptr + pid_n, 0)"]
         tail = ["if done == SPLIT_K - 1:"] + ["    " + x for x in last]
     k_range = (["k_lo = tl.program_id(2) * K_SPLIT", "k_hi = tl.minimum(k_lo + K_SPLIT, K)"]
@@ -157,18 +157,26 @@ a_row = a_ptr + row * stride_am
 
 
 def _post_norm_tail(scalar: bool) -> list[str]:
-    """The row's post-norm after the product: columns to the workspace, counted; the last
-    program reads the whole row back (L2 only: other SMs wrote it), then normalizes, adds
-    the residual (and scales) piece by piece."""
+    """The row's post-norm after the product: columns to the workspace, counted in two
+    levels (hundreds of tiles adding to one counter queue at L2: each counts in its group's
+    counter, the last of a group in the row's); the last to count reads the whole row back
+    (from L2: other SMs wrote it), then normalizes, adds the residual (and scales) piece by
+    piece, and zeroes the row's counters."""
     def piece(name: str) -> list[str]:
         return ["cols = c0 + tl.arange(0, BLOCK_R)",
                 "cm = cols < N",
                 f"{name} = tl.load(y_ptr + row * N + cols, mask=cm, other=0.0, "
                 'cache_modifier=".cg")']
     out = ["tl.store(y_ptr + row * N + rn, out, mask=n_mask)",
-            "tl.debug_barrier()  # every thread's columns before the count",
-            'done = tl.atomic_add(row_cnt_ptr + row, 1, sem="acq_rel")',
-            "if done == tl.num_programs(0) - 1:  # the row's last program: every column is in"]
+           "tl.debug_barrier()  # every thread's columns before the count",
+           "grp = pid_n // GROUP_TILES",
+           "# the row's counter, then its groups', a cache line (32 counters) apart",
+           "cnt_row = row_cnt_ptr + row * (GROUPS + 1) * 32",
+           "in_group = tl.minimum(GROUP_TILES, tl.num_programs(0) - grp * GROUP_TILES)",
+           'done = tl.atomic_add(cnt_row + (1 + grp) * 32, 1, sem="acq_rel")',
+           "if done == in_group - 1:  # the group's last: its columns are in",
+           '    done = tl.atomic_add(cnt_row, 1, sem="acq_rel")',
+           "    if done == GROUPS - 1:  # the row's last: every column is in"]
     last = ["ss = tl.zeros((BLOCK_R,), dtype=tl.float32)",
             "for c0 in range(0, N, BLOCK_R):"]
     last += ["    " + x for x in piece("y") + ["ss += y * y"]]
@@ -180,8 +188,9 @@ def _post_norm_tail(scalar: bool) -> list[str]:
     body += ["y = y * tl.load(s_ptr).to(tl.float32)"] if scalar else []
     body += ["tl.store(c_ptr + row * stride_cm + cols, y.to(c_ptr.dtype.element_ty), mask=cm)"]
     last += ["    " + x for x in body]
-    last += ["tl.store(row_cnt_ptr + row, 0)  # zeroed for the next launch"]
-    return out + ["    " + x for x in last]
+    last += ["rc = tl.arange(0, BLOCK_CNT)",
+             "tl.store(cnt_row + rc * 32, rc * 0, mask=rc < GROUPS + 1)  # zeroed for the next launch"]
+    return out + ["        " + x for x in last]
 
 
 def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target,
@@ -269,15 +278,20 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     if post_norm:  # operands a, b, w, r (, s): r, w (, s), then the rows' workspace, counters
         args += [("node", node.inputs[3]), ("node", node.inputs[2])]
         args += [("node", node.inputs[4])] if scalar else []
+        # column tiles counted in about sqrt(tiles) groups of about sqrt(tiles)
+        n_tiles = cdiv(n, cfg["BLOCK_N"])
+        group_tiles = math.isqrt(n_tiles - 1) + 1 if n_tiles > 1 else 1
+        groups = cdiv(n_tiles, group_tiles)
         args += [("scratch", ("matvec_rows", (rows * n,), "fp32")),
-                 ("scratch", ("matvec_row_counters", (rows,), "i32"))]
-        cfg["BLOCK_R"] = min(next_pow2(n), 2048 if target.interpreted else 8192)
+                 ("scratch", ("matvec_row_counters", (rows * (groups + 1) * 32,), "i32"))]
+        cfg.update(BLOCK_R=min(next_pow2(n), 2048 if target.interpreted else 8192),
+                   GROUP_TILES=group_tiles, GROUPS=groups, BLOCK_CNT=next_pow2(groups + 1))
     # K in SPLIT_K slices of whole K steps (one row: the workspace holds one row's partials;
     # a post-norm row counts whole column tiles)
     k_split, split_k = k_slices(k, split_k, cfg["BLOCK_K"])
     split_k = split_k if rows == 1 and not post_norm else 1
     if split_k > 1:  # a workspace row per slice and a counter per column tile, shared by the
-        # plan's products of the same shape (each leaves them zeroed)
+        # plan's products of the same shape (each leaves the counters zeroed)
         args += [("scratch", ("matvec_partials", (split_k * (2 if act else 1) * n,), "fp32")),
                  ("scratch", ("matvec_counters", (cdiv(n, cfg["BLOCK_N"]),), "i32")),
                  ("value", k_split), ("value", split_k)]
@@ -297,6 +311,8 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     variant += "+B-transposed" if stored[0][1] else ""
     variant += f"+{len(stored)}-part-B" if len(stored) > 1 else ""
     variant += "+split-K" if split_k > 1 else ""
+    if split_k > 1:
+        cfg["BLOCK_S"] = next_pow2(split_k)
     grid = (cdiv(n, cfg["BLOCK_N"]), a.shape[0]) + ((split_k,) if split_k > 1 else ())
     weights = all(graph.load_time(sid) for sid, _ in stored)
     return KernelSpec("matmul", variant, emit(norm, act, residual, flags["softcap"], len(stored),
