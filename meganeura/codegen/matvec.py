@@ -284,7 +284,10 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
         groups = cdiv(n_tiles, group_tiles)
         args += [("scratch", ("matvec_rows", (rows * n,), "fp32")),
                  ("scratch", ("matvec_row_counters", (rows * (groups + 1) * 32,), "i32"))]
-        cfg.update(BLOCK_R=min(next_pow2(n), 2048 if target.interpreted else 8192),
+        # the row in pieces of 1024 on the GPU: wider ones cost the whole kernel registers
+        # (128 a thread at 4096, against the product's 60-96: fewer programs stream B), and
+        # in pieces of 32 on the interpreter (so tests cover several)
+        cfg.update(BLOCK_R=min(next_pow2(n), 32 if target.interpreted else 1024),
                    GROUP_TILES=group_tiles, GROUPS=groups, BLOCK_CNT=next_pow2(groups + 1))
     # K in SPLIT_K slices of whole K steps (one row: the workspace holds one row's partials;
     # a post-norm row counts whole column tiles)
