@@ -21,6 +21,15 @@ def _input_x(g, gen, rows, cols, strided, pad):
     return g.slice_cols(wide, pad // 2, cols), [_rand(gen, rows, cols + pad)]
 
 
+def _weight_b(g, gen, k, width, transposed):
+    """Weight "b" of a product to `width` columns: stored [K, width], or [width, K] (a
+    checkpoint's linear layout) and transposed; with its values."""
+    if transposed:
+        b = g.transpose(g.parameter("b", (width, k)))
+        return b, {"b": _rand(gen, width, k, scale=k ** -0.5)}
+    return g.parameter("b", (k, width)), {"b": _rand(gen, k, width, scale=k ** -0.5)}
+
+
 # the matmul archetype's ops, with their attributes (the gated ones with both activations)
 MATMUL_OPS = ["matmul", "norm_matmul", "matmul_add", "matmul_gate-gelu_tanh", "matmul_gate-silu",
               "matmul_glu-silu", "matmul_glu-gelu_tanh", "norm_matmul_glu-silu",
@@ -34,13 +43,7 @@ def matmul_case(op, m, k, n, seed=0, strided=False, transposed=False):
     op, _, act = op.partition("-")
     g = Graph()
     x, inputs = _input_x(g, gen, m, k, strided, pad=9)
-    width = 2 * n if "glu" in op else n
-    if transposed:
-        b = g.transpose(g.parameter("b", (width, k)))
-        w = {"b": _rand(gen, width, k, scale=k ** -0.5)}
-    else:
-        b = g.parameter("b", (k, width))
-        w = {"b": _rand(gen, k, width, scale=k ** -0.5)}
+    b, w = _weight_b(g, gen, k, 2 * n if "glu" in op else n, transposed)
     attrs = {"act": act} if act else {}
     if op.startswith("norm_"):
         w["nw"] = 1.0 + 0.3 * _rand(gen, k)
@@ -70,12 +73,7 @@ def row_norm_matmul_case(op, m, k, n, seed=0, transposed=False):
     gen = torch.Generator().manual_seed(seed)
     g = Graph()
     x, inputs = _input_x(g, gen, m, k, False, 0)
-    if transposed:
-        b = g.transpose(g.parameter("b", (n, k)))
-        w = {"b": _rand(gen, n, k, scale=k ** -0.5)}
-    else:
-        b = g.parameter("b", (k, n))
-        w = {"b": _rand(gen, k, n, scale=k ** -0.5)}
+    b, w = _weight_b(g, gen, k, n, transposed)
     w["w"] = 1.0 + 0.3 * _rand(gen, n)
     r = g.input_f32("r", (m, n))
     inputs.append(_rand(gen, m, n))

@@ -83,8 +83,8 @@ def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
     # a decode step's products: K = 45 or 130 and N = 70 leave partial K steps and column
     # tiles; B stored [K, N] past one K step is shared among programs in K slices (two of
     # 32 rows at K = 45, three of 64 at 130), whose last program finishes each column tile
-    model = check_case(matmul_case(op, 1, k, 70, seed=11, transposed=transposed), "cpu",
-                       torch.float32, tmp_path, "fp32")
+    g, w, inputs = matmul_case(op, 1, k, 70, seed=11, transposed=transposed)
+    model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
     spec = model.launches[0].spec
     assert "+matvec" in spec.variant and spec.entry == "matvec_kernel"
     assert ("B-transposed" in spec.variant) == transposed
@@ -95,7 +95,6 @@ def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
         counters = model._scratches[("matvec_counters", (9,), "i32")]
         assert not counters.any()  # left zeroed for the next launch
         # which it finds: a second call with fresh inputs
-        g, w, inputs = matmul_case(op, 1, k, 70, seed=11, transposed=transposed)
         fresh = [torch.randn(x.shape, generator=torch.Generator().manual_seed(98)) for x in inputs]
         model.outputs[0].fill_(float("nan"))
         (ref,) = run_reference(g, w, dict(zip([n.name for n in g.inputs()], fresh)))

@@ -115,12 +115,13 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
         finish += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)", "out = out * rstd"]
         finish += ["up = up * rstd"] if paired else []
     r_load = "tl.load(r_ptr + row * stride_rm + rn, mask=n_mask, other=0.0)"
-    tail = epilogue_lines("out", "up" if paired else None, act,
-                          r_load if residual or gate else None, gate, softcap)
-    tail.append("tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), "
-                "mask=n_mask)")
     if post_norm:
         tail = _post_norm_tail(scalar)
+    else:
+        tail = epilogue_lines("out", "up" if paired else None, act,
+                              r_load if residual or gate else None, gate, softcap)
+        tail.append("tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), "
+                    "mask=n_mask)")
     if split_k:  # each slice's partials in its own workspace row; the last to count sums
         # the rows in one fixed order (the same bits every run, whatever order programs finish)
         width = "2 * N" if paired else "N"
@@ -188,8 +189,8 @@ def _post_norm_tail(scalar: bool) -> list[str]:
     body += ["y = y * tl.load(s_ptr).to(tl.float32)"] if scalar else []
     body += ["tl.store(c_ptr + row * stride_cm + cols, y.to(c_ptr.dtype.element_ty), mask=cm)"]
     last += ["    " + x for x in body]
-    last += ["rc = tl.arange(0, BLOCK_CNT)",
-             "tl.store(cnt_row + rc * 32, rc * 0, mask=rc < GROUPS + 1)  # zeroed for the next launch"]
+    last += ["rc = tl.arange(0, BLOCK_CNT)  # the counters zeroed for the next launch",
+             "tl.store(cnt_row + rc * 32, rc * 0, mask=rc < GROUPS + 1)"]
     return out + ["        " + x for x in last]
 
 
@@ -268,7 +269,7 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     a = graph[node.inputs[0]]
     k, n = a.shape[1], node.shape[1]
     act, residual, norm, gate = flags["act"], flags["residual"], flags["norm"], flags["gate"]
-    post_norm, scalar = flags.get("post_norm", False), flags.get("scalar", False)
+    post_norm, scalar = flags["post_norm"], flags["scalar"]
     rows = a.shape[0]
     cfg = dict(cfg)
     warps, split_k = cfg.pop("warps"), cfg.pop("SPLIT_K", 1)
@@ -280,7 +281,7 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
         args += [("node", node.inputs[4])] if scalar else []
         # column tiles counted in about sqrt(tiles) groups of about sqrt(tiles)
         n_tiles = cdiv(n, cfg["BLOCK_N"])
-        group_tiles = math.isqrt(n_tiles - 1) + 1 if n_tiles > 1 else 1
+        group_tiles = math.isqrt(n_tiles - 1) + 1
         groups = cdiv(n_tiles, group_tiles)
         args += [("scratch", ("matvec_rows", (rows * n,), "fp32")),
                  ("scratch", ("matvec_row_counters", (rows * (groups + 1) * 32,), "i32"))]
@@ -298,6 +299,7 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
         args += [("scratch", ("matvec_partials", (split_k * (2 if act else 1) * n,), "fp32")),
                  ("scratch", ("matvec_counters", (cdiv(n, cfg["BLOCK_N"]),), "i32")),
                  ("value", k_split), ("value", split_k)]
+        cfg["BLOCK_S"] = next_pow2(split_k)  # the slices' rows, read at once
     args += [("value", n), ("value", k), ("stride", a.id)]
     # each part's stride along N, then along K
     args += [("stride", sid) if tr else ("value", 1) for sid, tr in stored]
@@ -314,8 +316,6 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     variant += "+B-transposed" if stored[0][1] else ""
     variant += f"+{len(stored)}-part-B" if len(stored) > 1 else ""
     variant += "+split-K" if split_k > 1 else ""
-    if split_k > 1:
-        cfg["BLOCK_S"] = next_pow2(split_k)
     grid = (cdiv(n, cfg["BLOCK_N"]), a.shape[0]) + ((split_k,) if split_k > 1 else ())
     weights = all(graph.load_time(sid) for sid, _ in stored)
     return KernelSpec("matmul", variant, emit(norm, act, residual, flags["softcap"], len(stored),

@@ -29,6 +29,8 @@ def _(y: Tensor, w: Tensor, r: Tensor, s: Tensor, m: Tensor, a: Tensor, b: Tenso
                ).then(union(m).with_(y.norm_add_scale(w, r, s, eps)))
     # the product that makes y ends with the post-norm row (one launch fewer, y never stored)
     yield rule(m == y.norm_add(w, r, eps), y == a.matmul(b),
-               name="post-norm row as the product's epilogue").then(union(m).with_(a.matmul_norm_add(b, w, r, eps)))
+               name="post-norm row as the product's epilogue").then(
+        union(m).with_(a.matmul_norm_add(b, w, r, eps)))
     yield rule(m == y.norm_add_scale(w, r, s, eps), y == a.matmul(b),
-               name="scaled post-norm row as the product's epilogue").then(union(m).with_(a.matmul_norm_add_scale(b, w, r, s, eps)))
+               name="scaled post-norm row as the product's epilogue").then(
+        union(m).with_(a.matmul_norm_add_scale(b, w, r, s, eps)))
