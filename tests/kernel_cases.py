@@ -264,8 +264,9 @@ def check_cache_rows(case, device, dtype, cache_dir, kind):
     return model
 
 
-def compile_plan(g, weights, device, dtype, cache_dir, state=None):
-    """Runs the graph's own ops as kernels (no optimizer): the archetype under test."""
+def compile_plan(g, weights, device, dtype, cache_dir, state=None, sms=None):
+    """Runs the graph's own ops as kernels (no optimizer): the archetype under test.
+    sms: the SM count tiles are weighed against (the device's when None)."""
     from meganeura.codegen import Target
     from meganeura.codegen.cache import KernelCache
     from meganeura.compiler.cost import CPU_INTERPRETER, CostModel
@@ -273,16 +274,16 @@ def compile_plan(g, weights, device, dtype, cache_dir, state=None):
     from meganeura.runtime.compiled import CompiledModel
 
     plan = make_plan(g, CostModel(CPU_INTERPRETER, "fp32"))
-    return CompiledModel(plan, weights, Target(torch.device(device), dtype), KernelCache(cache_dir),
-                         state=state)
+    return CompiledModel(plan, weights, Target(torch.device(device), dtype, sms=sms),
+                         KernelCache(cache_dir), state=state)
 
 
-def check_case(case, device, dtype, cache_dir, kind):
+def check_case(case, device, dtype, cache_dir, kind, sms=None):
     from meganeura.runtime.reference import run_reference
     from numerics import assert_close
 
     g, weights, inputs = case
-    model = compile_plan(g, weights, device, dtype, cache_dir)
+    model = compile_plan(g, weights, device, dtype, cache_dir, sms=sms)
     dev_inputs = [x.to(device) if not x.is_floating_point() else x.to(device, dtype)
                   for x in inputs]
     for o in model.outputs:  # poison: every element must be written by the kernel

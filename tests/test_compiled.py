@@ -112,6 +112,10 @@ def test_only_the_kernels_inputs_stay_resident(small_model):
     for w in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
               "self_attn.o_proj", "input_layernorm"):
         assert f"model.layers.0.{w}.weight" in resident, w
+    # the token ids live in the buffer arena, beside (before the last product: in) the logits
+    (ids,) = g.inputs()
+    assert small_model.tensors[ids.id].untyped_storage().data_ptr() == \
+        small_model.outputs[0].untyped_storage().data_ptr()
     kept = {g[i].op for i in small_model.tensors if i in small_model.plan.load_time}
     # nothing: not even the positions 0 .. S-1 (RoPE takes the row index for them)
     assert kept == set() and "arange" in {g[i].op for i in small_model.plan.load_time}
@@ -128,23 +132,30 @@ def test_buffers_are_reused_by_liveness_and_never_alias_a_live_input():
     deep = type(c)(**{**c.__dict__, "num_hidden_layers": 6})
     plan, _ = optimize(build(c, 7), CostModel(CPU_INTERPRETER, "fp32"))
     deep_plan, _ = optimize(build(deep, 7), CostModel(CPU_INTERPRETER, "fp32"))
-    buffers = plan_buffers(plan, 4)
+    buffers = plan_buffers(plan, 4, inputs=True)
     # memory is reused layer after layer: three times the depth, the same arena
-    assert plan_buffers(deep_plan, 4).total == buffers.total < sum(buffers.nbytes_of.values())
+    assert plan_buffers(deep_plan, 4, inputs=True).total == buffers.total < sum(
+        buffers.nbytes_of.values())
+    # the token ids (8 bytes each) take no memory of their own: the arena is as large
+    assert plan_buffers(plan, 4).total == buffers.total
     g = plan.graph
+    (ids,) = [n.id for n in g.inputs()]
+    assert buffers.nbytes_of[ids] == 256  # 7 ids, 56 bytes, aligned
     order = {nid: k for k, nid in enumerate(plan.launches)}
+    order[ids] = -1  # written before the first launch
     base = {v: g[v].inputs[0] for v in plan.views}
-    last = {nid: order[nid] for nid in plan.launches}  # lifetimes, recomputed here
+    owners = [ids] + list(plan.launches)
+    last = {nid: order[nid] for nid in owners}  # lifetimes, recomputed here
     for nid in plan.launches:
         for i in g[nid].inputs:
             if base.get(i, i) in last:
                 last[base.get(i, i)] = max(last[base.get(i, i)], order[nid])
     for o in g.outputs:
         last[base.get(o, o)] = float("inf")
-    span = {n: (buffers.offset[n], buffers.offset[n] + buffers.nbytes_of[n]) for n in plan.launches}
-    for a in plan.launches:
+    span = {n: (buffers.offset[n], buffers.offset[n] + buffers.nbytes_of[n]) for n in owners}
+    for a in owners:
         assert span[a][0] % 256 == 0 and span[a][1] <= buffers.total
-        for b in plan.launches:
+        for b in owners:
             if a < b and span[a][0] < span[b][1] and span[b][0] < span[a][1]:  # same memory
                 assert last[a] < order[b] or last[b] < order[a], (
                     f"{g.label(a)} and {g.label(b)} share memory while both live")

@@ -25,6 +25,21 @@ def test_matmul_bf16(op, mkn, transposed, tmp_path):
                tmp_path, "bf16")
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("mkn", [(300, 2560, 2560), (2048, 10240, 2560)])
+@pytest.mark.parametrize("op", MATMUL_OPS)
+def test_last_wave_in_half_height_tiles_bf16(op, mkn, transposed, tmp_path):
+    # 60 tiles of 128 x 128 (one partial wave: 120 halves, the last row tile's second half
+    # wholly past M = 300), and the seed's down projection: 320 tiles, 264 whole, the last
+    # 56 as 112 halves
+    model = check_case(matmul_case(op, *mkn, seed=7, transposed=transposed), "cuda",
+                       torch.bfloat16, tmp_path, "bf16", sms=132)
+    spec = model.launches[0].spec
+    tiles = 3 * 20 if mkn[0] == 300 else 16 * 20
+    full = tiles - tiles % 132
+    assert "halved-last-wave" in spec.variant and spec.grid == (full + 2 * (tiles - full),)
+
+
 @pytest.mark.parametrize("op, widths", [("matmul", (1024, 256, 512)),
                                         ("matmul_glu-gelu_tanh", (768, 768))])
 @pytest.mark.parametrize("transposed", [False, True])

@@ -51,6 +51,25 @@ def test_matmul_through_tensor_descriptors(op, tmp_path):
     assert "tma" not in odd.launches[0].spec.variant and "a_desc" not in odd.launches[0].spec.source
 
 
+@pytest.mark.parametrize("op", MATMUL_OPS)
+@pytest.mark.parametrize("shape, sms, grid", [
+    # 3 x 3 tiles of 32 x 32 on 4 SMs: 8 in two full waves, the ninth as two halves
+    ((67, 72, 80), 4, 10),
+    # pointer loads (K = 45), 2 x 3 tiles on 4 SMs: the last wave's 2 tiles as 4 halves, the
+    # second half of the last row tile past M (37 rows)
+    ((37, 45, 70), 4, 8),
+], ids=["descriptors", "pointers"])
+def test_last_wave_runs_in_half_height_tiles(op, shape, sms, grid, tmp_path):
+    model = check_case(matmul_case(op, *shape, seed=sms), "cpu", torch.float32, tmp_path, "fp32",
+                       sms=sms)
+    spec = model.launches[0].spec
+    assert "halved-last-wave" in spec.variant and spec.grid == (grid,)
+    # a full last wave keeps whole tiles
+    whole = check_case(matmul_case(op, *shape, seed=sms), "cpu", torch.float32, tmp_path, "fp32",
+                       sms=3)
+    assert "halved" not in whole.launches[0].spec.variant
+
+
 @pytest.mark.parametrize("op, widths, parts", [
     # q | k | v: column tiles (32 wide; 8 at one row) never straddle two parts
     ("matmul", (64, 32, 40), 3),

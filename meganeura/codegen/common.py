@@ -32,10 +32,10 @@ class Target:
     @property
     def sm_count(self) -> int:
         """Streaming multiprocessors of the device (tile counts are weighed against it)."""
+        if self.sms is not None:  # as set (tests set it on the interpreter too)
+            return self.sms
         if self.interpreted:
             return 1
-        if self.sms is not None:
-            return self.sms
         return torch.cuda.get_device_properties(self.device).multi_processor_count
 
     @property

@@ -26,7 +26,7 @@ import itertools
 
 import torch
 
-from ..compiler.cost import PAIRED_MATMULS, ROW_NORM_MATMULS, matmul_tile
+from ..compiler.cost import PAIRED_MATMULS, ROW_NORM_MATMULS, halve_last_wave, matmul_tile
 from ..compiler.plan import holds_fp32
 from . import matvec
 from .common import (HEADER, KernelSpec, Target, cdiv, epilogue_lines, fit_stages, indent,
@@ -37,7 +37,8 @@ OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_gate", "matmul_glu", "norm
 
 
 def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: str,
-         tma: bool = False, parts: int = 1, b_trans: bool = False, gate: str | None = None) -> str:
+         tma: bool = False, parts: int = 1, b_trans: bool = False, gate: str | None = None,
+         halves: bool = False) -> str:
     """Source of one variant; each flag adds its fragment, nothing else differs.
 
     act: the paired gate/up epilogue's activation (None: not paired).
@@ -49,10 +50,15 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: 
     b_trans: B's storage is [N, K] (tiles are loaded transposed).
     gate: the product's activation, times the [M, N] operand R (matmul_gate), in place of
     the residual add.
+    halves: the tiles from FULL on (those past the last full wave of SMs) run as two
+    programs each, one per half of the tile's rows: twice as many programs fill SMs that
+    would idle, each with half the work (cost.halve_last_wave prices it). The two tile
+    heights are two bodies under independent ifs (they share the pipeline's buffers); A's
+    half tiles come through their own descriptor (ah_desc).
     """
     paired = act is not None
     if tma:
-        params = ["a_desc"] + [f"b{i}_desc" for i in range(parts)]
+        params = ["a_desc"] + (["ah_desc"] if halves else []) + [f"b{i}_desc" for i in range(parts)]
     else:
         params = ["a_ptr", "b_ptr"]
     params += ["c_ptr"] + (["r_ptr"] if residual or gate else []) + (["nw_ptr"] if norm else [])
@@ -63,6 +69,7 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: 
     params += ["stride_rm"] if residual or gate else []
     params += ["eps"] if norm else []
     params += ["cap"] if softcap else []
+    params += ["FULL"] if halves else []
     params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr",
                "GROUP_M: tl.constexpr"]
     dot = f'input_precision="{precision}"'
@@ -72,8 +79,8 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: 
             return f"tl.trans({desc}.load([{col}, k0]))"
         return f"{desc}.load([k0, {col}])"
 
-    def k_step(b_tile: str, up_tile: str | None) -> str:
-        a_load = ("a_desc.load([pid_m * BLOCK_M, k0])" if tma else
+    def k_step(b_tile: str, up_tile: str | None, a_desc: str) -> str:
+        a_load = (f"{a_desc}.load([row0, k0])" if tma else
                   "tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)")
         lines = [f"a = {a_load}", f"b = {b_tile}"]
         if norm:  # sum of squares of A's rows; the norm weight scales A on the way in
@@ -86,49 +93,42 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: 
             lines += [f"b_up = {up_tile}", f"acc_up = tl.dot(a.to(b_up.dtype), b_up, acc_up, {dot})"]
         return "\n".join(lines)
 
-    if tma:  # columns of a G tile past N read U's first columns: masked at the store
-        def k_loop(desc: str, col: str) -> str:
-            if paired:
-                up = load_b("b1_desc", col) if parts == 2 else load_b(desc, f"N + {col}")
+    def tile(tm: str, a_desc: str) -> str:
+        """One output tile of `tm` rows from row0 (tm a constexpr expression)."""
+        if tma:  # columns of a G tile past N read U's first columns: masked at the store
+            def k_loop(desc: str, col: str) -> str:
+                if paired:
+                    up = load_b("b1_desc", col) if parts == 2 else load_b(desc, f"N + {col}")
+                else:
+                    up = None
+                step = k_step(load_b(desc, col), up, a_desc)
+                return f"for k0 in range(0, K, BLOCK_K):\n{indent(step, 4)}"
+            if split:
+                loop = part_branches(parts, "col0", lambda i, c: k_loop(f"b{i}_desc", c))
             else:
-                up = None
-            return f"for k0 in range(0, K, BLOCK_K):\n{indent(k_step(load_b(desc, col), up), 4)}"
-        if split:
-            loop = part_branches(parts, "col0", lambda i, c: k_loop(f"b{i}_desc", c))
+                loop = k_loop("b0_desc", "pid_n * BLOCK_N")
         else:
-            loop = k_loop("b0_desc", "pid_n * BLOCK_N")
-    else:
-        b_tile = "tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)"
-        up_tile = ("tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], "
-                   "other=0.0)")
-        loop = f"""a_ptrs = a_ptr + rows[:, None] * stride_am + rk[None, :]
+            b_tile = "tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)"
+            up_tile = ("tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], "
+                       "other=0.0)")
+            loop = f"""a_ptrs = a_ptr + rows[:, None] * stride_am + rk[None, :]
 b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
 for k0 in range(0, K, BLOCK_K):
     k_mask = rk < K - k0
-{indent(k_step(b_tile, up_tile if paired else None), 4)}
+{indent(k_step(b_tile, up_tile if paired else None, a_desc), 4)}
     a_ptrs += BLOCK_K
     b_ptrs += BLOCK_K * stride_bk"""
-    init = ["acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"]
-    init += ["acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"] if paired else []
-    init += ["ss = tl.zeros((BLOCK_M,), dtype=tl.float32)"] if norm else []
-    finish = []
-    if norm:
-        finish += ["rstd = 1.0 / tl.sqrt(ss / K + eps)", "acc = acc * rstd[:, None]"]
-        finish += ["acc_up = acc_up * rstd[:, None]"] if paired else []
-    r_load = "tl.load(r_ptr + rows[:, None] * stride_rm + rn[None, :], mask=c_mask, other=0.0)"
-    finish += epilogue_lines("acc", "acc_up" if paired else None, act,
-                             r_load if residual or gate else None, gate, softcap)
-    body = f'''
-pid = tl.program_id(0)
-num_m = tl.cdiv(M, BLOCK_M)
-num_n = tl.cdiv(N, BLOCK_N)
-# grouped order: GROUP_M row tiles share each B column tile while it is in L2
-per_group = GROUP_M * num_n
-first_m = (pid // per_group) * GROUP_M
-size_m = min(num_m - first_m, GROUP_M)
-pid_m = first_m + (pid % per_group) % size_m
-pid_n = (pid % per_group) // size_m
-rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        init = [f"acc = tl.zeros(({tm}, BLOCK_N), dtype=tl.float32)"]
+        init += [f"acc_up = tl.zeros(({tm}, BLOCK_N), dtype=tl.float32)"] if paired else []
+        init += [f"ss = tl.zeros(({tm},), dtype=tl.float32)"] if norm else []
+        finish = []
+        if norm:
+            finish += ["rstd = 1.0 / tl.sqrt(ss / K + eps)", "acc = acc * rstd[:, None]"]
+            finish += ["acc_up = acc_up * rstd[:, None]"] if paired else []
+        r_load = "tl.load(r_ptr + rows[:, None] * stride_rm + rn[None, :], mask=c_mask, other=0.0)"
+        finish += epilogue_lines("acc", "acc_up" if paired else None, act,
+                                 r_load if residual or gate else None, gate, softcap)
+        return f'''rm = row0 + tl.arange(0, {tm})
 rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 rk = tl.arange(0, BLOCK_K)
 rows = rm.to(tl.int64)  # M * N can pass 2^31 (8192 tokens x 262144 logits)
@@ -139,7 +139,32 @@ n_mask = rn < N
 c_mask = m_mask[:, None] & n_mask[None, :]
 {chr(10).join(finish)}
 tl.store(c_ptr + rows[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
-         mask=c_mask)
+         mask=c_mask)'''
+
+    if halves:
+        head = """pid = tl.program_id(0)
+# programs from FULL on: two for each remaining tile, one per half of its rows
+t = tl.where(pid < FULL, pid, FULL + (pid - FULL) // 2)"""
+        tiles = f"""if pid < FULL:
+    row0 = pid_m * BLOCK_M
+{indent(tile("BLOCK_M", "a_desc"), 4)}
+if pid >= FULL:  # an independent if: the two bodies share the pipeline's buffers
+    row0 = pid_m * BLOCK_M + (pid - FULL) % 2 * (BLOCK_M // 2)
+{indent(tile("BLOCK_M // 2", "ah_desc"), 4)}"""
+    else:
+        head = "t = tl.program_id(0)"
+        tiles = "row0 = pid_m * BLOCK_M\n" + tile("BLOCK_M", "a_desc")
+    body = f'''
+{head}
+num_m = tl.cdiv(M, BLOCK_M)
+num_n = tl.cdiv(N, BLOCK_N)
+# grouped order: GROUP_M row tiles share each B column tile while it is in L2
+per_group = GROUP_M * num_n
+first_m = (t // per_group) * GROUP_M
+size_m = min(num_m - first_m, GROUP_M)
+pid_m = first_m + (t % per_group) % size_m
+pid_n = (t % per_group) // size_m
+{tiles}
 '''
     return HEADER + f"def matmul_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
@@ -271,9 +296,15 @@ def build(node, graph, target: Target) -> KernelSpec:
     b_trans = stored[0][1]
     split = len(parts) > 1 and not paired
     stages = fit_stages(per_stage, 0, stages)
-    bk, bn = cfg["BLOCK_K"], cfg["BLOCK_N"]
+    bm, bk, bn = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_N"]
+    # the last wave's tiles in halves of at least 64 rows on the GPU (a warp group's
+    # matrix-unit height), 16 on the interpreter
+    halves = bm >= (32 if target.interpreted else 128) and halve_last_wave(
+        m, n, bm, bn, target.sm_count)
+    tiles_mn = cdiv(m, bm) * cdiv(n, bn)
+    full = tiles_mn - tiles_mn % target.sm_count
     if tma:
-        args = [("desc", (a.id, (cfg["BLOCK_M"], bk)))]
+        args = [("desc", (a.id, (bm, bk)))] + ([("desc", (a.id, (bm // 2, bk)))] if halves else [])
         args += [("desc", (sid, (bn, bk) if b_trans else (bk, bn))) for sid, _ in stored]
     else:
         args = [("node", a.id), ("node", stored[0][0])]
@@ -291,12 +322,14 @@ def build(node, graph, target: Target) -> KernelSpec:
     args += [("stride", node.inputs[2])] if residual or gate else []
     args += [("value", node.attrs["eps"])] if norm else []
     args += [("value", node.attrs["cap"])] if softcap else []
-    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
+    args += [("value", full)] if halves else []
+    grid = (full + 2 * (tiles_mn - full) if halves else tiles_mn,)
     variant += "+tma" if tma else ""
     variant += "+B-transposed" if b_trans else ""
     variant += f"+{len(parts)}-part-B" if len(parts) > 1 else ""
+    variant += "+halved-last-wave" if halves else ""
     return KernelSpec("matmul", variant, emit(norm, act, residual, softcap, target.dot_precision,
-                                              tma, len(parts), b_trans, gate),
+                                              tma, len(parts), b_trans, gate, halves),
                       "matmul_kernel", grid, args, cfg, num_warps=warps, num_stages=stages)
 
 

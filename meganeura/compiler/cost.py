@@ -112,13 +112,26 @@ def head_dim_chunks(hd: int) -> tuple[int, ...]:
     return (one,)
 
 
-def wave_fill(m: int, n: int, bm: int, bn: int, sms: int) -> float:
+# A half-height tile's time against a full tile's (the same B tile streamed for half the
+# rows): what the last wave costs when its tiles run as twice as many halves.
+HALF_TILE_TIME = 0.6
+
+
+def wave_fill(m: int, n: int, bm: int, bn: int, sms: int, halves: bool = False) -> float:
     """Share of the SMs' tile slots over the waves that does useful work: 1.0 when the last
-    wave is full and the tiles divide M x N; edge tiles count for their useful part."""
+    wave is full and the tiles divide M x N; edge tiles count for their useful part.
+
+    halves: the tiles past the last full wave run as half-height tiles, two per tile, each
+    taking HALF_TILE_TIME of a full tile's time."""
     if sms <= 0:
         return 1.0
     tiles = -(-m // bm) * -(-n // bn)
-    return m * n / (bm * bn * -(-tiles // sms) * sms)
+    if halves:
+        rest = tiles % sms
+        waves = (tiles - rest) / sms + -(-2 * rest // sms) * HALF_TILE_TIME
+    else:
+        waves = -(-tiles // sms)
+    return m * n / (bm * bn * waves * sms)
 
 
 def matmul_tile(m: int, n: int, paired: bool, sms: int) -> tuple[int, int]:
@@ -128,6 +141,12 @@ def matmul_tile(m: int, n: int, paired: bool, sms: int) -> tuple[int, int]:
     if paired or wave_fill(m, n, 128, 256, sms) < 0.85:
         return 128, 128
     return 128, 256
+
+
+def halve_last_wave(m: int, n: int, bm: int, bn: int, sms: int) -> bool:
+    """Whether the product runs the tiles of its last, partial wave as half-height tiles
+    (twice as many, on SMs that would idle): priced against whole tiles by the wave model."""
+    return wave_fill(m, n, bm, bn, sms, True) > wave_fill(m, n, bm, bn, sms)
 
 
 PAIRED_MATMULS = ("matmul_glu", "norm_matmul_glu")  # two accumulators: gate and up tiles
@@ -165,7 +184,10 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         (m, k), n = ins[0], ins[1][1]
         vec = 2 * _numel(out)  # epilogue: cast, add, activation * up, or soft-cap
         sms = attrs.get("_sms", 0)
-        fill = wave_fill(m, n, *matmul_tile(m, n, op in PAIRED_MATMULS, sms), sms) if m > 64 else 1.0
+        fill = 1.0
+        if m > 64:
+            bm, bn = matmul_tile(m, n, op in PAIRED_MATMULS, sms)
+            fill = wave_fill(m, n, bm, bn, sms, halve_last_wave(m, n, bm, bn, sms))
         if op in ROW_NORM_MATMULS:
             if m > 1:
                 return Work(math.inf)

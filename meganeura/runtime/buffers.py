@@ -7,6 +7,10 @@ each gets a byte offset such that two buffers overlap in memory only if their
 lifetimes (first write to last read) do not overlap. The arena is as large as the
 most memory live at once (plus fragmentation), so the logits of the last matmul
 reuse the memory every layer's activations used before.
+
+A plan without state (a forward) may keep its inputs there too: they are written before
+the first launch (position -1) and live to their last reader, so the token ids sit in
+memory the logits take only later. The caller copies them in before every run.
 """
 
 from __future__ import annotations
@@ -39,16 +43,20 @@ class BufferPlan:
         return flat[:math.prod(shape)].view(shape)
 
 
-def plan_buffers(plan: Plan, elem: int = 2) -> BufferPlan:
-    """elem: bytes per element of the plan dtype (fp32-stream buffers take 4)."""
+def plan_buffers(plan: Plan, elem: int = 2, inputs: bool = False) -> BufferPlan:
+    """elem: bytes per element of the plan dtype (fp32-stream buffers take 4, token ids 8).
+    inputs: the graph's inputs are placed in the arena too (written at position -1)."""
     g = plan.graph
     order = {nid: k for k, nid in enumerate(plan.launches)}
-    base = {}  # run-time node -> the launch that owns its storage
+    ins = [n.id for n in g.inputs()] if inputs else []
+    order.update({nid: -1 for nid in ins})
+    base = {nid: nid for nid in ins}  # run-time node -> the node that owns its storage
     for nid in sorted(plan.launches + plan.views):
         n = g[nid]
-        # a view of an input or a weight, and a cache write (its state), own no buffer
+        # a view shares its base's buffer (none for a weight's, or an input's kept apart);
+        # a cache write (its state) owns none
         base[nid] = base.get(n.inputs[0]) if nid in plan.views or OPS[n.op].inplace else nid
-    owners = [nid for nid in plan.launches if base[nid] == nid]
+    owners = ins + [nid for nid in plan.launches if base[nid] == nid]
     last = {nid: order[nid] for nid in owners}
     for nid in plan.launches:
         for i in g[nid].inputs:
@@ -58,8 +66,11 @@ def plan_buffers(plan: Plan, elem: int = 2) -> BufferPlan:
         if base.get(o) is not None:
             last[base[o]] = math.inf
     wide = plan.fp32_stream
-    nbytes = {nid: -(-math.prod(g[nid].shape) * (4 if nid in wide else elem) // ALIGN) * ALIGN
-              for nid in owners}
+
+    def size(nid: int) -> int:
+        return 8 if g[nid].dtype == "u32" else 4 if nid in wide else elem
+
+    nbytes = {nid: -(-math.prod(g[nid].shape) * size(nid) // ALIGN) * ALIGN for nid in owners}
     life = {nid: (order[nid], last[nid]) for nid in owners}
     offset: dict[int, int] = {}
     placed: list[int] = []

@@ -53,15 +53,22 @@ class CompiledModel:
         self._tables: dict[tuple, torch.Tensor] = {}
         self._scratches: dict[tuple, torch.Tensor] = {}
         self.specs = {nid: kernel_for(g[nid], g, target) for nid in plan.launches}
-        buffers = plan_buffers(plan, torch.finfo(target.dtype).bits // 8)
-        check_memory(self._bytes_needed(buffers), target.device)
+        # a forward's inputs share the arena (the logits' memory until the last product);
+        # a plan with state keeps them apart: a step replayed without its input copy (a
+        # benchmark) then still reads valid ids and positions
+        stateless = not g.states()
+        buffers = plan_buffers(plan, torch.finfo(target.dtype).bits // 8, inputs=stateless)
+        check_memory(self._bytes_needed(buffers, stateless), target.device)
         self._load_weights(weights)
         t1 = time.perf_counter()
         self.buffer_bytes = buffers.total
         arena = buffers.allocate(target.device)
         for n in self.inputs:
             dtype = torch.int64 if n.dtype == "u32" else target.dtype
-            self.tensors[n.id] = torch.zeros(n.shape, dtype=dtype, device=target.device)
+            if stateless:
+                self.tensors[n.id] = buffers.view(arena, n.id, n.shape, dtype)
+            else:
+                self.tensors[n.id] = torch.zeros(n.shape, dtype=dtype, device=target.device)
         self._bind_state(state or {})
         for nid in sorted(plan.launches + plan.views):
             n = g[nid]
@@ -85,11 +92,13 @@ class CompiledModel:
 
     # ---- loading ------------------------------------------------------------------------
 
-    def _bytes_needed(self, buffers) -> int:
-        """Device bytes the model allocates beyond the weights: the buffer arena, the inputs,
-        the RoPE frequency tables and the constants made at load that a kernel reads."""
+    def _bytes_needed(self, buffers, inputs_in_arena: bool) -> int:
+        """Device bytes the model allocates beyond the weights: the buffer arena, the inputs
+        (unless in the arena), the RoPE frequency tables and the constants made at load
+        that a kernel reads."""
         g = self.plan.graph
-        total = buffers.total + sum(8 * math.prod(n.shape) for n in self.inputs)
+        total = buffers.total
+        total += 0 if inputs_in_arena else sum(8 * math.prod(n.shape) for n in self.inputs)
         tables = {x for spec in self._all_specs() for kind, x in spec.args if kind == "rope_freq"}
         total += sum(8 * (hd // 2 + 2) for hd, _, _ in tables)
         scratch = {x for spec in self._all_specs() for kind, x in spec.args if kind == "scratch"}
