@@ -6,6 +6,8 @@ Matmuls: each distinct (variant, M, N, K) of the model's plan, timed under each
 candidate configuration, with pointer loads and with tensor-descriptor (TMA) loads; a
 product whose weight is a concatenation of several (q | k | v) also with the weights read
 in place (one K loop per part), at 2 to 4 stages.
+Halves (`--only halves`): the products whose last wave the plan runs in half-height tiles,
+timed with whole tiles, so, and with every tile halved (a half tile's time).
 Attention: the model's causal and sliding-window shapes (q, k, v as column slices of
 one merged projection, as in the plan), timed under each candidate (BLOCK_M, BLOCK_N,
 warps, stages), next to PyTorch's flash SDPA on the same problem, with the largest
@@ -184,16 +186,82 @@ def sweep_attention(model: str, seq: int, cache: KernelCache) -> None:
               f"{results[0][1]} {results[0][0] * 1e3:.0f} us | {line}", flush=True)
 
 
+def sweep_halves(model: str, seq: int, cache: KernelCache) -> None:
+    """Every product of the plan whose last wave the cost model halves, timed three ways in
+    one process: whole tiles, the last wave's tiles as half-height pairs (what the plan
+    runs), and every tile halved; the last gives a half tile's time against a whole one's
+    (cost.HALF_TILE_TIME)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from meganeura.codegen import Target
+    from meganeura.codegen.common import fit_stages
+    from meganeura.codegen.matmul import tiles
+    from meganeura.compiler.cost import halve_last_wave
+
+    plan, _ = optimize(build(PRESETS[MODEL_NAMES[model]], seq), CostModel(H200, "bf16"))
+    g = plan.graph
+    target = Target(torch.device("cuda"), torch.bfloat16)
+    sms = target.sm_count
+    shapes = {}
+    for i in plan.launches:
+        n = g[i]
+        if n.op in ("matmul", "matmul_add", "matmul_glu") and g[n.inputs[0]].shape[0] > 64:
+            shapes[(n.op, g[n.inputs[0]].shape[0], n.shape[1], g[n.inputs[0]].shape[1])] = 1
+    for op, m, n, k in shapes:
+        paired, residual = op == "matmul_glu", op == "matmul_add"
+        cfg = tiles(m, n, k, paired, residual, target)
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        if not halve_last_wave(m, n, bm, bn, sms):
+            continue
+        a_ = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b_ = torch.randn(k, 2 * n if paired else n, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        c_ = torch.empty(m, n, device="cuda", dtype=torch.float32 if residual else torch.bfloat16)
+        r_ = torch.randn(m, n, device="cuda", dtype=torch.float32)
+        act = "silu" if paired else None
+        t = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        full = t - t % sms
+        times, outs = {}, {}
+        for label, halves, first in (("whole", False, t), ("last wave halved", True, full),
+                                     ("all halved", True, 0)):
+            fn = cache.load(emit_matmul(False, act, residual, False, "tf32", True,
+                                        halves=halves), "matmul_kernel", False)
+            args = [TensorDescriptor.from_tensor(a_, [bm, bk])]
+            args += [TensorDescriptor.from_tensor(a_, [bm // 2, bk])] if halves else []
+            args += [TensorDescriptor.from_tensor(b_, [bk, bn]), c_] + ([r_] if residual else [])
+            args += [m, n, k, c_.stride(0)] + ([r_.stride(0)] if residual else [])
+            args += [first] if halves else []
+            grid = (first + 2 * (t - first),)
+            warps = 8 if paired or bn == 256 else 4
+
+            stages = fit_stages(bk * 2 * (bm + bn * (2 if paired else 1)), 0, 4)
+
+            def run():
+                fn[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                         num_warps=warps, num_stages=stages)
+            times[label] = bench(run)
+            outs[label] = c_.clone()
+        agree = max((outs[x].float() - outs["whole"].float()).abs().max().item() for x in outs)
+        waves, half_waves = -(-t // sms), -(-2 * t // sms)
+        half = times["all halved"] / half_waves / (times["whole"] / waves)
+        print(f"{model} {op:10} M{m} N{n} K{k} tiles {bm}x{bn}: {t} tiles on {sms} SMs | "
+              + " | ".join(f"{x} {ms * 1e3:.1f} us" for x, ms in times.items())
+              + f" | a half tile {half:.2f} of a whole one's time | max diff {agree:.2e}",
+              flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", nargs="+", default=["gemma4-4b"])
     ap.add_argument("--seq-len", type=int, nargs="+", default=[2048])
-    ap.add_argument("--only", choices=["matmul", "attention"], default=None)
+    ap.add_argument("--only", choices=["matmul", "attention", "halves"], default=None)
     ap.add_argument("--max-n", type=int, default=65536, help="skip wider products (lm_head)")
     a = ap.parse_args()
     cache = KernelCache("/tmp/meganeura-sweep")
     for model in a.model:
         for seq in a.seq_len:
+            if a.only == "halves":
+                sweep_halves(model, seq, cache)
+                continue
             if a.only != "matmul":
                 sweep_attention(model, seq, cache)
             if a.only != "attention":

@@ -285,11 +285,13 @@ class CompiledModel:
         return self._launch(args)
 
     def _launch(self, args) -> torch.Tensor:
+        if self._use_cuda_graph and self._graph is None:
+            # before the inputs are copied: the capture's warm-up run overwrites a forward's
+            # token ids (they share the arena with the logits)
+            self._capture()
         for n, x in zip(self.inputs, args):
             self.tensors[n.id].copy_(x)
         if self._use_cuda_graph:
-            if self._graph is None:
-                self._capture()
             self._graph.replay()
         else:
             self.run_kernels()
