@@ -36,6 +36,9 @@ from meganeura.optimize import optimize
 MATMUL = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
     (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
     (64, 256, 64, 4, 4), (64, 128, 64, 4, 4),
+    # two programs an SM (96 or 64 KiB of stage buffers each): one's epilogue runs beside
+    # the other's K loop
+    (128, 128, 64, 4, 3), (128, 128, 64, 4, 2), (128, 128, 64, 8, 3),
 ]
 ATTENTION = {  # padded head width -> BLOCK_M, BLOCK_N, warps, stages
     "narrow": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),

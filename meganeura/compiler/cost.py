@@ -112,9 +112,12 @@ def head_dim_chunks(hd: int) -> tuple[int, ...]:
     return (one,)
 
 
-# A half-height tile's time against a full tile's (the same B tile streamed for half the
-# rows): what the last wave costs when its tiles run as twice as many halves.
-HALF_TILE_TIME = 0.6
+# A half-height tile's time against a whole tile's (the same B tile streamed for half the
+# rows), by tile width: what the last wave costs when its tiles run as twice as many halves.
+# Measured on the H200 with every tile of a product halved (benchmarks/kernel_sweep.py
+# --only halves, results/kernel-sweep-2026-12-01-h200-d799623-halves.log): 0.72-0.86 for
+# 128x128 tiles (K 256 to 18432), 0.55-0.60 for 128x256.
+HALF_TILE_TIME = {128: 0.8, 256: 0.6}
 
 
 def wave_fill(m: int, n: int, bm: int, bn: int, sms: int, halves: bool = False) -> float:
@@ -122,13 +125,13 @@ def wave_fill(m: int, n: int, bm: int, bn: int, sms: int, halves: bool = False) 
     wave is full and the tiles divide M x N; edge tiles count for their useful part.
 
     halves: the tiles past the last full wave run as half-height tiles, two per tile, each
-    taking HALF_TILE_TIME of a full tile's time."""
+    taking HALF_TILE_TIME of a whole tile's time."""
     if sms <= 0:
         return 1.0
     tiles = -(-m // bm) * -(-n // bn)
     if halves:
         rest = tiles % sms
-        waves = (tiles - rest) / sms + -(-2 * rest // sms) * HALF_TILE_TIME
+        waves = (tiles - rest) / sms + -(-2 * rest // sms) * HALF_TILE_TIME.get(bn, 0.8)
     else:
         waves = -(-tiles // sms)
     return m * n / (bm * bn * waves * sms)

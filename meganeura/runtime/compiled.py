@@ -62,6 +62,7 @@ class CompiledModel:
         self._load_weights(weights)
         t1 = time.perf_counter()
         self.buffer_bytes = buffers.total
+        self._inputs_in_arena = stateless
         arena = buffers.allocate(target.device)
         for n in self.inputs:
             dtype = torch.int64 if n.dtype == "u32" else target.dtype
@@ -285,13 +286,16 @@ class CompiledModel:
         return self._launch(args)
 
     def _launch(self, args) -> torch.Tensor:
-        if self._use_cuda_graph and self._graph is None:
+        if self._use_cuda_graph and self._graph is None and self._inputs_in_arena:
             # before the inputs are copied: the capture's warm-up run overwrites a forward's
-            # token ids (they share the arena with the logits)
+            # token ids (they share the arena with the logits). A plan with state captures
+            # after the copy: its warm-up run writes the caches, at the call's positions
             self._capture()
         for n, x in zip(self.inputs, args):
             self.tensors[n.id].copy_(x)
         if self._use_cuda_graph:
+            if self._graph is None:
+                self._capture()
             self._graph.replay()
         else:
             self.run_kernels()
