@@ -467,7 +467,9 @@ def print_targets(rows: list[dict]) -> None:
             parts.append(f"compile {cold:.1f} s (<= 30: {mark(cold <= 30)}), warm {warm:.1f} s "
                          f"(<= 5: {mark(warm <= 5)})")
         peak, tpeak = _num(r["meganeura_peak_gib"]), _num(r.get("torch_compile_first_peak_gib"))
-        parts.append(f"peak {peak:.4f} vs {tpeak:.4f} GiB ({mark(peak <= tpeak)})")
+        over = (peak - tpeak) * 2**30
+        parts.append(f"peak {peak:.4f} vs {tpeak:.4f} GiB ({mark(peak <= tpeak)}"
+                     + (f" by {over / 1024:.1f} KiB" if over > 0 else "") + ")")
         if r.get("rel_error") not in (None, ""):
             err = _num(r["rel_error"])
             parts.append(f"rel. error {err:.1e} ({mark(err <= TOLERANCE['bf16'])})")
@@ -514,7 +516,7 @@ def append_csv(rows: list[dict], env: dict, path: Path) -> None:
 
 def write_rows(rows: list[dict], env: dict, path: Path, fields: list[str]) -> None:
     """Appends rows (tagged with env) to the CSV at path, earlier rows kept under the current
-    header; floats to 4 significant digits (memory in GiB to 6: a MiB shows)."""
+    header; floats to 4 significant digits (memory in GiB to 10: a byte shows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     old = []
     if path.exists():  # keep earlier rows, under the current header
@@ -525,7 +527,7 @@ def write_rows(rows: list[dict], env: dict, path: Path, fields: list[str]) -> No
         w.writeheader()
         w.writerows(old)
         for r in rows:
-            w.writerow({**env, **{k: (f"{v:.6g}" if k.endswith("_gib") else f"{v:.4g}")
+            w.writerow({**env, **{k: (f"{v:.10g}" if k.endswith("_gib") else f"{v:.4g}")
                                   if isinstance(v, float) else v for k, v in r.items()}})
 
 
