@@ -8,6 +8,7 @@ product whose weight is a concatenation of several (q | k | v) also with the wei
 in place (one K loop per part), at 2 to 4 stages.
 Halves (`--only halves`): the products whose last wave the plan runs in half-height tiles,
 timed with whole tiles, so, and with every tile halved (a half tile's time).
+Rows (`--only rows`): each distinct row kernel of the plan under rows a program x warps.
 Attention: the model's causal and sliding-window shapes (q, k, v as column slices of
 one merged projection, as in the plan), timed under each candidate (BLOCK_M, BLOCK_N,
 warps, stages), next to PyTorch's flash SDPA on the same problem, with the largest
@@ -252,18 +253,69 @@ def sweep_halves(model: str, seq: int, cache: KernelCache) -> None:
               flush=True)
 
 
+def sweep_rows(model: str, seq: int, cache: KernelCache) -> None:
+    """Every distinct row kernel of the plan (norms, norm + RoPE) under rows a program x warps,
+    on random operands bound as the plan binds them; microseconds, the plan's choice marked."""
+    from meganeura.codegen import Target, kernel_for
+    from meganeura.compiler.formulas import rope_frequencies
+    from meganeura.compiler.plan import holds_fp32
+
+    plan, _ = optimize(build(PRESETS[MODEL_NAMES[model]], seq), CostModel(H200, "bf16"))
+    g = plan.graph
+    target = Target(torch.device("cuda"), torch.bfloat16)
+    seen = set()
+    for i in plan.launches:
+        spec = kernel_for(g[i], g, target)
+        if spec.archetype != "rowwise":
+            continue
+        key = (spec.variant, tuple(g[i].shape), tuple(sorted(spec.constexprs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors, args = {}, []
+        for kind, x in spec.args:
+            if kind in ("node", "stride") and x not in tensors:
+                dt = torch.float32 if holds_fp32(g, x) else torch.bfloat16
+                tensors[x] = torch.randn(g[x].shape, device="cuda", dtype=dt)
+            if kind == "node":
+                args.append(tensors[x])
+            elif kind == "stride":
+                args.append(tensors[x].stride(0))
+            elif kind == "rope_freq":
+                args.append(rope_frequencies(x[1], x[0], x[2]).cuda())
+            else:
+                args.append(x)
+        fn = cache.load(spec.source, spec.entry, False)
+        s_rows = g[i].shape[0]
+        results = []
+        for rows in (1, 2, 4, 8):
+            for warps in (4, 8, 16):
+                cx = {**spec.constexprs, "ROWS": rows}
+                grid = (triton.cdiv(s_rows, rows),)
+                try:
+                    us = bench(lambda: fn[grid](*args, **cx, num_warps=warps, num_stages=1)) * 1e3
+                except Exception as e:  # noqa: BLE001 (out of registers, ...)
+                    print(f"  rows {rows} warps {warps}: {type(e).__name__}")
+                    continue
+                mine = rows == spec.constexprs["ROWS"] and warps == spec.num_warps
+                results.append((us, f"{rows}x{warps}" + ("*" if mine else "")))
+        results.sort()
+        print(f"{model} {g[i].op:16} {spec.variant:24} {list(g[i].shape)} "
+              f"{spec.constexprs}: " + ", ".join(f"{c} {us:.1f}" for us, c in results), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", nargs="+", default=["gemma4-4b"])
     ap.add_argument("--seq-len", type=int, nargs="+", default=[2048])
-    ap.add_argument("--only", choices=["matmul", "attention", "halves"], default=None)
+    ap.add_argument("--only", choices=["matmul", "attention", "halves", "rows"], default=None)
     ap.add_argument("--max-n", type=int, default=65536, help="skip wider products (lm_head)")
     a = ap.parse_args()
     cache = KernelCache("/tmp/meganeura-sweep")
     for model in a.model:
         for seq in a.seq_len:
-            if a.only == "halves":
-                sweep_halves(model, seq, cache)
+            if a.only in ("halves", "rows"):
+                (sweep_halves if a.only == "halves" else sweep_rows)(model, seq, cache)
                 continue
             if a.only != "matmul":
                 sweep_attention(model, seq, cache)
