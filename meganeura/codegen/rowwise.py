@@ -172,7 +172,13 @@ def build(node, graph, target: Target) -> KernelSpec:
     block = next_pow2(heads) * cols * (2 if v.rope else 1)
     # the interpreter pays per program, a GPU per row: several rows a program on the CPU
     rows = min(16, next_pow2(s)) if target.interpreted else 1
-    cx = dict(HEADS=heads, ROWS=rows, BLOCK_H=next_pow2(heads), BLOCK_C=cols)
     warps = 1 if target.interpreted else max(1, min(16, block // 256))
+    if v.rope and s > 1 and not target.interpreted:
+        # a prompt's q and k rows: 4 warps over about 4096 values (rows of 2048 two a
+        # program), from benchmarks/kernel_sweep.py --only rows on the H200 (4b, 27b, e4b:
+        # results/kernel-sweep-2026-12-01-h200-c15c77e-rows.log); a decode step's one row
+        # keeps a warp per 256 values
+        rows, warps = min(8, max(1, 4096 // block), next_pow2(s)), 4
+    cx = dict(HEADS=heads, ROWS=rows, BLOCK_H=next_pow2(heads), BLOCK_C=cols)
     return KernelSpec("rowwise", v.name, emit(v, iota), "row_kernel", (cdiv(s, rows),), args, cx,
                       num_warps=warps, num_stages=1)
