@@ -37,7 +37,7 @@ def emit(precision: str, head_dim: int, split: bool = False) -> str:
     in log2 units) for `combine` to merge."""
     dot = f'input_precision="{precision}"'
     chunks = head_chunks(head_dim)
-    setup, block_k, block_v, stores, merge = [], [], [], [], []
+    setup, block_k, block_v, stores = [], [], [], []
     for i, (c, start, dmask) in enumerate(chunks):
         dm = f" & (rd_{c}[None, :] < HEAD_DIM)" if dmask else ""
         setup += [f"rd_{c} = {start} + tl.arange(0, D{i})",
