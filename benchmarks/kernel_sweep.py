@@ -6,9 +6,11 @@ Matmuls: each distinct (variant, M, N, K) of the model's plan, timed under each
 candidate configuration, with pointer loads and with tensor-descriptor (TMA) loads; a
 product whose weight is a concatenation of several (q | k | v) also with the weights read
 in place (one K loop per part), at 2 to 4 stages.
-Halves (`--only halves`): the products whose last wave the plan runs in half-height tiles,
-timed with whole tiles, so, and with every tile halved (a half tile's time).
-Rows (`--only rows`): each distinct row kernel of the plan under rows a program x warps.
+Halves (`--only halves`): the plain, residual and gate | up products whose last wave the
+plan runs in half-height tiles (B one [K, N] tensor, A bf16), timed with whole tiles, with
+the last wave halved, and with every tile halved (a half tile's time).
+Rows (`--only rows`): each distinct row kernel of the plan under rows a program x warps
+(4, 8, 16), on contiguous random operands.
 Attention: the model's causal and sliding-window shapes (q, k, v as column slices of
 one merged projection, as in the plan), timed under each candidate (BLOCK_M, BLOCK_N,
 warps, stages), next to PyTorch's flash SDPA on the same problem, with the largest
@@ -191,9 +193,10 @@ def sweep_attention(model: str, seq: int, cache: KernelCache) -> None:
 
 
 def sweep_halves(model: str, seq: int, cache: KernelCache) -> None:
-    """Every product of the plan whose last wave the cost model halves, timed three ways in
-    one process: whole tiles, the last wave's tiles as half-height pairs (what the plan
-    runs), and every tile halved; the last gives a half tile's time against a whole one's
+    """Every plain, residual or gate | up product of the plan whose last wave the cost model
+    halves, timed three ways in one process: whole tiles, the last wave's tiles as
+    half-height pairs (the plan's schedule, with B one [K, N] tensor and A bf16), and every
+    tile halved; the last gives a half tile's time against a whole one's
     (cost.HALF_TILE_TIME)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -255,7 +258,8 @@ def sweep_halves(model: str, seq: int, cache: KernelCache) -> None:
 
 def sweep_rows(model: str, seq: int, cache: KernelCache) -> None:
     """Every distinct row kernel of the plan (norms, norm + RoPE) under rows a program x warps,
-    on random operands bound as the plan binds them; microseconds, the plan's choice marked."""
+    on contiguous random operands of the plan's shapes (a column slice of q | k | v becomes
+    a tensor of its own); microseconds, the plan's choice marked where it was timed."""
     from meganeura.codegen import Target, kernel_for
     from meganeura.compiler.formulas import rope_frequencies
     from meganeura.compiler.plan import holds_fp32

@@ -220,11 +220,15 @@ def model_flops(graph) -> float:
     return total
 
 
-def kernel_times(model, cuda: bool, reps: int) -> dict[int, float]:
+def kernel_times(model, cuda: bool, reps: int, inputs: tuple = ()) -> dict[int, float]:
     """Measured ms of each launch on its own; on CUDA, `reps` launches replayed as one graph
-    (so the host's launch overhead, which the model's own graph replay also avoids, is out)."""
+    (so the host's launch overhead, which the model's own graph replay also avoids, is out).
+    inputs: copied in before each launch (a forward's token ids share the arena with buffers
+    that later launches write)."""
     out = {}
     for launch in model.launches:
+        if inputs:
+            model.load_inputs(*inputs)
         out[launch.node] = graph_time(launch.run, reps) if cuda else timed(launch.run, 1, reps,
                                                                                 False)
     return out
@@ -300,14 +304,14 @@ def run_one(args, name: str, seq: int, device, dtype) -> dict:
                 row["torch_compile_dense_ms"] = timed(lambda: dense(weights, ids), args.warmup,
                                                       args.iters, cuda)
                 del dense
-    return finish_row(args, row, fn, graph, cuda)
+    return finish_row(args, row, fn, graph, cuda, ids)
 
 
-def finish_row(args, row: dict, fn, graph, cuda: bool) -> dict:
+def finish_row(args, row: dict, fn, graph, cuda: bool, ids) -> dict:
     """FLOP rate and floor, and each kernel's measured time beside its estimate."""
     row["tflops"] = model_flops(graph) / (row["meganeura_ms"] * 1e-3) / 1e12
     row["floor_ms"] = model_flops(graph) / 790e12 * 1e3
-    measured = kernel_times(fn, cuda, args.kernel_reps)
+    measured = kernel_times(fn, cuda, args.kernel_reps, (ids,))
     plan = fn.report.plan
     top = sorted(measured, key=lambda i: -measured[i])[:10]
     row["kernels"] = [(plan.graph[i].op, list(plan.graph[i].shape), plan.estimate[i] * 1e3,
@@ -393,7 +397,7 @@ def run_published(args, name: str, cfg, seq: int, device, dtype) -> dict:
                 row.update(regimes({"meganeura": lambda: fn(ids), "torch_compile": call},
                                    args.regime_rounds, cuda))
             del compiled
-    return finish_row(args, row, fn, graph, cuda)
+    return finish_row(args, row, fn, graph, cuda, ids)
 
 
 def print_row(r: dict) -> None:
@@ -516,7 +520,7 @@ def append_csv(rows: list[dict], env: dict, path: Path) -> None:
 
 def write_rows(rows: list[dict], env: dict, path: Path, fields: list[str]) -> None:
     """Appends rows (tagged with env) to the CSV at path, earlier rows kept under the current
-    header; floats to 4 significant digits (memory in GiB to 10: a byte shows)."""
+    header; floats to 4 significant digits (memory in GiB to 11: a byte shows below 100 GiB)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     old = []
     if path.exists():  # keep earlier rows, under the current header
@@ -527,7 +531,7 @@ def write_rows(rows: list[dict], env: dict, path: Path, fields: list[str]) -> No
         w.writeheader()
         w.writerows(old)
         for r in rows:
-            w.writerow({**env, **{k: (f"{v:.10g}" if k.endswith("_gib") else f"{v:.4g}")
+            w.writerow({**env, **{k: (f"{v:.11g}" if k.endswith("_gib") else f"{v:.4g}")
                                   if isinstance(v, float) else v for k, v in r.items()}})
 
 

@@ -165,6 +165,7 @@ def run_compiled(args, config, graph, plan, report, target, optimize_s, rename=N
     if "timing" in args.debug:
         for launch in fn.launches:
             n = plan.graph[launch.node]
+            fn.load_inputs(ids)  # the ids share the arena with what later launches write
             print(f"  timing {_timed_s(launch.run, device) * 1e3:8.2f} ms  {n.op} {list(n.shape)}")
     logits = fn(ids)
     print_top_tokens(logits, args.top)

@@ -64,6 +64,7 @@ def test_last_wave_runs_in_half_height_tiles(op, shape, sms, grid, tmp_path):
                        sms=sms)
     spec = model.launches[0].spec
     assert "halved-last-wave" in spec.variant and spec.grid == (grid,)
+    assert ("+tma" in spec.variant) == (shape[1] == 72)  # the two ways A is read
     # a full last wave keeps whole tiles
     whole = check_case(matmul_case(op, *shape, seed=sms), "cpu", torch.float32, tmp_path, "fp32",
                        sms=3)

@@ -2,8 +2,9 @@
 
 Token ids are checked against the vocabulary before any launch; the kernel also clamps
 them into the table, so a plan replayed without its input copy (a forward's ids share
-memory with buffers written later) never reads outside it. embedding_scale multiplies the rows by a constant on the way
-(the published Gemma-4 scales its embeddings by sqrt(hidden)), so the table is not copied.
+memory with buffers written later) never reads outside it. embedding_scale multiplies the
+rows by a constant on the way (the published Gemma-4 scales its embeddings by
+sqrt(hidden)), so the table is not copied.
 
 bytes: 8 * S (ids) + 2 * elem * S * D (rows read and written); no FLOPs
 """

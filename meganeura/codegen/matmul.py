@@ -302,7 +302,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     halves = bm >= (32 if target.interpreted else 128) and halve_last_wave(
         m, n, bm, bn, target.sm_count)
     tiles_mn = cdiv(m, bm) * cdiv(n, bn)
-    full = tiles_mn - tiles_mn % target.sm_count
+    full = tiles_mn - tiles_mn % target.sm_count if halves else tiles_mn
     if tma:
         args = [("desc", (a.id, (bm, bk)))] + ([("desc", (a.id, (bm // 2, bk)))] if halves else [])
         args += [("desc", (sid, (bn, bk) if b_trans else (bk, bn))) for sid, _ in stored]

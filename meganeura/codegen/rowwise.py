@@ -1,5 +1,6 @@
 """Row kernels: RMSNorm (over the row or per head, with or without a weight), RoPE, their
-fusions, and the post-norm + residual (+ layer scalar) pass. One program per row (token).
+fusions, and the post-norm + residual (+ layer scalar) pass. One program per row (token),
+or per few rows (a prompt's RoPE rows on a GPU, any rows on the interpreter).
 
     rms_norm:       y = x * rsqrt(mean(x^2) + eps) * w                    (fp32 inside)
     head_rms_norm:  the same over each head, w[hd] shared by the heads (unit_: no weight)
@@ -174,10 +175,12 @@ def build(node, graph, target: Target) -> KernelSpec:
     rows = min(16, next_pow2(s)) if target.interpreted else 1
     warps = 1 if target.interpreted else max(1, min(16, block // 256))
     if v.rope and s > 1 and not target.interpreted:
-        # a prompt's q and k rows: 4 warps over about 4096 values (rows of 2048 two a
-        # program), from benchmarks/kernel_sweep.py --only rows on the H200 (4b, 27b, e4b:
-        # results/kernel-sweep-2026-12-01-h200-c15c77e-rows.log); a decode step's one row
-        # keeps a warp per 256 values
+        # a prompt's q and k rows: 4 warps, rows together up to about 4096 values a program
+        # (rows of 2048 two a program; wider rows one, 8192 for 27b's q), from
+        # benchmarks/kernel_sweep.py --only rows on the H200 (4b, 27b, e4b:
+        # results/kernel-sweep-2026-12-01-h200-c15c77e-rows.log; 31b's 16384-wide rows
+        # compile without spills, not timed); a decode step's one row keeps a warp per 256
+        # values
         rows, warps = min(8, max(1, 4096 // block), next_pow2(s)), 4
     cx = dict(HEADS=heads, ROWS=rows, BLOCK_H=next_pow2(heads), BLOCK_C=cols)
     return KernelSpec("rowwise", v.name, emit(v, iota), "row_kernel", (cdiv(s, rows),), args, cx,

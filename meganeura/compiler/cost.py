@@ -148,7 +148,9 @@ def matmul_tile(m: int, n: int, paired: bool, sms: int) -> tuple[int, int]:
 
 def halve_last_wave(m: int, n: int, bm: int, bn: int, sms: int) -> bool:
     """Whether the product runs the tiles of its last, partial wave as half-height tiles
-    (twice as many, on SMs that would idle): priced against whole tiles by the wave model."""
+    (twice as many, on SMs that would idle): priced against whole tiles by the wave model.
+    (Like matmul_tile, this prices the 2-byte tiles; an fp32 plan's 64-row tiles are not
+    halved, and its products are priced as if they were.)"""
     return wave_fill(m, n, bm, bn, sms, True) > wave_fill(m, n, bm, bn, sms)
 
 

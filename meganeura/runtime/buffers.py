@@ -28,9 +28,9 @@ ALIGN = 256  # bytes; every buffer starts on a multiple (tensor descriptors need
 
 @dataclass
 class BufferPlan:
-    offset: dict[int, int]  # launch node -> byte offset in the arena
-    nbytes_of: dict[int, int]  # launch node -> bytes
-    life: dict[int, tuple[int, float]]  # launch node -> (position written, last position read)
+    offset: dict[int, int]  # owner (a launch, or an input placed here) -> byte offset
+    nbytes_of: dict[int, int]  # owner -> bytes
+    life: dict[int, tuple[int, float]]  # owner -> (position written, last position read)
     fp32: set[int]  # nodes that hold fp32 (the residual stream) rather than the plan dtype
     total: int  # arena bytes
 

@@ -8,7 +8,9 @@ kernel runs, copies them into the input buffer and launches the plan in order; o
 CUDA the launches are captured once and replayed as one CUDA graph.
 
 The returned logits live in the model's output buffer: the next call overwrites
-them (clone to keep them), as with any CUDA-graph runtime.
+them (clone to keep them), as with any CUDA-graph runtime. A forward's inputs share that
+memory (the token ids are read by the first launch, the logits written by the last): pass
+inputs of their own, not views of a previous result.
 """
 
 from __future__ import annotations
@@ -285,14 +287,25 @@ class CompiledModel:
         self.check_inputs(*args)
         return self._launch(args)
 
+    def load_inputs(self, *args) -> None:
+        """Checks the inputs and copies them into the model's input buffers, running nothing:
+        what timing one launch on its own needs first (a forward's token ids share the arena
+        with buffers that later launches write)."""
+        with self._lock:
+            self.check_inputs(*args)
+            self._copy_inputs(args)
+
+    def _copy_inputs(self, args) -> None:
+        for n, x in zip(self.inputs, args):
+            self.tensors[n.id].copy_(x)
+
     def _launch(self, args) -> torch.Tensor:
         if self._use_cuda_graph and self._graph is None and self._inputs_in_arena:
             # before the inputs are copied: the capture's warm-up run overwrites a forward's
             # token ids (they share the arena with the logits). A plan with state captures
             # after the copy: its warm-up run writes the caches, at the call's positions
             self._capture()
-        for n, x in zip(self.inputs, args):
-            self.tensors[n.id].copy_(x)
+        self._copy_inputs(args)
         if self._use_cuda_graph:
             if self._graph is None:
                 self._capture()
