@@ -37,8 +37,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     scaled = node.op == "embedding_scale"
     bd = min(next_pow2(d), 128 if target.interpreted else 1024)
     args = [("node", ids.id), ("node", table.id), ("node", node.id), ("value", table.shape[0]),
-            ("value", d),
-            ("stride", table.id), ("stride", node.id)]
+            ("value", d), ("stride", table.id), ("stride", node.id)]
     args += [("value", node.attrs["factor"])] if scaled else []
     return KernelSpec("embedding", "scaled-gather" if scaled else "gather", emit(scaled),
                       "embedding_kernel", (s, cdiv(d, bd)), args, dict(BLOCK_D=bd), num_warps=4,

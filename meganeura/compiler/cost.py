@@ -192,7 +192,8 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         fill = 1.0
         if m > 64:
             bm, bn = matmul_tile(m, n, op in PAIRED_MATMULS, sms)
-            fill = wave_fill(m, n, bm, bn, sms, halve_last_wave(m, n, bm, bn, sms))
+            # whole tiles, or the last wave halved where that fills more (halve_last_wave)
+            fill = max(wave_fill(m, n, bm, bn, sms), wave_fill(m, n, bm, bn, sms, True))
         if op in ROW_NORM_MATMULS:
             if m > 1:
                 return Work(math.inf)
