@@ -47,7 +47,7 @@ from prefill import (_release, environment, pyplot, report_from_csv, save_figure
 
 import meganeura  # noqa: E402
 from meganeura.compiler.ops import OPS  # noqa: E402
-from meganeura.generation import LateIds, SamplingParams, capacity_for, sample  # noqa: E402
+from meganeura.inference.generation import LateIds, SamplingParams, capacity_for, sample  # noqa: E402
 from meganeura.models import MODEL_NAMES, PRESETS, build  # noqa: E402
 from meganeura.models.kv import Generation  # noqa: E402
 

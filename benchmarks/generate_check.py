@@ -26,7 +26,7 @@ from hf_forward import hf_fp32_copy, hf_logits, hf_model, shared_weights  # noqa
 from prefill import environment  # noqa: E402
 
 import meganeura  # noqa: E402
-from meganeura.generation import SamplingParams  # noqa: E402
+from meganeura.inference.generation import SamplingParams  # noqa: E402
 from meganeura.models import MODEL_NAMES, PRESETS  # noqa: E402
 from meganeura.runtime.check import TOLERANCE, relative_error  # noqa: E402
 

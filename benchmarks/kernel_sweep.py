@@ -34,7 +34,7 @@ from meganeura.codegen.matmul import weight_parts
 from meganeura.compiler.cost import (H200, PAIRED_MATMULS, CostModel, attention_pairs,
                                      head_dim_chunks)
 from meganeura.models import MODEL_NAMES, PRESETS, build
-from meganeura.optimize import optimize
+from meganeura.pipeline import optimize_graph as optimize
 
 MATMUL = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
     (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),

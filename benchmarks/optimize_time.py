@@ -14,7 +14,7 @@ import time
 
 from meganeura.compiler.cost import H200, CostModel
 from meganeura.models import PRESETS, build
-from meganeura.optimize import optimize
+from meganeura.pipeline import optimize_graph as optimize
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import torch
 from meganeura.compiler.egraph import LEAVES
 from meganeura.compiler.graph import find_cycle
 from meganeura.compiler.ops import OPS, U32
-from meganeura.optimize import leaf_node
+from meganeura.compiler.optimize import leaf_node
 from numerics import assert_close
 
 

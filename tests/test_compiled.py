@@ -127,7 +127,7 @@ def test_only_the_kernels_inputs_stay_resident(small_model):
 
 def test_buffers_are_reused_by_liveness_and_never_alias_a_live_input():
     from meganeura.compiler.cost import CostModel
-    from meganeura.optimize import optimize
+    from meganeura.pipeline import optimize_graph as optimize
     from meganeura.runtime.buffers import plan_buffers
 
     c = CONFIGS["gqa2"]

@@ -29,7 +29,7 @@ def _prompt(vocab, n, seed):
 
 def _generate_with_logits(model, prompt, n, **kw):
     steps = []
-    out = model.generator.generate(prompt, n, meganeura.generation.SamplingParams(**kw),
+    out = model.generator.generate(prompt, n, meganeura.inference.generation.SamplingParams(**kw),
                                    stop=[], on_logits=lambda x: steps.append(x.clone()))
     return out, steps
 
@@ -125,7 +125,7 @@ def test_capacity_beyond_the_model_is_refused(tmp_path):
 def test_prefill_and_decode_are_planned_apart(tmp_path):
     from meganeura.compiler.cost import H200, CostModel
     from meganeura.models.gemma4_text import from_dict
-    from meganeura.optimize import optimize
+    from meganeura.pipeline import optimize_graph as optimize
 
     c = from_dict(hf.CONFIGS["every_feature"])
     prefill, prep = optimize(build(c, 300, Generation(512, False)), CostModel(H200, "bf16"))

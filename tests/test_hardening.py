@@ -22,7 +22,7 @@ from meganeura.models import build
 from meganeura.models.gemma4_text import from_dict
 from meganeura.models.kv import Generation
 from meganeura.models.weights import load_weights, random_weights, save_random_weights
-from meganeura.optimize import optimize
+from meganeura.pipeline import optimize_graph as optimize
 from meganeura.runtime.check import ROW_TOLERANCE, TOLERANCE, row_relative_error
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
@@ -203,11 +203,11 @@ def test_emit_dir_keeps_only_the_last_models_files(tmp_path):
     rc, _, err = cli("compile", "--emit-dir", str(out), "--seq-len", "5")
     assert rc == 0, err
     second = {p.name for p in (out / "kernels").iterdir()}
-    from meganeura.api import kernel_sources
-    from meganeura.codegen.cache import KernelCache
+    from meganeura.pipeline import kernel_sources, setup
 
     plan, _ = optimize(build(SMALL, 5), CostModel(CPU_INTERPRETER, "fp32"))
-    expected = {KernelCache().path(s).name for s in kernel_sources(plan, "cpu", torch.float32)}
+    cpu = setup("cpu")
+    expected = {cpu.kernel_cache().path(s).name for s in kernel_sources(plan, cpu)}
     assert second == expected and first != second
     assert sorted(p.name for p in out.glob("template*.egg")) == [f"template{k}.egg"
                                                                  for k in range(3)]
@@ -222,7 +222,7 @@ def test_long_cpu_runs_show_progress_and_big_models_warn(tmp_path, capsys):
     rc, out, err = cli("compile", "--weights", str(tmp_path), "--run", "--tokens", "1,2,3")
     assert rc == 0, err
     assert "kernels bound:" in out and "running kernels (Triton's interpreter):" in out
-    from meganeura.commands import warn_cpu_size
+    from meganeura.cli.commands import warn_cpu_size
     from meganeura.models import PRESETS
 
     warn_cpu_size(PRESETS["gemma4_1b"], torch.device("cpu"))

@@ -312,7 +312,7 @@ def test_dependent_launches_touch_only_weights_before_the_gate():
     from meganeura.compiler.cost import H200, CostModel
     from meganeura.models import PRESETS, build
     from meganeura.models.kv import Generation
-    from meganeura.optimize import optimize
+    from meganeura.pipeline import optimize_graph as optimize
 
     plan, _ = optimize(build(PRESETS["gemma4_e4b"], 1, Generation(512, decode=True)),
                        CostModel(H200, "bf16"))

@@ -11,8 +11,8 @@ from meganeura.compiler.graph import Graph, Node
 from meganeura.errors import GraphError
 from meganeura.models import PRESETS, build
 from meganeura.models.weights import random_weights
-from meganeura.optimize import optimize
-from meganeura.report import fusion_families_per_block
+from meganeura.pipeline import optimize_graph as optimize
+from meganeura.compiler.report import fusion_families_per_block
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
 
@@ -170,7 +170,7 @@ def test_check_acyclic_rejects_cycles_and_gaps():
      "unknown op 'conv2d'"),
 ])
 def test_malformed_graph_is_rejected_before_egglog(monkeypatch, nodes, message):
-    import meganeura.optimize as opt
+    import meganeura.compiler.optimize as opt
 
     def no_egglog(*a, **k):
         raise AssertionError("egglog was called on a malformed graph")

@@ -5,8 +5,8 @@ import pytest
 from configs import CONFIGS
 from meganeura.compiler.cost import CPU_INTERPRETER, H200, CostModel
 from meganeura.models import build
-from meganeura.optimize import optimize
-from meganeura.report import plan_text
+from meganeura.pipeline import optimize_graph as optimize
+from meganeura.compiler.report import plan_text
 from snapshots import assert_snapshot
 
 

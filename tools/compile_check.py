@@ -25,7 +25,7 @@ from meganeura.compiler.cost import PROFILES, CostModel
 from meganeura.models import MODEL_NAMES, PRESETS, build
 from meganeura.models.kv import Generation
 from meganeura.compiler.plan import holds_fp32
-from meganeura.optimize import optimize
+from meganeura.pipeline import optimize_graph as optimize
 
 TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64"}
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import triton
 
-from .. import __version__
 from ..errors import MeganeuraError
 
 DEFAULT_DIR = Path.home() / ".cache" / "meganeura" / "kernels"
@@ -33,9 +32,12 @@ def interpreter_active() -> bool:
 
 
 class KernelCache:
-    def __init__(self, directory: str | Path | None = None):
+    """tag: what else a kernel's text depends on (the caller's version), kept in every key."""
+
+    def __init__(self, directory: str | Path | None = None, tag: str = ""):
         self.directory = Path(directory) if directory is not None else DEFAULT_DIR
-        self.versions = f"meganeura {__version__}, triton {triton.__version__}, torch {torch.__version__}"
+        self.versions = ", ".join(x for x in (tag, f"triton {triton.__version__}",
+                                              f"torch {torch.__version__}") if x)
         self._loaded: dict[tuple[str, str, bool], object] = {}
         self.hits = self.misses = self.rebuilt = 0
 

@@ -44,8 +44,11 @@ class Launch:
 
 class CompiledModel:
     def __init__(self, plan: Plan, weights: dict, target: Target, cache: KernelCache,
-                 cuda_graph: bool = True, state: dict | None = None):
-        """state: name -> tensor for the plan's state leaves (KV caches), used in place."""
+                 cuda_graph: bool = True, state: dict | None = None,
+                 time_launches: bool = False):
+        """state: name -> tensor for the plan's state leaves (KV caches), used in place.
+        time_launches: after the first call, each launch is timed on its own and printed
+        (the `timing` debug channel)."""
         t0 = time.perf_counter()
         self.plan, self.target, self.cache = plan, target, cache
         g = plan.graph
@@ -92,6 +95,7 @@ class CompiledModel:
         self._use_cuda_graph = cuda_graph and target.device.type == "cuda"
         self._lock = threading.Lock()
         self.progress = None  # f(launches done, launches) after each launch run one by one
+        self._time_launches = time_launches
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -285,7 +289,25 @@ class CompiledModel:
 
     def _call(self, *args) -> torch.Tensor:
         self.check_inputs(*args)
+        if self._time_launches:
+            self._time_launches = False
+            self._launch(args)
+            for line in self.launch_times(args):
+                print(line)
         return self._launch(args)
+
+    def launch_times(self, args) -> list[str]:
+        """Each launch run and timed on its own after the inputs are copied in (a forward's
+        ids share the arena with what later launches write), one line each."""
+        lines = []
+        g = self.plan.graph
+        for launch in self.launches:
+            self._copy_inputs(args)
+            t = _timed(launch.run, self.target.device)
+            n = g[launch.node]
+            lines.append(f"  timing {t * 1e3:8.3f} ms  estimated {self.plan.estimate[n.id] * 1e3:8.3f}"
+                         f" ms  {launch.spec.archetype} {launch.spec.variant} {list(n.shape)}")
+        return lines
 
     def load_inputs(self, *args) -> None:
         """Checks the inputs and copies them into the model's input buffers, running nothing:
@@ -361,6 +383,17 @@ class CompiledModel:
 
     def kernel_sources(self) -> list[str]:
         return [k.source for launch in self.launches for k in launch.spec.chain()]
+
+
+def _timed(fn, device: torch.device) -> float:
+    """Seconds of one call, the device synchronized after it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def check_memory(needed: int, device: torch.device) -> None:

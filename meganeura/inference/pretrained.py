@@ -14,32 +14,28 @@ default), for the seed's presets as for the published ones.
 from __future__ import annotations
 
 import threading
-import time
 
 import torch
 
-from .api import bind, resolve
-from .compiler.cost import CostModel
-from .errors import InputError, WeightsError
+from ..errors import InputError, WeightsError
+from ..models.checkpoint import Checkpoint, open_checkpoint
+from ..models.registry import build, family
+from ..models.weights import load_weights, random_weights
+from ..pipeline import Setup, compile_graph, setup
+from ..runtime.compiled import CompiledModel
 from .generation import Generator, SamplingParams
-from .models.checkpoint import Checkpoint, open_checkpoint
-from .models.registry import build, family
-from .models.weights import load_weights, random_weights
-from .optimize import optimize
-from .runtime.compiled import CompiledModel
 
 
 class PretrainedModel:
     """A loaded model: `model(token_ids)` -> logits; compiled plans kept per sequence length."""
 
-    def __init__(self, config, weights: dict, device, dtype, profile, cache_dir=None,
-                 checkpoint: Checkpoint | None = None):
+    def __init__(self, config, weights: dict, s: Setup, checkpoint: Checkpoint | None = None):
         self.config = config
         self.family = family(config)
         self.checkpoint = checkpoint
         self.weights = weights
-        self.device, self.dtype, self.profile = device, dtype, profile
-        self.cache_dir = cache_dir
+        self.setup = s
+        self.device, self.dtype = s.device, s.dtype
         self.plans: dict[int, CompiledModel] = {}
         self.report = None  # the report of the plan compiled or run last
         self.eos_token_ids: tuple[int, ...] = checkpoint.eos_token_ids if checkpoint else ()
@@ -53,13 +49,8 @@ class PretrainedModel:
     def compiled(self, seq_len: int) -> CompiledModel:
         """The compiled prefill plan for `seq_len` tokens (optimized and compiled on first use)."""
         if seq_len not in self.plans:
-            t0 = time.perf_counter()
-            graph = build(self.config, seq_len)
-            dt = "bf16" if self.dtype == torch.bfloat16 else "fp32"
-            plan, rep = optimize(graph, CostModel(self.profile, dt))
-            self.plans[seq_len] = bind(plan, rep, self.profile, self.weights, self.device,
-                                       self.dtype, self.cache_dir,
-                                       optimize_s=time.perf_counter() - t0)
+            self.plans[seq_len] = compile_graph(build(self.config, seq_len), self.weights,
+                                                self.setup)
         return self.plans[seq_len]
 
     def __call__(self, token_ids: torch.Tensor, copy: bool = False) -> torch.Tensor:
@@ -99,20 +90,23 @@ class PretrainedModel:
 
 
 def from_config(config, weights: dict | None = None, device=None, dtype=None, cache_dir=None,
-                profile=None, seed: int = 0) -> PretrainedModel:
-    """A model object for a config (a preset of either family): its weights in graph layout,
-    or deterministic random ones from `seed`."""
-    device, dtype, profile = resolve(device, dtype, profile)
+                profile=None, seed: int = 0, debug=None) -> PretrainedModel:
+    """A model object for a config (a preset of any family): its weights in graph layout,
+    or deterministic random ones from `seed`. debug: channels of the pipeline to print
+    (egraph, plan, kernels, timing), as for meganeura.compile."""
+    s = setup(device, dtype, profile, cache_dir, debug)
+    device, dtype = s.device, s.dtype
     if weights is None:
         weights = random_weights(config, seed, dtype, device)
     if not isinstance(weights, dict):
         raise WeightsError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}")
     weights = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
                for k, v in weights.items()}
-    return PretrainedModel(config, weights, device, dtype, profile, cache_dir)
+    return PretrainedModel(config, weights, s)
 
 
-def from_pretrained(path, device=None, dtype=None, cache_dir=None, profile=None) -> PretrainedModel:
+def from_pretrained(path, device=None, dtype=None, cache_dir=None, profile=None,
+                    debug=None) -> PretrainedModel:
     """Loads a checkpoint directory (config.json + safetensors) of the published Gemma-4
     (`gemma4_text`, or the text decoder of `gemma4`) or of the seed's model.
 
@@ -120,7 +114,7 @@ def from_pretrained(path, device=None, dtype=None, cache_dir=None, profile=None)
     torch.float32 (default: bf16 on cuda, fp32 on cpu); the stored dtype (bf16, fp16,
     fp32) is cast once at load. cache_dir: the kernel source cache. Nothing is downloaded.
     """
-    device, dtype, profile = resolve(device, dtype, profile)
+    s = setup(device, dtype, profile, cache_dir, debug)
     ck = open_checkpoint(path)
-    weights = load_weights(ck.path, ck.config, dtype, device, ck.rename)
-    return PretrainedModel(ck.config, weights, device, dtype, profile, cache_dir, ck)
+    weights = load_weights(ck.path, ck.config, s.dtype, s.device, ck.rename)
+    return PretrainedModel(ck.config, weights, s, ck)

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from .errors import MeganeuraError
+from ..errors import MeganeuraError
 
 MODEL_CHOICES = ("gemma4-small-test", "gemma4-1b", "gemma4-4b", "gemma4-12b", "gemma4-27b",
                  "gemma4-e2b", "gemma4-e4b", "gemma4-31b")

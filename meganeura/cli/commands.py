@@ -7,19 +7,17 @@ from pathlib import Path
 
 import torch
 
-from .codegen.cache import KernelCache
-from .errors import MeganeuraError
-from .models import MODEL_NAMES, PRESETS, build
-from .models.weights import check_weights, load_weights, random_weights
-from .runtime.check import relative_error
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from ..errors import MeganeuraError
+from ..models import MODEL_NAMES, PRESETS, build
+from ..models.weights import check_weights, load_weights, random_weights
+from ..pipeline import Setup, bind, kernel_sources, optimize_graph, setup
+from ..runtime.check import relative_error
 
 
 def resolve_model(args):
     """(config, name, checkpoint or None) from --weights DIR (a checkpoint directory with its
     config.json), --config FILE or --model NAME."""
-    from .models.checkpoint import config_of, is_checkpoint_dir, open_checkpoint, read_json
+    from ..models.checkpoint import config_of, is_checkpoint_dir, open_checkpoint, read_json
 
     if args.weights and is_checkpoint_dir(args.weights):
         if args.model or args.config:
@@ -34,12 +32,9 @@ def resolve_model(args):
     return PRESETS[MODEL_NAMES[name]], name, None
 
 
-def resolve_device(args):
-    """(device, dtype, profile) from the flags, with the library's defaults and checks."""
-    from .api import resolve
-    from .compiler.cost import PROFILES
-
-    return resolve(args.device, DTYPES.get(args.dtype), PROFILES.get(args.profile))
+def resolve_setup(args) -> Setup:
+    """The pipeline's Setup from the flags, with the library's defaults and checks."""
+    return setup(args.device, args.dtype, args.profile, args.cache_dir, args.debug)
 
 
 def token_ids(args, seq_len: int, vocab: int) -> torch.Tensor:
@@ -54,7 +49,7 @@ def token_ids(args, seq_len: int, vocab: int) -> torch.Tensor:
 
 
 def print_summary(name: str, config, graph, seq_len: int) -> None:
-    from .models.gemma4_text import Gemma4TextConfig
+    from ..models.gemma4_text import Gemma4TextConfig
 
     c = config
     if isinstance(c, Gemma4TextConfig):
@@ -95,12 +90,12 @@ def cmd_compile(args) -> int:
     if args.tokens is not None and not args.tokens:
         raise MeganeuraError("--tokens: give at least one token id")
     seq_len = len(args.tokens) if args.tokens is not None else args.seq_len
-    device, dtype, profile = resolve_device(args)
+    s = resolve_setup(args)
     if args.emit_dir:
         check_emit_dir(Path(args.emit_dir))
     if args.run:
-        KernelCache(args.cache_dir).check_writable()
-        warn_cpu_size(config, device)
+        s.kernel_cache().check_writable()
+        warn_cpu_size(config, s.device)
     graph = build(config, seq_len)
     graph.validate()
     for note in ck.notes if ck else []:
@@ -109,42 +104,39 @@ def cmd_compile(args) -> int:
     if args.weights:
         stored = check_weights(args.weights, config, ck.rename if ck else None)
         print(f"weights: {args.weights}: {len(stored)} tensors, names and shapes match")
-    plan, report, optimize_s = optimize_and_report(args, graph, device, dtype, profile)
+    plan, report, optimize_s = optimize_and_report(args, graph, s)
     if args.run:
-        run_compiled(args, config, graph, plan, report, (device, dtype, profile), optimize_s,
-                     ck.rename if ck else None)
+        run_compiled(args, config, graph, plan, report, s, optimize_s, ck.rename if ck else None)
     return 0
 
 
-def optimize_and_report(args, graph, device, dtype, profile):
+def optimize_and_report(args, graph, s: Setup):
     """Optimizes the graph, prints the report, and writes --emit-dir (no weights needed)."""
-    from .api import kernel_sources
-    from .compiler.cost import CostModel
-    from .optimize import optimize
-    from .report import emit, format_report
+    from ..compiler.report import emit, format_report
 
-    cost = CostModel(profile, "bf16" if dtype == torch.bfloat16 else "fp32")
     t0 = time.perf_counter()
-    plan, report = optimize(graph, cost, keep_egglog=bool(args.emit_dir) or "egraph" in args.debug)
+    print(f"cost model: {s.profile.name}, {s.dtype_name}")
+    # the report first: the debug channels print under it
+    quiet = Setup(s.device, s.dtype, s.profile, s.cache_dir)
+    plan, report = optimize_graph(graph, quiet, keep_egglog=bool(args.emit_dir) or
+                                  "egraph" in s.debug)
     optimize_s = time.perf_counter() - t0
-    print(f"cost model: {profile.name}, {cost.dtype}")
     print(format_report(plan, report))
-    _debug(args, plan, report, device, dtype)
-    sources = kernel_sources(plan, device, dtype)
+    _debug(s, plan, report)
+    sources = kernel_sources(plan, s)
     print(f"codegen: {len(set(sources))} distinct kernel sources for {len(sources)} launches")
     if args.emit_dir:
         written = emit(plan, report, args.emit_dir)
-        written += KernelCache(args.cache_dir).copy_to(sources, Path(args.emit_dir) / "kernels")
+        written += s.kernel_cache().copy_to(sources, Path(args.emit_dir) / "kernels")
         print(f"wrote {len(written)} files to {args.emit_dir}")
     return plan, report, optimize_s
 
 
-def run_compiled(args, config, graph, plan, report, target, optimize_s, rename=None) -> None:
+def run_compiled(args, config, graph, plan, report, s: Setup, optimize_s, rename=None) -> None:
     """Loads weights, binds the kernels, runs them and checks them against the reference."""
-    from .api import bind
-    from .runtime.reference import run_reference
+    from ..runtime.reference import run_reference
 
-    device, dtype, profile = target
+    device, dtype = s.device, s.dtype
     t0 = time.perf_counter()
     if args.weights:
         weights = load_weights(args.weights, config, dtype, device, rename)
@@ -152,7 +144,9 @@ def run_compiled(args, config, graph, plan, report, target, optimize_s, rename=N
         print(f"weights: none given, using deterministic random weights (seed {args.seed})")
         weights = random_weights(config, args.seed, dtype, device)
     print(f"weights ready in {time.perf_counter() - t0:.2f} s", flush=True)
-    fn = bind(plan, report, profile, weights, device, dtype, args.cache_dir, optimize_s=optimize_s)
+    # the kernels were printed with the report; timing prints after the first call
+    fn = bind(plan, report, weights, Setup(device, dtype, s.profile, s.cache_dir,
+                                           s.debug & {"timing"}), optimize_s=optimize_s)
     print(f"kernels bound: {len(fn.launches)} launches of {len(set(fn.kernel_sources()))} "
           f"kernels", flush=True)
     if device.type == "cpu":
@@ -162,11 +156,6 @@ def run_compiled(args, config, graph, plan, report, target, optimize_s, rename=N
     steady = _timed_s(lambda: fn(ids), device)
     print(f"compiled model on {device} ({str(dtype).removeprefix('torch.')}): first call "
           f"{first * 1e3:.1f} ms (kernel JIT), then {steady * 1e3:.1f} ms")
-    if "timing" in args.debug:
-        for launch in fn.launches:
-            n = plan.graph[launch.node]
-            fn.load_inputs(ids)  # the ids share the arena with what later launches write
-            print(f"  timing {_timed_s(launch.run, device) * 1e3:8.2f} ms  {n.op} {list(n.shape)}")
     logits = fn(ids)
     print_top_tokens(logits, args.top)
     # fp32 reference on the same weights, upcast one parameter at a time
@@ -195,7 +184,7 @@ def warn_cpu_size(config, device) -> None:
     memory: say so before anything is loaded, and refuse what cannot fit."""
     if device.type != "cpu":
         return
-    from .runtime.compiled import _host_available
+    from ..runtime.compiled import _host_available
 
     n = config.num_parameters()
     need = 4 * n
@@ -233,26 +222,25 @@ def _timed_s(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def _debug(args, plan, report, device, dtype) -> None:
-    """MEGANEURA_DEBUG=egraph,plan,kernels,timing prints the matching stage."""
-    from .report import plan_text
+def _debug(s: Setup, plan, report) -> None:
+    """MEGANEURA_DEBUG=egraph,plan,kernels prints those stages under the report (timing
+    prints after the first call)."""
+    from ..compiler.report import plan_text
 
-    if "egraph" in args.debug:
+    if "egraph" in s.debug:
         for k, t in enumerate(report.templates):
             print(f"--- egglog program of template {k}\n{t.egglog}")
-    if "plan" in args.debug:
+    if "plan" in s.debug:
         print("--- plan\n" + plan_text(plan))
-    if "kernels" in args.debug:
-        from .api import kernel_sources
-
-        for src in dict.fromkeys(kernel_sources(plan, device, dtype)):
+    if "kernels" in s.debug:
+        for src in dict.fromkeys(kernel_sources(plan, s)):
             print("--- kernel\n" + src)
 
 
 def cmd_generate(args) -> int:
     """Everything is checked (model, tokenizer, prompt, sampling, capacity) before weights load."""
-    from .generation import SamplingParams, check_request
-    from .pretrained import PretrainedModel
+    from ..inference.generation import SamplingParams, check_request
+    from ..inference.pretrained import PretrainedModel
 
     config, name, ck = resolve_model(args)
     tokenizer = _tokenizer(args, ck)
@@ -262,8 +250,9 @@ def cmd_generate(args) -> int:
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     eos = ck.eos_token_ids if ck else ()
     prompt, _, capacity = check_request(config, ids, args.max_new_tokens, params, args.stop, eos)
-    device, dtype, profile = resolve_device(args)
-    KernelCache(args.cache_dir).check_writable()
+    s = resolve_setup(args)
+    device, dtype = s.device, s.dtype
+    s.kernel_cache().check_writable()
     warn_cpu_size(config, device)
     for note in ck.notes if ck else []:
         print(f"{'checkpoint' if ck.path else 'config'}: {note}")
@@ -275,12 +264,12 @@ def cmd_generate(args) -> int:
         weights = random_weights(config, args.seed, dtype, device)
     print(f"model {name}: weights ready on {device} in {time.perf_counter() - t0:.2f} s; caches for "
           f"{capacity} positions", flush=True)
-    model = PretrainedModel(config, weights, device, dtype, profile, args.cache_dir, ck)
+    model = PretrainedModel(config, weights, s, ck)
     stream = _Stream(tokenizer)
     out = model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                          args.seed, args.stop, on_token=stream.add)
     stream.end()
-    from .report import plan_summary
+    from ..compiler.report import plan_summary
 
     session = model.generator.last_session
     for label, fn in ((f"prefill plan ({prompt.numel()} tokens)", session.prefills[prompt.numel()]),
@@ -310,7 +299,7 @@ def _tokenizer(args, ck):
         return None
     from tokenizers import Tokenizer
 
-    from .models.weights import regular_file
+    from ..models.weights import regular_file
 
     regular_file(path, "tokenizer")
     try:

@@ -20,13 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .api import bind
-from .compiler.cost import CostModel
-from .errors import InputError
-from .models.kv import Generation
-from .models.registry import build
-from .optimize import optimize
-from .runtime.compiled import CompiledModel
+from ..errors import InputError
+from ..models.kv import Generation
+from ..models.registry import build
+from ..pipeline import compile_graph
+from ..runtime.compiled import CompiledModel
 
 CAPACITY_STEP = 256  # caches and plans are made for capacities rounded up to a multiple
 
@@ -142,13 +140,9 @@ class Generator:
 
     def _plan(self, s: Session, seq_len: int, decode: bool) -> CompiledModel:
         m = self.model
-        t0 = time.perf_counter()
         graph = build(m.config, seq_len, Generation(s.capacity, decode))
-        dt = "bf16" if m.dtype == torch.bfloat16 else "fp32"
-        plan, rep = optimize(graph, CostModel(m.profile, dt))
-        return bind(plan, rep, m.profile, m.weights, m.device, m.dtype, m.cache_dir,
-                    optimize_s=time.perf_counter() - t0, state=s.caches,
-                    dependent_launches=decode and self.dependent_launches)
+        return compile_graph(graph, m.weights, m.setup, state=s.caches,
+                             dependent_launches=decode and self.dependent_launches)
 
     def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
         """The prefill of seq_len tokens, its kernels built by one run on token 0: what that

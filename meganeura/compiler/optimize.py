@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 
 from egglog import EGraph
 
-from . import rewrites
-from .compiler.blocks import group_templates, split_blocks
-from .compiler.cost import CostModel
-from .compiler.egraph import Block, EClasses, encode, read_eclasses
-from .compiler.extract import Extractor, Selection, class_shapes, load_time_classes
-from .compiler.graph import Graph
-from .compiler.plan import Plan, make_plan
+from .blocks import group_templates, split_blocks
+from .cost import CostModel
+from .egraph import Block, EClasses, encode, read_eclasses
+from .extract import Extractor, Selection, class_shapes, load_time_classes
+from .graph import Graph
+from .plan import Plan, make_plan
 
 
 @dataclass
@@ -59,14 +58,14 @@ class _Extracted:
     selection: Selection
 
 
-def optimize(graph: Graph, cost: CostModel, families=None, keep_egglog: bool = False,
+def optimize(graph: Graph, cost: CostModel, schedule, keep_egglog: bool = False,
              local_search: bool = True) -> tuple[Plan, OptimizeReport]:
-    """Optimizes `graph` for the cost model's device; `families` restricts the rule families."""
+    """Optimizes `graph` for the cost model's device, saturating each template's e-graph with
+    `schedule` (an egglog schedule: `rewrites.schedule()`)."""
     t0 = time.perf_counter()
     graph.validate()
     blocks = split_blocks(graph)
     templates = group_templates(graph, blocks)
-    schedule = rewrites.schedule(families)
     extracted, reports = [], []
     for members in templates:
         ex, rep = _optimize_template(graph, members, schedule, cost, keep_egglog, local_search)

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .compiler.plan import Plan
+from .plan import Plan
 from .optimize import OptimizeReport
 
 FUSED_OPS = {

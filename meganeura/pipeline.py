@@ -1,0 +1,180 @@
+"""The pipeline, one function per stage: a graph -> an optimized plan -> kernels bound to weights.
+
+    graph = models.build(config, seq_len)              models/
+    plan, report = optimize_graph(graph, setup)        compiler/ and rewrites/: the e-graph
+    model = bind(plan, report, weights, setup)         codegen/ and runtime/: the kernels
+
+`compile_graph` runs the last two; `meganeura.compile`, `from_pretrained`, generation and the
+command line all come through these functions. A `Setup` holds what every stage needs: the
+device, the plan dtype, the cost profile the extractor prices with, the kernel cache and the
+debug channels (`egraph`, `plan`, `kernels`, `timing`), which print what each stage made.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__, rewrites
+from .codegen import Target, kernel_for
+from .codegen.cache import KernelCache
+from .compiler.cost import CPU_INTERPRETER, H200, PROFILES, CostModel, DeviceProfile
+from .compiler.graph import Graph
+from .compiler.optimize import OptimizeReport, optimize
+from .compiler.plan import Plan
+from .compiler.report import plan_text
+from .errors import MeganeuraError, WeightsError
+from .runtime.compiled import CompiledModel
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+DEBUG_CHANNELS = ("egraph", "plan", "kernels", "timing")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where and how a plan is made and run."""
+
+    device: torch.device
+    dtype: torch.dtype
+    profile: DeviceProfile
+    cache_dir: Path | None = None  # kernel sources (default: ~/.cache/meganeura/kernels)
+    debug: frozenset = frozenset()  # of DEBUG_CHANNELS
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def cost(self) -> CostModel:
+        return CostModel(self.profile, self.dtype_name)
+
+    def kernel_cache(self) -> KernelCache:
+        return KernelCache(self.cache_dir, f"meganeura {__version__}")
+
+
+@dataclass
+class CompileReport:
+    optimize: OptimizeReport
+    plan: Plan
+    profile: DeviceProfile
+    seconds: dict = field(default_factory=dict)
+    kernels: list = field(default_factory=list)  # (node id, archetype, variant) per launch
+
+
+def setup(device=None, dtype=None, profile=None, cache_dir=None, debug=None) -> Setup:
+    """Fills in defaults and checks each: device cuda (when available) or cpu; dtype bf16 on
+    cuda, fp32 on cpu; the profile a DeviceProfile or its name (default h200 on cuda, the
+    interpreter's on cpu); debug a set of channels or their comma-separated names."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise MeganeuraError(f"device must be cuda or cpu, got {device!r}") from None
+    if device.type not in ("cuda", "cpu"):
+        raise MeganeuraError(f"device must be cuda or cpu, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MeganeuraError("device cuda: CUDA is not available on this machine")
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in DTYPE_NAMES:
+        raise MeganeuraError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if device.type == "cpu" and dtype != torch.float32:
+        # Triton's interpreter computes bf16 dot products wrong (near-uniform logits, no error)
+        raise MeganeuraError("bf16 runs on CUDA only: on the CPU, Triton's interpreter computes "
+                             "bf16 matrix products wrong; use fp32 there (the default)")
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise MeganeuraError(f"unknown profile {profile!r} (known: {', '.join(PROFILES)})")
+        profile = PROFILES[profile]
+    if profile is not None and not isinstance(profile, DeviceProfile):
+        raise MeganeuraError(f"profile must be a DeviceProfile or one of {', '.join(PROFILES)}, "
+                             f"got {type(profile).__name__}")
+    profile = profile or (H200 if device.type == "cuda" else CPU_INTERPRETER)
+    return Setup(device, dtype, profile, Path(cache_dir) if cache_dir else None,
+                 debug_channels(debug))
+
+
+def debug_channels(debug) -> frozenset:
+    """A set of debug channels from None, a comma-separated string or an iterable of names."""
+    if not debug:
+        return frozenset()
+    names = debug.split(",") if isinstance(debug, str) else list(debug)
+    chosen = frozenset(n.strip() for n in names if isinstance(n, str) and n.strip())
+    unknown = sorted(chosen - set(DEBUG_CHANNELS)) + [repr(n) for n in names
+                                                      if not isinstance(n, str)]
+    if unknown:
+        raise MeganeuraError(f"unknown debug channel {unknown[0]} (known: "
+                             f"{', '.join(DEBUG_CHANNELS)})")
+    return chosen
+
+
+def optimize_graph(graph: Graph, s: Setup | CostModel, families=None, keep_egglog: bool = False,
+                   local_search: bool = True) -> tuple[Plan, OptimizeReport]:
+    """The e-graph stage: blocks -> saturation with the rewrite families (default: all) ->
+    cost-based extraction -> plan, priced by the Setup's cost model (or the CostModel given).
+    Prints the egglog programs and the plan on those debug channels."""
+    if not isinstance(graph, Graph):
+        raise MeganeuraError(f"graph must be a meganeura Graph, got {type(graph).__name__}")
+    cost, debug = (s, frozenset()) if isinstance(s, CostModel) else (s.cost, s.debug)
+    plan, report = optimize(graph, cost, rewrites.schedule(families),
+                            keep_egglog=keep_egglog or "egraph" in debug,
+                            local_search=local_search)
+    if "egraph" in debug:
+        for k, t in enumerate(report.templates):
+            print(f"--- egglog program of template {k}\n{t.egglog}")
+    if "plan" in debug:
+        print("--- plan\n" + plan_text(plan))
+    return plan, report
+
+
+def bind(plan: Plan, report: OptimizeReport, weights: dict, s: Setup, cuda_graph: bool = True,
+         optimize_s: float = 0.0, state: dict | None = None,
+         dependent_launches: bool = False) -> CompiledModel:
+    """The kernel stage: generates the plan's kernels and binds them to weights, state (KV
+    caches) and buffers on the device. dependent_launches: on a Hopper (or later) GPU, each
+    kernel is launched while the one before it finishes (see codegen.common.dependent_launch)."""
+    check_weights_dict(weights)
+    t1 = time.perf_counter()
+    cache = s.kernel_cache()
+    cache.check_writable()
+    pdl = dependent_launches and s.device.type == "cuda" and \
+        torch.cuda.get_device_capability(s.device)[0] >= 9
+    model = CompiledModel(plan, weights, Target(s.device, s.dtype, pdl=pdl), cache, cuda_graph,
+                          state, time_launches="timing" in s.debug)
+    t2 = time.perf_counter()
+    model.report = CompileReport(
+        report, plan, s.profile,
+        {"optimize": optimize_s, "load+codegen": t2 - t1, **model.seconds},
+        [(launch.node, launch.spec.archetype, launch.spec.variant) for launch in model.launches])
+    if "kernels" in s.debug:
+        for src in dict.fromkeys(model.kernel_sources()):
+            print("--- kernel\n" + src)
+    return model
+
+
+def compile_graph(graph: Graph, weights: dict, s: Setup, cuda_graph: bool = True,
+                  state: dict | None = None, dependent_launches: bool = False,
+                  families=None) -> CompiledModel:
+    """optimize_graph, then bind: a graph and its weights (graph layout) as a compiled model."""
+    check_weights_dict(weights)
+    t0 = time.perf_counter()
+    plan, report = optimize_graph(graph, s, families)
+    return bind(plan, report, weights, s, cuda_graph, time.perf_counter() - t0, state,
+                dependent_launches)
+
+
+def check_weights_dict(weights) -> None:
+    if not isinstance(weights, dict):
+        raise WeightsError(f"weights must be a dict of parameter name -> torch.Tensor, got "
+                           f"{type(weights).__name__}")
+
+
+def kernel_sources(plan: Plan, s: Setup) -> list[str]:
+    """The source of every kernel the plan launches, without touching weights."""
+    target = Target(s.device, s.dtype)
+    return [k.source for i in plan.launches
+            for k in kernel_for(plan.graph[i], plan.graph, target).chain()]
