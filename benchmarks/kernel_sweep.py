@@ -286,7 +286,7 @@ def sweep_rows(model: str, seq: int, cache: KernelCache) -> None:
             elif kind == "stride":
                 args.append(tensors[x].stride(0))
             elif kind == "rope_freq":
-                args.append(rope_frequencies(x[1], x[0], x[2]).cuda())
+                args.append(rope_frequencies(x[1], x[0], x[2], x[3]).cuda())
             else:
                 args.append(x)
         fn = cache.load(spec.source, spec.entry, False)

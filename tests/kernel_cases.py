@@ -86,13 +86,14 @@ def row_norm_matmul_case(op, m, k, n, seed=0, transposed=False):
     return g, w, inputs
 
 
-ROW_OPS = ["rms_norm", "rope", "rope-partial", "norm_rope", "head_rms_norm", "unit_rms_norm",
+ROW_OPS = ["rms_norm", "rope", "rope-partial", "rope-llama3", "norm_rope", "head_rms_norm", "unit_rms_norm",
            "head_norm_rope", "head_norm_rope-partial", "norm_add", "norm_add_scale"]
 
 
 def row_case(op, s, heads, head_dim, seed=0, strided=False, limit=None):
     """One row-archetype node over [s, heads * head_dim]; "-partial" rotates a quarter of the
-    frequencies (the published model's full-attention layers, theta 1e6). limit: positions
+    frequencies (the published model's full-attention layers, theta 1e6), "-llama3" scales
+    them as Llama-3 does. limit: positions
     are drawn below it (default 3 s + 5)."""
     gen = torch.Generator().manual_seed(seed)
     op, _, partial = op.partition("-")
@@ -104,8 +105,12 @@ def row_case(op, s, heads, head_dim, seed=0, strided=False, limit=None):
     if "rope" in op:
         pos = g.input_u32("positions", (s,))
         inputs.append(torch.randperm(limit, generator=gen)[:s])
-    rope = (1e6, head_dim, head_dim // 8, limit) if partial else (10000.0, head_dim,
-                                                                   head_dim // 2, limit)
+    rope = (1e6, head_dim, head_dim // 8, limit) if partial == "partial" else (
+        10000.0, head_dim, head_dim // 2, limit)
+    # llama3 frequency scaling, its three bands inside the head (wavelengths 2 pi / f from
+    # 6 to ~1.4e4 positions at head_dim 16, theta 1e4)
+    scaling = dict(scale_factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_limit=512) if partial == "llama3" else {}
     if op in ("rms_norm", "norm_rope", "norm_add", "norm_add_scale"):
         w = {"w": 1.0 + 0.1 * _rand(gen, d)}
         nw = g.parameter("w", (d,))
@@ -117,7 +122,7 @@ def row_case(op, s, heads, head_dim, seed=0, strided=False, limit=None):
     if op == "rms_norm":
         out = g.rms_norm(x, nw, 1e-6)
     elif op == "rope":
-        out = g.rope(x, pos, *rope)
+        out = g.rope(x, pos, *rope, **scaling)
     elif op == "norm_rope":
         out = g.norm_rope(x, nw, pos, 1e-6, *rope)
     elif op == "head_rms_norm":

@@ -80,3 +80,24 @@ def test_missing_or_misshaped_weight():
     w["model.norm.weight"] = torch.ones(3)
     with pytest.raises(WeightsError, match="has shape \\[3\\], expected \\[32\\]"):
         run_reference(build(c, 3), w, {"token_ids": ids})
+
+
+def test_llama3_frequencies_match_transformers():
+    # llama3's scaled RoPE frequencies (Llama-3.2-1B's: factor 32), as transformers makes them
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from meganeura.compiler.formulas import inv_freq
+
+    params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64,
+                      max_position_embeddings=131072, rope_parameters=params)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")  # fp32
+    ours = inv_freq(500000.0, 64, 32, (32.0, 1.0, 4.0, 8192))
+    assert torch.allclose(ours, theirs.double(), rtol=1e-6, atol=0)  # theirs: a few fp32 roundings
+    # the three bands are all there: kept, scaled by 1/32, and interpolated between
+    ratio = ours / inv_freq(500000.0, 64, 32)
+    assert (ratio == 1).any() and torch.isclose(ratio, torch.tensor(1 / 32, dtype=torch.float64)).any()
+    assert ((ratio > 1 / 32 + 1e-9) & (ratio < 1 - 1e-9)).any()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..compiler.ops import rope_scaling
 from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 
 OPS = ("rms_norm", "head_rms_norm", "unit_rms_norm", "rope", "norm_rope", "head_norm_rope",
@@ -167,7 +168,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     args += [("node", ins[-1])] if (v.rope or v.cache) and not iota else []
     if v.rope:
         a = node.attrs
-        args += [("rope_freq", (hd, a["theta"], a["rotary"]))]
+        args += [("rope_freq", (hd, a["theta"], a["rotary"], rope_scaling(a)))]
     args += [("value", graph[out].shape[0])] if v.cache else []
     cols = next_pow2(hd // 2 if v.rope else hd)
     block = next_pow2(heads) * cols * (2 if v.rope else 1)

@@ -43,8 +43,10 @@ def _constructor(spec):
     ann["return"] = "Tensor"
     ctor.__name__ = ctor.__qualname__ = spec.name
     ctor.__doc__ = spec.doc
+    constant = {n: v for n, v in spec.defaults.items() if not callable(v)}  # rules may omit them
     ctor.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                           default=constant.get(n, inspect.Parameter.empty)) for n in names])
     ctor.__annotations__ = ann
     if not spec.inputs:
         return method(egg_fn=spec.name)(classmethod(ctor))

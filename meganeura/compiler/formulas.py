@@ -36,31 +36,50 @@ def head_rms_norm(x, w, eps, head_dim):
     return y.reshape(s, width).to(x.dtype)
 
 
-def inv_freq(theta: float, head_dim: int, rotary: int) -> torch.Tensor:
-    """float64 [hd/2]: theta^(-2d/hd) for the first `rotary` frequencies, 0 (no rotation) after."""
+# llama3 frequency scaling (scale_factor, low_freq_factor, high_freq_factor, original_limit);
+# a scale_factor of 1 leaves the frequencies as they are
+NO_SCALING = (1.0, 1.0, 4.0, 8192)
+
+
+def inv_freq(theta: float, head_dim: int, rotary: int, scaling=NO_SCALING) -> torch.Tensor:
+    """float64 [hd/2]: theta^(-2d/hd) for the first `rotary` frequencies, 0 (no rotation) after;
+    then llama3's scaling: wavelengths 2 pi / f above original_limit / low_freq_factor are
+    divided by scale_factor, those below original_limit / high_freq_factor kept, and those
+    between interpolated by s = (original_limit / wavelength - low) / (high - low):
+    f ((1 - s) / scale_factor + s)."""
     d = torch.arange(head_dim // 2, dtype=torch.float64)
-    return torch.where(d < rotary, theta ** (-2.0 * d / head_dim), torch.zeros_like(d))
+    f = torch.where(d < rotary, theta ** (-2.0 * d / head_dim), torch.zeros_like(d))
+    factor, low, high, original = scaling
+    if factor == 1.0:
+        return f
+    wavelen = 2 * math.pi / f  # inf where f = 0: divided by the factor, still 0
+    s = (original / wavelen - low) / (high - low)
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    scaled = torch.where(wavelen > original / low, f / factor, f)
+    return torch.where(medium, (1 - s) * f / factor + s * f, scaled)
 
 
-def rope_tables(positions: torch.Tensor, theta: float, head_dim: int, rotary: int):
+def rope_tables(positions: torch.Tensor, theta: float, head_dim: int, rotary: int,
+                scaling=NO_SCALING):
     """cos and sin of pos * inv_freq, fp32 [S, hd/2], computed in float64 (fp32 angles in the
     thousands of radians lose digits)."""
-    ang = positions.to(torch.float64)[:, None] * inv_freq(theta, head_dim, rotary)[None, :]
+    ang = positions.to(torch.float64)[:, None] * inv_freq(theta, head_dim, rotary, scaling)[None, :]
     return ang.cos().float(), ang.sin().float()
 
 
-def rope_frequencies(theta: float, head_dim: int, rotary: int) -> torch.Tensor:
+def rope_frequencies(theta: float, head_dim: int, rotary: int, scaling=NO_SCALING) -> torch.Tensor:
     """float64 [hd/2 + 2]: inv_freq, then pi and 1 / pi (the kernels' angle reduction)."""
-    return torch.cat([inv_freq(theta, head_dim, rotary),
+    return torch.cat([inv_freq(theta, head_dim, rotary, scaling),
                       torch.tensor([math.pi, 1 / math.pi], dtype=torch.float64)])
 
 
-def rope(x, theta, head_dim, rotary, positions=None):
+def rope(x, theta, head_dim, rotary, positions=None, scaling=NO_SCALING):
     # x: [S, heads*hd] at positions [S] (default 0 .. S-1); pair d with d + hd/2 in each head
     s, width = x.shape
     half = head_dim // 2
     pos = torch.arange(s) if positions is None else positions.cpu().long()
-    cos, sin = (t.to(x.device)[:, None, :] for t in rope_tables(pos, theta, head_dim, rotary))
+    cos, sin = (t.to(x.device)[:, None, :]
+                for t in rope_tables(pos, theta, head_dim, rotary, scaling))
     xh = x.float().view(s, width // head_dim, head_dim)
     x1, x2 = xh[..., :half], xh[..., half:]
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -244,7 +244,7 @@ class Graph:
         for name, fill in spec.defaults.items():
             if name not in attrs:
                 try:
-                    attrs[name] = fill(attrs)
+                    attrs[name] = fill(attrs) if callable(fill) else fill
                 except (KeyError, TypeError, ValueError, ZeroDivisionError):
                     pass  # the missing attribute it depends on is reported below
         missing = set(spec.attr_names) - set(attrs)

@@ -53,7 +53,7 @@ class OpSpec:
     work: str = "elementwise"  # what the cost model prices: matmul | attention | gather | elementwise
     vector_flops: float = 0.0  # per output element (elementwise and row ops)
     stream: bool = False  # output held in fp32 (the residual stream) whatever the plan dtype
-    defaults: dict = field(default_factory=dict)  # attr -> f(attrs) when the builder omits it
+    defaults: dict = field(default_factory=dict)  # attr -> f(attrs), or a constant, when omitted
     inplace: bool = False  # the kernel updates operand 0's buffer (state) and returns it
     out_dtype: str = FLOAT
     rows: tuple[int, ...] = ()  # operands whose row i alone makes the output's row i
@@ -141,6 +141,10 @@ def _rope(s, d, a):
     _heads(x[1], hd)
     _need(a["theta"] > 0, f"theta must be > 0, got {a['theta']}")
     _need(0 <= a["rotary"] <= hd // 2, f"rotary must be in [0, {hd // 2}], got {a['rotary']}")
+    if a.get("scale_factor", 1.0) != 1.0:
+        _need(a["scale_factor"] > 0 and 0 < a["low_freq_factor"] < a["high_freq_factor"]
+              and a["original_limit"] > 0, "llama3 scaling needs scale_factor > 0, "
+              "0 < low_freq_factor < high_freq_factor and original_limit > 0")
     return x
 
 
@@ -325,6 +329,13 @@ def _embedding_scale(s, d, a):
 # ---- the vocabulary -------------------------------------------------------------------------
 
 _HEAD_ROPE = {"rotary": lambda a: a["head_dim"] // 2}  # default: every frequency rotates
+_SCALING = ("scale_factor", "low_freq_factor", "high_freq_factor", "original_limit")
+_NO_SCALING = dict(zip(_SCALING, fm.NO_SCALING))  # constants: the e-graph's defaults too
+
+
+def rope_scaling(attrs: dict) -> tuple:
+    """A rope's llama3 frequency scaling, as formulas.inv_freq takes it."""
+    return tuple(attrs.get(k, v) for k, v in _NO_SCALING.items())
 _SCALE = {"scale": lambda a: a["head_dim"] ** -0.5}  # default attention scale
 
 # leaves
@@ -342,10 +353,14 @@ _op("matmul", ("a", "b"), (), _matmul, lambda a, x, b: x @ b, "a @ b", work="mat
 _op("rms_norm", ("x", "w"), (("eps", float),), _rms_norm,
     lambda a, x, w: fm.rms_norm(x, w, a["eps"]), "x * rsqrt(mean(x^2) + eps) * w over the row, fp32",
     vector_flops=4, rows=(0,))
-_op("rope", ("x", "pos"), (("theta", float), ("head_dim", int), ("rotary", int), ("limit", int)),
-    _rope, lambda a, x, pos: fm.rope(x, a["theta"], a["head_dim"], a["rotary"], pos),
+_op("rope", ("x", "pos"), (("theta", float), ("head_dim", int), ("rotary", int), ("limit", int),
+                          ("scale_factor", float), ("low_freq_factor", float),
+                          ("high_freq_factor", float), ("original_limit", int)),
+    _rope, lambda a, x, pos: fm.rope(x, a["theta"], a["head_dim"], a["rotary"], pos,
+                                     rope_scaling(a)),
     "half-split rotary embedding per head at positions pos (< limit); frequencies past "
-    "`rotary` do not rotate", vector_flops=6, defaults=_HEAD_ROPE)
+    "`rotary` do not rotate, the others scaled as llama3 does (scale_factor 1: not at all)",
+    vector_flops=6, defaults={**_HEAD_ROPE, **_NO_SCALING})
 _op("causal_attention", ("q", "k", "v"),
     (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("scale", float)), _attention,
     lambda a, q, k, v: fm.attention(q, k, v, a["num_heads"], a["num_kv_heads"], a["head_dim"],

@@ -107,7 +107,7 @@ class CompiledModel:
         total = buffers.total
         total += 0 if inputs_in_arena else sum(8 * math.prod(n.shape) for n in self.inputs)
         tables = {x for spec in self._all_specs() for kind, x in spec.args if kind == "rope_freq"}
-        total += sum(8 * (hd // 2 + 2) for hd, _, _ in tables)
+        total += sum(8 * (hd // 2 + 2) for hd, *_ in tables)
         scratch = {x for spec in self._all_specs() for kind, x in spec.args if kind == "scratch"}
         total += sum(4 * math.prod(shape) for _, shape, _ in scratch)
         read = {x for spec in self._all_specs() for kind, x in spec.args if kind == "node"}
@@ -233,11 +233,12 @@ class CompiledModel:
             self._scratches[key] = torch.zeros(shape, dtype=dt, device=self.target.device)
         return self._scratches[key]
 
-    def _rope_table(self, head_dim: int, theta: float, rotary: int) -> torch.Tensor:
+    def _rope_table(self, head_dim: int, theta: float, rotary: int, scaling) -> torch.Tensor:
         """The RoPE kernels' float64 frequencies (formulas.rope_frequencies), made once."""
-        key = (head_dim, theta, rotary)
+        key = (head_dim, theta, rotary, scaling)
         if key not in self._tables:
-            self._tables[key] = rope_frequencies(theta, head_dim, rotary).to(self.target.device)
+            self._tables[key] = rope_frequencies(theta, head_dim, rotary, scaling).to(
+                self.target.device)
         return self._tables[key]
 
     # ---- running ------------------------------------------------------------------------
