@@ -1,4 +1,5 @@
-"""Tiny random Gemma-4 checkpoints written by transformers itself (nothing is downloaded).
+"""Tiny random checkpoints written by transformers itself (nothing is downloaded): Gemma-4,
+Llama and Qwen3.
 
 Every parameter and buffer that the checkpoint holds is perturbed away from transformers'
 initial values (norm weights of ones, layer scalars of one, ...), so a weight read from
@@ -40,6 +41,29 @@ CONFIGS = {
 }
 
 
+# transformers LlamaConfig / Qwen3Config fields, by test case: odd widths, GQA ratios above 1
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+DECODERS = {
+    # llama3 scaling whose bands fall inside the head (wavelengths 6.3 kept, 63 interpolated,
+    # 628 and 6283 divided by 8), tied lm_head, 5 query heads on one kv head
+    "llama3_tied": ("llama", dict(
+        vocab_size=67, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+        num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=128,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters=LLAMA3)),
+    # untied lm_head, head_dim 12 apart from hidden / heads (8), 6 heads on 2, plain RoPE
+    "llama_untied": ("llama", dict(
+        vocab_size=53, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    # per-head q/k norm, head_dim 12 (hidden 36 / 4 heads is 9), 4 heads on 2, untied
+    "qwen3": ("qwen3", dict(
+        vocab_size=71, hidden_size=36, intermediate_size=56, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+}
+
+
 def _perturb(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -57,6 +81,20 @@ def text_model(name: str, seed: int = 0):
 
     torch.manual_seed(seed)
     model = Gemma4ForCausalLM(Gemma4TextConfig(**CONFIGS[name])).eval()
+    _perturb(model, seed)
+    return model
+
+
+def decoder_model(name: str, seed: int = 0):
+    """A LlamaForCausalLM or Qwen3ForCausalLM of the named DECODERS config, fp32, every
+    weight perturbed."""
+    import transformers
+
+    kind, fields = DECODERS[name]
+    prefix = {"llama": "Llama", "qwen3": "Qwen3"}[kind]
+    config = getattr(transformers, f"{prefix}Config")(**fields)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
     _perturb(model, seed)
     return model
 

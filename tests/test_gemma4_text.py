@@ -168,8 +168,8 @@ def test_checkpoint_directory_errors(tmp_path):
         meganeura.from_pretrained(tmp_path / "nope", device="cpu")
     with pytest.raises(ConfigError, match="no config.json"):
         meganeura.from_pretrained(tmp_path, device="cpu")
-    d = _config_dir(tmp_path, {}, model_type="llama")
-    with pytest.raises(ConfigError, match="model_type 'llama' is not supported"):
+    d = _config_dir(tmp_path, {}, model_type="gpt2")
+    with pytest.raises(ConfigError, match="model_type 'gpt2' is not supported"):
         meganeura.from_pretrained(d, device="cpu")
     (d / "config.json").write_text(json.dumps({"model_type": "gemma4_text", **hf.CONFIGS["dense"]}))
     with pytest.raises(WeightsError, match="no model.safetensors"):

@@ -11,9 +11,10 @@ import sys
 import time
 
 from ..errors import MeganeuraError
+from ..models.registry import FAMILIES, MODEL_NAMES
 
-MODEL_CHOICES = ("gemma4-small-test", "gemma4-1b", "gemma4-4b", "gemma4-12b", "gemma4-27b",
-                 "gemma4-e2b", "gemma4-e4b", "gemma4-31b")
+MODEL_CHOICES = tuple(MODEL_NAMES)  # every family's presets (models/registry.py)
+DEFAULT_MODEL = "gemma4-small-test"
 
 
 class UsageError(MeganeuraError):
@@ -72,11 +73,13 @@ def _number(low: float, high: float, open_low: bool = False):
 def _add_model_args(p: argparse.ArgumentParser, seq_len: bool = True) -> None:
     m = p.add_mutually_exclusive_group()
     m.add_argument("--model", choices=MODEL_CHOICES, default=None,
-                   help="built-in preset: the seed's gemma4-small-test (default), -1b, -4b, -12b, "
-                   "-27b, or the published gemma4-e2b, -e4b, -31b")
-    m.add_argument("--config", metavar="FILE", help="model config as JSON: the seed's field "
-                   "names (vocab_size, hidden_size, ..., head_dim), or a transformers "
-                   "config.json (model_type gemma4_text or gemma4)")
+                   help="built-in preset, random weights: " + "; ".join(
+                       f"{f.name}: {', '.join(p.name for p in f.presets)}" for f in FAMILIES)
+                   + f" (default: {DEFAULT_MODEL})")
+    types = ", ".join(t for f in FAMILIES for t in f.model_types if t is not None)
+    m.add_argument("--config", metavar="FILE", help="model config as JSON: a transformers "
+                   f"config.json (model_type {types}), or the seed's field names (vocab_size, "
+                   "hidden_size, ..., head_dim; no model_type)")
     if seq_len:
         p.add_argument("--seq-len", type=_positive_int, default=16, metavar="N",
                        help="tokens per forward pass (default: 16)")

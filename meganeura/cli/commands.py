@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MeganeuraError
-from ..models import MODEL_NAMES, PRESETS, build
+from ..models import MODEL_NAMES, PRESETS, build, family, num_parameters
 from ..models.weights import check_weights, load_weights, random_weights
 from ..pipeline import Setup, bind, kernel_sources, optimize_graph, setup
 from ..runtime.check import relative_error
@@ -28,7 +28,9 @@ def resolve_model(args):
     if args.config:
         ck = config_of(read_json(Path(args.config), "config"), args.config)
         return ck.config, args.config, ck
-    name = args.model or "gemma4-small-test"
+    from . import DEFAULT_MODEL
+
+    name = args.model or DEFAULT_MODEL
     return PRESETS[MODEL_NAMES[name]], name, None
 
 
@@ -49,30 +51,8 @@ def token_ids(args, seq_len: int, vocab: int) -> torch.Tensor:
 
 
 def print_summary(name: str, config, graph, seq_len: int) -> None:
-    from ..models.gemma4_text import Gemma4TextConfig
-
-    c = config
-    if isinstance(c, Gemma4TextConfig):
-        n = c.num_hidden_layers
-        full = [i for i in range(n) if c.is_full(i)]
-        shared = sum(c.is_kv_consumer(i) for i in range(n))
-        heads = f"{c.num_attention_heads}/{c.num_key_value_heads} x {c.head_dim}"
-        if full:
-            heads += f" (full: {c.num_attention_heads}/{c.layer_kv_heads[full[0]]} x " \
-                     f"{c.layer_head_dims[full[0]]})"
-        print(f"model {name}: published Gemma-4, {n} layers ({len(full)} full, {n - len(full)} "
-              f"sliding-window {c.sliding_window}), hidden {c.hidden_size}, heads {heads}, ffn "
-              f"{c.intermediate_size}, vocab {c.vocab_size}, per-layer inputs "
-              f"{c.hidden_size_per_layer_input or 'none'}, {shared} layers sharing K/V"
-              f"{', K = V on full layers' if c.attention_k_eq_v else ''}, logit soft-cap "
-              f"{c.final_logit_softcapping}")
-    else:
-        kinds = ["global" if c.is_global_layer(i) else "sliding" for i in range(c.num_hidden_layers)]
-        print(f"model {name}: {c.num_hidden_layers} layers ({kinds.count('global')} global, "
-              f"{kinds.count('sliding')} sliding-window {c.sliding_window_size}), hidden "
-              f"{c.hidden_size}, heads {c.num_attention_heads}/{c.num_key_value_heads} "
-              f"x {c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}")
-    print(f"parameters: {c.num_parameters():,} in {len(graph.parameters())} tensors")
+    print(f"model {name}: {family(config).summary(config)}")
+    print(f"parameters: {num_parameters(config):,} in {len(graph.parameters())} tensors")
     counts = graph.op_counts()
     ops = ", ".join(f"{op} {n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     print(f"graph: {len(graph)} nodes at seq_len {seq_len}: {ops}")
@@ -186,7 +166,7 @@ def warn_cpu_size(config, device) -> None:
         return
     from ..runtime.compiled import _host_available
 
-    n = config.num_parameters()
+    n = num_parameters(config)
     need = 4 * n
     free = _host_available()
     if free is not None and need > free:

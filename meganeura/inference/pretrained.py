@@ -8,7 +8,7 @@ The weights are loaded once, onto the device in the plan dtype; a plan is optimi
 its kernels compiled the first time a sequence length is seen, and kept (every plan reads
 the same weight tensors). Calls are serialized: one model may be shared by threads.
 `meganeura.from_config` makes the same object from a config and weights (random ones by
-default), for the seed's presets as for the published ones.
+default), for any family's config or preset (models.PRESETS).
 """
 
 from __future__ import annotations
@@ -107,8 +107,10 @@ def from_config(config, weights: dict | None = None, device=None, dtype=None, ca
 
 def from_pretrained(path, device=None, dtype=None, cache_dir=None, profile=None,
                     debug=None) -> PretrainedModel:
-    """Loads a checkpoint directory (config.json + safetensors) of the published Gemma-4
-    (`gemma4_text`, or the text decoder of `gemma4`) or of the seed's model.
+    """Loads a checkpoint directory (config.json + safetensors) of any family of
+    models.registry.FAMILIES, chosen by config.json's `model_type`: Llama (`llama`), Qwen3
+    (`qwen3`), the published Gemma-4 (`gemma4_text`, or the text decoder of `gemma4`), or the
+    seed's model (its field names, no `model_type`).
 
     device: "cuda" or "cpu" (default: cuda when available); dtype: torch.bfloat16 or
     torch.float32 (default: bf16 on cuda, fp32 on cpu); the stored dtype (bf16, fp16,

@@ -1,16 +1,12 @@
-"""Checkpoint directories: which family, which config, which weight names.
+"""Checkpoint directories: the config, the family that reads it, the names of its weights.
 
 A directory in the Hugging Face layout holds `config.json`, `model.safetensors` (or
 shards and their index) and, for generation, `generation_config.json` and
-`tokenizer.json`. Its `config.json` decides the family:
-
-- `model_type: gemma4_text` (Gemma4ForCausalLM): the published decoder, weights `model.*`;
-- `model_type: gemma4` (Gemma4ForConditionalGeneration): `text_config` nested, the text
-  weights under `model.language_model.*`; the vision and audio towers are not loaded;
-- no `model_type`, the seed's field names: the seed's model (as `--config` reads them).
-
-This is the one place that knows those layouts; everything else sees a config and a
-function from parameter names to the names in the files.
+`tokenizer.json`. Its `config.json`'s `model_type` picks the family (registry.FAMILIES),
+and the family reads it into a config and says where the weights sit in the files
+(`family.Layout`: the multimodal Gemma-4 nests its text weights under
+`model.language_model.`); without a `model_type`, the seed's field names are read.
+Everything else sees a config and a function from parameter names to the names in the files.
 """
 
 from __future__ import annotations
@@ -21,8 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, WeightsError
-from . import gemma4 as seed
-from . import gemma4_text as published
+from .registry import read_config
 from .weights import regular_file
 
 CONFIG_NAME = "config.json"
@@ -33,8 +28,8 @@ MAX_JSON = 10_000_000  # bytes of a config file
 @dataclass
 class Checkpoint:
     path: Path | None  # the directory (None: a config file alone)
-    config: object  # seed.Gemma4Config | published.Gemma4TextConfig
-    layout: str  # "gemma4_text" | "gemma4" | "seed"
+    config: object  # a config of one of registry.FAMILIES
+    layout: str  # "gemma4_text" | "gemma4" | "seed" | "llama" | "qwen3"
     rename: Callable[[str], str] | None = None  # parameter name -> name in the files
     notes: list[str] = field(default_factory=list)  # what was read and what was skipped
     eos_token_ids: tuple[int, ...] = ()
@@ -58,10 +53,6 @@ def is_checkpoint_dir(path) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG_NAME).exists()
 
 
-def _nested(name: str) -> str:
-    return "model.language_model." + name[len("model."):] if name.startswith("model.") else name
-
-
 def open_checkpoint(path) -> Checkpoint:
     """Reads config.json (and generation_config.json if present); no tensor is read."""
     p = Path(path)
@@ -79,30 +70,8 @@ def open_checkpoint(path) -> Checkpoint:
 
 def config_of(d, source) -> Checkpoint:
     """The family, config and weight names a config.json's object describes."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"config {source} must be a JSON object")
-    kind = d.get("model_type")
-    if kind == "gemma4_text":
-        ck = Checkpoint(None, published.from_dict(d), "gemma4_text")
-        ck.notes.append("Gemma-4 text decoder (gemma4_text)")
-    elif kind == "gemma4":
-        text = d.get("text_config")
-        if not isinstance(text, dict):
-            raise ConfigError(f"config {source}: model_type gemma4 needs a text_config object")
-        # the multimodal model ties its lm_head by its own (top-level) flag, as transformers does
-        text = {**text, "tie_word_embeddings": d.get("tie_word_embeddings", True)}
-        ck = Checkpoint(None, published.from_dict(text), "gemma4", _nested)
-        towers = [t for t in ("vision", "audio") if d.get(f"{t}_config")]
-        ck.notes.append("Gemma-4 multimodal checkpoint (gemma4): its text decoder is loaded"
-                        + (f"; the {' and '.join(towers)} tower{'s' * (len(towers) > 1)} "
-                           f"{'are' if len(towers) > 1 else 'is'} skipped" if towers else ""))
-    elif kind is None:
-        ck = Checkpoint(None, seed.config_from_dict(d), "seed")
-        ck.notes.append("the seed's Gemma-4 (seed field names)")
-    else:
-        raise ConfigError(f"config {source}: model_type {kind!r} is not supported "
-                          f"(gemma4_text, gemma4, or the seed's fields without model_type)")
-    return ck
+    layout = read_config(d, source)
+    return Checkpoint(None, layout.config, layout.name, layout.rename, list(layout.notes))
 
 
 def _eos_ids(p: Path, d: dict) -> tuple[int, ...]:

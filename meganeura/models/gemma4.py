@@ -19,6 +19,7 @@ import torch
 from ..compiler.graph import Graph
 from ..errors import ConfigError
 from . import kv
+from .family import Family, Preset, plain_layout
 from .kv import Generation
 from .specs import WeightSpec
 
@@ -223,10 +224,10 @@ def transposed_weight_names(config: Gemma4Config) -> list[str]:
 
 
 def weight_specs(config: Gemma4Config) -> dict[str, WeightSpec]:
-    """Every parameter: its graph shape ([in, out] for linear weights) and whether the
-    checkpoint stores it transposed ([out, in])."""
-    shapes, transposed = weight_shapes(config), set(transposed_weight_names(config))
-    return {n: WeightSpec(shapes[n], n in transposed) for n in weight_names(config)}
+    """Every parameter, in graph order: its graph shape ([in, out] for linear weights) and
+    whether the checkpoint stores it transposed ([out, in])."""
+    transposed = set(transposed_weight_names(config))
+    return {n: WeightSpec(s, n in transposed) for n, s in weight_shapes(config).items()}
 
 
 def random_weights(config: Gemma4Config, seed: int = 0, dtype=torch.float32,
@@ -255,5 +256,37 @@ def build(config: Gemma4Config, seq_len: int, generation: Generation | None = No
 
 
 def weight_shapes(config: Gemma4Config) -> dict[str, tuple[int, ...]]:
-    """Graph-layout ([in, out]) shape of every parameter, read off the graph itself."""
-    return {n.name: n.shape for n in build(config, 1).parameters()}
+    """Graph-layout ([in, out]) shape of every parameter, in the order build_graph makes them
+    (random_weights seeds each by its place)."""
+    c = config
+    h, q, kv_width, f = c.hidden_size, c.q_dim, c.kv_dim, c.intermediate_size
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, h)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes |= {f"{p}.input_layernorm.weight": (h,), f"{p}.self_attn.q_proj.weight": (h, q),
+                   f"{p}.self_attn.k_proj.weight": (h, kv_width),
+                   f"{p}.self_attn.v_proj.weight": (h, kv_width)}
+        if c.use_qk_norm:
+            shapes |= {f"{p}.self_attn.q_norm.weight": (q,),
+                       f"{p}.self_attn.k_norm.weight": (kv_width,)}
+        shapes |= {f"{p}.self_attn.o_proj.weight": (q, h),
+                   f"{p}.post_attention_layernorm.weight": (h,),
+                   f"{p}.mlp.gate_proj.weight": (h, f), f"{p}.mlp.up_proj.weight": (h, f),
+                   f"{p}.mlp.down_proj.weight": (f, h)}
+    return shapes | {"model.norm.weight": (h,), "lm_head.weight": (h, c.vocab_size)}
+
+
+def summary(c: Gemma4Config) -> str:
+    kinds = ["global" if c.is_global_layer(i) else "sliding" for i in range(c.num_hidden_layers)]
+    return (f"{c.num_hidden_layers} layers ({kinds.count('global')} global, "
+            f"{kinds.count('sliding')} sliding-window {c.sliding_window_size}), hidden "
+            f"{c.hidden_size}, heads {c.num_attention_heads}/{c.num_key_value_heads} "
+            f"x {c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}")
+
+
+FAMILY = Family(
+    name="the seed's Gemma-4", config=Gemma4Config, from_dict=config_from_dict,
+    # its config.json has the seed's field names and no model_type
+    layouts={None: plain_layout(config_from_dict, "seed", "the seed's Gemma-4 (seed field names)")},
+    presets=tuple(Preset(name, key, PRESETS[key]) for name, key in MODEL_NAMES.items()),
+    build=build, weight_specs=weight_specs, random_weights=random_weights, summary=summary)

@@ -31,8 +31,10 @@ import torch
 from ..compiler.graph import Graph
 from ..errors import ConfigError
 from . import kv
+from .family import Family, Layout, Preset
 from .kv import Generation
-from .specs import WeightSpec
+from .layers import gated_mlp, linear
+from .specs import WeightSpec, random_stored_weights
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "silu": "silu"}
@@ -315,17 +317,12 @@ def build_graph(g: Graph, c: Gemma4TextConfig, seq_len: int,
     return logits
 
 
-def _linear(g: Graph, h: int, name: str, out: int, inp: int) -> int:
-    """h @ W^T with W stored [out, in] as in the checkpoint."""
-    return g.matmul(h, g.transpose(g.parameter(name, (out, inp))))
-
-
 def _per_layer_inputs(g: Graph, c: Gemma4TextConfig, ids: int, x: int) -> int:
     """(RMSNorm_P(x @ Wpm^T * H^-0.5) + E_ple[tok] * sqrt(P)) * 2^-0.5: [S, layers * P]."""
     p, n, eps = c.hidden_size_per_layer_input, c.num_hidden_layers, c.rms_norm_eps
     table = g.parameter("model.embed_tokens_per_layer.weight", (c.vocab_size_per_layer_input, n * p))
     tok = g.scale(g.embedding(ids, table), math.sqrt(p))
-    proj = g.scale(_linear(g, x, "model.per_layer_model_projection.weight", n * p, c.hidden_size),
+    proj = g.scale(linear(g, x, "model.per_layer_model_projection.weight", n * p, c.hidden_size),
                    c.hidden_size ** -0.5)
     proj = g.head_rms_norm(proj, g.parameter("model.per_layer_projection_norm.weight", (p,)), eps, p)
     return g.scale(g.add(proj, tok), 2.0 ** -0.5)
@@ -344,17 +341,17 @@ def _layer(g: Graph, c: Gemma4TextConfig, i: int, x: int, ple_i: int | None,
         return g.rms_norm(t, g.parameter(f"{pre}.{name}.weight", (hidden,)), eps)
 
     h = norm(x, "input_layernorm")
-    q = _linear(g, h, f"{pre}.self_attn.q_proj.weight", heads * hd, hidden)
+    q = linear(g, h, f"{pre}.self_attn.q_proj.weight", heads * hd, hidden)
     q = g.head_rms_norm(q, g.parameter(f"{pre}.self_attn.q_norm.weight", (hd,)), eps, hd)
     q = g.rope(q, pos, theta, hd, rotary, limit)
     if c.is_kv_consumer(i):
         cache = shared[c.layer_types[i]]
     else:
-        k_raw = _linear(g, h, f"{pre}.self_attn.k_proj.weight", kvh * hd, hidden)
+        k_raw = linear(g, h, f"{pre}.self_attn.k_proj.weight", kvh * hd, hidden)
         if c.attention_k_eq_v and c.is_full(i):
             v_raw = k_raw  # V is K's projection
         else:
-            v_raw = _linear(g, h, f"{pre}.self_attn.v_proj.weight", kvh * hd, hidden)
+            v_raw = linear(g, h, f"{pre}.self_attn.v_proj.weight", kvh * hd, hidden)
         k = g.head_rms_norm(k_raw, g.parameter(f"{pre}.self_attn.k_norm.weight", (hd,)), eps, hd)
         k = g.rope(k, pos, theta, hd, rotary, limit)
         v = g.unit_rms_norm(v_raw, eps, hd)
@@ -363,19 +360,16 @@ def _layer(g: Graph, c: Gemma4TextConfig, i: int, x: int, ple_i: int | None,
         if c.num_kv_shared_layers and i == c.kv_producer(i):
             shared[c.layer_types[i]] = cache
     a = kv.attend(g, q, cache, pos, heads, kvh, hd, window, 1.0, generation)  # a: [S, heads*hd]
-    x = g.add(x, norm(_linear(g, a, f"{pre}.self_attn.o_proj.weight", hidden, heads * hd),
+    x = g.add(x, norm(linear(g, a, f"{pre}.self_attn.o_proj.weight", hidden, heads * hd),
                       "post_attention_layernorm"))
     h = norm(x, "pre_feedforward_layernorm")
-    ffn = c.ffn_width(i)
-    gate = _linear(g, h, f"{pre}.mlp.gate_proj.weight", ffn, hidden)
-    up = _linear(g, h, f"{pre}.mlp.up_proj.weight", ffn, hidden)
-    m = _linear(g, g.glu(gate, up, c.activation), f"{pre}.mlp.down_proj.weight", hidden, ffn)
+    m = gated_mlp(g, h, f"{pre}.mlp", hidden, c.ffn_width(i), c.activation)
     x = g.add(x, norm(m, "post_feedforward_layernorm"))
     if ple_i is not None:
         p = c.hidden_size_per_layer_input
-        gated = g.glu(_linear(g, x, f"{pre}.per_layer_input_gate.weight", p, hidden), ple_i,
+        gated = g.glu(linear(g, x, f"{pre}.per_layer_input_gate.weight", p, hidden), ple_i,
                       c.activation)
-        x = g.add(x, norm(_linear(g, gated, f"{pre}.per_layer_projection.weight", hidden, p),
+        x = g.add(x, norm(linear(g, gated, f"{pre}.per_layer_projection.weight", hidden, p),
                           "post_per_layer_input_norm"))
     return g.scale_by(x, g.parameter(f"{pre}.layer_scalar", (1,)))  # x: [S, hidden]
 
@@ -387,9 +381,44 @@ def build(c: Gemma4TextConfig, seq_len: int, generation: Generation | None = Non
 
 
 def weight_specs(c: Gemma4TextConfig) -> dict[str, WeightSpec]:
-    """Every parameter as the checkpoint stores it (the graph reads linear weights transposed,
-    in place), in graph order."""
-    return {n.name: WeightSpec(n.shape, False) for n in build(c, 1).parameters()}
+    """Every parameter as the checkpoint stores it (linear weights [out, in], which the graph
+    reads transposed, in place), in graph order."""
+    h, p, n = c.hidden_size, c.hidden_size_per_layer_input, c.num_hidden_layers
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, h)}
+    if p:
+        shapes |= {"model.embed_tokens_per_layer.weight": (c.vocab_size_per_layer_input, n * p),
+                   "model.per_layer_model_projection.weight": (n * p, h),
+                   "model.per_layer_projection_norm.weight": (p,)}
+    for i in range(n):
+        shapes |= _layer_shapes(c, i)
+    shapes["model.norm.weight"] = (h,)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    return {name: WeightSpec(shape, False) for name, shape in shapes.items()}
+
+
+def _layer_shapes(c: Gemma4TextConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """Layer i's parameters in the order _layer makes them."""
+    pre, h, hd = f"model.layers.{i}", c.hidden_size, c.layer_head_dims[i]
+    q, kv_width, ffn = c.num_attention_heads * hd, c.layer_kv_heads[i] * hd, c.ffn_width(i)
+    s = {f"{pre}.input_layernorm.weight": (h,), f"{pre}.self_attn.q_proj.weight": (q, h),
+         f"{pre}.self_attn.q_norm.weight": (hd,)}
+    if not c.is_kv_consumer(i):
+        s[f"{pre}.self_attn.k_proj.weight"] = (kv_width, h)
+        if not (c.attention_k_eq_v and c.is_full(i)):
+            s[f"{pre}.self_attn.v_proj.weight"] = (kv_width, h)
+        s[f"{pre}.self_attn.k_norm.weight"] = (hd,)
+    s |= {f"{pre}.self_attn.o_proj.weight": (h, q), f"{pre}.post_attention_layernorm.weight": (h,),
+          f"{pre}.pre_feedforward_layernorm.weight": (h,), f"{pre}.mlp.gate_proj.weight": (ffn, h),
+          f"{pre}.mlp.up_proj.weight": (ffn, h), f"{pre}.mlp.down_proj.weight": (h, ffn),
+          f"{pre}.post_feedforward_layernorm.weight": (h,)}
+    if c.hidden_size_per_layer_input:
+        p = c.hidden_size_per_layer_input
+        s |= {f"{pre}.per_layer_input_gate.weight": (p, h),
+              f"{pre}.per_layer_projection.weight": (h, p),
+              f"{pre}.post_per_layer_input_norm.weight": (h,)}
+    s[f"{pre}.layer_scalar"] = (1,)
+    return s
 
 
 def random_weights(c: Gemma4TextConfig, seed: int = 0, dtype=torch.float32,
@@ -401,16 +430,7 @@ def random_weights(c: Gemma4TextConfig, seed: int = 0, dtype=torch.float32,
     q_norm and k_norm, scaled by hd^-1/4 (see `qk_norm_scale`); so activations stay O(1)
     through any depth and the logits are not all capped.
     """
-    out = {}
-    for i, (name, spec) in enumerate(weight_specs(c).items()):
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
-        t = torch.randn(spec.shape, generator=gen, device=device, dtype=torch.float32)
-        if len(spec.shape) == 1:
-            t = (1.0 + 0.1 * t) * qk_norm_scale(name, spec.shape[0])
-        else:
-            t = t / spec.shape[1] ** 0.5
-        out[name] = t.to(dtype)
-    return out
+    return random_stored_weights(weight_specs(c), seed, dtype, device, qk_norm_scale)
 
 
 def qk_norm_scale(name: str, head_dim: int) -> float:
@@ -420,3 +440,53 @@ def qk_norm_scale(name: str, head_dim: int) -> float:
     whose logits change wholesale with the last bit of rounding. hd^-1/4 on each makes the
     scores O(1), as trained weights keep them."""
     return head_dim ** -0.25 if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+
+
+# ---- the family -----------------------------------------------------------------------------
+
+
+def summary(c: Gemma4TextConfig) -> str:
+    n = c.num_hidden_layers
+    full = [i for i in range(n) if c.is_full(i)]
+    shared = sum(c.is_kv_consumer(i) for i in range(n))
+    heads = f"{c.num_attention_heads}/{c.num_key_value_heads} x {c.head_dim}"
+    if full:
+        heads += f" (full: {c.num_attention_heads}/{c.layer_kv_heads[full[0]]} x " \
+                 f"{c.layer_head_dims[full[0]]})"
+    return (f"published Gemma-4, {n} layers ({len(full)} full, {n - len(full)} sliding-window "
+            f"{c.sliding_window}), hidden {c.hidden_size}, heads {heads}, ffn "
+            f"{c.intermediate_size}, vocab {c.vocab_size}, per-layer inputs "
+            f"{c.hidden_size_per_layer_input or 'none'}, {shared} layers sharing K/V"
+            f"{', K = V on full layers' if c.attention_k_eq_v else ''}, logit soft-cap "
+            f"{c.final_logit_softcapping}")
+
+
+def _text_layout(d: dict, source: str) -> Layout:
+    """Gemma4ForCausalLM: the decoder's weights under `model.`."""
+    return Layout(from_dict(d), "gemma4_text", None, ("Gemma-4 text decoder (gemma4_text)",))
+
+
+def _multimodal_layout(d: dict, source: str) -> Layout:
+    """Gemma4ForConditionalGeneration: `text_config` nested, the text weights under
+    `model.language_model.`; the vision and audio towers are not loaded."""
+    text = d.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(f"config {source}: model_type gemma4 needs a text_config object")
+    # the multimodal model ties its lm_head by its own (top-level) flag, as transformers does
+    text = {**text, "tie_word_embeddings": d.get("tie_word_embeddings", True)}
+    towers = [t for t in ("vision", "audio") if d.get(f"{t}_config")]
+    note = "Gemma-4 multimodal checkpoint (gemma4): its text decoder is loaded" + (
+        f"; the {' and '.join(towers)} tower{'s' * (len(towers) > 1)} "
+        f"{'are' if len(towers) > 1 else 'is'} skipped" if towers else "")
+    return Layout(from_dict(text), "gemma4", _nested, (note,))
+
+
+def _nested(name: str) -> str:
+    return "model.language_model." + name[len("model."):] if name.startswith("model.") else name
+
+
+FAMILY = Family(
+    name="published Gemma-4", config=Gemma4TextConfig, from_dict=from_dict,
+    layouts={"gemma4_text": _text_layout, "gemma4": _multimodal_layout},
+    presets=tuple(Preset(key.replace("_", "-"), key, c) for key, c in PRESETS.items()),
+    build=build, weight_specs=weight_specs, random_weights=random_weights, summary=summary)
