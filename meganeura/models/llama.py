@@ -148,7 +148,7 @@ def _rope(d: dict, max_positions) -> tuple[float, tuple]:
     p = d.get(where) or {}
     _check(isinstance(p, dict), where, f"must be an object or null, got {p!r}"[:200])
     theta = p.get("rope_theta", d.get("rope_theta", 10_000.0))
-    _check(_posnum(theta), where if "rope_theta" in p else "rope_theta",
+    _check(_posnum(theta), f"{where} rope_theta" if "rope_theta" in p else "rope_theta",
            f"must be a positive number, got {theta!r}")
     partial = p.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     _check(partial == 1.0, "partial_rotary_factor", f"{partial!r}: partial RoPE is not supported")
