@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py --table                 # the decode targets, H200
     python benchmarks/decode.py --models gemma4-e4b --contexts 512 4096 32768 --no-hf-compiled
+    python benchmarks/decode.py --model llama-3.1-8b --contexts 4096 --check
 
 Per model and context length C, each system generates `--steps` tokens (greedy) after a
 context of C tokens; the time of each step is taken between CUDA events recorded as the
@@ -10,8 +11,8 @@ loop does):
 - meganeura: the decode plan of a session whose caches hold C + steps positions, driven as
   `generate` drives it (the next step queued before the host reads an id). The context's
   cache contents are random (attention time does not depend on the values);
-- transformers eager: Gemma4ForCausalLM (sdpa) with its dynamic cache after a prefill of C
-  random tokens;
+- transformers eager: its model of the preset (Gemma4ForCausalLM, LlamaForCausalLM,
+  Qwen3ForCausalLM; sdpa) with its dynamic cache after a prefill of C random tokens;
 - transformers compiled: the same model's forward under torch.compile (reduce-overhead,
   fullgraph) over a static cache sized for the largest context of the run plus the steps,
   compiled once, prefilled eagerly, called step by step;
@@ -24,8 +25,11 @@ loop does):
 Also: time to first token of meganeura for a 2048-token prompt (prefill, last row's logits,
 first id, on the host) against transformers' compiled forward over the same prompt
 keeping the last row's logits; and the compile time of meganeura's prefill and decode plans
-with an empty kernel cache. Published presets share transformers' weight tensors; the seed
-family has no transformers counterpart (its rows hold meganeura and the floor).
+with an empty kernel cache. Presets transformers has share its weight tensors; the seed
+family has no transformers counterpart (its rows hold meganeura and the floor). --check
+first generates 16 greedy tokens after a prompt (1000 tokens, or the largest context if
+shorter) and compares each step's logits with transformers' model upcast to fp32 (the same
+weights): the rows carry the worst step's relative error (bound 2e-2 in bf16).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from meganeura.compiler.ops import OPS  # noqa: E402
 from meganeura.inference.generation import LateIds, SamplingParams, capacity_for, sample  # noqa: E402
 from meganeura.models import MODEL_NAMES, PRESETS, build  # noqa: E402
 from meganeura.models.kv import Generation  # noqa: E402
+from meganeura.runtime.check import TOLERANCE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BANDWIDTH = 4.3e12  # bytes/s, H200 copy bandwidth measured (DESIGN.md)
@@ -57,7 +62,6 @@ CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 TABLE = {"gemma4-4b": [4096], "gemma4-e4b": [4096, 32768], "gemma4-31b": [4096]}
 TARGET_FLOOR = {"gemma4-4b": 1.2, "gemma4-e4b": 1.25, "gemma4-31b": 1.15}
 TTFT_TARGET, COMPILE_TARGET_S = 0.9, 30.0
-PUBLISHED = ("gemma4-e2b", "gemma4-e4b", "gemma4-31b")
 
 
 def floor_bytes(cfg, context: int, elem: int) -> float:
@@ -289,14 +293,28 @@ def compile_seconds(cfg, weights, device, dtype) -> float:
     return dt
 
 
-def run_model(args, name: str, contexts: list[int], device, dtype, env) -> list[dict]:
-    cfg = PRESETS[MODEL_NAMES[name]]
-    published = name in PUBLISHED
-    hf = None
-    if published:
-        from hf_forward import hf_model, shared_weights
+def check_generation(model, hf, cfg, contexts: list[int], steps: int, device) -> float:
+    """The worst relative error of 16 greedy steps' logits against transformers' fp32 model
+    (see generate_check.py), after a prompt of 1000 tokens or the largest context."""
+    from generate_check import step_errors
 
-        hf = hf_model(MODEL_NAMES[name], dtype, device, args.seed)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (min(1000, max(contexts)),), generator=g)
+    errs, _ = step_errors(model, hf, prompt, min(16, steps), device)
+    model.generator.sessions.clear()
+    model.generator.last_session = None
+    _release(device.type == "cuda")
+    return max(errs)
+
+
+def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> list[dict]:
+    from hf_forward import has_transformers
+
+    hf = None
+    if has_transformers(cfg):
+        from hf_forward import hf_config, hf_model, shared_weights
+
+        hf = hf_model(hf_config(cfg, MODEL_NAMES.get(name)), dtype, device, args.seed)
         weights = shared_weights(hf, cfg)
     else:
         from meganeura.models.weights import random_weights
@@ -309,6 +327,12 @@ def run_model(args, name: str, contexts: list[int], device, dtype, env) -> list[
               f"{extra['meganeura_compile_s']:.1f} s", flush=True)
     model = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
     model.generator.dependent_launches = args.dependent_launches
+    if args.check and hf is not None:
+        err = extra["rel_error_hf_fp32"] = check_generation(model, hf, cfg, contexts,
+                                                            args.steps, device)
+        bound = TOLERANCE[args.dtype]
+        print(f"{name}: greedy steps vs transformers' fp32 model: worst relative error "
+              f"{err:.2e} ({'ok' if err <= bound else 'FAIL'}, bound {bound})", flush=True)
     compiled, static = None, None
     if hf is not None and args.hf_compiled:
         from transformers import StaticCache
@@ -385,7 +409,8 @@ FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit
           "context", "steps", "dtype", "meganeura_ms", "floor_ms", "hf_eager_ms",
           "hf_compiled_ms", "hf_static_cache", "hf_compile_s", "hf_generate_ms",
           "hf_generate_static_ms", "meganeura_ttft_ms",
-          "hf_compiled_prefill_ms", "hf_prefill_compile_s", "meganeura_compile_s"]
+          "hf_compiled_prefill_ms", "hf_prefill_compile_s", "meganeura_compile_s",
+          "rel_error_hf_fp32"]
 
 
 def append_csv(rows: list[dict], env: dict, path: Path) -> None:
@@ -495,10 +520,10 @@ def plot(rows: list[dict], env: dict, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["gemma4-e4b"], choices=sorted(MODEL_NAMES),
-                    help="presets measured at every --contexts")
+    ap.add_argument("--models", "--model", nargs="+", default=["gemma4-e4b"],
+                    choices=sorted(MODEL_NAMES), help="presets measured at every --contexts")
     ap.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
     ap.add_argument("--table", action="store_true", help="the decode targets: 4b and 31b at "
                     "4096, e4b at every --contexts (4096 and 32768 at least), time to first "
@@ -523,14 +548,17 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=str(RESULTS / "decode.png"))
     ap.add_argument("--from-csv", metavar="COMMIT", nargs="+", default=None,
                     help="no runs: the targets and the plot from the --csv rows of these commits")
-    args = ap.parse_args(argv)
+    ap.add_argument("--check", action="store_true", help="presets transformers has: greedy "
+                    "steps' logits against its model upcast to fp32 (needs 4 bytes a weight)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.from_csv:
         return report_from_csv(args, rows_of(Path(args.csv), args.from_csv), print_targets,
                                plot)
-    if torch.cuda.is_available():
-        device, dtype, args.dtype = torch.device("cuda"), torch.bfloat16, "bf16"
-    else:  # the script itself, through Triton's interpreter: fp32, the host's clock
-        device, dtype, args.dtype = torch.device("cpu"), torch.float32, "fp32"
+    device, dtype = run_device(args)
     env = environment()
     try:
         import transformers
@@ -545,13 +573,23 @@ def main(argv=None) -> int:
                 for m, c in TABLE.items()}
     rows = []
     for name, contexts in plan.items():
-        rows += run_model(args, name, contexts, device, dtype, env)
+        rows += run_model(args, name, PRESETS[MODEL_NAMES[name]], contexts, device, dtype, env)
     print_targets(rows)
     if args.plot:
         p = plot([{**env, **r} for r in rows], env, Path(args.plot))
         if p:
             print(f"wrote {p}")
-    return 0
+    bad = [r for r in rows if r.get("rel_error_hf_fp32", 0) > TOLERANCE[args.dtype]]
+    return 1 if bad else 0
+
+
+def run_device(args) -> tuple[torch.device, torch.dtype]:
+    """CUDA in bf16; else the script itself through Triton's interpreter: fp32, the host's clock."""
+    if torch.cuda.is_available():
+        args.dtype = "bf16"
+        return torch.device("cuda"), torch.bfloat16
+    args.dtype = "fp32"
+    return torch.device("cpu"), torch.float32
 
 
 if __name__ == "__main__":

@@ -1,36 +1,79 @@
-"""The published Gemma-4 as transformers runs it: the baseline meganeura is measured against.
+"""The published models as transformers runs them: the baseline meganeura is measured against.
 
-`hf_model` builds transformers' Gemma4ForCausalLM of a preset directly on the device in the
-plan dtype (sdpa attention, its best working implementation for these models: flex
-attention does not compile for their 512-wide heads), with random weights (transformers'
-own initialization; norm weights and layer scalars moved off their initial ones, q_norm
-and k_norm scaled so that attention is not a coin toss: see `qk_norm_scale`).
-`shared_weights` hands meganeura the very same tensors: its graph names and layout are the
-checkpoint's, so nothing is copied and both run on identical weights.
+`hf_model` builds transformers' causal LM of a config (Gemma4ForCausalLM, LlamaForCausalLM,
+Qwen3ForCausalLM) directly on the device in the plan dtype (sdpa attention, its best working
+implementation for these models: flex attention does not compile for Gemma-4's 512-wide
+heads), with random weights (transformers' own initialization; norm weights and layer
+scalars moved off their initial ones, Gemma-4's q_norm and k_norm scaled so that attention
+is not a coin toss: see `qk_norm_scale`). `hf_config` gives transformers' config of a
+meganeura config: Llama's and Qwen3's converted field by field, the published Gemma-4's its
+preset's transformers fields (PRESET_FIELDS). `shared_weights` hands meganeura the very same
+tensors: its graph names and layout are the checkpoint's, so nothing is copied and both run
+on identical weights.
 """
 
 from __future__ import annotations
 
 import torch
 
-from meganeura.models import weight_specs
+from meganeura.models import Gemma4TextConfig, LlamaConfig, Qwen3Config, weight_specs
 from meganeura.models.gemma4_text import PRESET_FIELDS, qk_norm_scale
 
+# meganeura's config class -> transformers' config class and causal LM, by name
+TRANSFORMERS = {Gemma4TextConfig: ("Gemma4TextConfig", "Gemma4ForCausalLM"),
+                LlamaConfig: ("LlamaConfig", "LlamaForCausalLM"),
+                Qwen3Config: ("Qwen3Config", "Qwen3ForCausalLM")}
 
-def hf_model(preset: str, dtype, device, seed: int = 0, fields: dict | None = None):
-    """transformers' Gemma4ForCausalLM of PRESET_FIELDS[preset] (or `fields`), eval mode."""
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+def has_transformers(cfg) -> bool:
+    """transformers has this config's model (the seed's Gemma-4 has none)."""
+    return type(cfg) in TRANSFORMERS
+
+
+def hf_config(cfg, preset: str | None = None):
+    """transformers' config of a meganeura config; the published Gemma-4 needs its preset's
+    key (its transformers fields are kept, not derived)."""
+    import transformers
+
+    if isinstance(cfg, Gemma4TextConfig):
+        fields = PRESET_FIELDS[preset]
+    else:
+        fields = llama_fields(cfg)
+    return getattr(transformers, TRANSFORMERS[type(cfg)][0])(**fields)
+
+
+def llama_fields(c) -> dict:
+    """transformers' LlamaConfig / Qwen3Config fields of a meganeura LlamaConfig / Qwen3Config."""
+    factor, low, high, original = c.rope_scaling
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if factor != 1.0:
+        rope |= {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                 "high_freq_factor": high, "original_max_position_embeddings": original}
+    return dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                num_attention_heads=c.num_attention_heads,
+                num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
+                tie_word_embeddings=c.tie_word_embeddings, hidden_act="silu",
+                rope_parameters=rope)
+
+
+def hf_model(config, dtype, device, seed: int = 0):
+    """transformers' causal LM of `config` (a transformers config, see hf_config), eval mode."""
+    import transformers
 
     torch.manual_seed(seed)
-    config = Gemma4TextConfig(**(fields if fields is not None else PRESET_FIELDS[preset]))
+    cls = getattr(transformers, dict(TRANSFORMERS.values())[type(config).__name__])
     with torch.device(device):
-        model = Gemma4ForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    gemma = config.model_type == "gemma4_text"
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():  # ones are a degenerate test of norm weights and layer scalars
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith(("norm.weight", "layer_scalar")):
                 t.add_(0.1 * torch.randn(t.shape, generator=gen, device=device, dtype=t.dtype))
-                t.mul_(qk_norm_scale(name, t.shape[0]))
+                if gemma:  # attention scale 1 on normalized q and k
+                    t.mul_(qk_norm_scale(name, t.shape[0]))
     return model.eval()
 
 
@@ -42,7 +85,7 @@ def shared_weights(model, config) -> dict[str, torch.Tensor]:
 
 def hf_fp32_copy(model):
     """transformers' model in fp32, as from_pretrained(dtype=float32) would build it: the
-    weights upcast, and the embedding scales sqrt(width) in fp32 (a model built in bf16
+    weights upcast, and Gemma-4's embedding scales sqrt(width) in fp32 (a model built in bf16
     holds them rounded to bf16, 50.5 for 50.596, which .float() would keep)."""
     import copy
 

@@ -4,20 +4,23 @@
     python benchmarks/prefill.py --model gemma4-e4b --check --hf-fp32
     python benchmarks/prefill.py --table --check      # every configuration of the targets
 
+    python benchmarks/prefill.py --models llama-3.2-1b llama-3.1-8b qwen3-8b --check --hf-fp32
+
 The seed's presets run against a plain PyTorch forward of the same graph
 (`torch_forward.py`: eager with the sliding-window layers through a dense band mask,
 torch.compile with FlexAttention and a sliding-window block mask; --dense-baseline adds
-torch.compile of the dense form as a second row); the published Gemma-4 presets (gemma4-e2b, -e4b, -31b) against
-transformers' own model (`hf_forward.py`, sdpa), eager and under torch.compile, meganeura
-reading that model's very tensors. Same weights and token ids for all three; CUDA events,
-warm-up, median of --iters.
+torch.compile of the dense form as a second row); the presets of the published families
+(gemma4-e2b, -e4b, -31b, llama-3.2-1b, llama-3.1-8b, qwen3-8b) against transformers' own
+model (`hf_forward.py`, sdpa), eager and under torch.compile, meganeura reading that model's
+very tensors. Same weights and token ids for all three; CUDA events, warm-up, median of
+--iters.
 Prints a table (ms, ratios, TFLOP/s, peak memory, compile times), the estimated vs
 measured time of the most expensive kernels, and appends rows tagged with GPU,
 versions, commit and date to benchmarks/results/prefill.csv. --check compares the
 compiled logits with the fp32 reference executor (relative error, bound 2e-2 in bf16);
---hf-fp32 (published presets) also with transformers' model upcast to fp32. --regimes
-times meganeura and torch.compile interleaved from idle (a single request) and sustained
-(back to back, at the power cap), with the energy of a forward.
+--hf-fp32 (presets transformers has) also with transformers' model upcast to fp32.
+--regimes times meganeura and torch.compile interleaved from idle (a single request) and
+sustained (back to back, at the power cap), with the energy of a forward.
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="meganeura-tri
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_forward import has_transformers  # noqa: E402
 from torch_forward import make_forward  # noqa: E402
 
 import meganeura  # noqa: E402
 import triton  # noqa: E402
-from meganeura.models import MODEL_NAMES, PRESETS, Gemma4TextConfig, build  # noqa: E402
+from meganeura.models import MODEL_NAMES, PRESETS, build  # noqa: E402
 from meganeura.models.weights import random_weights  # noqa: E402
 from meganeura.runtime.check import TOLERANCE, relative_error  # noqa: E402
 from meganeura.runtime.reference import run_reference  # noqa: E402
@@ -253,7 +257,7 @@ def graph_time(fn, reps: int) -> float:
 
 def run_one(args, name: str, seq: int, device, dtype) -> dict:
     cfg = PRESETS[MODEL_NAMES[name]]
-    if isinstance(cfg, Gemma4TextConfig):
+    if has_transformers(cfg):
         return run_published(args, name, cfg, seq, device, dtype)
     cuda = device.type == "cuda"
     graph = build(cfg, seq)
@@ -351,12 +355,12 @@ def compile_timed(row: dict, graph, weights, ids, device, dtype, cache_dir, cuda
 
 
 def run_published(args, name: str, cfg, seq: int, device, dtype) -> dict:
-    """The published Gemma-4 against transformers' model (eager and torch.compile), meganeura
-    reading the same weight tensors."""
-    from hf_forward import hf_fp32_copy, hf_logits, hf_model, shared_weights
+    """A model transformers has (the published Gemma-4, Llama, Qwen3) against transformers'
+    model (eager and torch.compile), meganeura reading the same weight tensors."""
+    from hf_forward import hf_config, hf_fp32_copy, hf_logits, hf_model, shared_weights
 
     cuda = device.type == "cuda"
-    model = hf_model(MODEL_NAMES[name], dtype, device, args.seed)
+    model = hf_model(hf_config(cfg, MODEL_NAMES.get(name)), dtype, device, args.seed)
     weights = shared_weights(model, cfg)
     graph = build(cfg, seq)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + seq)
@@ -590,7 +594,7 @@ def report_from_csv(args, rows: list[dict], print_targets, plot) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma4-4b", choices=sorted(MODEL_NAMES))
     ap.add_argument("--seq-len", type=int, nargs="+", default=[2048])
@@ -601,8 +605,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel-reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="relative error vs the fp32 reference")
-    ap.add_argument("--hf-fp32", action="store_true", help="with --check, published presets: "
-                    "also against transformers' model upcast to fp32 (needs 4 bytes a weight)")
+    ap.add_argument("--hf-fp32", action="store_true", help="with --check, presets transformers "
+                    "has (published Gemma-4, Llama, Qwen3): also against transformers' model "
+                    "upcast to fp32 (needs 4 bytes a weight)")
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
     ap.add_argument("--regimes", action="store_true", help="also meganeura against "
                     "torch.compile from idle and sustained, interleaved, with the energy of a "
@@ -621,7 +626,11 @@ def main(argv=None) -> int:
     ap.add_argument("--from-csv", metavar="COMMIT", nargs="+", default=None, help="no runs: "
                     "the targets and the plot from the --csv rows of these commits (a table "
                     "measured in parts, by calls of a time limit)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.from_csv:
         rows = rows_of(Path(args.csv), args.from_csv)
         rows = [r for r in rows if not args.models or r["model"] in args.models]

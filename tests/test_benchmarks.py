@@ -1,5 +1,6 @@
 """The benchmark harnesses themselves: the decode floor and one decode run through Triton's
-interpreter; the interleaving of the prefill regimes."""
+interpreter; the interleaving of the prefill regimes; a Llama prefill row and a Qwen3 decode
+row against transformers on tiny configs."""
 
 import csv
 import sys
@@ -9,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from meganeura.models import PRESETS  # noqa: E402
+from meganeura.models import PRESETS, LlamaConfig, Qwen3Config  # noqa: E402
 
 
 @pytest.mark.parametrize("preset, context, ms", [("gemma4_4b", 4096, 2.03), ("gemma4_e4b", 4096, 2.2),
@@ -69,8 +70,68 @@ def test_transformers_generate_is_timed_step_by_step():
     from hf_forward import hf_model
     from transformers import DynamicCache
 
-    hf = hf_model("", torch.float32, torch.device("cpu"), 0, fields=CONFIGS["every_feature"])
+    from transformers import Gemma4TextConfig
+
+    hf = hf_model(Gemma4TextConfig(**CONFIGS["every_feature"]), torch.float32, torch.device("cpu"))
     ms = hf_generate_decode(hf, 9, 3, 97, torch.device("cpu"), static=False, warmup=1)
     assert ms > 0
     eager = hf_decode(hf, hf, DynamicCache(config=hf.config), 9, 3, 97, torch.device("cpu"))
     assert eager > 0
+
+
+# one layer, GQA 4/2, llama3 scaling inside the head, tied; Qwen3's per-head q/k norm, untied
+TINY_LLAMA = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         rope_scaling=(8.0, 1.0, 4.0, 16), tie_word_embeddings=True)
+TINY_QWEN3 = Qwen3Config(vocab_size=59, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=1e6)
+
+
+def test_transformers_config_of_a_llama_preset():
+    from hf_forward import hf_config
+
+    c = hf_config(PRESETS["llama_3_2_1b"])
+    assert (c.model_type, c.hidden_size, c.num_key_value_heads, c.head_dim) == \
+        ("llama", 2048, 8, 64)
+    assert c.tie_word_embeddings and c.rope_parameters == {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    q = hf_config(PRESETS["qwen3_8b"])
+    assert q.model_type == "qwen3" and not q.tie_word_embeddings and q.intermediate_size == 12288
+
+
+def test_a_llama_prefill_row_against_transformers(tmp_path):
+    import torch
+    from prefill import build_parser, run_published
+
+    args = build_parser().parse_args(["--check", "--hf-fp32", "--no-torch-compile", "--warmup",
+                                      "0", "--iters", "1", "--kernel-reps", "1", "--cache-dir",
+                                      str(tmp_path)])
+    args.dtype = "fp32"
+    row = run_published(args, "tiny-llama", TINY_LLAMA, 6, torch.device("cpu"), torch.float32)
+    assert row["rel_error"] <= 1e-4 and row["rel_error_hf_fp32"] <= 1e-4
+    assert row["reference_vs_hf_fp32"] <= 1e-5  # the same model, the same weights
+    assert row["meganeura_ms"] > 0 and row["eager_ms"] > 0 and row["launches"] > 0
+
+
+def test_qwen3_decode_against_transformers(tmp_path):
+    # decode.py's pieces for a model transformers has: its model on the same weights, the
+    # greedy steps' check against its fp32 model, its eager decode timed (a whole row through
+    # the interpreter is test_one_run_writes_its_rows')
+    import torch
+    from decode import check_generation, hf_decode
+    from hf_forward import hf_config, hf_model, shared_weights
+    from transformers import DynamicCache
+
+    import meganeura
+
+    cpu = torch.device("cpu")
+    hf = hf_model(hf_config(TINY_QWEN3), torch.float32, cpu)
+    model = meganeura.from_config(TINY_QWEN3, shared_weights(hf, TINY_QWEN3), cpu,
+                                  torch.float32, cache_dir=tmp_path)
+    q_norm = "model.layers.0.self_attn.q_norm.weight"
+    assert torch.equal(model.weights[q_norm], hf.state_dict()[q_norm])
+    assert not torch.all(model.weights[q_norm] == 1)  # moved off transformers' ones
+    assert check_generation(model, hf, TINY_QWEN3, [5], 2, cpu) <= 1e-4
+    assert model.generator.sessions == {}  # the check leaves no caches behind
+    assert hf_decode(hf, hf, DynamicCache(config=hf.config), 5, 2, 59, cpu) > 0

@@ -79,10 +79,10 @@ def test_greedy_generation_equals_transformers(checkpoint, kernels, name):
     ours = meganeura.from_pretrained(d, device="cpu", cache_dir=kernels)
     prompt = _ids(hf.DECODERS[name][1]["vocab_size"], 6, 4)
     steps = []
-    out = ours.generator.generate(prompt, 5, meganeura.inference.generation.SamplingParams(),
+    out = ours.generator.generate(prompt, 4, meganeura.inference.generation.SamplingParams(),
                                   stop=[], on_logits=lambda x: steps.append(x.clone()))
     with torch.no_grad():
-        ref = model.generate(prompt[None], max_new_tokens=5, do_sample=False, eos_token_id=None,
+        ref = model.generate(prompt[None], max_new_tokens=4, do_sample=False, eos_token_id=None,
                              pad_token_id=0)[0]
     assert out.tolist() == ref.tolist()
     full = hf.logits(model, out[:-1])  # each step's logits: the full forward's row
