@@ -3,11 +3,12 @@
 A checkpoint is a `.safetensors` file, or a directory holding one
 (`model.safetensors`) or shards listed in `model.safetensors.index.json`. Each family
 says how its parameters are stored (`WeightSpec`): the seed's linear weights are stored
-[out, in] and transposed to the graph's [in, out] on load; the published Gemma-4's graph
-reads them as stored. Names in a file may carry a prefix (`model.language_model.` in the
-multimodal layout). Headers are parsed here (8-byte little-endian length, then JSON) so
-that names and shapes are checked without reading any tensor; data is read through
-safetensors (never pickle). Only regular files inside the checkpoint are read.
+[out, in] and transposed to the graph's [in, out] on load; the other families' graphs
+(published Gemma-4, Llama, Qwen3) read them as stored. Names in a file may carry a prefix
+(`model.language_model.` in the multimodal layout). Headers are parsed here (8-byte
+little-endian length, then JSON) so that names and shapes are checked without reading any
+tensor; data is read through safetensors (never pickle). Only regular files inside the
+checkpoint are read.
 """
 
 from __future__ import annotations
