@@ -79,13 +79,15 @@ def test_preset_names_cli_choices_and_the_table_agree():
     presets = [p for f in FAMILIES for p in f.presets]
     assert MODEL_NAMES == {p.name: p.key for p in presets}
     assert PRESETS == {p.key: p.config for p in presets}
-    assert MODEL_CHOICES == tuple(MODEL_NAMES)
+    assert tuple(MODEL_CHOICES) == tuple(MODEL_NAMES) and "qwen3-8b" in MODEL_CHOICES
     parser = build_parser()
     for command in ("compile", "generate"):
         sub = parser._subparsers._group_actions[0].choices[command]
         (model,) = [a for a in sub._actions if a.dest == "model"]
-        assert tuple(model.choices) == MODEL_CHOICES
-        assert all(p.name in model.help for p in presets)
+        assert model.choices is MODEL_CHOICES
+        text = " ".join(sub.format_help().split())
+        assert f"--model NAME built-in preset, random weights: {', '.join(MODEL_NAMES)} " in text
+        assert all(f"{t}," in text or f"{t})" in text for t in BY_MODEL_TYPE if t)  # --config
     for f in FAMILIES:
         for p in f.presets:
             assert type(p.config) is f.config and family(p.config) is f
@@ -120,3 +122,16 @@ def test_a_config_json_is_read_by_the_family_its_model_type_names():
         config_of({"model_type": [1]}, "config.json")
     with pytest.raises(ConfigError, match="not a model config: dict"):
         family({})
+
+
+def test_the_command_line_parses_without_the_table():
+    # a bad argument is answered at once: the table (which loads torch) is read only when
+    # --model is given or help is printed, and never loads triton (the CLI chooses the
+    # interpreter after parsing)
+    import subprocess
+    import sys
+
+    probe = ("import sys; from meganeura.cli import build_parser; import meganeura.cli as c; "
+             "build_parser(); assert 'torch' not in sys.modules; "
+             "assert 'gemma4-1b' in c.MODEL_CHOICES; assert 'triton' not in sys.modules")
+    subprocess.run([sys.executable, "-c", probe], check=True)

@@ -11,10 +11,28 @@ import sys
 import time
 
 from ..errors import MeganeuraError
-from ..models.registry import FAMILIES, MODEL_NAMES
 
-MODEL_CHOICES = tuple(MODEL_NAMES)  # every family's presets (models/registry.py)
 DEFAULT_MODEL = "gemma4-small-test"
+
+
+class _PresetNames:
+    """--model's choices: every family's presets (models/registry.py), read when argparse
+    first looks at them. The table loads torch, which a bad argument need not wait for."""
+
+    @staticmethod
+    def _names() -> dict:
+        from ..models.registry import MODEL_NAMES
+
+        return MODEL_NAMES
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+
+MODEL_CHOICES = _PresetNames()
 
 
 class UsageError(MeganeuraError):
@@ -72,14 +90,12 @@ def _number(low: float, high: float, open_low: bool = False):
 
 def _add_model_args(p: argparse.ArgumentParser, seq_len: bool = True) -> None:
     m = p.add_mutually_exclusive_group()
-    m.add_argument("--model", choices=MODEL_CHOICES, default=None,
-                   help="built-in preset, random weights: " + "; ".join(
-                       f"{f.name}: {', '.join(p.name for p in f.presets)}" for f in FAMILIES)
-                   + f" (default: {DEFAULT_MODEL})")
-    types = ", ".join(t for f in FAMILIES for t in f.model_types if t is not None)
+    m.add_argument("--model", choices=MODEL_CHOICES, default=None, metavar="NAME",
+                   help=f"built-in preset, random weights: %(choices)s (default: {DEFAULT_MODEL})")
     m.add_argument("--config", metavar="FILE", help="model config as JSON: a transformers "
-                   f"config.json (model_type {types}), or the seed's field names (vocab_size, "
-                   "hidden_size, ..., head_dim; no model_type)")
+                   "config.json, whose model_type picks the family (gemma4_text, gemma4, llama, "
+                   "qwen3), or the seed's field names (vocab_size, hidden_size, ..., head_dim; "
+                   "no model_type)")
     if seq_len:
         p.add_argument("--seq-len", type=_positive_int, default=16, metavar="N",
                        help="tokens per forward pass (default: 16)")
