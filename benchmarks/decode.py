@@ -82,7 +82,7 @@ def floor_bytes(cfg, context: int, elem: int) -> float:
     for n in g.nodes:
         if OPS[n.op].kind != "compute" or g.load_time(n.id, memo):
             continue
-        if OPS[n.op].work == "gather":
+        if OPS[n.op].archetype == "gather":
             total += elem * math.prod(n.shape)
             continue
         if n.op == "cache_attention":

@@ -214,8 +214,8 @@ def model_flops(graph) -> float:
 
     total = 0.0
     for n in graph.nodes:
-        work = OPS[n.op].work
-        if work == "matmul":
+        work = OPS[n.op].archetype  # a product, fused or not, or attention
+        if work == "product":
             (m, k), cols = graph[n.inputs[0]].shape, graph[n.inputs[1]].shape[1]
             total += 2 * m * k * cols
         elif work == "attention":

@@ -1,146 +1,125 @@
 """One-kernel graphs for every archetype, shared by the CPU (interpreter) and GPU tests.
 
-Each case builds a plan graph holding one op (fused ops included) on odd shapes,
-with fresh random inputs, and returns (graph, weights, inputs).
+Each case builds a plan graph holding one kernel (a base op, or an archetype with stages)
+on odd shapes, with fresh random inputs, and returns (graph, weights, inputs). A fused
+kernel's case is named by its stages, `prologue|epilogue` for a product, each a comma list
+of op_cases names (`rms_norm|glu.pair-silu`: the RMSNorm prologue and the paired GeGLU of
+gate | up; `|add`: a residual epilogue; `plain`: no stage). The lists of cases are derived
+from the op table (op_cases.stage_cases); the few chains the models fuse are added by name.
 """
 
 import torch
 
 from meganeura.compiler.graph import Graph
+from meganeura.compiler.kernels import ARCHETYPES, stage
+from meganeura.compiler.ops import OPS
+from op_cases import SAMPLES, Case, stage_cases, stage_of
 
 
 def _rand(gen, *shape, scale=1.0):
     return torch.randn(*shape, generator=gen) * scale
 
 
-def _input_x(g, gen, rows, cols, strided, pad):
+def _input_x(c: Case, rows, cols, strided, pad):
     """Input "x" of [rows, cols]; strided: a column slice of a wider input (row stride != cols)."""
     if not strided:
-        return g.input_f32("x", (rows, cols)), [_rand(gen, rows, cols)]
-    wide = g.input_f32("x", (rows, cols + pad))
-    return g.slice_cols(wide, pad // 2, cols), [_rand(gen, rows, cols + pad)]
+        return c.input("x", (rows, cols))
+    wide = c.input("x", (rows, cols + pad))
+    return c.g.slice_cols(wide, pad // 2, cols)
 
 
-def _weight_b(g, gen, k, width, transposed):
+def _weight_b(c: Case, k, width, transposed):
     """Weight "b" of a product to `width` columns: stored [K, width], or [width, K] (a
-    checkpoint's linear layout) and transposed; with its values."""
+    checkpoint's linear layout) and transposed."""
     if transposed:
-        b = g.transpose(g.parameter("b", (width, k)))
-        return b, {"b": _rand(gen, width, k, scale=k ** -0.5)}
-    return g.parameter("b", (k, width)), {"b": _rand(gen, k, width, scale=k ** -0.5)}
+        return c.g.transpose(c.weight("b", c.rand(width, k, scale=k ** -0.5)))
+    return c.weight("b", c.rand(k, width, scale=k ** -0.5))
 
 
-# the matmul archetype's ops, with their attributes (the gated ones with both activations)
-MATMUL_OPS = ["matmul", "norm_matmul", "matmul_add", "matmul_gate-gelu_tanh", "matmul_gate-silu",
-              "matmul_glu-silu", "matmul_glu-gelu_tanh", "norm_matmul_glu-silu",
-              "norm_matmul_glu-gelu_tanh", "matmul_softcap"]
+def _split(name: str) -> tuple[list[str], list[str]]:
+    pro, _, epi = name.rpartition("|") if "|" in name else ("", "", name)
+    parts = [] if epi == "plain" else [x for x in epi.split(",") if x]
+    return [x for x in pro.split(",") if x], parts
 
 
-def matmul_case(op, m, k, n, seed=0, strided=False, transposed=False):
-    """One matmul-archetype node; `op` may carry an activation ("matmul_glu-gelu_tanh").
-    transposed: B is a weight stored [N, K] (a checkpoint's linear layout), read in place."""
-    gen = torch.Generator().manual_seed(seed)
-    op, _, act = op.partition("-")
-    g = Graph()
-    x, inputs = _input_x(g, gen, m, k, strided, pad=9)
-    b, w = _weight_b(g, gen, k, 2 * n if "glu" in op else n, transposed)
-    attrs = {"act": act} if act else {}
-    if op.startswith("norm_"):
-        w["nw"] = 1.0 + 0.3 * _rand(gen, k)
-        out = getattr(g, op)(x, b, g.parameter("nw", (k,)), 1e-6, **attrs)
-    elif op == "matmul_add":
-        r = g.input_f32("r", (m, n))
-        inputs.append(_rand(gen, m, n))
-        out = g.matmul_add(x, b, r)
-    elif op == "matmul_gate":
-        u = g.input_f32("u", (m, n))
-        inputs.append(_rand(gen, m, n))
-        out = g.matmul_gate(x, b, u, act)
-    elif op == "matmul_softcap":  # a small cap: the tanh really bends
-        out = g.matmul_softcap(x, b, 1.5)
-    else:
-        out = getattr(g, op)(x, b, **attrs)
-    g.set_outputs([out])
-    return g, w, inputs
+# every stage a product's epilogue takes (paired forms too), with and without the RMSNorm
+# prologue where it pairs; plain; the one-row post-norm chains the models fuse
+PRODUCT_CASES = (["plain"] + [f"|{s}" for s in stage_cases("product", pairs=True)]
+                 + [f"{p}|" for p in sorted(ARCHETYPES["product"].prologue)]
+                 + [f"{p}|{s}" for p in sorted(ARCHETYPES["product"].prologue)
+                    for s in stage_cases("product", pairs=True) if ".pair" in s])
+ROW_NORM_PRODUCT_CASES = ["|rms_norm,add", "|rms_norm,add,scale_by"]
+# the cases the schedule tests (strided, transposed, descriptors, halves, splits) run
+PRODUCT_SAMPLE = ["plain", "rms_norm|", "|add", "|glu-gelu_tanh", "|glu.pair-silu",
+                  "rms_norm|glu.pair-gelu_tanh", "|softcap"]
 
 
-# one-row products whose epilogue is the row's post-norm (+ residual, + layer scalar)
-ROW_NORM_MATMUL_OPS = ["matmul_norm_add", "matmul_norm_add_scale"]
+def product_case(name, m, k, n, seed=0, strided=False, transposed=False):
+    """One product (`name`: its stages) of x [m, k] and b [k, n] (2n for a paired epilogue).
+    transposed: b is a weight stored [n, k] (a checkpoint's linear layout), read in place."""
+    c = Case(seed)
+    pro, epi = _split(name)
+    x = _input_x(c, m, k, strided, pad=9)
+    paired = any(".pair" in s for s in epi)
+    b = _weight_b(c, k, 2 * n if paired else n, transposed)
+    if not pro and not epi:
+        return c.case(c.g.matmul(x, b))
+    prologue = [stage_of(c, s, (m, k)) for s in pro]
+    shape = (m, 2 * n) if paired else (m, n)
+    epilogue = []
+    for s in epi:
+        epilogue.append(stage_of(c, s, shape))
+        shape = (m, n)
+    return c.case(c.g.kernel("product", (x, b), prologue, epilogue))
 
 
-def row_norm_matmul_case(op, m, k, n, seed=0, transposed=False):
-    """r + rms_norm(x @ b, w) (times s[0] for the _scale form) over [m, n]."""
-    gen = torch.Generator().manual_seed(seed)
-    g = Graph()
-    x, inputs = _input_x(g, gen, m, k, False, 0)
-    b, w = _weight_b(g, gen, k, n, transposed)
-    w["w"] = 1.0 + 0.3 * _rand(gen, n)
-    r = g.input_f32("r", (m, n))
-    inputs.append(_rand(gen, m, n))
-    if op == "matmul_norm_add":
-        out = g.matmul_norm_add(x, b, g.parameter("w", (n,)), r, 1e-6)
-    else:
-        w["s"] = torch.tensor([0.63])
-        out = g.matmul_norm_add_scale(x, b, g.parameter("w", (n,)), r, g.parameter("s", (1,)), 1e-6)
-    g.set_outputs([out])
-    return g, w, inputs
+# every stage a row kernel takes (cache writes: ROW_WRITE_CASES), and the chains the
+# models fuse: q/k norm + RoPE, post-norm + residual (+ layer scalar)
+ROW_CASES = stage_cases("rows") + ["rms_norm,rope", "head_rms_norm,rope",
+                                   "head_rms_norm,rope-partial", "rms_norm,add",
+                                   "rms_norm,add,scale_by"]
 
 
-ROW_OPS = ["rms_norm", "rope", "rope-partial", "rope-llama3", "norm_rope", "head_rms_norm", "unit_rms_norm",
-           "head_norm_rope", "head_norm_rope-partial", "norm_add", "norm_add_scale"]
-
-
-def row_case(op, s, heads, head_dim, seed=0, strided=False, limit=None):
-    """One row-archetype node over [s, heads * head_dim]; "-partial" rotates a quarter of the
-    frequencies (the published model's full-attention layers, theta 1e6), "-llama3" scales
-    them as Llama-3 does. limit: positions
-    are drawn below it (default 3 s + 5)."""
-    gen = torch.Generator().manual_seed(seed)
-    op, _, partial = op.partition("-")
-    g = Graph()
+def row_case(name, s, heads, head_dim, seed=0, strided=False, limit=None):
+    """One row kernel (`name`: its stages) over x [s, heads * head_dim]; positions are drawn
+    below `limit` (default 3 s + 5). A single stage runs as its base op."""
+    c = Case(seed, head_dim, limit)
     d = heads * head_dim
-    x, inputs = _input_x(g, gen, s, d, strided, pad=6)
-    # positions given at run time, scattered below the table's end (a decode step's are)
-    limit = limit or 3 * s + 5
-    if "rope" in op:
-        pos = g.input_u32("positions", (s,))
-        inputs.append(torch.randperm(limit, generator=gen)[:s])
-    rope = (1e6, head_dim, head_dim // 8, limit) if partial == "partial" else (
-        10000.0, head_dim, head_dim // 2, limit)
-    # llama3 frequency scaling, its three bands inside the head (wavelengths 2 pi / f from
-    # 6 to ~1.4e4 positions at head_dim 16, theta 1e4)
-    scaling = dict(scale_factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_limit=512) if partial == "llama3" else {}
-    if op in ("rms_norm", "norm_rope", "norm_add", "norm_add_scale"):
-        w = {"w": 1.0 + 0.1 * _rand(gen, d)}
-        nw = g.parameter("w", (d,))
-    elif op in ("head_rms_norm", "head_norm_rope"):
-        w = {"w": 1.0 + 0.1 * _rand(gen, head_dim)}
-        nw = g.parameter("w", (head_dim,))
-    else:
-        w = {}
-    if op == "rms_norm":
-        out = g.rms_norm(x, nw, 1e-6)
-    elif op == "rope":
-        out = g.rope(x, pos, *rope, **scaling)
-    elif op == "norm_rope":
-        out = g.norm_rope(x, nw, pos, 1e-6, *rope)
-    elif op == "head_rms_norm":
-        out = g.head_rms_norm(x, nw, 1e-6, head_dim)
-    elif op == "unit_rms_norm":
-        out = g.unit_rms_norm(x, 1e-6, head_dim)
-    elif op == "head_norm_rope":
-        out = g.head_norm_rope(x, nw, pos, 1e-6, head_dim, rope[0], *rope[2:])
-    else:
-        r = g.input_f32("r", (s, d))
-        inputs.append(_rand(gen, s, d))
-        if op == "norm_add":
-            out = g.norm_add(x, nw, r, 1e-6)
-        else:
-            w["s"] = torch.tensor([0.63])
-            out = g.norm_add_scale(x, nw, r, g.parameter("s", (1,)), 1e-6)
-    g.set_outputs([out])
-    return g, w, inputs
+    x = _input_x(c, s, d, strided, pad=6)
+    stages = [stage_of(c, st, (s, d)) for st in name.split(",")]
+    if len(stages) == 1 and not stages[0].at and OPS[stages[0].op].archetype == "rows":
+        st = stages[0]  # the base op itself: rms_norm(x, w, eps)
+        return c.case(getattr(c.g, st.op)(x, *st.operands, **st.attrs))
+    return c.case(c.g.kernel("rows", (x,), (), stages))
+
+
+POINTWISE_CASES = stage_cases("pointwise") + ["add,scale"]
+
+
+def pointwise_case(name, m, n, seed=0):
+    """Element stages on a strided view x [m, n] (a single one as its base op)."""
+    c = Case(seed)
+    wide = c.input("a", (m, n + 3), 3 * c.rand(m, n + 3))
+    x = c.g.slice_cols(wide, 3, n)
+    stages = [stage_of(c, st, (m, n)) for st in name.split(",")]
+    if len(stages) == 1 and not stages[0].at:
+        st = stages[0]
+        return c.case(getattr(c.g, st.op)(x, *st.operands, **st.attrs))
+    return c.case(c.g.kernel("pointwise", (x,), (), stages))
+
+
+GATHER_CASES = ["plain"] + stage_cases("gather") + ["scale,add,scale"]
+
+
+def gather_case(name, s, vocab, d, seed=0):
+    """Embedding rows of a [vocab, d] table gathered by s ids, then the stages."""
+    c = Case(seed)
+    ids = c.ids("token_ids", torch.randint(0, vocab, (s,), generator=c.gen))
+    table = c.weight("table", c.rand(vocab, d))
+    if name == "plain":
+        return c.case(c.g.embedding(ids, table))
+    stages = [stage_of(c, st, (s, d)) for st in name.split(",")]
+    return c.case(c.g.kernel("gather", (ids, table), (), stages))
 
 
 def attention_case(s, heads, kv_heads, head_dim, window=None, seed=0, scale=None):
@@ -163,41 +142,6 @@ def attention_case(s, heads, kv_heads, head_dim, window=None, seed=0, scale=None
     return g, {}, [_rand(gen, s, (heads + 2 * kv_heads) * head_dim, scale=spread)]
 
 
-def embedding_case(s, vocab, d, seed=0, factor=None):
-    gen = torch.Generator().manual_seed(seed)
-    g = Graph()
-    ids = g.input_u32("token_ids", (s,))
-    table = g.parameter("table", (vocab, d))
-    out = g.embedding(ids, table) if factor is None else g.embedding_scale(ids, table, factor)
-    g.set_outputs([out])
-    return g, {"table": _rand(gen, vocab, d)}, [torch.randint(0, vocab, (s,), generator=gen)]
-
-
-POINTWISE_OPS = ["add", "glu-silu", "glu-gelu_tanh", "scale", "scale_by", "softcap"]
-
-
-def pointwise_case(op, m, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    op, _, act = op.partition("-")
-    g = Graph()
-    a, b = g.input_f32("a", (m, n + 3)), g.input_f32("b", (m, n))
-    x = g.slice_cols(a, 3, n)
-    weights = {}
-    if op == "add":
-        out = g.add(x, b)
-    elif op == "glu":
-        out = g.glu(x, b, act)
-    elif op == "scale":
-        out = g.scale(x, 0.37)
-    elif op == "scale_by":
-        out = g.scale_by(x, g.parameter("s", (1,)))
-        weights = {"s": torch.tensor([1.7])}
-    else:
-        out = g.softcap(x, 2.5)
-    g.set_outputs([out])
-    return g, weights, [3 * _rand(gen, m, n + 3), _rand(gen, m, n)]
-
-
 def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0):
     """One decode step's attention over caches of `slots` rows, random contents, at `pos`
     (a ring that has wrapped when pos >= slots). Inputs: q and the position; the caches are
@@ -213,44 +157,39 @@ def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0):
     return g, state, [_rand(gen, 1, heads * head_dim), torch.tensor([pos])]
 
 
-CACHE_ROW_OPS = ["norm_rope_write", "head_norm_rope_write", "unit_norm_write"]
+# rows written into a cache: the decode step's k (norm + RoPE) and v (unweighted norm)
+# rows; and the plain write, a copy kernel of its own
+ROW_WRITE_CASES = ["rms_norm,rope", "head_rms_norm,rope", "unit_rms_norm", "copy"]
 
 
-def cache_rows_case(op, s, slots, last, heads, head_dim, seed=0, positions=None):
-    """One row kernel writing s new k or v rows (positions last-s+1 .. last, the given
-    increasing ones ending at last, or "arange": 0 .. s-1 made at load, as a forward's)
-    normalized straight into a cache of `slots` rows holding random older rows (a ring that wraps when last >= slots; rows it no longer
-    keeps are skipped). Output: the updated cache."""
-    gen = torch.Generator().manual_seed(seed)
+def cache_rows_case(name, s, slots, last, heads, head_dim, seed=0, positions=None):
+    """s new k or v rows (the stages of `name`, then written; "copy": cache_write alone) at
+    positions last-s+1 .. last, the given increasing ones ending at last, or "arange":
+    0 .. s-1 made at load, as a forward's, into a cache of `slots` rows holding random older
+    rows (a ring that wraps when last >= slots; rows it no longer keeps are skipped).
+    Output: the updated cache."""
+    c = Case(seed, head_dim)
     if isinstance(positions, str):  # "arange": the rows' positions are their indices
         last = s - 1
-    positions = torch.arange(last - s + 1, last + 1) if positions is None else positions
-    g = Graph()
     d = heads * head_dim
-    x = g.input_f32("x", (s, d))
-    iota = isinstance(positions, str) and positions == "arange"  # a forward's 0 .. S-1
-    pos = g.arange(s) if iota else g.input_u32("positions", (s,))
-    cache = g.state("cache.k", (slots, d))
-    rope = (10000.0, head_dim, head_dim // 2, last + 1)
-    w = {}
-    if op == "norm_rope_write":
-        w["w"] = 1.0 + 0.1 * _rand(gen, d)
-        out = g.norm_rope_write(cache, x, g.parameter("w", (d,)), pos, 1e-6, *rope)
-    elif op == "head_norm_rope_write":
-        w["w"] = 1.0 + 0.1 * _rand(gen, head_dim)
-        out = g.head_norm_rope_write(cache, x, g.parameter("w", (head_dim,)), pos, 1e-6,
-                                     head_dim, rope[0], *rope[2:])
+    x = c.input("x", (s, d), 3 * c.rand(s, d))
+    iota = isinstance(positions, str) and positions == "arange"
+    positions = torch.arange(last - s + 1, last + 1) if positions is None or iota else positions
+    pos = c.g.arange(s) if iota else c.ids("positions", positions)
+    cache = c.cache("cache.k", (slots, d))
+    c.limit, c.positions = last + 1, pos  # RoPE at the rows' own positions
+    stages = [] if name == "copy" else [stage_of(c, st, (s, d)) for st in name.split(",")]
+    if name == "copy":
+        out = c.g.cache_write(cache, x, pos)
     else:
-        out = g.unit_norm_write(cache, x, pos, 1e-6, head_dim)
-    g.set_outputs([out])
-    inputs = {"x": 3 * _rand(gen, s, d)} if iota else {"x": 3 * _rand(gen, s, d),
-                                                        "positions": positions}
-    return g, w, {"cache.k": _rand(gen, slots, d)}, inputs
+        out = c.g.kernel("rows", (x,), (), stages + [stage("cache_write", cache, pos, at=1)])
+    g, w, _ = c.case(out)
+    return g, w, c.state, {n.name: c.inputs[n.name] for n in g.inputs()}
 
 
 def check_cache_rows(case, device, dtype, cache_dir, kind):
-    """The cache after the fused row kernel against the reference's, every slot (the rows
-    not written keep their values)."""
+    """The cache after the row kernel against the reference's, every slot (the rows not
+    written keep their values)."""
     from meganeura.runtime.reference import run_reference
     from numerics import assert_close
 
@@ -261,8 +200,8 @@ def check_cache_rows(case, device, dtype, cache_dir, kind):
     ref_state = {k: v.float().cpu().clone() for k, v in dev_state.items()}
     model = compile_plan(g, {k: v.to(device) for k, v in w.items()}, device, dtype, cache_dir,
                          state=dev_state)
-    out = model(inputs["x"].to(device, dtype),
-                *([inputs["positions"].to(device)] if "positions" in inputs else []))
+    out = model(*[x.to(device, dtype) if x.is_floating_point() else x.to(device)
+                  for x in inputs.values()])
     assert out.data_ptr() == dev_state["cache.k"].data_ptr()  # updated in place
     (ref,) = run_reference(g, w, {**inputs, **ref_state})
     assert_close(out.float().cpu(), ref, kind)
@@ -317,28 +256,30 @@ def check_cache_attention(case, device, dtype, cache_dir, kind):
     return model
 
 
-def parts_case(op, m, k, widths, seed=0, transposed=False):
-    """A matmul whose B is the load-time column concatenation of several weights (stored
-    [K, n_i], or [n_i, K] and transposed)."""
-    gen = torch.Generator().manual_seed(seed)
-    op, _, act = op.partition("-")
-    g = Graph()
-    x = g.input_f32("x", (m, k))
-    names = [f"w{i}" for i in range(len(widths))]
+def parts_case(name, m, k, widths, seed=0, transposed=False):
+    """A product (`name`: its stages) whose B is the load-time column concatenation of
+    several weights (stored [K, n_i], or [n_i, K] and transposed)."""
+    c = Case(seed)
+    pro, epi = _split(name)
+    x = c.input("x", (m, k))
 
-    def weight(name, w):
-        return g.transpose(g.parameter(name, (w, k))) if transposed else g.parameter(name, (k, w))
+    def weight(i, w):
+        if transposed:
+            return c.g.transpose(c.weight(f"w{i}", c.rand(w, k, scale=k ** -0.5)))
+        return c.weight(f"w{i}", c.rand(k, w, scale=k ** -0.5))
 
-    b = weight(names[0], widths[0])
-    for name, w in zip(names[1:], widths[1:]):
-        b = g.concat_cols(b, weight(name, w))
-    weights = {name: _rand(gen, *((w, k) if transposed else (k, w)), scale=k ** -0.5)
-               for name, w in zip(names, widths)}
-    attrs = {"act": act} if act else {}
-    if op.startswith("norm_"):  # the RMSNorm prologue (a decode step's q | k | v)
-        weights["nw"] = 1.0 + 0.3 * _rand(gen, k)
-        out = getattr(g, op)(x, b, g.parameter("nw", (k,)), 1e-6, **attrs)
-    else:
-        out = getattr(g, op)(x, b, **attrs)
-    g.set_outputs([out])
-    return g, weights, [_rand(gen, m, k)]
+    b = weight(0, widths[0])
+    for i, w in enumerate(widths[1:], 1):
+        b = c.g.concat_cols(b, weight(i, w))
+    if not pro and not epi:
+        return c.case(c.g.matmul(x, b))
+    prologue = [stage_of(c, s, (m, k)) for s in pro]
+    epilogue = [stage_of(c, s, (m, sum(widths))) for s in epi]
+    return c.case(c.g.kernel("product", (x, b), prologue, epilogue))
+
+
+__all__ = ["GATHER_CASES", "POINTWISE_CASES", "PRODUCT_CASES", "PRODUCT_SAMPLE",
+           "ROW_CASES", "ROW_NORM_PRODUCT_CASES", "ROW_WRITE_CASES", "SAMPLES",
+           "attention_case", "cache_attention_case", "cache_rows_case", "check_cache_attention",
+           "check_cache_rows", "check_case", "compile_plan", "gather_case", "parts_case",
+           "pointwise_case", "product_case", "row_case"]

@@ -106,7 +106,7 @@ def test_mismatched_weights_exit_2(tmp_path):
 def test_debug_switch_prints_stages():
     rc, out, err = cli("compile", "--seq-len", "3", env={"MEGANEURA_DEBUG": "plan,kernels"})
     assert rc == 0, err
-    assert "--- plan" in out and "norm_matmul(" in out
+    assert "--- plan" in out and "product(" in out and "[rms_norm(" in out
     assert "--- kernel" in out and "def matmul_kernel(" in out
 
 

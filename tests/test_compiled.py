@@ -47,7 +47,7 @@ def test_a_different_device_profile_launches_different_kernels(tmp_path):
     other = meganeura.compile(g, w, device="cpu", profile=slow_vector, cache_dir=tmp_path)
     kinds = lambda m: [(a, v) for _, a, v in m.report.kernels]  # noqa: E731
     assert kinds(fused) != kinds(other)
-    assert ("rowwise", "rmsnorm") in kinds(other) and ("rowwise", "rmsnorm") not in kinds(fused)
+    assert ("rowwise", "rms_norm") in kinds(other) and ("rowwise", "rms_norm") not in kinds(fused)
     assert_close(other(ids).clone(), fused(ids).clone(), "fp32")
     (ref,) = run_reference(g, w, {"token_ids": ids})
     assert_close(other(ids), ref, "fp32")
@@ -122,7 +122,7 @@ def test_only_the_kernels_inputs_stay_resident(small_model):
     # nothing: not even the positions 0 .. S-1 (RoPE takes the row index for them)
     assert kept == set() and "arange" in {g[i].op for i in small_model.plan.load_time}
     assert {v for _, a, v in small_model.report.kernels if a == "matmul"} >= {
-        "rmsnorm-prologue+tma+3-part-B", "rmsnorm-prologue+silu-glu-epilogue+tma+2-part-B"}
+        "rms_norm|+tma+3-part-B", "rms_norm|glu.pair+tma+2-part-B"}
 
 
 def test_buffers_are_reused_by_liveness_and_never_alias_a_live_input():

@@ -5,11 +5,11 @@ import torch
 
 import meganeura
 from configs import CONFIGS
-from kernel_cases import (CACHE_ROW_OPS, MATMUL_OPS, POINTWISE_OPS, ROW_NORM_MATMUL_OPS, ROW_OPS,
-                          attention_case, cache_attention_case, cache_rows_case,
-                          check_cache_attention, check_cache_rows, check_case, embedding_case,
-                          matmul_case, parts_case, pointwise_case, row_case,
-                          row_norm_matmul_case)
+from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_SAMPLE,
+                          ROW_CASES, ROW_NORM_PRODUCT_CASES, ROW_WRITE_CASES, attention_case,
+                          cache_attention_case, cache_rows_case, check_cache_attention,
+                          check_cache_rows, check_case, gather_case, parts_case,
+                          pointwise_case, product_case, row_case)
 from meganeura.models import Gemma4Config, build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.reference import run_reference
@@ -19,20 +19,20 @@ pytestmark = pytest.mark.cuda
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("mkn", [(1, 45, 70), (1, 2560, 1000), (37, 45, 70), (300, 2560, 1000)])
-@pytest.mark.parametrize("op", MATMUL_OPS)
-def test_matmul_bf16(op, mkn, transposed, tmp_path):
-    check_case(matmul_case(op, *mkn, seed=mkn[0], transposed=transposed), "cuda", torch.bfloat16,
-               tmp_path, "bf16")
+@pytest.mark.parametrize("op", PRODUCT_CASES)
+def test_product_bf16(op, mkn, transposed, tmp_path):
+    check_case(product_case(op, *mkn, seed=mkn[0], transposed=transposed), "cuda",
+               torch.bfloat16, tmp_path, "bf16")
 
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("mkn", [(300, 2560, 2560), (2048, 10240, 2560)])
-@pytest.mark.parametrize("op", MATMUL_OPS)
+@pytest.mark.parametrize("op", PRODUCT_SAMPLE)
 def test_last_wave_in_half_height_tiles_bf16(op, mkn, transposed, tmp_path):
     # 60 tiles of 128 x 128 (one partial wave: 120 halves, the last row tile's second half
     # wholly past M = 300), and the seed's down projection: 320 tiles, 264 whole, the last
     # 56 as 112 halves
-    model = check_case(matmul_case(op, *mkn, seed=7, transposed=transposed), "cuda",
+    model = check_case(product_case(op, *mkn, seed=7, transposed=transposed), "cuda",
                        torch.bfloat16, tmp_path, "bf16", sms=132)
     spec = model.launches[0].spec
     tiles = 3 * 20 if mkn[0] == 300 else 16 * 20
@@ -40,8 +40,8 @@ def test_last_wave_in_half_height_tiles_bf16(op, mkn, transposed, tmp_path):
     assert "halved-last-wave" in spec.variant and spec.grid == (full + 2 * (tiles - full),)
 
 
-@pytest.mark.parametrize("op, widths", [("matmul", (1024, 256, 512)),
-                                        ("matmul_glu-gelu_tanh", (768, 768))])
+@pytest.mark.parametrize("op, widths", [("plain", (1024, 256, 512)),
+                                        ("|glu.pair-gelu_tanh", (768, 768))])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_weights_read_in_parts_bf16(op, widths, transposed, tmp_path):
     # the prefill's q | k | v and gate | up read from the weights in place (the seed's [K, N]
@@ -51,9 +51,9 @@ def test_weights_read_in_parts_bf16(op, widths, transposed, tmp_path):
     assert f"{len(widths)}-part-B" in model.launches[0].spec.variant
 
 
-@pytest.mark.parametrize("op, widths", [("norm_matmul", (2048, 512, 512)),
-                                        ("matmul", (1000, 200, 64)),
-                                        ("norm_matmul_glu-gelu_tanh", (1536, 1536))])
+@pytest.mark.parametrize("op, widths", [("rms_norm|", (2048, 512, 512)),
+                                        ("plain", (1000, 200, 64)),
+                                        ("rms_norm|glu.pair-gelu_tanh", (1536, 1536))])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_one_row_reads_weights_in_parts_bf16(op, widths, transposed, tmp_path):
     # a decode step's q | k | v and gate | up through the matrix-vector kernel (1000 is not
@@ -78,19 +78,19 @@ def test_decode_attention_bf16(slots, pos, heads, kv_heads, head_dim, tmp_path):
 
 @pytest.mark.parametrize("s, slots, last", [(1, 4352, 4000), (1, 512, 5000), (300, 512, 299),
                                             (300, 64, 299)])
-@pytest.mark.parametrize("op", CACHE_ROW_OPS)
+@pytest.mark.parametrize("op", ROW_WRITE_CASES)
 def test_rows_normalized_into_the_cache_bf16(op, s, slots, last, tmp_path):
     check_cache_rows(cache_rows_case(op, s, slots, last, 2, 256, seed=slots), "cuda",
                      torch.bfloat16, tmp_path, "bf16")
 
 
-@pytest.mark.parametrize("op", MATMUL_OPS)
-def test_matmul_fp32_strided(op, tmp_path):
-    check_case(matmul_case(op, 37, 45, 70, strided=True), "cuda", torch.float32, tmp_path, "fp32")
+@pytest.mark.parametrize("op", PRODUCT_CASES)
+def test_product_fp32_strided(op, tmp_path):
+    check_case(product_case(op, 37, 45, 70, strided=True), "cuda", torch.float32, tmp_path, "fp32")
 
 
 @pytest.mark.parametrize("head_dim", [128, 132, 144, 240, 256, 512])
-@pytest.mark.parametrize("op", ROW_OPS)
+@pytest.mark.parametrize("op", ROW_CASES)
 def test_rowwise_bf16(op, head_dim, tmp_path):
     check_case(row_case(op, 300, 4, head_dim, strided=True), "cuda", torch.bfloat16, tmp_path,
                "bf16")
@@ -105,11 +105,10 @@ def test_attention_bf16(head_dim, gqa, window, tmp_path):
                "cuda", torch.bfloat16, tmp_path, "bf16")
 
 
-def test_embedding_and_pointwise_bf16(tmp_path):
-    check_case(embedding_case(300, 1000, 2560), "cuda", torch.bfloat16, tmp_path, "bf16")
-    check_case(embedding_case(300, 1000, 2560, factor=50.6), "cuda", torch.bfloat16, tmp_path,
-               "bf16")
-    for op in POINTWISE_OPS:
+def test_gather_and_pointwise_bf16(tmp_path):
+    for op in GATHER_CASES:
+        check_case(gather_case(op, 300, 1000, 2560), "cuda", torch.bfloat16, tmp_path, "bf16")
+    for op in POINTWISE_CASES:
         check_case(pointwise_case(op, 300, 1000), "cuda", torch.bfloat16, tmp_path, "bf16")
 
 
@@ -198,7 +197,7 @@ def test_decode_with_split_products_matches_the_reference(tmp_path):
 def test_split_products_repeat_bit_for_bit(tmp_path):
     # the slices' partials are summed in slice order, not in the order programs finish: a
     # seeded generation gives the same tokens on every run
-    g, w, inputs = matmul_case("matmul_add", 1, 10240, 2560, seed=7)
+    g, w, inputs = product_case("|add", 1, 10240, 2560, seed=7)
     model = check_case((g, w, inputs), "cuda", torch.float32, tmp_path, "fp32")
     assert "+split-K" in model.launches[0].spec.variant
     dev = [x.cuda() for x in inputs]
@@ -208,14 +207,14 @@ def test_split_products_repeat_bit_for_bit(tmp_path):
 
 @pytest.mark.parametrize("k, n", [(2048, 2560), (10240, 2560), (8192, 5376)])
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("op", ROW_NORM_MATMUL_OPS)
+@pytest.mark.parametrize("op", ROW_NORM_PRODUCT_CASES)
 def test_product_ends_with_the_rows_post_norm_bf16(op, transposed, k, n, tmp_path):
     # the decode step's o, down and per-layer projections with their post-norms: hundreds
     # of column tiles on every SM, the row normalized by the last to count; the same bits
     # on every call, the counter left zeroed
-    g, w, inputs = row_norm_matmul_case(op, 1, k, n, seed=k, transposed=transposed)
+    g, w, inputs = product_case(op, 1, k, n, seed=k, transposed=transposed)
     model = check_case((g, w, inputs), "cuda", torch.bfloat16, tmp_path, "bf16")
-    assert "post-norm-residual-epilogue" in model.launches[0].spec.variant
+    assert model.launches[0].spec.variant.startswith(op.lstrip("|") + "+matvec")
     assert model.launches[0].spec.grid[0] >= 132
     dev = [x.to("cuda", torch.bfloat16) for x in inputs]
     outs = [model(*dev).clone() for _ in range(8)]

@@ -108,19 +108,30 @@ def test_validate_rejects_unknown_op_and_wrong_shape():
         _raw([p], []).validate()
 
 
-def test_fused_ops_validate_shapes(g):
+def test_kernels_validate_their_stages(g):
+    from meganeura.compiler.kernels import stage
     x = g.parameter("x", (7, 12))
     b = g.parameter("b", (12, 10))
     r = g.parameter("r", (7, 10))
-    assert g[g.matmul_glu(x, b, "silu")].shape == (7, 5)
-    assert g[g.matmul_add(x, b, r)].shape == (7, 10)
-    assert g[g.norm_matmul(x, b, g.parameter("nw", (12,)), 1e-6)].shape == (7, 10)
+    nw = g.parameter("nw", (12,))
+    assert g[g.kernel("product", (x, b), (), [stage("glu", pair=True, act="silu")])].shape == (7, 5)
+    assert g[g.product((x, b), epilogue=[stage("add", r)])].shape == (7, 10)
+    assert g[g.kernel("product", (x, b), [stage("rms_norm", nw, eps=1e-6)])].shape == (7, 10)
     with pytest.raises(GraphError, match="act must be one of silu, gelu_tanh, got 'relu'"):
-        g.matmul_glu(x, b, "relu")
+        g.kernel("product", (x, b), (), [stage("glu", pair=True, act="relu")])
+    with pytest.raises(GraphError, match="shapes differ: \\[7, 10\\] vs \\[7, 12\\]"):
+        g.kernel("product", (x, b), (), [stage("add", x)])  # the residual is [7, 12]
+    with pytest.raises(GraphError, match="does not take 'rope'"):  # a product takes no RoPE
+        g.kernel("product", (x, b), (), [stage("rope", g.input_u32("p", (7,)), theta=1e4,
+                                               head_dim=2, limit=7)])
+    with pytest.raises(GraphError, match="attributes \\['eps'\\] missing"):
+        g.kernel("rows", (x,), (), [stage("rms_norm", nw)])
+    cache = g.state("cache", (9, 12))
+    with pytest.raises(GraphError, match="can only be the last stage"):
+        g.kernel("rows", (x,), (), [stage("cache_write", cache, g.input_u32("q", (7,)), at=1),
+                                    stage("scale", factor=2.0)])
     assert g[g.slice_cols(b, 4, 6)].shape == (12, 6)
     with pytest.raises(GraphError, match=r"columns \[4, 11\) out of range"):
         g.slice_cols(b, 4, 7)
-    with pytest.raises(GraphError, match="residual is \\[7, 12\\]"):
-        g.matmul_add(x, b, x)
     with pytest.raises(GraphError, match="unknown op"):
         g.op("conv", (x,))

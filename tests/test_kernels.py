@@ -3,29 +3,29 @@
 import pytest
 import torch
 
-from kernel_cases import (CACHE_ROW_OPS, MATMUL_OPS, POINTWISE_OPS, ROW_NORM_MATMUL_OPS, ROW_OPS,
-                          attention_case, cache_attention_case, cache_rows_case,
-                          check_cache_attention, check_cache_rows, check_case, embedding_case,
-                          matmul_case, parts_case, pointwise_case, row_case,
-                          row_norm_matmul_case)
+from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_SAMPLE,
+                          ROW_CASES, ROW_NORM_PRODUCT_CASES, ROW_WRITE_CASES, attention_case,
+                          cache_attention_case, cache_rows_case, check_cache_attention,
+                          check_cache_rows, check_case, gather_case, parts_case,
+                          pointwise_case, product_case, row_case)
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
 
 
 @pytest.mark.parametrize("m", [1, 7, 37])
-@pytest.mark.parametrize("op", MATMUL_OPS)
-def test_matmul_archetype(op, m, tmp_path):
-    # K = 45 and N = 70 are not multiples of any block size
-    model = check_case(matmul_case(op, m, 45, 70, seed=m), "cpu", torch.float32, tmp_path, "fp32")
+@pytest.mark.parametrize("op", PRODUCT_CASES)
+def test_product_archetype(op, m, tmp_path):
+    # every stage a product takes; K = 45 and N = 70 are not multiples of any block size
+    model = check_case(product_case(op, m, 45, 70, seed=m), "cpu", torch.float32, tmp_path, "fp32")
     (launch,) = model.launches
     assert launch.spec.archetype == "matmul"
 
 
-@pytest.mark.parametrize("op", MATMUL_OPS)
+@pytest.mark.parametrize("op", PRODUCT_SAMPLE)
 @pytest.mark.parametrize("shape", [(37, 72, 40), (7, 45, 70)], ids=["descriptors", "pointers"])
 def test_matmul_reads_weights_stored_transposed(op, shape, tmp_path):
     # a checkpoint's [out, in] weight, read in place (no transposed copy is made)
-    model = check_case(matmul_case(op, *shape, seed=4, transposed=True), "cpu", torch.float32,
+    model = check_case(product_case(op, *shape, seed=4, transposed=True), "cpu", torch.float32,
                        tmp_path, "fp32")
     spec = model.launches[0].spec
     assert "B-transposed" in spec.variant
@@ -33,25 +33,25 @@ def test_matmul_reads_weights_stored_transposed(op, shape, tmp_path):
     assert not any(g[i].op == "transpose" for i in model.tensors)
 
 
-@pytest.mark.parametrize("op", MATMUL_OPS)
+@pytest.mark.parametrize("op", PRODUCT_SAMPLE)
 def test_matmul_reads_a_strided_view(op, tmp_path):
-    check_case(matmul_case(op, 13, 33, 40, seed=3, strided=True), "cpu", torch.float32, tmp_path,
+    check_case(product_case(op, 13, 33, 40, seed=3, strided=True), "cpu", torch.float32, tmp_path,
                "fp32")
 
 
-@pytest.mark.parametrize("op", MATMUL_OPS)
+@pytest.mark.parametrize("op", PRODUCT_SAMPLE)
 def test_matmul_through_tensor_descriptors(op, tmp_path):
     # rows of 16-byte multiples: A and B tiles come through tensor descriptors, and the
     # edge tiles (M = 37, N = 40 against 32-wide blocks) are zero-filled by them
-    model = check_case(matmul_case(op, 37, 72, 40, seed=5), "cpu", torch.float32, tmp_path,
+    model = check_case(product_case(op, 37, 72, 40, seed=5), "cpu", torch.float32, tmp_path,
                        "fp32")
     spec = model.launches[0].spec
     assert spec.variant.endswith("+tma") and "a_desc.load" in spec.source
-    odd = check_case(matmul_case(op, 37, 45, 70, seed=5), "cpu", torch.float32, tmp_path, "fp32")
+    odd = check_case(product_case(op, 37, 45, 70, seed=5), "cpu", torch.float32, tmp_path, "fp32")
     assert "tma" not in odd.launches[0].spec.variant and "a_desc" not in odd.launches[0].spec.source
 
 
-@pytest.mark.parametrize("op", MATMUL_OPS)
+@pytest.mark.parametrize("op", PRODUCT_SAMPLE)
 @pytest.mark.parametrize("shape, sms, grid", [
     # 3 x 3 tiles of 32 x 32 on 4 SMs: 8 in two full waves, the ninth as two halves
     ((67, 72, 80), 4, 10),
@@ -60,25 +60,25 @@ def test_matmul_through_tensor_descriptors(op, tmp_path):
     ((37, 45, 70), 4, 8),
 ], ids=["descriptors", "pointers"])
 def test_last_wave_runs_in_half_height_tiles(op, shape, sms, grid, tmp_path):
-    model = check_case(matmul_case(op, *shape, seed=sms), "cpu", torch.float32, tmp_path, "fp32",
+    model = check_case(product_case(op, *shape, seed=sms), "cpu", torch.float32, tmp_path, "fp32",
                        sms=sms)
     spec = model.launches[0].spec
     assert "halved-last-wave" in spec.variant and spec.grid == (grid,)
     assert ("+tma" in spec.variant) == (shape[1] == 72)  # the two ways A is read
     # a full last wave keeps whole tiles
-    whole = check_case(matmul_case(op, *shape, seed=sms), "cpu", torch.float32, tmp_path, "fp32",
+    whole = check_case(product_case(op, *shape, seed=sms), "cpu", torch.float32, tmp_path, "fp32",
                        sms=3)
     assert "halved" not in whole.launches[0].spec.variant
 
 
 @pytest.mark.parametrize("op, widths, parts", [
     # q | k | v: column tiles (32 wide; 8 at one row) never straddle two parts
-    ("matmul", (64, 32, 40), 3),
-    ("norm_matmul", (64, 32, 32), 3),
+    ("plain", (64, 32, 40), 3),
+    ("rms_norm|", (64, 32, 32), 3),
     # 44 is not a multiple of either tile: one concatenation of the three (no partial w0|w1)
-    ("matmul", (44, 32, 16), 1),
-    ("matmul_glu-gelu_tanh", (40, 40), 2),  # gate | up, each read in place
-    ("matmul_glu-silu", (40, 40), 2),
+    ("plain", (44, 32, 16), 1),
+    ("|glu.pair-gelu_tanh", (40, 40), 2),  # gate | up, each read in place
+    ("|glu.pair-silu", (40, 40), 2),
 ])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("rows", [37, 1], ids=["tiled", "one-row"])
@@ -98,12 +98,12 @@ def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, transpose
 
 @pytest.mark.parametrize("k", [30, 45, 130])
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("op", MATMUL_OPS)
+@pytest.mark.parametrize("op", PRODUCT_SAMPLE)
 def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
     # a decode step's products: K = 45 or 130 and N = 70 leave partial K steps and column
     # tiles; B stored [K, N] past one K step is shared among programs in K slices (two of
     # 32 rows at K = 45, three of 64 at 130), whose last program finishes each column tile
-    g, w, inputs = matmul_case(op, 1, k, 70, seed=11, transposed=transposed)
+    g, w, inputs = product_case(op, 1, k, 70, seed=11, transposed=transposed)
     model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
     spec = model.launches[0].spec
     assert "+matvec" in spec.variant and spec.entry == "matvec_kernel"
@@ -123,17 +123,16 @@ def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
 
 @pytest.mark.parametrize("m, k", [(1, 45), (1, 130), (3, 45)])
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("op", ROW_NORM_MATMUL_OPS)
+@pytest.mark.parametrize("op", ROW_NORM_PRODUCT_CASES)
 def test_product_ends_with_the_rows_post_norm(op, transposed, m, k, tmp_path):
     # N = 70: nine 8-column tiles, the last one partial, counted in three groups of three;
     # the last tile of each row to count normalizes the whole row (several rows: counters
     # each), and leaves the counters zeroed
-    g, w, inputs = row_norm_matmul_case(op, m, k, 70, seed=k + m, transposed=transposed)
+    g, w, inputs = product_case(op, m, k, 70, seed=k + m, transposed=transposed)
     model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
     spec = model.launches[0].spec
-    assert "post-norm-residual-epilogue" in spec.variant and "+matvec" in spec.variant
+    assert spec.variant.startswith(op.lstrip("|")) and "+matvec" in spec.variant
     assert "+split-K" not in spec.variant and spec.grid == (9, m)  # whole column tiles count
-    assert ("+scalar" in spec.variant) == op.endswith("_scale")
     counters = [buf for (name, _, _), buf in model._scratches.items() if name.endswith("counters")]
     assert spec.constexprs["GROUPS"] == 3 and spec.constexprs["GROUP_TILES"] == 3
     # a counter a cache line: the row's, then its three groups'
@@ -145,26 +144,26 @@ def test_product_ends_with_the_rows_post_norm(op, transposed, m, k, tmp_path):
     assert_close(model(*fresh).float(), ref, "fp32")
 
 
-def test_matmul_variants_are_generated_from_the_fused_term(tmp_path):
-    norm = check_case(matmul_case("norm_matmul_glu-silu", 7, 45, 70), "cpu", torch.float32,
+def test_product_variants_are_generated_from_the_stages(tmp_path):
+    norm = check_case(product_case("rms_norm|glu.pair-silu", 7, 45, 70), "cpu", torch.float32,
                       tmp_path, "fp32").launches[0].spec
-    plain = check_case(matmul_case("matmul", 7, 45, 70), "cpu", torch.float32, tmp_path,
+    plain = check_case(product_case("plain", 7, 45, 70), "cpu", torch.float32, tmp_path,
                        "fp32").launches[0].spec
-    assert norm.variant == "rmsnorm-prologue+silu-glu-epilogue" and plain.variant == "plain"
+    assert norm.variant == "rms_norm|glu.pair" and plain.variant == "plain"
     assert "ss +=" in norm.source and "acc_up" in norm.source
     assert "ss +=" not in plain.source and "acc_up" not in plain.source and "r_ptr" not in plain.source
 
 
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("head_dim", [16, 24, 132])
-@pytest.mark.parametrize("op", ROW_OPS)
+@pytest.mark.parametrize("op", ROW_CASES)
 def test_row_archetype(op, head_dim, strided, tmp_path):
     check_case(row_case(op, 7, 3, head_dim, seed=head_dim, strided=strided), "cpu", torch.float32,
                tmp_path, "fp32")
 
 
 @pytest.mark.parametrize("limit", [257, 131072])
-@pytest.mark.parametrize("op", ["rope", "head_norm_rope-partial"])
+@pytest.mark.parametrize("op", ["rope", "head_rms_norm,rope-partial"])
 def test_rope_at_far_positions(op, limit, tmp_path):
     # positions up to a long context: the angle in float64, reduced there, cos and sin in
     # fp32, against the reference's [positions, hd/2] table from float64
@@ -231,14 +230,13 @@ def test_attention_splits_odd_head_dims_instead_of_doubling(tmp_path):
     assert "rd_b = D0 + tl.arange(0, D1)" in emit(False, "ieee", 512)
 
 
-@pytest.mark.parametrize("factor", [None, 6.7])
 @pytest.mark.parametrize("s", [1, 7, 37])
-def test_embedding_archetype(s, factor, tmp_path):
-    check_case(embedding_case(s, 61, 45, seed=s, factor=factor), "cpu", torch.float32, tmp_path,
-               "fp32")
+@pytest.mark.parametrize("op", GATHER_CASES)
+def test_gather_archetype(op, s, tmp_path):
+    check_case(gather_case(op, s, 61, 45, seed=s), "cpu", torch.float32, tmp_path, "fp32")
 
 
-@pytest.mark.parametrize("op", POINTWISE_OPS)
+@pytest.mark.parametrize("op", POINTWISE_CASES)
 def test_pointwise_archetype(op, tmp_path):
     check_case(pointwise_case(op, 37, 45), "cpu", torch.float32, tmp_path, "fp32")
 
@@ -263,7 +261,7 @@ def test_decode_attention_splits_the_slots(slots, pos, heads, kv_heads, head_dim
     (1, 40, 17, None), (1, 6, 23, None), (7, 40, 6, None), (7, 5, 30, None),
     (3, 5, 11, [2, 10, 11]), (3, 600, 300, [0, 255, 300]), (7, 40, None, "arange"),
     (9, 5, None, "arange")])
-@pytest.mark.parametrize("op", CACHE_ROW_OPS)
+@pytest.mark.parametrize("op", ROW_WRITE_CASES)
 def test_rows_normalized_into_the_cache(op, s, slots, last, positions, tmp_path):
     # a decode step's row (into a full cache, into a ring that has wrapped) and a prefill's
     # rows (all kept; more than a ring of 5 keeps, the older ones skipped: position 2 is
@@ -275,8 +273,11 @@ def test_rows_normalized_into_the_cache(op, s, slots, last, positions, tmp_path)
                                              positions=pos), "cpu", torch.float32, tmp_path,
                              "fp32")
     spec = model.launches[0].spec
-    assert spec.variant.endswith("cache-write")
-    assert ("pos_ptr" in spec.source) == (positions != "arange")
+    if op == "copy":  # cache_write alone: the copy kernel, which reads any positions
+        assert spec.archetype == "kv_cache"
+    else:  # a row kernel's positions: a forward's are the row indices, nothing read
+        assert spec.variant.endswith("cache_write")
+        assert ("pos_ptr" in spec.source) == (positions != "arange")
 
 
 def _before_the_gate(source: str) -> list[str]:

@@ -1,25 +1,27 @@
 """Kernel archetypes: templates that emit Triton source text from plan nodes.
 
-One file per archetype. `kernel_for` picks the archetype of a plan node; the
-archetype decides the variant (prologue, epilogue, mask kind) from the fused op
-and emits its source.
+One file per archetype, named by the op table's `archetype` of the node (a fused kernel's
+is its op: product, rows, pointwise, gather). The archetype reads the node's kernel
+(compiler/kernels.py: its own operands, its prologue and epilogue stages) and emits its
+source; element stages come from codegen/elementwise.py.
 """
 
 from __future__ import annotations
 
+from ..compiler.ops import OPS
 from ..errors import MeganeuraError
 from . import attention, decode_attention, embedding, kv_cache, matmul, pointwise, rowwise
 from .common import KernelSpec, Target, dependent_launch
 
-ARCHETYPES = {op: mod for mod in (matmul, rowwise, attention, decode_attention, embedding,
-                                  pointwise, kv_cache)
-              for op in mod.OPS}
+ARCHETYPES = {"product": matmul, "rows": rowwise, "pointwise": pointwise, "gather": embedding,
+              "attention": attention, "decode_attention": decode_attention, "kv_cache": kv_cache}
 
 
 def kernel_for(node, graph, target: Target) -> KernelSpec:
-    if node.op not in ARCHETYPES:
+    module = ARCHETYPES.get(OPS[node.op].archetype)
+    if module is None:
         raise MeganeuraError(f"no kernel archetype runs {node.op} at run time ({graph.label(node.id)})")
-    spec = ARCHETYPES[node.op].build(node, graph, target)
+    spec = module.build(node, graph, target)
     return dependent_launch(spec) if target.pdl and not target.interpreted else spec
 
 

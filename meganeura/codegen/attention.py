@@ -33,7 +33,6 @@ import torch
 from ..compiler.cost import head_dim_chunks
 from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent
 
-OPS = ("causal_attention", "sliding_window_attention")
 
 
 def head_chunks(hd: int) -> list[tuple[str, str, bool]]:

@@ -102,16 +102,6 @@ def activation(act: str, x: str) -> str:
     raise ValueError(f"no kernel expression for activation {act!r}")
 
 
-def epilogue_lines(x: str, up: str | None, act: str | None, r_load: str | None,
-                   gate: str | None, softcap: bool) -> list[str]:
-    """The matmul epilogues on the fp32 result x (a tile or a row segment), in order:
-    act(x) * up (paired gate/up), then with R = r_load: act(x) * R (gate) or x + R
-    (residual), then the soft-cap."""
-    lines = [f"{x} = ({activation(act, x)}) * {up}"] if up is not None else []
-    if r_load is not None:
-        lines.append(f"r = {r_load}.to(tl.float32)")
-        lines.append(f"{x} = ({activation(gate, x)}) * r" if gate else f"{x} = {x} + r")
-    return lines + (softcap_lines(x, "cap") if softcap else [])
 
 
 def softcap_lines(x: str, cap: str) -> list[str]:

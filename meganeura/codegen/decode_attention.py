@@ -28,7 +28,6 @@ from ..compiler.cost import head_dim_chunks
 from .attention import head_chunks
 from .common import HEADER, KernelSpec, Target, indent, next_pow2
 
-OPS = ("cache_attention",)
 
 
 def emit(precision: str, head_dim: int, split: bool = False) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 
-OPS = ("cache_write",)
 
 SOURCE = HEADER + "def cache_write_kernel(x_ptr, pos_ptr, cache_ptr, S, SLOTS, D, stride_x, " \
     "stride_c, BLOCK_D: tl.constexpr):\n" + indent('''

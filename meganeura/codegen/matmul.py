@@ -1,13 +1,15 @@
-"""Tiled matmul with a generated prologue and epilogue (fp32 accumulation).
+"""The product archetype, tiled: C = epilogue(prologue(A) @ B) with fp32 accumulation.
 
     C[m, n] = epilogue( rstd[m] * sum_k (A[m, k] w[k]) B[k, n] )
 
-Prologue (from `norm_*` ops): RMSNorm of A's rows, rstd[m] = rsqrt(sum_k A[m, k]^2 / K + eps),
+Prologue (an rms_norm stage): RMSNorm of A's rows, rstd[m] = rsqrt(sum_k A[m, k]^2 / K + eps),
 gathered from the A tiles the K loop loads anyway; the norm weight w scales the A tiles on
 their way to the matrix units, so no weight is copied.
-Epilogue (from the fused term): `+ R[m, n]` (matmul_add), `act(C) * R[m, n]` (matmul_gate),
-`act(G) * U` where G and U are paired tiles of B's left and right halves (matmul_glu, act =
-silu or gelu_tanh), or `cap * tanh(C / cap)` (matmul_softcap); then a cast.
+Epilogue: the element stages in order, on the fp32 accumulator tile (codegen/elementwise.py:
+`+ R[m, n]`, `act(C) * R[m, n]`, `cap * tanh(C / cap)`, ...); a paired stage first, where B is
+[G | U]: the program keeps a G and a U accumulator and the stage combines them (act(G) * U).
+A one-row product (a decode step) runs the matrix-vector kernel (codegen/matvec.py), which
+also takes a row's RMSNorm in its epilogue.
 A may be fp32 (the residual stream): its tiles are cast to B's dtype for the dot, and the
 norm statistics use the fp32 values.
 B is a weight read where it lies: stored [K, N] (the seed's layout), or transposed, stored
@@ -16,7 +18,7 @@ transposed to the matrix units); a B that is a concatenation of weights (gate | 
 q | k | v) is read from the weights in place, so no concatenated copy is kept. Where rows
 are 16-byte aligned, A and B tiles come through tensor descriptors (TMA).
 
-bytes: elem * (M*K + K*N' + M*N [+ M*N residual]), N' = 2N for paired tiles
+bytes: elem * (M*K + K*N' + M*N [+ M*N per tile operand]), N' = 2N for paired tiles
 FLOPs: 2*M*N'*K on the matrix units; 3*M*K per column tile for the norm prologue
 """
 
@@ -26,49 +28,47 @@ import itertools
 
 import torch
 
-from ..compiler.cost import PAIRED_MATMULS, ROW_NORM_MATMULS, halve_last_wave, matmul_tile
+from ..compiler.cost import halve_last_wave, matmul_tile
+from ..compiler.kernels import node_kernel
+from ..compiler.ops import OPS
 from ..compiler.plan import holds_fp32
 from . import matvec
-from .common import (HEADER, KernelSpec, Target, cdiv, epilogue_lines, fit_stages, indent,
-                     part_branches)
-
-OPS = ("matmul", "norm_matmul", "matmul_add", "matmul_gate", "matmul_glu", "norm_matmul_glu",
-       "matmul_softcap") + ROW_NORM_MATMULS
+from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent, part_branches
+from .stages import Names, Stages, element_stages, variant
 
 
-def emit(norm: bool, act: str | None, residual: bool, softcap: bool, precision: str,
-         tma: bool = False, parts: int = 1, b_trans: bool = False, gate: str | None = None,
-         halves: bool = False) -> str:
-    """Source of one variant; each flag adds its fragment, nothing else differs.
+def emit(epi: Stages, norm: bool, precision: str, tma: bool = False, parts: int = 1,
+         b_trans: bool = False, halves: bool = False) -> str:
+    """Source of one variant; each stage and flag adds its fragment, nothing else differs.
 
-    act: the paired gate/up epilogue's activation (None: not paired).
+    epi: the element stages of the epilogue (a paired first stage: B's columns are [G | U],
+    read as two accumulators). norm: the RMSNorm prologue.
     tma: A and B tiles come through tensor descriptors (Hopper's bulk tensor copies, which
     also zero-fill past the edges) instead of masked pointer loads.
     parts (tma only): B is read from `parts` weight tensors side by side rather than from
     their concatenation: paired products read G from the first and U from the second; other
     products pick, per column tile, the part that holds the tile's columns (ends `end_i`).
     b_trans: B's storage is [N, K] (tiles are loaded transposed).
-    gate: the product's activation, times the [M, N] operand R (matmul_gate), in place of
-    the residual add.
     halves: the tiles from FULL on (those past the last full wave of SMs) run as two
     programs each, one per half of the tile's rows: twice as many programs fill SMs that
     would idle, each with half the work (cost.halve_last_wave prices it). The two tile
     heights are two bodies under independent ifs (they share the pipeline's buffers); A's
     half tiles come through their own descriptor (ah_desc).
     """
-    paired = act is not None
+    paired = bool(epi.stages) and epi.stages[0].pair
     if tma:
         params = ["a_desc"] + (["ah_desc"] if halves else []) + [f"b{i}_desc" for i in range(parts)]
     else:
         params = ["a_ptr", "b_ptr"]
-    params += ["c_ptr"] + (["r_ptr"] if residual or gate else []) + (["nw_ptr"] if norm else [])
+    params += ["c_ptr"] + [f"{t.name}_ptr" for t in epi.tiles] + (["nw_ptr"] if norm else [])
+    params += [f"{x.name}_ptr" for x in epi.scalars]
     params += ["M", "N", "K"] + ([] if tma else ["stride_am", "stride_bk", "stride_bn"])
     params += ["stride_cm"]
     split = tma and parts > 1 and not paired  # column tiles choose their part
     params += [f"end_{i}" for i in range(parts - 1)] if split else []
-    params += ["stride_rm"] if residual or gate else []
+    params += [f"stride_{t.name}m" for t in epi.tiles]
     params += ["eps"] if norm else []
-    params += ["cap"] if softcap else []
+    params += [name for name, _ in epi.values]
     params += ["FULL"] if halves else []
     params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr",
                "GROUP_M: tl.constexpr"]
@@ -125,9 +125,18 @@ for k0 in range(0, K, BLOCK_K):
         if norm:
             finish += ["rstd = 1.0 / tl.sqrt(ss / K + eps)", "acc = acc * rstd[:, None]"]
             finish += ["acc_up = acc_up * rstd[:, None]"] if paired else []
-        r_load = "tl.load(r_ptr + rows[:, None] * stride_rm + rn[None, :], mask=c_mask, other=0.0)"
-        finish += epilogue_lines("acc", "acc_up" if paired else None, act,
-                                 r_load if residual or gate else None, gate, softcap)
+        loaded: set[str] = set()
+
+        def value(x):  # an epilogue operand, loaded once into a variable of its name
+            if x.name in loaded:
+                return [], x.name
+            loaded.add(x.name)
+            if x.kind == "scalar":
+                return [f"{x.name} = tl.load({x.name}_ptr).to(tl.float32)"], x.name
+            return [f"{x.name} = tl.load({x.name}_ptr + rows[:, None] * stride_{x.name}m + "
+                    f"rn[None, :], mask=c_mask, other=0.0).to(tl.float32)"], x.name
+        for k in range(len(epi.stages)):
+            finish += epi.lines(k, "acc", value, "acc_up")
         return f'''rm = row0 + tl.arange(0, {tm})
 rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 rk = tl.arange(0, BLOCK_K)
@@ -256,29 +265,20 @@ def _aligned(graph, nid: int) -> bool:
 
 
 def build(node, graph, target: Target) -> KernelSpec:
+    k = node_kernel(node)
     a, b = graph[node.inputs[0]], graph[node.inputs[1]]
-    (m, k), n = a.shape, node.shape[1]
-    norm, residual = node.op.startswith("norm_"), node.op == "matmul_add"
-    act = node.attrs["act"] if node.op in PAIRED_MATMULS else None
-    gate = node.attrs["act"] if node.op == "matmul_gate" else None
-    softcap = node.op == "matmul_softcap"
-    post_norm = node.op in ROW_NORM_MATMULS
-    scalar = node.op == "matmul_norm_add_scale"
-    paired = act is not None
-    variant = "+".join(x for x, on in (("rmsnorm-prologue", norm),
-                                       (f"{act}-glu-epilogue", paired),
-                                       ("residual-epilogue", residual),
-                                       (f"{gate}-gate-epilogue", gate),
-                                       ("softcap-epilogue", softcap),
-                                       ("post-norm-residual-epilogue", post_norm),
-                                       ("scalar", scalar)) if on) or "plain"
-    # a row's post-norm waits on the row's last column tile: the matrix-vector kernel's
-    # (the cost model offers the fused form only at one row; a graph built with it runs)
-    if m <= matvec.ROWS or post_norm:
-        return _matvec(node, graph, target, dict(norm=norm, act=act, residual=residual,
-                                                 softcap=softcap, variant=variant, gate=gate,
-                                                 post_norm=post_norm, scalar=scalar))
-    cfg = tiles(m, n, k, paired, residual, target)
+    (m, kk), n = a.shape, node.shape[1]
+    # a row's RMSNorm in the epilogue waits on the row's last column tile: the
+    # matrix-vector kernel's (the cost model offers it only at one row; a graph built with
+    # it runs)
+    row_norm = any(OPS[st.op].locality == "row" for st in k.epilogue)
+    if m <= matvec.ROWS or row_norm:
+        return _matvec(node, graph, target, k, row_norm)
+    norm = bool(k.prologue)  # the RMSNorm of A's rows, the prologue a product takes
+    epi = element_stages(k.epilogue, node, graph, Names({"eps"} if norm else ()), node.shape)
+    paired = k.paired
+    name = variant(k.prologue, k.epilogue) or "plain"
+    cfg = tiles(m, n, kk, paired, bool(epi.tiles), target)
     warps, stages = cfg.pop("warps"), cfg.pop("stages")
     elem = 4 if target.dtype == torch.float32 else 2
     a_elem = 4 if holds_fp32(graph, a.id) else elem  # the fp32 residual stream
@@ -309,8 +309,10 @@ def build(node, graph, target: Target) -> KernelSpec:
     else:
         args = [("node", a.id), ("node", stored[0][0])]
     args += [("node", node.id)]
-    args += [("node", node.inputs[2])] if residual or norm or gate else []
-    args += [("value", m), ("value", n), ("value", k)]
+    args += [("node", node.inputs[t.input]) for t in epi.tiles]
+    args += [("node", node.inputs[k.prologue[0].operands[0]])] if norm else []
+    args += [("node", node.inputs[x.input]) for x in epi.scalars]
+    args += [("value", m), ("value", n), ("value", kk)]
     if not tma:  # B's strides along K and along N
         b_strides = [("value", 1), ("stride", stored[0][0])] if b_trans else \
             [("stride", stored[0][0]), ("value", 1)]
@@ -319,30 +321,29 @@ def build(node, graph, target: Target) -> KernelSpec:
     if split:
         ends = list(itertools.accumulate(graph[p].shape[1] for p in parts))[:-1]
         args += [("value", e) for e in ends]
-    args += [("stride", node.inputs[2])] if residual or gate else []
-    args += [("value", node.attrs["eps"])] if norm else []
-    args += [("value", node.attrs["cap"])] if softcap else []
+    args += [("stride", node.inputs[t.input]) for t in epi.tiles]
+    args += [("value", k.prologue[0].attr["eps"])] if norm else []
+    args += [("value", v) for _, v in epi.values]
     args += [("value", full)] if halves else []
     grid = (full + 2 * (tiles_mn - full) if halves else tiles_mn,)
-    variant += "+tma" if tma else ""
-    variant += "+B-transposed" if b_trans else ""
-    variant += f"+{len(parts)}-part-B" if len(parts) > 1 else ""
-    variant += "+halved-last-wave" if halves else ""
-    return KernelSpec("matmul", variant, emit(norm, act, residual, softcap, target.dot_precision,
-                                              tma, len(parts), b_trans, gate, halves),
+    name += "+tma" if tma else ""
+    name += "+B-transposed" if b_trans else ""
+    name += f"+{len(parts)}-part-B" if len(parts) > 1 else ""
+    name += "+halved-last-wave" if halves else ""
+    return KernelSpec("matmul", name, emit(epi, norm, target.dot_precision, tma, len(parts),
+                                           b_trans, halves),
                       "matmul_kernel", grid, args, cfg, num_warps=warps, num_stages=stages)
 
 
-def _matvec(node, graph, target: Target, flags: dict) -> KernelSpec:
+def _matvec(node, graph, target: Target, k, row_norm: bool) -> KernelSpec:
     """One row: the matrix-vector kernel, B's weights read in place where its column tiles
     fit the parts (else the load-time concatenation)."""
-    k, n = graph[node.inputs[0]].shape[1], node.shape[1]
-    paired = flags["act"] is not None
+    kk, n = graph[node.inputs[0]].shape[1], node.shape[1]
     parts = weight_parts(graph, node.inputs[1])
     b_trans = storage(graph, parts[0])[1]
-    splits = not flags["post_norm"]  # a row's post-norm counts whole column tiles
-    cfg = matvec.tiles(n, k, paired, b_trans, target, splits)
-    if len(parts) > 1 and not parts_fit(graph, parts, paired, n, cfg["BLOCK_N"]):
+    splits = not row_norm  # a row's post-norm counts whole column tiles
+    cfg = matvec.tiles(n, kk, k.paired, b_trans, target, splits)
+    if len(parts) > 1 and not parts_fit(graph, parts, k.paired, n, cfg["BLOCK_N"]):
         parts = [node.inputs[1]]
-        cfg = matvec.tiles(n, k, paired, storage(graph, parts[0])[1], target, splits)
-    return matvec.build(node, graph, target, [storage(graph, p) for p in parts], cfg, flags)
+        cfg = matvec.tiles(n, kk, k.paired, storage(graph, parts[0])[1], target, splits)
+    return matvec.build(node, graph, target, [storage(graph, p) for p in parts], cfg, k)

@@ -23,51 +23,68 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .common import (GATE, HEADER, KernelSpec, Target, cdiv, epilogue_lines, indent,
-                     next_pow2, part_branches)
+from ..compiler.kernels import Kernel
+from ..compiler.ops import OPS
+from .common import GATE, HEADER, KernelSpec, Target, cdiv, indent, next_pow2, part_branches
+from .stages import Names, Stages, element_stages, variant
 
 ROWS = 1  # the matmul archetype hands over products of at most this many rows
 
 
-def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int = 1,
-         weights: bool = True, gate: str | None = None, split_k: bool = False,
-         post_norm: bool = False, scalar: bool = False) -> str:
-    """Source of one variant. parts: B's weights passed separately (the paired product reads
-    G from the first and U from the second; otherwise a column tile reads the one part that
-    holds it, its end columns `end_i`). weights: B is made of parameters (never written at
-    run time), so its first tile may be read before the dependent-launch gate. gate: act(c)
-    times the row of R (matmul_gate) in place of the residual add. split_k: grid axis 2
-    shares K among SPLIT_K programs per column tile, K_SPLIT rows each (a multiple of
-    BLOCK_K); each stores its partial sums in its own row of an fp32 workspace (`ws`,
-    SPLIT_K rows of N values, 2N paired) and counts itself in the tile's counter (`cnt`);
-    the last to count reads the BLOCK_S rows at once and sums them in one fixed order,
-    finishes the tile (epilogue, store) and leaves the counter zeroed for the next launch.
-    post_norm: c = r + rms_norm(product, pw) over the whole row (times s[0] with scalar):
-    each program stores its columns of the product in the row's workspace (`y`) and counts
+@dataclass
+class RowNorm:
+    """An epilogue's RMSNorm of the whole row (weight pw), and the element stages after it."""
+
+    weight: int  # node-input position of the norm weight
+    eps: str  # its argument's name
+    eps_value: float
+    after: Stages
+
+
+def emit(pre: Stages, norm: bool, parts: int = 1, weights: bool = True, split_k: bool = False,
+         post: RowNorm | None = None) -> str:
+    """Source of one variant. pre: the epilogue's element stages (a paired first stage: B's
+    columns are [G | U], two accumulators); norm: the RMSNorm prologue. parts: B's weights
+    passed separately (the paired product reads G from the first and U from the second;
+    otherwise a column tile reads the one part that holds it, its end columns `end_i`).
+    weights: B is made of parameters (never written at run time), so its first tile may be
+    read before the dependent-launch gate. split_k: grid axis 2 shares K among SPLIT_K
+    programs per column tile, K_SPLIT rows each (a multiple of BLOCK_K); each stores its
+    partial sums in its own row of an fp32 workspace (`ws`, SPLIT_K rows of N values, 2N
+    paired) and counts itself in the tile's counter (`cnt`); the last to count reads the
+    BLOCK_S rows at once and sums them in one fixed order, finishes the tile (epilogue,
+    store) and leaves the counter zeroed for the next launch.
+    post: the epilogue ends with the row's RMSNorm (weight pw), then these element stages:
+    each program stores its columns (after `pre`) in the row's workspace (`y`) and counts
     itself in its group's counter (GROUPS of GROUP_TILES column tiles), the last of a group
     in the row's; the last of those reads the row back from L2, normalizes it in
-    BLOCK_R-wide pieces, and leaves the counters zeroed (not with split_k)."""
-    assert not (post_norm and (split_k or norm or residual or gate or softcap or act))
-    paired = act is not None
+    BLOCK_R-wide pieces, applies `post`, and leaves the counters zeroed (not with split_k)."""
+    assert not (post is not None and split_k)
+    paired = bool(pre.stages) and pre.stages[0].pair
     split = parts > 1 and not paired
-    reads_r = residual or gate or post_norm
+    after = post.after if post is not None else Stages([])
+    tiles, scalars = pre.tiles + after.tiles, pre.scalars + after.scalars
     params = ["a_ptr"] + [f"b{i}_ptr" for i in range(parts)] + ["c_ptr"]
-    params += (["r_ptr"] if reads_r else []) + (["nw_ptr"] if norm else [])
-    if post_norm:
-        params += ["pw_ptr"] + (["s_ptr"] if scalar else []) + ["y_ptr", "row_cnt_ptr"]
+    params += [f"{t.name}_ptr" for t in tiles] + (["nw_ptr"] if norm else [])
+    params += ["pw_ptr"] if post is not None else []
+    params += [f"{x.name}_ptr" for x in scalars]
+    params += ["y_ptr", "row_cnt_ptr"] if post is not None else []
     params += ["ws_ptr", "cnt_ptr", "K_SPLIT", "SPLIT_K"] if split_k else []
     params += ["N", "K", "stride_am"]
     params += [f"stride_bn{i}" for i in range(parts)] + [f"stride_bk{i}" for i in range(parts)]
-    params += ["stride_cm"] + (["stride_rm"] if reads_r else [])
+    params += ["stride_cm"] + [f"stride_{t.name}m" for t in tiles]
     params += [f"end_{i}" for i in range(parts - 1)] if split else []
-    params += (["eps"] if norm or post_norm else []) + (["cap"] if softcap else [])
+    params += ["eps"] if norm else []
+    params += [post.eps] if post is not None else []
+    params += [name for name, _ in pre.values + after.values]
     params += ["BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
     params += ["BLOCK_S: tl.constexpr"] if split_k else []
     params += ["BLOCK_R: tl.constexpr", "GROUP_TILES: tl.constexpr", "GROUPS: tl.constexpr",
-               "BLOCK_CNT: tl.constexpr"] if post_norm else []
+               "BLOCK_CNT: tl.constexpr"] if post is not None else []
 
     def k_loop(i: int, col: str, up: str | None) -> str:
         """The K loop over part i's columns `col` (and the U columns `up` of a paired
@@ -114,12 +131,20 @@ def emit(norm: bool, act: str | None, residual: bool, softcap: bool, parts: int 
     if norm:
         finish += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)", "out = out * rstd"]
         finish += ["up = up * rstd"] if paired else []
-    r_load = "tl.load(r_ptr + row * stride_rm + rn, mask=n_mask, other=0.0)"
-    if post_norm:
-        tail = _post_norm_tail(scalar)
+    loaded: set[str] = set()
+
+    def value(x):  # an epilogue operand at the program's columns, loaded once
+        if x.name in loaded:
+            return [], x.name
+        loaded.add(x.name)
+        if x.kind == "scalar":
+            return [f"{x.name} = tl.load({x.name}_ptr).to(tl.float32)"], x.name
+        return [f"{x.name} = tl.load({x.name}_ptr + row * stride_{x.name}m + rn, mask=n_mask, "
+                f"other=0.0).to(tl.float32)"], x.name
+    tail = [line for k in range(len(pre.stages)) for line in pre.lines(k, "out", value, "up")]
+    if post is not None:
+        tail += _post_norm_tail(post)
     else:
-        tail = epilogue_lines("out", "up" if paired else None, act,
-                              r_load if residual or gate else None, gate, softcap)
         tail.append("tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), "
                     "mask=n_mask)")
     if split_k:  # each slice's partials in its own workspace row; the last to count sums
@@ -157,17 +182,23 @@ a_row = a_ptr + row * stride_am
     return HEADER + f"def matvec_kernel({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
-def _post_norm_tail(scalar: bool) -> list[str]:
+def _post_norm_tail(post: RowNorm) -> list[str]:
     """The row's post-norm after the product: columns to the workspace, counted in two
     levels (hundreds of tiles adding to one counter queue at L2: each counts in its group's
     counter, the last of a group in the row's); the last to count reads the whole row back
-    (from L2: other SMs wrote it), then normalizes, adds the residual (and scales) piece by
-    piece, and zeroes the row's counters."""
+    (from L2: other SMs wrote it), then normalizes it and applies the stages after the norm
+    (a residual, a layer scalar) piece by piece, and zeroes the row's counters."""
     def piece(name: str) -> list[str]:
         return ["cols = c0 + tl.arange(0, BLOCK_R)",
                 "cm = cols < N",
                 f"{name} = tl.load(y_ptr + row * N + cols, mask=cm, other=0.0, "
                 'cache_modifier=".cg")']
+
+    def value(x):  # inline, at the piece's columns
+        if x.kind == "scalar":
+            return [], f"tl.load({x.name}_ptr).to(tl.float32)"
+        return [], (f"tl.load({x.name}_ptr + row * stride_{x.name}m + cols, mask=cm, other=0.0)"
+                    ".to(tl.float32)")
     out = ["tl.store(y_ptr + row * N + rn, out, mask=n_mask)",
            "tl.debug_barrier()  # every thread's columns before the count",
            "grp = pid_n // GROUP_TILES",
@@ -181,12 +212,10 @@ def _post_norm_tail(scalar: bool) -> list[str]:
     last = ["ss = tl.zeros((BLOCK_R,), dtype=tl.float32)",
             "for c0 in range(0, N, BLOCK_R):"]
     last += ["    " + x for x in piece("y") + ["ss += y * y"]]
-    last += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / N + eps)",
+    last += [f"rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / N + {post.eps})",
              "for c0 in range(0, N, BLOCK_R):"]
-    body = piece("y") + [
-        "y = y * rstd * tl.load(pw_ptr + cols, mask=cm, other=0.0).to(tl.float32)",
-        "y = y + tl.load(r_ptr + row * stride_rm + cols, mask=cm, other=0.0).to(tl.float32)"]
-    body += ["y = y * tl.load(s_ptr).to(tl.float32)"] if scalar else []
+    body = piece("y") + ["y = y * rstd * tl.load(pw_ptr + cols, mask=cm, other=0.0).to(tl.float32)"]
+    body += [line for k in range(len(post.after.stages)) for line in post.after.lines(k, "y", value)]
     body += ["tl.store(c_ptr + row * stride_cm + cols, y.to(c_ptr.dtype.element_ty), mask=cm)"]
     last += ["    " + x for x in body]
     last += ["rc = tl.arange(0, BLOCK_CNT)  # the counters zeroed for the next launch",
@@ -263,22 +292,34 @@ def k_slices(k: int, split: int, block_k: int) -> tuple[int, int]:
 
 
 def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict,
-          flags: dict) -> KernelSpec:
-    """The one-row kernel of a matmul-archetype node. stored: the tensors holding B's parts
-    and whether each holds it transposed; cfg: `tiles`; flags: the variant (matmul.build)."""
+          k: Kernel) -> KernelSpec:
+    """The one-row kernel of a product node. stored: the tensors holding B's parts and
+    whether each holds it transposed; cfg: `tiles`; k: the node's kernel (its stages)."""
     a = graph[node.inputs[0]]
-    k, n = a.shape[1], node.shape[1]
-    act, residual, norm, gate = flags["act"], flags["residual"], flags["norm"], flags["gate"]
-    post_norm, scalar = flags["post_norm"], flags["scalar"]
+    kk, n = a.shape[1], node.shape[1]
+    norm = bool(k.prologue)  # the RMSNorm of the row, the prologue a product takes
+    names = Names({"eps"} if norm else ())
+    # the epilogue up to a row's RMSNorm runs on the program's columns; the norm and what
+    # follows it, in the last column tile to finish (over the whole row)
+    cut = next((i for i, st in enumerate(k.epilogue) if OPS[st.op].locality == "row"),
+               len(k.epilogue))
+    pre = element_stages(k.epilogue[:cut], node, graph, names, node.shape)
+    post = None
+    if cut < len(k.epilogue):
+        st = k.epilogue[cut]
+        post = RowNorm(st.operands[0], names.take("eps"), st.attr["eps"], None)
+        post.after = element_stages(k.epilogue[cut + 1:], node, graph, names, node.shape)
     rows = a.shape[0]
     cfg = dict(cfg)
     warps, split_k = cfg.pop("warps"), cfg.pop("SPLIT_K", 1)
-    split = len(stored) > 1 and act is None
+    split = len(stored) > 1 and not k.paired
+    after = post.after if post is not None else Stages([])
     args = [("node", a.id)] + [("node", sid) for sid, _ in stored] + [("node", node.id)]
-    args += [("node", node.inputs[2])] if residual or norm or gate else []
-    if post_norm:  # operands a, b, w, r (, s): r, w (, s), then the rows' workspace, counters
-        args += [("node", node.inputs[3]), ("node", node.inputs[2])]
-        args += [("node", node.inputs[4])] if scalar else []
+    args += [("node", node.inputs[t.input]) for t in pre.tiles + after.tiles]
+    args += [("node", node.inputs[k.prologue[0].operands[0]])] if norm else []
+    args += [("node", node.inputs[post.weight])] if post is not None else []
+    args += [("node", node.inputs[x.input]) for x in pre.scalars + after.scalars]
+    if post is not None:  # the rows' workspace and counters
         # column tiles counted in about sqrt(tiles) groups of about sqrt(tiles)
         n_tiles = cdiv(n, cfg["BLOCK_N"])
         group_tiles = math.isqrt(n_tiles - 1) + 1
@@ -292,34 +333,34 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
                    GROUP_TILES=group_tiles, GROUPS=groups, BLOCK_CNT=next_pow2(groups + 1))
     # K in SPLIT_K slices of whole K steps (one row: the workspace holds one row's partials;
     # a post-norm row counts whole column tiles)
-    k_split, split_k = k_slices(k, split_k, cfg["BLOCK_K"])
-    split_k = split_k if rows == 1 and not post_norm else 1
+    k_split, split_k = k_slices(kk, split_k, cfg["BLOCK_K"])
+    split_k = split_k if rows == 1 and post is None else 1
     if split_k > 1:  # a workspace row per slice and a counter per column tile, shared by the
         # plan's products of the same shape (each leaves the counters zeroed)
-        args += [("scratch", ("matvec_partials", (split_k * (2 if act else 1) * n,), "fp32")),
+        width = (2 if k.paired else 1) * n
+        args += [("scratch", ("matvec_partials", (split_k * width,), "fp32")),
                  ("scratch", ("matvec_counters", (cdiv(n, cfg["BLOCK_N"]),), "i32")),
                  ("value", k_split), ("value", split_k)]
         cfg["BLOCK_S"] = next_pow2(split_k)  # the slices' rows, read at once
-    args += [("value", n), ("value", k), ("stride", a.id)]
+    args += [("value", n), ("value", kk), ("stride", a.id)]
     # each part's stride along N, then along K
     args += [("stride", sid) if tr else ("value", 1) for sid, tr in stored]
     args += [("value", 1) if tr else ("stride", sid) for sid, tr in stored]
     args += [("stride", node.id)]
-    args += [("stride", node.inputs[2])] if residual or gate else []
-    args += [("stride", node.inputs[3])] if post_norm else []
+    args += [("stride", node.inputs[t.input]) for t in pre.tiles + after.tiles]
     if split:
         widths = [graph[sid].shape[0] if tr else graph[sid].shape[1] for sid, tr in stored]
         args += [("value", e) for e in list(itertools.accumulate(widths))[:-1]]
-    args += [("value", node.attrs["eps"])] if norm or post_norm else []
-    args += [("value", node.attrs["cap"])] if flags["softcap"] else []
-    variant = flags["variant"] + "+matvec"
-    variant += "+B-transposed" if stored[0][1] else ""
-    variant += f"+{len(stored)}-part-B" if len(stored) > 1 else ""
-    variant += "+split-K" if split_k > 1 else ""
+    args += [("value", k.prologue[0].attr["eps"])] if norm else []
+    args += [("value", post.eps_value)] if post is not None else []
+    args += [("value", v) for _, v in pre.values + after.values]
+    name = (variant(k.prologue, k.epilogue) or "plain") + "+matvec"
+    name += "+B-transposed" if stored[0][1] else ""
+    name += f"+{len(stored)}-part-B" if len(stored) > 1 else ""
+    name += "+split-K" if split_k > 1 else ""
     grid = (cdiv(n, cfg["BLOCK_N"]), a.shape[0]) + ((split_k,) if split_k > 1 else ())
     weights = all(graph.load_time(sid) for sid, _ in stored)
-    return KernelSpec("matmul", variant, emit(norm, act, residual, flags["softcap"], len(stored),
-                                              weights, gate, split_k > 1, post_norm, scalar),
+    return KernelSpec("matmul", name, emit(pre, norm, len(stored), weights, split_k > 1, post),
                       "matvec_kernel", grid, args, cfg, num_warps=warps, num_stages=3)
 
 

@@ -32,37 +32,33 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..compiler.ops import rope_scaling
+from ..compiler.kernels import index_inputs, node_kernel
+from ..compiler.ops import OPS, rope_scaling
 from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
+from .stages import Names, Stages, element_stages, variant
 
-OPS = ("rms_norm", "head_rms_norm", "unit_rms_norm", "rope", "norm_rope", "head_norm_rope",
-       "norm_add", "norm_add_scale", "norm_rope_write", "head_norm_rope_write", "unit_norm_write")
+# the row ops this archetype knows: how each normalizes (over the row or per head) and
+# whether it scales by a weight; RoPE rotates, a cache write stores the rows in their slots
+NORMS = {"rms_norm": ("row", True), "head_rms_norm": ("head", True),
+         "unit_rms_norm": ("head", False)}
 
 
-@dataclass(frozen=True)
-class RowVariant:
-    norm: str | None  # "row" | "head" | None
-    weight: bool
-    rope: bool
-    residual: bool
-    scalar: bool
-    cache: bool = False  # rows stored into a cache's slots (operand 0) rather than a buffer
+@dataclass
+class RowKernel:
+    """A row kernel's stages and the arguments they read, named."""
 
-    @classmethod
-    def of(cls, op: str) -> "RowVariant":
-        cache = op.endswith("_write")
-        op = {"unit_norm_write": "unit_rms_norm"}.get(op, op.removesuffix("_write"))
-        norm = {"rms_norm": "row", "norm_rope": "row", "norm_add": "row", "norm_add_scale": "row",
-                "head_rms_norm": "head", "unit_rms_norm": "head", "head_norm_rope": "head"}.get(op)
-        return cls(norm, norm is not None and op != "unit_rms_norm", "rope" in op,
-                   op.startswith("norm_add"), op == "norm_add_scale", cache)
+    stages: tuple
+    weights: dict  # stage index -> weight parameter stem (w, w1 ...)
+    eps: dict  # stage index -> eps argument name
+    freqs: dict  # rope stage index -> frequency table parameter stem (freq, freq1 ...)
+    element: Stages  # the element stages, their operands and arguments named
+    positions: int | None  # node-input position of the rows' positions (RoPE, cache write)
+    iota: bool  # a forward's positions: the row index, nothing read
+    write: bool  # the last stage stores the rows into a cache's slots
 
     @property
-    def name(self) -> str:
-        prefix = "" if self.norm == "row" else "head-"
-        parts = [f"{prefix}rmsnorm" + ("" if self.weight else "-unweighted")] if self.norm else []
-        parts += ["rope"] * self.rope + ["residual"] * self.residual + ["scalar"] * self.scalar
-        return "+".join(parts + ["cache-write"] * self.cache)
+    def rope(self) -> bool:
+        return bool(self.freqs)
 
 
 # Taylor coefficients of sin(x) / x and cos(x) in x^2 on |x| <= pi/2: the first term left
@@ -80,15 +76,15 @@ def _series(coefs: list[float], x2: str) -> str:
     return out
 
 
-def emit(v: RowVariant, iota: bool = False) -> str:
-    """iota: the rows' positions are their indices 0 .. S-1 (a forward's), not read."""
-    params = ["x_ptr"] + (["w_ptr"] if v.weight else []) + (["r_ptr"] if v.residual else [])
-    params += ["s_ptr"] if v.scalar else []
-    params += ["out_ptr", "S", "stride_x", "stride_out"] + (["stride_r"] if v.residual else [])
-    params += ["D", "HD"] + (["eps"] if v.norm else [])
-    params += ["pos_ptr"] if (v.rope or v.cache) and not iota else []
-    params += ["freq_ptr"] if v.rope else []
-    params += ["SLOTS"] if v.cache else []
+def emit(v: RowKernel) -> str:
+    el = v.element
+    params = ["x_ptr"] + [f"{w}_ptr" for w in v.weights.values()]
+    params += [f"{t.name}_ptr" for t in el.tiles] + [f"{x.name}_ptr" for x in el.scalars]
+    params += ["out_ptr", "S", "stride_x", "stride_out"] + [f"stride_{t.name}" for t in el.tiles]
+    params += ["D", "HD"] + list(v.eps.values()) + [name for name, _ in el.values]
+    params += ["pos_ptr"] if v.positions is not None and not v.iota else []
+    params += [f"{f}_ptr" for f in v.freqs.values()]
+    params += ["SLOTS"] if v.write else []
     params += ["HEADS: tl.constexpr", "ROWS: tl.constexpr", "BLOCK_H: tl.constexpr",
                "BLOCK_C: tl.constexpr"]
     # tiles: [rows, heads, columns of a head] (one tile), or its two halves for rope
@@ -104,72 +100,138 @@ def emit(v: RowVariant, iota: bool = False) -> str:
     for t, off in halves:
         lines.append(f"{t} = tl.load(x_ptr + r * stride_x + col{off}, mask=mask, other=0.0)"
                      ".to(tl.float32)")
-    if v.norm:
-        sq = " + ".join(f"{t} * {t}" for t, _ in halves)
-        if v.norm == "row":
-            lines += [f"ss = tl.sum(tl.sum({sq}, axis=2), axis=1)",
-                      "rstd = (1.0 / tl.sqrt(ss / D + eps))[:, None, None]"]
-        else:
-            lines += [f"ss = tl.sum({sq}, axis=2)", "rstd = (1.0 / tl.sqrt(ss / HD + eps))[:, :, None]"]
-        for t, off in halves:
-            w_at = ("col" if v.norm == "row" else "d") + off
-            scale = f" * tl.load(w_ptr + {w_at}, mask=mask, other=0.0).to(tl.float32)" if v.weight else ""
-            lines.append(f"{t} = {t} * rstd{scale}")
-    if (v.rope or v.cache) and iota:
-        lines.append("p = r  # the row's position: its index")
-    elif v.rope or v.cache:
-        lines.append("p = tl.load(pos_ptr + r, mask=r < S, other=0).to(tl.int64)  # the row's position")
-    if v.cache:  # its slot, and whether the ring still holds it (as cache_write)
-        lines += ["last = r * 0 + (S - 1)" if iota else "last = tl.load(pos_ptr + S - 1).to(tl.int64)",
-                  "mask = mask & (p > last - SLOTS)",
-                  "slot = p % SLOTS"]
-    if v.rope:  # the angle in float64, less k pi there; cos and sin of the rest in fp32
-        lines += ["pi = tl.load(freq_ptr + HALF)",
-                  "inv_pi = tl.load(freq_ptr + HALF + 1)",
-                  "ang = p.to(tl.float64) * tl.load(freq_ptr + d, mask=d < HALF, other=0.0)",
-                  "k = tl.floor(ang * inv_pi + 0.5)",
-                  "x = (ang - k * pi).to(tl.float32)  # in [-pi/2, pi/2]",
-                  "odd = (k - 2.0 * tl.floor(k * 0.5)).to(tl.float32)  # cos, sin change sign",
-                  "x2 = x * x",
-                  f"s = x * ({_series(SIN_TERMS, 'x2')}) * (1.0 - 2.0 * odd)",
-                  f"c = ({_series(COS_TERMS, 'x2')}) * (1.0 - 2.0 * odd)",
-                  "lo, hi = lo * c - hi * s, hi * c + lo * s"]
+
+    def value(off):  # an element stage's operand at the tile's columns, inline
+        def load(x):
+            if x.kind == "scalar":
+                return [], f"tl.load({x.name}_ptr).to(tl.float32)"
+            return [], (f"tl.load({x.name}_ptr + r * stride_{x.name} + col{off}, mask=mask, "
+                        "other=0.0).to(tl.float32)")
+        return load
+    # element stages after the last row stage run tile by tile with the store
+    last_row = max((i for i, st in enumerate(v.stages) if OPS[st.op].locality == "row"),
+                   default=-1)
+    placed = False  # the rows' positions (and slots) are read once, before the first use
+    for i, st in enumerate(v.stages):
+        if st.op in NORMS:
+            lines += _norm_lines(st.op, halves, v.eps[i], v.weights.get(i))
+        elif OPS[st.op].locality == "row" and not placed:  # rope or the cache write
+            lines += _position_lines(v)
+            placed = True
+        if st.op == "rope":
+            lines += _rope_lines(v.freqs[i])
+        if OPS[st.op].locality == "element" and i < last_row:
+            k = v.element.stages.index(st)
+            for t, off in halves:
+                lines += v.element.lines(k, t, value(off))
+    tail = [st for st in v.stages[last_row + 1:]]
     for t, off in halves:
-        if v.residual:
-            lines.append(f"{t} = {t} + tl.load(r_ptr + r * stride_r + col{off}, mask=mask, "
-                         "other=0.0).to(tl.float32)")
-        if v.scalar:
-            lines.append(f"{t} = {t} * tl.load(s_ptr).to(tl.float32)")
-        lines.append(f"tl.store(out_ptr + {'slot' if v.cache else 'r'} * stride_out + col{off}, "
+        for st in tail:
+            lines += v.element.lines(v.element.stages.index(st), t, value(off))
+        lines.append(f"tl.store(out_ptr + {'slot' if v.write else 'r'} * stride_out + col{off}, "
                      f"{t}.to(out_ptr.dtype.element_ty), mask=mask)")
     return HEADER + f"def row_kernel({', '.join(params)}):\n" + indent("\n".join(lines), 4) + "\n"
 
 
+def _norm_lines(op: str, halves, eps: str, weight: str | None) -> list[str]:
+    """RMSNorm over the row (both axes of the tile) or per head (the last axis)."""
+    over, _ = NORMS[op]
+    sq = " + ".join(f"{t} * {t}" for t, _ in halves)
+    if over == "row":
+        lines = [f"ss = tl.sum(tl.sum({sq}, axis=2), axis=1)",
+                 f"rstd = (1.0 / tl.sqrt(ss / D + {eps}))[:, None, None]"]
+    else:
+        lines = [f"ss = tl.sum({sq}, axis=2)", f"rstd = (1.0 / tl.sqrt(ss / HD + {eps}))[:, :, None]"]
+    for t, off in halves:
+        w_at = ("col" if over == "row" else "d") + off
+        scale = (f" * tl.load({weight}_ptr + {w_at}, mask=mask, other=0.0).to(tl.float32)"
+                 if weight else "")
+        lines.append(f"{t} = {t} * rstd{scale}")
+    return lines
+
+
+def _position_lines(v: RowKernel) -> list[str]:
+    """The rows' positions; for a cache write, each row's slot and whether the ring still
+    holds it (as cache_write)."""
+    if v.iota:
+        lines = ["p = r  # the row's position: its index"]
+    else:
+        lines = ["p = tl.load(pos_ptr + r, mask=r < S, other=0).to(tl.int64)  # the row's position"]
+    if v.write:
+        lines += ["last = r * 0 + (S - 1)" if v.iota else "last = tl.load(pos_ptr + S - 1).to(tl.int64)",
+                  "mask = mask & (p > last - SLOTS)",
+                  "slot = p % SLOTS"]
+    return lines
+
+
+def _rope_lines(freq: str) -> list[str]:
+    """The angle in float64, less k pi there; cos and sin of the rest in fp32."""
+    return [f"pi = tl.load({freq}_ptr + HALF)",
+            f"inv_pi = tl.load({freq}_ptr + HALF + 1)",
+            f"ang = p.to(tl.float64) * tl.load({freq}_ptr + d, mask=d < HALF, other=0.0)",
+            "k = tl.floor(ang * inv_pi + 0.5)",
+            "x = (ang - k * pi).to(tl.float32)  # in [-pi/2, pi/2]",
+            "odd = (k - 2.0 * tl.floor(k * 0.5)).to(tl.float32)  # cos, sin change sign",
+            "x2 = x * x",
+            f"s = x * ({_series(SIN_TERMS, 'x2')}) * (1.0 - 2.0 * odd)",
+            f"c = ({_series(COS_TERMS, 'x2')}) * (1.0 - 2.0 * odd)",
+            "lo, hi = lo * c - hi * s, hi * c + lo * s"]
+
+
+def row_kernel(node, graph) -> RowKernel:
+    """The node's stages with their arguments named (weights, eps, frequency tables,
+    element operands), and where its positions come from."""
+    k = node_kernel(node)
+    x = graph[node.inputs[k.main[0]]]
+    names = Names()
+    weights, eps, freqs, positions = {}, {}, {}, set()
+    for i, st in enumerate(k.epilogue):
+        if st.op in NORMS:
+            if NORMS[st.op][1]:
+                weights[i] = names.take("w")
+            eps[i] = names.take("eps")
+        elif st.op == "rope":
+            freqs[i] = names.take("freq")
+        positions.update(pos for pos, (_, role, _) in index_inputs(
+            "rows", {"prologue": (), "epilogue": (st,)}, len(node.inputs)).items())
+    element = element_stages([st for st in k.epilogue if OPS[st.op].locality == "element"],
+                             node, graph, names, x.shape)
+    if len(positions) > 1:
+        raise ValueError(f"{graph.label(node.id)}: a row kernel reads one set of positions")
+    pos = next(iter(positions), None)
+    iota = pos is not None and graph[node.inputs[pos]].op == "arange"
+    return RowKernel(k.epilogue, weights, eps, freqs, element, pos, iota,
+                     k.updates() is not None)
+
+
 def build(node, graph, target: Target) -> KernelSpec:
-    v = RowVariant.of(node.op)
-    # a cache write's operands follow the cache, and its rows go into the cache's buffer
-    ins = node.inputs[1:] if v.cache else node.inputs
-    out = node.inputs[0] if v.cache else node.id
-    x = graph[ins[0]]
+    k = node_kernel(node)
+    v = row_kernel(node, graph)
+    x = graph[node.inputs[k.main[0]]]
+    # a cache write's rows go into the cache's buffer
+    out = node.inputs[k.updates()] if v.write else node.id
     s, width = x.shape
     # the row as [heads, head width]: a row norm without rope is one head of the whole width
-    hd = node.attrs["head_dim"] if "head_dim" in node.attrs else width
+    dims = {st.attr["head_dim"] for st in v.stages if "head_dim" in st.attr}
+    if len(dims) > 1:
+        raise ValueError(f"{graph.label(node.id)}: stages of head widths {sorted(dims)}")
+    hd = dims.pop() if dims else width
     heads = width // hd
+    el = v.element
     args = [("node", x.id)]
-    args += [("node", ins[1])] if v.weight else []
-    args += [("node", ins[2])] if v.residual else []
-    args += [("node", ins[3])] if v.scalar else []
+    args += [("node", node.inputs[v.stages[i].operands[0]]) for i in v.weights]
+    args += [("node", node.inputs[t.input]) for t in el.tiles + el.scalars]
     args += [("node", out), ("value", s), ("stride", x.id), ("stride", out)]
-    args += [("stride", ins[2])] if v.residual else []
+    args += [("stride", node.inputs[t.input]) for t in el.tiles]
     args += [("value", width), ("value", hd)]
-    args += [("value", node.attrs["eps"])] if v.norm else []
+    args += [("value", v.stages[i].attr["eps"]) for i in v.eps]
+    args += [("value", value) for _, value in el.values]
     # a forward's positions (a load-time arange) are the row indices: nothing to read
-    iota = (v.rope or v.cache) and graph[ins[-1]].op == "arange"
-    args += [("node", ins[-1])] if (v.rope or v.cache) and not iota else []
-    if v.rope:
-        a = node.attrs
+    args += [("node", node.inputs[v.positions])] if v.positions is not None and not v.iota else []
+    for i in v.freqs:
+        a = v.stages[i].attr
         args += [("rope_freq", (hd, a["theta"], a["rotary"], rope_scaling(a)))]
-    args += [("value", graph[out].shape[0])] if v.cache else []
+    args += [("value", graph[out].shape[0])] if v.write else []
     cols = next_pow2(hd // 2 if v.rope else hd)
     block = next_pow2(heads) * cols * (2 if v.rope else 1)
     # the interpreter pays per program, a GPU per row: several rows a program on the CPU
@@ -184,5 +246,5 @@ def build(node, graph, target: Target) -> KernelSpec:
         # values
         rows, warps = min(8, max(1, 4096 // block), next_pow2(s)), 4
     cx = dict(HEADS=heads, ROWS=rows, BLOCK_H=next_pow2(heads), BLOCK_C=cols)
-    return KernelSpec("rowwise", v.name, emit(v, iota), "row_kernel", (cdiv(s, rows),), args, cx,
-                      num_warps=warps, num_stages=1)
+    return KernelSpec("rowwise", variant((), v.stages), emit(v), "row_kernel", (cdiv(s, rows),),
+                      args, cx, num_warps=warps, num_stages=1)

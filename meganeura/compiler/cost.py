@@ -23,6 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .kernels import Kernel, kernel_of
 from .ops import OPS
 
 
@@ -34,6 +35,9 @@ class DeviceProfile:
     vector_flops: float  # FLOP/s of elementwise work
     launch: float  # s per kernel launch (inside a CUDA graph on GPUs)
     tile_n: int = 128  # output columns per matmul program: a prologue is recomputed per tile
+    # output columns per program of a one-row product (the matrix-vector kernel streams a
+    # few columns' whole K extent a program, codegen/matvec.py: 1 to 16 over [N, K] weights)
+    row_tile_n: int = 8
     # Calibration from measured kernels (1.0 = the roofline ceiling is reached):
     matmul_efficiency: float = 1.0  # share of matmul_flops the generated matmuls reach
     prologue_efficiency: float = 1.0  # rate of a norm-prologue matmul relative to a plain one
@@ -154,13 +158,8 @@ def halve_last_wave(m: int, n: int, bm: int, bn: int, sms: int) -> bool:
     return wave_fill(m, n, bm, bn, sms, True) > wave_fill(m, n, bm, bn, sms)
 
 
-PAIRED_MATMULS = ("matmul_glu", "norm_matmul_glu")  # two accumulators: gate and up tiles
-# products whose epilogue normalizes the whole row: the last column tile of a row to finish
-# does it, after the others left their values in a workspace. Only a one-row product (a
-# decode step) runs that way; a tiled product's row blocks would each wait on a row of tiles
-ROW_NORM_MATMULS = ("matmul_norm_add", "matmul_norm_add_scale")
-# What ending a product with its row's post-norm adds to the product, measured on the H200
-# (Triton 3.6, e4b's decode step, results/decode-2026-12-01-h200-529bb5d-e4b-post-norm.log):
+# What ending a one-row product with its row's post-norm adds to the product, measured on
+# the H200 (Triton 3.6, e4b's decode step, results/decode-2026-12-01-h200-529bb5d-e4b-post-norm.log):
 # every column tile stores its values and counts itself (a fenced atomic at L2, two levels),
 # and the last one's pass over the row is a chain of dependent L2 round trips. The o
 # projection went from 3.13 to 6.34 us, the per-layer-input projection from 1.30 to 4.52,
@@ -171,46 +170,74 @@ ROW_NORM_TAIL = 5e-6
 
 
 def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work | None:
-    """Bytes and FLOPs of one kernel computing `op`; None for ops that launch nothing."""
+    """Bytes and FLOPs of one kernel computing `op` (a base op or a structured kernel); None
+    for ops that launch nothing."""
     spec = OPS[op]
     if spec.kind != "compute":
         return None  # leaves, views, and layout ops (read in place or made at load time)
+    k = kernel_of(op, attrs, len(ins))
+    arch = k.archetype if k is not None else spec.archetype
     io = elem * (sum(_numel(s) for s in ins) + _numel(out))
-    if spec.inplace:  # a cache write: its rows read and written, the cache itself untouched
-        rows = _numel(ins[1])
-        extra = elem * sum(_numel(s) for s in ins[2:-1])  # a fused norm's weight
-        return Work(2 * elem * rows + extra, 0.0, spec.vector_flops * rows)
-    if spec.work == "cache_attention":  # one query against every slot of the cache, at most
+    if arch == "kv_cache":  # a cache write: its rows read and written, the cache untouched
+        return Work(2 * elem * _numel(ins[1]))
+    if arch == "decode_attention":  # one query against every slot of the cache, at most
         slots, heads = ins[1][0], attrs["num_heads"]
         return Work(io, 0.0, 4 * heads * attrs["head_dim"] * slots)
-    if spec.work == "gather":
-        return Work(ID_BYTES * _numel(ins[0]) + 2 * elem * _numel(out))
-    if spec.work == "matmul":
-        (m, k), n = ins[0], ins[1][1]
-        vec = 2 * _numel(out)  # epilogue: cast, add, activation * up, or soft-cap
-        sms = attrs.get("_sms", 0)
-        fill = 1.0
-        if m > 64:
-            bm, bn = matmul_tile(m, n, op in PAIRED_MATMULS, sms)
-            # whole tiles, or the last wave halved where that fills more (halve_last_wave)
-            fill = max(wave_fill(m, n, bm, bn, sms), wave_fill(m, n, bm, bn, sms, True))
-        if op in ROW_NORM_MATMULS:
-            if m > 1:
-                return Work(math.inf)
-            # the product's values to the workspace and back (L2), 5 FLOPs an element of the row
-            return Work(io + 8 * n, 2 * m * n * k, 7 * n, "matmul", fixed=ROW_NORM_TAIL)
-        if op.startswith("norm_"):  # sum(x^2) and x * w over the A tiles, per column tile
-            vec += 3 * m * k * math.ceil(n / attrs["_tile_n"]) + m * n
-            return Work(io, 2 * m * n * k, vec, "prologue", fill)
-        return Work(io, 2 * m * n * k, vec, "matmul", fill)
-    if spec.work == "attention":
+    if arch == "attention":
         s = ins[0][0]
         pairs = attention_pairs(s, attrs.get("window"))
         heads = attrs["num_heads"]
         width = sum(head_dim_chunks(attrs["head_dim"]))  # the padded width the kernel runs
         fixed = s * heads * width * attrs.get("_row_time", 0.0)
         return Work(io, 4 * heads * width * pairs, 6 * heads * pairs, "attention", fixed=fixed)
-    return Work(io, 0.0, spec.vector_flops * _numel(out))
+    if arch == "product":
+        return _product(k, attrs, ins, out, io)
+    vec = sum(OPS[st.op].vector_flops for st in k.epilogue)
+    operands = _stage_operands(k, ins)
+    if arch == "gather":  # only the rows it gathers are read
+        return Work(ID_BYTES * _numel(ins[0]) + 2 * elem * _numel(out) + elem * operands, 0.0,
+                    vec * _numel(out))
+    if k.updates() is not None:  # rows written into their cache slots
+        rows = _numel(ins[k.main[0]])
+        return Work(2 * elem * rows + elem * operands, 0.0, vec * rows)
+    return Work(io, 0.0, vec * _numel(out))
+
+
+def _stage_operands(k: Kernel, ins: list[tuple]) -> int:
+    """Elements of the stages' operands the kernel reads (weights, residuals), not counting
+    the state it writes in place or integer indices (positions)."""
+    read = set()
+    for st in k.stages:
+        spec = OPS[st.op]
+        roles = [r for j, r in enumerate(spec.inputs) if j != st.at]
+        for pos, role in zip(st.operands, roles):
+            if role not in spec.indices and not (spec.inplace and role == spec.inputs[0]):
+                read.add(pos)
+    return sum(_numel(ins[i]) for i in read)
+
+
+def _product(k: Kernel, attrs: dict, ins: list[tuple], out: tuple, io: float) -> Work:
+    """A product with its prologue and epilogue: tiles over the SMs' waves."""
+    (m, kk), n = ins[0], ins[1][1]
+    vec = 2 * _numel(out)  # epilogue: cast, add, activation * up, or soft-cap
+    sms = attrs.get("_sms", 0)
+    fill = 1.0
+    if m > 64:
+        bm, bn = matmul_tile(m, n, k.paired, sms)
+        # whole tiles, or the last wave halved where that fills more (halve_last_wave)
+        fill = max(wave_fill(m, n, bm, bn, sms), wave_fill(m, n, bm, bn, sms, True))
+    if any(OPS[st.op].locality == "row" for st in k.epilogue):
+        # the row's norm waits on the row's every column tile: only a one-row product
+        # (whose last tile to finish normalizes it) runs it
+        if m > 1:
+            return Work(math.inf)
+        # the product's values to the workspace and back (L2), 5 FLOPs an element of the row
+        return Work(io + 8 * n, 2 * m * n * kk, 7 * n, "matmul", fixed=ROW_NORM_TAIL)
+    if k.prologue:  # sum(x^2) and x * w over the A tiles, per column tile
+        tile = attrs["_row_tile_n"] if m == 1 else attrs["_tile_n"]
+        vec += 3 * m * kk * math.ceil(n / tile) + m * n
+        return Work(io, 2 * m * n * kk, vec, "prologue", fill)
+    return Work(io, 2 * m * n * kk, vec, "matmul", fill)
 
 
 def kernel_time(profile: DeviceProfile, w: Work) -> float:
@@ -232,7 +259,8 @@ class CostModel:
     dtype: str = "bf16"
 
     def time(self, op: str, attrs: dict, ins: list[tuple], out: tuple) -> float:
-        attrs = {**attrs, "_tile_n": self.profile.tile_n, "_sms": self.profile.sms,
+        attrs = {**attrs, "_tile_n": self.profile.tile_n, "_row_tile_n": self.profile.row_tile_n,
+                 "_sms": self.profile.sms,
                  "_row_time": self.profile.attention_row_time}
         w = work(op, attrs, ins, out, ELEMENT_BYTES[self.dtype])
         return 0.0 if w is None else kernel_time(self.profile, w)

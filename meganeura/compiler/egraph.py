@@ -8,6 +8,14 @@ order; leaves are `Tensor.input(slot)` and `Tensor.parameter(slot)`. A block of 
 is encoded with its parameters as `parameter(slot)` and everything computed outside it as
 `input(slot)`; every tensor the block hands out is marked by `root(i)`.
 
+A fused kernel is an archetype constructor (`Tensor.product(a, b, prologue, epilogue)`,
+`Tensor.rows(x, epilogue)`, ...) whose stages are a list (`Stages.none().then(stage)...`)
+of `Stage` terms: one constructor per op that may run inside another kernel and per operand
+its running value may be (`Stage.add_0(r)`: running + r; `Stage.cache_write_1(cache, pos)`:
+the running rows written into the cache), and `Stage.glu_pair(act)` for a binary op of a
+product's two column halves. Rules build these terms (rewrites/epilogue.py); the decoder
+turns them back into `kernels.Stage` data.
+
 After saturation the e-graph is serialized and read into `EClasses`, a plain
 Python structure (class -> e-nodes with child classes and literal attributes)
 that the cost model and the extractor work on: egglog's own extractor sums
@@ -21,55 +29,104 @@ import inspect
 import json
 from dataclasses import dataclass, field
 
-from egglog import EGraph, Expr, StringLike, f64Like, function, i64, i64Like, method, set_, union
+from egglog import (EGraph, Expr, StringLike, f64Like, function, i64, i64Like, method, set_,
+                    union)
 
 from .graph import Graph
+from .kernels import ARCHETYPES, STRUCTURED, Stage as StageData
 from .ops import OPS
 
 _LITERAL = {float: f64Like, int: i64Like, str: StringLike}
 
 
-def _constructor(spec):
-    """The egglog method of one op: self is the first operand, then the others, then attrs
-    (an op without operands, a constant, is a classmethod of its attrs)."""
-    first = "self" if spec.inputs else "cls"
-    names = [first] + list(spec.inputs[1:]) + list(spec.attr_names)
-
+def _ctor(egg_fn: str, doc: str, params: list[tuple[str, str, object]], returns: str,
+          first_self: bool):
+    """An egglog constructor: params (name, type name, default or empty) after self (an
+    operand) or cls (a classmethod of literals and operands)."""
     def ctor(*args):  # a declaration only: egglog builds the term
         ...
 
-    ann = {n: "Tensor" for n in spec.inputs[1:]}
-    ann.update({n: _LITERAL[kind] for n, kind in spec.attrs})
-    ann["return"] = "Tensor"
-    ctor.__name__ = ctor.__qualname__ = spec.name
-    ctor.__doc__ = spec.doc
-    constant = {n: v for n, v in spec.defaults.items() if not callable(v)}  # rules may omit them
+    names = [("self" if first_self else "cls", None, inspect.Parameter.empty)] + params
+    ctor.__name__ = ctor.__qualname__ = egg_fn
+    ctor.__doc__ = doc
     ctor.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                           default=constant.get(n, inspect.Parameter.empty)) for n in names])
-    ctor.__annotations__ = ann
-    if not spec.inputs:
-        return method(egg_fn=spec.name)(classmethod(ctor))
-    return method(egg_fn=spec.name)(ctor)
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+         for n, _, d in names])
+    ctor.__annotations__ = {n: t for n, t, _ in params} | {"return": returns}
+    return method(egg_fn=egg_fn)(ctor if first_self else classmethod(ctor))
+
+
+def _attr_params(spec) -> list[tuple[str, object, object]]:
+    """Literal parameters of an op's attributes; constant defaults may be omitted by rules."""
+    constant = {n: v for n, v in spec.defaults.items() if not callable(v)}
+    return [(n, _LITERAL[kind], constant.get(n, inspect.Parameter.empty)) for n, kind in spec.attrs]
+
+
+def _op_constructor(spec):
+    """The Tensor constructor of one op: self is the first operand, then the others, then
+    attrs (an op without operands, a constant, is a classmethod of its attrs); an archetype
+    op takes its stage lists after its own operands."""
+    params = [(n, "Tensor", inspect.Parameter.empty) for n in spec.inputs[1:]]
+    if spec.variadic:
+        arch = ARCHETYPES[spec.name]
+        lists = (["prologue"] if arch.prologue else []) + ["epilogue"]
+        params += [(n, "Stages", inspect.Parameter.empty) for n in lists]
+    else:
+        params += _attr_params(spec)
+    return _ctor(spec.name, spec.doc, params, "Tensor", bool(spec.inputs))
 
 
 def _leaf(name: str, doc: str):
-    def leaf(cls, slot: i64Like) -> Tensor:  # noqa: F821 (resolved when the class exists)
-        ...
-
-    leaf.__name__ = leaf.__qualname__ = name
-    leaf.__doc__ = doc
-    return method(egg_fn=name)(classmethod(leaf))
+    return _ctor(name, doc, [("slot", i64Like, inspect.Parameter.empty)], "Tensor", False)
 
 
 def _language():
     ns = {"__module__": __name__, "__qualname__": "Tensor", "__doc__": "A tensor-valued term of the IR."}
     for name, spec in OPS.items():
-        ns[name] = _leaf(name, spec.doc) if spec.kind == "leaf" else _constructor(spec)
+        ns[name] = _leaf(name, spec.doc) if spec.kind == "leaf" else _op_constructor(spec)
     return type("Tensor", (Expr,), ns)
 
 
+# stage constructor name -> (op, running operand position or "pair")
+STAGE_FORMS: dict[str, tuple[str, int | str]] = {}
+
+
+def _stage_language():
+    ns = {"__module__": __name__, "__qualname__": "Stage",
+          "__doc__": "An op applied to a kernel's running value (its other operands given)."}
+    for name, spec in OPS.items():
+        if spec.locality is None:
+            continue
+        for k in spec.through:
+            others = [(n, "Tensor", inspect.Parameter.empty)
+                      for j, n in enumerate(spec.inputs) if j != k]
+            fn = f"stage_{name}_{k}"
+            ns[f"{name}_{k}"] = _ctor(fn, f"{spec.doc} (the running value as {spec.inputs[k]})",
+                                      others + _attr_params(spec), "Stage", False)
+            STAGE_FORMS[fn] = (name, k)
+        if spec.pairs:
+            fn = f"stage_{name}_pair"
+            ns[f"{name}_pair"] = _ctor(fn, f"{spec.doc} (of a product's two column halves)",
+                                       _attr_params(spec), "Stage", False)
+            STAGE_FORMS[fn] = (name, "pair")
+    return type("Stage", (Expr,), ns)
+
+
+class Stages(Expr):
+    """A kernel's prologue or epilogue: stages in the order they run."""
+
+    @method(egg_fn="stages_none")
+    @classmethod
+    def none(cls) -> Stages:
+        """No stage."""
+
+    @method(egg_fn="stages_then")
+    def then(self, stage: Stage) -> Stages:
+        """These stages, then one more."""
+
+
 Tensor = _language()
+Stage = _stage_language()
 
 
 @function(egg_fn="cols")
@@ -111,13 +168,33 @@ def encode(graph: Graph, block: Block, egraph: EGraph) -> None:
         n = graph[nid]
         if nid in terms:
             continue
-        args = [terms[i] for i in n.inputs] + [n.attrs[a] for a in OPS[n.op].attr_names]
+        spec = OPS[n.op]
+        if spec.variadic:
+            ins = [terms[i] for i in n.inputs]
+            arch = ARCHETYPES[n.op]
+            args = ins[:len(arch.main)] + [stages_term(n.attrs[where], ins) for where in
+                                           (("prologue",) if arch.prologue else ()) + ("epilogue",)]
+        else:
+            args = [terms[i] for i in n.inputs] + [n.attrs[a] for a in spec.attr_names]
         ctor = getattr(args[0], n.op) if n.inputs else getattr(Tensor, n.op)
         terms[nid] = egraph.let(f"n{nid}", ctor(*(args[1:] if n.inputs else args)))
     for nid, term in terms.items():  # the analysis starts from every encoded tensor's width
         egraph.register(set_(cols(term)).to(i64(graph[nid].shape[-1])))
     for slot, nid in enumerate(block.outputs):
         egraph.register(union(root(slot)).with_(terms[nid]))
+
+
+def stages_term(stages: tuple, inputs: list):
+    """The Stages term of a tuple of kernels.Stage over the node's input terms."""
+    out = Stages.none()
+    for st in stages:
+        attrs = [v for _, v in st.attrs]
+        if st.pair:
+            out = out.then(getattr(Stage, f"{st.op}_pair")(*attrs))
+        else:
+            ctor = getattr(Stage, f"{st.op}_{st.at}")
+            out = out.then(ctor(*[inputs[i] for i in st.operands], *attrs))
+    return out
 
 
 @dataclass
@@ -140,16 +217,44 @@ class EClasses:
 
 
 def read_eclasses(egraph: EGraph, num_roots: int) -> EClasses:
-    """Serializes the e-graph and keeps the Tensor classes (attrs decoded from literals)."""
+    """Serializes the e-graph and keeps the Tensor classes (attrs decoded from literals, a
+    fused kernel's stage lists decoded into kernels.Stage data)."""
     raw = egraph._egraph.serialize([], max_functions=None, max_calls_per_function=None,
                                    include_temporary_functions=False)
     data = json.loads(raw.to_json())["nodes"]
     class_ids: dict[str, int] = {}
-    tensor_class = data[next(k for k, v in data.items() if v["op"] == "root")]["eclass"]
-    tensor_type = tensor_class.rsplit("-", 1)[0]
+    sort = {k: v["eclass"].rsplit("-", 1)[0] for k, v in data.items()}
+    tensor_type = sort[next(k for k, v in data.items() if v["op"] == "root")]
+    lists: dict[str, list[str]] = {}  # a Stage or Stages class -> its e-nodes
+    for k, v in data.items():
+        if v["op"] in STAGE_FORMS or v["op"] in ("stages_none", "stages_then"):
+            lists.setdefault(v["eclass"], []).append(k)
 
     def cid(eclass: str) -> int:
         return class_ids.setdefault(eclass, len(class_ids))
+
+    def only(eclass: str) -> dict:
+        nodes = lists[eclass]
+        if len(nodes) != 1:  # no rule unions stages: each list is one term
+            raise AssertionError(f"stage class {eclass} holds {len(nodes)} e-nodes")
+        return data[nodes[0]]
+
+    def stage_list(eclass: str) -> list:
+        """(op, tensor child classes, attrs, at, pair) per stage, first to last."""
+        out = []
+        node = only(eclass)
+        while node["op"] == "stages_then":
+            prev, st = node["children"]
+            op, form = STAGE_FORMS[data[st]["op"]]
+            kids = data[st]["children"]
+            spec = OPS[op]
+            n_tensor = 0 if form == "pair" else spec.arity - 1
+            attrs = tuple((a, _literal(kind, data[x]["op"]))
+                          for (a, kind), x in zip(spec.attrs, kids[n_tensor:]))
+            out.append((op, [cid(data[x]["eclass"]) for x in kids[:n_tensor]], attrs,
+                        0 if form == "pair" else form, form == "pair"))
+            node = only(data[prev]["eclass"])
+        return out[::-1]
 
     nodes: dict[int, list[ENode]] = {}
     roots = [None] * num_roots
@@ -161,15 +266,39 @@ def read_eclasses(egraph: EGraph, num_roots: int) -> EClasses:
             roots[int(data[kids[0]]["op"])] = cid(v["eclass"])
             continue
         spec = OPS[v["op"]]
-        tensor_kids = [k for k in kids if data[k]["eclass"].rsplit("-", 1)[0] == tensor_type]
+        tensor_kids = [k for k in kids if sort[k] == tensor_type]
         literals = [data[k]["op"] for k in kids[len(tensor_kids):]]
         if v["op"] in LEAVES:
             node = ENode(v["op"], (), {}, int(literals[0]))
+        elif v["op"] in STRUCTURED:
+            node = _kernel_node(v["op"], [cid(data[k]["eclass"]) for k in tensor_kids],
+                                [stage_list(data[k]["eclass"]) for k in kids[len(tensor_kids):]])
         else:
             attrs = {a: _literal(kind, x) for (a, kind), x in zip(spec.attrs, literals)}
             node = ENode(v["op"], tuple(cid(data[k]["eclass"]) for k in tensor_kids), attrs)
         nodes.setdefault(cid(v["eclass"]), []).append(node)
     return EClasses(nodes, roots)
+
+
+def _kernel_node(op: str, main: list[int], lists: list[list]) -> ENode:
+    """An archetype e-node: its own operand classes, then each stage operand class once (in
+    the order the stages read them); the stages refer to them by position."""
+    children = list(main)
+    extra: list[int] = []
+    decoded = []
+    for stages in lists:
+        out = []
+        for name, classes, attrs, at, pair in stages:
+            for c in classes:
+                if c not in extra:
+                    extra.append(c)
+            pos = tuple(len(main) + extra.index(c) for c in classes)
+            if OPS[name].commutative:  # r + a and a + r: one stage
+                at = 0
+            out.append(StageData(name, pos, attrs, at, pair))
+        decoded.append(tuple(out))
+    prologue, epilogue = (decoded if len(decoded) == 2 else [(), decoded[0]])
+    return ENode(op, tuple(children + extra), {"prologue": prologue, "epilogue": epilogue})
 
 
 def _literal(kind: type, text: str):

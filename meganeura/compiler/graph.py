@@ -5,9 +5,10 @@ tensor operands then its attributes: `g.matmul(a, b)`, `g.rms_norm(x, w, eps)`,
 `g.rope(x, theta, head_dim)`, `g.causal_attention(q, k, v, heads, kv_heads, head_dim)`;
 attributes the declaration gives a default for may be left out. The seed's names
 `swiglu` and the published model's `geglu` are the gated op with its activation. The
-fused ops that the e-graph introduces (`norm_matmul`, `matmul_add`, ...) are ops of the
-same vocabulary: an extracted plan is again a Graph, which the reference executor can
-run op by op.
+fused kernels the e-graph introduces are nodes of the archetype ops (`product`, `rows`,
+`pointwise`, `gather`) with their stages as attributes (`compiler/kernels.py`), built with
+`g.kernel("product", (x, b), prologue=[stage("rms_norm", w, eps=1e-6)])`: an extracted plan is
+again a Graph, which the reference executor can run node by node.
 
 Every builder infers the output shape and raises GraphError naming the node and
 the mismatch; `Graph.validate()` re-checks a whole graph (dangling inputs,
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..errors import GraphError
+from .kernels import ARCHETYPES, Stage, StageSpec, index_inputs, updated_input
 from .ops import FLOAT, OPS, U32, Shape, _Mismatch  # noqa: F401 (re-exported)
 
 
@@ -72,6 +74,8 @@ class Graph:
         spec = OPS.get(op) if not op.startswith("_") else None
         if spec is None or spec.kind == "leaf":
             raise AttributeError(f"Graph has no builder {op!r}")
+        if spec.variadic:
+            return lambda main, prologue=(), epilogue=(): self.kernel(op, main, prologue, epilogue)
 
         def build(*args, **attrs) -> int:
             if len(args) < spec.arity or len(args) > spec.arity + len(spec.attrs):
@@ -101,7 +105,7 @@ class Graph:
             if not (0 <= o < len(self.nodes)):
                 raise GraphError(f"set_outputs: node %{o} does not exist")
         for e in effects:
-            if not OPS[self.nodes[e].op].inplace:
+            if updated_input(self.nodes[e]) is None:
                 raise GraphError(f"set_outputs: {self.label(e)} has no effect to run for")
         self.outputs = list(outputs)
         self.effects = list(effects)
@@ -110,6 +114,32 @@ class Graph:
     def roots(self) -> list[int]:
         """Everything a run must compute: the outputs and the effects."""
         return self.outputs + self.effects
+
+    def kernel(self, archetype: str, main, prologue=(), epilogue=()) -> int:
+        """A fused kernel: the archetype's own operands (`main`), then its stages, each an op
+        applied to the running value with its other operands (node ids) and attributes
+        (kernels.stage(op, *operands, at=0, pair=False, **attrs)); attributes the op's
+        declaration gives defaults for may be left out."""
+        if archetype not in ARCHETYPES:
+            raise GraphError(f"unknown archetype {archetype!r} (known: {', '.join(ARCHETYPES)})")
+        inputs = list(main)
+        extra: list[int] = []  # stage operands, each once, after the archetype's own
+
+        def place(specs, where):
+            out = []
+            for st in specs:
+                if not isinstance(st, StageSpec) or st.op not in OPS:
+                    raise GraphError(f"{archetype} {where}: {st!r} is not a stage of a known op")
+                attrs = _complete_attrs(OPS[st.op], dict(st.attrs))
+                for i in st.operands:
+                    if i not in extra:
+                        extra.append(i)
+                pos = tuple(len(inputs) + extra.index(i) for i in st.operands)
+                out.append(Stage(st.op, pos, tuple(attrs.items()), st.at, st.pair))
+            return tuple(out)
+
+        pro, epi = place(prologue, "prologue"), place(epilogue, "epilogue")
+        return self._node(archetype, tuple(inputs + extra), prologue=pro, epilogue=epi)
 
     def op(self, op: str, inputs: tuple[int, ...], **attrs) -> int:
         """Adds a node of any non-leaf op by name (the e-graph decoder uses this)."""
@@ -235,24 +265,18 @@ class Graph:
         """Checks operands and attributes (filling declared defaults into `attrs`) and returns
         the output shape."""
         spec = OPS[op]
-        if len(inputs) != spec.arity:
+        if len(inputs) != spec.arity and not (spec.variadic and len(inputs) >= spec.arity):
             raise GraphError(f"{op} takes {spec.arity} inputs, got {len(inputs)}")
         for i in inputs:
             if not isinstance(i, int) or isinstance(i, bool) or not (0 <= i < len(self.nodes)) \
                     or (nid is not None and i >= nid):
                 raise GraphError(f"{op}: input %{i} does not exist")
-        for name, fill in spec.defaults.items():
-            if name not in attrs:
-                try:
-                    attrs[name] = fill(attrs) if callable(fill) else fill
-                except (KeyError, TypeError, ValueError, ZeroDivisionError):
-                    pass  # the missing attribute it depends on is reported below
-        missing = set(spec.attr_names) - set(attrs)
-        extra = set(attrs) - set(spec.attr_names)
-        if missing or extra:
-            raise GraphError(f"{op}: attributes {sorted(missing)} missing, {sorted(extra)} unknown")
-        for name, kind in spec.attrs:
-            attrs[name] = _coerce(op, name, kind, attrs[name])
+        if spec.variadic:
+            if set(attrs) != {"prologue", "epilogue"}:
+                raise GraphError(f"{op}: attributes must be prologue and epilogue, got "
+                                 f"{sorted(attrs)}")
+        else:
+            attrs.update(_complete_attrs(spec, attrs))
         shapes = [self.nodes[i].shape for i in inputs]
         dtypes = [self.nodes[i].dtype for i in inputs]
         try:
@@ -260,10 +284,12 @@ class Graph:
         except _Mismatch as e:
             args = ", ".join(self.label(i) for i in inputs)
             raise GraphError(f"{op}({args}): {e}") from None
+        indices = index_inputs(op, attrs, len(inputs))
         for pos, (i, d) in enumerate(zip(inputs, dtypes)):
-            if d == U32 and spec.inputs[pos] not in ("ids", "pos"):
-                raise GraphError(f"{op}: u32 input {self.label(i)} is only valid as token ids "
-                                 f"or positions")
+            if (d == U32) != (pos in indices):
+                what = "only valid as token ids or positions" if d == U32 else \
+                    "token ids or positions, which must be u32"
+                raise GraphError(f"{op}: input {self.label(i)} is {d}: {what}")
         if spec.kind == "layout":
             memo: dict = {}
             for i in inputs:
@@ -278,6 +304,24 @@ class Graph:
         self.nodes.append(Node(nid, op, tuple(inputs), shape, OPS[op].out_dtype, attrs, None,
                                self._block))
         return nid
+
+
+def _complete_attrs(spec, attrs: dict) -> dict:
+    """The op's attributes in declared order, the declared defaults filled in and each
+    coerced to its type; GraphError for a missing or unknown one."""
+    attrs = dict(attrs)
+    for name, fill in spec.defaults.items():
+        if name not in attrs:
+            try:
+                attrs[name] = fill(attrs) if callable(fill) else fill
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                pass  # the missing attribute it depends on is reported below
+    missing = set(spec.attr_names) - set(attrs)
+    extra = set(attrs) - set(spec.attr_names)
+    if missing or extra:
+        raise GraphError(f"{spec.name}: attributes {sorted(missing)} missing, {sorted(extra)} "
+                         f"unknown")
+    return {name: _coerce(spec.name, name, kind, attrs[name]) for name, kind in spec.attrs}
 
 
 def _coerce(op: str, name: str, kind: type, value):

@@ -2,13 +2,20 @@
 
 A declaration gives the op's tensor operands, its literal attributes (with their types and
 defaults), its shape rule, its reference formula (plain PyTorch, `formulas.py`), a one-line
-doc, and what the cost model needs (its kind of work, vector FLOPs per output element,
-whether its output belongs to the fp32 residual stream). From the table:
+doc, the kernel archetype that runs it, and what the cost model needs (vector FLOPs per
+output element, whether its output belongs to the fp32 residual stream); and, for an op
+that may run inside another kernel, its locality ("element" or "row") and the operands the
+kernel's running value may take. From the table:
 - `Graph` builds any op by name (`g.head_rms_norm(x, w, eps, head_dim)`), checked by the rule;
-- `compiler/egraph.py` generates the egglog constructor (`Tensor.head_rms_norm`);
+- `compiler/egraph.py` generates the egglog constructor (`Tensor.head_rms_norm`), and, for
+  an op with a locality, its stage constructors (`Stage.head_rms_norm_0`);
+- `rewrites/epilogue.py` generates the rules that fuse it into every archetype taking it;
 - `runtime/reference.py` runs the formula; `compiler/cost.py` prices it.
-A new op then touches this file, its kernel archetype in `codegen/`, its rewrite (if fused)
-and its test.
+A new element op touches this file, its expression in `codegen/elementwise.py` and its
+case in `tests/op_cases.py` (docs/extending.md).
+
+Fused kernels are not ops of their own: they are the archetype ops (`product`, `rows`,
+`pointwise`, `gather`, declared in `compiler/kernels.py`) with stages as attributes.
 
 A shape rule takes the input shapes, input dtypes and attributes and returns the output
 shape, or raises _Mismatch with what is wrong; Graph turns that into a GraphError that
@@ -50,13 +57,21 @@ class OpSpec:
     reference: Callable | None  # (attrs, *tensors) -> tensor
     doc: str
     kind: str = "compute"  # leaf | constant | compute | layout (weights only, load time) | view
-    work: str = "elementwise"  # what the cost model prices: matmul | attention | gather | elementwise
+    # the kernel archetype that runs it (codegen/): product, rows, pointwise, gather,
+    # attention, decode_attention, kv_cache; None for what launches nothing
+    archetype: str | None = None
     vector_flops: float = 0.0  # per output element (elementwise and row ops)
     stream: bool = False  # output held in fp32 (the residual stream) whatever the plan dtype
     defaults: dict = field(default_factory=dict)  # attr -> f(attrs), or a constant, when omitted
     inplace: bool = False  # the kernel updates operand 0's buffer (state) and returns it
     out_dtype: str = FLOAT
     rows: tuple[int, ...] = ()  # operands whose row i alone makes the output's row i
+    locality: str | None = None  # element | row: it may run as a stage of another kernel
+    through: tuple[int, ...] = (0,)  # operands a kernel's running value may be, as a stage
+    pairs: bool = False  # a binary op that may combine a product's two column halves
+    commutative: bool = False  # a binary op whose operands may swap
+    indices: tuple[str, ...] = ()  # operands holding integer indices (token ids, positions)
+    variadic: bool = False  # an archetype op: its stages' operands follow `inputs`
 
     @property
     def arity(self) -> int:
@@ -95,11 +110,6 @@ def _matmul(s, d, a):
 
 def _same(s, d, a):
     _need(s[0] == s[1], f"shapes differ: {list(s[0])} vs {list(s[1])}")
-    return s[0]
-
-
-def _rank2(s, d, a):
-    _rank(s[0], 2, "input")
     return s[0]
 
 
@@ -210,52 +220,6 @@ def _slice_cols(s, d, a):
     return (s[0][0], a["width"])
 
 
-def _norm_matmul(s, d, a):
-    out = _matmul(s, d, a)
-    _need(s[2] == (s[0][1],), f"norm weight must be [{s[0][1]}], got {list(s[2])}")
-    _eps(a)
-    return out
-
-
-def _matmul_add(s, d, a):
-    out = _matmul(s, d, a)
-    _need(s[2] == out, f"residual is {list(s[2])}, product is {list(out)}")
-    return out
-
-
-def _matmul_gate(s, d, a):
-    out = _matmul(s, d, a)
-    _need(s[2] == out, f"gating operand is {list(s[2])}, product is {list(out)}")
-    _glu([out, s[2]], d, a)
-    return out
-
-
-def _matmul_glu(s, d, a):
-    m, n2 = _matmul(s, d, a)
-    _need(n2 % 2 == 0, f"paired gate/up weight must have an even width, got {n2}")
-    _glu([(m, n2 // 2)] * 2, d, a)
-    return (m, n2 // 2)
-
-
-def _norm_matmul_glu(s, d, a):
-    _norm_matmul(s, d, a)
-    return _matmul_glu(s, d, a)
-
-
-def _matmul_softcap(s, d, a):
-    return _softcap([_matmul(s, d, a)], d, a)
-
-
-def _norm_rope(s, d, a):
-    _rms_norm(s[:2], d, a)
-    return _rope([s[0], s[2]], [d[0], d[2]], a)
-
-
-def _head_norm_rope(s, d, a):
-    _head_rms_norm(s[:2], d, a)
-    return _rope([s[0], s[2]], [d[0], d[2]], a)
-
-
 def _positions(x: Shape, pos: Shape, dtype: str) -> None:
     _need(pos == (x[0],), f"positions must be [{x[0]}], one per row, got {list(pos)}")
     _need(dtype == U32, f"positions must be u32, got {dtype}")
@@ -289,43 +253,6 @@ def _cache_attention(s, d, a):
     return q
 
 
-def _written(rule, reads_pos: bool = True):
-    """Shape rule of a row op whose rows go straight into a cache (operand 0) at the
-    positions (the last operand), as cache_write would write them. reads_pos: the row op
-    itself takes the positions (rope), else its operands stop before them."""
-    def shape(s, d, a):
-        end = len(s) if reads_pos else -1
-        x = rule(s[1:end], d[1:end], a)
-        return _cache_write([s[0], x, s[-1]], [d[0], d[1], d[-1]], a)
-    return shape
-
-
-def _norm_add(s, d, a):
-    _rms_norm(s[:2], d, a)
-    _need(s[2] == s[0], f"residual is {list(s[2])}, normalized input is {list(s[0])}")
-    return s[0]
-
-
-def _norm_add_scale(s, d, a):
-    _norm_add(s[:3], d, a)
-    return _scale_by([s[0], s[3]], d, a)
-
-
-def _matmul_norm_add(s, d, a):
-    out = _matmul(s[:2], d, a)
-    return _norm_add([out] + list(s[2:4]), d, a)
-
-
-def _matmul_norm_add_scale(s, d, a):
-    out = _matmul(s[:2], d, a)
-    return _norm_add_scale([out] + list(s[2:5]), d, a)
-
-
-def _embedding_scale(s, d, a):
-    _scale(s, d, a)
-    return _embedding(s, d, a)
-
-
 # ---- the vocabulary -------------------------------------------------------------------------
 
 _HEAD_ROPE = {"rotary": lambda a: a["head_dim"] // 2}  # default: every frequency rotates
@@ -336,6 +263,8 @@ _NO_SCALING = dict(zip(_SCALING, fm.NO_SCALING))  # constants: the e-graph's def
 def rope_scaling(attrs: dict) -> tuple:
     """A rope's llama3 frequency scaling, as formulas.inv_freq takes it."""
     return tuple(attrs.get(k, v) for k, v in _NO_SCALING.items())
+
+
 _SCALE = {"scale": lambda a: a["head_dim"] ** -0.5}  # default attention scale
 
 # leaves
@@ -348,11 +277,11 @@ _op("arange", (), (("length", int),), _arange, lambda a: torch.arange(a["length"
 
 # the seed's ops, generalized
 _op("embedding", ("ids", "table"), (), _embedding, lambda a, ids, t: t[ids.long()],
-    "rows of table gathered by token id", work="gather", stream=True)
-_op("matmul", ("a", "b"), (), _matmul, lambda a, x, b: x @ b, "a @ b", work="matmul")
+    "rows of table gathered by token id", archetype="gather", stream=True, indices=("ids",))
+_op("matmul", ("a", "b"), (), _matmul, lambda a, x, b: x @ b, "a @ b", archetype="product")
 _op("rms_norm", ("x", "w"), (("eps", float),), _rms_norm,
     lambda a, x, w: fm.rms_norm(x, w, a["eps"]), "x * rsqrt(mean(x^2) + eps) * w over the row, fp32",
-    vector_flops=4, rows=(0,))
+    archetype="rows", vector_flops=4, rows=(0,), locality="row")
 _op("rope", ("x", "pos"), (("theta", float), ("head_dim", int), ("rotary", int), ("limit", int),
                           ("scale_factor", float), ("low_freq_factor", float),
                           ("high_freq_factor", float), ("original_limit", int)),
@@ -360,36 +289,42 @@ _op("rope", ("x", "pos"), (("theta", float), ("head_dim", int), ("rotary", int),
                                      rope_scaling(a)),
     "half-split rotary embedding per head at positions pos (< limit); frequencies past "
     "`rotary` do not rotate, the others scaled as llama3 does (scale_factor 1: not at all)",
-    vector_flops=6, defaults={**_HEAD_ROPE, **_NO_SCALING})
+    archetype="rows", vector_flops=6, defaults={**_HEAD_ROPE, **_NO_SCALING}, locality="row",
+    indices=("pos",))
 _op("causal_attention", ("q", "k", "v"),
     (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("scale", float)), _attention,
     lambda a, q, k, v: fm.attention(q, k, v, a["num_heads"], a["num_kv_heads"], a["head_dim"],
                                     a["scale"]),
-    "softmax(scale * q k^T) v, causal, GQA", work="attention", defaults=_SCALE)
+    "softmax(scale * q k^T) v, causal, GQA", archetype="attention", defaults=_SCALE)
 _op("sliding_window_attention", ("q", "k", "v"),
     (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("window", int),
      ("scale", float)), _attention,
     lambda a, q, k, v: fm.attention(q, k, v, a["num_heads"], a["num_kv_heads"], a["head_dim"],
                                     a["scale"], a["window"]),
-    "causal attention to the last `window` keys", work="attention", defaults=_SCALE)
-_op("add", ("a", "b"), (), _same, lambda a, x, y: x + y, "a + b", vector_flops=1, stream=True,
-    rows=(0, 1))
+    "causal attention to the last `window` keys", archetype="attention", defaults=_SCALE)
+_op("add", ("a", "b"), (), _same, lambda a, x, y: x + y, "a + b", archetype="pointwise",
+    vector_flops=1, stream=True, rows=(0, 1), locality="element", through=(0, 1),
+    commutative=True)
 _op("glu", ("gate", "up"), (("act", str),), _glu, lambda a, g, u: fm.glu(g, u, a["act"]),
-    "act(gate) * up (SwiGLU: silu, GeGLU: gelu_tanh)", vector_flops=8)
+    "act(gate) * up (SwiGLU: silu, GeGLU: gelu_tanh)", archetype="pointwise", vector_flops=8,
+    locality="element", through=(0, 1), pairs=True)
 
 # the published Gemma-4's ops
 _op("head_rms_norm", ("x", "w"), (("eps", float), ("head_dim", int)), _head_rms_norm,
     lambda a, x, w: fm.head_rms_norm(x, w, a["eps"], a["head_dim"]),
-    "RMSNorm of each head, one weight of head_dim shared by the heads", vector_flops=4, rows=(0,))
+    "RMSNorm of each head, one weight of head_dim shared by the heads", archetype="rows",
+    vector_flops=4, rows=(0,), locality="row")
 _op("unit_rms_norm", ("x",), (("eps", float), ("head_dim", int)), _head_rms_norm,
     lambda a, x: fm.head_rms_norm(x, None, a["eps"], a["head_dim"]),
-    "RMSNorm of each head without a weight", vector_flops=3)
+    "RMSNorm of each head without a weight", archetype="rows", vector_flops=3, locality="row")
 _op("scale", ("x",), (("factor", float),), _scale, lambda a, x: fm.scale(x, a["factor"]),
-    "x * factor, a constant", vector_flops=1, stream=True)
+    "x * factor, a constant", archetype="pointwise", vector_flops=1, stream=True,
+    locality="element")
 _op("scale_by", ("x", "s"), (), _scale_by, lambda a, x, s: fm.scale_by(x, s),
-    "x * s[0], a scalar read from the weights", vector_flops=1, stream=True, rows=(0,))
+    "x * s[0], a scalar read from the weights", archetype="pointwise", vector_flops=1,
+    stream=True, rows=(0,), locality="element")
 _op("softcap", ("x",), (("cap", float),), _softcap, lambda a, x: fm.softcap(x, a["cap"]),
-    "cap * tanh(x / cap)", vector_flops=6)
+    "cap * tanh(x / cap)", archetype="pointwise", vector_flops=6, locality="element")
 _op("transpose", ("w",), (), _transpose, lambda a, w: w.T,
     "w^T of a weight: read in place (linear weights are stored [out, in])", kind="layout")
 
@@ -407,83 +342,15 @@ _op("slice_rows", ("x",), (("start", int), ("count", int)), _slice_rows,
 _op("cache_write", ("cache", "x", "pos"), (), _cache_write,
     lambda a, cache, x, pos: fm.cache_write(cache, x, pos),
     "the cache with row i of x at slot pos[i] % rows (the rows a ring of that size keeps)",
-    inplace=True)
+    archetype="kv_cache", inplace=True, locality="row", through=(1,), indices=("pos",))
 _op("cache_attention", ("q", "k", "v", "pos"),
     (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("scale", float)),
     _cache_attention,
     lambda a, q, k, v, pos: fm.cache_attention(q, k, v, pos, a["num_heads"], a["num_kv_heads"],
                                                a["head_dim"], a["scale"]),
     "one query at position pos attending to the first min(pos + 1, rows) cache slots, GQA",
-    work="cache_attention", defaults=_SCALE)
+    archetype="decode_attention", defaults=_SCALE, indices=("pos",))
 
-# fused kernels the rewrites introduce
-_op("norm_matmul", ("x", "b", "w"), (("eps", float),), _norm_matmul,
-    lambda a, x, b, w: fm.rms_norm(x, w, a["eps"]) @ b, "rms_norm(x, w) @ b: the norm as prologue",
-    work="matmul")
-_op("matmul_add", ("a", "b", "r"), (), _matmul_add, lambda a, x, b, r: x @ b + r,
-    "a @ b + r: the residual add as epilogue", work="matmul", stream=True)
-_op("matmul_glu", ("a", "b"), (("act", str),), _matmul_glu,
-    lambda a, x, b: fm.glu(*fm.halves(x @ b), a["act"]),
-    "act(a @ b[:, :n]) * (a @ b[:, n:]): paired gate/up tiles", work="matmul")
-_op("norm_matmul_glu", ("x", "b", "w"), (("eps", float), ("act", str)), _norm_matmul_glu,
-    lambda a, x, b, w: fm.glu(*fm.halves(fm.rms_norm(x, w, a["eps"]) @ b), a["act"]),
-    "matmul_glu with the RMSNorm prologue", work="matmul")
-_op("matmul_gate", ("a", "b", "up"), (("act", str),), _matmul_gate,
-    lambda a, x, b, u: fm.glu(x @ b, u, a["act"]),
-    "act(a @ b) * up: the activation and gating as epilogue (the per-layer input gate)",
-    work="matmul")
-_op("matmul_softcap", ("a", "b"), (("cap", float),), _matmul_softcap,
-    lambda a, x, b: fm.softcap(x @ b, a["cap"]), "softcap(a @ b): the soft-cap as epilogue",
-    work="matmul")
-_op("norm_rope", ("x", "w", "pos"), (("eps", float), ("theta", float), ("head_dim", int),
-                                     ("rotary", int), ("limit", int)), _norm_rope,
-    lambda a, x, w, pos: fm.rope(fm.rms_norm(x, w, a["eps"]), a["theta"], a["head_dim"],
-                                 a["rotary"], pos),
-    "rope(rms_norm(x, w)) in one row pass", vector_flops=10, defaults=_HEAD_ROPE)
-_op("head_norm_rope", ("x", "w", "pos"), (("eps", float), ("head_dim", int), ("theta", float),
-                                          ("rotary", int), ("limit", int)), _head_norm_rope,
-    lambda a, x, w, pos: fm.rope(fm.head_rms_norm(x, w, a["eps"], a["head_dim"]), a["theta"],
-                                 a["head_dim"], a["rotary"], pos),
-    "rope(head_rms_norm(x, w)) in one row pass", vector_flops=10, defaults=_HEAD_ROPE)
-_op("norm_add", ("y", "w", "r"), (("eps", float),), _norm_add,
-    lambda a, y, w, r: r + fm.rms_norm(y, w, a["eps"]), "r + rms_norm(y, w): post-norm and residual",
-    vector_flops=5, stream=True, rows=(0, 2))
-_op("norm_add_scale", ("y", "w", "r", "s"), (("eps", float),), _norm_add_scale,
-    lambda a, y, w, r, s: fm.scale_by(r + fm.rms_norm(y, w, a["eps"]), s),
-    "(r + rms_norm(y, w)) * s[0]: post-norm, residual and layer scalar", vector_flops=6,
-    stream=True, rows=(0, 2))
-# a one-row product whose row is then post-normed (the norm needs the whole row: the last
-# column tile to finish normalizes it)
-_op("matmul_norm_add", ("a", "b", "w", "r"), (("eps", float),), _matmul_norm_add,
-    lambda a, x, b, w, r: r + fm.rms_norm(x @ b, w, a["eps"]),
-    "r + rms_norm(a @ b, w): post-norm and residual as the product's epilogue", work="matmul",
-    stream=True)
-_op("matmul_norm_add_scale", ("a", "b", "w", "r", "s"), (("eps", float),),
-    _matmul_norm_add_scale,
-    lambda a, x, b, w, r, s: fm.scale_by(r + fm.rms_norm(x @ b, w, a["eps"]), s),
-    "(r + rms_norm(a @ b, w)) * s[0]: post-norm, residual and layer scalar as the product's "
-    "epilogue", work="matmul", stream=True)
-# a decode step's k and v rows: normalized (and rotated) straight into their cache slots
-_op("norm_rope_write", ("cache", "x", "w", "pos"), (("eps", float), ("theta", float),
-                                                   ("head_dim", int), ("rotary", int),
-                                                   ("limit", int)), _written(_norm_rope),
-    lambda a, cache, x, w, pos: fm.cache_write(cache, fm.rope(
-        fm.rms_norm(x, w, a["eps"]), a["theta"], a["head_dim"], a["rotary"], pos), pos),
-    "cache_write(cache, norm_rope(x, w, pos), pos) in one row pass", vector_flops=10,
-    defaults=_HEAD_ROPE, inplace=True)
-_op("head_norm_rope_write", ("cache", "x", "w", "pos"),
-    (("eps", float), ("head_dim", int), ("theta", float), ("rotary", int), ("limit", int)),
-    _written(_head_norm_rope),
-    lambda a, cache, x, w, pos: fm.cache_write(cache, fm.rope(
-        fm.head_rms_norm(x, w, a["eps"], a["head_dim"]), a["theta"], a["head_dim"],
-        a["rotary"], pos), pos),
-    "cache_write(cache, head_norm_rope(x, w, pos), pos) in one row pass", vector_flops=10,
-    defaults=_HEAD_ROPE, inplace=True)
-_op("unit_norm_write", ("cache", "x", "pos"), (("eps", float), ("head_dim", int)),
-    _written(_head_rms_norm, reads_pos=False),
-    lambda a, cache, x, pos: fm.cache_write(cache, fm.head_rms_norm(x, None, a["eps"],
-                                                                     a["head_dim"]), pos),
-    "cache_write(cache, unit_rms_norm(x), pos) in one row pass", vector_flops=3, inplace=True)
-_op("embedding_scale", ("ids", "table"), (("factor", float),), _embedding_scale,
-    lambda a, ids, t: fm.scale(t[ids.long()], a["factor"]), "table[ids] * factor",
-    work="gather", stream=True)
+# the archetype ops, fused kernels as structure, are declared by compiler/kernels.py from the
+# declarations above (which ops each archetype takes as stages); it adds them to OPS
+from . import kernels  # noqa: E402,F401

@@ -15,9 +15,12 @@ from egglog import EGraph
 from .blocks import group_templates, split_blocks
 from .cost import CostModel
 from .egraph import Block, EClasses, encode, read_eclasses
-from .extract import Extractor, Selection, class_shapes, load_time_classes
+from .extract import EPS, Extractor, Selection, class_shapes, load_time_classes
 from .graph import Graph
+from .kernels import STRUCTURED, stage_count
 from .plan import Plan, make_plan
+
+STRUCTURE_TIE = 1e-15  # seconds per stage: decides ties only (own costs are >= 1e-12)
 
 
 @dataclass
@@ -104,8 +107,12 @@ def _optimize_template(graph, members, schedule, cost, keep_egglog, local_search
 
     def own_cost(c, n):
         if n.children and all(ch in load_time for ch in n.children):
-            return 0.0  # evaluated once when the weights load
-        return cost.time(n.op, n.attrs, [shapes[ch] for ch in n.children], shapes[c])
+            base = 0.0  # evaluated once when the weights load
+        else:
+            base = cost.time(n.op, n.attrs, [shapes[ch] for ch in n.children], shapes[c])
+        # of two kernels that cost the same, the one with fewer stages (a base op before
+        # the structured node that is the same kernel): far below any real difference
+        return max(base, EPS) + STRUCTURE_TIE * ((n.op in STRUCTURED) + stage_count(n.op, n.attrs))
 
     selection = Extractor(ec, own_cost).extract(local_search)
     times["extract"] = time.perf_counter() - t

@@ -14,17 +14,18 @@ from dataclasses import dataclass, field
 from ..errors import GraphError
 from .cost import CostModel
 from .graph import Graph
+from .kernels import holds_stream, summary
 from .ops import OPS
 
 
 def holds_fp32(graph: Graph, nid: int) -> bool:
-    """The residual stream (the embedding and every residual add, declared `stream` in OPS)
-    is kept in fp32 even in bf16 plans: 34+ layers of bf16 rounding on the running sum cost
-    more accuracy than the matmuls do, and the stream is a small share of the bytes moved.
-    A view holds what its base holds."""
+    """The residual stream (the embedding and every residual add, declared `stream` in OPS;
+    a kernel ending in one) is kept in fp32 even in bf16 plans: 34+ layers of bf16 rounding
+    on the running sum cost more accuracy than the matmuls do, and the stream is a small
+    share of the bytes moved. A view holds what its base holds."""
     while OPS[graph[nid].op].kind == "view":
         nid = graph[nid].inputs[0]
-    return OPS[graph[nid].op].stream
+    return holds_stream(graph[nid].op, graph[nid].attrs)
 
 
 @dataclass
@@ -45,9 +46,11 @@ class Plan:
         return sum(self.estimate.values())
 
     def kernel_counts(self) -> dict[str, int]:
+        """Launches by kernel: the op, or archetype[prologue | epilogue] (kernels.summary)."""
         counts: dict[str, int] = {}
         for i in self.launches:
-            counts[self.graph[i].op] = counts.get(self.graph[i].op, 0) + 1
+            name = summary(self.graph[i].op, self.graph[i].attrs)
+            counts[name] = counts.get(name, 0) + 1
         return counts
 
 

@@ -6,42 +6,23 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .plan import Plan
+from .kernels import STRUCTURED, node_kernel, summary
 from .optimize import OptimizeReport
-
-FUSED_OPS = {
-    "norm_matmul": "rmsnorm_matmul",
-    "norm_matmul_glu": "gated_mlp + rmsnorm_matmul",
-    "matmul_glu": "gated_mlp",
-    "matmul_gate": "gated_mlp",
-    "norm_rope": "qk_norm_rope",
-    "head_norm_rope": "qk_norm_rope",
-    "norm_rope_write": "qk_norm_rope + cache_rows",
-    "head_norm_rope_write": "qk_norm_rope + cache_rows",
-    "unit_norm_write": "cache_rows",
-    "matmul_add": "residual_epilogue",
-    "norm_add": "post_norm_residual",
-    "norm_add_scale": "post_norm_residual",
-    "matmul_norm_add": "post_norm_residual",
-    "matmul_norm_add_scale": "post_norm_residual",
-    "matmul_softcap": "softcap_epilogue",
-    "embedding_scale": "scalar_fold",
-}
-
+from .plan import Plan
 
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
 
 
 def merged_weights(plan: Plan) -> int:
-    """Launches whose weight is a concatenation of several weights (merged matmuls)."""
+    """Products whose weight is a concatenation of several weights (merged or paired)."""
     g = plan.graph
-
-    def is_concat(i):
-        n = g[i]
-        return n.op == "concat_cols"
-
-    return sum(1 for i in plan.launches if "matmul" in g[i].op and is_concat(g[i].inputs[1]))
+    count = 0
+    for i in plan.launches:
+        k = node_kernel(g[i])
+        if k is not None and k.archetype == "product" and g[g[i].inputs[1]].op == "concat_cols":
+            count += 1
+    return count
 
 
 def format_report(plan: Plan, rep: OptimizeReport, kernels: int = 0) -> str:
@@ -56,7 +37,9 @@ def format_report(plan: Plan, rep: OptimizeReport, kernels: int = 0) -> str:
     lines.append("rules fired (matches over all blocks):")
     lines += [f"  {n:6d}  {r}" for r, n in fired]
     counts = plan.kernel_counts()
-    chosen = [f"{op} x{n} ({FUSED_OPS[op]})" for op, n in counts.items() if op in FUSED_OPS]
+    fused = {summary(g.op, g.attrs) for g in (plan.graph[i] for i in plan.launches)
+             if g.op in STRUCTURED}
+    chosen = [f"{name} x{n}" for name, n in counts.items() if name in fused]
     lines.append("fusions chosen: " + (", ".join(chosen) or "none"))
     lines.append(f"merged weights: {merged_weights(plan)} matmuls over concatenated weights; "
                  f"{len(plan.load_time)} load-time nodes, {len(plan.views)} views")
@@ -70,21 +53,21 @@ def format_report(plan: Plan, rep: OptimizeReport, kernels: int = 0) -> str:
         by_block.setdefault(g[i].block, []).append(i)
     shown: dict[tuple, str] = {}
     for block, ids in by_block.items():
-        key = tuple((g[i].op, g[i].shape) for i in ids)
+        key = tuple((_name(g[i]), g[i].shape) for i in ids)
         if key in shown:
             continue
         shown[key] = block
-        same = sum(1 for b in by_block.values() if tuple((g[i].op, g[i].shape) for i in b) == key)
+        same = sum(1 for b in by_block.values() if tuple((_name(g[i]), g[i].shape) for i in b) == key)
         lines.append(f"  [{block}] and {same - 1} more like it" if same > 1 else f"  [{block}]")
         for i in ids:
             n = g[i]
-            lines.append(f"    {_us(plan.estimate[i]):>10}  {n.op} {list(n.shape)}")
+            lines.append(f"    {_us(plan.estimate[i]):>10}  {_name(n)} {list(n.shape)}")
     if kernels:
         lines.append(f"most expensive kernels (of {len(plan.launches)}):")
         top = sorted(plan.launches, key=lambda i: -plan.estimate[i])[:kernels]
         for i in top:
             n = g[i]
-            lines.append(f"  {_us(plan.estimate[i]):>10}  %{i} {n.op} {list(n.shape)} [{n.block}]")
+            lines.append(f"  {_us(plan.estimate[i]):>10}  %{i} {_name(n)} {list(n.shape)} [{n.block}]")
     return "\n".join(lines)
 
 
@@ -95,6 +78,19 @@ def plan_summary(plan: Plan) -> str:
     return f"{len(plan.launches)} launches ({kinds}); estimated {_us(plan.estimated_time)}"
 
 
+def _name(n) -> str:
+    return summary(n.op, n.attrs)
+
+
+def _attrs_json(n) -> dict:
+    """A node's attributes as JSON: a kernel's stages as objects."""
+    if n.op not in STRUCTURED:
+        return n.attrs
+    return {where: [{"op": st.op, "operands": list(st.operands), "attrs": dict(st.attrs),
+                     "at": st.at, "pair": st.pair} for st in n.attrs[where]]
+            for where in ("prologue", "epilogue")}
+
+
 def plan_json(plan: Plan) -> dict:
     g = plan.graph
     kind = {i: "load" for i in plan.load_time} | {i: "view" for i in plan.views} \
@@ -103,7 +99,7 @@ def plan_json(plan: Plan) -> dict:
         "outputs": g.outputs,
         "effects": g.effects,
         "nodes": [{"id": n.id, "op": n.op, "inputs": list(n.inputs), "shape": list(n.shape),
-                   "attrs": n.attrs, "name": n.name, "block": n.block,
+                   "attrs": _attrs_json(n), "name": n.name, "block": n.block,
                    "kind": kind.get(n.id, "leaf"), "estimate_s": plan.estimate.get(n.id)}
                   for n in g.nodes],
     }
@@ -130,18 +126,15 @@ def emit(plan: Plan, rep: OptimizeReport, directory: str | Path) -> list[Path]:
     return written
 
 
-def fusion_families_per_block(plan: Plan) -> dict[str, Counter]:
-    """block label -> Counter of fusion families its launches use (merge counted separately)."""
+def kernels_per_block(plan: Plan) -> dict[str, Counter]:
+    """block label -> Counter of its launches' kernels (kernels.summary) and, as "view", the
+    column slices of run-time products (a merged product's parts)."""
     g = plan.graph
     out: dict[str, Counter] = {}
     for i in plan.launches:
-        n = g[i]
-        c = out.setdefault(n.block, Counter())
-        for fam in FUSED_OPS.get(n.op, "").split(" + "):
-            if fam:
-                c[fam] += 1
-    for i in plan.views:  # a slice of a run-time product: the product was merged
-        out[g[i].block]["shared_input_merge"] += 1
+        out.setdefault(g[i].block, Counter())[_name(g[i])] += 1
+    for i in plan.views:
+        out.setdefault(g[i].block, Counter())["view"] += 1
     return out
 
 
@@ -152,8 +145,16 @@ def plan_text(plan: Plan) -> str:
         | {i: "launch" for i in plan.launches}
     lines = []
     for n in g.nodes:
-        attrs = " ".join(f"{k}={v}" for k, v in sorted(n.attrs.items()))
-        what = n.name if n.name else f"{n.op}({', '.join(f'%{i}' for i in n.inputs)}) {attrs}"
+        if n.op in STRUCTURED:  # product(%a, %b) [rms_norm(%w, eps=1e-06) | add(%r)]
+            def stages(where, n=n):
+                return ", ".join(st.text(lambda i: f"%{n.inputs[i]}") for st in n.attrs[where])
+            main = ", ".join(f"%{i}" for i in n.inputs[:len(node_kernel(n).main)])
+            pro = stages("prologue")
+            attrs = f"[{pro + ' | ' if pro else ''}{stages('epilogue')}]"
+            what = f"{n.op}({main}) {attrs}"
+        else:
+            attrs = " ".join(f"{k}={v}" for k, v in sorted(n.attrs.items()))
+            what = n.name if n.name else f"{n.op}({', '.join(f'%{i}' for i in n.inputs)}) {attrs}"
         lines.append(f"%{n.id} {kind.get(n.id, 'leaf'):6} {list(n.shape)} {what.strip()}")
     lines.append(f"outputs: {', '.join(f'%{o}' for o in g.outputs)}")
     if g.effects:

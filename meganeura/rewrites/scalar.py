@@ -1,8 +1,8 @@
-"""Constant scales folded away: into gathers, into norm weights (at load time), into norm
-epsilons, and through sums.
+"""Constant scales folded away: into norm weights (at load time), into norm epsilons, into
+one another, and through sums (a scale of a gather joins its epilogue: rewrites/epilogue.py).
 
 Each rule is exact algebra for a positive constant c:
-    embedding(ids, t) * c        = embedding_scale(ids, t, c)       (the gather scales rows)
+    (x * c) * c2                 = x * (c c2)
     (a + b) * c                  = a * c + b * c
     rms_norm(y, w, eps) * c      = rms_norm(y, w * c, eps)          (w * c made at load time)
     rms_norm(y * c, w, eps)      = rms_norm(y, w, eps / c^2)        (rsqrt(c^2 m + eps) c = rsqrt(m + eps/c^2))
@@ -17,12 +17,8 @@ scalar_fold = ruleset(name="scalar_fold")
 
 
 @scalar_fold.register
-def _(x: Tensor, y: Tensor, a: Tensor, b: Tensor, w: Tensor, t: Tensor, ids: Tensor, m: Tensor,
-      c: f64, c2: f64, eps: f64, hd: i64):
-    yield rule(m == ids.embedding(t).scale(c), name="scale into the gather").then(
-        union(m).with_(ids.embedding_scale(t, c)))
-    yield rule(m == ids.embedding_scale(t, c).scale(c2), name="scale of a scaled gather").then(
-        union(m).with_(ids.embedding_scale(t, c * c2)))
+def _(x: Tensor, y: Tensor, a: Tensor, b: Tensor, w: Tensor, m: Tensor, c: f64, c2: f64,
+      eps: f64, hd: i64):
     yield rule(m == x.scale(c).scale(c2), name="scale of a scale").then(union(m).with_(x.scale(c * c2)))
     yield rule(m == a.add(b).scale(c), name="scale through a sum").then(
         union(m).with_(a.scale(c).add(b.scale(c))))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.ops import OPS
+from ..compiler.kernels import updated_input
 from ..compiler.plan import Plan
 
 ALIGN = 256  # bytes; every buffer starts on a multiple (tensor descriptors need 16)
@@ -55,7 +55,11 @@ def plan_buffers(plan: Plan, elem: int = 2, inputs: bool = False) -> BufferPlan:
         n = g[nid]
         # a view shares its base's buffer (none for a weight's, or an input's kept apart);
         # a cache write (its state) owns none
-        base[nid] = base.get(n.inputs[0]) if nid in plan.views or OPS[n.op].inplace else nid
+        if nid in plan.views:
+            base[nid] = base.get(n.inputs[0])
+        else:
+            written = updated_input(n)
+            base[nid] = nid if written is None else base.get(n.inputs[written])
     owners = ins + [nid for nid in plan.launches if base[nid] == nid]
     last = {nid: order[nid] for nid in owners}
     for nid in plan.launches:

@@ -26,6 +26,7 @@ import torch
 
 from ..codegen import KernelSpec, Target, kernel_for
 from ..codegen.cache import KernelCache
+from ..compiler.kernels import input_bounds, updated_input
 from ..compiler.ops import OPS
 from ..compiler.plan import Plan
 from ..errors import InputError, MeganeuraError, WeightsError
@@ -83,8 +84,8 @@ class CompiledModel:
                 self.tensors[nid] = base[:, a["start"]:a["start"] + a["width"]]
             elif n.op == "slice_rows":
                 self.tensors[nid] = base[a["start"]:a["start"] + a["count"]]
-            elif OPS[n.op].inplace:  # a cache write stands for the state it updates
-                self.tensors[nid] = base
+            elif updated_input(n) is not None:  # a cache write stands for the state it updates
+                self.tensors[nid] = self.tensors[n.inputs[updated_input(n)]]
             else:
                 self.tensors[nid] = buffers.view(arena, nid, n.shape, target.dtype)
         self.launches = [self._bind(nid) for nid in plan.launches]
@@ -441,18 +442,12 @@ def _bounds_of_inputs(g) -> dict[int, tuple[int, str]]:
     gather from; positions stay below the model's `limit` where RoPE reads them. A cache write
     takes any position."""
     bounds: dict[int, tuple[int, str]] = {}
-    users = g.users()
-    for n in g.inputs():
-        for u in users[n.id]:
-            un = g[u]
-            if OPS[un.op].work == "gather" and un.inputs[0] == n.id:
-                b = (g[un.inputs[1]].shape[0], "token id")
-            elif "limit" in un.attrs and un.inputs[-1] == n.id:
-                b = (un.attrs["limit"], "position")
-            else:
-                continue
-            if n.id not in bounds or b[0] < bounds[n.id][0]:
-                bounds[n.id] = b
+    inputs = {n.id for n in g.inputs()}
+    for node in g.nodes:
+        for pos, b in input_bounds(g, node).items():
+            i = node.inputs[pos]
+            if i in inputs and (i not in bounds or b[0] < bounds[i][0]):
+                bounds[i] = b
     return bounds
 
 

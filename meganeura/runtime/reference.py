@@ -1,8 +1,9 @@
 """Plain-PyTorch interpreter of the Graph IR: the oracle for every numerical test.
 
 Each op runs the formula its declaration names (`compiler/ops.py`, `compiler/formulas.py`);
-fused ops are written as their definitions, so an extracted plan (a Graph of fused ops)
-runs here too and must agree with the unoptimized graph. Norms, RoPE and softmax run in
+a fused kernel runs its stages' formulas around its archetype's own (compiler/kernels.py),
+so an extracted plan (a Graph of fused kernels) runs here too and must agree with the
+unoptimized graph. Norms, RoPE and softmax run in
 fp32 and cast back to the run's dtype; matmuls run in the run's dtype.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..compiler.graph import Graph, Node
+from ..compiler.kernels import input_bounds
 from ..compiler.ops import OPS
 from ..errors import InputError, WeightsError
 
@@ -95,7 +97,8 @@ def _input(graph: Graph, n: Node, inputs: dict, device) -> torch.Tensor:
         return ids.to(device=device or ids.device)
     vocab = None
     for u in graph.users()[n.id]:
-        if OPS[graph[u].op].work == "gather" and graph[u].inputs[0] == n.id:
-            vocab = graph[graph[u].inputs[1]].shape[0]
+        for pos, (bound, what) in input_bounds(graph, graph[u]).items():
+            if what == "token id" and graph[u].inputs[pos] == n.id:
+                vocab = bound
     check_token_ids(n, ids, vocab)
     return ids.to(device=device or ids.device)
