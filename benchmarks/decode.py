@@ -57,7 +57,7 @@ from meganeura.models.kv import Generation  # noqa: E402
 from meganeura.runtime.check import TOLERANCE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BANDWIDTH = 4.3e12  # bytes/s, H200 copy bandwidth measured (DESIGN.md)
+BANDWIDTH = 4.3e12  # bytes/s, the H200's measured copy bandwidth (docs/design.md, cost)
 CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 TABLE = {"gemma4-4b": [4096], "gemma4-e4b": [4096, 32768], "gemma4-31b": [4096]}
 TARGET_FLOOR = {"gemma4-4b": 1.2, "gemma4-e4b": 1.25, "gemma4-31b": 1.15}

@@ -375,7 +375,8 @@ def test_the_class_check_catches_an_unsound_rule():
 
 @pytest.mark.parametrize("name, seq, generation", [
     ("gqa2", 7, None), ("gemma4_4b", 2048, None), ("gemma4_e4b", 2048, None),
-    ("gemma4_e4b", 1, Generation(4096, True)), ("gemma4_e4b", 600, Generation(4096, False))])
+    ("gemma4_e4b", 1, Generation(4096, True)), ("gemma4_e4b", 600, Generation(4096, False)),
+    ("gemma4_31b", 1, Generation(4096, True)), ("llama_3_1_8b", 1, Generation(4096, True))])
 def test_extraction_equals_the_exact_optimum(name, seq, generation):
     from meganeura.models import PRESETS
 

@@ -35,9 +35,9 @@ class DeviceProfile:
     vector_flops: float  # FLOP/s of elementwise work
     launch: float  # s per kernel launch (inside a CUDA graph on GPUs)
     tile_n: int = 128  # output columns per matmul program: a prologue is recomputed per tile
-    # output columns per program of a one-row product (the matrix-vector kernel streams a
-    # few columns' whole K extent a program, codegen/matvec.py: 1 to 16 over [N, K] weights)
-    row_tile_n: int = 8
+    # output columns per program of a one-row product, where a norm prologue is recomputed
+    # per program; 0: as the GPU's matrix-vector kernel picks them (row_columns)
+    row_tile_n: int = 0
     # Calibration from measured kernels (1.0 = the roofline ceiling is reached):
     matmul_efficiency: float = 1.0  # share of matmul_flops the generated matmuls reach
     prologue_efficiency: float = 1.0  # rate of a norm-prologue matmul relative to a plain one
@@ -68,7 +68,7 @@ H200 = dataclasses.replace(H200_ROOFLINE, name="h200", matmul_efficiency=0.86,
                            attention_row_time=2.6e-12)
 # Triton's interpreter runs each program in Python with numpy: launches dominate.
 CPU_INTERPRETER = DeviceProfile("cpu-interpreter", bandwidth=2e9, matmul_flops=2e10,
-                                vector_flops=1e9, launch=1e-3, tile_n=32)
+                                vector_flops=1e9, launch=1e-3, tile_n=32, row_tile_n=8)
 PROFILES = {p.name: p for p in (H200, H200_ROOFLINE, CPU_INTERPRETER)}
 
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
@@ -83,6 +83,7 @@ class Work:
     efficiency: str | None = None  # which calibration factor applies to the compute time
     fill: float = 1.0  # share of the SMs' tile slots busy over the matmul's waves
     fixed: float = 0.0  # seconds outside the FLOP loop (attention's per-row work)
+    serial_flops: float = 0.0  # vector FLOPs that do not hide under the memory stream
 
 
 def _numel(shape) -> int:
@@ -148,6 +149,24 @@ def matmul_tile(m: int, n: int, paired: bool, sms: int) -> tuple[int, int]:
     if paired or wave_fill(m, n, 128, 256, sms) < 0.85:
         return 128, 128
     return 128, 256
+
+
+def row_columns(n: int, k: int, paired: bool, b_trans: bool, elem: int = 2) -> int:
+    """Output columns a program of the one-row product owns on a GPU, as codegen/matvec.py's
+    tiles picks them in the main (from its sweeps): over [N, K] weights 8 (paired: at most
+    96 KB of G and U a program), 16 for rows of 4096 and more, 4 for the widest products,
+    fewer where a program would read more than 40 KB; over [K, N] weights 16 to 64."""
+    if not b_trans:
+        return 32 if paired else 64 if n >= 65536 else 16
+    if paired:
+        cols, budget = 8, 96 * 1024 // 2
+    elif k >= 4096 and n < 65536:
+        return 16
+    else:
+        cols, budget = (4 if n >= 65536 else 8), 40 * 1024
+    while cols > 1 and cols * elem * k > budget:
+        cols //= 2
+    return cols
 
 
 def halve_last_wave(m: int, n: int, bm: int, bn: int, sms: int) -> bool:
@@ -233,9 +252,16 @@ def _product(k: Kernel, attrs: dict, ins: list[tuple], out: tuple, io: float) ->
             return Work(math.inf)
         # the product's values to the workspace and back (L2), 5 FLOPs an element of the row
         return Work(io + 8 * n, 2 * m * n * kk, 7 * n, "matmul", fixed=ROW_NORM_TAIL)
+    if k.prologue and m == 1:  # every program sums the row's squares and scales it again:
+        # measured on the H100 (benchmarks/fusion_ab.py at 8c31ae9), the 31b lm_head with the
+        # norm as prologue took 942.8 us against 915.5 for a norm kernel and the product: that
+        # recomputation (131072 programs over 5376 values) does not hide under the weights
+        out_n = n // 2 if k.paired else n
+        cols = attrs["_row_tile_n"] or row_columns(out_n, kk, k.paired, attrs.get("_b_trans", True))
+        serial = 3 * kk * math.ceil(out_n / cols)
+        return Work(io, 2 * m * n * kk, vec + m * n, "matmul", fill, serial_flops=serial)
     if k.prologue:  # sum(x^2) and x * w over the A tiles, per column tile
-        tile = attrs["_row_tile_n"] if m == 1 else attrs["_tile_n"]
-        vec += 3 * m * kk * math.ceil(n / tile) + m * n
+        vec += 3 * m * kk * math.ceil(n / attrs["_tile_n"]) + m * n
         return Work(io, 2 * m * n * kk, vec, "prologue", fill)
     return Work(io, 2 * m * n * kk, vec, "matmul", fill)
 
@@ -248,7 +274,8 @@ def kernel_time(profile: DeviceProfile, w: Work) -> float:
         compute /= profile.matmul_efficiency * profile.prologue_efficiency * w.fill
     elif w.efficiency == "attention":
         compute /= profile.attention_efficiency
-    return max(w.bytes / profile.bandwidth, compute) + w.fixed + profile.launch
+    serial = w.serial_flops / profile.vector_flops
+    return max(w.bytes / profile.bandwidth, compute) + serial + w.fixed + profile.launch
 
 
 @dataclass(frozen=True)
@@ -258,9 +285,12 @@ class CostModel:
     profile: DeviceProfile
     dtype: str = "bf16"
 
-    def time(self, op: str, attrs: dict, ins: list[tuple], out: tuple) -> float:
+    def time(self, op: str, attrs: dict, ins: list[tuple], out: tuple,
+             b_trans: bool = True) -> float:
+        """Seconds of one kernel. b_trans: a product's B is stored [N, K] (a checkpoint's
+        linear weight), which decides how a one-row product's columns are shared out."""
         attrs = {**attrs, "_tile_n": self.profile.tile_n, "_row_tile_n": self.profile.row_tile_n,
-                 "_sms": self.profile.sms,
+                 "_sms": self.profile.sms, "_b_trans": b_trans,
                  "_row_time": self.profile.attention_row_time}
         w = work(op, attrs, ins, out, ELEMENT_BYTES[self.dtype])
         return 0.0 if w is None else kernel_time(self.profile, w)
@@ -268,5 +298,23 @@ class CostModel:
     def graph_time(self, graph) -> float:
         """Estimated time of running every run-time node of `graph` as its own kernel."""
         memo: dict = {}
-        return sum(self.time(n.op, n.attrs, [graph[i].shape for i in n.inputs], n.shape)
+        return sum(self.time(n.op, n.attrs, [graph[i].shape for i in n.inputs], n.shape,
+                             stored_transposed(graph, n))
                    for n in graph.nodes if not graph.load_time(n.id, memo))
+
+
+def stored_transposed(graph, node) -> bool:
+    """Whether the node's second operand (a product's B) is a weight stored [N, K]: a
+    transpose, or a concatenation of transposes."""
+    if len(node.inputs) < 2:
+        return False
+    stack, seen = [node.inputs[1]], False
+    while stack:
+        n = graph[stack.pop()]
+        if n.op == "concat_cols":
+            stack.extend(n.inputs)
+        elif n.op == "transpose":
+            seen = True
+        else:
+            return False
+    return seen

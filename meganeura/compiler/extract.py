@@ -8,7 +8,8 @@ paying a subterm used several times once.
 3. Local search on the exact DAG cost (each reachable class paid once): try pinning a
    class to another e-node, and "sharing moves" that pin every parent able to use a
    class to do so (three matmuls reading one materialized norm; q, k, v slicing one
-   merged product). Greedy re-runs under the pins; a move is kept if the DAG cost falls.
+   merged product), each through its cheapest e-node that reads it. Greedy re-runs under
+   the pins; a move is kept if the DAG cost falls.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Extractor:
                         changed = True
         if any(math.isinf(best[r]) for r in self.ec.roots):
             return None
+        self.tree = best  # the least tree cost of every class, of the last greedy pass
         return choice
 
     def dag(self, choice: dict[int, ENode]) -> Selection:
@@ -126,13 +128,18 @@ class Extractor:
         return Selection(reach, sum(self.own[id(n)] for n in reach.values()))
 
     def moves(self, sel: Selection):
-        """Candidate pin sets: sharing moves first, then single re-choices."""
+        """Candidate pin sets: sharing moves first, then single re-choices. A sharing move
+        pins each chosen parent able to read class c to the e-node that reads c at the least
+        tree cost of its other children (not merely the least own cost: an e-node that is
+        cheap itself can need a class nothing else computes)."""
+        tree = dict(self.tree)
         for c in self.ec.nodes:
-            move = {}
+            move, price = {}, {}
             for p, n in self.parents[c]:
                 if p in sel.choice and c not in sel.choice[p].children:
-                    if p not in move or self.own[id(n)] < self.own[id(move[p])]:
-                        move[p] = n
+                    cost = self.own[id(n)] + sum(tree[ch] for ch in set(n.children) if ch != c)
+                    if p not in move or cost < price[p]:
+                        move[p], price[p] = n, cost
             if move:
                 yield move
         for p, chosen in sel.choice.items():

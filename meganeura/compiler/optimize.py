@@ -104,12 +104,15 @@ def _optimize_template(graph, members, schedule, cost, keep_egglog, local_search
 
     shapes = class_shapes(ec, leaf_type)
     load_time = load_time_classes(ec)
+    transposed = transposed_classes(ec)
 
     def own_cost(c, n):
         if n.children and all(ch in load_time for ch in n.children):
             base = 0.0  # evaluated once when the weights load
         else:
-            base = cost.time(n.op, n.attrs, [shapes[ch] for ch in n.children], shapes[c])
+            b_trans = len(n.children) > 1 and n.children[1] in transposed
+            base = cost.time(n.op, n.attrs, [shapes[ch] for ch in n.children], shapes[c],
+                             b_trans)
         # of two kernels that cost the same, the one with fewer stages (a base op before
         # the structured node that is the same kernel): far below any real difference
         return max(base, EPS) + STRUCTURE_TIE * ((n.op in STRUCTURED) + stage_count(n.op, n.attrs))
@@ -123,6 +126,20 @@ def _optimize_template(graph, members, schedule, cost, keep_egglog, local_search
                             times, selection.cost,
                             egraph.as_egglog_string if keep_egglog else None, rep, ec, own_cost)
     return _Extracted(members, ec, selection), report
+
+
+def transposed_classes(ec: EClasses) -> set[int]:
+    """Classes of weights stored [N, K]: a transpose, or a concatenation of such."""
+    done: set[int] = set()
+    grew = True
+    while grew:
+        grew = False
+        for c, nodes in ec.nodes.items():
+            if c not in done and any(n.op == "transpose" or (n.op == "concat_cols" and all(
+                    ch in done for ch in n.children)) for n in nodes):
+                done.add(c)
+                grew = True
+    return done
 
 
 def leaf_node(block: Block, n) -> int:

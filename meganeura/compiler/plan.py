@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import GraphError
-from .cost import CostModel
+from .cost import CostModel, stored_transposed
 from .graph import Graph
 from .kernels import holds_stream, summary
 from .ops import OPS
@@ -72,7 +72,8 @@ def make_plan(graph: Graph, cost: CostModel) -> Plan:
         else:
             launches.append(n.id)
     estimate = {i: cost.time(graph[i].op, graph[i].attrs,
-                             [graph[j].shape for j in graph[i].inputs], graph[i].shape)
+                             [graph[j].shape for j in graph[i].inputs], graph[i].shape,
+                             stored_transposed(graph, graph[i]))
                 for i in launches}
     computed = sorted(i for i in load_time if graph[i].op != "parameter")
     return Plan(graph, computed, views, launches, estimate)

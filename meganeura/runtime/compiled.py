@@ -46,10 +46,11 @@ class Launch:
 class CompiledModel:
     def __init__(self, plan: Plan, weights: dict, target: Target, cache: KernelCache,
                  cuda_graph: bool = True, state: dict | None = None,
-                 time_launches: bool = False):
+                 time_launches: bool = False, inputs_apart: bool = False):
         """state: name -> tensor for the plan's state leaves (KV caches), used in place.
         time_launches: after the first call, each launch is timed on its own and printed
-        (the `timing` debug channel)."""
+        (the `timing` debug channel). inputs_apart: the inputs in buffers of their own even
+        for a forward (a benchmark replaying launches without copying the inputs in)."""
         t0 = time.perf_counter()
         self.plan, self.target, self.cache = plan, target, cache
         g = plan.graph
@@ -62,17 +63,17 @@ class CompiledModel:
         # a forward's inputs share the arena (the logits' memory until the last product);
         # a plan with state keeps them apart: a step replayed without its input copy (a
         # benchmark) then still reads valid ids and positions
-        stateless = not g.states()
-        buffers = plan_buffers(plan, torch.finfo(target.dtype).bits // 8, inputs=stateless)
-        check_memory(self._bytes_needed(buffers, stateless), target.device)
+        in_arena = not g.states() and not inputs_apart
+        buffers = plan_buffers(plan, torch.finfo(target.dtype).bits // 8, inputs=in_arena)
+        check_memory(self._bytes_needed(buffers, in_arena), target.device)
         self._load_weights(weights)
         t1 = time.perf_counter()
         self.buffer_bytes = buffers.total
-        self._inputs_in_arena = stateless
+        self._inputs_in_arena = in_arena
         arena = buffers.allocate(target.device)
         for n in self.inputs:
             dtype = torch.int64 if n.dtype == "u32" else target.dtype
-            if stateless:
+            if in_arena:
                 self.tensors[n.id] = buffers.view(arena, n.id, n.shape, dtype)
             else:
                 self.tensors[n.id] = torch.zeros(n.shape, dtype=dtype, device=target.device)
