@@ -31,8 +31,9 @@ from meganeura.codegen.attention import emit as emit_attention
 from meganeura.codegen.cache import KernelCache
 from meganeura.codegen.matmul import emit as emit_matmul
 from meganeura.codegen.matmul import weight_parts
-from meganeura.compiler.cost import (H200, PAIRED_MATMULS, CostModel, attention_pairs,
-                                     head_dim_chunks)
+from meganeura.codegen.stages import Operand, Stages
+from meganeura.compiler.cost import H200, CostModel, attention_pairs, head_dim_chunks
+from meganeura.compiler.kernels import Stage, node_kernel, summary
 from meganeura.models import MODEL_NAMES, PRESETS, build
 from meganeura.pipeline import optimize_graph as optimize
 
@@ -51,6 +52,32 @@ ATTENTION = {  # padded head width -> BLOCK_M, BLOCK_N, warps, stages
 }
 
 
+def product_kind(n) -> tuple[str, bool, bool, bool] | None:
+    """(kernel name, norm prologue, paired gate | up, residual epilogue) of a plan's product
+    whose stages the sweeps time (those three), else None."""
+    k = node_kernel(n)
+    if k is None or k.archetype != "product":
+        return None
+    ops = [st.op + (".pair" if st.pair else "") for st in k.epilogue]
+    if not set(ops) <= {"glu.pair", "add"}:
+        return None
+    return summary(n.op, n.attrs), bool(k.prologue), k.paired, "add" in ops
+
+
+def emit_product(norm: bool, paired: bool, residual: bool, tma: bool, halves: bool = False) -> str:
+    """The product kernel's source with those stages (SwiGLU of paired halves, a residual
+    tile operand r), as codegen/matmul.py emits it for a plan."""
+    stages, attrs, operands = [], [], {}
+    if paired:
+        stages.append(Stage("glu", (), (("act", "silu"),), 0, True))
+        attrs.append({"act": "silu"})
+    if residual:
+        stages.append(Stage("add", (2,)))
+        attrs.append({})
+        operands[2] = Operand(2, "tile", "r")
+    return emit_matmul(Stages(stages, operands, [], attrs), norm, "tf32", tma, halves=halves)
+
+
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
@@ -63,17 +90,16 @@ def sweep_matmuls(model: str, seq: int, cache: KernelCache, max_n: int) -> None:
     shapes, split = {}, {}
     for i in plan.launches:
         n = g[i]
-        if "matmul" in n.op and n.shape[1] <= max_n:
-            key = (n.op, g[n.inputs[0]].shape[0], n.shape[1], g[n.inputs[0]].shape[1])
+        kind = product_kind(n)
+        if kind is not None and n.shape[1] <= max_n:
+            key = (kind, g[n.inputs[0]].shape[0], n.shape[1], g[n.inputs[0]].shape[1])
             shapes[key] = 1
             parts = weight_parts(g, n.inputs[1])
             if n.op == "matmul" and len(parts) > 1:
                 split[key] = [g[p].shape[1] for p in parts]
     for key, widths in split.items():
         sweep_parts(model, *key[1:], widths, cache)
-    for op, m, n, k in shapes:
-        norm, paired, residual = op.startswith("norm_"), op in PAIRED_MATMULS, op == "matmul_add"
-        act = "silu" if paired else None
+    for (op, norm, paired, residual), m, n, k in shapes:
         a_ = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         nw_ = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
         b_ = torch.randn(k, 2 * n if paired else n, device="cuda", dtype=torch.bfloat16)
@@ -82,8 +108,7 @@ def sweep_matmuls(model: str, seq: int, cache: KernelCache, max_n: int) -> None:
         flops = 2 * m * k * (2 * n if paired else n)
         results = []
         for tma in (False, True):
-            fn = cache.load(emit_matmul(norm, act, residual, False, "tf32", tma), "matmul_kernel",
-                            False)
+            fn = cache.load(emit_product(norm, paired, residual, tma), "matmul_kernel", False)
             for bm, bn, bk, warps, stages in MATMUL:
                 if tma:
                     head = [TensorDescriptor.from_tensor(a_, [bm, bk]),
@@ -124,7 +149,7 @@ def sweep_parts(model: str, m: int, n: int, k: int, widths: list[int], cache) ->
     ref = None
     line = []
     for parts in (1, len(widths)):
-        fn = cache.load(emit_matmul(False, None, False, False, "tf32", True, parts),
+        fn = cache.load(emit_matmul(Stages([]), False, "tf32", True, parts),
                         "matmul_kernel", False)
         for bm, bn, warps in ((128, 128, 4), (128, 256, 8)):
             if parts > 1 and any(w % bn for w in widths[:-1]):
@@ -212,10 +237,10 @@ def sweep_halves(model: str, seq: int, cache: KernelCache) -> None:
     shapes = {}
     for i in plan.launches:
         n = g[i]
-        if n.op in ("matmul", "matmul_add", "matmul_glu") and g[n.inputs[0]].shape[0] > 64:
-            shapes[(n.op, g[n.inputs[0]].shape[0], n.shape[1], g[n.inputs[0]].shape[1])] = 1
-    for op, m, n, k in shapes:
-        paired, residual = op == "matmul_glu", op == "matmul_add"
+        kind = product_kind(n)
+        if kind is not None and not kind[1] and g[n.inputs[0]].shape[0] > 64:
+            shapes[(kind, g[n.inputs[0]].shape[0], n.shape[1], g[n.inputs[0]].shape[1])] = 1
+    for (op, _, paired, residual), m, n, k in shapes:
         cfg = tiles(m, n, k, paired, residual, target)
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         if not halve_last_wave(m, n, bm, bn, sms):
@@ -224,14 +249,13 @@ def sweep_halves(model: str, seq: int, cache: KernelCache) -> None:
         b_ = torch.randn(k, 2 * n if paired else n, device="cuda", dtype=torch.bfloat16) / k ** 0.5
         c_ = torch.empty(m, n, device="cuda", dtype=torch.float32 if residual else torch.bfloat16)
         r_ = torch.randn(m, n, device="cuda", dtype=torch.float32)
-        act = "silu" if paired else None
         t = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         full = t - t % sms
         times, outs = {}, {}
         for label, halves, first in (("whole", False, t), ("last wave halved", True, full),
                                      ("all halved", True, 0)):
-            fn = cache.load(emit_matmul(False, act, residual, False, "tf32", True,
-                                        halves=halves), "matmul_kernel", False)
+            fn = cache.load(emit_product(False, paired, residual, True, halves), "matmul_kernel",
+                            False)
             args = [TensorDescriptor.from_tensor(a_, [bm, bk])]
             args += [TensorDescriptor.from_tensor(a_, [bm // 2, bk])] if halves else []
             args += [TensorDescriptor.from_tensor(b_, [bk, bn]), c_] + ([r_] if residual else [])

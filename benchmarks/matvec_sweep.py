@@ -26,6 +26,8 @@ from prefill import graph_time  # noqa: E402
 
 from meganeura.codegen.cache import KernelCache  # noqa: E402
 from meganeura.codegen.matvec import emit, k_slices  # noqa: E402
+from meganeura.codegen.stages import Stages  # noqa: E402
+from meganeura.compiler.kernels import Stage  # noqa: E402
 
 # name: (N, K, variant flags, B stored [N, K]); the variants of the decode plans
 SHAPES = {
@@ -143,8 +145,7 @@ def main(argv=None) -> int:
 
 def sweep_n_k(cache, name, n, k, flags, args, dev) -> None:
     """B stored [N, K]: column tiles of 1-16, K steps of 256-1024, warm L2 (B >= 50 MB)."""
-    src = emit(flags.get("norm", False), flags.get("act"), False, flags.get("softcap", False),
-               flags.get("parts", 1))
+    src = emit(epilogue(flags), flags.get("norm", False), flags.get("parts", 1))
     fn = cache.load(src, "matvec_kernel", False)
     run_args, nbytes = launch_args(n, k, flags, True, dev)
     results = []
@@ -164,10 +165,9 @@ def sweep_k_n(cache, name, n, k, flags, args, dev) -> None:
     """B stored [K, N] (the seed's layout), timed cold: the kernel as it was (16-32 columns,
     K steps of 128-1024, one program a column tile) against the split-K variant (32-128
     columns, K steps of 32-128, K shared by 1-16 programs, the last finishing the tile)."""
-    emit_args = (flags.get("norm", False), flags.get("act"), False, flags.get("softcap", False),
-                 flags.get("parts", 1))
+    emit_args = (epilogue(flags), flags.get("norm", False), flags.get("parts", 1))
     whole = cache.load(emit(*emit_args), "matvec_kernel", False)
-    shared = cache.load(emit(*emit_args, True, None, True), "matvec_kernel", False)
+    shared = cache.load(emit(*emit_args, True, True), "matvec_kernel", False)
     run_args, nbytes = launch_args(n, k, flags, False, dev)
     configs = []  # (label, kernel, grid, args, constexprs, warps)
     for bn, bk in itertools.product((16, 32), (128, 256, 1024)):
@@ -189,6 +189,20 @@ def sweep_k_n(cache, name, n, k, flags, args, dev) -> None:
                                                num_stages=3), name, label, cold=True)
     print_best(f"{name}: N={n} K={k} {flags} B stored [K, N], {nbytes / 1e6:.1f} MB, cold",
                results, nbytes, best=12)
+
+
+def epilogue(flags) -> Stages:
+    """The epilogue stages the flags ask for, named as a plan's product names them: act(G) * U
+    of paired halves, then cap * tanh(x / cap)."""
+    stages, attrs, values = [], [], []
+    if flags.get("act"):
+        stages.append(Stage("glu", (), (("act", flags["act"]),), 0, True))
+        attrs.append({"act": flags["act"]})
+    if flags.get("softcap"):
+        stages.append(Stage("softcap", (), (("cap", 30.0),)))
+        attrs.append({"cap": "cap"})
+        values.append(("cap", 30.0))
+    return Stages(stages, {}, values, attrs)
 
 
 def fits(n, flags, bn) -> bool:

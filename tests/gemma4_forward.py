@@ -1,4 +1,4 @@
-"""An independent forward of the seed's Gemma-4, written from the formulas in DESIGN.md.
+"""An independent forward of the seed's Gemma-4, written from its formulas (docs/design.md).
 
 It shares no code with meganeura's reference executor: RoPE is a complex rotation,
 attention goes through scaled_dot_product_attention with an explicit boolean mask

@@ -1,4 +1,4 @@
-"""The matmul archetype at one row (a decode step): a matrix-vector product that streams B.
+"""The product archetype at one row (a decode step): a matrix-vector product that streams B.
 
     c[n] = epilogue( rstd * sum_k (a[k] w[k]) B[k, n] )
 
@@ -9,11 +9,13 @@ K-contiguous rows; stored [K, N], BLOCK_N-wide segments of each row), multiplyin
 on the ordinary units and reducing once at the end; narrow column tiles give every SM
 several programs. Over [K, N] weights with too few column tiles, SPLIT_K programs share a
 tile's K extent and the last of them to finish sums their partials (in one fixed order, so
-every run gives the same bits) and applies the epilogue. The prologue and epilogues are the tiled kernel's (RMSNorm of a with its
-weight; act(G) * U, + R, act(C) * R, soft-cap), so the e-graph's fusions carry over
-unchanged. A B that
-concatenates weights (q | k | v, gate | up) is always read in place: each program reads the
-part that holds its columns.
+every run gives the same bits) and applies the epilogue. The prologue and the element
+stages of the epilogue are the tiled kernel's (RMSNorm of a with its weight; act(G) * U of
+paired halves, then codegen/elementwise.py's expressions), so the e-graph's fusions carry
+over unchanged; one more stage runs only here: the whole row's RMSNorm, in the last column
+tile to finish (and the element stages after it). A B that concatenates weights
+(q | k | v, gate | up) is always read in place: each program reads the part that holds
+its columns.
 
 bytes: elem * (K + K*N' + N [+ N]) (+ 8 * SPLIT_K * N' of fp32 partials at L2, split);
 FLOPs: 2*N'*K on the vector units

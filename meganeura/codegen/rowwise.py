@@ -1,9 +1,8 @@
-"""Row kernels: RMSNorm (over the row or per head, with or without a weight), RoPE, their
-fusions, and the post-norm + residual (+ layer scalar) pass. One program per row (token),
-or per few rows (a prompt's RoPE rows on a GPU, any rows on the interpreter).
+"""The rows archetype: a row at a time, the stages of its epilogue in order. One program per
+row (token), or per few rows (a prompt's RoPE rows on a GPU, any rows on the interpreter).
 
     rms_norm:       y = x * rsqrt(mean(x^2) + eps) * w                    (fp32 inside)
-    head_rms_norm:  the same over each head, w[hd] shared by the heads (unit_: no weight)
+    head_rms_norm:  the same over each head, w[hd] shared by the heads (unit_rms_norm: no weight)
     rope:           per head, pair d with d + hd/2:  angle = pos[row] * inv_freq[d]
                     y[d] = x[d] cos - x[d+hd/2] sin,  y[d+hd/2] = x[d+hd/2] cos + x[d] sin
                     at the row's position (0 .. S-1 in a forward, the current one in a
@@ -13,17 +12,17 @@ or per few rows (a prompt's RoPE rows on a GPU, any rows on the interpreter).
                     their Taylor series in fp32, times (-1)^k (an fp32 angle in the
                     thousands of radians keeps no digits: positions reach 131072);
                     frequencies past `rotary` are 0 there (not rotated)
-    norm_rope:      rope(rms_norm(x, w)) (the seed: q_norm spans every head)
-    head_norm_rope: rope(head_rms_norm(x, w)) (the published model)
-    norm_add:       r + rms_norm(y, w);  norm_add_scale: (r + rms_norm(y, w)) * s[0]
-    *_write:        norm_rope, head_norm_rope or unit_rms_norm with the row stored straight
-                    into its KV-cache slot pos % slots (the rows a ring keeps, as
-                    cache_write): a decode step's k and v in one launch each
+    element ops:    each element of the row (codegen/elementwise.py): a residual add, a
+                    layer scalar, ...
+    cache_write:    last: the row stored straight into its KV-cache slot pos % slots (the
+                    rows a ring keeps, as cache_write does)
 
-The row is seen as [heads, head width] (rope: as [heads, hd/2] pairs); a norm sums over the
-last axis (per head) or over both (the row).
+so rows[rms_norm, rope] is the seed's q/k norm + RoPE, rows[head_rms_norm, rope,
+cache_write] a decode step's k, rows[rms_norm, add, scale_by] a post-norm with its residual
+and layer scalar. The row is seen as [heads, head width] (rope: as [heads, hd/2] pairs); a
+norm sums over the last axis (per head) or over both (the row).
 
-bytes: elem * (2 * S * D + D) (+ S * D for the residual) (+ the 1-2 KB frequency table);
+bytes: elem * (2 * S * D + D) (+ S * D a tile operand) (+ the 1-2 KB frequency table);
 FLOPs: ~4 (norm) + ~6 (rope) per element. The row is read once and written once.
 """
 

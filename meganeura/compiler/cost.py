@@ -50,7 +50,8 @@ class DeviceProfile:
     attention_row_time: float = 0.0
 
 
-# Ceilings measured on one H200 (DESIGN.md): ~4.3 TB/s copy, ~790 TFLOP/s bf16 matmul.
+# Ceilings measured on one H200 (docs/design.md, the cost model): ~4.3 TB/s copy, ~790 TFLOP/s
+# bf16 matmul.
 H200_ROOFLINE = DeviceProfile("h200-roofline", bandwidth=4.3e12, matmul_flops=790e12,
                               vector_flops=60e12, launch=3e-6, tile_n=256)
 # The same ceilings with what the generated kernels reached on the H200 (Triton 3.6,
