@@ -23,14 +23,15 @@ def _leaf_value(graph, nid, gen):
     bound, positions = None, False
     for u in graph.users()[nid]:
         un = graph[u]
-        for pos, (spec, role, attrs) in index_inputs(un.op, un.attrs, len(un.inputs)).items():
+        for pos, readers in index_inputs(un.op, un.attrs, len(un.inputs)).items():
             if un.inputs[pos] != nid:
                 continue
-            if role == "ids":  # below the rows of the table gathered from
-                b = graph[un.inputs[pos + 1]].shape[0]
-            else:  # positions: below a RoPE's limit (a cache takes any)
-                positions, b = True, attrs.get("limit", 1 << 20)
-            bound = b if bound is None else min(bound, b)
+            for spec, role, attrs in readers:
+                if role == "ids":  # below the rows of the table gathered from
+                    b = graph[un.inputs[pos + 1]].shape[0]
+                else:  # positions: below a RoPE's limit (a cache takes any)
+                    positions, b = True, attrs.get("limit", 1 << 20)
+                bound = b if bound is None else min(bound, b)
     if positions and n.shape[0] > 1:
         return torch.arange(n.shape[0])
     return torch.randint(0, bound or 2, n.shape, generator=gen)

@@ -34,3 +34,33 @@ def test_prefill_kernels_fit_an_sm90_block(model):
     # q | k | v read in place too (12b: 128-wide tiles, which its parts take): the three K
     # loops share one set of stage buffers
     assert any("3-part-B" in line for line in matmuls)
+
+
+# stage chains whose kernels run their stages in two scopes (a one-row product's tile and
+# its row's last-tile pass): Triton keeps one type a name across a branch or loop, which the
+# interpreter does not check
+TWO_SCOPES = ["rms_norm|rms_norm,add", "rms_norm|glu.pair-silu,rms_norm,add",
+              "|softcap,rms_norm,glu@1-silu,softcap,scale_by"]
+
+SCRIPT = """
+import sys, torch
+sys.path[:0] = [{tests!r}, {tools!r}]
+from compile_check import compile_launches
+from kernel_cases import product_case
+from meganeura.codegen import Target
+for name in {cases!r}:
+    g, _, _ = product_case(name, 1, 512, 512, transposed=True)
+    out = compile_launches(g, [g.outputs[0]], Target(torch.device("cuda"), torch.bfloat16, sms=132))
+    print(name, [r["local_memory"] for r in out])
+"""
+
+
+def test_stages_in_two_scopes_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    script = SCRIPT.format(tests=str(ROOT / "tests"), tools=str(ROOT / "tools"),
+                           cases=TWO_SCOPES)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert [line.split()[0] for line in run.stdout.splitlines()] == TWO_SCOPES

@@ -190,3 +190,24 @@ def test_malformed_graph_is_rejected_before_egglog(monkeypatch, nodes, message):
     monkeypatch.setattr(opt, "EGraph", no_egglog)
     with pytest.raises(GraphError, match=message):
         optimize(Graph(nodes, [len(nodes) - 1]), H200_BF16)
+
+
+def test_no_plan_holds_a_kernel_codegen_refuses():
+    # the epilogue rules would fuse these into one row kernel of two head widths, and a
+    # second RoPE at other positions into it: kernels.unrunnable prices both out
+    import torch
+
+    from meganeura.codegen import Target, kernel_for
+
+    g = Graph()
+    x = g.input_f32("x", (5, 64))
+    p, q = g.input_u32("p", (5,)), g.input_u32("q", (5,))
+    h = g.head_rms_norm(x, g.parameter("w", (16,)), 1e-6, 16)
+    y = g.rope(g.rope(h, p, 1e4, 32, limit=8), q, 1e4, 32, limit=8)
+    g.set_outputs([y])
+    for profile in (H200, CPU_INTERPRETER):
+        plan, _ = optimize(g, CostModel(profile, "fp32"))
+        assert len(plan.launches) == 3, plan.kernel_counts()
+        target = Target(torch.device("cpu"), torch.float32)
+        for i in plan.launches:
+            kernel_for(plan.graph[i], plan.graph, target)

@@ -66,13 +66,18 @@ def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h2
     plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name))
     # the decode step's kernels are launched as programmatic dependents (generation.py)
     target = Target(torch.device("cuda"), dtype, sms=sms, pdl=bool(capacity) and seq_len == 1)
+    return compile_launches(plan.graph, plan.launches, target)
+
+
+def compile_launches(graph, launches, target) -> list[dict]:
+    """Compiles the kernels of the graph's launches for sm_90, each distinct one once."""
+    dtype = target.dtype
     seen = set()
     tmp = Path(tempfile.mkdtemp())
     out = []
-    specs = [k for nid in plan.launches for k in kernel_for(plan.graph[nid], plan.graph,
-                                                            target).chain()]
+    specs = [k for nid in launches for k in kernel_for(graph[nid], graph, target).chain()]
     for spec in specs:
-        types = signature(spec, plan.graph, dtype)
+        types = signature(spec, graph, dtype)
         key = (spec.source, tuple(types), tuple(sorted(spec.constexprs.items())), spec.num_warps)
         if key in seen:
             continue

@@ -29,9 +29,10 @@ import itertools
 import torch
 
 from ..compiler.cost import halve_last_wave, matmul_tile
-from ..compiler.kernels import node_kernel
+from ..compiler.kernels import node_kernel, unrunnable
 from ..compiler.ops import OPS
 from ..compiler.plan import holds_fp32
+from ..errors import MeganeuraError
 from . import matvec
 from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent, part_branches
 from .stages import Names, Stages, element_stages, variant
@@ -266,6 +267,9 @@ def _aligned(graph, nid: int) -> bool:
 
 def build(node, graph, target: Target) -> KernelSpec:
     k = node_kernel(node)
+    why = unrunnable(k)
+    if why:
+        raise MeganeuraError(f"{graph.label(node.id)}: {why}")
     a, b = graph[node.inputs[0]], graph[node.inputs[1]]
     (m, kk), n = a.shape, node.shape[1]
     # a row's RMSNorm in the epilogue waits on the row's last column tile: the

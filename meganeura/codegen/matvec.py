@@ -211,12 +211,14 @@ def _post_norm_tail(post: RowNorm) -> list[str]:
            "if done == in_group - 1:  # the group's last: its columns are in",
            '    done = tl.atomic_add(cnt_row, 1, sem="acq_rel")',
            "    if done == GROUPS - 1:  # the row's last: every column is in"]
-    last = ["ss = tl.zeros((BLOCK_R,), dtype=tl.float32)",
+    # the row's statistics under names of their own: a norm prologue's ss and rstd have
+    # the tile's shape (Triton keeps one type a name across the branch)
+    last = ["pss = tl.zeros((BLOCK_R,), dtype=tl.float32)",
             "for c0 in range(0, N, BLOCK_R):"]
-    last += ["    " + x for x in piece("y") + ["ss += y * y"]]
-    last += [f"rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / N + {post.eps})",
+    last += ["    " + x for x in piece("y") + ["pss += y * y"]]
+    last += [f"prstd = 1.0 / tl.sqrt(tl.sum(pss, axis=0) / N + {post.eps})",
              "for c0 in range(0, N, BLOCK_R):"]
-    body = piece("y") + ["y = y * rstd * tl.load(pw_ptr + cols, mask=cm, other=0.0).to(tl.float32)"]
+    body = piece("y") + ["y = y * prstd * tl.load(pw_ptr + cols, mask=cm, other=0.0).to(tl.float32)"]
     body += [line for k in range(len(post.after.stages)) for line in post.after.lines(k, "y", value)]
     body += ["tl.store(c_ptr + row * stride_cm + cols, y.to(c_ptr.dtype.element_ty), mask=cm)"]
     last += ["    " + x for x in body]
@@ -311,6 +313,7 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
         st = k.epilogue[cut]
         post = RowNorm(st.operands[0], names.take("eps"), st.attr["eps"], None)
         post.after = element_stages(k.epilogue[cut + 1:], node, graph, names, node.shape)
+        post.after.prefix = "p_"  # its temporaries live in the row's loop, not the tile's
     rows = a.shape[0]
     cfg = dict(cfg)
     warps, split_k = cfg.pop("warps"), cfg.pop("SPLIT_K", 1)

@@ -31,8 +31,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..compiler.kernels import index_inputs, node_kernel
+from ..compiler.kernels import index_inputs, node_kernel, unrunnable
 from ..compiler.ops import OPS, rope_scaling
+from ..errors import MeganeuraError
 from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 from .stages import Names, Stages, element_stages, variant
 
@@ -191,8 +192,7 @@ def row_kernel(node, graph) -> RowKernel:
             eps[i] = names.take("eps")
         elif st.op == "rope":
             freqs[i] = names.take("freq")
-        positions.update(pos for pos, (_, role, _) in index_inputs(
-            "rows", {"prologue": (), "epilogue": (st,)}, len(node.inputs)).items())
+        positions.update(index_inputs("rows", {"prologue": (), "epilogue": (st,)}, 0))
     element = element_stages([st for st in k.epilogue if OPS[st.op].locality == "element"],
                              node, graph, names, x.shape)
     if len(positions) > 1:
@@ -205,6 +205,9 @@ def row_kernel(node, graph) -> RowKernel:
 
 def build(node, graph, target: Target) -> KernelSpec:
     k = node_kernel(node)
+    why = unrunnable(k)
+    if why:
+        raise MeganeuraError(f"{graph.label(node.id)}: {why}")
     v = row_kernel(node, graph)
     x = graph[node.inputs[k.main[0]]]
     # a cache write's rows go into the cache's buffer

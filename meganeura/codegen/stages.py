@@ -46,6 +46,7 @@ class Stages:
     operands: dict[int, Operand] = field(default_factory=dict)  # node-input position ->
     values: list[tuple[str, object]] = field(default_factory=list)  # (argument, value)
     attrs: list[dict] = field(default_factory=list)  # per stage: attribute -> text in source
+    prefix: str = ""  # of the expressions' temporaries (stages of another scope of a kernel)
 
     @property
     def tiles(self) -> list[Operand]:
@@ -69,7 +70,8 @@ class Stages:
                 out += more
                 values.append(expr)
             values.insert(st.at, running)
-        return out + elementwise.apply(st.op, values, self.attrs[k], running, f"{running}_in")
+        return out + elementwise.apply(st.op, values, self.attrs[k], running, f"{running}_in",
+                                       self.prefix)
 
 
 def element_stages(stages, node, graph, names: Names, running_shape: tuple) -> Stages:

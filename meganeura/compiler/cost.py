@@ -23,7 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .kernels import Kernel, kernel_of
+from .kernels import Kernel, kernel_of, unrunnable
 from .ops import OPS
 
 
@@ -196,6 +196,8 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
     if spec.kind != "compute":
         return None  # leaves, views, and layout ops (read in place or made at load time)
     k = kernel_of(op, attrs, len(ins))
+    if k is not None and unrunnable(k):
+        return Work(math.inf)  # no kernel runs these stages together (kernels.unrunnable)
     arch = k.archetype if k is not None else spec.archetype
     io = elem * (sum(_numel(s) for s in ins) + _numel(out))
     if arch == "kv_cache":  # a cache write: its rows read and written, the cache untouched

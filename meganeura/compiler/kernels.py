@@ -160,41 +160,66 @@ def updated_input(node) -> int | None:
     return node_kernel(node).updates()
 
 
-def index_inputs(op: str, attrs: dict, arity: int) -> dict[int, tuple[OpSpec, str, dict]]:
-    """Node-input positions that hold integer indices -> (the op reading them, its role
-    there, that op's attributes): token ids of a gather, positions of RoPE or a cache write."""
-    out: dict[int, tuple[OpSpec, str, dict]] = {}
+def index_inputs(op: str, attrs: dict, arity: int) -> dict[int, list[tuple[OpSpec, str, dict]]]:
+    """Node-input positions that hold integer indices -> every (op reading them, its role
+    there, that op's attributes): token ids of a gather, positions of RoPE or a cache write
+    (a row kernel's RoPE and cache write read the same positions)."""
+    out: dict[int, list[tuple[OpSpec, str, dict]]] = {}
     if op not in STRUCTURED:
         spec = OPS[op]
         for pos, role in enumerate(spec.inputs[:arity]):
             if role in spec.indices:
-                out[pos] = (spec, role, attrs)
+                out.setdefault(pos, []).append((spec, role, attrs))
         return out
     arch = ARCHETYPES[op]
     base = OPS[arch.base] if arch.base else None
     for pos, role in enumerate(arch.main):
         if base is not None and role in base.indices:
-            out[pos] = (base, role, {})
+            out.setdefault(pos, []).append((base, role, {}))
     for st in attrs["prologue"] + attrs["epilogue"]:
         spec = OPS[st.op]
         roles = [r for k, r in enumerate(spec.inputs) if k != st.at] if not st.pair else []
         for pos, role in zip(st.operands, roles):
             if role in spec.indices:
-                out[pos] = (spec, role, st.attr)
+                out.setdefault(pos, []).append((spec, role, st.attr))
     return out
 
 
 def input_bounds(graph, node) -> dict[int, tuple[int, str]]:
     """Node-input position -> (exclusive bound, what) for the integer inputs the node indexes
     with: token ids below the rows of the table a gather reads, positions below the `limit`
-    of the RoPE that reads them (a cache write takes any position)."""
+    of every RoPE that reads them (a cache write takes any position)."""
     out = {}
-    for pos, (spec, role, attrs) in index_inputs(node.op, node.attrs, len(node.inputs)).items():
-        if role == "ids":  # the table is the gather's next operand
-            out[pos] = (graph[node.inputs[pos + 1]].shape[0], "token id")
-        elif "limit" in attrs:
-            out[pos] = (attrs["limit"], "position")
+    for pos, readers in index_inputs(node.op, node.attrs, len(node.inputs)).items():
+        for spec, role, attrs in readers:
+            if role == "ids":  # the table is the gather's next operand
+                bound = (graph[node.inputs[pos + 1]].shape[0], "token id")
+            elif "limit" in attrs:
+                bound = (attrs["limit"], "position")
+            else:
+                continue
+            if pos not in out or bound[0] < out[pos][0]:
+                out[pos] = bound
     return out
+
+
+def unrunnable(kernel: Kernel) -> str | None:
+    """Why no kernel of its archetype runs these stages (None: one does). The cost model
+    prices such a node out and codegen refuses it: a product takes at most one prologue
+    stage and one row stage in its epilogue; a row kernel's stages see one head width and
+    read one set of positions."""
+    if kernel.archetype == "product":
+        if len(kernel.prologue) > 1:
+            return "a product takes one prologue stage"
+        if sum(OPS[st.op].locality == "row" for st in kernel.epilogue) > 1:
+            return "a product's epilogue takes one row stage"
+    if kernel.archetype == "rows":
+        dims = {st.attr["head_dim"] for st in kernel.epilogue if "head_dim" in st.attr}
+        if len(dims) > 1:
+            return f"a row kernel's stages see one head width, not {sorted(dims)}"
+        if len(index_inputs("rows", {"prologue": (), "epilogue": kernel.epilogue}, 0)) > 1:
+            return "a row kernel reads one set of positions"
+    return None
 
 
 # ---- building and checking structured nodes --------------------------------------------------
