@@ -18,7 +18,7 @@ demo: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m meganeura compile --model gemma4-small-test --seq-len 16 --run
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist worksteal
 
 clean:
 	rm -rf $(VENV) build *.egg-info

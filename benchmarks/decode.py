@@ -164,7 +164,8 @@ def graph_replay_ms(decode, reps: int = 50) -> float:
     return median_gap(marks)
 
 
-def meganeura_decode(model, context: int, steps: int, profile: bool = False) -> float:
+def meganeura_decode(model, context: int, steps: int, profile: bool = False,
+                     warmup: int = 4) -> float:
     """Median ms per token of meganeura's decode plan after a context of `context` tokens."""
     gen = model.generator
     cap = gen.capacity_for(context + steps + 8)
@@ -183,7 +184,7 @@ def meganeura_decode(model, context: int, steps: int, profile: bool = False) -> 
         state["i"] += 1
         return state["tok"]
 
-    ms = step_times(run_step, steps)
+    ms = step_times(run_step, steps, warmup)
     if profile and torch.cuda.is_available():
         print_profile(decode, ms)
         print(f"  the step's graph replayed back to back: {graph_replay_ms(decode):.3f} ms "
@@ -194,7 +195,8 @@ def meganeura_decode(model, context: int, steps: int, profile: bool = False) -> 
     return ms
 
 
-def hf_decode(hf, forward, cache, context: int, steps: int, vocab: int, device) -> float:
+def hf_decode(hf, forward, cache, context: int, steps: int, vocab: int, device,
+              warmup: int = 4) -> float:
     """Median ms per token of transformers' model: a prefill of `context` random tokens into
     `cache` (eager), then greedy steps through `forward`."""
     g = torch.Generator(device="cpu").manual_seed(context)
@@ -213,7 +215,7 @@ def hf_decode(hf, forward, cache, context: int, steps: int, vocab: int, device) 
             state["pos"] += 1
             return state["tok"][0, 0]
 
-        return step_times(run_step, steps)
+        return step_times(run_step, steps, warmup)
 
 
 def hf_generate_decode(hf, context: int, steps: int, vocab: int, device, static: bool,
@@ -343,14 +345,15 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
     for c in contexts:
         row = {"model": name, "context": c, "steps": args.steps, "dtype": args.dtype,
                "floor_ms": floor_bytes(cfg, c, 2) / BANDWIDTH * 1e3, **extra}
-        row["meganeura_ms"] = meganeura_decode(model, c, args.steps, c in args.profile)
+        row["meganeura_ms"] = meganeura_decode(model, c, args.steps, c in args.profile,
+                                               args.warmup)
         print(f"{name} C={c}: meganeura {row['meganeura_ms']:.3f} ms/token, floor "
               f"{row['floor_ms']:.3f} ({row['meganeura_ms'] / row['floor_ms']:.2f}x)", flush=True)
         if hf is not None and args.hf_eager:
             from transformers import DynamicCache
 
             row["hf_eager_ms"] = hf_decode(hf, hf, DynamicCache(config=hf.config), c, args.steps,
-                                           cfg.vocab_size, device)
+                                           cfg.vocab_size, device, args.warmup)
             print(f"  transformers eager {row['hf_eager_ms']:.2f} ms/token", flush=True)
             _release(torch.cuda.is_available())
         if compiled is not None:
@@ -358,7 +361,7 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
             t = time.perf_counter()
             try:
                 row["hf_compiled_ms"] = hf_decode(hf, compiled, static, c, args.steps,
-                                                  cfg.vocab_size, device)
+                                                  cfg.vocab_size, device, args.warmup)
             except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, not fatal
                 print(f"  transformers static cache, compiled: failed: {type(e).__name__}: "
                       f"{str(e)[:300]}", flush=True)
@@ -373,7 +376,7 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
             for key, static in (("hf_generate_ms", False), ("hf_generate_static_ms", True)):
                 try:
                     row[key] = hf_generate_decode(hf, c, args.steps, cfg.vocab_size, device,
-                                                  static)
+                                                  static, args.warmup)
                 except Exception as e:  # noqa: BLE001 - a baseline that fails is reported
                     print(f"  transformers generate{' (static cache)' if static else ''}: "
                           f"failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -530,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "token and compile time (overrides --models)")
     ap.add_argument("--steps", type=int, default=64, help="steps timed per context (>= 64 for "
                     "the targets)")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed steps before them, each "
+                    "context and system")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-hf-eager", dest="hf_eager", action="store_false")
     ap.add_argument("--no-hf-compiled", dest="hf_compiled", action="store_false",

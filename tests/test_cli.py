@@ -1,23 +1,51 @@
-"""The command line, run as users run it: a subprocess, its output and exit status."""
+"""The command line: its output and exit status for a user's arguments.
 
+Most tests call `meganeura.cli.main(argv)`, the function the console script and `python -m
+meganeura` call, in this process with its output captured: a fresh interpreter per case
+would spend its seconds importing torch. Where the process itself is under test (the module
+entry point, a file that could block) `cli(..., subprocess=True)` runs it as a shell does.
+"""
+
+import contextlib
+import io
 import json
-import subprocess
+import os
+import subprocess as sp
 import sys
+import tempfile
 
 import pytest
 
 from configs import SMALL
+from meganeura.cli import main
 from meganeura.models.weights import save_random_weights
 
+KERNELS = tempfile.gettempdir() + "/meganeura-test-kernels"
 
-def cli(*args, timeout=300, env=None):
-    import os
-    import tempfile
-    env = {**os.environ, "MEGANEURA_CACHE_DIR": tempfile.gettempdir() + "/meganeura-test-kernels",
-           **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "meganeura", *args], capture_output=True,
-                       text=True, timeout=timeout, env=env)
-    return p.returncode, p.stdout, p.stderr
+
+def cli(*args, timeout=300, env=None, subprocess=False):
+    """(exit status, stdout, stderr) of the command line on args; env: variables it sees."""
+    env = {"MEGANEURA_CACHE_DIR": KERNELS, **(env or {})}
+    if subprocess:
+        p = sp.run([sys.executable, "-m", "meganeura", *args], capture_output=True, text=True,
+                   timeout=timeout, env={**os.environ, **env})
+        return p.returncode, p.stdout, p.stderr
+    saved = {k: os.environ.get(k) for k in env}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as e:  # argparse's errors and --help
+                rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return rc, out.getvalue(), err.getvalue()
 
 
 def test_emit_dir_writes_egglog_program_and_plan(tmp_path):
@@ -37,7 +65,7 @@ def test_emit_dir_writes_egglog_program_and_plan(tmp_path):
 
 
 def test_compile_small_prints_summary_and_top_tokens():
-    rc, out, err = cli("compile", "--run", "--seq-len", "7", "--top", "3")
+    rc, out, err = cli("compile", "--run", "--seq-len", "7", "--top", "3", subprocess=True)
     assert rc == 0, err
     assert "model gemma4-small-test: 4 layers (1 global, 3 sliding-window 8)" in out
     assert "parameters: 45,600 in 47 tensors" in out

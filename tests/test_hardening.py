@@ -143,7 +143,7 @@ def test_a_header_error_shows_no_bytes_of_the_file(tmp_path):
 def test_a_fifo_is_not_read(tmp_path):
     fifo = tmp_path / "w.safetensors"
     os.mkfifo(fifo)
-    rc, out, err = cli("compile", "--weights", str(fifo), timeout=60)
+    rc, out, err = cli("compile", "--weights", str(fifo), timeout=60, subprocess=True)
     _one_line_exit_2(rc, out, err, "is not a regular file")
 
 

@@ -1,10 +1,12 @@
 """Compiles every distinct kernel of a plan for sm_90 on this machine (no GPU needed).
 
     python tools/compile_check.py --model gemma4-4b --seq-len 2048
+    python tools/compile_check.py --model gemma4-4b gemma4-12b gemma4-27b
 
 Triton lowers each kernel to PTX and ptxas assembles it for Hopper; the registers,
 shared memory and spills it reports are printed, so a kernel that does not compile,
-or spills, is found before any GPU time is spent.
+or spills, is found before any GPU time is spent. Several models: a kernel they share
+(the same source, types, tile constants and warps) is compiled and printed once.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
 
 
 def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h200",
-          sms: int = 132, capacity: int = 0) -> list[dict]:
-    """Compiles every distinct kernel of the plan for sm_90; one dict per kernel."""
+          sms: int = 132, capacity: int = 0, seen: set | None = None) -> list[dict]:
+    """Compiles every distinct kernel of the plan for sm_90; one dict per kernel (none for
+    those whose keys are in `seen`, which takes the new ones' keys)."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     # capacity > 0: the generation plans over KV caches (seq_len 1: the decode step)
     generation = Generation(capacity, decode=seq_len == 1) if capacity else None
@@ -66,13 +69,13 @@ def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h2
     plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name))
     # the decode step's kernels are launched as programmatic dependents (generation.py)
     target = Target(torch.device("cuda"), dtype, sms=sms, pdl=bool(capacity) and seq_len == 1)
-    return compile_launches(plan.graph, plan.launches, target)
+    return compile_launches(plan.graph, plan.launches, target, seen)
 
 
-def compile_launches(graph, launches, target) -> list[dict]:
+def compile_launches(graph, launches, target, seen: set | None = None) -> list[dict]:
     """Compiles the kernels of the graph's launches for sm_90, each distinct one once."""
     dtype = target.dtype
-    seen = set()
+    seen = set() if seen is None else seen
     tmp = Path(tempfile.mkdtemp())
     out = []
     specs = [k for nid in launches for k in kernel_for(graph[nid], graph, target).chain()]
@@ -82,7 +85,7 @@ def compile_launches(graph, launches, target) -> list[dict]:
         if key in seen:
             continue
         seen.add(key)
-        path = tmp / f"k{len(seen)}.py"
+        path = tmp / f"k{len(out)}.py"
         path.write_text(spec.source)
         s = importlib.util.spec_from_file_location(path.stem, path)
         mod = importlib.util.module_from_spec(s)
@@ -102,7 +105,7 @@ def compile_launches(graph, launches, target) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="gemma4-4b", choices=sorted(MODEL_NAMES))
+    ap.add_argument("--model", nargs="+", default=["gemma4-4b"], choices=sorted(MODEL_NAMES))
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--profile", default="h200", choices=sorted(PROFILES))
@@ -111,8 +114,10 @@ def main():
                     "of this many positions: the prefill of --seq-len tokens, or the decode step "
                     "with --seq-len 1")
     a = ap.parse_args()
-    over = 0
-    for r in check(a.model, a.seq_len, a.dtype, a.profile, a.sms, a.capacity):
+    over, seen = 0, set()
+    results = [r for m in a.model
+               for r in check(m, a.seq_len, a.dtype, a.profile, a.sms, a.capacity, seen)]
+    for r in results:
         spec = r["spec"]
         over += r["shared"] > SHARED_LIMIT
         print(f"{spec.archetype:10} {spec.variant:34} {str(spec.constexprs):70} "
