@@ -100,11 +100,11 @@ def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, transpose
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("op", PRODUCT_SAMPLE)
 def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
-    # a decode step's products: K = 45 or 130 and N = 140 leave partial K steps and column
-    # tiles (nine of 16 columns); B stored [K, N] past one K step is shared among programs in
+    # a decode step's products: K = 45 or 130 and N = 280 leave partial K steps and column
+    # tiles (nine of 32 columns); B stored [K, N] past one K step is shared among programs in
     # K slices (two of 32 rows at K = 45, three of 64 at 130), whose last program finishes
     # each column tile
-    g, w, inputs = product_case(op, 1, k, 140, seed=11, transposed=transposed)
+    g, w, inputs = product_case(op, 1, k, 280, seed=11, transposed=transposed)
     model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
     spec = model.launches[0].spec
     assert "+matvec" in spec.variant and spec.entry == "matvec_kernel"
@@ -126,10 +126,10 @@ def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("op", ROW_NORM_PRODUCT_CASES)
 def test_product_ends_with_the_rows_post_norm(op, transposed, m, k, tmp_path):
-    # N = 140: nine 16-column tiles, the last one partial, counted in three groups of three;
+    # N = 280: nine 32-column tiles, the last one partial, counted in three groups of three;
     # the last tile of each row to count normalizes the whole row (several rows: counters
     # each), and leaves the counters zeroed
-    g, w, inputs = product_case(op, m, k, 140, seed=k + m, transposed=transposed)
+    g, w, inputs = product_case(op, m, k, 280, seed=k + m, transposed=transposed)
     model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
     spec = model.launches[0].spec
     assert spec.variant.startswith(op.lstrip("|")) and "+matvec" in spec.variant
