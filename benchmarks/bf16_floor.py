@@ -1,14 +1,19 @@
-"""How far a preset's fp32 logits move when its input carries one bf16 rounding: the error
-that no bf16 computation on these random weights can go below.
+"""How far a preset's fp32 logits move under bf16 rounding that any bf16 implementation
+has: the error below which no bf16 run of these random weights can land.
 
     python benchmarks/bf16_floor.py --models llama-3.1-8b qwen3-8b gemma4-4b --seq-len 2048
 
-The prefill and decode checks hold a bf16 run within 2e-2 of the fp32 reference executor.
-A deep model with random weights can amplify rounding far above that; this script measures
-by how much. The same graph, weights and token ids as `prefill.py --check` (seed, seq-len):
-the fp32 reference's logits against the fp32 reference's logits with every token embedding
-scaled by 1 + d, d = +-2^-9 at random per element (a bf16 rounding, half an ulp), the rest
-of the forward in fp32. A tied lm_head reads the scaled table too.
+The prefill and decode checks hold a bf16 run within 2e-2 of fp32. How much rounding a
+model amplifies depends on its weights; this script measures it on exactly the weights and
+token ids of `prefill.py --check` (same seed and sequence length: transformers' own
+initialization for the presets transformers has, `random_weights` for the seed's):
+
+- embeddings: the fp32 reference executor's logits against the same forward with every
+  token embedding scaled by 1 + d, d = +-2^-9 at random per element (one bf16 rounding,
+  half an ulp; a tied lm_head reads the scaled table too);
+- product inputs (presets transformers has): transformers' fp32 model against the same
+  model with the input of every linear layer rounded to bf16, as a bf16 tensor-core product
+  reads it (fp32 accumulation, everything else in fp32).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 
 import torch
 
+from hf_forward import has_transformers
 from meganeura.models import MODEL_NAMES, PRESETS, build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.check import relative_error
@@ -26,20 +32,40 @@ from meganeura.runtime.reference import run_reference
 EMBEDDING = "model.embed_tokens.weight"
 
 
-def floor(name: str, seq: int, seed: int, device) -> float:
-    cfg = PRESETS[MODEL_NAMES[name]]
-    graph = build(cfg, seq)
-    weights = random_weights(cfg, seed, torch.bfloat16, device)
-    gen = torch.Generator(device="cpu").manual_seed(seed + seq)  # prefill.py's token ids
-    ids = torch.randint(0, cfg.vocab_size, (seq,), generator=gen).to(device)
+def _weights(name: str, cfg, seed: int, device):
+    """prefill.py's weights: (transformers' model or None, meganeura's weight dict)."""
+    if has_transformers(cfg):
+        from hf_forward import hf_config, hf_model, shared_weights
+
+        model = hf_model(hf_config(cfg, MODEL_NAMES.get(name)), torch.bfloat16, device, seed)
+        return model, shared_weights(model, cfg)
+    return None, random_weights(cfg, seed, torch.bfloat16, device)
+
+
+def embedding_floor(graph, weights: dict, ids, seed: int, device) -> float:
     (ref,) = run_reference(graph, weights, {"token_ids": ids}, torch.float32, device)
     table = weights[EMBEDDING].float()
     sign = torch.randint(0, 2, table.shape, generator=torch.Generator(device=device)
                          .manual_seed(seed), device=device) * 2 - 1
-    weights[EMBEDDING] = table * (1 + sign * 2.0 ** -9)
+    moved = dict(weights, **{EMBEDDING: table * (1 + sign * 2.0 ** -9)})
     del table, sign
-    (moved,) = run_reference(graph, weights, {"token_ids": ids}, torch.float32, device)
-    return relative_error(moved, ref)
+    (out,) = run_reference(graph, moved, {"token_ids": ids}, torch.float32, device)
+    return relative_error(out, ref)
+
+
+def product_input_floor(model, ids) -> float:
+    from hf_forward import hf_fp32_copy, hf_logits
+
+    ref_model = hf_fp32_copy(model)
+    ref = hf_logits(ref_model, ids).float()
+    hooks = [m.register_forward_pre_hook(
+        lambda _, args: (args[0].to(torch.bfloat16).float(),) + tuple(args[1:]))
+        for m in ref_model.modules() if isinstance(m, torch.nn.Linear)]
+    out = hf_logits(ref_model, ids).float()
+    for h in hooks:
+        h.remove()
+    del ref_model
+    return relative_error(out, ref)
 
 
 def main(argv=None) -> int:
@@ -51,9 +77,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     for name in a.models:
-        err = floor(name, a.seq_len, a.seed, device)
-        print(f"{name} seq {a.seq_len}: fp32 logits moved by one bf16 rounding of the "
-              f"embeddings: relative error {err:.2e}", flush=True)
+        cfg = PRESETS[MODEL_NAMES[name]]
+        model, weights = _weights(name, cfg, a.seed, device)
+        gen = torch.Generator(device="cpu").manual_seed(a.seed + a.seq_len)  # prefill.py's ids
+        ids = torch.randint(0, cfg.vocab_size, (a.seq_len,), generator=gen).to(device)
+        line = (f"{name} seq {a.seq_len}: fp32 logits moved by one bf16 rounding of the "
+                f"embeddings {embedding_floor(build(cfg, a.seq_len), weights, ids, a.seed, device):.2e}")
+        if model is not None:
+            line += f", by bf16 inputs to every product {product_input_floor(model, ids):.2e}"
+        print(line + " (relative error)", flush=True)
+        del model, weights
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return 0
