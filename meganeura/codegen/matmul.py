@@ -35,7 +35,7 @@ from ..compiler.plan import holds_fp32
 from ..errors import MeganeuraError
 from . import matvec
 from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent, part_branches
-from .stages import Names, Stages, element_stages, variant
+from .stages import Names, Stages, element_stages, load_once, variant
 
 
 def emit(epi: Stages, norm: bool, precision: str, tma: bool = False, parts: int = 1,
@@ -126,16 +126,7 @@ for k0 in range(0, K, BLOCK_K):
         if norm:
             finish += ["rstd = 1.0 / tl.sqrt(ss / K + eps)", "acc = acc * rstd[:, None]"]
             finish += ["acc_up = acc_up * rstd[:, None]"] if paired else []
-        loaded: set[str] = set()
-
-        def value(x):  # an epilogue operand, loaded once into a variable of its name
-            if x.name in loaded:
-                return [], x.name
-            loaded.add(x.name)
-            if x.kind == "scalar":
-                return [f"{x.name} = tl.load({x.name}_ptr).to(tl.float32)"], x.name
-            return [f"{x.name} = tl.load({x.name}_ptr + rows[:, None] * stride_{x.name}m + "
-                    f"rn[None, :], mask=c_mask, other=0.0).to(tl.float32)"], x.name
+        value = load_once("{x}_ptr + rows[:, None] * stride_{x}m + rn[None, :]", "c_mask")
         for k in range(len(epi.stages)):
             finish += epi.lines(k, "acc", value, "acc_up")
         return f'''rm = row0 + tl.arange(0, {tm})

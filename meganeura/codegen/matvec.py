@@ -32,7 +32,7 @@ import torch
 from ..compiler.kernels import Kernel
 from ..compiler.ops import OPS
 from .common import GATE, HEADER, KernelSpec, Target, cdiv, indent, next_pow2, part_branches
-from .stages import Names, Stages, element_stages, variant
+from .stages import Names, Stages, element_stages, load_once, variant
 
 ROWS = 1  # the matmul archetype hands over products of at most this many rows
 
@@ -133,16 +133,7 @@ def emit(pre: Stages, norm: bool, parts: int = 1, weights: bool = True, split_k:
     if norm:
         finish += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)", "out = out * rstd"]
         finish += ["up = up * rstd"] if paired else []
-    loaded: set[str] = set()
-
-    def value(x):  # an epilogue operand at the program's columns, loaded once
-        if x.name in loaded:
-            return [], x.name
-        loaded.add(x.name)
-        if x.kind == "scalar":
-            return [f"{x.name} = tl.load({x.name}_ptr).to(tl.float32)"], x.name
-        return [f"{x.name} = tl.load({x.name}_ptr + row * stride_{x.name}m + rn, mask=n_mask, "
-                f"other=0.0).to(tl.float32)"], x.name
+    value = load_once("{x}_ptr + row * stride_{x}m + rn", "n_mask")  # the program's columns
     tail = [line for k in range(len(pre.stages)) for line in pre.lines(k, "out", value, "up")]
     if post is not None:
         tail += _post_norm_tail(post)

@@ -74,6 +74,23 @@ class Stages:
                                        self.prefix)
 
 
+def load_once(tile_address: str, mask: str):
+    """An epilogue operand's loader for Stages.lines: each operand loaded once into a
+    variable of its name, a scalar from its pointer, a tile at `tile_address` (formatted
+    with the operand's name as {x}) under `mask`."""
+    loaded: set[str] = set()
+
+    def value(x):
+        if x.name in loaded:
+            return [], x.name
+        loaded.add(x.name)
+        if x.kind == "scalar":
+            return [f"{x.name} = tl.load({x.name}_ptr).to(tl.float32)"], x.name
+        return [f"{x.name} = tl.load({tile_address.format(x=x.name)}, mask={mask}, "
+                f"other=0.0).to(tl.float32)"], x.name
+    return value
+
+
 def element_stages(stages, node, graph, names: Names, running_shape: tuple) -> Stages:
     """Names the operands and attribute arguments of element stages (in the order they are
     first read). An operand of the running value's shape is a tile, one of shape [1] a

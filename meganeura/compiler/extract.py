@@ -57,17 +57,23 @@ def _infer(n: ENode, shapes: dict, dtypes: dict) -> tuple:
         raise GraphError(f"unsound rewrite: {n.op} e-node has {e}") from None
 
 
-def load_time_classes(ec: EClasses) -> set[int]:
-    """Classes computable from parameters alone (evaluated once when weights load)."""
+def classes_where(ec: EClasses, holds) -> set[int]:
+    """The least set of classes with an e-node for which holds(node, set so far) is true
+    (grown until it holds no more)."""
     done: set[int] = set()
     grew = True
     while grew:
         grew = False
         for c, nodes in ec.nodes.items():
-            if c not in done and any(_param_only(n, done) for n in nodes):
+            if c not in done and any(holds(n, done) for n in nodes):
                 done.add(c)
                 grew = True
     return done
+
+
+def load_time_classes(ec: EClasses) -> set[int]:
+    """Classes computable from parameters alone (evaluated once when weights load)."""
+    return classes_where(ec, _param_only)
 
 
 def _param_only(n: ENode, done: set[int]) -> bool:

@@ -15,7 +15,8 @@ from egglog import EGraph
 from .blocks import group_templates, split_blocks
 from .cost import CostModel
 from .egraph import Block, EClasses, encode, read_eclasses
-from .extract import EPS, Extractor, Selection, class_shapes, load_time_classes
+from .extract import (EPS, Extractor, Selection, class_shapes, classes_where,
+                      load_time_classes)
 from .graph import Graph
 from .kernels import STRUCTURED, stage_count
 from .plan import Plan, make_plan
@@ -130,16 +131,8 @@ def _optimize_template(graph, members, schedule, cost, keep_egglog, local_search
 
 def transposed_classes(ec: EClasses) -> set[int]:
     """Classes of weights stored [N, K]: a transpose, or a concatenation of such."""
-    done: set[int] = set()
-    grew = True
-    while grew:
-        grew = False
-        for c, nodes in ec.nodes.items():
-            if c not in done and any(n.op == "transpose" or (n.op == "concat_cols" and all(
-                    ch in done for ch in n.children)) for n in nodes):
-                done.add(c)
-                grew = True
-    return done
+    return classes_where(ec, lambda n, done: n.op == "transpose" or (
+        n.op == "concat_cols" and all(ch in done for ch in n.children)))
 
 
 def leaf_node(block: Block, n) -> int:
