@@ -81,8 +81,9 @@ def main(argv=None) -> int:
         model, weights = _weights(name, cfg, a.seed, device)
         gen = torch.Generator(device="cpu").manual_seed(a.seed + a.seq_len)  # prefill.py's ids
         ids = torch.randint(0, cfg.vocab_size, (a.seq_len,), generator=gen).to(device)
+        moved = embedding_floor(build(cfg, a.seq_len), weights, ids, a.seed, device)
         line = (f"{name} seq {a.seq_len}: fp32 logits moved by one bf16 rounding of the "
-                f"embeddings {embedding_floor(build(cfg, a.seq_len), weights, ids, a.seed, device):.2e}")
+                f"embeddings {moved:.2e}")
         if model is not None:
             line += f", by bf16 inputs to every product {product_input_floor(model, ids):.2e}"
         print(line + " (relative error)", flush=True)
