@@ -13,7 +13,12 @@ initialization for the presets transformers has, `random_weights` for the seed's
   half an ulp; a tied lm_head reads the scaled table too);
 - product inputs (presets transformers has): transformers' fp32 model against the same
   model with the input of every linear layer rounded to bf16, as a bf16 tensor-core product
-  reads it (fp32 accumulation, everything else in fp32).
+  reads it (fp32 accumulation, everything else in fp32);
+- beside them, on the same weights and ids: transformers' bf16 model and (--meganeura)
+  meganeura's compiled bf16 forward against transformers' fp32 model.
+
+`--init unit` runs the presets transformers has on meganeura's `random_weights` instead
+(N(0, 1/fan_in) linear layers; activations keep unit scale at any width).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import sys
 
 import torch
 
-from hf_forward import has_transformers
+from hf_forward import INITS, has_transformers
 from meganeura.models import MODEL_NAMES, PRESETS, build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.check import relative_error
@@ -32,12 +37,13 @@ from meganeura.runtime.reference import run_reference
 EMBEDDING = "model.embed_tokens.weight"
 
 
-def _weights(name: str, cfg, seed: int, device):
+def _weights(name: str, cfg, seed: int, device, init: str):
     """prefill.py's weights: (transformers' model or None, meganeura's weight dict)."""
     if has_transformers(cfg):
         from hf_forward import hf_config, hf_model, shared_weights
 
-        model = hf_model(hf_config(cfg, MODEL_NAMES.get(name)), torch.bfloat16, device, seed)
+        model = hf_model(hf_config(cfg, MODEL_NAMES.get(name)), torch.bfloat16, device, seed,
+                         init, cfg)
         return model, shared_weights(model, cfg)
     return None, random_weights(cfg, seed, torch.bfloat16, device)
 
@@ -53,7 +59,9 @@ def embedding_floor(graph, weights: dict, ids, seed: int, device) -> float:
     return relative_error(out, ref)
 
 
-def product_input_floor(model, ids) -> float:
+def against_fp32(model, ids, compiled=None) -> dict[str, float]:
+    """Against transformers' fp32 model: the product-input floor, transformers' bf16 model
+    and (given) meganeura's compiled bf16 forward on the same weights and ids."""
     from hf_forward import hf_fp32_copy, hf_logits
 
     ref_model = hf_fp32_copy(model)
@@ -61,11 +69,15 @@ def product_input_floor(model, ids) -> float:
     hooks = [m.register_forward_pre_hook(
         lambda _, args: (args[0].to(torch.bfloat16).float(),) + tuple(args[1:]))
         for m in ref_model.modules() if isinstance(m, torch.nn.Linear)]
-    out = hf_logits(ref_model, ids).float()
+    errors = {"bf16 inputs to every product": relative_error(hf_logits(ref_model, ids).float(),
+                                                             ref)}
     for h in hooks:
         h.remove()
     del ref_model
-    return relative_error(out, ref)
+    errors["transformers bf16"] = relative_error(hf_logits(model, ids).float(), ref)
+    if compiled is not None:
+        errors["meganeura bf16"] = relative_error(compiled(ids).float(), ref)
+    return errors
 
 
 def main(argv=None) -> int:
@@ -73,19 +85,32 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", required=True, choices=sorted(MODEL_NAMES))
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0, help="prefill.py's --seed")
+    ap.add_argument("--init", choices=INITS, default="transformers", help="prefill.py's --init")
+    ap.add_argument("--meganeura", action="store_true", help="also meganeura's compiled bf16 "
+                    "forward against transformers' fp32 model (CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     for name in a.models:
         cfg = PRESETS[MODEL_NAMES[name]]
-        model, weights = _weights(name, cfg, a.seed, device)
+        model, weights = _weights(name, cfg, a.seed, device, a.init)
         gen = torch.Generator(device="cpu").manual_seed(a.seed + a.seq_len)  # prefill.py's ids
         ids = torch.randint(0, cfg.vocab_size, (a.seq_len,), generator=gen).to(device)
-        moved = embedding_floor(build(cfg, a.seq_len), weights, ids, a.seed, device)
-        line = (f"{name} seq {a.seq_len}: fp32 logits moved by one bf16 rounding of the "
-                f"embeddings {moved:.2e}")
+        graph = build(cfg, a.seq_len)
+        moved = embedding_floor(graph, weights, ids, a.seed, device)
+        init = a.init if model is not None else "unit"
+        line = (f"{name} seq {a.seq_len} ({init} init): fp32 logits moved by one bf16 rounding "
+                f"of the embeddings {moved:.2e}")
         if model is not None:
-            line += f", by bf16 inputs to every product {product_input_floor(model, ids):.2e}"
+            compiled = None
+            if a.meganeura:
+                import meganeura
+
+                compiled = meganeura.compile(graph, weights, device, torch.bfloat16)
+            errors = against_fp32(model, ids, compiled)
+            del compiled
+            line += "; against transformers' fp32: " + ", ".join(
+                f"{k} {v:.2e}" for k, v in errors.items())
         print(line + " (relative error)", flush=True)
         del model, weights
         if device.type == "cuda":

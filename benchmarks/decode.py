@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_forward import INITS  # noqa: E402
 from prefill import (_release, environment, pyplot, report_from_csv, save_figure,  # noqa: E402
                      write_rows)
 
@@ -316,7 +317,8 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
     if has_transformers(cfg):
         from hf_forward import hf_config, hf_model, shared_weights
 
-        hf = hf_model(hf_config(cfg, MODEL_NAMES.get(name)), dtype, device, args.seed)
+        hf = hf_model(hf_config(cfg, MODEL_NAMES.get(name)), dtype, device, args.seed,
+                      args.init, cfg)
         weights = shared_weights(hf, cfg)
     else:
         from meganeura.models.weights import random_weights
@@ -344,7 +346,7 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
     rows = []
     for c in contexts:
         row = {"model": name, "context": c, "steps": args.steps, "dtype": args.dtype,
-               "floor_ms": floor_bytes(cfg, c, 2) / BANDWIDTH * 1e3, **extra}
+               "init": args.init if hf is not None else "unit", "floor_ms": floor_bytes(cfg, c, 2) / BANDWIDTH * 1e3, **extra}
         row["meganeura_ms"] = meganeura_decode(model, c, args.steps, c in args.profile,
                                                args.warmup)
         print(f"{name} C={c}: meganeura {row['meganeura_ms']:.3f} ms/token, floor "
@@ -536,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps before them, each "
                     "context and system")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", choices=INITS, default="transformers", help="presets "
+                    "transformers has: its own initialization, or meganeura's random_weights "
+                    "(N(0, 1/fan_in)) loaded into its model")
     ap.add_argument("--no-hf-eager", dest="hf_eager", action="store_false")
     ap.add_argument("--no-hf-compiled", dest="hf_compiled", action="store_false",
                     help="skip transformers under torch.compile (its compile takes minutes)")

@@ -7,7 +7,10 @@ heads), with random weights (transformers' own initialization; norm weights and 
 scalars moved off their initial ones, Gemma-4's q_norm and k_norm scaled so that attention
 is not a coin toss: see `qk_norm_scale`). `hf_config` gives transformers' config of a
 meganeura config: Llama's and Qwen3's converted field by field, the published Gemma-4's its
-preset's transformers fields (PRESET_FIELDS). `shared_weights` hands meganeura the very same
+preset's transformers fields (PRESET_FIELDS). With `init="unit"` the model holds meganeura's
+own `random_weights` of the config instead (linear layers N(0, 1/fan_in), the weights the
+seed's rows run on): activations keep unit scale at any width, where transformers'
+N(0, 0.02^2) grows them at 8B widths (see bf16_floor.py). `shared_weights` hands meganeura the very same
 tensors: its graph names and layout are the checkpoint's, so nothing is copied and both run
 on identical weights.
 """
@@ -18,6 +21,7 @@ import torch
 
 from meganeura.models import Gemma4TextConfig, LlamaConfig, Qwen3Config, weight_specs
 from meganeura.models.gemma4_text import PRESET_FIELDS, qk_norm_scale
+from meganeura.models.weights import random_weights
 
 # meganeura's config class -> transformers' config class and causal LM, by name
 TRANSFORMERS = {Gemma4TextConfig: ("Gemma4TextConfig", "Gemma4ForCausalLM"),
@@ -58,8 +62,14 @@ def llama_fields(c) -> dict:
                 rope_parameters=rope)
 
 
-def hf_model(config, dtype, device, seed: int = 0):
-    """transformers' causal LM of `config` (a transformers config, see hf_config), eval mode."""
+INITS = ("transformers", "unit")
+
+
+def hf_model(config, dtype, device, seed: int = 0, init: str = "transformers", cfg=None):
+    """transformers' causal LM of `config` (a transformers config, see hf_config), eval mode;
+    `init="unit"` loads `random_weights(cfg, seed)` (`cfg`: the meganeura config)."""
+    if init not in INITS:
+        raise ValueError(f"init {init!r}: one of {', '.join(INITS)}")
     import transformers
 
     torch.manual_seed(seed)
@@ -74,7 +84,18 @@ def hf_model(config, dtype, device, seed: int = 0):
                 t.add_(0.1 * torch.randn(t.shape, generator=gen, device=device, dtype=t.dtype))
                 if gemma:  # attention scale 1 on normalized q and k
                     t.mul_(qk_norm_scale(name, t.shape[0]))
+        if init == "unit":
+            _load(model, random_weights(cfg, seed, torch.float32, device))
     return model.eval()
+
+
+def _load(model, weights: dict[str, torch.Tensor]) -> None:
+    """Copies graph-layout weights (the checkpoint's names and layout) into the model."""
+    state = model.state_dict()
+    for name, w in weights.items():
+        if state[name].shape != w.shape:
+            raise ValueError(f"{name}: {list(w.shape)} for a {list(state[name].shape)} tensor")
+        state[name].copy_(w)
 
 
 def shared_weights(model, config) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="meganeura-tri
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_forward import has_transformers  # noqa: E402
+from hf_forward import INITS, has_transformers  # noqa: E402
 from torch_forward import make_forward  # noqa: E402
 
 import meganeura  # noqa: E402
@@ -264,7 +264,7 @@ def run_one(args, name: str, seq: int, device, dtype) -> dict:
     weights = random_weights(cfg, args.seed, dtype, device)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + seq)
     ids = torch.randint(0, cfg.vocab_size, (seq,), generator=gen).to(device)
-    row = {"model": name, "seq": seq, "dtype": args.dtype}
+    row = {"model": name, "seq": seq, "dtype": args.dtype, "init": "unit"}
 
     # cold: empty meganeura and Triton caches; warm: the same compile again
     fn = compile_timed(row, graph, weights, ids, device, dtype, args.cache_dir, cuda)
@@ -360,12 +360,13 @@ def run_published(args, name: str, cfg, seq: int, device, dtype) -> dict:
     from hf_forward import hf_config, hf_fp32_copy, hf_logits, hf_model, shared_weights
 
     cuda = device.type == "cuda"
-    model = hf_model(hf_config(cfg, MODEL_NAMES.get(name)), dtype, device, args.seed)
+    model = hf_model(hf_config(cfg, MODEL_NAMES.get(name)), dtype, device, args.seed,
+                     args.init, cfg)
     weights = shared_weights(model, cfg)
     graph = build(cfg, seq)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + seq)
     ids = torch.randint(0, cfg.vocab_size, (seq,), generator=gen).to(device)
-    row = {"model": name, "seq": seq, "dtype": args.dtype}
+    row = {"model": name, "seq": seq, "dtype": args.dtype, "init": args.init}
     fn = compile_timed(row, graph, weights, ids, device, dtype, args.cache_dir, cuda)
     if args.check:
         logits = fn(ids).float().clone()
@@ -604,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--kernel-reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", choices=INITS, default="transformers", help="presets "
+                    "transformers has: its own initialization, or meganeura's random_weights "
+                    "(N(0, 1/fan_in)) loaded into its model; both read the same tensors")
     ap.add_argument("--check", action="store_true", help="relative error vs the fp32 reference")
     ap.add_argument("--hf-fp32", action="store_true", help="with --check, presets transformers "
                     "has (published Gemma-4, Llama, Qwen3): also against transformers' model "

@@ -114,6 +114,31 @@ def test_a_llama_prefill_row_against_transformers(tmp_path):
     assert row["meganeura_ms"] > 0 and row["eager_ms"] > 0 and row["launches"] > 0
 
 
+def test_unit_init_puts_meganeuras_random_weights_in_transformers_model():
+    # --init unit: transformers' model holds random_weights(cfg, seed) itself (tied lm_head
+    # included), and its fp32 logits are the reference executor's on those weights
+    import torch
+    from hf_forward import hf_config, hf_logits, hf_model, shared_weights
+
+    from meganeura.models import build
+    from meganeura.models.weights import random_weights
+    from meganeura.runtime.check import TOLERANCE, relative_error
+    from meganeura.runtime.reference import run_reference
+
+    cpu = torch.device("cpu")
+    for cfg in (TINY_LLAMA, TINY_QWEN3):
+        hf = hf_model(hf_config(cfg), torch.float32, cpu, seed=3, init="unit", cfg=cfg)
+        ours = random_weights(cfg, 3)
+        shared = shared_weights(hf, cfg)
+        assert shared.keys() == ours.keys()
+        assert all(torch.equal(shared[n], ours[n]) for n in ours)
+        ids = torch.randint(0, cfg.vocab_size, (7,), generator=torch.Generator().manual_seed(5))
+        (ref,) = run_reference(build(cfg, 7), ours, {"token_ids": ids}, torch.float32, cpu)
+        assert relative_error(hf_logits(hf, ids), ref) <= TOLERANCE["fp32"]
+    with pytest.raises(ValueError, match="init 'xavier'"):
+        hf_model(hf_config(TINY_LLAMA), torch.float32, cpu, init="xavier", cfg=TINY_LLAMA)
+
+
 def test_qwen3_decode_against_transformers(tmp_path):
     # decode.py's pieces for a model transformers has: its model on the same weights, the
     # greedy steps' check against its fp32 model, its eager decode timed (a whole row through
