@@ -411,7 +411,7 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
 
 
 FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit", "model",
-          "context", "steps", "dtype", "meganeura_ms", "floor_ms", "hf_eager_ms",
+          "context", "steps", "dtype", "init", "meganeura_ms", "floor_ms", "hf_eager_ms",
           "hf_compiled_ms", "hf_static_cache", "hf_compile_s", "hf_generate_ms",
           "hf_generate_static_ms", "meganeura_ttft_ms",
           "hf_compiled_prefill_ms", "hf_prefill_compile_s", "meganeura_compile_s",
@@ -427,7 +427,7 @@ def rows_of(path: Path, commits: list[str]) -> list[dict]:
         rows = [r for r in csv.DictReader(f) if any(r["commit"].startswith(c) for c in commits)]
     for r in rows:
         for k in FIELDS[7:]:
-            if k not in ("model", "dtype") and r.get(k) not in (None, ""):
+            if k not in ("model", "dtype", "init") and r.get(k) not in (None, ""):
                 r[k] = float(r[k]) if k not in ("context", "steps", "hf_static_cache") else int(r[k])
     return rows
 

@@ -510,7 +510,7 @@ def environment() -> dict:
 
 
 FIELDS = ["date", "gpu", "torch", "triton", "meganeura", "commit", "model", "seq", "dtype",
-          "meganeura_ms", "eager_ms", "torch_compile_ms", "tflops", "floor_ms",
+          "init", "meganeura_ms", "eager_ms", "torch_compile_ms", "tflops", "floor_ms",
           "meganeura_compile_s", "torch_compile_s", "meganeura_peak_gib", "eager_peak_gib",
           "torch_compile_peak_gib", "rel_error", "eager_rel_error", "launches",
           "meganeura_warm_compile_s", "meganeura_resident_gib", "torch_compile_first_peak_gib",

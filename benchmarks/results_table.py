@@ -72,6 +72,11 @@ def _dtype(row: dict) -> str:
     return "" if d == "bf16" else f", {d}"
 
 
+def _init(row: dict) -> str:
+    """A transformers family's row on meganeura's random_weights (`--init unit`) says so."""
+    return ", unit init" if row.get("init") == "unit" and has_transformers(row["model"]) else ""
+
+
 def prefill_entries(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
@@ -87,7 +92,7 @@ def prefill_entries(rows: list[dict]) -> list[dict]:
         else:
             base = None
         out.append(dict(r, key=("prefill", r["model"], int(r["seq"]), r.get("dtype"), r["gpu"]),
-                        work=f"{r['model']} prefill, {r['seq']} tokens{_dtype(r)}", ms=ms,
+                        work=f"{r['model']} prefill, {r['seq']} tokens{_dtype(r)}{_init(r)}", ms=ms,
                         base=base, floor=_num(r.get("floor_ms")), floor_what="FLOPs"))
     return out
 
@@ -108,7 +113,7 @@ def decode_entries(rows: list[dict]) -> list[dict]:
                 base = None
             out.append(dict(r, key=("decode", r["model"], int(r["context"]), r.get("dtype"),
                                     r["gpu"]),
-                            work=f"{r['model']} decode, context {r['context']}{_dtype(r)}",
+                            work=f"{r['model']} decode, context {r['context']}{_dtype(r)}{_init(r)}",
                             ms=ms, base=base, floor=_num(r.get("floor_ms")), floor_what="bytes"))
         if ttft is not None:
             prefill = _num(r.get("hf_compiled_prefill_ms"))
@@ -166,7 +171,10 @@ def table(prefill_csv: Path = RESULTS / "prefill.csv",
             "baseline's from the same run, or over the floor where the run measured no baseline. "
             "Floor: for prefill the matmul FLOPs at 790 TFLOP/s, for decode the bytes a step "
             "must read at 4.3 TB/s. The seed's baseline is the plain PyTorch forward of "
-            "`benchmarks/torch_forward.py`; every other family's is transformers' model. "
+            "`benchmarks/torch_forward.py`; every other family's is transformers' model, with "
+            "transformers' own initialization, or meganeura's `random_weights` (N(0, 1/fan_in) "
+            "linear layers, which keep activations at unit scale at 8B widths) loaded into it "
+            "where the work says unit init. "
             f"Versions: {_versions(entries)}.")
     lines += [""] + textwrap.wrap(note, 92)
     return "\n".join(lines)

@@ -44,9 +44,11 @@ def test_the_table_takes_the_latest_row_of_every_family(tmp_path):
         dict(env, date="2026-12-03", commit="bbbbbbb", model="llama-3.2-1b", seq="2048",
              meganeura_ms="9", eager_ms="20", torch_compile_ms="12", floor_ms="5"),
         dict(env, date="2026-12-03", commit="ccccccc", model="llama-3.1-8b", seq="2048",
-             meganeura_ms="50", eager_ms="80", floor_ms="40"),  # no torch.compile this run
+             meganeura_ms="50", eager_ms="80", floor_ms="40", init="unit"),  # no torch.compile
+        # the seed's rows are always on random_weights: no marker
         dict(env, date="2026-12-03", commit="ddddddd", model="gemma4-4b", seq="2048",
-             meganeura_ms="30", eager_ms="44", torch_compile_ms="30", floor_ms="21.73"),
+             meganeura_ms="30", eager_ms="44", torch_compile_ms="30", floor_ms="21.73",
+             init="unit"),
     ]
     decode = [
         dict(env, transformers="5.17.0", date="2026-12-03", commit="eeeeeee", model="qwen3-8b",
@@ -66,7 +68,7 @@ def test_the_table_takes_the_latest_row_of_every_family(tmp_path):
     assert rows == [f"| {work} | {gpu} | {rest} |" for work, rest in [
         ("llama-3.2-1b prefill, 2048 tokens",
          "9 ms | transformers + torch.compile | 12 ms | 0.750 | 5 ms | bbbbbbb | 2026-12-03"),
-        ("llama-3.1-8b prefill, 2048 tokens",
+        ("llama-3.1-8b prefill, 2048 tokens, unit init",
          "50 ms | transformers eager | 80 ms | 0.625 | 40 ms | ccccccc | 2026-12-03"),
         ("gemma4-4b prefill, 2048 tokens",
          "30 ms | torch.compile | 30 ms | 1.000 | 21.73 ms | ddddddd | 2026-12-03"),
