@@ -20,7 +20,7 @@ import torch
 
 from . import __version__, rewrites
 from .codegen import Target, kernel_for
-from .codegen.cache import KernelCache
+from .codegen.cache import KernelCache, interpreter_active, interpreter_mismatch
 from .compiler.cost import CPU_INTERPRETER, H200, PROFILES, CostModel, DeviceProfile
 from .compiler.graph import Graph
 from .compiler.optimize import OptimizeReport, optimize
@@ -65,27 +65,17 @@ class CompileReport:
     kernels: list = field(default_factory=list)  # (node id, archetype, variant) per launch
 
 
-def setup(device=None, dtype=None, profile=None, cache_dir=None, debug=None) -> Setup:
+def setup(device=None, dtype=None, profile=None, cache_dir=None, debug=None,
+          run: bool = True) -> Setup:
     """Fills in defaults and checks each: device cuda (when available) or cpu; dtype bf16 on
     cuda, fp32 on cpu; the profile a DeviceProfile or its name (default h200 on cuda, the
-    interpreter's on cpu); debug a set of channels or their comma-separated names."""
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError):
-        raise MeganeuraError(f"device must be cuda or cpu, got {device!r}") from None
-    if device.type not in ("cuda", "cpu"):
-        raise MeganeuraError(f"device must be cuda or cpu, got {device}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MeganeuraError("device cuda: CUDA is not available on this machine")
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype, dtype)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if dtype not in DTYPE_NAMES:
-        raise MeganeuraError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    if device.type == "cpu" and dtype != torch.float32:
-        # Triton's interpreter computes bf16 dot products wrong (near-uniform logits, no error)
-        raise MeganeuraError("bf16 runs on CUDA only: on the CPU, Triton's interpreter computes "
-                             "bf16 matrix products wrong; use fp32 there (the default)")
+    interpreter's on cpu); debug a set of channels or their comma-separated names.
+
+    run: the plans will run here, so what running needs is checked now, before any work:
+    the device exists, the CPU has Triton's interpreter (TRITON_INTERPRET=1 before triton
+    was imported) and CUDA has not, the kernel cache is a directory (read-only is fine).
+    run=False makes plans to inspect or emit, for any device on any machine: the device
+    defaults to cuda when the dtype is bf16 or the profile a GPU's."""
     if isinstance(profile, str):
         if profile not in PROFILES:
             raise MeganeuraError(f"unknown profile {profile!r} (known: {', '.join(PROFILES)})")
@@ -93,9 +83,41 @@ def setup(device=None, dtype=None, profile=None, cache_dir=None, debug=None) -> 
     if profile is not None and not isinstance(profile, DeviceProfile):
         raise MeganeuraError(f"profile must be a DeviceProfile or one of {', '.join(PROFILES)}, "
                              f"got {type(profile).__name__}")
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, dtype)
+    if device is None:
+        gpu_plan = not run and (dtype == torch.bfloat16 or
+                                (profile is not None and profile is not CPU_INTERPRETER))
+        device = "cuda" if torch.cuda.is_available() or gpu_plan else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MeganeuraError(f"device must be cuda or cpu, got {device!r}") from None
+    if device.type not in ("cuda", "cpu"):
+        raise MeganeuraError(f"device must be cuda or cpu, got {device}")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in DTYPE_NAMES:
+        raise MeganeuraError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     profile = profile or (H200 if device.type == "cuda" else CPU_INTERPRETER)
-    return Setup(device, dtype, profile, Path(cache_dir) if cache_dir else None,
-                 debug_channels(debug))
+    s = Setup(device, dtype, profile, Path(cache_dir) if cache_dir else None,
+              debug_channels(debug))
+    if run:
+        check_runnable(s)
+    return s
+
+
+def check_runnable(s: Setup) -> None:
+    """What running plans on s.device needs, checked before any work (MeganeuraError)."""
+    if s.device.type == "cuda" and not torch.cuda.is_available():
+        raise MeganeuraError("device cuda: CUDA is not available on this machine")
+    if s.device.type == "cpu" and s.dtype != torch.float32:
+        # Triton's interpreter computes bf16 dot products wrong (near-uniform logits, no error)
+        raise MeganeuraError("bf16 runs on CUDA only: on the CPU, Triton's interpreter computes "
+                             "bf16 matrix products wrong; use fp32 there (the default)")
+    interpreted = s.device.type == "cpu"
+    if interpreted != interpreter_active():
+        raise MeganeuraError(interpreter_mismatch(interpreted))
+    s.kernel_cache().check()
 
 
 def debug_channels(debug) -> frozenset:
@@ -140,7 +162,7 @@ def bind(plan: Plan, report: OptimizeReport, weights: dict, s: Setup, cuda_graph
     check_weights_dict(weights)
     t1 = time.perf_counter()
     cache = s.kernel_cache()
-    cache.check_writable()
+    cache.check()
     pdl = dependent_launches and s.device.type == "cuda" and \
         torch.cuda.get_device_capability(s.device)[0] >= 9
     model = CompiledModel(plan, weights, Target(s.device, s.dtype, pdl=pdl), cache, cuda_graph,
@@ -174,7 +196,11 @@ def check_weights_dict(weights) -> None:
 
 
 def kernel_sources(plan: Plan, s: Setup) -> list[str]:
-    """The source of every kernel the plan launches, without touching weights."""
-    target = Target(s.device, s.dtype)
+    """The source of every kernel the plan launches, without touching weights (nor a GPU:
+    a CUDA plan inspected on a machine without one takes its SM count from the profile)."""
+    sms = None
+    if s.device.type == "cuda" and not torch.cuda.is_available():
+        sms = s.profile.sms or H200.sms
+    target = Target(s.device, s.dtype, sms=sms)
     return [k.source for i in plan.launches
             for k in kernel_for(plan.graph[i], plan.graph, target).chain()]

@@ -1,6 +1,7 @@
 """Command line: `python -m meganeura compile ...`.
 
-Bad arguments and bad input files exit with status 2 and one line on stderr.
+Bad arguments, bad input files and file-system errors (no permission, a full disk) exit with
+status 2 and one line on stderr.
 Environment variables are read here and nowhere else.
 """
 
@@ -169,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         return commands.COMMANDS[args.command](args)
     except MeganeuraError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no where no check saw it coming
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}".splitlines()[0], file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MeganeuraError
+from ..errors import ConfigError, MeganeuraError
 from ..models import MODEL_NAMES, PRESETS, build, family, num_parameters
 from ..models.weights import check_weights, load_weights, random_weights
 from ..pipeline import Setup, bind, kernel_sources, optimize_graph, setup
@@ -17,14 +17,19 @@ from ..runtime.check import relative_error
 def resolve_model(args):
     """(config, name, checkpoint or None) from --weights DIR (a checkpoint directory with its
     config.json), --config FILE or --model NAME."""
-    from ..models.checkpoint import config_of, is_checkpoint_dir, open_checkpoint, read_json
+    from ..models.checkpoint import CONFIG_NAME, config_of, open_checkpoint, probe, read_json
 
-    if args.weights and is_checkpoint_dir(args.weights):
+    kind = probe(args.weights, "--weights") if args.weights else None
+    if kind == "dir" and probe(Path(args.weights) / CONFIG_NAME, "--weights") is not None:
         if args.model or args.config:
             raise MeganeuraError(f"--weights {args.weights} holds its own config.json: leave out "
                                  f"--model and --config")
         ck = open_checkpoint(args.weights)
         return ck.config, str(args.weights), ck
+    if kind == "dir" and not (args.model or args.config):
+        raise ConfigError(f"--weights {args.weights}: no {CONFIG_NAME} in this directory (a "
+                          f"checkpoint directory holds one; for bare weights name their model "
+                          f"with --model or --config)")
     if args.config:
         ck = config_of(read_json(Path(args.config), "config"), args.config)
         return ck.config, args.config, ck
@@ -34,9 +39,10 @@ def resolve_model(args):
     return PRESETS[MODEL_NAMES[name]], name, None
 
 
-def resolve_setup(args) -> Setup:
-    """The pipeline's Setup from the flags, with the library's defaults and checks."""
-    return setup(args.device, args.dtype, args.profile, args.cache_dir, args.debug)
+def resolve_setup(args, run: bool = True) -> Setup:
+    """The pipeline's Setup from the flags, with the library's defaults and checks (what
+    running needs only when the command runs the model)."""
+    return setup(args.device, args.dtype, args.profile, args.cache_dir, args.debug, run)
 
 
 def token_ids(args, seq_len: int, vocab: int) -> torch.Tensor:
@@ -70,11 +76,10 @@ def cmd_compile(args) -> int:
     if args.tokens is not None and not args.tokens:
         raise MeganeuraError("--tokens: give at least one token id")
     seq_len = len(args.tokens) if args.tokens is not None else args.seq_len
-    s = resolve_setup(args)
+    s = resolve_setup(args, run=args.run)
     if args.emit_dir:
         check_emit_dir(Path(args.emit_dir))
     if args.run:
-        s.kernel_cache().check_writable()
         warn_cpu_size(config, s.device)
     graph = build(config, seq_len)
     graph.validate()
@@ -145,9 +150,9 @@ def run_compiled(args, config, graph, plan, report, s: Setup, optimize_s, rename
 
 def check_emit_dir(d: Path) -> None:
     """--emit-dir must be a directory we can write (made if missing), checked before any work."""
-    if d.exists() and not d.is_dir():
-        raise MeganeuraError(f"--emit-dir {d} exists and is not a directory")
     try:
+        if d.exists() and not d.is_dir():
+            raise MeganeuraError(f"--emit-dir {d} exists and is not a directory")
         d.mkdir(parents=True, exist_ok=True)
         probe = d / ".meganeura-probe"
         probe.write_text("")
@@ -232,7 +237,6 @@ def cmd_generate(args) -> int:
     prompt, _, capacity = check_request(config, ids, args.max_new_tokens, params, args.stop, eos)
     s = resolve_setup(args)
     device, dtype = s.device, s.dtype
-    s.kernel_cache().check_writable()
     warn_cpu_size(config, device)
     for note in ck.notes if ck else []:
         print(f"{'checkpoint' if ck.path else 'config'}: {note}")
@@ -271,7 +275,9 @@ def _tokenizer(args, ck):
     or None when the prompt is given as ids and no tokenizer is at hand."""
     path = Path(args.tokenizer) if args.tokenizer else (
         ck.path / "tokenizer.json" if ck is not None and ck.path is not None else None)
-    if path is None or not path.exists():
+    from ..models.weights import probe
+
+    if path is None or probe(path, "tokenizer") is None:
         if args.prompt is not None:
             raise MeganeuraError("--prompt needs a tokenizer: a --weights directory holding "
                                  "tokenizer.json, or --tokenizer FILE (or give --tokens IDS)"

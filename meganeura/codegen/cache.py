@@ -4,16 +4,24 @@ Files are written atomically (temp file + rename). The first line of each file
 records the hash of the rest; a file whose text does not match its name (corrupt,
 half-written by a crash, edited) is rebuilt. Loading compiles the source through
 Triton's JIT on CUDA or its interpreter on the CPU.
+
+A cache that cannot take new files (read-only, shared, a full disk) is still used: the
+kernels it holds are read from it, and the ones it lacks are compiled from memory, with
+one warning per directory and process. A path that cannot be a directory at all (a file,
+a path under a file) is an error, reported by `check` when a model is made.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
+import linecache
 import os
-import shutil
 import stat
+import sys
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -22,6 +30,9 @@ import triton
 from ..errors import MeganeuraError
 
 DEFAULT_DIR = Path.home() / ".cache" / "meganeura" / "kernels"
+# errors that make a directory no directory at all, rather than one closed to new files
+_NOT_A_DIRECTORY = (errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EISDIR)
+_warned: set[str] = set()  # directories whose read-only warning this process printed
 
 
 def interpreter_active() -> bool:
@@ -29,6 +40,13 @@ def interpreter_active() -> bool:
     import triton.language.standard as std
 
     return type(std.sum).__name__ == "InterpretedFunction"
+
+
+def interpreter_mismatch(interpreted: bool) -> str:
+    want = "1" if interpreted else "0 (or unset)"
+    return (f"running kernels on {'the CPU' if interpreted else 'CUDA'} needs "
+            f"TRITON_INTERPRET={want} in the environment before triton is imported; this "
+            f"process imported it {'without' if interpreted else 'with'} it")
 
 
 class KernelCache:
@@ -40,6 +58,7 @@ class KernelCache:
                                               f"torch {torch.__version__}") if x)
         self._loaded: dict[tuple[str, str, bool], object] = {}
         self.hits = self.misses = self.rebuilt = 0
+        self._writable: bool | None = None  # None: not tried yet
 
     def key(self, source: str) -> str:
         return hashlib.sha256(f"{self.versions}\n{source}".encode()).hexdigest()[:32]
@@ -51,9 +70,10 @@ class KernelCache:
         body = f"# {self.versions}\n{source}"
         return f"# sha256 {hashlib.sha256(body.encode()).hexdigest()}\n{body}"
 
-    def store(self, source: str) -> Path:
-        """Writes the source file unless an intact copy is already there. Only a regular file
-        is read, and no more of it than the source takes: anything else is replaced."""
+    def store(self, source: str) -> Path | None:
+        """The cached file of `source`, written unless an intact copy is already there; None
+        when the directory cannot take it (the kernel is then loaded from memory). Only a
+        regular file is read, and no more of it than the source takes."""
         path, text = self.path(source), self._text(source)
         data = text.encode()
         try:
@@ -64,37 +84,67 @@ class KernelCache:
                         self.hits += 1
                         return path
             self.rebuilt += 1  # present but not what its name promises
+            if not self.writable:
+                return None
             os.unlink(path)
         except FileNotFoundError:
             self.misses += 1
         except OSError as e:
-            raise MeganeuraError(f"kernel cache {self.directory}: cannot read or replace {path.name}: "
-                                 f"{e.strerror}") from None
+            return self._closed(e)
+        if not self.writable:
+            return None
+        tmp = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp_", suffix=".py")
-        except OSError as e:
-            raise MeganeuraError(f"kernel cache directory {self.directory} is not writable: "
-                                 f"{e.strerror or e}") from None
-        try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                self._write(f, data)
             os.replace(tmp, path)
+            tmp = None
+        except OSError as e:
+            return self._closed(e)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)  # nothing half-written stays
         return path
 
-    def check_writable(self) -> None:
-        """The cache directory exists (made if needed) and takes new files; MeganeuraError if not."""
+    @staticmethod
+    def _write(f, data: bytes) -> None:
+        f.write(data)
+
+    @property
+    def writable(self) -> bool:
+        return self._writable is not False
+
+    def _closed(self, e: OSError) -> None:
+        """The directory takes no new files (e.g. read-only, full): from memory from now on."""
+        if e.errno in _NOT_A_DIRECTORY:
+            raise MeganeuraError(f"kernel cache {self.directory} cannot be a directory: "
+                                 f"{e.strerror or e}") from None
+        self._writable = False
+        key = str(self.directory)
+        if key not in _warned:
+            _warned.add(key)
+            print(f"warning: kernel cache {self.directory} takes no new files ({e.strerror or e}): "
+                  f"kernels it lacks are compiled from memory in this process", file=sys.stderr,
+                  flush=True)
+        return None
+
+    def check(self) -> None:
+        """Made when a model is made: a cache path that cannot be a directory (a file, a path
+        under a file) raises MeganeuraError; one that takes no new files is used read-only
+        (one warning)."""
+        d = self.directory
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".probe_")
+            if d.exists() and not d.is_dir():
+                raise MeganeuraError(f"kernel cache {d} exists and is not a directory")
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".probe_")
             os.close(fd)
             os.unlink(tmp)
+            self._writable = True
         except OSError as e:
-            raise MeganeuraError(f"kernel cache directory {self.directory} is not writable: "
-                                 f"{e.strerror or e}") from None
+            self._closed(e)
 
     def load(self, source: str, entry: str, interpreted: bool):
         """The kernel `entry` of `source`, ready to launch on the chosen backend."""
@@ -102,21 +152,32 @@ class KernelCache:
         if k in self._loaded:
             return self._loaded[k]
         if interpreted != interpreter_active():
-            want = "1" if interpreted else "0 (or unset)"
-            raise MeganeuraError(f"running kernels on {'the CPU' if interpreted else 'CUDA'} needs "
-                                 f"TRITON_INTERPRET={want} in the environment before triton is "
-                                 f"imported")
+            raise MeganeuraError(interpreter_mismatch(interpreted))
         path = self.store(source)
-        spec = importlib.util.spec_from_file_location(f"meganeura_kernels.{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        if path is not None:
+            spec = importlib.util.spec_from_file_location(f"meganeura_kernels.{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = self._from_memory(source)
         fn = triton.jit(getattr(module, entry))
         self._loaded[k] = fn
         return fn
 
+    def _from_memory(self, source: str) -> types.ModuleType:
+        """The kernel's module made from its text, which the line cache keeps under a name no
+        file has (Triton's JIT reads a kernel's source through inspect, as from a file)."""
+        text = self._text(source)
+        name = f"<meganeura kernel {self.key(source)}>"
+        linecache.cache[name] = (len(text), None, text.splitlines(True), name)
+        module = types.ModuleType(f"meganeura_kernels.m_{self.key(source)}")
+        module.__file__ = name
+        exec(compile(text, name, "exec"), module.__dict__)  # noqa: S102 (our generated source)
+        return module
+
     def copy_to(self, sources: list[str], directory: str | Path) -> list[Path]:
-        """Copies the cached files of `sources` out for reading (--emit-dir), replacing the
-        kernels an earlier emit left there."""
+        """Writes the files of `sources`, as the cache holds them, into `directory` for
+        reading (--emit-dir), replacing the kernels an earlier emit left there."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         for old in d.glob("k_*.py"):
@@ -124,6 +185,6 @@ class KernelCache:
         out = []
         for s in dict.fromkeys(sources):
             dst = d / self.path(s).name
-            shutil.copyfile(self.store(s), dst)
+            dst.write_text(self._text(s))
             out.append(dst)
         return out

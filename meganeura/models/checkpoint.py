@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..errors import ConfigError, WeightsError
 from .registry import read_config
-from .weights import regular_file
+from .weights import probe, regular_file
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -50,16 +50,17 @@ def read_json(path: Path, what: str) -> object:
 
 
 def is_checkpoint_dir(path) -> bool:
-    return Path(path).is_dir() and (Path(path) / CONFIG_NAME).exists()
+    return probe(path) == "dir" and probe(Path(path) / CONFIG_NAME) is not None
 
 
 def open_checkpoint(path) -> Checkpoint:
     """Reads config.json (and generation_config.json if present); no tensor is read."""
     p = Path(path)
-    if not p.is_dir():
+    kind = probe(p)
+    if kind != "dir":
         raise WeightsError(f"{p} is not a checkpoint directory (config.json and safetensors "
-                           f"files)" if p.exists() else f"checkpoint {p} does not exist")
-    if not (p / CONFIG_NAME).exists():
+                           f"files)" if kind else f"checkpoint {p} does not exist")
+    if probe(p / CONFIG_NAME) is None:
         raise ConfigError(f"{p}: no {CONFIG_NAME} in this directory")
     d = read_json(p / CONFIG_NAME, "config")
     ck = config_of(d, p / CONFIG_NAME)
@@ -77,7 +78,7 @@ def config_of(d, source) -> Checkpoint:
 def _eos_ids(p: Path, d: dict) -> tuple[int, ...]:
     """End-of-sequence ids: generation_config.json's, else config.json's (text or top level)."""
     sources = []
-    if (p / GENERATION_CONFIG_NAME).exists():
+    if probe(p / GENERATION_CONFIG_NAME) is not None:
         gen = read_json(p / GENERATION_CONFIG_NAME, "generation config")
         if isinstance(gen, dict):
             sources.append(gen)

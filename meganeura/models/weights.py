@@ -92,19 +92,32 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
     return out
 
 
+def probe(path, what: str = "checkpoint") -> str | None:
+    """"dir", "file" (anything else that exists) or None (nothing there); a path that cannot
+    be looked at (no permission, a name too long) raises WeightsError naming why."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise WeightsError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    return "dir" if stat.S_ISDIR(st.st_mode) else "file"
+
+
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint path (file, directory, or sharded directory);
     every shard an index names must be a regular file inside the directory."""
     p = Path(path)
-    if p.is_dir():
+    kind = probe(p, "weights path")
+    if kind == "dir":
         index_path = p / INDEX_NAME
-        if index_path.exists():
+        if probe(index_path, "shard index") is not None:
             return _shards(p, index_path)
-        if (p / SINGLE_NAME).exists():
+        if probe(p / SINGLE_NAME, "weights file") is not None:
             regular_file(p / SINGLE_NAME, "weights file")
             return [p / SINGLE_NAME]
         raise WeightsError(f"{p}: no {SINGLE_NAME} or {INDEX_NAME} in this directory")
-    if not p.exists():
+    if kind is None:
         raise WeightsError(f"weights path {p} does not exist")
     regular_file(p, "weights file")
     return [p]
@@ -129,7 +142,7 @@ def _shards(directory: Path, index_path: Path) -> list[Path]:
         if f.parent != root:
             raise WeightsError(f"{index_path} names shard {shard!r}, which is not a file inside "
                                f"{directory}")
-        if not f.exists():
+        if probe(f, "weights file") is None:
             raise WeightsError(f"{index_path} names shard {shard}, which is missing")
         regular_file(f, "weights file")
         files.append(f)
