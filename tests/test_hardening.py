@@ -2,6 +2,7 @@
 the other tests lean on (rule soundness, extraction, the tolerance) can catch what they
 claim to."""
 
+import dataclasses
 import json
 import os
 import struct
@@ -104,10 +105,15 @@ def test_one_model_called_from_threads(tmp_path):
     assert errors == []
 
 
-def test_a_run_far_beyond_the_device_says_what_it_needs():
-    rc, out, err = cli("compile", "--seq-len", "1000000000", "--run")
+def test_a_run_far_beyond_the_device_says_what_it_needs(tmp_path):
+    # a model that has the positions (the small preset's 131072 refuses 1e9 tokens at once)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({**dataclasses.asdict(SMALL), "max_position_embeddings": 2**31 - 1}))
+    rc, out, err = cli("compile", "--config", str(cfg), "--seq-len", "1000000000", "--run")
     _one_line_exit_2(rc, out, err, "of cpu memory for its buffers, tables and inputs")
     assert "GiB is free" in err
+    _one_line_exit_2(*cli("compile", "--seq-len", "1000000000", "--run"),
+                     "1000000000 tokens: the model has 131072 positions")
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -161,13 +167,15 @@ def test_a_cache_entry_that_is_not_a_file_is_replaced(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("compile", "--emit-dir", "FILE"), "exists and is not a directory"),
     (("compile", "--emit-dir", "/proc/meganeura-emit"), "is not writable"),
-    (("compile", "--run", "--cache-dir", "/proc/meganeura-kernels"), "is not writable"),
+    (("compile", "--run", "--cache-dir", "/proc/meganeura-kernels"), "cannot be made"),
+    (("compile", "--run", "--cache-dir", "FILE/kernels"), "cannot be made: Not a directory"),
+    (("compile", "--run", "--cache-dir", "FILE"), "exists and is not a directory"),
     (("compile", "--seed", str(2 ** 64)), "--seed: expected an integer in [0, 2^63)"),
     (("compile", "--run", "--tokens", f"1,{2 ** 64}"), "is not an integer in [0, 2^63)"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
     (tmp_path / "FILE").write_text("")
-    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    args = [str(tmp_path / a) if a.startswith("FILE") else a for a in args]
     rc, out, err = cli(*args)
     _one_line_exit_2(rc, out, err, message)
     assert "weights ready" not in out  # checked before anything was loaded

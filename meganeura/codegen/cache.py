@@ -131,14 +131,25 @@ class KernelCache:
         return None
 
     def check(self) -> None:
-        """Made when a model is made: a cache path that cannot be a directory (a file, a path
-        under a file) raises MeganeuraError; one that takes no new files is used read-only
-        (one warning)."""
+        """Made when a model is made: a cache directory that is not there and cannot be made
+        (a file, a path under a file, a file system that has none) raises MeganeuraError;
+        one that is there but takes no new files is used read-only (one warning)."""
         d = self.directory
         try:
-            if d.exists() and not d.is_dir():
-                raise MeganeuraError(f"kernel cache {d} exists and is not a directory")
-            d.mkdir(parents=True, exist_ok=True)
+            st = os.stat(d)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        except OSError as e:
+            raise MeganeuraError(f"kernel cache {d} cannot be read: {e.strerror or e}") from None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise MeganeuraError(f"kernel cache {d} exists and is not a directory")
+        if st is None:
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise MeganeuraError(f"kernel cache directory {d} cannot be made: "
+                                     f"{e.strerror or e}") from None
+        try:
             fd, tmp = tempfile.mkstemp(dir=d, prefix=".probe_")
             os.close(fd)
             os.unlink(tmp)

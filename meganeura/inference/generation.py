@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..models.kv import Generation
 from ..models.registry import build
 from ..pipeline import compile_graph
-from ..runtime.compiled import CompiledModel
+from ..runtime.compiled import CompiledModel, check_memory
 
 CAPACITY_STEP = 256  # caches and plans are made for capacities rounded up to a multiple
 
@@ -130,11 +130,14 @@ class Generator:
         return capacity_for(self.model.config, positions)
 
     def session(self, capacity: int) -> Session:
+        """The caches for `capacity` positions, made once (their size is checked against the
+        device's free memory first)."""
         if capacity not in self.sessions:
             m = self.model
-            decode = build(m.config, 1, Generation(capacity, decode=True))
-            caches = {n.name: torch.zeros(n.shape, dtype=m.dtype, device=m.device)
-                      for n in decode.states()}
+            states = cache_shapes(m.config, capacity)
+            check_cache_memory(states, capacity, m.dtype, m.device)
+            caches = {name: torch.zeros(shape, dtype=m.dtype, device=m.device)
+                      for name, shape in states.items()}
             self.sessions[capacity] = Session(capacity, caches)
         return self.sessions[capacity]
 
@@ -149,7 +152,7 @@ class Generator:
         run writes into the caches is overwritten by every real prefill before it is read."""
         if seq_len not in s.prefills:
             fn = self._plan(s, seq_len, False)
-            fn(torch.zeros(seq_len, dtype=torch.int64, device=self.model.device))
+            fn(torch.zeros(seq_len, dtype=torch.int64, device=self.model.device), copy=False)
             s.prefills[seq_len] = fn
         return s.prefills[seq_len]
 
@@ -159,7 +162,7 @@ class Generator:
         if s.decode is None:
             fn = self._plan(s, 1, True)
             zero = torch.zeros(1, dtype=torch.int64, device=self.model.device)
-            fn(zero, zero)
+            fn(zero, zero, copy=False)
             s.decode = fn
         return s.decode
 
@@ -193,7 +196,7 @@ class Generator:
         positions = torch.arange(prompt.numel(), prompt.numel() + max_new_tokens,
                                  dtype=torch.int64).to(dev)
         t_ready = time.perf_counter()
-        logits = prefill(prompt.to(dev))
+        logits = prefill(prompt.to(dev), copy=False)
         if on_logits is not None:
             on_logits(logits[-1])
         nxt = sample(logits[-1], params, gen)
@@ -238,6 +241,22 @@ def capacity_for(config, positions: int) -> int:
                          f"has {limit} (max_position_embeddings)")
     cap = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
     return min(cap, limit) if limit is not None else cap
+
+
+def cache_shapes(config, capacity: int) -> dict[str, tuple[int, ...]]:
+    """The KV caches a session of `capacity` positions holds: name -> shape."""
+    decode = build(config, 1, Generation(capacity, decode=True))
+    return {n.name: tuple(n.shape) for n in decode.states()}
+
+
+def check_cache_memory(states: dict, capacity: int, dtype: torch.dtype, device: torch.device,
+                       extra: int = 0, extra_what: str = "") -> None:
+    """Refuses (MeganeuraError) caches that do not fit the device's free memory, before any
+    is made; `extra` bytes (e.g. the weights, not loaded yet) must fit beside them."""
+    size = torch.empty((), dtype=dtype).element_size()
+    need = sum(math.prod(shape) for shape in states.values()) * size
+    check_memory(need + extra, device, f"the KV caches for {capacity} positions{extra_what} "
+                 f"need {{}}")
 
 
 def check_request(config, token_ids, max_new_tokens, params: SamplingParams, stop,

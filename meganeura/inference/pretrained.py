@@ -53,10 +53,10 @@ class PretrainedModel:
                                                 self.setup)
         return self.plans[seq_len]
 
-    def __call__(self, token_ids: torch.Tensor, copy: bool = False) -> torch.Tensor:
-        """Logits [len(token_ids), vocab] of a 1-D integer tensor of token ids. They live in
-        the plan's output buffer: the next call with as many tokens overwrites them (copy=True
-        returns a copy made before another thread's call may start)."""
+    def __call__(self, token_ids: torch.Tensor, copy: bool = True) -> torch.Tensor:
+        """Logits [len(token_ids), vocab] of a 1-D integer tensor of token ids, a tensor the
+        caller owns. copy=False returns the plan's output buffer itself (no copy: the next
+        call with as many tokens overwrites it), for loops that read each result at once."""
         if not isinstance(token_ids, torch.Tensor):
             raise InputError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
         if token_ids.dim() != 1 or token_ids.numel() == 0:

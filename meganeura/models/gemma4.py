@@ -39,6 +39,9 @@ class Gemma4Config:
     global_attn_period: int = 4
     global_attn_offset: int = 3
     use_qk_norm: bool = True
+    # positions a forward or a generation may reach (the published Gemma-4's 4b and 12b
+    # window, 131072): longer inputs are refused, not run into untrained positions
+    max_position_embeddings: int = 131_072
 
     def __post_init__(self):
         validate(self)
@@ -64,7 +67,7 @@ class Gemma4Config:
 
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "intermediate_size", "head_dim", "sliding_window_size",
-               "global_attn_period")
+               "global_attn_period", "max_position_embeddings")
 
 
 def validate(c: Gemma4Config) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from . import gemma4, gemma4_text, llama, qwen3
 from .family import Family, Layout
 
@@ -51,8 +51,14 @@ def family(config) -> Family:
 
 def build(config, seq_len: int, generation=None):
     """The unoptimized graph of `config` at `seq_len` tokens: logits [seq_len, vocab] (with a
-    `kv.Generation`, a prefill or decode step over the KV caches, logits [1, vocab])."""
-    return family(config).build(config, seq_len, generation)
+    `kv.Generation`, a prefill or decode step over the KV caches, logits [1, vocab]).
+    One rule for every use: no graph reaches past the model's max_position_embeddings."""
+    f = family(config)
+    limit = config.max_position_embeddings
+    if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > limit:
+        raise InputError(f"{seq_len} tokens: the model has {limit} positions "
+                         f"(max_position_embeddings)")
+    return f.build(config, seq_len, generation)
 
 
 def weight_specs(config):

@@ -272,11 +272,11 @@ class CompiledModel:
             if self.progress is not None:
                 self.progress(k + 1, n)
 
-    def __call__(self, *args, copy: bool = False) -> torch.Tensor:
-        """logits = model(token_ids); the result is overwritten by the next call. Calls from
-        several threads run one at a time (they share the buffers); copy=True returns a copy
-        made before the next call may start (what a thread sharing the model needs: a
-        .clone() after the call returns can read another thread's logits)."""
+    def __call__(self, *args, copy: bool = True) -> torch.Tensor:
+        """logits = model(token_ids), a tensor the caller owns: a copy of the output buffer,
+        made before another call (from any thread) may start. copy=False is the no-copy fast
+        path for loops and benchmarks: the result is the output buffer itself, which the
+        next call overwrites. Calls from several threads run one at a time."""
         with self._lock:
             out = self._call(*args)
             if copy:
@@ -399,16 +399,18 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def check_memory(needed: int, device: torch.device) -> None:
+def check_memory(needed: int, device: torch.device,
+                 what: str = "the plan needs {} for its buffers, tables and inputs") -> None:
     """MeganeuraError when `needed` bytes exceed what the device has free (the host's
-    available memory for the CPU), before anything is allocated."""
+    available memory for the CPU), before anything is allocated. `what` says who needs them
+    ({} is replaced by the amount)."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = _host_available()
     if free is not None and needed > free:
-        raise MeganeuraError(f"the plan needs {needed / 2**30:.2f} GiB of {device.type} memory "
-                             f"for its buffers, tables and inputs; {free / 2**30:.2f} GiB is free")
+        raise MeganeuraError(what.format(f"{needed / 2**30:.2f} GiB of {device.type} memory")
+                             + f"; {free / 2**30:.2f} GiB is free")
 
 
 def _host_available() -> int | None:
