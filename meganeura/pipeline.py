@@ -12,6 +12,7 @@ debug channels (`egraph`, `plan`, `kernels`, `timing`), which print what each st
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,9 @@ def setup(device=None, dtype=None, profile=None, cache_dir=None, debug=None,
           run: bool = True) -> Setup:
     """Fills in defaults and checks each: device cuda (when available) or cpu; dtype bf16 on
     cuda, fp32 on cpu; the profile a DeviceProfile or its name (default h200 on cuda, the
-    interpreter's on cpu); debug a set of channels or their comma-separated names.
+    interpreter's on cpu); debug a set of channels or their comma-separated names. Left out,
+    cache_dir and debug are read from MEGANEURA_CACHE_DIR and MEGANEURA_DEBUG, for the
+    library and the command line alike.
 
     run: the plans will run here, so what running needs is checked now, before any work:
     the device exists, the CPU has Triton's interpreter (TRITON_INTERPRET=1 before triton
@@ -99,8 +102,13 @@ def setup(device=None, dtype=None, profile=None, cache_dir=None, debug=None,
     if dtype not in DTYPE_NAMES:
         raise MeganeuraError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     profile = profile or (H200 if device.type == "cuda" else CPU_INTERPRETER)
-    s = Setup(device, dtype, profile, Path(cache_dir) if cache_dir else None,
-              debug_channels(debug))
+    if cache_dir is None and os.environ.get("MEGANEURA_CACHE_DIR"):
+        cache_dir = os.environ["MEGANEURA_CACHE_DIR"]
+    if debug is None and os.environ.get("MEGANEURA_DEBUG"):
+        chosen = debug_channels(os.environ["MEGANEURA_DEBUG"], "MEGANEURA_DEBUG")
+    else:
+        chosen = debug_channels(debug)
+    s = Setup(device, dtype, profile, Path(cache_dir) if cache_dir else None, chosen)
     if run:
         check_runnable(s)
     return s
@@ -120,8 +128,9 @@ def check_runnable(s: Setup) -> None:
     s.kernel_cache().check()
 
 
-def debug_channels(debug) -> frozenset:
-    """A set of debug channels from None, a comma-separated string or an iterable of names."""
+def debug_channels(debug, source: str = "debug") -> frozenset:
+    """A set of debug channels from None, a comma-separated string or an iterable of names
+    (`source`: where they were given, for the message naming an unknown one)."""
     if not debug:
         return frozenset()
     names = debug.split(",") if isinstance(debug, str) else list(debug)
@@ -129,7 +138,7 @@ def debug_channels(debug) -> frozenset:
     unknown = sorted(chosen - set(DEBUG_CHANNELS)) + [repr(n) for n in names
                                                       if not isinstance(n, str)]
     if unknown:
-        raise MeganeuraError(f"unknown debug channel {unknown[0]} (known: "
+        raise MeganeuraError(f"unknown debug channel {unknown[0]} in {source} (known: "
                              f"{', '.join(DEBUG_CHANNELS)})")
     return chosen
 

@@ -1,8 +1,8 @@
 """Command line: `python -m meganeura compile ...`.
 
 Bad arguments, bad input files and file-system errors (no permission, a full disk) exit with
-status 2 and one line on stderr.
-Environment variables are read here and nowhere else.
+status 2 and one line on stderr. TRITON_INTERPRET is decided here, before triton is imported;
+MEGANEURA_DEBUG and MEGANEURA_CACHE_DIR are read by `pipeline.setup`, as for the library.
 """
 
 from __future__ import annotations
@@ -181,12 +181,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _environment(args) -> None:
-    """The only place environment variables are read or set."""
+    """TRITON_INTERPRET for a run on the CPU, set before anything imports triton."""
     import os
 
-    args.debug = {s.strip() for s in os.environ.get("MEGANEURA_DEBUG", "").split(",") if s.strip()}
-    if getattr(args, "cache_dir", None) is None and os.environ.get("MEGANEURA_CACHE_DIR"):
-        args.cache_dir = os.environ["MEGANEURA_CACHE_DIR"]
+    args.debug = None  # pipeline.setup reads MEGANEURA_DEBUG
     # On a machine without CUDA the kernels run through Triton's interpreter, which is
     # chosen when triton is imported: decide it here, before anything imports triton.
     if getattr(args, "device", None) != "cuda" and "triton" not in sys.modules:

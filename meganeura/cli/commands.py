@@ -254,6 +254,7 @@ def cmd_generate(args) -> int:
     print(f"model {name}: weights ready on {device} in {time.perf_counter() - t0:.2f} s; caches for "
           f"{capacity} positions", flush=True)
     model = PretrainedModel(config, weights, s, ck)
+    model.generator.on_phase = lambda line: print(line, flush=True)
     stream = _Stream(tokenizer)
     out = model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                          args.seed, args.stop, on_token=stream.add)
@@ -316,6 +317,11 @@ class _Stream:
             self.shown = text
 
     def end(self) -> None:
+        """Prints what is left (text that ended in an incomplete character included)."""
+        if self.tokenizer is not None and self.ids:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+            print(text[len(self.shown):], end="")
+            self.shown = text
         print(flush=True)
 
 

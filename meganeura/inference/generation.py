@@ -125,6 +125,9 @@ class Generator:
         # (Hopper and later; set False before the first call to launch them plainly)
         self.dependent_launches = True
         self.last_stats: dict = {}
+        # called with a line before and after each plan is built (the command line prints
+        # them: on the CPU a plan takes seconds to minutes)
+        self.on_phase = None
 
     def capacity_for(self, positions: int) -> int:
         return capacity_for(self.model.config, positions)
@@ -151,20 +154,29 @@ class Generator:
         """The prefill of seq_len tokens, its kernels built by one run on token 0: what that
         run writes into the caches is overwritten by every real prefill before it is read."""
         if seq_len not in s.prefills:
+            t0 = self._phase(f"building the prefill plan ({seq_len} tokens)")
             fn = self._plan(s, seq_len, False)
             fn(torch.zeros(seq_len, dtype=torch.int64, device=self.model.device), copy=False)
             s.prefills[seq_len] = fn
+            self._phase(f"prefill plan ready in {time.perf_counter() - t0:.1f} s")
         return s.prefills[seq_len]
 
     def decode_plan(self, s: Session) -> CompiledModel:
         """The decode step, its kernels built (and on CUDA its graph captured) by one run at
         position 0, whose cache slot a real step writes before any step reads it."""
         if s.decode is None:
+            t0 = self._phase("building the decode plan (1 token)")
             fn = self._plan(s, 1, True)
             zero = torch.zeros(1, dtype=torch.int64, device=self.model.device)
             fn(zero, zero, copy=False)
             s.decode = fn
+            self._phase(f"decode plan ready in {time.perf_counter() - t0:.1f} s")
         return s.decode
+
+    def _phase(self, line: str) -> float:
+        if self.on_phase is not None:
+            self.on_phase(line)
+        return time.perf_counter()
 
     def generate(self, token_ids, max_new_tokens: int, params: SamplingParams, stop=None,
                  on_token=None, on_logits=None, on_step=None) -> torch.Tensor:
@@ -265,8 +277,9 @@ def check_request(config, token_ids, max_new_tokens, params: SamplingParams, sto
     anything out of range. Nothing is allocated on the device."""
     prompt = _prompt(token_ids, config.vocab_size)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-            not 0 <= max_new_tokens < 2 ** 31:
+            max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    # (a count beyond the model's positions is refused by capacity_for, naming them)
     params.check(config.vocab_size)
     stops = _stop_ids(stop, eos, config.vocab_size)
     return prompt, stops, capacity_for(config, prompt.numel() + max_new_tokens)
@@ -298,10 +311,19 @@ def _stop_ids(stop, default: tuple[int, ...], vocab: int) -> set[int]:
         return set(default)
     if isinstance(stop, int) and not isinstance(stop, bool):
         stop = [stop]
+    if isinstance(stop, torch.Tensor):
+        if stop.dim() > 1 or stop.dtype.is_floating_point or stop.dtype.is_complex or \
+                stop.dtype == torch.bool:
+            raise InputError(f"stop must be a token id or a list of ids: a tensor of them must "
+                             f"be 0-D or 1-D integers, got shape {list(stop.shape)} {stop.dtype}")
+        stop = stop.reshape(-1).tolist()
     try:
         ids = list(stop)
     except TypeError:
-        raise InputError(f"stop must be a token id or a list of ids, got {stop!r}") from None
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-        raise InputError(f"stop ids must be integers in [0, {vocab}), got {stop!r}")
+        raise InputError(f"stop must be a token id or a list of ids, got "
+                         f"{type(stop).__name__}") from None
+    bad = [t for t in ids
+           if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab)]
+    if bad:
+        raise InputError(f"stop ids must be integers in [0, {vocab}), got {str(bad[0])[:40]}")
     return set(ids)

@@ -130,7 +130,8 @@ def validate(c: Gemma4TextConfig) -> None:
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
               "vocab_size_per_layer_input", "max_position_embeddings"):
-        _check(_posint(getattr(c, f)), f, f"must be a positive integer, got {getattr(c, f)!r}")
+        _check(_posint(getattr(c, f)), f,
+               f"must be a positive integer below 2^31, got {getattr(c, f)!r}")
     for f in ("hidden_size_per_layer_input", "num_kv_shared_layers"):
         v = getattr(c, f)
         _check(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 31, f,
@@ -192,7 +193,7 @@ def from_dict(d: dict) -> Gemma4TextConfig:
                           "attention) is not supported; meganeura runs the causal decoder")
     kw = {k: d.get(k, v) for k, v in _DEFAULTS.items()}
     n = kw["num_hidden_layers"]
-    _check(_posint(n), "num_hidden_layers", f"must be a positive integer, got {n!r}")
+    _check(_posint(n), "num_hidden_layers", f"must be a positive integer below 2^31, got {n!r}")
     kinds = d.get("layer_types")
     if kinds is None:  # five sliding layers, then one full
         kinds = [SLIDING if (i + 1) % 6 else FULL for i in range(n)]

@@ -86,7 +86,8 @@ def validate(c: LlamaConfig) -> None:
     """Raises ConfigError naming the first field that is out of range."""
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-        _check(_posint(getattr(c, f)), f, f"must be a positive integer, got {getattr(c, f)!r}")
+        _check(_posint(getattr(c, f)), f,
+               f"must be a positive integer below 2^31, got {getattr(c, f)!r}")
     _check(c.num_attention_heads % c.num_key_value_heads == 0, "num_key_value_heads",
            f"({c.num_key_value_heads}) must divide num_attention_heads ({c.num_attention_heads})")
     _check(c.head_dim % 2 == 0, "head_dim", f"must be even for half-split RoPE, got {c.head_dim}")
@@ -133,7 +134,7 @@ def read_fields(d: dict, config_type: type, defaults: dict, refused: dict) -> Ll
         else d["num_key_value_heads"]
     if kw["head_dim"] is None:  # hidden_size / num_attention_heads, which must be integers first
         for f in ("hidden_size", "num_attention_heads"):
-            _check(_posint(kw[f]), f, f"must be a positive integer, got {kw[f]!r}")
+            _check(_posint(kw[f]), f, f"must be a positive integer below 2^31, got {kw[f]!r}")
         _check(kw["hidden_size"] % heads == 0, "head_dim", f"is required: hidden_size "
                f"{kw['hidden_size']} is not divisible by num_attention_heads {heads}")
         kw["head_dim"] = kw["hidden_size"] // heads
