@@ -167,15 +167,11 @@ def table(prefill_csv: Path = RESULTS / "prefill.csv",
                                 e["key"][2], e["key"][4]))
     lines = [HEADER] + [_line(e) for e in entries]
     note = ("Batch 1, bf16 unless the work says otherwise; meganeura and its baseline in one "
-            "process, on the same random weights and token ids. Ratio: meganeura's time over the "
-            "baseline's from the same run, or over the floor where the run measured no baseline. "
-            "Floor: for prefill the matmul FLOPs at 790 TFLOP/s, for decode the bytes a step "
-            "must read at 4.3 TB/s. The seed's baseline is the plain PyTorch forward of "
-            "`benchmarks/torch_forward.py`; every other family's is transformers' model, with "
-            "transformers' own initialization, or meganeura's `random_weights` (N(0, 1/fan_in) "
-            "linear layers, which keep activations at unit scale at 8B widths) loaded into it "
-            "where the work says unit init. "
-            f"Versions: {_versions(entries)}.")
+            "process on the same random weights and ids (transformers' initialization, or "
+            "meganeura's N(0, 1/fan_in) `random_weights` where it says unit init). Ratio: over "
+            "the baseline, or over the floor (prefill: matmul FLOPs at 790 TFLOP/s; decode: "
+            "bytes at 4.3 TB/s). The seed's baseline is `benchmarks/torch_forward.py`, the "
+            f"others' transformers. Versions: {_versions(entries)}.")
     lines += [""] + textwrap.wrap(note, 92)
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@ the other tests lean on (rule soundness, extraction, the tolerance) can catch wh
 claim to."""
 
 import dataclasses
+import errno
 import json
 import os
 import struct
@@ -14,7 +15,7 @@ import torch
 
 import hf_checkpoints as hf
 import meganeura
-from configs import CONFIGS, SMALL
+from configs import CONFIGS, GQA2, SMALL
 from egraph_checks import assert_classes_agree, optimum_cost
 from meganeura.compiler.cost import CPU_INTERPRETER, H200, H200_ROOFLINE, CostModel
 from meganeura.compiler.graph import Graph
@@ -412,3 +413,228 @@ def test_a_graph_the_builder_refuses_names_why():
     x = g.input_f32("x", (3, 4))
     with pytest.raises(GraphError, match="transpose: operand %0 input 'x' depends on a run-time"):
         g.transpose(x)
+
+
+# ---- second round: file systems, memory, owned results, load-time errors, messages -----------
+
+
+def _ids(n: int, seed: int = 0, vocab: int = 64) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _config_file(tmp_path, **fields):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**dataclasses.asdict(SMALL), **fields}))
+    return str(path)
+
+
+def test_a_path_that_cannot_be_looked_at_is_one_line(tmp_path, monkeypatch):
+    # a name too long for the file system (a real OSError from stat, not "missing") ...
+    long = str(tmp_path / ("x" * 300))
+    with pytest.raises(WeightsError, match="cannot be read: File name too long"):
+        meganeura.from_pretrained(long, device="cpu", cache_dir=tmp_path)
+    _one_line_exit_2(*cli("generate", "--weights", long, "--tokens", "1"),
+                     "cannot be read: File name too long")
+    # ... and a directory this user may not enter (tests run as root, who may: stat says no)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.stat
+
+    def stat(path, *a, **k):
+        if str(path).startswith(str(locked)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    _one_line_exit_2(*cli("compile", "--weights", str(locked)), "cannot be read: Permission denied")
+    with pytest.raises(WeightsError, match="Permission denied"):
+        meganeura.from_pretrained(locked, device="cpu", cache_dir=tmp_path)
+
+
+def test_any_os_error_the_cli_meets_is_one_line(tmp_path, monkeypatch):
+    from meganeura.compiler import report
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "plan.json"))
+
+    monkeypatch.setattr(report, "emit", full)
+    rc, out, err = cli("compile", "--emit-dir", str(tmp_path))
+    _one_line_exit_2(rc, out, err, f"{tmp_path / 'plan.json'}: No space left on device")
+
+
+def test_a_full_disk_compiles_from_memory_and_leaves_nothing_half_written(tmp_path, monkeypatch,
+                                                                          capsys):
+    from meganeura.codegen import cache
+
+    def full(f, data):
+        f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache.KernelCache, "_write", staticmethod(full))
+    g, w = build(SMALL, 5), random_weights(SMALL, seed=2)
+    fn = meganeura.compile(g, w, device="cpu", cache_dir=tmp_path / "k")
+    x = _ids(5)
+    assert_close(fn(x), run_reference(g, w, {"token_ids": x})[0], "fp32")
+    assert list((tmp_path / "k").iterdir()) == []  # no kernel file, no temporary file
+    err = capsys.readouterr().err
+    assert err.count("takes no new files (No space left on device)") == 1, err
+
+
+def test_a_read_only_cache_is_used_as_it_is(tmp_path, monkeypatch, capsys):
+    from meganeura.codegen import cache
+
+    g, w, x = build(SMALL, 4), random_weights(SMALL, seed=3), _ids(4, 1)
+    ref = run_reference(g, w, {"token_ids": x})[0]
+    meganeura.compile(g, w, device="cpu", cache_dir=tmp_path)  # fills it
+    files = sorted(tmp_path.iterdir())
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cache.tempfile, "mkstemp", read_only)
+    fn = meganeura.compile(g, w, device="cpu", cache_dir=tmp_path)  # holds every kernel
+    assert_close(fn(x), ref, "fp32")
+    # a plan whose kernels it lacks: compiled from memory, the cache left as it was
+    g2 = build(GQA2, 3)
+    w2 = random_weights(GQA2, seed=1)
+    fn2 = meganeura.compile(g2, w2, device="cpu", cache_dir=tmp_path)
+    y = _ids(3, 2, GQA2.vocab_size)
+    assert_close(fn2(y), run_reference(g2, w2, {"token_ids": y})[0], "fp32")
+    assert sorted(tmp_path.iterdir()) == files
+    assert capsys.readouterr().err.count("takes no new files (Read-only file system)") == 1
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_a_bad_cache_dir_is_reported_when_the_model_is_made(tmp_path, where):
+    (tmp_path / "f").write_text("")
+    d = tmp_path / "f" if where == "file" else tmp_path / "f" / "kernels"
+    message = "exists and is not a directory" if where == "file" else "cannot be made"
+    for make in (lambda: meganeura.from_config(SMALL, device="cpu", cache_dir=d),
+                 lambda: meganeura.compile(build(SMALL, 3), random_weights(SMALL), device="cpu",
+                                           cache_dir=d)):
+        with pytest.raises(MeganeuraError, match=message):
+            make()
+
+
+def test_a_cpu_run_without_the_interpreter_is_reported_at_load(tmp_path, monkeypatch):
+    import meganeura.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "interpreter_active", lambda: False)
+    for make in (lambda: meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path),
+                 lambda: meganeura.compile(build(SMALL, 3), random_weights(SMALL), device="cpu",
+                                           cache_dir=tmp_path)):
+        with pytest.raises(MeganeuraError, match="needs TRITON_INTERPRET=1 in the environment "
+                                                 "before triton is imported"):
+            make()
+    assert list(tmp_path.iterdir()) == []  # refused before a kernel was made
+
+
+def test_kv_caches_beyond_the_device_are_refused_before_they_are_made(tmp_path):
+    cfg = _config_file(tmp_path, max_position_embeddings=2 ** 31 - 1)
+    rc, out, err = cli("generate", "--config", cfg, "--tokens", "1,2",
+                       "--max-new-tokens", str(2 * 10 ** 9))
+    _one_line_exit_2(rc, out, err, "the KV caches for 2000000256 positions and the weights beside "
+                                   "them need")
+    assert "GiB is free" in err and "weights ready" not in out
+    from meganeura.models.gemma4 import config_from_dict
+
+    model = meganeura.from_config(config_from_dict(json.loads(open(cfg).read())), device="cpu",
+                                  cache_dir=tmp_path)
+    with pytest.raises(MeganeuraError, match="the KV caches for 2000000256 positions need"):
+        model.generate(_ids(2), 2 * 10 ** 9)
+    assert model.generator.sessions == {}
+
+
+def test_the_seeds_models_have_a_position_limit_for_forward_and_generate(tmp_path):
+    model = meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path)
+    assert SMALL.max_position_embeddings == 131_072
+    with pytest.raises(MeganeuraError, match="need 50000002 positions, the model has 131072"):
+        model.generate(_ids(2), 5 * 10 ** 7)
+    short = dataclasses.replace(SMALL, max_position_embeddings=16)
+    model = meganeura.from_config(short, device="cpu", cache_dir=tmp_path)
+    with pytest.raises(MeganeuraError, match="17 tokens: the model has 16 positions"):
+        model(_ids(17))
+    with pytest.raises(MeganeuraError, match="need 17 positions, the model has 16"):
+        model.generate(_ids(10), 7)
+    assert model.plans == {} and model.generator.sessions == {}
+    with pytest.raises(ConfigError, match="max_position_embeddings must be a positive integer"):
+        dataclasses.replace(SMALL, max_position_embeddings=0)
+
+
+def test_results_belong_to_the_caller(tmp_path):
+    model = meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path, seed=5)
+    x, y = _ids(6, 1), _ids(6, 2)
+    a = model(x)
+    b = model(y)
+    assert_close(a, run_reference(build(SMALL, 6), model.weights, {"token_ids": x})[0], "fp32")
+    assert not torch.equal(a, b)
+    # the no-copy path, by name: the plan's buffer, which the next call overwrites
+    fast = model(x, copy=False)
+    assert model(y, copy=False).data_ptr() == fast.data_ptr() and torch.equal(fast, b)
+
+
+def test_a_directory_without_config_json_says_so(tmp_path):
+    save_random_weights(SMALL, tmp_path / "model.safetensors")
+    _one_line_exit_2(*cli("compile", "--weights", str(tmp_path)), "no config.json in this directory")
+    rc, out, _ = cli("compile", "--model", "gemma4-small-test", "--weights", str(tmp_path))
+    assert rc == 0 and "names and shapes match" in out  # bare weights of a named model
+
+
+def test_a_gpu_plan_is_inspected_on_any_machine(tmp_path):
+    rc, out, err = cli("compile", "--dtype", "bf16", "--profile", "h200", "--seq-len", "7",
+                       "--emit-dir", str(tmp_path))
+    assert rc == 0, err
+    assert "cost model: h200, bf16" in out
+    kernels = "".join(p.read_text() for p in (tmp_path / "kernels").glob("k_*.py"))
+    assert 'input_precision="tf32"' in kernels  # a bf16 GPU plan's kernels (fp32: "ieee")
+    _one_line_exit_2(*cli("compile", "--dtype", "bf16", "--device", "cpu", "--run"),
+                     "bf16 runs on CUDA only")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("compile", "--config", "CFG"), "vocab_size must be a positive integer below 2^31, got "
+                                     "1000000000000"),
+    (("generate", "--tokens", "1,2", "--max-new-tokens", str(10 ** 12)),
+     "need 1000000000002 positions, the model has 131072"),
+])
+def test_messages_name_the_limit(tmp_path, args, message):
+    cfg = _config_file(tmp_path, vocab_size=10 ** 12)
+    _one_line_exit_2(*cli(*[cfg if a == "CFG" else a for a in args]), message)
+
+
+def test_stop_ids_as_a_tensor(tmp_path):
+    model = meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path, seed=1)
+    prompt = _ids(3, 4)
+    free = model.generate(prompt, 4)
+    first = int(free[3])
+    assert torch.equal(model.generate(prompt, 4, stop=torch.tensor([first])), free[:4])
+    with pytest.raises(MeganeuraError, match=r"must be 0-D or 1-D integers, got shape \[1, 1\]"):
+        model.generate(prompt, 4, stop=torch.ones(1, 1, dtype=torch.int64))
+    with pytest.raises(MeganeuraError, match=r"stop ids must be integers in \[0, 64\), got 99$"):
+        model.generate(prompt, 4, stop=torch.tensor([1, 99]))
+
+
+def test_an_unknown_debug_channel_in_the_environment_is_named(tmp_path, monkeypatch):
+    _one_line_exit_2(*cli("compile", env={"MEGANEURA_DEBUG": "bogus"}),
+                     "unknown debug channel bogus in MEGANEURA_DEBUG (known: egraph, plan, "
+                     "kernels, timing)")
+    monkeypatch.setenv("MEGANEURA_DEBUG", "plan,bogus")
+    with pytest.raises(MeganeuraError, match="unknown debug channel bogus in MEGANEURA_DEBUG"):
+        meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path)
+    monkeypatch.setenv("MEGANEURA_DEBUG", "plan")
+    assert meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path).setup.debug == {"plan"}
+
+
+def test_the_stream_prints_its_last_incomplete_character(capsys):
+    from meganeura.cli.commands import _Stream
+
+    class Bytes:  # a byte-level tokenizer: id k is byte k
+        @staticmethod
+        def decode(ids, skip_special_tokens=False):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    s = _Stream(Bytes())
+    for b in "é".encode() + b"!" + "€".encode()[:2]:  # ends inside a character
+        s.add(b)
+    s.end()
+    assert capsys.readouterr().out == "é!\ufffd\n"

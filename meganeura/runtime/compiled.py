@@ -7,10 +7,11 @@ its tensors, strides and constexprs fixed. A call validates the token ids before
 kernel runs, copies them into the input buffer and launches the plan in order; on
 CUDA the launches are captured once and replayed as one CUDA graph.
 
-The returned logits live in the model's output buffer: the next call overwrites
-them (clone to keep them), as with any CUDA-graph runtime. A forward's inputs share that
-memory (the token ids are read by the first launch, the logits written by the last): pass
-inputs of their own, not views of a previous result.
+A call returns a copy of the logits, made under the model's lock, which the caller owns;
+`copy=False` returns the output buffer itself, which the next call overwrites, as with any
+CUDA-graph runtime. A forward's inputs share that memory (the token ids are read by the
+first launch, the logits written by the last): pass inputs of their own, not views of a
+previous uncopied result.
 """
 
 from __future__ import annotations
