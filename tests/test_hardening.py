@@ -638,3 +638,13 @@ def test_the_stream_prints_its_last_incomplete_character(capsys):
         s.add(b)
     s.end()
     assert capsys.readouterr().out == "é!\ufffd\n"
+
+
+def test_weights_beyond_the_device_are_refused_before_one_is_made(tmp_path, monkeypatch):
+    import meganeura.runtime.compiled as compiled
+
+    monkeypatch.setattr(compiled, "_host_available", lambda: 4096)  # bytes free
+    with pytest.raises(MeganeuraError, match=r"the weights need 0\.00 GiB of cpu memory; "
+                                             r"0\.00 GiB is free"):
+        meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path)
+    _one_line_exit_2(*cli("compile", "--run"), "the fp32 weights of this model need")

@@ -10,6 +10,7 @@ import torch
 from ..errors import ConfigError, MeganeuraError
 from ..models import MODEL_NAMES, PRESETS, build, family, num_parameters
 from ..models.weights import check_weights, load_weights, random_weights
+from ..inference.pretrained import check_weight_memory
 from ..pipeline import Setup, bind, kernel_sources, optimize_graph, setup
 from ..runtime.check import relative_error
 
@@ -123,6 +124,7 @@ def run_compiled(args, config, graph, plan, report, s: Setup, optimize_s, rename
 
     device, dtype = s.device, s.dtype
     t0 = time.perf_counter()
+    check_weight_memory(config, dtype, device)
     if args.weights:
         weights = load_weights(args.weights, config, dtype, device, rename)
     else:

@@ -19,10 +19,10 @@ import torch
 
 from ..errors import InputError, WeightsError
 from ..models.checkpoint import Checkpoint, open_checkpoint
-from ..models.registry import build, family
+from ..models.registry import build, family, num_parameters
 from ..models.weights import load_weights, random_weights
 from ..pipeline import Setup, compile_graph, setup
-from ..runtime.compiled import CompiledModel
+from ..runtime.compiled import CompiledModel, check_memory
 from .generation import Generator, SamplingParams
 
 
@@ -89,6 +89,12 @@ class PretrainedModel:
             return out
 
 
+def check_weight_memory(config, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuses weights that do not fit the device's free memory, before one is made."""
+    size = torch.empty((), dtype=dtype).element_size()
+    check_memory(num_parameters(config) * size, device, "the weights need {}")
+
+
 def from_config(config, weights: dict | None = None, device=None, dtype=None, cache_dir=None,
                 profile=None, seed: int = 0, debug=None) -> PretrainedModel:
     """A model object for a config (a preset of any family): its weights in graph layout,
@@ -97,6 +103,7 @@ def from_config(config, weights: dict | None = None, device=None, dtype=None, ca
     s = setup(device, dtype, profile, cache_dir, debug)
     device, dtype = s.device, s.dtype
     if weights is None:
+        check_weight_memory(config, dtype, device)
         weights = random_weights(config, seed, dtype, device)
     if not isinstance(weights, dict):
         raise WeightsError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}")
@@ -118,5 +125,6 @@ def from_pretrained(path, device=None, dtype=None, cache_dir=None, profile=None,
     """
     s = setup(device, dtype, profile, cache_dir, debug)
     ck = open_checkpoint(path)
+    check_weight_memory(ck.config, s.dtype, s.device)
     weights = load_weights(ck.path, ck.config, s.dtype, s.device, ck.rename)
     return PretrainedModel(ck.config, weights, s, ck)
