@@ -91,6 +91,9 @@ def test_stop_ids_end_generation(kernels):
     first_at = greedy[4:].tolist().index(third)
     stopped = ours.generate(prompt, max_new_tokens=4, stop=[third])
     assert stopped.tolist() == greedy[:4 + first_at + 1].tolist()
+    # an integer tensor of ids is a list of them
+    assert torch.equal(ours.generate(prompt, max_new_tokens=4, stop=torch.tensor([third])),
+                       stopped)
 
 
 @pytest.mark.parametrize("kw, message", [

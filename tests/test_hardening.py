@@ -602,16 +602,14 @@ def test_messages_name_the_limit(tmp_path, args, message):
     _one_line_exit_2(*cli(*[cfg if a == "CFG" else a for a in args]), message)
 
 
-def test_stop_ids_as_a_tensor(tmp_path):
+def test_stop_ids_as_a_bad_tensor_are_named_not_printed(tmp_path):
+    # (a good one stops generation: test_generation.py's test_stop_ids_end_generation)
     model = meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path, seed=1)
-    prompt = _ids(3, 4)
-    free = model.generate(prompt, 4)
-    first = int(free[3])
-    assert torch.equal(model.generate(prompt, 4, stop=torch.tensor([first])), free[:4])
     with pytest.raises(MeganeuraError, match=r"must be 0-D or 1-D integers, got shape \[1, 1\]"):
-        model.generate(prompt, 4, stop=torch.ones(1, 1, dtype=torch.int64))
+        model.generate(_ids(3), 4, stop=torch.ones(1, 1, dtype=torch.int64))
     with pytest.raises(MeganeuraError, match=r"stop ids must be integers in \[0, 64\), got 99$"):
-        model.generate(prompt, 4, stop=torch.tensor([1, 99]))
+        model.generate(_ids(3), 4, stop=torch.tensor([1, 99]))
+    assert model.generator.sessions == {}
 
 
 def test_an_unknown_debug_channel_in_the_environment_is_named(tmp_path, monkeypatch):
