@@ -646,3 +646,21 @@ def test_weights_beyond_the_device_are_refused_before_one_is_made(tmp_path, monk
                                              r"0\.00 GiB is free"):
         meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path)
     _one_line_exit_2(*cli("compile", "--run"), "the fp32 weights of this model need")
+
+
+def test_a_config_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "config.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    _one_line_exit_2(*cli("compile", "--weights", str(d)),
+                     f"cannot read config {d / 'config.json'}: Permission denied")

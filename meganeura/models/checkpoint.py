@@ -47,6 +47,8 @@ def read_json(path: Path, what: str) -> object:
         raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
     except RecursionError:
         raise ConfigError(f"{what} {path} is nested too deeply") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def is_checkpoint_dir(path) -> bool:
