@@ -1,0 +1,136 @@
+"""AdamW over a model's weights, as `torch.optim.AdamW` defines it, in generated kernels.
+
+    opt = AdamW(weights, lr=1e-4, weight_decay=0.0)       # weights: name -> tensor, updated in place
+    norm = opt.step(grads, max_norm=1.0)                  # grads: name -> tensor of the same shape
+
+The update is torch.optim.AdamW's (decoupled weight decay, bias correction; no amsgrad),
+computed in fp32 by one kernel per weight (codegen/optimizer.py). The moments are fp32
+whatever the weights' dtype (torch keeps them in the weights' dtype: bf16 moments lose the
+small updates); `master_weights=True` also keeps an fp32 copy of bf16 weights, which the
+steps update and the weights are rounded from. `max_norm` clips the gradients by their
+global norm as `torch.nn.utils.clip_grad_norm_` does (coefficient max_norm / (norm + 1e-6)
+when below 1; the kernel reads it from memory). The norm is always computed, and read by
+the host: a step whose gradients hold NaN or inf is refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..codegen.optimizer import ENTRY_ADAMW, ENTRY_SQ_SUM, adamw_source, sq_sum_source
+from ..errors import InputError
+from ..pipeline import setup
+
+BLOCK_GPU, BLOCK_CPU = 1024, 256  # elements per program
+
+
+def _number(name: str, v, low: float, high: float = math.inf, open_high: bool = False) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+        low <= v and (v < high if open_high else v <= high)
+    if not ok:
+        right = ")" if open_high else "]"
+        raise InputError(f"{name} must be a number in [{low:g}, {high:g}{right}, got {v!r}")
+    return float(v)
+
+
+class AdamW:
+    def __init__(self, weights: dict, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, master_weights: bool = False, cache_dir=None):
+        if not isinstance(weights, dict) or not weights:
+            raise InputError("weights must be a non-empty dict of name -> torch.Tensor")
+        bad = [n for n, w in weights.items() if not isinstance(w, torch.Tensor)
+               or not w.is_floating_point() or not w.is_contiguous()]
+        if bad:
+            raise InputError(f"weight {bad[0]!r} must be a contiguous floating-point tensor")
+        devices = {w.device for w in weights.values()}
+        dtypes = {w.dtype for w in weights.values()}
+        if len(devices) > 1 or len(dtypes) > 1:
+            raise InputError(f"weights must share one device and dtype, got "
+                             f"{sorted(map(str, devices))} and {sorted(map(str, dtypes))}")
+        self.lr = _number("lr", lr, 0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise InputError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        self.betas = tuple(_number("betas[%d]" % i, b, 0.0, 1.0, open_high=True)
+                           for i, b in enumerate(betas))
+        self.eps = _number("eps", eps, 0.0)
+        if self.eps == 0:
+            raise InputError("eps must be > 0, got 0")
+        self.weight_decay = _number("weight_decay", weight_decay, 0.0)
+        self.weights = weights
+        (device,), (dtype,) = devices, dtypes
+        self.setup = setup(device, dtype, cache_dir=cache_dir)
+        self.cache = self.setup.kernel_cache()
+        self.interpreted = device.type == "cpu"
+        self.block = BLOCK_CPU if self.interpreted else BLOCK_GPU
+        self.master = bool(master_weights) and dtype != torch.float32
+        f32 = dict(dtype=torch.float32, device=device)
+        self.exp_avg = {n: torch.zeros(w.shape, **f32) for n, w in weights.items()}
+        self.exp_avg_sq = {n: torch.zeros(w.shape, **f32) for n, w in weights.items()}
+        self.master_weights = {n: w.float().clone() for n, w in weights.items()} \
+            if self.master else {}
+        self.steps = 0
+        blocks = sum(-(-w.numel() // self.block) for w in weights.values())
+        self._partials = torch.zeros(blocks, **f32)
+        self._coef = torch.ones(1, **f32)
+
+    def _kernel(self, source: str, entry: str):
+        return self.cache.load(source, entry, self.interpreted)
+
+    def grad_norm(self, grads: dict) -> torch.Tensor:
+        """The global L2 norm of the gradients, a 0-d fp32 tensor on the device."""
+        fn = self._kernel(sq_sum_source(), ENTRY_SQ_SUM)
+        at = 0
+        for n in self.weights:
+            g = grads[n]
+            k = -(-g.numel() // self.block)
+            fn[(k,)](g, self._partials[at:at + k], g.numel(), BLOCK=self.block, num_warps=4)
+            at += k
+        return self._partials[:at].sum().sqrt()
+
+    def check_grads(self, grads) -> None:
+        if not isinstance(grads, dict):
+            raise InputError(f"grads must be a dict of name -> torch.Tensor, got "
+                             f"{type(grads).__name__}")
+        missing = [n for n in self.weights if n not in grads]
+        extra = [n for n in grads if n not in self.weights]
+        if missing or extra:
+            raise InputError(f"grads must name exactly the weights: "
+                             + (f"{missing[0]!r} is missing" if missing else
+                                f"{extra[0]!r} is not a trained weight"))
+        for n, w in self.weights.items():
+            g = grads[n]
+            if not isinstance(g, torch.Tensor) or g.shape != w.shape or g.device != w.device \
+                    or not g.is_floating_point() or not g.is_contiguous():
+                what = (f"shape {list(g.shape)} {g.dtype} on {g.device}"
+                        if isinstance(g, torch.Tensor) else type(g).__name__)
+                raise InputError(f"gradient {n!r} must be a contiguous floating-point tensor "
+                                 f"of shape {list(w.shape)} on {w.device}, got {what}")
+
+    def step(self, grads: dict, max_norm: float | None = None) -> float:
+        """One update of every weight from `grads` (name -> tensor); returns the gradients'
+        global norm before clipping. NaN or inf in them: InputError, nothing changed."""
+        self.check_grads(grads)
+        if max_norm is not None:
+            max_norm = _number("max_norm", max_norm, 0.0)
+        norm = self.grad_norm(grads)
+        total = float(norm)
+        if not math.isfinite(total):
+            raise InputError(f"the gradients hold NaN or inf (global norm {total}): the step was "
+                             f"not taken, the weights and the optimizer state are unchanged")
+        coef = 1.0 if max_norm is None else min(1.0, max_norm / (total + 1e-6))
+        self._coef.fill_(coef)
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1 ** self.steps)
+        bc2_sqrt = math.sqrt(1 - beta2 ** self.steps)
+        fn = self._kernel(adamw_source(self.master), ENTRY_ADAMW)
+        for n, w in self.weights.items():
+            k = -(-w.numel() // self.block)
+            ptrs = [w, grads[n], self.exp_avg[n], self.exp_avg_sq[n]]
+            ptrs += [self.master_weights[n]] if self.master else []
+            fn[(k,)](*ptrs, self._coef, w.numel(), 1.0 - self.lr * self.weight_decay,
+                     1.0 - beta1, beta2, step_size, bc2_sqrt, self.eps, BLOCK=self.block,
+                     num_warps=4)
+        return total

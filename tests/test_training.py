@@ -1,0 +1,122 @@
+"""Training's pieces against torch: AdamW's generated kernels against torch.optim.AdamW."""
+
+import pytest
+import torch
+
+from meganeura.errors import InputError
+from meganeura.training import AdamW
+from numerics import assert_close
+
+SHAPES = {"a": (7,), "b.weight": (37, 13), "c": (130,), "d": (1, 1)}
+
+
+def _weights(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def _grads(step: int, scale: float = 1.0) -> dict:
+    g = torch.Generator().manual_seed(100 + step)
+    return {n: scale * torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+def test_adamw_steps_equal_torch(tmp_path, max_norm):
+    kw = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours, theirs = _weights(0), {n: torch.nn.Parameter(w.clone()) for n, w in _weights(0).items()}
+    opt = AdamW(ours, cache_dir=tmp_path, **kw)
+    ref = torch.optim.AdamW(list(theirs.values()), foreach=False, **kw)
+    for step in range(3):
+        grads = _grads(step, scale=3.0)
+        norm = opt.step({n: g.clone() for n, g in grads.items()}, max_norm=max_norm)
+        for n, p in theirs.items():
+            p.grad = grads[n].clone()
+        total = torch.nn.utils.clip_grad_norm_(list(theirs.values()), max_norm or float("inf"),
+                                               foreach=False)
+        ref.step()
+        assert norm == pytest.approx(float(total), rel=1e-6)
+        for n, p in theirs.items():
+            assert_close(ours[n], p.detach(), "fp32-exact")
+            state = ref.state[p]
+            assert_close(opt.exp_avg[n], state["exp_avg"], "fp32-exact")
+            assert_close(opt.exp_avg_sq[n], state["exp_avg_sq"], "fp32-exact")
+    assert opt.steps == 3
+
+
+def test_other_betas_and_eps_equal_torch(tmp_path):
+    kw = dict(lr=1e-2, betas=(0.3, 0.5), eps=1e-6, weight_decay=0.0)
+    ours, theirs = _weights(1), {n: torch.nn.Parameter(w.clone()) for n, w in _weights(1).items()}
+    opt = AdamW(ours, cache_dir=tmp_path, **kw)
+    ref = torch.optim.AdamW(list(theirs.values()), foreach=False, **kw)
+    for step in range(2):
+        grads = _grads(step)
+        opt.step(grads)
+        for n, p in theirs.items():
+            p.grad = grads[n].clone()
+        ref.step()
+    for n, p in theirs.items():
+        assert_close(ours[n], p.detach(), "fp32-exact")
+
+
+def test_non_finite_gradients_change_nothing(tmp_path):
+    ours = _weights(2)
+    opt = AdamW(ours, lr=1e-2, cache_dir=tmp_path)
+    opt.step(_grads(0))
+    before = {n: w.clone() for n, w in ours.items()}
+    moments = {n: m.clone() for n, m in opt.exp_avg.items()}
+    bad = _grads(1)
+    bad["b.weight"][3, 4] = float("nan")
+    with pytest.raises(InputError, match="hold NaN or inf .* the step was not taken"):
+        opt.step(bad)
+    assert opt.steps == 1
+    assert all(torch.equal(ours[n], before[n]) for n in ours)
+    assert all(torch.equal(opt.exp_avg[n], moments[n]) for n in ours)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(lr=-1.0), r"lr must be a number in \[0, inf\], got -1.0"),
+    (dict(betas=(0.9, 1.0)), r"betas\[1\] must be a number in \[0, 1\), got 1.0"),
+    (dict(betas=0.9), r"betas must be two numbers in \[0, 1\), got 0.9"),
+    (dict(eps=0.0), "eps must be > 0"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a number"),
+])
+def test_bad_hyperparameters_are_named(tmp_path, kw, message):
+    with pytest.raises(InputError, match=message):
+        AdamW(_weights(0), cache_dir=tmp_path, **kw)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda g: g.pop("c"), "'c' is missing"),
+    (lambda g: g.update(e=torch.ones(2)), "'e' is not a trained weight"),
+    (lambda g: g.update(a=torch.ones(8)), r"gradient 'a' must be .* of shape \[7\] on cpu, got "
+                                          r"shape \[8\]"),
+    (lambda g: g.update(a=torch.ones(7, dtype=torch.int64)), "floating-point"),
+])
+def test_bad_gradients_are_named_and_change_nothing(tmp_path, change, message):
+    ours = _weights(3)
+    before = {n: w.clone() for n, w in ours.items()}
+    opt = AdamW(ours, cache_dir=tmp_path)
+    grads = _grads(0)
+    change(grads)
+    with pytest.raises(InputError, match=message):
+        opt.step(grads)
+    assert opt.steps == 0 and all(torch.equal(ours[n], before[n]) for n in ours)
+
+
+@pytest.mark.cuda
+def test_bf16_weights_with_fp32_master_weights_follow_fp32_adamw():
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    start = {n: w.cuda() for n, w in _weights(4).items()}
+    ours = {n: w.to(torch.bfloat16) for n, w in start.items()}
+    theirs = {n: torch.nn.Parameter(w.to(torch.bfloat16).float()) for n, w in start.items()}
+    opt = AdamW(ours, master_weights=True, **kw)
+    ref = torch.optim.AdamW(list(theirs.values()), **kw)
+    for step in range(20):
+        grads = {n: g.cuda() for n, g in _grads(step).items()}
+        opt.step({n: g.to(torch.bfloat16) for n, g in grads.items()})
+        for n, p in theirs.items():
+            p.grad = grads[n].to(torch.bfloat16).float()
+        ref.step()
+    for n, p in theirs.items():  # the master weights follow fp32 AdamW; the weights round them
+        assert_close(opt.master_weights[n], p.detach(), "fp32")
+        assert torch.equal(ours[n], opt.master_weights[n].to(torch.bfloat16))
