@@ -118,6 +118,10 @@ def check_runnable(s: Setup) -> None:
     """What running plans on s.device needs, checked before any work (MeganeuraError)."""
     if s.device.type == "cuda" and not torch.cuda.is_available():
         raise MeganeuraError("device cuda: CUDA is not available on this machine")
+    if s.device.type == "cuda" and s.device.index is not None and \
+            s.device.index >= torch.cuda.device_count():
+        raise MeganeuraError(f"device {s.device}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
     if s.device.type == "cpu" and s.dtype != torch.float32:
         # Triton's interpreter computes bf16 dot products wrong (near-uniform logits, no error)
         raise MeganeuraError("bf16 runs on CUDA only: on the CPU, Triton's interpreter computes "

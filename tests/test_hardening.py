@@ -494,14 +494,41 @@ def test_a_read_only_cache_is_used_as_it_is(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cache.tempfile, "mkstemp", read_only)
     fn = meganeura.compile(g, w, device="cpu", cache_dir=tmp_path)  # holds every kernel
     assert_close(fn(x), ref, "fp32")
+    assert fn.cache.hits > 0 and fn.cache.misses == 0 and not fn.cache.writable
     # a plan whose kernels it lacks: compiled from memory, the cache left as it was
     g2 = build(GQA2, 3)
     w2 = random_weights(GQA2, seed=1)
     fn2 = meganeura.compile(g2, w2, device="cpu", cache_dir=tmp_path)
     y = _ids(3, 2, GQA2.vocab_size)
     assert_close(fn2(y), run_reference(g2, w2, {"token_ids": y})[0], "fp32")
-    assert sorted(tmp_path.iterdir()) == files
+    assert fn2.cache.misses > 0 and sorted(tmp_path.iterdir()) == files
     assert capsys.readouterr().err.count("takes no new files (Read-only file system)") == 1
+
+
+def test_a_cache_dir_under_a_read_only_home_compiles_from_memory(tmp_path, monkeypatch,
+                                                                 capsys):
+    from pathlib import Path
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    d = tmp_path / "home" / ".cache" / "kernels"
+    g, w, x = build(SMALL, 3), random_weights(SMALL, seed=6), _ids(3, 6)
+    fn = meganeura.compile(g, w, device="cpu", cache_dir=d)
+    assert_close(fn(x), run_reference(g, w, {"token_ids": x})[0], "fp32")
+    assert not d.exists() and "takes no new files (Read-only file system)" in \
+        capsys.readouterr().err
+
+
+def test_an_entry_that_cannot_be_replaced_is_compiled_from_memory(tmp_path):
+    from meganeura.codegen.cache import KernelCache
+
+    source = "import triton\n\n\ndef k(x_ptr):\n    pass\n"
+    cache = KernelCache(tmp_path)
+    (tmp_path / cache.path(source).name).mkdir()  # a directory where the file goes
+    assert cache.store(source) is not None and cache.path(source).is_file()  # replaced
+    assert cache.load(source, "k", interpreted=True) is not None
 
 
 @pytest.mark.parametrize("where", ["file", "under a file"])

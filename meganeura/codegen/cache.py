@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import linecache
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -31,7 +32,9 @@ from ..errors import MeganeuraError
 
 DEFAULT_DIR = Path.home() / ".cache" / "meganeura" / "kernels"
 # errors that make a directory no directory at all, rather than one closed to new files
-_NOT_A_DIRECTORY = (errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EISDIR)
+_NOT_A_DIRECTORY = (errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP)
+# errors of a directory that is (or could be) there but takes no new files
+_CLOSED = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 _warned: set[str] = set()  # directories whose read-only warning this process printed
 
 
@@ -47,6 +50,14 @@ def interpreter_mismatch(interpreted: bool) -> str:
     return (f"running kernels on {'the CPU' if interpreted else 'CUDA'} needs "
             f"TRITON_INTERPRET={want} in the environment before triton is imported; this "
             f"process imported it {'without' if interpreted else 'with'} it")
+
+
+def _warn(directory: Path, what: str) -> None:
+    """One warning line per cache directory and process."""
+    key = str(directory)
+    if key not in _warned:
+        _warned.add(key)
+        print(f"warning: kernel cache {directory} {what}", file=sys.stderr, flush=True)
 
 
 class KernelCache:
@@ -86,11 +97,18 @@ class KernelCache:
             self.rebuilt += 1  # present but not what its name promises
             if not self.writable:
                 return None
-            os.unlink(path)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
         except FileNotFoundError:
             self.misses += 1
-        except OSError as e:
-            return self._closed(e)
+        except OSError as e:  # this entry cannot be read or replaced: it alone from memory
+            if e.errno in _NOT_A_DIRECTORY:
+                return self._closed(e)
+            _warn(self.directory, f"entry {path.name} cannot be read or replaced "
+                                  f"({e.strerror or e}): that kernel is compiled from memory")
+            return None
         if not self.writable:
             return None
         tmp = None
@@ -104,8 +122,11 @@ class KernelCache:
         except OSError as e:
             return self._closed(e)
         finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)  # nothing half-written stays
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)  # nothing half-written stays
+                except OSError:
+                    pass
         return path
 
     @staticmethod
@@ -122,12 +143,8 @@ class KernelCache:
             raise MeganeuraError(f"kernel cache {self.directory} cannot be a directory: "
                                  f"{e.strerror or e}") from None
         self._writable = False
-        key = str(self.directory)
-        if key not in _warned:
-            _warned.add(key)
-            print(f"warning: kernel cache {self.directory} takes no new files ({e.strerror or e}): "
-                  f"kernels it lacks are compiled from memory in this process", file=sys.stderr,
-                  flush=True)
+        _warn(self.directory, f"takes no new files ({e.strerror or e}): kernels it lacks are "
+                              f"compiled from memory in this process")
         return None
 
     def check(self) -> None:
@@ -147,6 +164,9 @@ class KernelCache:
             try:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as e:
+                if e.errno in _CLOSED:  # e.g. under a read-only home: kernels from memory
+                    self._closed(e)
+                    return
                 raise MeganeuraError(f"kernel cache directory {d} cannot be made: "
                                      f"{e.strerror or e}") from None
         try:
@@ -196,6 +216,13 @@ class KernelCache:
         out = []
         for s in dict.fromkeys(sources):
             dst = d / self.path(s).name
-            dst.write_text(self._text(s))
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".py")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(self._text(s).encode())
+                os.replace(tmp, dst)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
             out.append(dst)
         return out

@@ -9,7 +9,8 @@
 lr / (1 - beta1^t)), computed in fp32 whatever the weights' dtype; the moments (and, as an
 option, master weights) are fp32 tensors of their own. `coef` is read from memory, so that a
 clipping coefficient computed on the device reaches the step without a host round trip.
-One program per block of elements of a flat tensor.
+Square roots and divisions are rounded as torch's are (sqrt_rn, div_rn), not the GPU's fast
+approximations. One program per block of elements of a flat tensor.
 
 bytes: sq_sum reads g once; adamw reads and writes p, m, v (and the master) and reads g
 """
@@ -46,7 +47,7 @@ v = tl.load(v_ptr + offs, mask=mask, other=0.0)
 w = w * decay
 m = tl.where(lerp < 0.5, m + lerp * (g - m), g - (g - m) * (1.0 - lerp))  # torch's lerp_
 v = beta2 * v + (1.0 - beta2) * (g * g)
-w = w - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+w = w - step_size * tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
 tl.store(m_ptr + offs, m, mask=mask)
 tl.store(v_ptr + offs, v, mask=mask)
 tl.store(p_ptr + offs, w.to(p_ptr.dtype.element_ty), mask=mask)

@@ -405,8 +405,9 @@ def check_memory(needed: int, device: torch.device,
     """MeganeuraError when `needed` bytes exceed what the device has free (the host's
     available memory for the CPU), before anything is allocated. `what` says who needs them
     ({} is replaced by the amount)."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # free on the device, and what torch's allocator holds unused
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+            torch.cuda.memory_allocated(device)
     else:
         free = _host_available()
     if free is not None and needed > free:

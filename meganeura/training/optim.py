@@ -1,4 +1,5 @@
-"""AdamW over a model's weights, as `torch.optim.AdamW` defines it, in generated kernels.
+"""AdamW over a model's weights, as `torch.optim.AdamW` defines it, in generated kernels
+(equal to torch's up to fp32 rounding: torch's CPU kernels fuse multiply-adds).
 
     opt = AdamW(weights, lr=1e-4, weight_decay=0.0)       # weights: name -> tensor, updated in place
     norm = opt.step(grads, max_norm=1.0)                  # grads: name -> tensor of the same shape
@@ -15,6 +16,7 @@ the host: a step whose gradients hold NaN or inf is refused before anything chan
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -33,6 +35,11 @@ def _number(name: str, v, low: float, high: float = math.inf, open_high: bool = 
         right = ")" if open_high else "]"
         raise InputError(f"{name} must be a number in [{low:g}, {high:g}{right}, got {v!r}")
     return float(v)
+
+
+def _on(device: torch.device):
+    """Launches go to the weights' GPU (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class AdamW:
@@ -114,18 +121,24 @@ class AdamW:
         self.check_grads(grads)
         if max_norm is not None:
             max_norm = _number("max_norm", max_norm, 0.0)
-        norm = self.grad_norm(grads)
-        total = float(norm)
+        with _on(self.setup.device):
+            total = float(self.grad_norm(grads))
         if not math.isfinite(total):
             raise InputError(f"the gradients hold NaN or inf (global norm {total}): the step was "
                              f"not taken, the weights and the optimizer state are unchanged")
         coef = 1.0 if max_norm is None else min(1.0, max_norm / (total + 1e-6))
+        fn = self._kernel(adamw_source(self.master), ENTRY_ADAMW)
         self._coef.fill_(coef)
         self.steps += 1
         beta1, beta2 = self.betas
         step_size = self.lr / (1 - beta1 ** self.steps)
         bc2_sqrt = math.sqrt(1 - beta2 ** self.steps)
-        fn = self._kernel(adamw_source(self.master), ENTRY_ADAMW)
+        with _on(self.setup.device):
+            self._launch(fn, grads, step_size, bc2_sqrt)
+        return total
+
+    def _launch(self, fn, grads: dict, step_size: float, bc2_sqrt: float) -> None:
+        beta1, beta2 = self.betas
         for n, w in self.weights.items():
             k = -(-w.numel() // self.block)
             ptrs = [w, grads[n], self.exp_avg[n], self.exp_avg_sq[n]]
@@ -133,4 +146,3 @@ class AdamW:
             fn[(k,)](*ptrs, self._coef, w.numel(), 1.0 - self.lr * self.weight_decay,
                      1.0 - beta1, beta2, step_size, bc2_sqrt, self.eps, BLOCK=self.block,
                      num_warps=4)
-        return total
