@@ -1,4 +1,5 @@
-"""Training's pieces against torch: AdamW's generated kernels against torch.optim.AdamW."""
+"""Training's pieces against torch: AdamW against torch.optim.AdamW, the fused loss against
+transformers' causal-LM loss under autograd."""
 
 import pytest
 import torch
@@ -125,3 +126,87 @@ def test_bf16_weights_with_fp32_master_weights_follow_fp32_adamw():
     for n, p in theirs.items():  # the master weights follow fp32 AdamW; the weights round them
         assert_close(opt.master_weights[n], p.detach(), "fp32")
         assert torch.equal(ours[n], opt.master_weights[n].to(torch.bfloat16))
+
+
+# ---- the fused linear + soft-cap + cross-entropy --------------------------------------------
+
+
+def _ce_case(t: int, h: int, v: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(t, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * h ** -0.5 * 4  # logits of a few units
+    ids = torch.randint(0, v, (t,), generator=g)
+    ids[torch.randperm(t, generator=g)[: t // 5]] = -100  # positions that are not learned
+    return hidden, weight, ids
+
+
+def _reference(hidden, weight, labels, softcap):
+    """transformers' causal-LM loss and torch autograd's gradients, in fp64."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    h = hidden.double().requires_grad_()
+    w = weight.double().requires_grad_()
+    logits = h @ w.T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = ForCausalLMLoss(logits[None], labels[None], vocab_size=w.shape[0])
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("t, h, v, softcap", [(37, 40, 130, 30.0), (5, 16, 33, None),
+                                              (70, 24, 97, 2.0)])
+def test_fused_loss_and_gradients_equal_transformers_loss_under_autograd(tmp_path, t, h, v,
+                                                                         softcap):
+    from meganeura.training.loss import LinearCrossEntropy, shift_labels
+
+    hidden, weight, labels = _ce_case(t, h, v, seed=t)
+    ce = LinearCrossEntropy("cpu", softcap=softcap, cache_dir=tmp_path)
+    loss, dh, dw = ce(hidden, weight, shift_labels(labels))
+    ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, softcap)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert_close(dh, ref_dh, "fp32")
+    assert_close(dw, ref_dw, "fp32")
+    assert ce(hidden, weight, shift_labels(labels), grads=False)[1:] == (None, None)
+
+
+def test_shifted_labels_predict_the_next_token():
+    from meganeura.training.loss import shift_labels
+
+    assert shift_labels(torch.tensor([5, 6, -100, 8])).tolist() == [6, -100, 8, -100]
+    assert shift_labels(torch.tensor([[1, 2], [3, 4]])).tolist() == [[2, -100], [4, -100]]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h, w, y: (h, w, torch.full_like(y, -100)), "every label is -100"),
+    (lambda h, w, y: (h, w, y[:-1]), r"labels must be int64 of shape \[37\]"),
+    (lambda h, w, y: (h, w, y.int()), r"labels must be int64 .* torch.int32"),
+    (lambda h, w, y: (h, w, torch.where(y == y[0], 130, y)), r"label 130 is outside the "
+                                                             r"vocabulary \[0, 130\)"),
+    (lambda h, w, y: (h, w[:, :-1], y), "must share their width and dtype"),
+    (lambda h, w, y: (h[None], w, y), "hidden must be a 2-D floating-point tensor"),
+])
+def test_bad_loss_inputs_are_named(tmp_path, change, message):
+    from meganeura.training.loss import LinearCrossEntropy, shift_labels
+
+    hidden, weight, labels = _ce_case(37, 40, 130, seed=1)
+    labels = shift_labels(labels)
+    labels[0] = 7  # a counted position, whatever the draw
+    with pytest.raises(InputError, match=message):
+        LinearCrossEntropy("cpu", cache_dir=tmp_path)(*change(hidden, weight, labels))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_on_the_gpu(dtype):
+    from meganeura.training.loss import LinearCrossEntropy, shift_labels
+
+    hidden, weight, labels = _ce_case(301, 256, 2003, seed=3)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)  # the reference reads the same values
+    loss, dh, dw = LinearCrossEntropy("cuda", softcap=30.0)(hidden.cuda(), weight.cuda(),
+                                                            shift_labels(labels).cuda())
+    ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, 30.0)
+    kind = "fp32" if dtype == torch.float32 else "bf16"
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5 if kind == "fp32" else 2e-2)
+    assert_close(dh.cpu(), ref_dh, kind)
+    assert_close(dw.cpu(), ref_dw, kind)

@@ -1,5 +1,7 @@
-"""Training: the optimizer (optim.py); autodiff on the IR, the loss and `Trainer` follow."""
+"""Training: the optimizer (optim.py) and the fused causal-LM loss (loss.py); autodiff on the
+IR and `Trainer` build on them."""
 
+from .loss import LinearCrossEntropy, shift_labels
 from .optim import AdamW
 
-__all__ = ["AdamW"]
+__all__ = ["AdamW", "LinearCrossEntropy", "shift_labels"]

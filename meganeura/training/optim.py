@@ -1,8 +1,8 @@
 """AdamW over a model's weights, as `torch.optim.AdamW` defines it, in generated kernels
 (equal to torch's up to fp32 rounding: torch's CPU kernels fuse multiply-adds).
 
-    opt = AdamW(weights, lr=1e-4, weight_decay=0.0)       # weights: name -> tensor, updated in place
-    norm = opt.step(grads, max_norm=1.0)                  # grads: name -> tensor of the same shape
+    opt = AdamW(weights, lr=1e-4, weight_decay=0.0)   # weights: name -> tensor, in place
+    norm = opt.step(grads, max_norm=1.0)              # grads: name -> tensor, same shapes
 
 The update is torch.optim.AdamW's (decoupled weight decay, bias correction; no amsgrad),
 computed in fp32 by one kernel per weight (codegen/optimizer.py). The moments are fp32
