@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_prefill_kernels_fit_an_sm90_block():
-    # three plans' tiles (4b's, 12b's, 27b's), each kernel they share compiled once
+    # two plans' tiles (4b's, and 12b's: 128-wide tiles, head_dim 240), each kernel they
+    # share compiled once (27b's add six kernels of the same archetypes and 16 s on the CPU)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_check.py"), "--model",
-                          "gemma4-4b", "gemma4-12b", "gemma4-27b", "--seq-len", "2048"],
+                          "gemma4-4b", "gemma4-12b", "--seq-len", "2048"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     lines = [line for line in run.stdout.splitlines() if " smem " in line]

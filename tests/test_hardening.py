@@ -629,8 +629,14 @@ def test_messages_name_the_limit(tmp_path, args, message):
     _one_line_exit_2(*cli(*[cfg if a == "CFG" else a for a in args]), message)
 
 
-def test_stop_ids_as_a_bad_tensor_are_named_not_printed(tmp_path):
-    # (a good one stops generation: test_generation.py's test_stop_ids_end_generation)
+def test_stop_ids_as_a_tensor(tmp_path):
+    from meganeura.inference.generation import SamplingParams, check_request
+
+    # an integer tensor of ids is read as their list (generate reads stop through this)
+    _, stops, _ = check_request(SMALL, [1, 2], 3, SamplingParams(), torch.tensor([7, 9]), ())
+    assert stops == {7, 9}
+    _, stops, _ = check_request(SMALL, [1, 2], 3, SamplingParams(), torch.tensor(5), ())
+    assert stops == {5}
     model = meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path, seed=1)
     with pytest.raises(MeganeuraError, match=r"must be 0-D or 1-D integers, got shape \[1, 1\]"):
         model.generate(_ids(3), 4, stop=torch.ones(1, 1, dtype=torch.int64))
