@@ -21,6 +21,7 @@ import torch
 
 from meganeura.models import Gemma4TextConfig, LlamaConfig, Qwen3Config, weight_specs
 from meganeura.models.gemma4_text import PRESET_FIELDS, qk_norm_scale
+from meganeura.models.llama import transformers_fields
 from meganeura.models.weights import random_weights
 
 # meganeura's config class -> transformers' config class and causal LM, by name
@@ -42,24 +43,8 @@ def hf_config(cfg, preset: str | None = None):
     if isinstance(cfg, Gemma4TextConfig):
         fields = PRESET_FIELDS[preset]
     else:
-        fields = llama_fields(cfg)
+        fields = transformers_fields(cfg)
     return getattr(transformers, TRANSFORMERS[type(cfg)][0])(**fields)
-
-
-def llama_fields(c) -> dict:
-    """transformers' LlamaConfig / Qwen3Config fields of a meganeura LlamaConfig / Qwen3Config."""
-    factor, low, high, original = c.rope_scaling
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if factor != 1.0:
-        rope |= {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                 "high_freq_factor": high, "original_max_position_embeddings": original}
-    return dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-                num_attention_heads=c.num_attention_heads,
-                num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
-                rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
-                tie_word_embeddings=c.tie_word_embeddings, hidden_act="silu",
-                rope_parameters=rope)
 
 
 INITS = ("transformers", "unit")

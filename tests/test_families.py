@@ -17,7 +17,7 @@ from meganeura.models import (FAMILIES, MODEL_NAMES, PRESETS, Family, LlamaConfi
 from meganeura.models.checkpoint import config_of
 from meganeura.models.gemma4_text import from_dict as gemma4_text_config
 from meganeura.models.kv import Generation
-from meganeura.models.registry import BY_MODEL_TYPE
+from meganeura.models.registry import BY_MODEL_TYPE, read_config
 from meganeura.pipeline import optimize_graph
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
@@ -98,13 +98,15 @@ def test_preset_names_cli_choices_and_the_table_agree():
 def test_every_family_declares_the_whole_protocol():
     members = [f.name for f in dataclasses.fields(Family)]
     assert members == ["name", "config", "from_dict", "layouts", "presets", "build",
-                       "weight_specs", "random_weights", "summary", "model_types"]
+                       "weight_specs", "random_weights", "summary", "to_dict", "model_types"]
     for f in FAMILIES:
         assert isinstance(f, Family) and f.model_types == tuple(f.layouts)
-        for m in ("from_dict", "build", "weight_specs", "random_weights", "summary"):
+        for m in ("from_dict", "build", "weight_specs", "random_weights", "summary", "to_dict"):
             assert callable(getattr(f, m)), (f.name, m)
         assert all(callable(read) for read in f.layouts.values())
         assert f.summary(SMALL[f.name])
+        for p in f.presets:  # what save_pretrained writes reads back as the same config
+            assert read_config(f.to_dict(p.config), "config.json").config == p.config
     assert BY_MODEL_TYPE == {t: f for f in FAMILIES for t in f.model_types}
     assert set(BY_MODEL_TYPE) == {None, "gemma4_text", "gemma4", "llama", "qwen3"}
 

@@ -92,6 +92,9 @@ def test_multimodal_checkpoint_loads_its_text_decoder(tmp_path, kernels):
     assert "vision and audio towers are skipped" in ours.notes[0]
     ids = _ids(97, 11, 3)
     assert_close(ours(ids), hf.logits(model, ids), "fp32")
+    with pytest.raises(ConfigError, match="multimodal Gemma-4 checkpoint.*not supported yet"):
+        ours.save_pretrained(tmp_path / "out")  # its towers were never loaded
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["e2b_like", "dense"])

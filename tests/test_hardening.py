@@ -697,3 +697,19 @@ def test_a_config_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
     _one_line_exit_2(*cli("compile", "--weights", str(d)),
                      f"cannot read config {d / 'config.json'}: Permission denied")
+
+
+def test_save_pretrained_refuses_what_it_cannot_write_whole(tmp_path):
+    model = meganeura.from_config(SMALL, device="cpu", cache_dir=tmp_path / "k")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        model.save_pretrained(tmp_path / "file")
+    from meganeura.models.gemma4_text import PRESETS as PUBLISHED
+
+    odd = dataclasses.replace(PUBLISHED["gemma4_e2b"], vocab_size=1000)
+    with pytest.raises(ConfigError, match="written back only as one of the presets"):
+        meganeura.models.family(odd).to_dict(odd)
+    out = model.save_pretrained(tmp_path / "seed")  # the seed's field names, read back
+    again = meganeura.from_pretrained(out, device="cpu", cache_dir=tmp_path / "k")
+    assert again.config == SMALL and all(torch.equal(again.weights[n], w)
+                                         for n, w in model.weights.items())

@@ -224,3 +224,41 @@ def test_the_presets_have_the_published_shapes():
     # Llama-3.2-1B 1.24e9, Llama-3.1-8B 8.03e9, Qwen3-8B 8.19e9 parameters, as published
     assert [num_parameters(PRESETS[k]) for k in ("llama_3_2_1b", "llama_3_1_8b", "qwen3_8b")] \
         == [1_235_814_400, 8_030_261_248, 8_190_735_360]
+
+
+@pytest.mark.parametrize("name", ["llama3_tied", "qwen3"])
+def test_save_pretrained_loads_in_transformers_with_equal_logits(checkpoint, kernels, name,
+                                                                  tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import shutil
+
+    model, shared = checkpoint(name)
+    d = shutil.copytree(shared, tmp_path / "ck")
+    (d / "tokenizer.json").write_text("{}")  # a side file, copied as it is
+    ours = meganeura.from_pretrained(d, device="cpu", cache_dir=kernels)
+    out = ours.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = _ids(ours.config.vocab_size, 9, 2)
+    assert_close(hf.logits(back, ids), hf.logits(model, ids), "fp32-exact")
+    # a directory that holds something is replaced only when asked, and whole
+    with pytest.raises(ConfigError, match="is not empty: pass overwrite=True"):
+        ours.save_pretrained(out)
+    ours.save_pretrained(out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "saved"]  # no temporary left
+
+
+def test_save_pretrained_of_a_config_writes_the_familys_config(kernels, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = qwen3_config(dict(hf.DECODERS["qwen3"][1]))
+    ours = meganeura.from_config(cfg, device="cpu", cache_dir=kernels, seed=4)
+    out = ours.save_pretrained(tmp_path / "q")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = _ids(cfg.vocab_size, 7, 3)
+    assert_close(ours(ids), hf.logits(back, ids), "fp32")
+    again = meganeura.from_pretrained(out, device="cpu", cache_dir=kernels)
+    assert again.config == cfg and torch.equal(again(ids), ours(ids))

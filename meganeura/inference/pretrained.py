@@ -67,6 +67,16 @@ class PretrainedModel:
             self.report = fn.report
             return fn(token_ids.to(self.device), copy=copy)
 
+    def save_pretrained(self, directory, overwrite: bool = False):
+        """Writes the model as a checkpoint directory that transformers and from_pretrained
+        load (config.json, model.safetensors in the weights' dtype, the read checkpoint's
+        generation config and tokenizer files); see models.checkpoint.save_checkpoint."""
+        from ..models.checkpoint import save_checkpoint
+
+        with self._lock:
+            return save_checkpoint(directory, self.config, self.weights, self.checkpoint,
+                                   overwrite)
+
     def generate(self, token_ids, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop=None, on_token=None) -> torch.Tensor:

@@ -12,6 +12,7 @@ Everything else sees a config and a function from parameter names to the names i
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -94,3 +95,59 @@ def _eos_ids(p: Path, d: dict) -> tuple[int, ...]:
             raise ConfigError(f"eos_token_id must be an integer or a list of integers, got {eos!r}")
         return tuple(ids)
     return ()
+
+
+# files of a checkpoint directory that describe the model beside its weights, copied as they are
+SIDE_FILES = (GENERATION_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja")
+
+
+def save_checkpoint(directory, config, weights: dict, checkpoint: Checkpoint | None = None,
+                    overwrite: bool = False) -> Path:
+    """Writes a checkpoint directory transformers (and from_pretrained) loads: config.json
+    (the one the model was read from, or the family's `to_dict`), model.safetensors with the
+    weights in the checkpoint layout, and the read checkpoint's generation config and
+    tokenizer files. Everything is written into a temporary directory beside `directory`
+    and moved into place at the end: a failure leaves nothing half-written, and a directory
+    that holds anything is replaced only with overwrite=True."""
+    import shutil
+    import tempfile
+
+    from .registry import family
+    from .weights import save_weights
+
+    out = Path(directory)
+    kind = probe(out, "output directory")
+    if kind == "file":
+        raise ConfigError(f"{out} exists and is not a directory")
+    if kind == "dir" and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} is not empty: pass overwrite=True to replace what it holds")
+    if checkpoint is not None and checkpoint.layout == "gemma4":
+        raise ConfigError("this model was read from a multimodal Gemma-4 checkpoint, whose "
+                          "vision and audio towers were not loaded: saving its text decoder "
+                          "alone is not supported yet")
+    if checkpoint is not None and checkpoint.path is not None:
+        d = read_json(checkpoint.path / CONFIG_NAME, "config")
+    else:
+        d = family(config).to_dict(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n")
+        save_weights(weights, config, tmp / "model.safetensors",
+                     checkpoint.rename if checkpoint is not None else None)
+        if checkpoint is not None and checkpoint.path is not None:
+            for name in SIDE_FILES:
+                if probe(checkpoint.path / name) == "file":
+                    shutil.copyfile(checkpoint.path / name, tmp / name)
+        if kind == "dir":
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out

@@ -3,12 +3,12 @@
     FAMILY = Family(name="Llama", config=LlamaConfig, from_dict=from_dict,
                     layouts={"llama": plain_layout(from_dict, "llama", "Llama (llama)")},
                     presets=PRESETS, build=build, weight_specs=weight_specs,
-                    random_weights=random_weights, summary=summary)
+                    random_weights=random_weights, summary=summary, to_dict=to_dict)
 
 Everything the rest of meganeura knows about a family comes through these members: the
 command line's `--model` choices and summary line, `from_pretrained`'s reading of a
 checkpoint directory (by its `config.json`'s `model_type`), the graph, the weights' names
-and layouts. Nothing else names a family.
+and layouts, the config.json `save_pretrained` writes. Nothing else names a family.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class Family:
     random_weights: Callable
     #: config -> the command line's one-line description of the model
     summary: Callable[[object], str]
+    #: config -> its config.json object (model_type included), as `save_pretrained` writes
+    #: it for a model not read from a checkpoint; ConfigError where the family cannot
+    to_dict: Callable[[object], dict]
     #: the keys of layouts
     model_types: tuple = field(init=False)
 

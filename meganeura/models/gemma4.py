@@ -292,4 +292,5 @@ FAMILY = Family(
     # its config.json has the seed's field names and no model_type
     layouts={None: plain_layout(config_from_dict, "seed", "the seed's Gemma-4 (seed field names)")},
     presets=tuple(Preset(name, key, PRESETS[key]) for name, key in MODEL_NAMES.items()),
-    build=build, weight_specs=weight_specs, random_weights=random_weights, summary=summary)
+    build=build, weight_specs=weight_specs, random_weights=random_weights, summary=summary,
+    to_dict=dataclasses.asdict)  # the seed's field names, no model_type

@@ -486,8 +486,20 @@ def _nested(name: str) -> str:
     return "model.language_model." + name[len("model."):] if name.startswith("model.") else name
 
 
+def to_dict(c: Gemma4TextConfig) -> dict:
+    """A preset's config.json (its transformers fields); other configs come from checkpoints,
+    whose config.json save_pretrained copies."""
+    for key, preset in PRESETS.items():
+        if preset == c:
+            return {"model_type": "gemma4_text", "architectures": ["Gemma4ForCausalLM"],
+                    **PRESET_FIELDS[key]}
+    raise ConfigError("a published Gemma-4 config is written back only as one of the presets "
+                      f"({', '.join(PRESETS)}) or as the checkpoint it was read from")
+
+
 FAMILY = Family(
     name="published Gemma-4", config=Gemma4TextConfig, from_dict=from_dict,
     layouts={"gemma4_text": _text_layout, "gemma4": _multimodal_layout},
     presets=tuple(Preset(key.replace("_", "-"), key, c) for key, c in PRESETS.items()),
-    build=build, weight_specs=weight_specs, random_weights=random_weights, summary=summary)
+    build=build, weight_specs=weight_specs, random_weights=random_weights, summary=summary,
+    to_dict=to_dict)

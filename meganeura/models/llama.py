@@ -286,8 +286,30 @@ PRESETS: dict[str, LlamaConfig] = {
 
 MODEL_NAMES = {"llama-3.2-1b": "llama_3_2_1b", "llama-3.1-8b": "llama_3_1_8b"}  # CLI spelling
 
+
+def transformers_fields(c: LlamaConfig) -> dict:
+    """transformers' LlamaConfig / Qwen3Config fields of a config (the inverse of from_dict)."""
+    factor, low, high, original = c.rope_scaling
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if factor != 1.0:
+        rope |= {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                 "high_freq_factor": high, "original_max_position_embeddings": original}
+    return dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                num_attention_heads=c.num_attention_heads,
+                num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
+                tie_word_embeddings=c.tie_word_embeddings, hidden_act="silu",
+                rope_parameters=rope)
+
+
+def to_dict(c: LlamaConfig) -> dict:
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            **transformers_fields(c)}
+
 FAMILY = Family(
     name="Llama", config=LlamaConfig, from_dict=from_dict,
     layouts={"llama": plain_layout(from_dict, "llama", "Llama decoder (llama)")},
     presets=tuple(Preset(name, key, PRESETS[key]) for name, key in MODEL_NAMES.items()),
-    build=build, weight_specs=weight_specs, random_weights=random_weights, summary=summary)
+    build=build, weight_specs=weight_specs, random_weights=random_weights, summary=summary,
+    to_dict=to_dict)

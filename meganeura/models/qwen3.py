@@ -47,9 +47,14 @@ PRESETS: dict[str, Qwen3Config] = {
 }
 MODEL_NAMES = {"qwen3-8b": "qwen3_8b"}  # CLI spelling
 
+
+def to_dict(c: Qwen3Config) -> dict:
+    return {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
+            **llama.transformers_fields(c)}
+
 FAMILY = Family(
     name="Qwen3", config=Qwen3Config, from_dict=from_dict,
     layouts={"qwen3": plain_layout(from_dict, "qwen3", "Qwen3 decoder (qwen3)")},
     presets=tuple(Preset(name, key, PRESETS[key]) for name, key in MODEL_NAMES.items()),
     build=llama.build, weight_specs=llama.weight_specs, random_weights=llama.random_weights,
-    summary=summary)
+    summary=summary, to_dict=to_dict)
