@@ -4,6 +4,7 @@ kernel generated from the extracted plan (the interpreter); configs read in both
 unsupported ones refused by field; the command line on a checkpoint and on the presets."""
 
 import json
+import os
 import re
 
 import pytest
@@ -262,3 +263,48 @@ def test_save_pretrained_of_a_config_writes_the_familys_config(kernels, tmp_path
     assert_close(ours(ids), hf.logits(back, ids), "fp32")
     again = meganeura.from_pretrained(out, device="cpu", cache_dir=kernels)
     assert again.config == cfg and torch.equal(again(ids), ours(ids))
+
+
+def _hub_cache(tmp_path, shared, repo="org--tiny-llama"):
+    """A Hugging Face cache holding one snapshot, laid out as huggingface_hub lays it out:
+    the snapshot's files are links into the repository's blobs/."""
+    import hashlib
+
+    root = tmp_path / "hub" / f"models--{repo}"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(rev)
+    snap = root / "snapshots" / rev
+    (root / "blobs").mkdir()
+    snap.mkdir(parents=True)
+    for f in sorted(shared.iterdir()):
+        blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    return tmp_path / "hub", snap
+
+
+def test_a_model_id_loads_from_the_hugging_face_cache(tmp_path, monkeypatch, kernels):
+    import hf_checkpoints
+
+    model = hf.decoder_model("llama_untied", seed=5)
+    d = tmp_path / "saved"
+    hf_checkpoints.save(model, d, shard_size="20KB")  # sharded, with an index
+    assert (d / "model.safetensors.index.json").exists()
+    cache, snap = _hub_cache(tmp_path, d)
+    assert all(p.is_symlink() for p in snap.iterdir())
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    ours = meganeura.from_pretrained("org/tiny-llama", device="cpu", cache_dir=kernels)
+    ids = _ids(ours.config.vocab_size, 7, 4)
+    assert_close(ours(ids), hf.logits(model, ids), "fp32")
+    with pytest.raises(meganeura.errors.WeightsError, match=r"org/absent is neither a directory "
+                       r"nor a model in the Hugging Face cache .*nothing is downloaded"):
+        meganeura.from_pretrained("org/absent", device="cpu", cache_dir=kernels)
+    # a snapshot file that links outside the snapshot and its blobs is still refused
+    shard = next(p for p in sorted(snap.iterdir()) if p.name.startswith("model-"))
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+    with pytest.raises(meganeura.errors.WeightsError, match="which is not a file inside"):
+        meganeura.from_pretrained("org/tiny-llama", device="cpu", cache_dir=kernels)

@@ -101,7 +101,9 @@ def _add_model_args(p: argparse.ArgumentParser, seq_len: bool = True) -> None:
         p.add_argument("--seq-len", type=_positive_int, default=16, metavar="N",
                        help="tokens per forward pass (default: 16)")
     p.add_argument("--weights", metavar="PATH", help="a checkpoint directory (config.json and "
-                   "model.safetensors or shards: the model is read from it, no --model needed), "
+                   "model.safetensors or shards: the model is read from it, no --model needed; "
+                   "or a model id such as org/name, read from the local Hugging Face cache, "
+                   "nothing downloaded), "
                    "or a .safetensors file / directory of the --model or --config model. Without "
                    "it, deterministic random weights from --seed are used")
     p.add_argument("--seed", type=_seed, default=0, help="seed for random weights, token ids and "

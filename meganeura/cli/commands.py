@@ -18,8 +18,11 @@ from ..runtime.check import relative_error
 def resolve_model(args):
     """(config, name, checkpoint or None) from --weights DIR (a checkpoint directory with its
     config.json), --config FILE or --model NAME."""
-    from ..models.checkpoint import CONFIG_NAME, config_of, open_checkpoint, probe, read_json
+    from ..models.checkpoint import (CONFIG_NAME, config_of, looks_like_model_id, open_checkpoint,
+                                     probe, read_json, resolve)
 
+    if args.weights and looks_like_model_id(args.weights):  # a model id: its cached snapshot
+        args.weights = str(resolve(args.weights))
     kind = probe(args.weights, "--weights") if args.weights else None
     if kind == "dir" and probe(Path(args.weights) / CONFIG_NAME, "--weights") is not None:
         if args.model or args.config:

@@ -134,7 +134,7 @@ def from_pretrained(path, device=None, dtype=None, cache_dir=None, profile=None,
     fp32) is cast once at load. cache_dir: the kernel source cache. Nothing is downloaded.
     """
     s = setup(device, dtype, profile, cache_dir, debug)
-    ck = open_checkpoint(path)
+    ck = open_checkpoint(path)  # a directory, or a model id in the local Hugging Face cache
     check_weight_memory(ck.config, s.dtype, s.device)
     weights = load_weights(ck.path, ck.config, s.dtype, s.device, ck.rename)
     return PretrainedModel(ck.config, weights, s, ck)

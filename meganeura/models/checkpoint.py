@@ -56,9 +56,47 @@ def is_checkpoint_dir(path) -> bool:
     return probe(path) == "dir" and probe(Path(path) / CONFIG_NAME) is not None
 
 
+def hub_cache() -> Path:
+    """The local Hugging Face cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    return Path(home) / "hub"
+
+
+def looks_like_model_id(path) -> bool:
+    """"org/name" (as the Hugging Face hub names models), not a path that exists."""
+    text = str(path)
+    parts = text.split("/")
+    return (len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+            and probe(text) is None)
+
+
+def resolve(path) -> Path:
+    """A checkpoint directory: `path` itself, or a model id's snapshot in the local Hugging
+    Face cache, found offline with huggingface_hub (nothing is downloaded)."""
+    if not looks_like_model_id(path):
+        return Path(path)
+    cache = hub_cache()
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover (tokenizers brings it)
+        raise WeightsError(f"{path} is not a directory, and reading a model id from the "
+                           f"Hugging Face cache needs huggingface_hub") from None
+    try:
+        return Path(snapshot_download(str(path), cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as e:
+        why = str(e).splitlines()[0][:120] if not isinstance(e, LocalEntryNotFoundError) else ""
+        raise WeightsError(f"{path} is neither a directory nor a model in the Hugging Face cache "
+                           f"{cache} (nothing is downloaded: fetch it with `hf download {path}`)"
+                           + (f": {why}" if why else "")) from None
+
+
 def open_checkpoint(path) -> Checkpoint:
-    """Reads config.json (and generation_config.json if present); no tensor is read."""
-    p = Path(path)
+    """Reads config.json (and generation_config.json if present); no tensor is read. `path`
+    is a directory or a model id in the local Hugging Face cache (see resolve)."""
+    p = resolve(path)
     kind = probe(p)
     if kind != "dir":
         raise WeightsError(f"{p} is not a checkpoint directory (config.json and safetensors "

@@ -104,6 +104,16 @@ def probe(path, what: str = "checkpoint") -> str | None:
     return "dir" if stat.S_ISDIR(st.st_mode) else "file"
 
 
+def inside(f: Path, directory: Path) -> bool:
+    """Whether f, links followed, lies in `directory` or, for a snapshot of the Hugging Face
+    cache (<repo>/snapshots/<revision>/, whose files link into <repo>/blobs/), its blobs."""
+    target = f.resolve()
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots":
+        roots.append((directory.parent.parent / "blobs").resolve())
+    return any(target.parent == r for r in roots)
+
+
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint path (file, directory, or sharded directory);
     every shard an index names must be a regular file inside the directory."""
@@ -115,6 +125,8 @@ def checkpoint_files(path: str | Path) -> list[Path]:
             return _shards(p, index_path)
         if probe(p / SINGLE_NAME, "weights file") is not None:
             regular_file(p / SINGLE_NAME, "weights file")
+            if not inside(p / SINGLE_NAME, p):
+                raise WeightsError(f"{p / SINGLE_NAME} links outside {p}")
             return [p / SINGLE_NAME]
         raise WeightsError(f"{p}: no {SINGLE_NAME} or {INDEX_NAME} in this directory")
     if kind is None:
@@ -135,11 +147,10 @@ def _shards(directory: Path, index_path: Path) -> list[Path]:
         raise WeightsError(f"{index_path}: not a valid shard index") from None
     if not all(isinstance(s, str) and s for s in names):
         raise WeightsError(f"{index_path}: weight_map values must be shard file names")
-    root = directory.resolve()
     files = []
     for shard in sorted(names):
-        f = (directory / shard).resolve()
-        if f.parent != root:
+        f = directory / shard
+        if Path(shard).name != shard or shard in (".", "..") or not inside(f, directory):
             raise WeightsError(f"{index_path} names shard {shard!r}, which is not a file inside "
                                f"{directory}")
         if probe(f, "weights file") is None:
