@@ -82,6 +82,28 @@ def test_sampling_repeats_for_a_seed_and_respects_top_k(kernels):
     assert out.tolist() == greedy.tolist() and seen == out[4:].tolist()  # top_k 1 is greedy
 
 
+def test_first_token_and_decode_times_count_what_they_name(kernels, monkeypatch):
+    # a clock that advances one unit per reading: each id's time is when it reached the host
+    # (on the CPU, when its step ran), so n new tokens take n - 1 decode steps after the
+    # first; the first token comes one reading (the prefill's id) after the plans are ready
+    import meganeura.inference.generation as generation
+
+    c = CONFIGS["small_test"]
+    ours = meganeura.from_config(c, device="cpu", seed=1, cache_dir=kernels)
+    ours.generate(_prompt(c.vocab_size, 4, 5), max_new_tokens=3)  # the plans, built
+    ticks = iter(range(10 ** 6))
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            return float(next(ticks))
+
+    monkeypatch.setattr(generation, "time", Clock)
+    ours.generate(_prompt(c.vocab_size, 4, 5), max_new_tokens=3)
+    st = ours.generator.last_stats
+    assert (st["new_tokens"], st["time_to_first_token_s"], st["decode_s"]) == (3, 1.0, 2.0)
+
+
 def test_stop_ids_end_generation(kernels):
     c = CONFIGS["small_test"]
     ours = meganeura.from_config(c, device="cpu", seed=1, cache_dir=kernels)

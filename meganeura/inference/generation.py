@@ -83,10 +83,11 @@ class LateIds:
             if self.cuda else []
         self.pending: list = []
         self.sent = 0
+        self.ready = 0.0  # when the id take() returned last was on the host
 
     def send(self, t: torch.Tensor) -> None:
-        if not self.cuda:
-            self.pending.append(int(t))
+        if not self.cuda:  # computed already (the CPU runs each step as it is queued)
+            self.pending.append((int(t), time.perf_counter()))
             return
         slot = self.slots[self.sent % 2]
         slot.copy_(t.reshape(1), non_blocking=True)
@@ -96,11 +97,15 @@ class LateIds:
         self.sent += 1
 
     def take(self) -> int:
+        """The oldest id sent; `ready` is then the time it was on the host (on the CPU, when
+        it was sent: the steps queued since ran before the host asked for it)."""
         item = self.pending.pop(0)
         if not self.cuda:
-            return item
+            tok, self.ready = item
+            return tok
         slot, done = item
         done.synchronize()
+        self.ready = time.perf_counter()
         return int(slot[0])
 
 
@@ -217,7 +222,7 @@ class Generator:
         if on_step is not None:
             on_step()
         new: list[int] = []
-        t_first = None
+        t_first = t_end = None
         for step in range(max_new_tokens):
             last = step == max_new_tokens - 1
             if not last:  # queue the next step before waiting for this one's id
@@ -230,14 +235,14 @@ class Generator:
                     on_step()
             tok = ids.take()  # the host needs it: streaming and the stop test
             if t_first is None:
-                t_first = time.perf_counter()
+                t_first = ids.ready
             new.append(tok)
             if on_token is not None:
                 on_token(tok)
+            t_end = ids.ready
             if tok in stops or last:
                 break
             nxt = following
-        t_end = time.perf_counter()
         self.last_stats = {"prompt_tokens": prompt.numel(), "new_tokens": len(new),
                            "plans_s": t_ready - t0, "time_to_first_token_s": t_first - t_ready,
                            "decode_s": t_end - t_first}
