@@ -308,3 +308,69 @@ def test_a_model_id_loads_from_the_hugging_face_cache(tmp_path, monkeypatch, ker
     shard.symlink_to(outside)
     with pytest.raises(meganeura.errors.WeightsError, match="which is not a file inside"):
         meganeura.from_pretrained("org/tiny-llama", device="cpu", cache_dir=kernels)
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}w5 "
+            "{% else %}w6 {% endif %}{{ m['content'] | trim }} w7 {% endfor %}"
+            "{% if add_generation_prompt %}w6 {% endif %}")
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "jinja_file"])
+def test_chat_ids_equal_transformers_apply_chat_template(checkpoint, kernels, tmp_path, where):
+    import shutil
+
+    from test_cli import cli
+    from transformers import PreTrainedTokenizerFast
+
+    from meganeura.inference.chat import chat_ids, load_template, render
+
+    from tokenizers import AddedToken, Tokenizer
+
+    model, shared = checkpoint("llama3_tied")
+    d = shutil.copytree(shared, tmp_path / "ck")
+    hf.save_tokenizer(d, model.config.vocab_size)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))  # its special tokens, as checkpoints
+    tok.add_special_tokens([AddedToken("w2", special=True), AddedToken("w4", special=True)])
+    tok.save(str(d / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "w2", "eos_token": "w4"}
+    if where == "jinja_file":
+        (d / "chat_template.jinja").write_text(TEMPLATE)
+    else:
+        config["chat_template"] = [{"name": "default", "template": TEMPLATE},
+                                   {"name": "tool_use", "template": "w9"}]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs = PreTrainedTokenizerFast.from_pretrained(d)
+    messages = [{"role": "user", "content": " w10 w11 "}, {"role": "assistant", "content": "w12"},
+                {"role": "user", "content": "w13"}]
+    want = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    ours = chat_ids(Tokenizer.from_file(str(d / "tokenizer.json")), d, messages)
+    assert ours == want and ours[0] == 2 and ours[-1] == 6
+    template, specials = load_template(d)
+    assert render(template, messages[:1], specials, add_generation_prompt=False) == \
+        "w2w5 w10 w11 w7 "
+    if where != "jinja_file":
+        return
+    # the command line: --chat puts the prompt in the template, then generates from its ids
+    rc, out, err = cli("generate", "--weights", str(d), "--prompt", "w10 w11", "--chat",
+                       "--max-new-tokens", "2", "--stop", "0", "--cache-dir", str(kernels))
+    assert rc == 0, err
+    assert "prompt 6 tokens" in out, out  # w2 w5 w10 w11 w7 w6
+    # a special token written as an object (older tokenizer configs) reads as its content
+    config["bos_token"] = {"content": "w3", "special": True}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_template(d)[1]["bos_token"] == "w3"
+
+
+def test_chat_without_a_template_is_one_line(checkpoint, tmp_path):
+    import shutil
+
+    from test_cli import cli
+
+    model, shared = checkpoint("llama3_tied")
+    d = shutil.copytree(shared, tmp_path / "ck")
+    hf.save_tokenizer(d, model.config.vocab_size)
+    rc, out, err = cli("generate", "--weights", str(d), "--prompt", "w10", "--chat")
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: {d} has no chat template (chat_template.jinja, or chat_template in "
+        f"tokenizer_config.json)"]

@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "comma-separated token ids (no tokenizer needed)")
     gen.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use (default: the "
                      "one in the --weights directory)")
+    gen.add_argument("--chat", action="store_true", help="--prompt is a user message: put it "
+                     "in the checkpoint's chat template (chat_template.jinja or "
+                     "tokenizer_config.json's), as transformers' apply_chat_template does "
+                     "with add_generation_prompt")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N",
                      help="tokens to generate at most (default: 32)")
     gen.add_argument("--temperature", type=_number(0, 1e6), default=0.0, metavar="T",

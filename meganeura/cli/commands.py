@@ -235,7 +235,15 @@ def cmd_generate(args) -> int:
 
     config, name, ck = resolve_model(args)
     tokenizer = _tokenizer(args, ck)
-    ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else args.tokens
+    if args.chat:
+        from ..inference.chat import chat_ids
+
+        if args.prompt is None or ck is None or ck.path is None:
+            raise MeganeuraError("--chat takes --prompt and a --weights checkpoint directory "
+                                 "(its chat template)")
+        ids = chat_ids(tokenizer, ck.path, [{"role": "user", "content": args.prompt}])
+    else:
+        ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else args.tokens
     if not ids:
         raise MeganeuraError("the prompt is empty" + (" after tokenization" if args.prompt else ""))
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
