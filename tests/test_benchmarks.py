@@ -38,8 +38,8 @@ def test_one_run_writes_its_rows(tmp_path):
     from decode import main
 
     out = tmp_path / "decode.csv"
-    assert main(["--models", "gemma4-small-test", "--contexts", "5", "11", "--steps", "2",
-                 "--warmup", "1", "--no-ttft", "--no-compile-time", "--csv", str(out), "--plot", ""]) == 0
+    assert main(["--models", "gemma4-small-test", "--contexts", "5", "11", "--steps", "1",
+                 "--warmup", "0", "--no-ttft", "--no-compile-time", "--csv", str(out), "--plot", ""]) == 0
     rows = list(csv.DictReader(open(out)))
     assert [(r["model"], r["context"]) for r in rows] == [("gemma4-small-test", "5"),
                                                           ("gemma4-small-test", "11")]
