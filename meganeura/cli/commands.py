@@ -10,7 +10,7 @@ import torch
 from ..errors import ConfigError, MeganeuraError
 from ..models import MODEL_NAMES, PRESETS, build, family, num_parameters
 from ..models.weights import check_weights, load_weights, random_weights
-from ..inference.pretrained import check_weight_memory
+from ..inference.pretrained import check_weight_memory, weight_bytes
 from ..pipeline import Setup, bind, kernel_sources, optimize_graph, setup
 from ..runtime.check import relative_error
 
@@ -253,8 +253,8 @@ def cmd_generate(args) -> int:
     device, dtype = s.device, s.dtype
     warn_cpu_size(config, device)
     # the caches and the weights beside them, before either is allocated
-    weight_bytes = num_parameters(config) * torch.empty((), dtype=dtype).element_size()
-    check_cache_memory(cache_shapes(config, capacity), capacity, dtype, device, weight_bytes,
+    check_cache_memory(cache_shapes(config, capacity), capacity, dtype, device,
+                       weight_bytes(config, dtype),
                        " and the weights beside them")
     for note in ck.notes if ck else []:
         print(f"{'checkpoint' if ck.path else 'config'}: {note}")

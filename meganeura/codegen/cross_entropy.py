@@ -59,6 +59,24 @@ if HAS_CAP:
 """
 
 
+def _add_product(dst: str, dst_ids: str, dst_ok: str, src: str, src_ids: str, src_ok: str,
+                 lhs: str, precision: str) -> str:
+    """Lines adding lhs @ src[src_ids, :] into dst[dst_ids, :], a BLOCK_K column tile at a
+    time: the gradient products (dh = dz W, dW = dz^T h), each program owning its rows."""
+    return f"""
+for k0 in range(0, H, BLOCK_K):
+    rk = k0 + tl.arange(0, BLOCK_K)
+    k_ok = rk < H
+    x = tl.load({src}_ptr + {src_ids}[:, None] * stride_{src} + rk[None, :],
+                mask={src_ok}[:, None] & k_ok[None, :], other=0.0)
+    at = {dst}_ptr + {dst_ids}[:, None] * stride_{dst} + rk[None, :]
+    mask = {dst_ok}[:, None] & k_ok[None, :]
+    acc_k = tl.load(at, mask=mask, other=0.0)
+    acc_k += tl.dot({lhs}.to(x.dtype), x, input_precision="{precision}")
+    tl.store(at, acc_k, mask=mask)
+"""
+
+
 _PARAMS = ["h_ptr", "w_ptr", "lab_ptr", "lse_ptr"]
 _TAIL = ["T", "V", "H", "stride_h", "stride_w"]
 _CONST = ["HAS_CAP: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_V: tl.constexpr",
@@ -104,16 +122,7 @@ for v0 in range(0, V, BLOCK_V):
     v_ok = rv < V
 {indent(_logits(precision), 4)}
 {indent(_dz(), 4)}
-    for k0 in range(0, H, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < H
-        b = tl.load(w_ptr + rv[:, None] * stride_w + rk[None, :],
-                    mask=v_ok[:, None] & k_ok[None, :], other=0.0)
-        at = dh_ptr + rm[:, None] * stride_dh + rk[None, :]
-        mask = row_ok[:, None] & k_ok[None, :]
-        cur = tl.load(at, mask=mask, other=0.0)
-        cur += tl.dot(dz.to(b.dtype), b, input_precision="{precision}")
-        tl.store(at, cur, mask=mask)
+{indent(_add_product("dh", "rm", "row_ok", "w", "rv", "v_ok", "dz", precision), 4)}
 """
     params = _PARAMS + ["dh_ptr", "scale_ptr"] + _TAIL + ["stride_dh", "cap"] + _CONST
     return HEADER + f"def {ENTRY_DH}({', '.join(params)}):\n" + indent(body, 4) + "\n"
@@ -129,16 +138,7 @@ for m0 in range(0, T, BLOCK_M):
     lse = tl.load(lse_ptr + rm, mask=row_ok, other=0.0)
 {indent(_logits(precision), 4)}
 {indent(_dz(), 4)}
-    for k0 in range(0, H, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < H
-        a = tl.load(h_ptr + rm[:, None] * stride_h + rk[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        at = dw_ptr + rv[:, None] * stride_dw + rk[None, :]
-        mask = v_ok[:, None] & k_ok[None, :]
-        cur = tl.load(at, mask=mask, other=0.0)
-        cur += tl.dot(tl.trans(dz.to(a.dtype)), a, input_precision="{precision}")
-        tl.store(at, cur, mask=mask)
+{indent(_add_product("dw", "rv", "v_ok", "h", "rm", "row_ok", "tl.trans(dz)", precision), 4)}
 """
     params = _PARAMS + ["dw_ptr", "scale_ptr"] + _TAIL + ["stride_dw", "cap"] + _CONST
     return HEADER + f"def {ENTRY_DW}({', '.join(params)}):\n" + indent(body, 4) + "\n"

@@ -99,10 +99,14 @@ class PretrainedModel:
             return out
 
 
+def weight_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of the config's weights in `dtype`."""
+    return num_parameters(config) * torch.empty((), dtype=dtype).element_size()
+
+
 def check_weight_memory(config, dtype: torch.dtype, device: torch.device) -> None:
     """Refuses weights that do not fit the device's free memory, before one is made."""
-    size = torch.empty((), dtype=dtype).element_size()
-    check_memory(num_parameters(config) * size, device, "the weights need {}")
+    check_memory(weight_bytes(config, dtype), device, "the weights need {}")
 
 
 def from_config(config, weights: dict | None = None, device=None, dtype=None, cache_dir=None,

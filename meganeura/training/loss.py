@@ -13,7 +13,6 @@ of the mean come from three passes over the vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -22,6 +21,7 @@ from ..codegen.cross_entropy import (ENTRY_DH, ENTRY_DW, ENTRY_FORWARD, IGNORE, 
                                      dw_source, forward_source)
 from ..errors import InputError
 from ..pipeline import setup
+from .optim import on_device
 
 # (BLOCK_M, BLOCK_V, BLOCK_K): rows, vocabulary ids and hidden columns of a tile
 BLOCKS_CPU, BLOCKS_GPU = (16, 32, 16), (64, 64, 64)
@@ -87,8 +87,7 @@ class LinearCrossEntropy:
         const = dict(HAS_CAP=self.softcap is not None, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
                      num_warps=4)
         common = (t, v, h, hidden.stride(0), weight.stride(0))
-        ctx = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
-        with ctx:
+        with on_device(hidden.device):
             fwd = self._load(forward_source(precision), ENTRY_FORWARD)
             fwd[(-(-t // bm),)](hidden, weight, labels, lse, rows, *common, cap, **const)
             counted = (labels != IGNORE).sum()

@@ -37,7 +37,7 @@ def _number(name: str, v, low: float, high: float = math.inf, open_high: bool = 
     return float(v)
 
 
-def _on(device: torch.device):
+def on_device(device: torch.device):
     """Launches go to the weights' GPU (Triton launches on the current device)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -121,7 +121,7 @@ class AdamW:
         self.check_grads(grads)
         if max_norm is not None:
             max_norm = _number("max_norm", max_norm, 0.0)
-        with _on(self.setup.device):
+        with on_device(self.setup.device):
             total = float(self.grad_norm(grads))
         if not math.isfinite(total):
             raise InputError(f"the gradients hold NaN or inf (global norm {total}): the step was "
@@ -133,7 +133,7 @@ class AdamW:
         beta1, beta2 = self.betas
         step_size = self.lr / (1 - beta1 ** self.steps)
         bc2_sqrt = math.sqrt(1 - beta2 ** self.steps)
-        with _on(self.setup.device):
+        with on_device(self.setup.device):
             self._launch(fn, grads, step_size, bc2_sqrt)
         return total
 
