@@ -15,7 +15,8 @@ row (token), or per few rows (a prompt's RoPE rows on a GPU, any rows on the int
     element ops:    each element of the row (codegen/elementwise.py): a residual add, a
                     layer scalar, ...
     cache_write:    last: the row stored straight into its KV-cache slot pos % slots (the
-                    rows a ring keeps, as cache_write does)
+                    rows a ring keeps, as cache_write does; a batched step's row i into
+                    sequence i's block of slots)
 
 so rows[rms_norm, rope] is the seed's q/k norm + RoPE, rows[head_rms_norm, rope,
 cache_write] a decode step's k, rows[rms_norm, add, scale_by] a post-norm with its residual
@@ -55,6 +56,7 @@ class RowKernel:
     positions: int | None  # node-input position of the rows' positions (RoPE, cache write)
     iota: bool  # a forward's positions: the row index, nothing read
     write: bool  # the last stage stores the rows into a cache's slots
+    sequences: int = 1  # the cache's sequence blocks (several: row i into block i)
 
     @property
     def rope(self) -> bool:
@@ -157,7 +159,9 @@ def _position_lines(v: RowKernel) -> list[str]:
         lines = ["p = r  # the row's position: its index"]
     else:
         lines = ["p = tl.load(pos_ptr + r, mask=r < S, other=0).to(tl.int64)  # the row's position"]
-    if v.write:
+    if v.write and v.sequences > 1:  # row i is sequence i's: its block of SLOTS rows
+        lines += ["slot = r * SLOTS + p % SLOTS"]
+    elif v.write:
         lines += ["last = r * 0 + (S - 1)" if v.iota else "last = tl.load(pos_ptr + S - 1).to(tl.int64)",
                   "mask = mask & (p > last - SLOTS)",
                   "slot = p % SLOTS"]
@@ -199,8 +203,9 @@ def row_kernel(node, graph) -> RowKernel:
         raise ValueError(f"{graph.label(node.id)}: a row kernel reads one set of positions")
     pos = next(iter(positions), None)
     iota = pos is not None and graph[node.inputs[pos]].op == "arange"
-    return RowKernel(k.epilogue, weights, eps, freqs, element, pos, iota,
-                     k.updates() is not None)
+    write = k.updates() is not None
+    sequences = k.epilogue[-1].attr.get("sequences", 1) if write else 1
+    return RowKernel(k.epilogue, weights, eps, freqs, element, pos, iota, write, sequences)
 
 
 def build(node, graph, target: Target) -> KernelSpec:
@@ -233,7 +238,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     for i in v.freqs:
         a = v.stages[i].attr
         args += [("rope_freq", (hd, a["theta"], a["rotary"], rope_scaling(a)))]
-    args += [("value", graph[out].shape[0])] if v.write else []
+    args += [("value", graph[out].shape[0] // v.sequences)] if v.write else []
     cols = next_pow2(hd // 2 if v.rope else hd)
     block = next_pow2(heads) * cols * (2 if v.rope else 1)
     # the interpreter pays per program, a GPU per row: several rows a program on the CPU

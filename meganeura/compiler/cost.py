@@ -202,9 +202,16 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
     io = elem * (sum(_numel(s) for s in ins) + _numel(out))
     if arch == "kv_cache":  # a cache write: its rows read and written, the cache untouched
         return Work(2 * elem * _numel(ins[1]))
-    if arch == "decode_attention":  # one query against every slot of the cache, at most
-        slots, heads = ins[1][0], attrs["num_heads"]
-        return Work(io, 0.0, 4 * heads * attrs["head_dim"] * slots)
+    if arch == "decode_attention":  # each row against its reach of cached keys, at most
+        b, rows, heads = attrs.get("sequences", 1), ins[0][0], attrs["num_heads"]
+        slots = ins[1][0] // b
+        keys = min(attrs.get("window") or slots, slots)
+        width = ins[1][1]
+        # K and V of its keys for each row of a decode step; a chunk's tiles of about 16
+        # rows read their keys once
+        reads = rows if b > 1 or rows == 1 else -(-rows // 16)
+        io = elem * (2 * _numel(ins[0]) + 2 * width * (keys + rows) * reads)
+        return Work(io, 0.0, 4 * heads * attrs["head_dim"] * keys * rows)
     if arch == "attention":
         s = ins[0][0]
         pairs = attention_pairs(s, attrs.get("window"))

@@ -139,23 +139,38 @@ def scale_by(x, s):
     return (x.float() * s.float()[0]).to(x.dtype)
 
 
-def cache_write(cache, x, pos):
-    # cache: [slots, width], x: [S, width], pos: [S] increasing; a ring of `slots` rows keeps
-    # the last `slots` positions, position p at slot p % slots
-    slots = cache.shape[0]
+def cache_write(cache, x, pos, sequences=1):
+    # cache: [sequences * slots, width], x: [S, width], pos: [S]. One sequence: pos
+    # increasing, a ring of `slots` rows keeps the last `slots` positions, position p at slot
+    # p % slots. Several: row i is sequence i's, at slot p % slots of block i
     out = cache.clone()
-    keep = pos.long() > pos.long()[-1] - slots
-    out[pos.long()[keep] % slots] = x[keep].to(cache.dtype)
+    slots = cache.shape[0] // sequences
+    p = pos.long()
+    if sequences > 1:
+        out[torch.arange(sequences, device=p.device) * slots + p % slots] = x.to(cache.dtype)
+        return out
+    keep = p > p[-1] - slots
+    out[p[keep] % slots] = x[keep].to(cache.dtype)
     return out
 
 
-def cache_attention(q, k, v, pos, num_heads, num_kv_heads, head_dim, scale):
-    # q: [1, H*hd] at position pos; k/v: [slots, KV*hd]; the valid slots are the first
-    # min(pos + 1, slots) (a full cache filled in order, or a ring that has wrapped)
-    n = min(int(pos.reshape(-1)[-1]) + 1, k.shape[0])
+def cache_attention(q, k, v, pos, num_heads, num_kv_heads, head_dim, scale, window=0,
+                    sequences=1):
+    # q: [S, H*hd], row i at position pos[i]; k/v: [sequences * slots, KV*hd]. Row i attends
+    # to its last min(window, slots) positions (window 0: slots) down to 0, position p at
+    # slot p % slots of its block (block i with several sequences, else the only one)
+    slots = k.shape[0] // sequences
     group = num_heads // num_kv_heads
-    qh = q.float().view(num_kv_heads, group, head_dim)
-    kh = k[:n].float().view(n, num_kv_heads, head_dim).transpose(0, 1)  # [KV, n, hd]
-    vh = v[:n].float().view(n, num_kv_heads, head_dim).transpose(0, 1)
-    p = torch.softmax((qh @ kh.transpose(1, 2)) * scale, dim=-1)  # [KV, group, n]
-    return (p @ vh).reshape(1, num_heads * head_dim).to(q.dtype)
+    rows = []
+    for i in range(q.shape[0]):
+        p = int(pos[i])
+        lo = max(0, p - min(window or slots, slots) + 1)
+        base = i * slots if sequences > 1 else 0
+        at = base + torch.arange(lo, p + 1, device=k.device) % slots
+        n = at.numel()
+        qh = q[i].float().view(num_kv_heads, group, head_dim)
+        kh = k[at].float().view(n, num_kv_heads, head_dim).transpose(0, 1)  # [KV, n, hd]
+        vh = v[at].float().view(n, num_kv_heads, head_dim).transpose(0, 1)
+        w = torch.softmax((qh @ kh.transpose(1, 2)) * scale, dim=-1)  # [KV, group, n]
+        rows.append((w @ vh).reshape(num_heads * head_dim))
+    return torch.stack(rows).to(q.dtype)

@@ -235,21 +235,32 @@ def _slice_rows(s, d, a):
     return (a["count"], s[0][1])
 
 
+def _sequences(cache: Shape, rows: int, a: dict) -> None:
+    """A cache of `sequences` blocks of equal rows; with several, one written row each."""
+    b = a.get("sequences", 1)
+    _need(b >= 1 and cache[0] % b == 0,
+          f"a cache of {cache[0]} rows does not hold {b} sequences of equal rows")
+    _need(b == 1 or rows == b, f"a step over {b} sequences takes one row each, got {rows}")
+
+
 def _cache_write(s, d, a):
     cache, x, pos = s
     _rank(cache, 2, "cache")
     _rank(x, 2, "written rows")
     _need(x[1] == cache[1], f"rows of width {x[1]} do not fit a cache of width {cache[1]}")
     _positions(x, pos, d[2])
+    _sequences(cache, x[0], a)
     return cache
 
 
 def _cache_attention(s, d, a):
     q, k, v, pos = s
-    _need(q[0] == 1, f"attention over a cache takes one query row, got {q[0]}")
-    _attention([q, (1, k[1]), (1, v[1])], d, a)  # head widths, as a one-key attention
+    _need(a.get("window", 0) >= 0, f"window must be >= 0 (0: none), got {a.get('window')}")
+    # head widths, as a one-key attention
+    _attention([q, (q[0], k[1]), (q[0], v[1])], d, {**a, "window": 1})
     _need(k == v, f"k cache is {list(k)}, v cache is {list(v)}: they must match")
     _positions(q, pos, d[3])
+    _sequences(k, q[0], a)
     return q
 
 
@@ -339,17 +350,24 @@ _op("slice_rows", ("x",), (("start", int), ("count", int)), _slice_rows,
     kind="view")
 
 # the KV cache (generation)
-_op("cache_write", ("cache", "x", "pos"), (), _cache_write,
-    lambda a, cache, x, pos: fm.cache_write(cache, x, pos),
-    "the cache with row i of x at slot pos[i] % rows (the rows a ring of that size keeps)",
-    archetype="kv_cache", inplace=True, locality="row", through=(1,), indices=("pos",))
+_op("cache_write", ("cache", "x", "pos"), (("sequences", int),), _cache_write,
+    lambda a, cache, x, pos: fm.cache_write(cache, x, pos, a["sequences"]),
+    "the cache with row i of x at slot pos[i] % rows (the rows a ring of that size keeps); "
+    "a cache of several sequences' blocks takes row i into block i",
+    archetype="kv_cache", inplace=True, locality="row", through=(1,), indices=("pos",),
+    defaults={"sequences": 1})
 _op("cache_attention", ("q", "k", "v", "pos"),
-    (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("scale", float)),
+    (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("scale", float),
+     ("window", int), ("sequences", int)),
     _cache_attention,
     lambda a, q, k, v, pos: fm.cache_attention(q, k, v, pos, a["num_heads"], a["num_kv_heads"],
-                                               a["head_dim"], a["scale"]),
-    "one query at position pos attending to the first min(pos + 1, rows) cache slots, GQA",
-    archetype="decode_attention", defaults=_SCALE, indices=("pos",))
+                                               a["head_dim"], a["scale"], a["window"],
+                                               a["sequences"]),
+    "each query row at position pos[i] attending to its last min(window, rows) cached "
+    "positions (window 0: rows) down to 0, position p at slot p % rows of its sequence's "
+    "block of rows (one block: every row's; several: row i's is block i), GQA",
+    archetype="decode_attention", defaults={**_SCALE, "window": 0, "sequences": 1},
+    indices=("pos",))
 
 # the archetype ops, fused kernels as structure, are declared by compiler/kernels.py from the
 # declarations above (which ops each archetype takes as stages); it adds them to OPS

@@ -1,21 +1,36 @@
-"""Generation: a prefill plan and a decode plan over persistent KV caches, and sampling.
+"""Generation: prompts prefilled in chunks through persistent KV caches, decode steps over
+one or several sequences, and sampling.
 
     ids = model.generate(prompt_ids, max_new_tokens=64)          # greedy
     ids = model.generate(prompt_ids, 64, temperature=0.8, top_p=0.95, seed=1)
+    outs = model.generate([ids_a, ids_b], 64)                    # several prompts at once
 
-Both plans go through the e-graph at their own sizes (models/kv.py builds them): the
-prefill writes the prompt's K/V into the caches and computes the last row's logits; the
-decode step takes one token and its position as device inputs, so on CUDA one captured
-graph replays at every position. The caches belong to the session (allocated once per
-capacity), not to a plan's buffer arena. Sampling stays on the device: greedy is an
-argmax, sampling an argmax of probabilities over exponential noise (a multinomial draw
-without a host round trip), seeded by `seed`.
+Every plan goes through the e-graph at its own size (models/kv.py builds them), and a few
+plans serve every request:
+- prefill chunks of a few sizes (CHUNKS rows): a prompt of any length is a run of chunks
+  at consecutive positions, the last one padded past the prompt (its padding rows are
+  written into cache slots that decode steps overwrite before any row reads them; their
+  logits are not read: the chunk's logits row is a device input). The run is the cheapest
+  the cost model finds: each chunk size priced by its plan's estimate;
+- a decode step: one row per sequence, each at its own position (a device input), so on
+  CUDA one captured graph replays at every position.
+Plans belong to a session: KV caches of one capacity for one or several sequences
+(allocated once, checked against free memory first). A new request reuses a session that
+holds it, or replaces it with a larger one (capacities grow in powers of two); at most
+MAX_SESSIONS sessions are kept, the least recently used dropped with their plans, so the
+plans a model keeps are bounded (`Generator.plan_count()`). Several prompts are prefilled
+one after the other in a one-sequence session, their caches then copied into their block
+of the batch's caches. Sampling stays on the device: greedy is an argmax, sampling an
+argmax of probabilities over exponential noise (a multinomial draw without a host round
+trip), seeded by `seed` (sequence i of a batch by seed + i: a prompt draws the same ids
+alone or in a batch).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +41,9 @@ from ..models.registry import build
 from ..pipeline import compile_graph
 from ..runtime.compiled import CompiledModel, check_memory
 
-CAPACITY_STEP = 256  # caches and plans are made for capacities rounded up to a multiple
+CAPACITY_STEP = 256  # capacities are powers of two, at least this
+CHUNKS = (16, 64, 256, 1024)  # prefill chunk sizes (rows)
+MAX_SESSIONS = 2  # a one-sequence session and a batch's, say
 
 
 @dataclass
@@ -70,200 +87,396 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
     return (probs / noise).argmax(-1, keepdim=True)
 
 
+def sample_rows(logits: torch.Tensor, params: SamplingParams, gens: list) -> torch.Tensor:
+    """The next id of each row of logits [rows, vocab] (row i drawn with gens[i]): [rows]."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    return torch.cat([sample(logits[i], params, gens[i]) for i in range(logits.shape[0])])
+
+
 class LateIds:
     """Sampled ids read by the host without stalling the device: `send(t)` queues a copy of
-    the device id t into pinned host memory and marks the stream; `take()` waits for the
-    oldest id sent and returns it. Reading an id with int() would instead wait for all the
-    work queued since (the next step included). Two ids may be in flight (a ring of two
-    pinned slots); on the CPU an id is read as it is sent."""
+    the device ids t ([width]) into pinned host memory and marks the stream; `take()` waits
+    for the oldest ids sent and returns them. Reading ids with tolist() would instead wait for
+    all the work queued since (the next step included). Two sends may be in flight (a ring
+    of two pinned slots); on the CPU ids are read as they are sent."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, width: int = 1):
         self.cuda = device.type == "cuda"
-        self.slots = [torch.empty(1, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
+        self.slots = [torch.empty(width, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
             if self.cuda else []
         self.pending: list = []
         self.sent = 0
-        self.ready = 0.0  # when the id take() returned last was on the host
+        self.ready = 0.0  # when the ids take() returned last were on the host
 
     def send(self, t: torch.Tensor) -> None:
         if not self.cuda:  # computed already (the CPU runs each step as it is queued)
-            self.pending.append((int(t), time.perf_counter()))
+            self.pending.append((t.reshape(-1).tolist(), time.perf_counter()))
             return
         slot = self.slots[self.sent % 2]
-        slot.copy_(t.reshape(1), non_blocking=True)
+        slot.copy_(t.reshape(-1), non_blocking=True)
         done = torch.cuda.Event()
         done.record()
         self.pending.append((slot, done))
         self.sent += 1
 
-    def take(self) -> int:
-        """The oldest id sent; `ready` is then the time it was on the host (on the CPU, when
-        it was sent: the steps queued since ran before the host asked for it)."""
+    def take(self) -> list[int]:
+        """The oldest ids sent; `ready` is then the time they were on the host (on the CPU,
+        when they were sent: the steps queued since ran before the host asked for them)."""
         item = self.pending.pop(0)
         if not self.cuda:
-            tok, self.ready = item
-            return tok
+            ids, self.ready = item
+            return ids
         slot, done = item
         done.synchronize()
         self.ready = time.perf_counter()
-        return int(slot[0])
+        return slot.tolist()
 
 
 @dataclass
 class Session:
-    """KV caches of one capacity and the plans that use them."""
+    """KV caches of one capacity for `sequences` sequences, and the plans that use them
+    (in least-recently-used order)."""
 
     capacity: int
+    sequences: int
+    reach: int  # the most rows a chunk takes (the sliding rings' extra slots)
     caches: dict[str, torch.Tensor]
-    prefills: dict[int, CompiledModel] = field(default_factory=dict)
-    decode: CompiledModel | None = None
+    plans: OrderedDict = field(default_factory=OrderedDict)
+
+    @property
+    def decode(self) -> CompiledModel | None:
+        return self.plans.get(("step",))
 
 
 class Generator:
-    """Generation for one model object (PretrainedModel): sessions by capacity."""
+    """Generation for one model object (PretrainedModel): sessions of caches and their plans."""
 
     def __init__(self, model):
         self.model = model
-        self.sessions: dict[int, Session] = {}
+        self.sessions: list[Session] = []  # least recently used first
         self.last_session: Session | None = None  # the caches and plans of the last call
+        self.chunks = CHUNKS  # prefill chunk sizes; a session made later uses them
+        self.max_sessions = MAX_SESSIONS
         # decode steps launch each kernel as a programmatic dependent of the one before
         # (Hopper and later; set False before the first call to launch them plainly)
         self.dependent_launches = True
         self.last_stats: dict = {}
+        self._chunk_costs: dict[int, float] = {}  # chunk size -> estimated s, unplanned
         # called with a line before and after each plan is built (the command line prints
         # them: on the CPU a plan takes seconds to minutes)
         self.on_phase = None
 
+    # ---- sessions and plans ----------------------------------------------------------------
+
+    def plan_count(self) -> int:
+        return sum(len(s.plans) for s in self.sessions)
+
     def capacity_for(self, positions: int) -> int:
         return capacity_for(self.model.config, positions)
 
-    def session(self, capacity: int) -> Session:
-        """The caches for `capacity` positions, made once (their size is checked against the
-        device's free memory first)."""
-        if capacity not in self.sessions:
-            m = self.model
-            states = cache_shapes(m.config, capacity)
-            check_cache_memory(states, capacity, m.dtype, m.device)
-            caches = {name: torch.zeros(shape, dtype=m.dtype, device=m.device)
-                      for name, shape in states.items()}
-            self.sessions[capacity] = Session(capacity, caches)
-        return self.sessions[capacity]
-
-    def _plan(self, s: Session, seq_len: int, decode: bool) -> CompiledModel:
+    def session(self, positions: int, sequences: int = 1) -> Session:
+        """A session whose caches hold `positions` positions of `sequences` sequences: the
+        last one that does, else a new one (replacing a smaller one of as many sequences;
+        its caches are checked against the device's free memory first)."""
+        for s in self.sessions:
+            if s.sequences == sequences and s.capacity >= positions:
+                self.sessions.remove(s)
+                self.sessions.append(s)
+                return s
+        capacity = self.capacity_for(positions)
+        old = [s for s in self.sessions if s.sequences == sequences]
+        capacity = max([capacity] + [s.capacity for s in old])
+        for s in old:  # its caches go before the larger ones are made
+            self.sessions.remove(s)
+        while len(self.sessions) >= self.max_sessions:
+            self.sessions.pop(0)
+        if self.last_session is not None and self.last_session not in self.sessions:
+            self.last_session = None
         m = self.model
-        graph = build(m.config, seq_len, Generation(s.capacity, decode))
-        return compile_graph(graph, m.weights, m.setup, state=s.caches,
-                             dependent_launches=decode and self.dependent_launches)
+        reach = min(max(self.chunks), capacity)
+        states = cache_shapes(m.config, capacity, sequences, reach)
+        check_cache_memory(states, capacity, m.dtype, m.device)
+        caches = {name: torch.zeros(shape, dtype=m.dtype, device=m.device)
+                  for name, shape in states.items()}
+        s = Session(capacity, sequences, reach, caches)
+        self.sessions.append(s)
+        return s
 
-    def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
-        """The prefill of seq_len tokens, its kernels built by one run on token 0: what that
-        run writes into the caches is overwritten by every real prefill before it is read."""
-        if seq_len not in s.prefills:
-            t0 = self._phase(f"building the prefill plan ({seq_len} tokens)")
-            fn = self._plan(s, seq_len, False)
-            fn(torch.zeros(seq_len, dtype=torch.int64, device=self.model.device), copy=False)
-            s.prefills[seq_len] = fn
-            self._phase(f"prefill plan ready in {time.perf_counter() - t0:.1f} s")
-        return s.prefills[seq_len]
+    def _plan(self, s: Session, key: tuple, what: str, rows: int, gen: Generation,
+              inputs: list[torch.Tensor]) -> CompiledModel:
+        """The session's plan `key`, made (and its kernels built by one run on `inputs`) on
+        first use."""
+        if key in s.plans:
+            s.plans.move_to_end(key)
+            return s.plans[key]
+        m = self.model
+        t0 = self._phase(f"building the {what} plan")
+        fn = compile_graph(build(m.config, rows, gen), m.weights, m.setup, state=s.caches,
+                           dependent_launches=key == ("step",) and self.dependent_launches)
+        fn(*inputs, copy=False)
+        s.plans[key] = fn
+        self._phase(f"{what} plan ready in {time.perf_counter() - t0:.1f} s")
+        return fn
+
+    def chunk_plan(self, s: Session, rows: int) -> CompiledModel:
+        """A prefill chunk of `rows` rows at device-given positions, the logits of a
+        device-given row. Its kernels are built by one run at positions 0 .. rows-1 (before
+        any prompt of the call is written)."""
+        dev = self.model.device
+        z = torch.zeros(rows, dtype=torch.int64, device=dev)
+        pos = torch.arange(rows, dtype=torch.int64, device=dev)
+        gen = Generation(s.capacity, True, 1, s.reach, "row")
+        return self._plan(s, ("chunk", rows), f"prefill chunk ({rows} tokens)", rows, gen,
+                          [z, pos, z[:1]])
 
     def decode_plan(self, s: Session) -> CompiledModel:
-        """The decode step, its kernels built (and on CUDA its graph captured) by one run at
-        position 0, whose cache slot a real step writes before any step reads it."""
-        if s.decode is None:
-            t0 = self._phase("building the decode plan (1 token)")
-            fn = self._plan(s, 1, True)
-            zero = torch.zeros(1, dtype=torch.int64, device=self.model.device)
-            fn(zero, zero, copy=False)
-            s.decode = fn
-            self._phase(f"decode plan ready in {time.perf_counter() - t0:.1f} s")
-        return s.decode
+        """The decode step: a row per sequence at its position; on CUDA its graph captured by
+        one run at position 0, whose slot a real step writes before any step reads it."""
+        b = s.sequences
+        z = torch.zeros(b, dtype=torch.int64, device=self.model.device)
+        gen = Generation(s.capacity, True, b, s.reach, "all" if b > 1 else "last")
+        what = "decode" + (f" ({b} sequences)" if b > 1 else "")
+        return self._plan(s, ("step",), what, b, gen, [z, z])
+
+    def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
+        """The whole prompt of seq_len tokens from position 0 in one plan (benchmarks compare
+        chunked prefills with it); kernels built by one run on token 0."""
+        z = torch.zeros(seq_len, dtype=torch.int64, device=self.model.device)
+        gen = Generation(s.capacity, False, 1, s.reach)
+        return self._plan(s, ("prefill", seq_len), f"prefill ({seq_len} tokens)", seq_len, gen,
+                          [z])
+
+    def warmup(self, max_tokens: int, sequences: int = 1) -> None:
+        """Makes the session for prompts and new tokens of up to `max_tokens` positions and
+        every plan it may use (the chunks, the decode step)."""
+        s = self.session(max_tokens, 1)
+        for c in self.chunk_sizes(s):
+            self.chunk_plan(s, c)
+        self.decode_plan(s)
+        if sequences > 1:
+            self.decode_plan(self.session(max_tokens, _batch_rows(sequences)))
+
+    def chunk_sizes(self, s: Session) -> list[int]:
+        return sorted(c for c in self.chunks if c <= s.reach)
+
+    def chunk_cost(self, s: Session, rows: int) -> float:
+        """Estimated seconds of a chunk: its plan's estimate once made, else the cost model's
+        estimate of the chunk's graph before optimization."""
+        fn = s.plans.get(("chunk", rows))
+        if fn is not None:
+            return fn.plan.estimated_time
+        if rows not in self._chunk_costs:
+            m = self.model
+            g = build(m.config, rows, Generation(s.capacity, True, 1, s.reach, "row"))
+            self._chunk_costs[rows] = m.setup.cost.graph_time(g)
+        return self._chunk_costs[rows]
+
+    def schedule(self, s: Session, n: int) -> list[tuple[int, int]]:
+        """(start, rows) of the chunks that prefill n tokens in s, at consecutive positions
+        from 0, the last one padded past n: the run of least estimated time."""
+        sizes = self.chunk_sizes(s)
+        costs = {c: self.chunk_cost(s, c) for c in sizes}
+        return chunk_schedule(n, sizes, costs, s.capacity)
 
     def _phase(self, line: str) -> float:
         if self.on_phase is not None:
             self.on_phase(line)
         return time.perf_counter()
 
+    # ---- generation ------------------------------------------------------------------------
+
+    def _prefill(self, s: Session, prompt: torch.Tensor, plan: list) -> torch.Tensor:
+        """Runs the chunks of `plan` over prompt (in s's one-sequence caches): the logits of
+        its last token, [vocab] on the device."""
+        dev, n = self.model.device, prompt.numel()
+        ids = torch.zeros(plan[-1][0] + plan[-1][1], dtype=torch.int64)
+        ids[:n] = prompt
+        ids = ids.to(dev)
+        logits = None
+        for start, rows in plan:
+            fn = self.chunk_plan(s, rows)
+            pos = torch.arange(start, start + rows, dtype=torch.int64, device=dev)
+            row = torch.tensor([min(n - start, rows) - 1], dtype=torch.int64, device=dev)
+            logits = fn.run_trusted(ids[start:start + rows], pos, row)
+        return logits[0]
+
     def generate(self, token_ids, max_new_tokens: int, params: SamplingParams, stop=None,
                  on_token=None, on_logits=None, on_step=None) -> torch.Tensor:
         """See PretrainedModel.generate; on_logits(logits [vocab]) sees each step's logits
         before the next id is drawn from them (checks compare them with full forwards);
         on_step() is called after each step's work is queued, before the host waits for its
-        id (benchmarks record CUDA events there).
-
-        The device runs one step ahead of the host: step t + 1 is queued with step t's id
-        still on the device, before the host reads that id (copied to pinned memory behind
-        step t, not behind step t + 1) to stream it and test it against the stop ids. A stop
-        found that way leaves one step computed and unused (on_logits and on_step have seen
-        it)."""
+        id (benchmarks record CUDA events there)."""
         m = self.model
-        prompt, stops, capacity = check_request(m.config, token_ids, max_new_tokens, params, stop,
-                                                m.eos_token_ids)
+        prompt, stops, _ = check_request(m.config, token_ids, max_new_tokens, params, stop,
+                                         m.eos_token_ids)
         if on_token is not None and not callable(on_token):
             raise InputError("on_token must be callable (it is called with each new id)")
         if max_new_tokens == 0:
             return prompt
-        s = self.session(capacity)
-        self.last_session = s
-        dev = m.device
-        gen = torch.Generator(device=dev).manual_seed(params.seed) if params.seed is not None \
-            else None
+        tok = (lambda i, t: on_token(t)) if on_token is not None else None
+        logit = (lambda x: on_logits(x[0])) if on_logits is not None else None
+        return self._run([prompt], max_new_tokens, params, stops, tok, logit, on_step)[0]
+
+    def generate_batch(self, prompts, max_new_tokens: int, params: SamplingParams, stop=None,
+                       on_token=None) -> list[torch.Tensor]:
+        """Several prompts (a list of 1-D id sequences, any lengths): a list of prompt + new
+        ids, each sequence stopping on its own. on_token(i, id) sees sequence i's new ids."""
+        m = self.model
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InputError("prompts must be a non-empty list of 1-D id sequences")
+        checked = [check_request(m.config, p, max_new_tokens, params, stop, m.eos_token_ids)
+                   for p in prompts]
+        if on_token is not None and not callable(on_token):
+            raise InputError("on_token must be callable (it is called with each new id)")
+        if max_new_tokens == 0:
+            return [p for p, _, _ in checked]
+        return self._run([p for p, _, _ in checked], max_new_tokens, params, checked[0][1],
+                         on_token, None, None)
+
+    def _run(self, prompts: list[torch.Tensor], max_new_tokens: int, params: SamplingParams,
+             stops: set[int], on_token, on_logits, on_step) -> list[torch.Tensor]:
+        """The decode loop. The device runs one step ahead of the host: step t + 1 is queued
+        with step t's ids still on the device, before the host reads them (copied to pinned
+        memory behind step t, not behind step t + 1) to stream them and test them against the
+        stop ids. A stop found that way leaves one step computed and unused (on_logits and
+        on_step have seen it). Finished sequences of a batch ride along (their rows are
+        computed and not read) until every sequence has stopped."""
+        m, dev, b = self.model, self.model.device, len(prompts)
+        lengths = [p.numel() for p in prompts]
         t0 = time.perf_counter()
-        prefill, decode = self.prefill_plan(s, prompt.numel()), self.decode_plan(s)
-        # every step's position, on the device once: step t reads row t
-        positions = torch.arange(prompt.numel(), prompt.numel() + max_new_tokens,
-                                 dtype=torch.int64).to(dev)
+        # every plan the call uses is made before any prompt is written into the caches
+        s = self.session(max(lengths) + max_new_tokens, _batch_rows(b)) if b > 1 else None
+        one = self.session(max(lengths) + (max_new_tokens if b == 1 else 0), 1)
+        s = s or one
+        plans = [self.schedule(one, n) for n in lengths]
+        for rows in sorted({r for p in plans for _, r in p}):
+            self.chunk_plan(one, rows)
+        step = self.decode_plan(s)
+        self.last_session = s
+        rows = s.sequences
+        gens = [torch.Generator(device=dev).manual_seed(params.seed + i)
+                if params.seed is not None else None for i in range(b)]
         t_ready = time.perf_counter()
-        logits = prefill(prompt.to(dev), copy=False)
-        if on_logits is not None:
-            on_logits(logits[-1])
-        nxt = sample(logits[-1], params, gen)
-        ids = LateIds(dev)
+        first = []
+        for i, prompt in enumerate(prompts):
+            logits = self._prefill(one, prompt, plans[i])
+            if on_logits is not None and b == 1:
+                on_logits(logits[None])
+            first.append(sample(logits, params, gens[i]))
+            if s is not one:  # into its block of the batch's caches
+                copy_caches(one, s, i, lengths[i])
+        # every row's position on the device; rows past the batch stay at 0
+        pos = torch.zeros(rows, dtype=torch.int64)
+        pos[:b] = torch.tensor(lengths)
+        pos = pos.to(dev)
+        advance = (torch.arange(rows) < b).to(torch.int64).to(dev)
+        nxt = torch.zeros(rows, dtype=torch.int64, device=dev)
+        nxt[:b] = torch.cat(first)
+        ids = LateIds(dev, rows)
         ids.send(nxt)
         if on_step is not None:
             on_step()
-        new: list[int] = []
+        new: list[list[int]] = [[] for _ in range(b)]
+        live = [True] * b
         t_first = t_end = None
-        for step in range(max_new_tokens):
-            last = step == max_new_tokens - 1
-            if not last:  # queue the next step before waiting for this one's id
-                logits = decode.run_trusted(nxt, positions[step:step + 1])
+        for k in range(max_new_tokens):
+            last = k == max_new_tokens - 1
+            if not last:  # queue the next step before waiting for this one's ids
+                logits = step.run_trusted(nxt, pos)
                 if on_logits is not None:
-                    on_logits(logits[-1])
-                following = sample(logits[-1], params, gen)
+                    on_logits(logits)
+                following = torch.zeros_like(nxt)
+                following[:b] = sample_rows(logits[:b], params, gens)
                 ids.send(following)
+                pos = pos + advance
                 if on_step is not None:
                     on_step()
-            tok = ids.take()  # the host needs it: streaming and the stop test
+            got = ids.take()  # the host needs them: streaming and the stop test
             if t_first is None:
                 t_first = ids.ready
-            new.append(tok)
-            if on_token is not None:
-                on_token(tok)
             t_end = ids.ready
-            if tok in stops or last:
+            for i in range(b):
+                if live[i]:
+                    new[i].append(got[i])
+                    if on_token is not None:
+                        on_token(i, got[i])
+                    live[i] = got[i] not in stops
+            if last or not any(live):
                 break
             nxt = following
-        self.last_stats = {"prompt_tokens": prompt.numel(), "new_tokens": len(new),
+        self.last_stats = {"prompt_tokens": sum(lengths), "new_tokens": sum(map(len, new)),
+                           "sequences": b, "steps": max(map(len, new)),
                            "plans_s": t_ready - t0, "time_to_first_token_s": t_first - t_ready,
                            "decode_s": t_end - t_first}
-        return torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)])
+        return [torch.cat([p, torch.tensor(x, dtype=p.dtype)]) for p, x in zip(prompts, new)]
+
+
+def _batch_rows(b: int) -> int:
+    """Rows of the decode step that serves b sequences: the next power of two (a few plans
+    serve every batch size; the rows past b are idle)."""
+    return 1 << (b - 1).bit_length()
+
+
+def chunk_schedule(n: int, sizes: list[int], costs: dict[int, float],
+                   capacity: int) -> list[tuple[int, int]]:
+    """(start, rows) of chunks covering positions [0, n) one after the other, the last one
+    padded past n but not past `capacity`: the run of least total cost (a dynamic program
+    over the covered length, in steps of the sizes' common divisor)."""
+    if n > capacity or not sizes:
+        raise InputError(f"{n} prompt tokens do not fit caches of {capacity} positions")
+    step = math.gcd(*sizes)
+    # best[d]: (cost, rows of the first chunk) to cover [d, n) from a covered length d
+    best: dict[int, tuple[float, int]] = {}
+    for d in range((n - 1) // step * step, -1, -step):
+        options = []
+        for c in sizes:
+            if d + c > capacity:
+                continue
+            rest = 0.0 if d + c >= n else best[d + c][0]
+            options.append((costs[c] + rest, c))
+        if not options:
+            raise InputError(f"{n} prompt tokens do not fit caches of {capacity} positions")
+        best[d] = min(options)
+    out, d = [], 0
+    while d < n:
+        c = best[d][1]
+        out.append((d, c))
+        d += c
+    return out
+
+
+def copy_caches(src: Session, dst: Session, block: int, n: int) -> None:
+    """The cached positions of a prompt of n tokens in src's one-sequence caches, into
+    sequence `block`'s block of dst's caches (position p at slot p % slots of each)."""
+    for name, t in src.caches.items():
+        out = dst.caches[name]
+        r_src, r_dst = t.shape[0], out.shape[0] // dst.sequences
+        p = torch.arange(max(0, n - min(r_src, r_dst)), n, device=t.device)
+        out[block * r_dst + p % r_dst] = t[p % r_src]
 
 
 def capacity_for(config, positions: int) -> int:
-    """Cache capacity for `positions` (prompt + new tokens): rounded up to CAPACITY_STEP, never
-    past the model's max_position_embeddings (a request beyond it is refused)."""
+    """Cache capacity for `positions` (prompt + new tokens): the next power of two, at least
+    CAPACITY_STEP, never past the model's max_position_embeddings (a request beyond it is
+    refused)."""
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and positions > limit:
         raise InputError(f"the prompt and the new tokens need {positions} positions, the model "
                          f"has {limit} (max_position_embeddings)")
-    cap = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+    cap = max(CAPACITY_STEP, 1 << (positions - 1).bit_length())
     return min(cap, limit) if limit is not None else cap
 
 
-def cache_shapes(config, capacity: int) -> dict[str, tuple[int, ...]]:
-    """The KV caches a session of `capacity` positions holds: name -> shape."""
-    decode = build(config, 1, Generation(capacity, decode=True))
-    return {n.name: tuple(n.shape) for n in decode.states()}
+def cache_shapes(config, capacity: int, sequences: int = 1,
+                 reach: int = CHUNKS[-1]) -> dict[str, tuple[int, ...]]:
+    """The KV caches a session of `capacity` positions for `sequences` sequences holds, its
+    chunks of up to `reach` rows: name -> shape."""
+    reach = min(reach, capacity)
+    rows = sequences if sequences > 1 else 1
+    step = build(config, rows, Generation(capacity, True, sequences, reach,
+                                          "all" if sequences > 1 else "last"))
+    return {n.name: tuple(n.shape) for n in step.states()}
 
 
 def check_cache_memory(states: dict, capacity: int, dtype: torch.dtype, device: torch.device,

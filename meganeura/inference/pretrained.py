@@ -79,24 +79,45 @@ class PretrainedModel:
 
     def generate(self, token_ids, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop=None, on_token=None) -> torch.Tensor:
-        """The prompt followed by up to max_new_tokens new ids (1-D int64, on the CPU).
+                 stop=None, on_token=None):
+        """The prompt followed by up to max_new_tokens new ids (1-D int64, on the CPU); given
+        a list of prompts (1-D tensors of any lengths), a list of them, decoded together.
 
         Greedy at temperature 0; else a draw from softmax(logits / temperature) over the
-        top_k ids and the top_p probability mass, reproducible for a given seed. Stops after
-        an end-of-sequence id (the checkpoint's generation_config.json or config.json) or
-        one of `stop` when given (which replaces them). on_token(id) is called with each new
-        id as it is produced. The KV caches hold the prompt and the new tokens (never more
-        than max_position_embeddings): a request beyond raises before anything is allocated.
-        `model.generator.last_stats` has the counts and times of the last call.
+        top_k ids and the top_p probability mass, reproducible for a given seed (prompt i of
+        a list drawn with seed + i). Stops after an end-of-sequence id (the checkpoint's
+        generation_config.json or config.json) or one of `stop` when given (which replaces
+        them), each prompt of a list on its own. on_token(id) is called with each new id as
+        it is produced (for a list: on_token(i, id)). The KV caches hold the prompt and the
+        new tokens (never more than max_position_embeddings): a request beyond raises before
+        anything is allocated. Prompts of any length share a few plans (see
+        inference/generation.py); `model.generator.last_stats` has the counts and times of
+        the last call.
         """
         with self._lock:
             params = SamplingParams(temperature, top_k, top_p, seed)
-            out = self.generator.generate(token_ids, max_new_tokens, params, stop, on_token)
+            if isinstance(token_ids, list) and token_ids and all(
+                    isinstance(t, torch.Tensor) for t in token_ids):
+                out = self.generator.generate_batch(token_ids, max_new_tokens, params, stop,
+                                                    on_token)
+            else:
+                out = self.generator.generate(token_ids, max_new_tokens, params, stop, on_token)
             s = self.generator.last_session
             if s is not None and s.decode is not None:
                 self.report = s.decode.report
             return out
+
+    def warmup(self, max_tokens: int, sequences: int = 1) -> None:
+        """Makes, ahead of the first request, the caches and every plan that prompts and new
+        tokens of up to max_tokens positions use (and a decode step for `sequences` prompts
+        at once): the first token then waits for no plan."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if isinstance(sequences, bool) or not isinstance(sequences, int) or sequences < 1:
+            raise InputError(f"sequences must be an integer >= 1, got {sequences!r}")
+        with self._lock:
+            self.generator.capacity_for(max_tokens)  # refuses a count beyond the model
+            self.generator.warmup(max_tokens, sequences)
 
 
 def weight_bytes(config, dtype: torch.dtype) -> int:
