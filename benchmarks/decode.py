@@ -87,7 +87,8 @@ def floor_bytes(cfg, context: int, elem: int) -> float:
             total += elem * math.prod(n.shape)
             continue
         if n.op == "cache_attention":
-            valid = min(context + 1, g[n.inputs[1]].shape[0])
+            slots = g[n.inputs[1]].shape[0]
+            valid = min(context + 1, n.attrs.get("window") or slots, slots)
             total += elem * valid * (g[n.inputs[1]].shape[1] + g[n.inputs[2]].shape[1])
         elif n.op == "cache_write":
             total += elem * math.prod(g[n.inputs[1]].shape)
@@ -169,8 +170,7 @@ def meganeura_decode(model, context: int, steps: int, profile: bool = False,
                      warmup: int = 4) -> float:
     """Median ms per token of meganeura's decode plan after a context of `context` tokens."""
     gen = model.generator
-    cap = gen.capacity_for(context + steps + 8)
-    s = gen.session(cap)
+    s = gen.session(context + steps + 8)
     g = torch.Generator(device=model.device).manual_seed(context)
     for t in s.caches.values():  # a context's worth of keys and values (random rows)
         t.normal_(generator=g)
@@ -190,7 +190,7 @@ def meganeura_decode(model, context: int, steps: int, profile: bool = False,
         print_profile(decode, ms)
         print(f"  the step's graph replayed back to back: {graph_replay_ms(decode):.3f} ms "
               f"(a step: {ms:.3f} ms; the rest is sampling, input copies and the host)")
-    gen.sessions.pop(cap, None)
+    gen.sessions.remove(s)
     gen.last_session = None
     _release(torch.cuda.is_available())
     return ms
@@ -285,7 +285,7 @@ def compile_seconds(cfg, weights, device, dtype) -> float:
     with tempfile.TemporaryDirectory() as d:
         m = meganeura.from_config(cfg, weights, device, dtype, cache_dir=d)
         t = time.perf_counter()
-        s = m.generator.session(m.generator.capacity_for(2048 + 256))
+        s = m.generator.session(2048 + 256)
         m.generator.prefill_plan(s, 2048)
         m.generator.decode_plan(s)
         if device.type == "cuda":

@@ -142,19 +142,26 @@ def attention_case(s, heads, kv_heads, head_dim, window=None, seed=0, scale=None
     return g, {}, [_rand(gen, s, (heads + 2 * kv_heads) * head_dim, scale=spread)]
 
 
-def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0):
-    """One decode step's attention over caches of `slots` rows, random contents, at `pos`
-    (a ring that has wrapped when pos >= slots). Inputs: q and the position; the caches are
-    state, given as (weights-like) "state" by name."""
+def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0, window=0,
+                         sequences=1):
+    """Attention over caches of `slots` rows a sequence, random contents: one decode step's
+    row at `pos` (an int: a ring that has wrapped when pos >= slots), or the rows at the
+    positions of a list (one sequence: a prefill chunk's consecutive positions; with several
+    sequences, row i is sequence i's at pos[i]), each attending to its last `window`
+    positions (0: all the cache holds). Inputs: q and the positions; the caches are state,
+    given as (weights-like) "state" by name."""
     gen = torch.Generator().manual_seed(seed)
+    positions = torch.tensor(pos if isinstance(pos, list) else [pos])
+    rows = positions.numel()
     g = Graph()
-    q = g.input_f32("q", (1, heads * head_dim))
-    p = g.input_u32("positions", (1,))
-    width = kv_heads * head_dim
-    k, v = g.state("cache.k", (slots, width)), g.state("cache.v", (slots, width))
-    g.set_outputs([g.cache_attention(q, k, v, p, heads, kv_heads, head_dim, head_dim ** -0.5)])
-    state = {"cache.k": _rand(gen, slots, width), "cache.v": _rand(gen, slots, width)}
-    return g, state, [_rand(gen, 1, heads * head_dim), torch.tensor([pos])]
+    q = g.input_f32("q", (rows, heads * head_dim))
+    p = g.input_u32("positions", (rows,))
+    width, n = kv_heads * head_dim, sequences * slots
+    k, v = g.state("cache.k", (n, width)), g.state("cache.v", (n, width))
+    g.set_outputs([g.cache_attention(q, k, v, p, heads, kv_heads, head_dim, head_dim ** -0.5,
+                                     window=window, sequences=sequences)])
+    state = {"cache.k": _rand(gen, n, width), "cache.v": _rand(gen, n, width)}
+    return g, state, [_rand(gen, rows, heads * head_dim), positions]
 
 
 # rows written into a cache: the decode step's k (norm + RoPE) and v (unweighted norm)
@@ -162,12 +169,14 @@ def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0):
 ROW_WRITE_CASES = ["rms_norm,rope", "head_rms_norm,rope", "unit_rms_norm", "copy"]
 
 
-def cache_rows_case(name, s, slots, last, heads, head_dim, seed=0, positions=None):
+def cache_rows_case(name, s, slots, last, heads, head_dim, seed=0, positions=None,
+                    sequences=1):
     """s new k or v rows (the stages of `name`, then written; "copy": cache_write alone) at
     positions last-s+1 .. last, the given increasing ones ending at last, or "arange":
     0 .. s-1 made at load, as a forward's, into a cache of `slots` rows holding random older
-    rows (a ring that wraps when last >= slots; rows it no longer keeps are skipped).
-    Output: the updated cache."""
+    rows (a ring that wraps when last >= slots; rows it no longer keeps are skipped). With
+    several sequences (s of them, at the given positions), row i goes into sequence i's
+    block of `slots` rows. Output: the updated cache."""
     c = Case(seed, head_dim)
     if isinstance(positions, str):  # "arange": the rows' positions are their indices
         last = s - 1
@@ -176,13 +185,14 @@ def cache_rows_case(name, s, slots, last, heads, head_dim, seed=0, positions=Non
     iota = isinstance(positions, str) and positions == "arange"
     positions = torch.arange(last - s + 1, last + 1) if positions is None or iota else positions
     pos = c.g.arange(s) if iota else c.ids("positions", positions)
-    cache = c.cache("cache.k", (slots, d))
-    c.limit, c.positions = last + 1, pos  # RoPE at the rows' own positions
+    cache = c.cache("cache.k", (sequences * slots, d))
+    c.limit, c.positions = int(positions.max()) + 1, pos  # RoPE at the rows' own positions
     stages = [] if name == "copy" else [stage_of(c, st, (s, d)) for st in name.split(",")]
     if name == "copy":
-        out = c.g.cache_write(cache, x, pos)
+        out = c.g.cache_write(cache, x, pos, sequences=sequences)
     else:
-        out = c.g.kernel("rows", (x,), (), stages + [stage("cache_write", cache, pos, at=1)])
+        out = c.g.kernel("rows", (x,), (), stages + [stage("cache_write", cache, pos, at=1,
+                                                           sequences=sequences)])
     g, w, _ = c.case(out)
     return g, w, c.state, {n.name: c.inputs[n.name] for n in g.inputs()}
 

@@ -130,7 +130,7 @@ def test_bad_requests_fail_before_anything_is_allocated(kw, message):
     args = dict(token_ids=torch.tensor([1, 2, 3]), max_new_tokens=2) | kw
     with pytest.raises(InputError, match=message):
         ours.generate(args.pop("token_ids"), **args)
-    assert ours.generator.sessions == {}
+    assert ours.generator.sessions == []
 
 
 def test_capacity_beyond_the_model_is_refused(tmp_path):
@@ -140,7 +140,7 @@ def test_capacity_beyond_the_model_is_refused(tmp_path):
     ours = meganeura.from_pretrained(tmp_path, device="cpu")
     with pytest.raises(InputError, match="need 41 positions, the model has 40"):
         ours.generate(torch.tensor([1, 2, 3]), max_new_tokens=38)
-    assert ours.generator.sessions == {}
+    assert ours.generator.sessions == []
 
 
 def test_prefill_and_decode_are_planned_apart(tmp_path):
@@ -220,3 +220,125 @@ def test_cli_generate_refuses_bad_requests_before_loading(args, message):
     assert "weights" not in out  # nothing was loaded
     import re
     assert re.search(message, err), err
+
+
+def _greedy_loop(c, weights, prompt, n):
+    """Greedy ids after prompt by a plain loop of full reference forwards."""
+    ids = prompt.clone()
+    for _ in range(n):
+        (logits,) = run_reference(build(c, ids.numel()), weights, {"token_ids": ids})
+        ids = torch.cat([ids, logits[-1].argmax().reshape(1)])
+    return ids
+
+
+def test_prompts_of_any_length_are_prefilled_in_chunks_of_a_few_plans(kernels):
+    # chunks of 4 and 8 rows over a window of 5 (its ring: 5 + 8 - 1 slots) and a global
+    # layer; the prompts run one to several chunks, the last one padded; every prefill's
+    # logits and every step's equal full reference forwards, and a few plans serve them all
+    c = CONFIGS["gqa2"]
+    ours = meganeura.from_config(c, device="cpu", seed=7, cache_dir=kernels)
+    ours.generator.chunks = (4, 8)
+    for n in (1, 4, 7, 13, 21):
+        prompt = _prompt(c.vocab_size, n, n)
+        out, steps = _generate_with_logits(ours, prompt, 3)
+        assert out.tolist() == _greedy_loop(c, ours.weights, prompt, 3).tolist()
+        (full,) = run_reference(build(c, out.numel() - 1), ours.weights,
+                                {"token_ids": out[:-1]})
+        for k, logits in enumerate(steps):
+            assert_close(logits, full[n - 1 + k], "fp32")
+    s = ours.generator.last_session
+    assert sorted(s.plans) == [("chunk", 4), ("chunk", 8), ("step",)]
+    assert ours.generator.schedule(s, 21) == [(0, 8), (8, 8), (16, 8)]
+
+
+def test_the_plan_count_stays_bounded_across_prompt_lengths(kernels):
+    c = CONFIGS["small_test"]
+    ours = meganeura.from_config(c, device="cpu", seed=1, cache_dir=kernels)
+    ours.generator.chunks = (16, 32)  # (a chunk or two a prompt: the interpreter is slow)
+    bound = ours.generator.max_sessions * (len(ours.generator.chunks) + 1)
+    counts = []
+    for n in range(1, 31):  # 30 lengths, each new
+        ours.generate(_prompt(c.vocab_size, n, n), max_new_tokens=1)
+        counts.append(ours.generator.plan_count())
+    assert max(counts) <= bound and counts[-1] <= 3  # (at most the chunk sizes and the step)
+    # made as a length first needs them, then only reused
+    assert counts == sorted(counts) and counts[20:] == [counts[-1]] * 10
+
+
+def test_several_prompts_decode_together_as_each_alone(kernels):
+    # greedy: each prompt's ids equal its own generation; sampled: prompt i of a batch
+    # draws as it does alone with seed + i; a stop ends one sequence, the others go on
+    c = CONFIGS["gqa2"]
+    ours = meganeura.from_config(c, device="cpu", seed=7, cache_dir=kernels)
+    ours.generator.chunks = (4, 8)
+    prompts = [_prompt(c.vocab_size, n, 20 + n) for n in (9, 2, 14)]
+    alone = [ours.generate(p, max_new_tokens=3, stop=[]) for p in prompts]
+    together = ours.generate(prompts, max_new_tokens=3, stop=[])
+    assert [t.tolist() for t in together] == [a.tolist() for a in alone]
+    st = ours.generator.last_stats
+    assert (st["sequences"], st["new_tokens"], st["steps"]) == (3, 9, 3)
+    assert ours.generator.last_session.sequences == 4  # three rows and an idle one
+    kw = dict(max_new_tokens=2, temperature=1.5, top_k=20)
+    drawn = ours.generate(prompts, seed=5, **kw)
+    assert [d.tolist() for d in drawn] == [ours.generate(p, seed=5 + i, **kw).tolist()
+                                           for i, p in enumerate(prompts)]
+    stop = alone[1][prompts[1].numel() + 1].item()  # the second sequence's second new id
+    seen = []
+    out = ours.generate(prompts, max_new_tokens=3, stop=[stop],
+                        on_token=lambda i, t: seen.append((i, t)))
+    for i, (o, a) in enumerate(zip(out, alone)):
+        new = a[prompts[i].numel():].tolist()
+        end = new.index(stop) + 1 if stop in new else len(new)
+        assert o.tolist() == a[:prompts[i].numel() + end].tolist()
+        assert [t for j, t in seen if j == i] == new[:end]
+
+
+def test_a_conversation_keeps_its_earlier_turns_in_the_caches(kernels):
+    # the next turn extends what the caches hold (prompt + reply): only the new ids are
+    # prefilled, from their positions on, and the reply equals a fresh generation's
+    c = CONFIGS["gqa2"]
+    ours = meganeura.from_config(c, device="cpu", seed=7, cache_dir=kernels)
+    ours.generator.chunks = (4, 8)
+    gen, params = ours.generator, meganeura.inference.generation.SamplingParams()
+    first = gen.generate(_prompt(c.vocab_size, 11, 1), 4, params, stop=[], reuse=True)
+    turn = torch.cat([first, _prompt(c.vocab_size, 3, 2)])
+    second = gen.generate(turn, 4, params, stop=[], reuse=True)
+    assert gen.last_stats["reused_tokens"] == 14  # 11 + the 3 replies fed back (not the last)
+    assert second.tolist() == _greedy_loop(c, ours.weights, turn, 4).tolist()
+    # a turn that departs from what the caches hold starts over
+    other = torch.cat([first[:5], _prompt(c.vocab_size, 6, 3)])
+    third = gen.generate(other, 2, params, stop=[], reuse=True)
+    assert gen.last_stats["reused_tokens"] == 0
+    assert third.tolist() == _greedy_loop(c, ours.weights, other, 2).tolist()
+
+
+def test_chunk_schedules_are_the_cheapest_runs():
+    from itertools import product
+
+    from meganeura.inference.generation import chunk_schedule
+
+    sizes, costs = [4, 8, 32], {4: 1.0, 8: 1.5, 32: 4.0}
+    for n, start, cap in [(1, 0, 64), (13, 0, 64), (37, 0, 64), (61, 0, 64), (30, 14, 64),
+                          (63, 0, 64), (40, 0, 40)]:
+        got = chunk_schedule(n, sizes, costs, cap, start)
+        # consecutive from start, covering n, within the capacity
+        assert got[0][0] == start and all(a + r == b for (a, r), (b, _) in zip(got, got[1:]))
+        assert got[-1][0] < n <= got[-1][0] + got[-1][1] <= cap
+        best = min(sum(costs[r] for r in run) for k in range(1, 9)
+                   for run in product(sizes, repeat=k)
+                   if start + sum(run[:-1]) < n <= start + sum(run) <= cap)
+        assert sum(costs[r] for _, r in got) == best
+    with pytest.raises(InputError, match="do not fit"):
+        chunk_schedule(65, sizes, costs, 64)
+
+
+def test_warmup_makes_every_plan_before_the_first_request(kernels):
+    c = CONFIGS["small_test"]
+    ours = meganeura.from_config(c, device="cpu", seed=1, cache_dir=kernels)
+    ours.generator.chunks = (4, 8)
+    ours.warmup(40)
+    assert ours.generator.plan_count() == 3
+    ours.generate(_prompt(c.vocab_size, 13, 1), max_new_tokens=3)
+    assert ours.generator.last_stats["plans_s"] < 0.05 and ours.generator.plan_count() == 3
+    with pytest.raises(InputError, match="max_tokens must be an integer >= 1"):
+        ours.warmup(0)

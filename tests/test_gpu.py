@@ -76,6 +76,31 @@ def test_decode_attention_bf16(slots, pos, heads, kv_heads, head_dim, tmp_path):
     check_cache_attention((g, state, inputs), "cuda", torch.bfloat16, tmp_path, "bf16")
 
 
+@pytest.mark.parametrize("slots, pos, window, sequences", [
+    (1535, list(range(3000, 4024)), 512, 1),  # e4b's sliding ring, a 1024-row chunk across it
+    (5120, list(range(4000, 4256)), 0, 1),  # a full cache, a 256-row chunk
+    (1535, list(range(0, 16)), 512, 1),  # a first short chunk
+    (2048, [100, 2047, 0, 1500, 7, 999, 1234, 64], 0, 8),  # a batched step of 8 sequences
+    (1535, [3000, 10, 600, 1600], 512, 4),  # a batched step over rings
+])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 2, 256), (8, 2, 512), (32, 16, 144)])
+def test_attention_over_the_cache_of_chunks_and_batches_bf16(slots, pos, window, sequences,
+                                                             heads, kv_heads, head_dim,
+                                                             tmp_path):
+    case = cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=slots,
+                                window=window, sequences=sequences)
+    g, state, inputs = case
+    state = {k: v * head_dim ** -0.25 for k, v in state.items()}  # O(1) scores at scale 1/sqrt(hd)
+    check_cache_attention((g, state, inputs), "cuda", torch.bfloat16, tmp_path, "bf16")
+
+
+@pytest.mark.parametrize("op", ROW_WRITE_CASES)
+def test_rows_of_a_batched_step_bf16(op, tmp_path):
+    positions = torch.tensor([5000, 3, 1500, 1534, 0, 77, 4096, 1])
+    check_cache_rows(cache_rows_case(op, 8, 1535, None, 2, 256, seed=8, positions=positions,
+                                     sequences=8), "cuda", torch.bfloat16, tmp_path, "bf16")
+
+
 @pytest.mark.parametrize("s, slots, last", [(1, 4352, 4000), (1, 512, 5000), (300, 512, 299),
                                             (300, 64, 299)])
 @pytest.mark.parametrize("op", ROW_WRITE_CASES)
@@ -132,7 +157,7 @@ def test_decode_replays_without_recapture(dtype, tmp_path):
     model = meganeura.from_config(c, device="cuda", dtype=dtype, seed=3, cache_dir=tmp_path)
     prompt = torch.randint(0, c.vocab_size, (9,), generator=torch.Generator().manual_seed(1))
     out = model.generate(prompt, max_new_tokens=7, stop=[])
-    (session,) = model.generator.sessions.values()
+    session = model.generator.last_session
     graph = session.decode._graph
     assert graph is not None  # captured at the first step, replayed at the next ones
     again = model.generate(prompt, max_new_tokens=7, stop=[])
@@ -144,6 +169,28 @@ def test_decode_replays_without_recapture(dtype, tmp_path):
             (logits,) = run_reference(build(c, ids.numel()), w, {"token_ids": ids})
             ids = torch.cat([ids, logits[-1].argmax().reshape(1)])
         assert out.tolist() == ids.tolist()
+
+
+def test_chunked_prefill_and_batched_decode_on_cuda(tmp_path):
+    # fp32: prompts of several chunks (4, 8; the last padded) and a batch of three, each
+    # equal to a step-by-step loop of full reference forwards; the batch's captured step
+    # replays at every position
+    c = CONFIGS["gqa2"]
+    model = meganeura.from_config(c, device="cuda", dtype=torch.float32, seed=3,
+                                  cache_dir=tmp_path)
+    model.generator.chunks = (4, 8)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, c.vocab_size, (n,), generator=gen) for n in (21, 3, 12)]
+    outs = model.generate(prompts, max_new_tokens=6, stop=[])
+    assert model.generator.last_session.decode._graph is not None
+    w = {k: v.float().cpu() for k, v in model.weights.items()}
+    for prompt, out in zip(prompts, outs):
+        ids = prompt.clone()
+        for _ in range(6):
+            (logits,) = run_reference(build(c, ids.numel()), w, {"token_ids": ids})
+            ids = torch.cat([ids, logits[-1].argmax().reshape(1)])
+        assert out.tolist() == ids.tolist()
+        assert model.generate(prompt, max_new_tokens=6, stop=[]).tolist() == ids.tolist()
 
 
 def test_sampling_with_a_seed_repeats_on_cuda(tmp_path):
@@ -183,7 +230,7 @@ def test_decode_with_split_products_matches_the_reference(tmp_path):
                                   cache_dir=tmp_path)
     prompt = torch.randint(0, c.vocab_size, (9,), generator=torch.Generator().manual_seed(2))
     out = model.generate(prompt, max_new_tokens=12, stop=[])
-    (session,) = model.generator.sessions.values()
+    session = model.generator.last_session
     variants = [launch.spec.variant for launch in session.decode.launches]
     # o and down split on any GPU of 41 SMs or more (80 16-column tiles fill no two waves)
     assert sum("+split-K" in v for v in variants) >= 4, variants

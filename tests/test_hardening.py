@@ -560,16 +560,16 @@ def test_kv_caches_beyond_the_device_are_refused_before_they_are_made(tmp_path):
     cfg = _config_file(tmp_path, max_position_embeddings=2 ** 31 - 1)
     rc, out, err = cli("generate", "--config", cfg, "--tokens", "1,2",
                        "--max-new-tokens", str(2 * 10 ** 9))
-    _one_line_exit_2(rc, out, err, "the KV caches for 2000000256 positions and the weights beside "
+    _one_line_exit_2(rc, out, err, "the KV caches for 2147483647 positions and the weights beside "
                                    "them need")
     assert "GiB is free" in err and "weights ready" not in out
     from meganeura.models.gemma4 import config_from_dict
 
     model = meganeura.from_config(config_from_dict(json.loads(open(cfg).read())), device="cpu",
                                   cache_dir=tmp_path)
-    with pytest.raises(MeganeuraError, match="the KV caches for 2000000256 positions need"):
+    with pytest.raises(MeganeuraError, match="the KV caches for 2147483647 positions need"):
         model.generate(_ids(2), 2 * 10 ** 9)
-    assert model.generator.sessions == {}
+    assert model.generator.sessions == []
 
 
 def test_the_seeds_models_have_a_position_limit_for_forward_and_generate(tmp_path):
@@ -583,7 +583,7 @@ def test_the_seeds_models_have_a_position_limit_for_forward_and_generate(tmp_pat
         model(_ids(17))
     with pytest.raises(MeganeuraError, match="need 17 positions, the model has 16"):
         model.generate(_ids(10), 7)
-    assert model.plans == {} and model.generator.sessions == {}
+    assert model.plans == {} and model.generator.sessions == []
     with pytest.raises(ConfigError, match="max_position_embeddings must be a positive integer"):
         dataclasses.replace(SMALL, max_position_embeddings=0)
 
@@ -642,7 +642,7 @@ def test_stop_ids_as_a_tensor(tmp_path):
         model.generate(_ids(3), 4, stop=torch.ones(1, 1, dtype=torch.int64))
     with pytest.raises(MeganeuraError, match=r"stop ids must be integers in \[0, 64\), got 99$"):
         model.generate(_ids(3), 4, stop=torch.tensor([1, 99]))
-    assert model.generator.sessions == {}
+    assert model.generator.sessions == []
 
 
 def test_an_unknown_debug_channel_in_the_environment_is_named(tmp_path, monkeypatch):

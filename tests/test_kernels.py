@@ -245,17 +245,40 @@ def test_pointwise_archetype(op, tmp_path):
 @pytest.mark.parametrize("slots, pos", [(20, 6), (100, 0), (100, 40), (100, 99), (100, 257)])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 24), (3, 1, 48)])
 def test_decode_attention_splits_the_slots(slots, pos, heads, kv_heads, head_dim, tmp_path):
-    # on the interpreter a program takes 32 slots: 100 slots are 4 programs per kv head, of
-    # which those past the valid slots return at once, and a second kernel merges the
-    # partials; pos 257 is a ring that has wrapped (every slot valid)
+    # on the interpreter a row's keys go to two programs of at least 32 each: 100 slots are
+    # 2 programs per kv head (64 keys each; one past a short row's keys returns at once),
+    # and a second kernel merges the partials; pos 257 is a ring that has wrapped (every
+    # slot valid)
     model = check_cache_attention(cache_attention_case(slots, pos, heads, kv_heads, head_dim,
                                                        seed=pos), "cpu", torch.float32,
                                   tmp_path, "fp32")
     spec = model.launches[0].spec
-    assert spec.grid == (kv_heads, -(-slots // 32))
+    chunk = max(32, 1 << (-(-slots // 2) - 1).bit_length())
+    assert spec.grid == (1, kv_heads, -(-slots // chunk))
     assert ("split" in spec.variant) == (slots > 32)
     assert [k.entry for k in spec.chain()] == ["decode_attention_kernel"] + (
         ["decode_combine_kernel"] if slots > 32 else [])
+
+
+@pytest.mark.parametrize("slots, pos, window, sequences", [
+    (40, list(range(3, 10)), 0, 1),  # a chunk of 7 rows into a full cache
+    (12, list(range(0, 8)), 5, 1),  # a first chunk into a ring of window 5 + reach 8 - 1
+    (12, list(range(29, 37)), 5, 1),  # a later chunk, the ring wrapped, positions across it
+    (20, list(range(13, 31)), 0, 1),  # 18 rows: two tiles of a chunk, the cache wrapped
+    (50, [5, 40, 0], 0, 3),  # a batched step: three sequences, one row each
+    (12, [30, 3, 11, 12], 5, 4),  # a batched step over rings
+])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 24), (3, 1, 48)])
+def test_attention_over_the_cache_of_chunks_and_batches(slots, pos, window, sequences, heads,
+                                                        kv_heads, head_dim, tmp_path):
+    # each row attends to its own positions (causal, its window) read at their ring slots of
+    # its sequence's block; a chunk's rows share a tile, a batch's rows have a tile each
+    model = check_cache_attention(cache_attention_case(slots, pos, heads, kv_heads, head_dim,
+                                                       seed=len(pos), window=window,
+                                                       sequences=sequences),
+                                  "cpu", torch.float32, tmp_path, "fp32")
+    spec = model.launches[0].spec
+    assert ("chunk" in spec.variant) == (sequences == 1)
 
 
 @pytest.mark.parametrize("s, slots, last, positions", [
@@ -279,6 +302,18 @@ def test_rows_normalized_into_the_cache(op, s, slots, last, positions, tmp_path)
     else:  # a row kernel's positions: a forward's are the row indices, nothing read
         assert spec.variant.endswith("cache_write")
         assert ("pos_ptr" in spec.source) == (positions != "arange")
+
+
+@pytest.mark.parametrize("slots, positions", [(6, [3, 17, 0, 5]), (40, [39, 1, 20])])
+@pytest.mark.parametrize("op", ROW_WRITE_CASES)
+def test_rows_of_a_batched_step_go_into_their_sequences_blocks(op, slots, positions,
+                                                               tmp_path):
+    # row i at slot pos[i] % slots of block i (rings that wrapped, and not); the other
+    # sequences' rows keep their values
+    check_cache_rows(cache_rows_case(op, len(positions), slots, None, 3, 24, seed=slots,
+                                     positions=torch.tensor(positions),
+                                     sequences=len(positions)),
+                     "cpu", torch.float32, tmp_path, "fp32")
 
 
 def _before_the_gate(source: str) -> list[str]:

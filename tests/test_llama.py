@@ -98,7 +98,7 @@ def test_end_of_sequence_ids_and_the_position_limit(checkpoint):
     assert ours.eos_token_ids == (2,)  # LlamaConfig's default, in generation_config.json
     with pytest.raises(InputError, match="need 129 positions, the model has 128"):
         ours.generate(torch.tensor([1, 2, 3]), max_new_tokens=126)
-    assert ours.generator.sessions == {}
+    assert ours.generator.sessions == []
 
 
 LLAMA3 = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -120,6 +120,19 @@ def _add_model_args(p: argparse.ArgumentParser, seq_len: bool = True) -> None:
                    "(default: $MEGANEURA_CACHE_DIR or ~/.cache/meganeura/kernels)")
 
 
+def _add_sampling_args(p: argparse.ArgumentParser, default_new: int = 32) -> None:
+    p.add_argument("--max-new-tokens", type=_positive_int, default=default_new, metavar="N",
+                   help=f"tokens to generate at most (default: {default_new})")
+    p.add_argument("--temperature", type=_number(0, 1e6), default=0.0, metavar="T",
+                   help="0 (the default) is greedy; above 0, sample from softmax(logits / T)")
+    p.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                   help="sample among the K most likely ids only")
+    p.add_argument("--top-p", type=_number(0, 1, open_low=True), default=None, metavar="P",
+                   help="sample within the smallest set of ids holding probability P")
+    p.add_argument("--stop", type=_token_list, default=None, metavar="IDS", help="ids that end "
+                   "generation (default: the checkpoint's end-of-sequence ids)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meganeura", description="An e-graph compiler for transformer models: "
                      "graph -> egglog fusion rewrites -> cost-based extraction -> Triton kernels.")
@@ -137,39 +150,56 @@ def build_parser() -> argparse.ArgumentParser:
                    "for --run (default: random ids from --seed); their count sets --seq-len")
     c.add_argument("--top", type=_positive_int, default=5, metavar="K",
                    help="how many top tokens to print (default: 5)")
-    gen = sub.add_parser("generate", help="generate text (or token ids) after a prompt",
-                         description="Generate after a prompt with KV caches: a prefill plan "
-                         "and a decode plan, both optimized by the e-graph. The text is "
-                         "streamed as tokens arrive; a last line gives the prompt and new "
-                         "token counts, the time to the first token and the decode rate.")
+    gen = sub.add_parser("generate", help="generate text (or token ids) after one prompt or "
+                         "several", description="Generate after a prompt with KV caches: the "
+                         "prompt prefilled in chunks of a few sizes, then decode steps, every "
+                         "plan optimized by the e-graph. One prompt's text is streamed as "
+                         "tokens arrive; several prompts (--prompt more than once, or "
+                         "--prompts-file) decode together and print when done. A last line "
+                         "gives the prompt and new token counts, the time to the first token "
+                         "and the decode rate.")
     _add_model_args(gen, seq_len=False)
-    what = gen.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", metavar="TEXT", help="the prompt, tokenized with the "
-                      "checkpoint's tokenizer.json (the tokenizers library; nothing is downloaded)")
+    what = gen.add_argument_group("the prompt (one of --prompt, --prompts-file, --tokens)")
+    what.add_argument("--prompt", metavar="TEXT", action="append", help="a prompt, tokenized "
+                      "with the checkpoint's tokenizer.json (the tokenizers library; nothing is "
+                      "downloaded); more than once for several prompts")
+    what.add_argument("--prompts-file", metavar="FILE", help="prompts, one a line (a .jsonl "
+                      "file: a \"prompt\" or \"text\" field a line), after any --prompt")
     what.add_argument("--tokens", type=_token_list, metavar="IDS", help="the prompt as "
                       "comma-separated token ids (no tokenizer needed)")
     gen.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use (default: the "
                      "one in the --weights directory)")
-    gen.add_argument("--chat", action="store_true", help="--prompt is a user message: put it "
+    gen.add_argument("--chat", action="store_true", help="each prompt is a user message: put it "
                      "in the checkpoint's chat template (chat_template.jinja or "
                      "tokenizer_config.json's), as transformers' apply_chat_template does "
                      "with add_generation_prompt")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N",
-                     help="tokens to generate at most (default: 32)")
-    gen.add_argument("--temperature", type=_number(0, 1e6), default=0.0, metavar="T",
-                     help="0 (the default) is greedy; above 0, sample from softmax(logits / T)")
-    gen.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
-                     help="sample among the K most likely ids only")
-    gen.add_argument("--top-p", type=_number(0, 1, open_low=True), default=None, metavar="P",
-                     help="sample within the smallest set of ids holding probability P")
-    gen.add_argument("--stop", type=_token_list, default=None, metavar="IDS", help="ids that end "
-                     "generation (default: the checkpoint's end-of-sequence ids)")
+    _add_sampling_args(gen)
+    chat = sub.add_parser("chat", help="talk to an instruction-tuned checkpoint",
+                          description="An interactive chat in the checkpoint's chat template: "
+                          "each line typed is a user message, the reply is streamed. The "
+                          "conversation stays in the KV caches between turns (a turn prefills "
+                          "only what it adds). /reset starts over, /exit or end of input ends.")
+    _add_model_args(chat, seq_len=False)
+    chat.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use (default: the "
+                      "one in the --weights directory)")
+    chat.add_argument("--system", metavar="TEXT", help="a system message to begin with")
+    chat.add_argument("--max-context", type=_positive_int, default=8192, metavar="N",
+                      help="positions the conversation may fill (caches are made for them; "
+                      "default: 8192, at most the model's)")
+    _add_sampling_args(chat, default_new=256)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command == "generate":
+            texts = bool(args.prompt) or bool(args.prompts_file)
+            if texts == (args.tokens is not None):
+                parser.error("give the prompt as --prompt / --prompts-file, or as --tokens"
+                             if texts else "one of the arguments --prompt --prompts-file "
+                             "--tokens is required")
         _environment(args)
         from . import commands  # heavy imports (torch) only after the arguments are known
 

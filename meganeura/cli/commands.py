@@ -227,34 +227,59 @@ def _debug(s: Setup, plan, report) -> None:
             print("--- kernel\n" + src)
 
 
-def cmd_generate(args) -> int:
-    """Everything is checked (model, tokenizer, prompt, sampling, capacity) before weights load."""
-    from ..inference.generation import (SamplingParams, cache_shapes, check_cache_memory,
-                                        check_request)
+def _prompt_texts(args) -> list[str] | None:
+    """The text prompts: each --prompt, then the lines of --prompts-file (a .jsonl file: the
+    "prompt" or "text" field of each line); None when the prompt is given as --tokens."""
+    texts = list(args.prompt or [])
+    if getattr(args, "prompts_file", None):
+        import json
+
+        from ..models.weights import regular_file
+
+        path = Path(args.prompts_file)
+        regular_file(path, "--prompts-file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise MeganeuraError(f"--prompts-file {path} is not UTF-8 text") from None
+        for k, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise MeganeuraError(f"--prompts-file {path}:{k}: not JSON ({e.msg})") from None
+                text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+                if not isinstance(text, str):
+                    raise MeganeuraError(f"--prompts-file {path}:{k}: a JSON object with a "
+                                         f"\"prompt\" or \"text\" string is expected")
+                line = text
+            texts.append(line)
+        if not texts:
+            raise MeganeuraError(f"--prompts-file {path} holds no prompt")
+    return texts if texts or args.tokens is None else None
+
+
+def _load_model(args, config, name, ck, prompts: list, max_new: int):
+    """The model object, after checking that the weights and the caches the prompts need fit
+    (before either is allocated)."""
+    from ..inference.generation import (CHUNKS, _batch_rows, cache_shapes, capacity_for,
+                                        check_cache_memory)
     from ..inference.pretrained import PretrainedModel
 
-    config, name, ck = resolve_model(args)
-    tokenizer = _tokenizer(args, ck)
-    if args.chat:
-        from ..inference.chat import chat_ids
-
-        if args.prompt is None or ck is None or ck.path is None:
-            raise MeganeuraError("--chat takes --prompt and a --weights checkpoint directory "
-                                 "(its chat template)")
-        ids = chat_ids(tokenizer, ck.path, [{"role": "user", "content": args.prompt}])
-    else:
-        ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else args.tokens
-    if not ids:
-        raise MeganeuraError("the prompt is empty" + (" after tokenization" if args.prompt else ""))
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    eos = ck.eos_token_ids if ck else ()
-    prompt, _, capacity = check_request(config, ids, args.max_new_tokens, params, args.stop, eos)
     s = resolve_setup(args)
     device, dtype = s.device, s.dtype
     warn_cpu_size(config, device)
-    # the caches and the weights beside them, before either is allocated
-    check_cache_memory(cache_shapes(config, capacity), capacity, dtype, device,
-                       weight_bytes(config, dtype),
+    longest = max(len(p) for p in prompts)
+    b = len(prompts)
+    capacity = capacity_for(config, longest + max_new)
+    states = cache_shapes(config, capacity, _batch_rows(b), min(CHUNKS[-1], capacity))
+    if b > 1:  # and the one-sequence caches the prompts are prefilled in
+        one = capacity_for(config, longest)
+        states |= {f"prefill.{k}": v for k, v in
+                   cache_shapes(config, one, 1, min(CHUNKS[-1], one)).items()}
+    check_cache_memory(states, capacity, dtype, device, weight_bytes(config, dtype),
                        " and the weights beside them")
     for note in ck.notes if ck else []:
         print(f"{'checkpoint' if ck.path else 'config'}: {note}")
@@ -265,27 +290,136 @@ def cmd_generate(args) -> int:
         print(f"weights: none given, using deterministic random weights (seed {args.seed})")
         weights = random_weights(config, args.seed, dtype, device)
     print(f"model {name}: weights ready on {device} in {time.perf_counter() - t0:.2f} s; caches for "
-          f"{capacity} positions", flush=True)
+          f"{capacity} positions" + (f" of {b} sequences" if b > 1 else ""), flush=True)
     model = PretrainedModel(config, weights, s, ck)
     model.generator.on_phase = lambda line: print(line, flush=True)
-    stream = _Stream(tokenizer)
-    out = model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                         args.seed, args.stop, on_token=stream.add)
-    stream.end()
+    return model
+
+
+def _stats_line(st: dict) -> str:
+    """Prompt and new token counts, time to first token, decode rate (all sequences')."""
+    steps = st.get("steps", st["new_tokens"])
+    rate = (st["new_tokens"] - st.get("sequences", 1)) / st["decode_s"] \
+        if steps > 1 and st["decode_s"] else 0
+    return (f"prompt {st['prompt_tokens']} tokens, {st['new_tokens']} new tokens"
+            + (f" over {st['sequences']} sequences" if st.get("sequences", 1) > 1 else "")
+            + f"; plans optimized and their kernels built in {st['plans_s']:.2f} s; time to "
+            f"first token {st['time_to_first_token_s'] * 1e3:.1f} ms; decode {rate:.1f} tokens/s")
+
+
+def cmd_generate(args) -> int:
+    """Everything is checked (model, tokenizer, prompts, sampling, capacity) before weights
+    load."""
+    from ..inference.generation import SamplingParams, check_request
+
+    config, name, ck = resolve_model(args)
+    tokenizer = _tokenizer(args, ck)
+    texts = _prompt_texts(args)
+    if args.chat:
+        from ..inference.chat import chat_ids
+
+        if texts is None or ck is None or ck.path is None:
+            raise MeganeuraError("--chat takes --prompt and a --weights checkpoint directory "
+                                 "(its chat template)")
+        prompts = [chat_ids(tokenizer, ck.path, [{"role": "user", "content": t}]) for t in texts]
+    elif texts is not None:
+        prompts = [tokenizer.encode(t).ids for t in texts]
+    else:
+        prompts = [args.tokens]
+    for p in prompts:
+        if not p:
+            raise MeganeuraError(("the prompt is empty" if len(prompts) == 1 else
+                                  "a prompt is empty") + (" after tokenization" if texts else ""))
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    eos = ck.eos_token_ids if ck else ()
+    checked = [check_request(config, p, args.max_new_tokens, params, args.stop, eos)[0]
+               for p in prompts]
+    model = _load_model(args, config, name, ck, checked, args.max_new_tokens)
+    if len(checked) == 1:
+        stream = _Stream(tokenizer)
+        out = [model.generate(checked[0], args.max_new_tokens, args.temperature, args.top_k,
+                              args.top_p, args.seed, args.stop, on_token=stream.add)]
+        stream.end()
+    else:
+        out = model.generate(checked, args.max_new_tokens, args.temperature, args.top_k,
+                             args.top_p, args.seed, args.stop)
+        for i, (p, o) in enumerate(zip(checked, out)):
+            new = o[p.numel():].tolist()
+            text = tokenizer.decode(new, skip_special_tokens=False) if tokenizer else \
+                " ".join(map(str, new))
+            print(f"[{i}] {text}")
     from ..compiler.report import plan_summary
 
     session = model.generator.last_session
-    for label, fn in ((f"prefill plan ({prompt.numel()} tokens)", session.prefills[prompt.numel()]),
-                      ("decode plan (1 token)", session.decode)):
-        if fn is not None:
-            print(f"{label}: {plan_summary(fn.report.plan)}")
-    st = model.generator.last_stats
-    rate = (st["new_tokens"] - 1) / st["decode_s"] if st["new_tokens"] > 1 and st["decode_s"] else 0
-    print(f"prompt {st['prompt_tokens']} tokens, {st['new_tokens']} new tokens; plans optimized "
-          f"and their kernels built in {st['plans_s']:.2f} s; time to first token "
-          f"{st['time_to_first_token_s'] * 1e3:.1f} ms; decode {rate:.1f} tokens/s")
-    if args.prompt is None:
-        print(f"ids: {','.join(str(t) for t in out.tolist())}")
+    for (kind, *size), fn in session.plans.items():
+        label = {"chunk": f"prefill chunk plan ({size and size[0]} tokens)",
+                 "prefill": f"prefill plan ({size and size[0]} tokens)"}.get(
+            kind, f"decode plan ({session.sequences} rows)")
+        print(f"{label}: {plan_summary(fn.report.plan)}")
+    print(_stats_line(model.generator.last_stats))
+    if texts is None:
+        print(f"ids: {','.join(str(t) for t in out[0].tolist())}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """An interactive chat: each line read is a user turn, the reply streamed; the
+    conversation's keys and values stay in the caches between turns (a turn prefills only
+    what the template added since). /reset starts over, /exit (or end of input) ends."""
+    import sys
+
+    from ..inference.chat import chat_ids
+    from ..inference.generation import SamplingParams
+
+    config, name, ck = resolve_model(args)
+    if ck is None or ck.path is None:
+        raise MeganeuraError("chat takes --weights: a checkpoint directory or model id (its "
+                             "tokenizer and chat template)")
+    tokenizer = _tokenizer(args, ck)
+    if tokenizer is None:
+        raise MeganeuraError(f"chat needs a tokenizer: {ck.path} has no tokenizer.json (or "
+                             f"give --tokenizer FILE)")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    chat_ids(tokenizer, ck.path, system + [{"role": "user", "content": "hello"}])  # a template
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).check(config.vocab_size)
+    limit = getattr(config, "max_position_embeddings", None) or 8192
+    model = _load_model(args, config, name, ck, [[0] * min(args.max_context, limit)], 0)
+    model.generator.on_phase = None
+    model.generator.session(min(args.max_context, limit))  # every turn's caches: kept
+    print("chat: type a message and Enter; /reset starts over, /exit ends", flush=True)
+    messages = list(system)
+    while True:
+        print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = chat_ids(tokenizer, ck.path, messages)
+        room = min(args.max_new_tokens, min(args.max_context, limit) - len(ids))
+        if room < 1:
+            print(f"the conversation ({len(ids)} tokens) fills the context "
+                  f"({args.max_context}); /reset starts over", flush=True)
+            messages.pop()
+            continue
+        stream = _Stream(tokenizer)
+        out = model.generator.generate(torch.tensor(ids), room, SamplingParams(
+            args.temperature, args.top_k, args.top_p, args.seed), args.stop,
+            on_token=stream.add, reuse=True)
+        stream.end()
+        eos = set(args.stop) if args.stop else set(model.eos_token_ids)
+        new = [t for t in out[len(ids):].tolist() if t not in eos]
+        messages.append({"role": "assistant",
+                         "content": tokenizer.decode(new, skip_special_tokens=True)})
+        st = model.generator.last_stats
+        print(f"({st['new_tokens']} tokens; {st['prompt_tokens'] - st['reused_tokens']} "
+              f"prompt tokens prefilled, {st['reused_tokens']} kept from the last turn; first "
+              f"token {st['time_to_first_token_s'] * 1e3:.0f} ms)", flush=True)
     return 0
 
 
@@ -338,4 +472,4 @@ class _Stream:
         print(flush=True)
 
 
-COMMANDS = {"compile": cmd_compile, "generate": cmd_generate}
+COMMANDS = {"compile": cmd_compile, "generate": cmd_generate, "chat": cmd_chat}

@@ -16,7 +16,7 @@ plans serve every request:
   CUDA one captured graph replays at every position.
 Plans belong to a session: KV caches of one capacity for one or several sequences
 (allocated once, checked against free memory first). A new request reuses a session that
-holds it, or replaces it with a larger one (capacities grow in powers of two); at most
+holds it, or replaces it with a larger one (capacities grow by eighths of powers of two); at most
 MAX_SESSIONS sessions are kept, the least recently used dropped with their plans, so the
 plans a model keeps are bounded (`Generator.plan_count()`). Several prompts are prefilled
 one after the other in a one-sequence session, their caches then copied into their block
@@ -41,9 +41,10 @@ from ..models.registry import build
 from ..pipeline import compile_graph
 from ..runtime.compiled import CompiledModel, check_memory
 
-CAPACITY_STEP = 256  # capacities are powers of two, at least this
+CAPACITY_STEP = 256  # the smallest capacity
 CHUNKS = (16, 64, 256, 1024)  # prefill chunk sizes (rows)
 MAX_SESSIONS = 2  # a one-sequence session and a batch's, say
+MAX_EXACT = 4  # whole-prompt prefill plans a session keeps (benchmarks compare with them)
 
 
 @dataclass
@@ -143,6 +144,10 @@ class Session:
     reach: int  # the most rows a chunk takes (the sliding rings' extra slots)
     caches: dict[str, torch.Tensor]
     plans: OrderedDict = field(default_factory=OrderedDict)
+    # one sequence: the ids whose keys and values the caches hold at positions 0, 1, ...,
+    # and how many of them the last prefill wrote (a conversation's next turn reuses them)
+    held: list = field(default_factory=list)
+    prefilled: int = 0
 
     @property
     def decode(self) -> CompiledModel | None:
@@ -162,7 +167,7 @@ class Generator:
         # (Hopper and later; set False before the first call to launch them plainly)
         self.dependent_launches = True
         self.last_stats: dict = {}
-        self._chunk_costs: dict[int, float] = {}  # chunk size -> estimated s, unplanned
+        self._chunk_costs: dict[tuple, float] = {}  # chunk -> estimated s, unplanned
         # called with a line before and after each plan is built (the command line prints
         # them: on the CPU a plan takes seconds to minutes)
         self.on_phase = None
@@ -215,6 +220,7 @@ class Generator:
         fn = compile_graph(build(m.config, rows, gen), m.weights, m.setup, state=s.caches,
                            dependent_launches=key == ("step",) and self.dependent_launches)
         fn(*inputs, copy=False)
+        s.held, s.prefilled = [], 0  # (that run wrote its rows into the caches)
         s.plans[key] = fn
         self._phase(f"{what} plan ready in {time.perf_counter() - t0:.1f} s")
         return fn
@@ -242,6 +248,9 @@ class Generator:
     def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
         """The whole prompt of seq_len tokens from position 0 in one plan (benchmarks compare
         chunked prefills with it); kernels built by one run on token 0."""
+        exact = [k for k in s.plans if k[0] == "prefill" and k[1] != seq_len]
+        for k in exact[:max(0, len(exact) - MAX_EXACT + 1)]:  # the least recently used go
+            del s.plans[k]
         z = torch.zeros(seq_len, dtype=torch.int64, device=self.model.device)
         gen = Generation(s.capacity, False, 1, s.reach)
         return self._plan(s, ("prefill", seq_len), f"prefill ({seq_len} tokens)", seq_len, gen,
@@ -262,22 +271,43 @@ class Generator:
 
     def chunk_cost(self, s: Session, rows: int) -> float:
         """Estimated seconds of a chunk: its plan's estimate once made, else the cost model's
-        estimate of the chunk's graph before optimization."""
+        estimate of the chunk's graph before optimization, times the ratio of the two for
+        the chunk plans made (so made and unmade sizes compare alike)."""
         fn = s.plans.get(("chunk", rows))
         if fn is not None:
             return fn.plan.estimated_time
-        if rows not in self._chunk_costs:
+        made = [(k[1], f.plan.estimated_time) for k, f in s.plans.items() if k[0] == "chunk"]
+        ratio = sum(t / self._unplanned(s, r) for r, t in made) / len(made) if made else 1.0
+        return self._unplanned(s, rows) * ratio
+
+    def _unplanned(self, s: Session, rows: int) -> float:
+        key = (s.capacity, s.reach, rows)
+        if key not in self._chunk_costs:
             m = self.model
             g = build(m.config, rows, Generation(s.capacity, True, 1, s.reach, "row"))
-            self._chunk_costs[rows] = m.setup.cost.graph_time(g)
-        return self._chunk_costs[rows]
+            self._chunk_costs[key] = m.setup.cost.graph_time(g)
+        return self._chunk_costs[key]
 
-    def schedule(self, s: Session, n: int) -> list[tuple[int, int]]:
-        """(start, rows) of the chunks that prefill n tokens in s, at consecutive positions
-        from 0, the last one padded past n: the run of least estimated time."""
+    def schedule(self, s: Session, n: int, start: int = 0) -> list[tuple[int, int]]:
+        """(start, rows) of the chunks that prefill tokens start .. n-1 in s, at consecutive
+        positions, the last one padded past n: the run of least estimated time."""
         sizes = self.chunk_sizes(s)
         costs = {c: self.chunk_cost(s, c) for c in sizes}
-        return chunk_schedule(n, sizes, costs, s.capacity)
+        return chunk_schedule(n, sizes, costs, s.capacity, start)
+
+    def kept(self, s: Session, prompt: list[int]) -> int:
+        """How many leading ids of prompt s's caches already hold (a conversation's earlier
+        turns): their common prefix with what the caches hold, short of the last id (whose
+        logits are wanted), if the sliding rings still hold every key the rest attends to
+        (the prefix reaches past the last prefill and the caches hold at most `reach`
+        positions beyond it); else 0."""
+        held = s.held
+        c = 0
+        for a, b in zip(held, prompt[:-1]):
+            if a != b:
+                break
+            c += 1
+        return c if c >= s.prefilled and len(held) - c <= s.reach else 0
 
     def _phase(self, line: str) -> float:
         if self.on_phase is not None:
@@ -293,6 +323,7 @@ class Generator:
         ids = torch.zeros(plan[-1][0] + plan[-1][1], dtype=torch.int64)
         ids[:n] = prompt
         ids = ids.to(dev)
+        s.held, s.prefilled = prompt.tolist(), n
         logits = None
         for start, rows in plan:
             fn = self.chunk_plan(s, rows)
@@ -302,11 +333,12 @@ class Generator:
         return logits[0]
 
     def generate(self, token_ids, max_new_tokens: int, params: SamplingParams, stop=None,
-                 on_token=None, on_logits=None, on_step=None) -> torch.Tensor:
-        """See PretrainedModel.generate; on_logits(logits [vocab]) sees each step's logits
-        before the next id is drawn from them (checks compare them with full forwards);
+                 on_token=None, on_logits=None, on_step=None, reuse: bool = False) -> torch.Tensor:
+        """See PretrainedModel.generate; on_logits(logits [vocab]) sees the prefill's and each
+        step's logits before the next id is drawn from them (checks compare them with full forwards);
         on_step() is called after each step's work is queued, before the host waits for its
-        id (benchmarks record CUDA events there)."""
+        id (benchmarks record CUDA events there). reuse: the leading ids the caches still hold
+        from the last call (a chat's earlier turns) are not prefilled again (Generator.kept)."""
         m = self.model
         prompt, stops, _ = check_request(m.config, token_ids, max_new_tokens, params, stop,
                                          m.eos_token_ids)
@@ -316,7 +348,8 @@ class Generator:
             return prompt
         tok = (lambda i, t: on_token(t)) if on_token is not None else None
         logit = (lambda x: on_logits(x[0])) if on_logits is not None else None
-        return self._run([prompt], max_new_tokens, params, stops, tok, logit, on_step)[0]
+        return self._run([prompt], max_new_tokens, params, stops, tok, logit, on_step,
+                         reuse)[0]
 
     def generate_batch(self, prompts, max_new_tokens: int, params: SamplingParams, stop=None,
                        on_token=None) -> list[torch.Tensor]:
@@ -335,37 +368,46 @@ class Generator:
                          on_token, None, None)
 
     def _run(self, prompts: list[torch.Tensor], max_new_tokens: int, params: SamplingParams,
-             stops: set[int], on_token, on_logits, on_step) -> list[torch.Tensor]:
+             stops: set[int], on_token, on_logits, on_step,
+             reuse: bool = False) -> list[torch.Tensor]:
         """The decode loop. The device runs one step ahead of the host: step t + 1 is queued
         with step t's ids still on the device, before the host reads them (copied to pinned
         memory behind step t, not behind step t + 1) to stream them and test them against the
         stop ids. A stop found that way leaves one step computed and unused (on_logits and
         on_step have seen it). Finished sequences of a batch ride along (their rows are
         computed and not read) until every sequence has stopped."""
-        m, dev, b = self.model, self.model.device, len(prompts)
+        dev, b = self.model.device, len(prompts)
         lengths = [p.numel() for p in prompts]
         t0 = time.perf_counter()
         # every plan the call uses is made before any prompt is written into the caches
         s = self.session(max(lengths) + max_new_tokens, _batch_rows(b)) if b > 1 else None
         one = self.session(max(lengths) + (max_new_tokens if b == 1 else 0), 1)
         s = s or one
-        plans = [self.schedule(one, n) for n in lengths]
-        for rows in sorted({r for p in plans for _, r in p}):
-            self.chunk_plan(one, rows)
         step = self.decode_plan(s)
+        while True:  # (a plan made here writes into the caches: nothing is kept then)
+            kept = self.kept(one, prompts[0].tolist()) if reuse and b == 1 else 0
+            plans = [self.schedule(one, n, kept) for n in lengths]
+            missing = sorted({r for p in plans for _, r in p} -
+                             {k[1] for k in one.plans if k[0] == "chunk"})
+            if not missing:
+                break
+            for rows in missing:
+                self.chunk_plan(one, rows)
         self.last_session = s
         rows = s.sequences
         gens = [torch.Generator(device=dev).manual_seed(params.seed + i)
                 if params.seed is not None else None for i in range(b)]
         t_ready = time.perf_counter()
-        first = []
+        first, seen = [], []
         for i, prompt in enumerate(prompts):
             logits = self._prefill(one, prompt, plans[i])
-            if on_logits is not None and b == 1:
-                on_logits(logits[None])
+            if on_logits is not None:
+                seen.append(logits.clone() if b > 1 else logits)
             first.append(sample(logits, params, gens[i]))
             if s is not one:  # into its block of the batch's caches
                 copy_caches(one, s, i, lengths[i])
+        if on_logits is not None:
+            on_logits(torch.stack(seen))  # [sequences, vocab]
         # every row's position on the device; rows past the batch stay at 0
         pos = torch.zeros(rows, dtype=torch.int64)
         pos[:b] = torch.tensor(lengths)
@@ -380,10 +422,12 @@ class Generator:
         new: list[list[int]] = [[] for _ in range(b)]
         live = [True] * b
         t_first = t_end = None
+        fed = 0  # steps run: their ids' keys and values are in the caches
         for k in range(max_new_tokens):
             last = k == max_new_tokens - 1
             if not last:  # queue the next step before waiting for this one's ids
                 logits = step.run_trusted(nxt, pos)
+                fed += 1
                 if on_logits is not None:
                     on_logits(logits)
                 following = torch.zeros_like(nxt)
@@ -405,8 +449,9 @@ class Generator:
             if last or not any(live):
                 break
             nxt = following
+        one.held = one.held + new[0][:fed] if b == 1 else []
         self.last_stats = {"prompt_tokens": sum(lengths), "new_tokens": sum(map(len, new)),
-                           "sequences": b, "steps": max(map(len, new)),
+                           "sequences": b, "steps": max(map(len, new)), "reused_tokens": kept,
                            "plans_s": t_ready - t0, "time_to_first_token_s": t_first - t_ready,
                            "decode_s": t_end - t_first}
         return [torch.cat([p, torch.tensor(x, dtype=p.dtype)]) for p, x in zip(prompts, new)]
@@ -418,17 +463,17 @@ def _batch_rows(b: int) -> int:
     return 1 << (b - 1).bit_length()
 
 
-def chunk_schedule(n: int, sizes: list[int], costs: dict[int, float],
-                   capacity: int) -> list[tuple[int, int]]:
-    """(start, rows) of chunks covering positions [0, n) one after the other, the last one
-    padded past n but not past `capacity`: the run of least total cost (a dynamic program
-    over the covered length, in steps of the sizes' common divisor)."""
-    if n > capacity or not sizes:
+def chunk_schedule(n: int, sizes: list[int], costs: dict[int, float], capacity: int,
+                   start: int = 0) -> list[tuple[int, int]]:
+    """(start, rows) of chunks covering positions [start, n) one after the other, the last
+    one padded past n but not past `capacity`: the run of least total cost (a dynamic
+    program over the covered length, in steps of the sizes' common divisor)."""
+    if n > capacity or not sizes or not 0 <= start < n:
         raise InputError(f"{n} prompt tokens do not fit caches of {capacity} positions")
     step = math.gcd(*sizes)
     # best[d]: (cost, rows of the first chunk) to cover [d, n) from a covered length d
     best: dict[int, tuple[float, int]] = {}
-    for d in range((n - 1) // step * step, -1, -step):
+    for d in range(start + (n - 1 - start) // step * step, start - 1, -step):
         options = []
         for c in sizes:
             if d + c > capacity:
@@ -438,7 +483,7 @@ def chunk_schedule(n: int, sizes: list[int], costs: dict[int, float],
         if not options:
             raise InputError(f"{n} prompt tokens do not fit caches of {capacity} positions")
         best[d] = min(options)
-    out, d = [], 0
+    out, d = [], start
     while d < n:
         c = best[d][1]
         out.append((d, c))
@@ -457,14 +502,16 @@ def copy_caches(src: Session, dst: Session, block: int, n: int) -> None:
 
 
 def capacity_for(config, positions: int) -> int:
-    """Cache capacity for `positions` (prompt + new tokens): the next power of two, at least
-    CAPACITY_STEP, never past the model's max_position_embeddings (a request beyond it is
-    refused)."""
+    """Cache capacity for `positions` (prompt + new tokens): rounded up to an eighth of the
+    next power of two (..., 4096, 5120, 6144, 7168, 8192, 10240, ...: at most 25 % more, and
+    few distinct sizes), at least CAPACITY_STEP, never past the model's
+    max_position_embeddings (a request beyond it is refused)."""
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and positions > limit:
         raise InputError(f"the prompt and the new tokens need {positions} positions, the model "
                          f"has {limit} (max_position_embeddings)")
-    cap = max(CAPACITY_STEP, 1 << (positions - 1).bit_length())
+    eighth = max(1, (1 << (positions - 1).bit_length()) // 8)
+    cap = max(CAPACITY_STEP, -(-positions // eighth) * eighth)
     return min(cap, limit) if limit is not None else cap
 
 
