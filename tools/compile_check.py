@@ -59,16 +59,23 @@ SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
 
 
 def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h200",
-          sms: int = 132, capacity: int = 0, seen: set | None = None) -> list[dict]:
+          sms: int = 132, capacity: int = 0, seen: set | None = None, chunk: bool = False,
+          sequences: int = 1) -> list[dict]:
     """Compiles every distinct kernel of the plan for sm_90; one dict per kernel (none for
     those whose keys are in `seen`, which takes the new ones' keys)."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    # capacity > 0: the generation plans over KV caches (seq_len 1: the decode step)
-    generation = Generation(capacity, decode=seq_len == 1) if capacity else None
+    # capacity > 0: the generation plans over KV caches (seq_len 1: the decode step; chunk:
+    # a prefill chunk of seq_len rows; sequences > 1: a batched step of that many rows)
+    step = seq_len == 1 or chunk or sequences > 1
+    logits = "row" if chunk else ("all" if sequences > 1 else "last")
+    generation = Generation(capacity, step, sequences, min(1024, capacity),
+                            logits) if capacity else None
+    seq_len = sequences if sequences > 1 else seq_len
     graph = build(PRESETS[MODEL_NAMES[model]], seq_len, generation)
     plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name))
     # the decode step's kernels are launched as programmatic dependents (generation.py)
-    target = Target(torch.device("cuda"), dtype, sms=sms, pdl=bool(capacity) and seq_len == 1)
+    target = Target(torch.device("cuda"), dtype, sms=sms,
+                    pdl=bool(capacity) and (seq_len == 1 or sequences > 1))
     return compile_launches(plan.graph, plan.launches, target, seen)
 
 
@@ -113,10 +120,15 @@ def main():
     ap.add_argument("--capacity", type=int, default=0, help="the generation plans with KV caches "
                     "of this many positions: the prefill of --seq-len tokens, or the decode step "
                     "with --seq-len 1")
+    ap.add_argument("--chunk", action="store_true", help="with --capacity: a prefill chunk of "
+                    "--seq-len rows at run-time positions")
+    ap.add_argument("--sequences", type=int, default=1, help="with --capacity: a decode step "
+                    "of this many sequences")
     a = ap.parse_args()
     over, seen = 0, set()
     results = [r for m in a.model
-               for r in check(m, a.seq_len, a.dtype, a.profile, a.sms, a.capacity, seen)]
+               for r in check(m, a.seq_len, a.dtype, a.profile, a.sms, a.capacity, seen,
+                              a.chunk, a.sequences)]
     for r in results:
         spec = r["spec"]
         over += r["shared"] > SHARED_LIMIT
