@@ -3,6 +3,8 @@ interpreter. Greedy tokens equal transformers' generate (the published model) or
 step-by-step loop of full reference forwards (the seed's); every decode step's logits equal
 a full forward over the same prefix."""
 
+import json
+
 import pytest
 import torch
 
@@ -200,6 +202,34 @@ def test_cli_generate_streams_text_and_reports(tmp_path):
     last = lines[-1]
     assert last.startswith("prompt 7 tokens, 4 new tokens") and "time to first token" in last
     assert last.endswith("tokens/s")
+
+
+def test_cli_generates_after_several_prompts_together(tmp_path):
+    from test_cli import cli
+
+    model = hf.text_model("dense", seed=5)
+    hf.save(model, tmp_path)
+    hf.save_tokenizer(tmp_path, hf.CONFIGS["dense"]["vocab_size"])
+    prompts = ["w5 w9 w13", "w40 w2", "w17 w8 w1 w30 w22"]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompts[1]}) + "\n\n" +
+                                      json.dumps({"text": prompts[2]}) + "\n")
+    rc, out, err = cli("generate", "--weights", str(tmp_path), "--prompt", prompts[0],
+                       "--prompts-file", str(tmp_path / "p.jsonl"), "--max-new-tokens", "3",
+                       "--stop", "0")
+    assert rc == 0, err
+    for i, p in enumerate(prompts):  # each prompt's greedy continuation, as transformers'
+        ids = torch.tensor([int(w[1:]) for w in p.split()])
+        with torch.no_grad():
+            ref = model.generate(ids[None], max_new_tokens=3, do_sample=False, eos_token_id=0,
+                                 pad_token_id=0)[0, ids.numel():].tolist()
+        assert f"[{i}] " + " ".join(f"w{t}" for t in ref) in out.splitlines(), out
+    assert "over 3 sequences" in out.splitlines()[-1]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
+    rc, out, err = cli("generate", "--weights", str(tmp_path), "--prompts-file",
+                       str(tmp_path / "bad.jsonl"))
+    assert rc == 2 and "bad.jsonl:1: a JSON object with a \"prompt\" or \"text\" string" in err
+    rc, out, err = cli("generate", "--weights", str(tmp_path), "--prompt", "w1", "--tokens", "1")
+    assert rc == 2 and "give the prompt as --prompt / --prompts-file, or as --tokens" in err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -362,6 +362,42 @@ def test_chat_ids_equal_transformers_apply_chat_template(checkpoint, kernels, tm
     assert load_template(d)[1]["bos_token"] == "w3"
 
 
+def test_chat_command_streams_replies_and_keeps_the_conversation(checkpoint, kernels,
+                                                                 tmp_path, monkeypatch):
+    import io
+    import shutil
+
+    from test_cli import cli
+
+    model, shared = checkpoint("llama3_tied")
+    d = shutil.copytree(shared, tmp_path / "ck")
+    hf.save_tokenizer(d, model.config.vocab_size)
+    (d / "chat_template.jinja").write_text(TEMPLATE)
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "w2", "eos_token": "w4"}))
+    monkeypatch.setattr("sys.stdin", io.StringIO("w10 w11\nw12\n/reset\nw13\n"))
+    rc, out, err = cli("chat", "--weights", str(d), "--max-new-tokens", "3", "--stop", "0",
+                       "--max-context", "64", "--cache-dir", str(kernels))
+    assert rc == 0, err
+    turns = [line for line in out.splitlines() if line.startswith("(")]
+    assert len(turns) == 3, out
+    from tokenizers import Tokenizer
+
+    from meganeura.inference.chat import chat_ids
+
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    ids = torch.tensor(chat_ids(tok, d, [{"role": "user", "content": "w10 w11"}]))
+    # the first turn prefills its ids; the second keeps them and the replies fed back,
+    # prefilling what the template adds; after /reset nothing is kept
+    assert f"{ids.numel()} prompt tokens prefilled, 0 kept" in turns[0]
+    kept = int(turns[1].split(" kept")[0].split(", ")[-1])
+    assert kept >= ids.numel() and "0 kept" in turns[2], turns
+    # the first reply: the greedy continuation, as transformers gives it
+    with torch.no_grad():
+        ref = model.generate(ids[None], max_new_tokens=3, do_sample=False, eos_token_id=0,
+                             pad_token_id=0)[0, ids.numel():].tolist()
+    assert tok.decode(ref, skip_special_tokens=False) in out
+
+
 def test_chat_without_a_template_is_one_line(checkpoint, tmp_path):
     import shutil
 
