@@ -12,7 +12,9 @@ debug channels (`egraph`, `plan`, `kernels`, `timing`), which print what each st
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,13 +195,71 @@ def bind(plan: Plan, report: OptimizeReport, weights: dict, s: Setup, cuda_graph
 
 def compile_graph(graph: Graph, weights: dict, s: Setup, cuda_graph: bool = True,
                   state: dict | None = None, dependent_launches: bool = False,
-                  families=None) -> CompiledModel:
-    """optimize_graph, then bind: a graph and its weights (graph layout) as a compiled model."""
+                  families=None, keep_plan: bool = False) -> CompiledModel:
+    """optimize_graph, then bind: a graph and its weights (graph layout) as a compiled model.
+    keep_plan: the extracted plan is kept in the kernel cache directory and read from there
+    by the next process that optimizes the same graph (see cached_plan)."""
     check_weights_dict(weights)
     t0 = time.perf_counter()
-    plan, report = optimize_graph(graph, s, families)
+    if keep_plan and families is None:
+        plan, report = cached_plan(graph, s)
+    else:
+        plan, report = optimize_graph(graph, s, families)
     return bind(plan, report, weights, s, cuda_graph, time.perf_counter() - t0, state,
                 dependent_launches)
+
+
+_CODE_HASH: list[str] = []
+
+
+def _code_hash() -> str:
+    """A hash of meganeura's own sources: a plan made by other code is not reused."""
+    if not _CODE_HASH:
+        h = hashlib.sha256()
+        root = Path(__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+        _CODE_HASH.append(h.hexdigest())
+    return _CODE_HASH[0]
+
+
+def plan_key(graph: Graph, s: Setup) -> str:
+    """What an extracted plan depends on: the graph (ops, wiring, attributes, shapes, names),
+    the cost model (profile, dtype), and the code that optimizes it."""
+    h = hashlib.sha256(f"{__version__}\n{_code_hash()}\n{s.profile!r}\n{s.dtype_name}\n"
+                       .encode())
+    for n in graph.nodes:
+        h.update(f"{n.op}|{n.inputs}|{n.attrs!r}|{n.shape}|{n.dtype}|{n.name}|{n.block}\n"
+                 .encode())
+    h.update(f"{graph.outputs}|{graph.effects}".encode())
+    return h.hexdigest()[:40]
+
+
+def cached_plan(graph: Graph, s: Setup) -> tuple[Plan, OptimizeReport]:
+    """optimize_graph, its plan kept in the kernel cache directory (`p_<key>.bin`, written
+    atomically after its hash): a later process making the same graph with the same code
+    and cost model reads the plan instead of saturating the e-graph again (a generation's
+    plans, in a fresh process: seconds to milliseconds). The report of a plan read so has
+    no e-graph statistics. The file is read as the kernels beside it are run: the cache
+    directory is trusted as they are."""
+    cache = s.kernel_cache()
+    key = plan_key(graph, s)
+    if "egraph" not in s.debug:
+        t = time.perf_counter()
+        blob = cache.get_blob(key)
+        if blob is not None:
+            try:
+                plan = pickle.loads(blob)  # noqa: S301 (the cache directory, trusted as above)
+            except Exception:  # noqa: BLE001 (an unreadable plan is made again)
+                plan = None
+            if isinstance(plan, Plan):
+                if "plan" in s.debug:
+                    print("--- plan\n" + plan_text(plan))
+                return plan, OptimizeReport([], {"read": time.perf_counter() - t},
+                                            plan.estimated_time, plan.estimated_time)
+    plan, report = optimize_graph(graph, s)
+    cache.put_blob(key, pickle.dumps(plan))
+    return plan, report
 
 
 def check_weights_dict(weights) -> None:

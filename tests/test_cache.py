@@ -87,3 +87,35 @@ def test_compile_reuses_cached_sources(tmp_path):
     assert sorted(os.listdir(tmp_path)) == files
     assert second.cache.misses == 0 and second.cache.hits > 0
     assert len(files) == len(set(first.kernel_sources()))
+
+
+def test_generation_plans_are_read_back_by_a_new_model(tmp_path):
+    # a second model object (as a new process would) reads the plans the first one kept
+    # beside the kernels instead of running the e-graph; a damaged plan file is made again
+    import meganeura
+    from configs import CONFIGS
+    from meganeura.inference.generation import SamplingParams
+
+    c = CONFIGS["small_test"]
+    prompt = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    first = meganeura.from_config(c, device="cpu", seed=1, cache_dir=tmp_path)
+    first.generator.chunks = (4, 8)
+    want = first.generate(prompt, max_new_tokens=3)
+    blobs = sorted(tmp_path.glob("p_*.bin"))
+    assert len(blobs) == 2  # the chunk and the step
+    second = meganeura.from_config(c, device="cpu", seed=1, cache_dir=tmp_path)
+    second.generator.chunks = (4, 8)
+    assert second.generate(prompt, max_new_tokens=3).tolist() == want.tolist()
+    s = second.generator.last_session
+    assert all(fn.report.optimize.templates == [] and "read" in fn.report.optimize.seconds
+               for fn in s.plans.values())
+    blobs[0].write_bytes(blobs[0].read_bytes()[:-7] + b"garbage")
+    third = meganeura.from_config(c, device="cpu", seed=1, cache_dir=tmp_path)
+    third.generator.chunks = (4, 8)
+    out = third.generator.generate(prompt, 3, SamplingParams())
+    assert out.tolist() == want.tolist()
+    made = [fn for fn in third.generator.last_session.plans.values()
+            if fn.report.optimize.templates]
+    assert len(made) == 1  # the damaged one, optimized again (and written back whole)
+    assert sorted(tmp_path.glob("p_*.bin")) == blobs
+    assert third.generate(prompt, max_new_tokens=3).tolist() == want.tolist()

@@ -109,12 +109,16 @@ class KernelCache:
             _warn(self.directory, f"entry {path.name} cannot be read or replaced "
                                   f"({e.strerror or e}): that kernel is compiled from memory")
             return None
+        return self._put(path, data)
+
+    def _put(self, path: Path, data: bytes) -> Path | None:
+        """Writes `data` as `path` atomically; None when the directory takes no new files."""
         if not self.writable:
             return None
         tmp = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp_", suffix=".py")
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp_", suffix=path.suffix)
             with os.fdopen(fd, "wb") as f:
                 self._write(f, data)
             os.replace(tmp, path)
@@ -128,6 +132,32 @@ class KernelCache:
                 except OSError:
                     pass
         return path
+
+    # ---- other artifacts keyed by the caller (extracted plans) ---------------------------
+
+    def blob_path(self, key: str) -> Path:
+        return self.directory / f"p_{key}.bin"
+
+    def get_blob(self, key: str, limit: int = 1 << 30) -> bytes | None:
+        """The bytes stored under `key`, or None: absent, not a regular file, larger than
+        `limit`, unreadable, or not matching the hash written before them."""
+        path = self.blob_path(key)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+                return None
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+        except OSError:
+            return None
+        digest, _, body = data.partition(b"\n")
+        return body if digest == hashlib.sha256(body).hexdigest().encode() else None
+
+    def put_blob(self, key: str, body: bytes) -> Path | None:
+        """Stores `body` under `key` (atomically, after its hash); None when the directory
+        takes no new files."""
+        return self._put(self.blob_path(key), hashlib.sha256(body).hexdigest().encode() +
+                         b"\n" + body)
 
     @staticmethod
     def _write(f, data: bytes) -> None:

@@ -14,6 +14,8 @@ plans serve every request:
   the cost model finds: each chunk size priced by its plan's estimate;
 - a decode step: one row per sequence, each at its own position (a device input), so on
   CUDA one captured graph replays at every position.
+Their extracted plans are kept in the kernel cache directory (pipeline.cached_plan): a new
+process making the same plans reads them instead of running the e-graph again.
 Plans belong to a session: KV caches of one capacity for one or several sequences
 (allocated once, checked against free memory first). A new request reuses a session that
 holds it, or replaces it with a larger one (capacities grow by eighths of powers of two); at most
@@ -218,7 +220,8 @@ class Generator:
         m = self.model
         t0 = self._phase(f"building the {what} plan")
         fn = compile_graph(build(m.config, rows, gen), m.weights, m.setup, state=s.caches,
-                           dependent_launches=key == ("step",) and self.dependent_launches)
+                           dependent_launches=key == ("step",) and self.dependent_launches,
+                           keep_plan=True)
         fn(*inputs, copy=False)
         s.held, s.prefilled = [], 0  # (that run wrote its rows into the caches)
         s.plans[key] = fn
