@@ -228,8 +228,8 @@ def compile_plan(g, weights, device, dtype, cache_dir, state=None, sms=None):
     from meganeura.runtime.compiled import CompiledModel
 
     plan = make_plan(g, CostModel(CPU_INTERPRETER, "fp32"))
-    return CompiledModel(plan, weights, Target(torch.device(device), dtype, sms=sms),
-                         KernelCache(cache_dir), state=state)
+    target = Target(torch.device(device), dtype, sms=sms, interpreter_splits=True)
+    return CompiledModel(plan, weights, target, KernelCache(cache_dir), state=state)
 
 
 def check_case(case, device, dtype, cache_dir, kind, sms=None):

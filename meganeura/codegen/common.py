@@ -24,6 +24,10 @@ class Target:
     # programmatic dependent launch (Hopper): each kernel may be launched while the one
     # before it finishes, and waits for it (griddepcontrol.wait) before touching memory
     pdl: bool = False
+    # on the interpreter, split a product's K and a decode row's keys among programs as a GPU
+    # would (the kernel tests cover those paths so); a model run there does not, as every
+    # program costs there what a whole kernel costs on a GPU
+    interpreter_splits: bool = False
 
     @property
     def interpreted(self) -> bool:

@@ -165,8 +165,10 @@ def split_chunk(keys: int, programs: int, block_n: int, target: Target) -> int:
     """Key positions per program: a row's range shared so that the (row, kv head) programs
     fill the SMs about twice, each streaming at least one key block (e4b's 512-key windows:
     8 programs a kv head); a range of one chunk stays in one program (no merge)."""
-    if target.interpreted:  # two programs a row (the merge still runs), each costs there
-        return max(2 * block_n, next_pow2(-(-keys // 2)))
+    if target.interpreted:  # each program costs there: one a row, or two where tests
+        # cover the split and its merge
+        half = -(-keys // 2) if target.interpreter_splits else keys
+        return max(2 * block_n, next_pow2(half))
     want = -(-keys * programs // (2 * target.sm_count))
     return max(block_n, next_pow2(want))
 

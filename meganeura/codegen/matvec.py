@@ -248,11 +248,11 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target,
       for 13 MB (4 ways).
     splits=False (a row's post-norm counts whole column tiles): 16 columns in K steps of
     256 where a split would have been chosen, so every SM still gets a program."""
-    if target.interpreted:  # [K, N] in up to three K slices, so tests cover the split;
+    if target.interpreted:  # [K, N] in up to three K slices where tests cover the split;
         # 32 columns: several tiles at the tests' widths, and few programs (each program of
         # the interpreter runs in Python, at about the same time for 8 columns as for 32)
-        return dict(BLOCK_N=32, BLOCK_K=32, warps=4,
-                    SPLIT_K=1 if b_trans or not splits else min(3, cdiv(k, 32)))
+        split = splits and not b_trans and target.interpreter_splits
+        return dict(BLOCK_N=32, BLOCK_K=32, warps=4, SPLIT_K=min(3, cdiv(k, 32)) if split else 1)
     if not b_trans:
         if paired:
             return dict(BLOCK_N=32 if cdiv(n, 32) >= 2 * target.sm_count else 16, BLOCK_K=128,
