@@ -26,6 +26,17 @@ def test_product_bf16(op, mkn, transposed, tmp_path):
 
 
 @pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("mkn", [(8, 2560, 2560), (3, 2560, 10240), (16, 10240, 2560),
+                                 (5, 2560, 262144 // 16)])
+@pytest.mark.parametrize("op", PRODUCT_SAMPLE)
+def test_few_rows_in_narrow_tiles_bf16(op, mkn, transposed, tmp_path):
+    # a batched decode step's products: 16-row tiles, 16 to 128 columns wide
+    model = check_case(product_case(op, *mkn, seed=mkn[0], transposed=transposed), "cuda",
+                       torch.bfloat16, tmp_path, "bf16", sms=132)
+    assert model.launches[0].spec.constexprs["BLOCK_M"] == 16
+
+
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("mkn", [(300, 2560, 2560), (2048, 10240, 2560)])
 @pytest.mark.parametrize("op", PRODUCT_SAMPLE)
 def test_last_wave_in_half_height_tiles_bf16(op, mkn, transposed, tmp_path):

@@ -68,7 +68,7 @@ def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h2
     # a prefill chunk of seq_len rows; sequences > 1: a batched step of that many rows)
     step = seq_len == 1 or chunk or sequences > 1
     logits = "row" if chunk else ("all" if sequences > 1 else "last")
-    generation = Generation(capacity, step, sequences, min(1024, capacity),
+    generation = Generation(capacity, step, sequences, min(2048, capacity),
                             logits) if capacity else None
     seq_len = sequences if sequences > 1 else seq_len
     graph = build(PRESETS[MODEL_NAMES[model]], seq_len, generation)

@@ -183,6 +183,13 @@ def tiles(m: int, n: int, k: int, paired: bool, residual: bool, target: Target) 
                     warps=4, stages=1)
     if target.dtype == torch.float32:  # 4-byte tiles: half the size for the same smem
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, warps=4, stages=3)
+    if m <= 16:  # a batched decode step's rows: bound by reading B, as one row is; tiles
+        # of 16 rows, and narrow enough that every SM streams a share of B (about two
+        # programs each, 16 to 128 columns)
+        bn = 16
+        while bn < 128 and cdiv(n, 2 * bn) >= 2 * target.sm_count:
+            bn *= 2
+        return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, warps=4, stages=4)
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=4)
     # the cost model prices the same tile (build narrows a 256-wide one to 128 where that

@@ -7,7 +7,7 @@ one or several sequences, and sampling.
 
 Every plan goes through the e-graph at its own size (models/kv.py builds them), and a few
 plans serve every request:
-- prefill chunks of a few sizes (CHUNKS rows): a prompt of any length is a run of chunks
+- prefill chunks of a few sizes (CHUNKS rows, 16 to 2048): a prompt of any length is a run of chunks
   at consecutive positions, the last one padded past the prompt (its padding rows are
   written into cache slots that decode steps overwrite before any row reads them; their
   logits are not read: the chunk's logits row is a device input). The run is the cheapest
@@ -37,15 +37,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, MeganeuraError
 from ..models.kv import Generation
 from ..models.registry import build
 from ..pipeline import compile_graph
 from ..runtime.compiled import CompiledModel, check_memory
 
 CAPACITY_STEP = 256  # the smallest capacity
-CHUNKS = (16, 64, 256, 1024)  # prefill chunk sizes (rows)
+CHUNKS = (16, 64, 256, 512, 1024, 2048)  # prefill chunk sizes (rows)
 MAX_SESSIONS = 2  # a one-sequence session and a batch's, say
+MIN_CAPACITY = 8192  # on CUDA, a one-sequence session holds at least this many positions
 MAX_EXACT = 4  # whole-prompt prefill plans a session keeps (benchmarks compare with them)
 
 
@@ -194,13 +195,25 @@ class Generator:
         capacity = self.capacity_for(positions)
         old = [s for s in self.sessions if s.sequences == sequences]
         capacity = max([capacity] + [s.capacity for s in old])
+        m = self.model
+        if m.device.type == "cuda" and sequences == 1:  # one size serves most requests (and
+            # the plans kept for it serve the next process): MIN_CAPACITY where it fits
+            floor = self.capacity_for(min(MIN_CAPACITY, getattr(
+                m.config, "max_position_embeddings", None) or MIN_CAPACITY))
+            if floor > capacity:
+                try:
+                    check_cache_memory(cache_shapes(m.config, floor, 1, min(max(self.chunks),
+                                                                            floor)),
+                                       floor, m.dtype, m.device, extra=1 << 30)
+                    capacity = floor
+                except MeganeuraError:
+                    pass
         for s in old:  # its caches go before the larger ones are made
             self.sessions.remove(s)
         while len(self.sessions) >= self.max_sessions:
             self.sessions.pop(0)
         if self.last_session is not None and self.last_session not in self.sessions:
             self.last_session = None
-        m = self.model
         reach = min(max(self.chunks), capacity)
         states = cache_shapes(m.config, capacity, sequences, reach)
         check_cache_memory(states, capacity, m.dtype, m.device)
