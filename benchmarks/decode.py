@@ -170,7 +170,7 @@ def meganeura_decode(model, context: int, steps: int, profile: bool = False,
                      warmup: int = 4) -> float:
     """Median ms per token of meganeura's decode plan after a context of `context` tokens."""
     gen = model.generator
-    s = gen.session(context + steps + 8)
+    s = gen.session(context + steps + 8, floor=False)
     g = torch.Generator(device=model.device).manual_seed(context)
     for t in s.caches.values():  # a context's worth of keys and values (random rows)
         t.normal_(generator=g)
@@ -285,7 +285,7 @@ def compile_seconds(cfg, weights, device, dtype) -> float:
     with tempfile.TemporaryDirectory() as d:
         m = meganeura.from_config(cfg, weights, device, dtype, cache_dir=d)
         t = time.perf_counter()
-        s = m.generator.session(2048 + 256)
+        s = m.generator.session(2048 + 256, floor=False)
         m.generator.prefill_plan(s, 2048)
         m.generator.decode_plan(s)
         if device.type == "cuda":

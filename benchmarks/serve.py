@@ -218,7 +218,8 @@ def main(argv=None) -> int:
                 hf_ratios.append(chunked / warm)
             ratios.append(chunked / exact)
             record("length", **values)
-            model.generator.sessions[-1].plans.pop(("prefill", n), None)
+            for session in model.generator.sessions:  # (its arena goes)
+                session.plans.pop(("prefill", n), None)
         summary = dict(lengths=len(picks), ratio_p50=pct(ratios, 0.5), ratio_p99=pct(ratios, 0.99))
         if hf_ratios:
             summary |= dict(vs_hf_p50=pct(hf_ratios, 0.5), vs_hf_p99=pct(hf_ratios, 0.99))

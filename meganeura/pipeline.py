@@ -226,7 +226,13 @@ def _code_hash() -> str:
 def plan_key(graph: Graph, s: Setup) -> str:
     """What an extracted plan depends on: the graph (ops, wiring, attributes, shapes, names),
     the cost model (profile, dtype), and the code that optimizes it."""
-    h = hashlib.sha256(f"{__version__}\n{_code_hash()}\n{s.profile!r}\n{s.dtype_name}\n"
+    import sys
+
+    import egglog
+
+    versions = (__version__, getattr(egglog, "__version__", "?"), torch.__version__,
+                sys.version.split()[0])
+    h = hashlib.sha256(f"{versions}\n{_code_hash()}\n{s.profile!r}\n{s.dtype_name}\n"
                        .encode())
     for n in graph.nodes:
         h.update(f"{n.op}|{n.inputs}|{n.attrs!r}|{n.shape}|{n.dtype}|{n.name}|{n.block}\n"
@@ -240,16 +246,16 @@ def cached_plan(graph: Graph, s: Setup) -> tuple[Plan, OptimizeReport]:
     atomically after its hash): a later process making the same graph with the same code
     and cost model reads the plan instead of saturating the e-graph again (a generation's
     plans, in a fresh process: seconds to milliseconds). The report of a plan read so has
-    no e-graph statistics. The file is read as the kernels beside it are run: the cache
-    directory is trusted as they are."""
+    no e-graph statistics. A plan is unpickled: only a file of this user that no one else
+    may write is read (a shared cache's plans from others are made again)."""
     cache = s.kernel_cache()
     key = plan_key(graph, s)
     if "egraph" not in s.debug:
         t = time.perf_counter()
-        blob = cache.get_blob(key)
+        blob = cache.get_blob(key, owned=True)
         if blob is not None:
             try:
-                plan = pickle.loads(blob)  # noqa: S301 (the cache directory, trusted as above)
+                plan = pickle.loads(blob)  # noqa: S301 (this user's own file, see above)
             except Exception:  # noqa: BLE001 (an unreadable plan is made again)
                 plan = None
             if isinstance(plan, Plan):

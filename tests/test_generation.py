@@ -335,6 +335,18 @@ def test_a_conversation_keeps_its_earlier_turns_in_the_caches(kernels):
     second = gen.generate(turn, 4, params, stop=[], reuse=True)
     assert gen.last_stats["reused_tokens"] == 14  # 11 + the 3 replies fed back (not the last)
     assert second.tolist() == _greedy_loop(c, ours.weights, turn, 4).tolist()
+    # a turn whose generation stopped half-way (its on_token raised) keeps nothing: the
+    # steps it ran may have overwritten what the caches held
+    def stop_at_5(t, seen=[]):
+        seen.append(t)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate(second, 9, params, stop=[], on_token=stop_at_5, reuse=True)
+    after = torch.cat([second, _prompt(c.vocab_size, 2, 4)])
+    assert gen.generate(after, 2, params, stop=[], reuse=True).tolist() == \
+        _greedy_loop(c, ours.weights, after, 2).tolist()
+    assert gen.last_stats["reused_tokens"] == 0
     # a turn that departs from what the caches hold starts over
     other = torch.cat([first[:5], _prompt(c.vocab_size, 6, 3)])
     third = gen.generate(other, 2, params, stop=[], reuse=True)
@@ -360,6 +372,16 @@ def test_chunk_schedules_are_the_cheapest_runs():
         assert sum(costs[r] for _, r in got) == best
     with pytest.raises(InputError, match="do not fit"):
         chunk_schedule(65, sizes, costs, 64)
+    # near the capacity (unaligned starts, a capacity of no size's multiple): the last chunk
+    # starts earlier instead of running past it, and still covers the prompt's end
+    for n, start, cap in [(63, 61, 64), (35, 0, 40), (40, 33, 40), (5, 0, 6)]:
+        got = chunk_schedule(n, sizes, costs, cap, start)
+        assert got[0][0] <= start and all(a + r <= cap for a, r in got)
+        assert got[-1][0] + got[-1][1] >= n and all(a < n for a, _ in got)
+        covered = set()
+        for a, r in got:
+            covered |= set(range(a, a + r))
+        assert set(range(start, n)) <= covered
 
 
 def test_warmup_makes_every_plan_before_the_first_request(kernels):

@@ -390,7 +390,7 @@ def test_chat_command_streams_replies_and_keeps_the_conversation(checkpoint, ker
     # prefilling what the template adds; after /reset nothing is kept
     assert f"{ids.numel()} prompt tokens prefilled, 0 kept" in turns[0]
     kept = int(turns[1].split(" kept")[0].split(", ")[-1])
-    assert kept >= ids.numel() and "0 kept" in turns[2], turns
+    assert kept >= ids.numel() and re.search(r"\b0 kept", turns[2]), turns
     # the first reply: the greedy continuation, as transformers gives it
     with torch.no_grad():
         ref = model.generate(ids[None], max_new_tokens=3, do_sample=False, eos_token_id=0,

@@ -274,7 +274,8 @@ def _load_model(args, config, name, ck, prompts: list, max_new: int):
     longest = max(len(p) for p in prompts)
     b = len(prompts)
     capacity = capacity_for(config, longest + max_new)
-    states = cache_shapes(config, capacity, _batch_rows(b), min(CHUNKS[-1], capacity))
+    states = cache_shapes(config, capacity, _batch_rows(b),
+                          min(CHUNKS[-1], capacity) if b == 1 else 1)
     if b > 1:  # and the one-sequence caches the prompts are prefilled in
         one = capacity_for(config, longest)
         states |= {f"prefill.{k}": v for k, v in
@@ -400,18 +401,22 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = chat_ids(tokenizer, ck.path, messages)
-        room = min(args.max_new_tokens, min(args.max_context, limit) - len(ids))
-        if room < 1:
-            print(f"the conversation ({len(ids)} tokens) fills the context "
-                  f"({args.max_context}); /reset starts over", flush=True)
+        context = min(args.max_context, limit)
+        try:
+            ids = chat_ids(tokenizer, ck.path, messages)
+            room = min(args.max_new_tokens, context - len(ids))
+            if room < 1:
+                raise MeganeuraError(f"the conversation ({len(ids)} tokens) fills the context "
+                                     f"({context} positions); /reset starts over")
+            stream = _Stream(tokenizer)
+            out = model.generator.generate(torch.tensor(ids), room, SamplingParams(
+                args.temperature, args.top_k, args.top_p, args.seed), args.stop,
+                on_token=stream.add, reuse=True)
+            stream.end()
+        except MeganeuraError as e:  # this turn fails; the conversation goes on without it
+            print(f"error: {e}", flush=True)
             messages.pop()
             continue
-        stream = _Stream(tokenizer)
-        out = model.generator.generate(torch.tensor(ids), room, SamplingParams(
-            args.temperature, args.top_k, args.top_p, args.seed), args.stop,
-            on_token=stream.add, reuse=True)
-        stream.end()
         eos = set(args.stop) if args.stop else set(model.eos_token_ids)
         new = [t for t in out[len(ids):].tolist() if t not in eos]
         messages.append({"role": "assistant",
@@ -431,7 +436,7 @@ def _tokenizer(args, ck):
     from ..models.weights import probe
 
     if path is None or probe(path, "tokenizer") is None:
-        if args.prompt is not None:
+        if args.prompt or getattr(args, "prompts_file", None):
             raise MeganeuraError("--prompt needs a tokenizer: a --weights directory holding "
                                  "tokenizer.json, or --tokenizer FILE (or give --tokens IDS)"
                                  + (f"; {path} does not exist" if path else ""))

@@ -138,13 +138,16 @@ class KernelCache:
     def blob_path(self, key: str) -> Path:
         return self.directory / f"p_{key}.bin"
 
-    def get_blob(self, key: str, limit: int = 1 << 30) -> bytes | None:
+    def get_blob(self, key: str, limit: int = 1 << 30, owned: bool = False) -> bytes | None:
         """The bytes stored under `key`, or None: absent, not a regular file, larger than
-        `limit`, unreadable, or not matching the hash written before them."""
+        `limit`, unreadable, or not matching the hash written before them; owned: also
+        None unless the file is this user's and no one else may write it."""
         path = self.blob_path(key)
         try:
             st = os.lstat(path)
             if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+                return None
+            if owned and (st.st_uid != os.getuid() or st.st_mode & 0o022):
                 return None
             with open(path, "rb") as f:
                 data = f.read(limit + 1)

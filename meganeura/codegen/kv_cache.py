@@ -5,7 +5,7 @@
     cache[i * slots + pos[i] % slots, :] = x[i, :]   a batched step: row i is sequence i's
 
 A full-attention layer's cache has a slot per position (`slots` = capacity, the modulo
-never wraps); a sliding-window layer's is a ring of `window` slots. Rows older than the
+never wraps); a sliding-window layer's is a ring of `window + reach - 1` slots (models/kv.py). Rows older than the
 ring's reach are skipped, so no two programs write one slot. The cache is persistent
 state: the kernel updates it in place, and the plan node stands for the updated cache.
 

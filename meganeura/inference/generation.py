@@ -183,10 +183,12 @@ class Generator:
     def capacity_for(self, positions: int) -> int:
         return capacity_for(self.model.config, positions)
 
-    def session(self, positions: int, sequences: int = 1) -> Session:
+    def session(self, positions: int, sequences: int = 1, floor: bool = True) -> Session:
         """A session whose caches hold `positions` positions of `sequences` sequences: the
         last one that does, else a new one (replacing a smaller one of as many sequences;
-        its caches are checked against the device's free memory first)."""
+        its caches are checked against the device's free memory first). floor: on CUDA a
+        new one-sequence session holds at least MIN_CAPACITY positions (False: just what
+        is asked, as benchmarks of a given context want)."""
         for s in self.sessions:
             if s.sequences == sequences and s.capacity >= positions:
                 self.sessions.remove(s)
@@ -196,16 +198,16 @@ class Generator:
         old = [s for s in self.sessions if s.sequences == sequences]
         capacity = max([capacity] + [s.capacity for s in old])
         m = self.model
-        if m.device.type == "cuda" and sequences == 1:  # one size serves most requests (and
+        if floor and m.device.type == "cuda" and sequences == 1:  # one size serves most requests (and
             # the plans kept for it serve the next process): MIN_CAPACITY where it fits
-            floor = self.capacity_for(min(MIN_CAPACITY, getattr(
+            least = self.capacity_for(min(MIN_CAPACITY, getattr(
                 m.config, "max_position_embeddings", None) or MIN_CAPACITY))
-            if floor > capacity:
+            if least > capacity:
                 try:
-                    check_cache_memory(cache_shapes(m.config, floor, 1, min(max(self.chunks),
-                                                                            floor)),
-                                       floor, m.dtype, m.device, extra=1 << 30)
-                    capacity = floor
+                    check_cache_memory(cache_shapes(m.config, least, 1, min(max(self.chunks),
+                                                                            least)),
+                                       least, m.dtype, m.device, extra=1 << 30)
+                    capacity = least
                 except MeganeuraError:
                     pass
         for s in old:  # its caches go before the larger ones are made
@@ -214,7 +216,9 @@ class Generator:
             self.sessions.pop(0)
         if self.last_session is not None and self.last_session not in self.sessions:
             self.last_session = None
-        reach = min(max(self.chunks), capacity)
+        # a batch's caches take one row per sequence a step (its prompts are prefilled in
+        # the one-sequence caches): rings of the window alone
+        reach = min(max(self.chunks), capacity) if sequences == 1 else 1
         states = cache_shapes(m.config, capacity, sequences, reach)
         check_cache_memory(states, capacity, m.dtype, m.device)
         caches = {name: torch.zeros(shape, dtype=m.dtype, device=m.device)
@@ -254,7 +258,12 @@ class Generator:
 
     def decode_plan(self, s: Session) -> CompiledModel:
         """The decode step: a row per sequence at its position; on CUDA its graph captured by
-        one run at position 0, whose slot a real step writes before any step reads it."""
+        one run at position 0, whose slot a real step writes before any step reads it. (For
+        callers that run it themselves: what the caches held is forgotten.)"""
+        s.held, s.prefilled = [], 0
+        return self._decode_plan(s)
+
+    def _decode_plan(self, s: Session) -> CompiledModel:
         b = s.sequences
         z = torch.zeros(b, dtype=torch.int64, device=self.model.device)
         gen = Generation(s.capacity, True, b, s.reach, "all" if b > 1 else "last")
@@ -264,6 +273,7 @@ class Generator:
     def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
         """The whole prompt of seq_len tokens from position 0 in one plan (benchmarks compare
         chunked prefills with it); kernels built by one run on token 0."""
+        s.held, s.prefilled = [], 0  # (its caller runs it: what the caches held is forgotten)
         exact = [k for k in s.plans if k[0] == "prefill" and k[1] != seq_len]
         for k in exact[:max(0, len(exact) - MAX_EXACT + 1)]:  # the least recently used go
             del s.plans[k]
@@ -278,12 +288,13 @@ class Generator:
         s = self.session(max_tokens, 1)
         for c in self.chunk_sizes(s):
             self.chunk_plan(s, c)
-        self.decode_plan(s)
+        self._decode_plan(s)
         if sequences > 1:
-            self.decode_plan(self.session(max_tokens, _batch_rows(sequences)))
+            self._decode_plan(self.session(max_tokens, _batch_rows(sequences)))
 
     def chunk_sizes(self, s: Session) -> list[int]:
-        return sorted(c for c in self.chunks if c <= s.reach)
+        """The chunk sizes a session takes: those within its reach (at least the reach)."""
+        return sorted(c for c in self.chunks if c <= s.reach) or [s.reach]
 
     def chunk_cost(self, s: Session, rows: int) -> float:
         """Estimated seconds of a chunk: its plan's estimate once made, else the cost model's
@@ -339,7 +350,7 @@ class Generator:
         ids = torch.zeros(plan[-1][0] + plan[-1][1], dtype=torch.int64)
         ids[:n] = prompt
         ids = ids.to(dev)
-        s.held, s.prefilled = prompt.tolist(), n
+        s.held, s.prefilled = [], 0  # (set again when the call ends well)
         logits = None
         for start, rows in plan:
             fn = self.chunk_plan(s, rows)
@@ -399,7 +410,7 @@ class Generator:
         s = self.session(max(lengths) + max_new_tokens, _batch_rows(b)) if b > 1 else None
         one = self.session(max(lengths) + (max_new_tokens if b == 1 else 0), 1)
         s = s or one
-        step = self.decode_plan(s)
+        step = self._decode_plan(s)
         while True:  # (a plan made here writes into the caches: nothing is kept then)
             kept = self.kept(one, prompts[0].tolist()) if reuse and b == 1 else 0
             plans = [self.schedule(one, n, kept) for n in lengths]
@@ -465,7 +476,8 @@ class Generator:
             if last or not any(live):
                 break
             nxt = following
-        one.held = one.held + new[0][:fed] if b == 1 else []
+        if b == 1:  # what the caches now hold: the prompt and the ids fed back
+            one.held, one.prefilled = prompts[0].tolist() + new[0][:fed], lengths[0]
         self.last_stats = {"prompt_tokens": sum(lengths), "new_tokens": sum(map(len, new)),
                            "sequences": b, "steps": max(map(len, new)), "reused_tokens": kept,
                            "plans_s": t_ready - t0, "time_to_first_token_s": t_first - t_ready,
@@ -482,27 +494,28 @@ def _batch_rows(b: int) -> int:
 def chunk_schedule(n: int, sizes: list[int], costs: dict[int, float], capacity: int,
                    start: int = 0) -> list[tuple[int, int]]:
     """(start, rows) of chunks covering positions [start, n) one after the other, the last
-    one padded past n but not past `capacity`: the run of least total cost (a dynamic
-    program over the covered length, in steps of the sizes' common divisor)."""
-    if n > capacity or not sizes or not 0 <= start < n:
+    one padded past n but not past `capacity` (where it would be, it starts earlier instead,
+    computing again positions before it: their ids are the prompt's, their keys and values
+    the same): the run of least total cost (a dynamic program over the covered length, in
+    steps of the sizes' common divisor)."""
+    if n > capacity or not 0 <= start < n or not any(c <= capacity for c in sizes):
         raise InputError(f"{n} prompt tokens do not fit caches of {capacity} positions")
+    sizes = [c for c in sizes if c <= capacity]
     step = math.gcd(*sizes)
     # best[d]: (cost, rows of the first chunk) to cover [d, n) from a covered length d
     best: dict[int, tuple[float, int]] = {}
     for d in range(start + (n - 1 - start) // step * step, start - 1, -step):
         options = []
         for c in sizes:
-            if d + c > capacity:
-                continue
-            rest = 0.0 if d + c >= n else best[d + c][0]
-            options.append((costs[c] + rest, c))
-        if not options:
-            raise InputError(f"{n} prompt tokens do not fit caches of {capacity} positions")
+            if d + c >= n:  # the last chunk (moved back to end at the capacity if need be)
+                options.append((costs[c], c))
+            elif d + c <= capacity:
+                options.append((costs[c] + best[d + c][0], c))
         best[d] = min(options)
     out, d = [], start
     while d < n:
         c = best[d][1]
-        out.append((d, c))
+        out.append((min(d, capacity - c), c))
         d += c
     return out
 

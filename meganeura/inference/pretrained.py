@@ -97,7 +97,7 @@ class PretrainedModel:
         with self._lock:
             params = SamplingParams(temperature, top_k, top_p, seed)
             if isinstance(token_ids, list) and token_ids and all(
-                    isinstance(t, torch.Tensor) for t in token_ids):
+                    isinstance(t, (torch.Tensor, list, tuple)) for t in token_ids):
                 out = self.generator.generate_batch(token_ids, max_new_tokens, params, stop,
                                                     on_token)
             else:
