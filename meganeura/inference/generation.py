@@ -549,9 +549,8 @@ def cache_shapes(config, capacity: int, sequences: int = 1,
     """The KV caches a session of `capacity` positions for `sequences` sequences holds, its
     chunks of up to `reach` rows: name -> shape."""
     reach = min(reach, capacity)
-    rows = sequences if sequences > 1 else 1
-    step = build(config, rows, Generation(capacity, True, sequences, reach,
-                                          "all" if sequences > 1 else "last"))
+    step = build(config, sequences, Generation(capacity, True, sequences, reach,
+                                               "all" if sequences > 1 else "last"))
     return {n.name: tuple(n.shape) for n in step.states()}
 
 
