@@ -165,6 +165,7 @@ class Generator:
         self.sessions: list[Session] = []  # least recently used first
         self.last_session: Session | None = None  # the caches and plans of the last call
         self.chunks = CHUNKS  # prefill chunk sizes; a session made later uses them
+        # at least 2: a batch uses its own session and the one-sequence one
         self.max_sessions = MAX_SESSIONS
         # decode steps launch each kernel as a programmatic dependent of the one before
         # (Hopper and later; set False before the first call to launch them plainly)
@@ -198,8 +199,9 @@ class Generator:
         old = [s for s in self.sessions if s.sequences == sequences]
         capacity = max([capacity] + [s.capacity for s in old])
         m = self.model
-        if floor and m.device.type == "cuda" and sequences == 1:  # one size serves most requests (and
-            # the plans kept for it serve the next process): MIN_CAPACITY where it fits
+        # on CUDA one size serves most requests (and the plans kept for it serve the next
+        # process): MIN_CAPACITY where it fits
+        if floor and m.device.type == "cuda" and sequences == 1:
             least = self.capacity_for(min(MIN_CAPACITY, getattr(
                 m.config, "max_position_embeddings", None) or MIN_CAPACITY))
             if least > capacity:
@@ -315,11 +317,13 @@ class Generator:
             self._chunk_costs[key] = m.setup.cost.graph_time(g)
         return self._chunk_costs[key]
 
-    def schedule(self, s: Session, n: int, start: int = 0) -> list[tuple[int, int]]:
+    def schedule(self, s: Session, n: int, start: int = 0,
+                 costs: dict | None = None) -> list[tuple[int, int]]:
         """(start, rows) of the chunks that prefill tokens start .. n-1 in s, at consecutive
-        positions, the last one padded past n: the run of least estimated time."""
+        positions, the last one padded past n: the run of least estimated time (by `costs`,
+        chunk size -> seconds, when given)."""
         sizes = self.chunk_sizes(s)
-        costs = {c: self.chunk_cost(s, c) for c in sizes}
+        costs = costs or {c: self.chunk_cost(s, c) for c in sizes}
         return chunk_schedule(n, sizes, costs, s.capacity, start)
 
     def kept(self, s: Session, prompt: list[int]) -> int:
@@ -411,9 +415,12 @@ class Generator:
         one = self.session(max(lengths) + (max_new_tokens if b == 1 else 0), 1)
         s = s or one
         step = self._decode_plan(s)
+        # the prices the runs are chosen by, fixed for the call (a plan made prices its size
+        # anew: the runs chosen before it would change)
+        costs = {c: self.chunk_cost(one, c) for c in self.chunk_sizes(one)}
         while True:  # (a plan made here writes into the caches: nothing is kept then)
             kept = self.kept(one, prompts[0].tolist()) if reuse and b == 1 else 0
-            plans = [self.schedule(one, n, kept) for n in lengths]
+            plans = [self.schedule(one, n, kept, costs) for n in lengths]
             missing = sorted({r for p in plans for _, r in p} -
                              {k[1] for k in one.plans if k[0] == "chunk"})
             if not missing:
