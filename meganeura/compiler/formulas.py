@@ -1,8 +1,9 @@
 """The formula of every op in plain PyTorch: what the reference executor runs and what each
 generated kernel must agree with.
 
-Norms, RoPE, activations and softmax compute in fp32 and cast back to the input's dtype;
-matmuls run in the input's dtype (fp32 accumulation on every backend).
+Norms, RoPE, activations and softmax compute in fp32 (fp64 for fp64 inputs: the gradient
+checks) and cast back to the input's dtype; matmuls run in the input's dtype (fp32
+accumulation on every backend). The gradients' formulas (`*_grad`) follow the same rule.
 """
 
 from __future__ import annotations
@@ -15,24 +16,29 @@ import torch.nn.functional as F
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """The working precision of x: fp32, or fp64 where x is fp64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     """rsqrt(mean(x^2) + eps) over the last dim, fp32: [..., 1]."""
-    x32 = x.float()
+    x32 = wide(x)
     return torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
 
 
 def rms_norm(x, w, eps):
     # x: [S, D], w: [D]; y = x * rsqrt(mean(x^2) + eps) * w
-    return (x.float() * rstd(x, eps) * w.float()).to(x.dtype)
+    return (wide(x) * rstd(x, eps) * wide(w)).to(x.dtype)
 
 
 def head_rms_norm(x, w, eps, head_dim):
     # x: [S, heads*hd]; each head normalized on its own, w: [hd] shared by the heads (or None)
     s, width = x.shape
     xh = x.view(s, width // head_dim, head_dim)
-    y = xh.float() * rstd(xh, eps)
+    y = wide(xh) * rstd(xh, eps)
     if w is not None:
-        y = y * w.float()
+        y = y * wide(w)
     return y.reshape(s, width).to(x.dtype)
 
 
@@ -67,6 +73,22 @@ def rope_tables(positions: torch.Tensor, theta: float, head_dim: int, rotary: in
     return ang.cos().float(), ang.sin().float()
 
 
+def rope_rotation(x, positions, theta, head_dim, rotary, scaling, sign: float):
+    """x rotated by sign * pos * inv_freq per head (sign -1: the inverse rotation, the
+    gradient), in x's working precision."""
+    s, width = x.shape
+    half = head_dim // 2
+    pos = torch.arange(s) if positions is None else positions.cpu().long()
+    ang = pos.to(torch.float64)[:, None] * inv_freq(theta, head_dim, rotary, scaling)[None, :]
+    work = wide(x).dtype
+    cos = ang.cos().to(device=x.device, dtype=work)[:, None, :]
+    sin = (sign * ang.sin()).to(device=x.device, dtype=work)[:, None, :]
+    xh = wide(x).view(s, width // head_dim, head_dim)
+    x1, x2 = xh[..., :half], xh[..., half:]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.reshape(s, width).to(x.dtype)
+
+
 def rope_frequencies(theta: float, head_dim: int, rotary: int, scaling=NO_SCALING) -> torch.Tensor:
     """float64 [hd/2 + 2]: inv_freq, then pi and 1 / pi (the kernels' angle reduction)."""
     return torch.cat([inv_freq(theta, head_dim, rotary, scaling),
@@ -75,15 +97,7 @@ def rope_frequencies(theta: float, head_dim: int, rotary: int, scaling=NO_SCALIN
 
 def rope(x, theta, head_dim, rotary, positions=None, scaling=NO_SCALING):
     # x: [S, heads*hd] at positions [S] (default 0 .. S-1); pair d with d + hd/2 in each head
-    s, width = x.shape
-    half = head_dim // 2
-    pos = torch.arange(s) if positions is None else positions.cpu().long()
-    cos, sin = (t.to(x.device)[:, None, :]
-                for t in rope_tables(pos, theta, head_dim, rotary, scaling))
-    xh = x.float().view(s, width // head_dim, head_dim)
-    x1, x2 = xh[..., :half], xh[..., half:]
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.reshape(s, width).to(x.dtype)
+    return rope_rotation(x, positions, theta, head_dim, rotary, scaling, 1.0)
 
 
 def attention(q, k, v, num_heads, num_kv_heads, head_dim, scale, window=None):
@@ -100,10 +114,10 @@ def attention(q, k, v, num_heads, num_kv_heads, head_dim, scale, window=None):
         allowed &= j > i - window
     out = torch.empty_like(qh)
     for g in range(num_kv_heads):  # one kv head at a time bounds the [group, S, S] scores
-        qg = qh[g * group:(g + 1) * group].float()
-        scores = (qg @ kh[g].float().T) * scale
+        qg = wide(qh[g * group:(g + 1) * group])
+        scores = (qg @ wide(kh[g]).T) * scale
         p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        out[g * group:(g + 1) * group] = (p @ vh[g].float()).to(q.dtype)
+        out[g * group:(g + 1) * group] = (p @ wide(vh[g])).to(q.dtype)
     return out.transpose(0, 1).reshape(s, num_heads * head_dim)
 
 
@@ -117,7 +131,7 @@ def activation(x32: torch.Tensor, act: str) -> torch.Tensor:
 
 def glu(gate, up, act):
     # act(gate) * up, fp32
-    return (activation(gate.float(), act) * up.float()).to(gate.dtype)
+    return (activation(wide(gate), act) * wide(up)).to(gate.dtype)
 
 
 def halves(t):
@@ -127,16 +141,16 @@ def halves(t):
 
 def softcap(x, cap):
     # cap * tanh(x / cap)
-    return (torch.tanh(x.float() / cap) * cap).to(x.dtype)
+    return (torch.tanh(wide(x) / cap) * cap).to(x.dtype)
 
 
 def scale(x, factor):
-    return (x.float() * factor).to(x.dtype)
+    return (wide(x) * factor).to(x.dtype)
 
 
 def scale_by(x, s):
     # s: [1], a scalar read from the weights
-    return (x.float() * s.float()[0]).to(x.dtype)
+    return (wide(x) * wide(s)[0]).to(x.dtype)
 
 
 def cache_write(cache, x, pos, sequences=1):
@@ -168,9 +182,123 @@ def cache_attention(q, k, v, pos, num_heads, num_kv_heads, head_dim, scale, wind
         base = i * slots if sequences > 1 else 0
         at = base + torch.arange(lo, p + 1, device=k.device) % slots
         n = at.numel()
-        qh = q[i].float().view(num_kv_heads, group, head_dim)
-        kh = k[at].float().view(n, num_kv_heads, head_dim).transpose(0, 1)  # [KV, n, hd]
-        vh = v[at].float().view(n, num_kv_heads, head_dim).transpose(0, 1)
+        qh = wide(q[i]).view(num_kv_heads, group, head_dim)
+        kh = wide(k[at]).view(n, num_kv_heads, head_dim).transpose(0, 1)  # [KV, n, hd]
+        vh = wide(v[at]).view(n, num_kv_heads, head_dim).transpose(0, 1)
         w = torch.softmax((qh @ kh.transpose(1, 2)) * scale, dim=-1)  # [KV, group, n]
         rows.append((w @ vh).reshape(num_heads * head_dim))
     return torch.stack(rows).to(q.dtype)
+
+
+# ---- gradients (the backward ops' formulas), in the working precision of their inputs -------
+
+
+def activation_grad(x: torch.Tensor, act: str) -> torch.Tensor:
+    """d act(x) / dx of a working-precision x."""
+    if act == "silu":  # silu(x) = x sigmoid(x)
+        s = torch.sigmoid(x)
+        return s * (1 + x * (1 - s))
+    if act == "gelu_tanh":
+        c = math.sqrt(2 / math.pi)
+        t = torch.tanh(c * (x + 0.044715 * x ** 3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def glu_grad_gate(dy, gate, up, act):
+    return (wide(dy) * wide(up) * activation_grad(wide(gate), act)).to(dy.dtype)
+
+
+def glu_grad_up(dy, gate, act):
+    return (wide(dy) * activation(wide(gate), act)).to(dy.dtype)
+
+
+def softcap_grad(dy, x, cap):
+    t = torch.tanh(wide(x) / cap)
+    return (wide(dy) * (1 - t * t)).to(dy.dtype)
+
+
+def norm_grad(dy, x, w, eps, head_dim):
+    # y = x r w per head, r = rsqrt(mean(x^2) + eps): dx = r (g - x^ mean(g x^)), g = dy w
+    s, width = x.shape
+    xh = wide(x).view(s, width // head_dim, head_dim)
+    g = wide(dy).view(s, width // head_dim, head_dim)
+    if w is not None:
+        g = g * wide(w)
+    r = rstd(xh, eps)
+    xhat = xh * r
+    dx = r * (g - xhat * (g * xhat).mean(dim=-1, keepdim=True))
+    return dx.reshape(s, width).to(dy.dtype)
+
+
+def norm_wgrad(dy, x, eps, head_dim):
+    # dw = sum over rows and heads of dy x^: [head_dim]
+    s, width = x.shape
+    xh = wide(x).view(s, width // head_dim, head_dim)
+    g = wide(dy).view(s, width // head_dim, head_dim)
+    return (g * xh * rstd(xh, eps)).sum(dim=(0, 1)).to(dy.dtype)
+
+
+def rope_grad(dy, theta, head_dim, rotary, positions, scaling=NO_SCALING):
+    # a rotation's transpose is the rotation by the opposite angle
+    return rope_rotation(dy, positions, theta, head_dim, rotary, scaling, -1.0)
+
+
+def attention_grad(q, k, v, dy, num_heads, num_kv_heads, head_dim, scale, window=0):
+    # [dq | dk | dv]: P = softmax(scale q k^T) masked, dV = P^T dO, dP = dO V^T,
+    # dS = P (dP - rowsum(dP P)), dQ = scale dS K, dK = scale dS^T Q (summed over the group)
+    s = q.shape[0]
+    group = num_heads // num_kv_heads
+    split = (lambda t, h: wide(t).view(s, h, head_dim).transpose(0, 1))
+    qh, kh, vh, dh = (split(q, num_heads), split(k, num_kv_heads), split(v, num_kv_heads),
+                      split(dy, num_heads))
+    i = torch.arange(s, device=q.device)[:, None]
+    j = torch.arange(s, device=q.device)[None, :]
+    allowed = (j <= i) & ((j > i - window) if window else True)
+    dq, dk, dv = torch.empty_like(qh), torch.empty_like(kh), torch.empty_like(vh)
+    for g in range(num_kv_heads):
+        rows = slice(g * group, (g + 1) * group)
+        scores = (qh[rows] @ kh[g].T) * scale  # [group, S, S]
+        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        dv[g] = (p.transpose(1, 2) @ dh[rows]).sum(0)
+        dp = dh[rows] @ vh[g].T
+        ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+        dq[rows] = scale * (ds @ kh[g])
+        dk[g] = scale * (ds.transpose(1, 2) @ qh[rows]).sum(0)
+    heads = (lambda t: t.transpose(0, 1).reshape(s, -1))
+    return torch.cat([heads(dq), heads(dk), heads(dv)], dim=1).to(dy.dtype)
+
+
+def embedding_grad(ids, dy, vocab):
+    # the rows' gradients summed into the rows of the table they were gathered from
+    out = torch.zeros(vocab, dy.shape[1], dtype=wide(dy).dtype, device=dy.device)
+    return out.index_add_(0, ids.long(), wide(dy)).to(dy.dtype)
+
+
+def place_cols(x, start, width):
+    out = torch.zeros(x.shape[0], width, dtype=x.dtype, device=x.device)
+    out[:, start:start + x.shape[1]] = x
+    return out
+
+
+IGNORE_INDEX = -100  # a label counted nowhere (transformers' ignore_index)
+
+
+def cross_entropy(logits, labels):
+    # [1]: the sum over counted rows (label != -100) of logsumexp(row) - row[label]; the
+    # mean divides by the count outside (it spans micro-batches)
+    z = wide(logits)
+    lab = labels.long()
+    counted = lab != IGNORE_INDEX
+    pick = z.gather(1, torch.where(counted, lab, 0)[:, None])[:, 0]
+    return ((torch.logsumexp(z, dim=1) - pick) * counted).sum().reshape(1)
+
+
+def cross_entropy_grad(logits, labels, d):
+    # d (softmax(row) - onehot(label)) on counted rows, 0 on the others
+    z = wide(logits)
+    lab = labels.long()
+    counted = lab != IGNORE_INDEX
+    g = torch.softmax(z, dim=1)
+    g[counted, lab[counted]] -= 1
+    return (g * counted[:, None] * wide(d)[0]).to(logits.dtype)

@@ -14,6 +14,13 @@ kernel's running value may take. From the table:
 A new element op touches this file, its expression in `codegen/elementwise.py` and its
 case in `tests/op_cases.py` (docs/extending.md).
 
+Each differentiable op also declares its gradient (`grad`): the vector-Jacobian product
+built from ops of this table, so that `compiler/autodiff.py` writes the backward of any
+graph in the same IR, where the e-graph sees forward and backward together. The backward
+ops (`*_grad`, `matmul_tn`, `place_cols`, `cross_entropy`) have formulas here; those in
+KERNEL_PENDING have no generated kernel yet, and a plan holding one is refused by the
+compiler (the reference executor runs them).
+
 Fused kernels are not ops of their own: they are the archetype ops (`product`, `rows`,
 `pointwise`, `gather`, declared in `compiler/kernels.py`) with stages as attributes.
 
@@ -24,7 +31,7 @@ names the node. The e-graph extractor runs the same rules over e-classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -72,6 +79,9 @@ class OpSpec:
     commutative: bool = False  # a binary op whose operands may swap
     indices: tuple[str, ...] = ()  # operands holding integer indices (token ids, positions)
     variadic: bool = False  # an archetype op: its stages' operands follow `inputs`
+    # its gradient: (graph, node, d output, wanted input ids) -> [(input id, d input)], the
+    # backward built with the graph's own ops (compiler/autodiff.py); None: not differentiable
+    grad: Callable | None = None
 
     @property
     def arity(self) -> int:
@@ -264,6 +274,177 @@ def _cache_attention(s, d, a):
     return q
 
 
+# ---- gradients: vector-Jacobian products in the graph's own ops ----------------------------
+# (g, node, dy, wanted) -> [(input id, gradient node)], for the inputs in `wanted` (those a
+# trained weight depends on). g is the graph the backward is built into.
+
+
+def _vjp_matmul(g, n, dy, wanted):
+    a, b = n.inputs
+    bn = g[b]
+    out = []
+    if a in wanted:  # dA = dY B^T; B = W^T (a checkpoint's linear weight) is W as stored
+        if bn.op == "transpose":
+            out.append((a, g.matmul(dy, bn.inputs[0])))
+        elif g.load_time(b):
+            out.append((a, g.matmul(dy, g.transpose(b))))
+        else:
+            raise _Mismatch("the gradient of a product whose right operand is computed at run "
+                            "time is not declared")
+    if b in wanted:  # dB = A^T dY; dW = (A^T dY)^T = dY^T A for B = W^T
+        if bn.op == "transpose":
+            out.append((bn.inputs[0], g.matmul_tn(dy, a)))
+        else:
+            out.append((b, g.matmul_tn(a, dy)))
+    return out
+
+
+def _vjp_embedding(g, n, dy, wanted):
+    ids, table = n.inputs
+    return [(table, g.embedding_grad(ids, dy, g[table].shape[0]))] if table in wanted else []
+
+
+def _vjp_norm(head: bool):
+    def vjp(g, n, dy, wanted):
+        x, w = n.inputs
+        eps, hd = n.attrs["eps"], n.attrs["head_dim"] if head else g[x].shape[1]
+        out = [(x, g.norm_grad(dy, x, w, eps, hd))] if x in wanted else []
+        return out + ([(w, g.norm_wgrad(dy, x, eps, hd))] if w in wanted else [])
+    return vjp
+
+
+def _vjp_unit_norm(g, n, dy, wanted):
+    (x,) = n.inputs
+    return [(x, g.unit_norm_grad(dy, x, n.attrs["eps"], n.attrs["head_dim"]))]
+
+
+def _vjp_rope(g, n, dy, wanted):
+    x, pos = n.inputs
+    return [(x, g.rope_grad(dy, pos, **n.attrs))]
+
+
+def _vjp_attention(g, n, dy, wanted):
+    q, k, v = n.inputs
+    a = n.attrs
+    both = g.attention_grad(q, k, v, dy, a["num_heads"], a["num_kv_heads"], a["head_dim"],
+                            a["scale"], a.get("window", 0))
+    qw, kw = g[q].shape[1], g[k].shape[1]
+    parts = ((q, 0, qw), (k, qw, kw), (v, qw + kw, kw))
+    return [(i, g.slice_cols(both, at, w)) for i, at, w in parts if i in wanted]
+
+
+def _vjp_add(g, n, dy, wanted):
+    return [(i, dy) for i in n.inputs if i in wanted]
+
+
+def _vjp_glu(g, n, dy, wanted):
+    gate, up = n.inputs
+    act = n.attrs["act"]
+    out = [(gate, g.glu_grad_gate(dy, gate, up, act))] if gate in wanted else []
+    return out + ([(up, g.glu_grad_up(dy, gate, act))] if up in wanted else [])
+
+
+def _vjp_scale(g, n, dy, wanted):
+    return [(n.inputs[0], g.scale(dy, n.attrs["factor"]))]
+
+
+def _vjp_scale_by(g, n, dy, wanted):
+    x, s = n.inputs
+    _need(s not in wanted, "the scalar of scale_by is not trained (transformers holds it as a "
+                           "buffer): its gradient is not declared")
+    return [(x, g.scale_by(dy, s))]
+
+
+def _vjp_softcap(g, n, dy, wanted):
+    return [(n.inputs[0], g.softcap_grad(dy, n.inputs[0], n.attrs["cap"]))]
+
+
+def _vjp_slice_cols(g, n, dy, wanted):
+    x = n.inputs[0]
+    return [(x, g.place_cols(dy, n.attrs["start"], g[x].shape[1]))]
+
+
+def _vjp_cross_entropy(g, n, dy, wanted):
+    logits, labels = n.inputs
+    return [(logits, g.cross_entropy_grad(logits, labels, dy))]
+
+
+# ---- shape rules of the backward ops --------------------------------------------------------
+
+
+def _norm_grad(s, d, a):
+    _need(s[0] == s[1], f"the gradient {list(s[0])} and the input {list(s[1])} differ")
+    return _head_rms_norm(s[1:], d[1:], a)
+
+
+def _norm_wgrad(s, d, a):
+    _norm_grad(s, d, a)
+    return (a["head_dim"],)
+
+
+def _rope_grad(s, d, a):
+    return _rope(s, d, a)
+
+
+def _attention_grad(s, d, a):
+    q, k, v, dy = s
+    _need(a.get("window", 0) >= 0, f"window must be >= 0 (0: none), got {a.get('window')}")
+    _attention([q, k, v], d, {**a, "window": a.get("window") or 1})
+    _need(dy == q, f"the output's gradient is {list(dy)}, q is {list(q)}: they must match")
+    return (q[0], q[1] + 2 * k[1])
+
+
+def _embedding_grad(s, d, a):
+    ids, dy = s
+    _rank(ids, 1, "token ids")
+    _rank(dy, 2, "gradient of the gathered rows")
+    _need(d[0] == U32, f"token ids must be u32, got {d[0]}")
+    _need(dy[0] == ids[0], f"{ids[0]} token ids but {dy[0]} gradient rows")
+    _need(a["vocab"] > 0, f"vocab must be > 0, got {a['vocab']}")
+    return (a["vocab"], dy[1])
+
+
+def _matmul_tn(s, d, a):
+    x, y = s
+    _rank(x, 2, "left operand")
+    _rank(y, 2, "right operand")
+    _need(x[0] == y[0], f"row counts differ: left is {list(x)}, right is {list(y)}")
+    return (x[1], y[1])
+
+
+def _place_cols(s, d, a):
+    x = s[0]
+    _rank(x, 2, "placed block")
+    _need(a["start"] >= 0 and a["start"] + x[1] <= a["width"],
+          f"columns [{a['start']}, {a['start'] + x[1]}) do not fit a width of {a['width']}")
+    return (x[0], a["width"])
+
+
+def _cross_entropy(s, d, a):
+    logits, labels = s[:2]
+    _rank(logits, 2, "logits")
+    _need(labels == (logits[0],), f"labels must be [{logits[0]}], one per row, got {list(labels)}")
+    _need(d[1] == U32, f"labels must be integers (u32), got {d[1]}")
+    if len(s) > 2:
+        _need(s[2] == (1,), f"the loss's gradient must have shape [1], got {list(s[2])}")
+    return (1,)
+
+
+def _cross_entropy_grad(s, d, a):
+    _cross_entropy(s, d, a)
+    return s[0]
+
+
+def _glu_grad_gate(s, d, a):
+    _need(s[0] == s[1] == s[2], f"shapes differ: {', '.join(str(list(x)) for x in s)}")
+    return _glu(s[1:], d[1:], a)
+
+
+def _softcap_grad(s, d, a):
+    _softcap(s, d, a)
+    return _same(s, d, a)
+
+
 # ---- the vocabulary -------------------------------------------------------------------------
 
 _HEAD_ROPE = {"rotary": lambda a: a["head_dim"] // 2}  # default: every frequency rotates
@@ -368,6 +549,73 @@ _op("cache_attention", ("q", "k", "v", "pos"),
     "block of rows (one block: every row's; several: row i's is block i), GQA",
     archetype="decode_attention", defaults={**_SCALE, "window": 0, "sequences": 1},
     indices=("pos",))
+
+# gradients of the ops above (compiler/autodiff.py builds backward graphs from them)
+_ROPE_ATTRS = OPS["rope"].attrs
+_op("norm_grad", ("dy", "x", "w"), (("eps", float), ("head_dim", int)), _norm_grad,
+    lambda a, dy, x, w: fm.norm_grad(dy, x, w, a["eps"], a["head_dim"]),
+    "d x of an RMSNorm of each head (head_dim: the row for rms_norm) with weight w",
+    vector_flops=8)
+_op("unit_norm_grad", ("dy", "x"), (("eps", float), ("head_dim", int)), _norm_grad,
+    lambda a, dy, x: fm.norm_grad(dy, x, None, a["eps"], a["head_dim"]),
+    "d x of an RMSNorm of each head without a weight", vector_flops=7)
+_op("norm_wgrad", ("dy", "x"), (("eps", float), ("head_dim", int)), _norm_wgrad,
+    lambda a, dy, x: fm.norm_wgrad(dy, x, a["eps"], a["head_dim"]),
+    "d w of an RMSNorm of each head: dy * normalized x summed over rows and heads",
+    vector_flops=5)
+_op("rope_grad", ("dy", "pos"), _ROPE_ATTRS, _rope_grad,
+    lambda a, dy, pos: fm.rope_grad(dy, a["theta"], a["head_dim"], a["rotary"], pos,
+                                    rope_scaling(a)),
+    "d x of rope: dy rotated back by the same angles", vector_flops=6,
+    defaults={**_HEAD_ROPE, **_NO_SCALING}, indices=("pos",))
+_op("attention_grad", ("q", "k", "v", "dy"),
+    (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("scale", float),
+     ("window", int)), _attention_grad,
+    lambda a, q, k, v, dy: fm.attention_grad(q, k, v, dy, a["num_heads"], a["num_kv_heads"],
+                                             a["head_dim"], a["scale"], a["window"]),
+    "[dq | dk | dv] of causal attention (window 0) or of the last `window` keys, GQA",
+    defaults={**_SCALE, "window": 0})
+_op("embedding_grad", ("tokens", "dy"), (("vocab", int),), _embedding_grad,
+    lambda a, ids, dy: fm.embedding_grad(ids, dy, a["vocab"]),
+    "d table of a gather: each row's gradient added into its token's row",
+    indices=("tokens",))
+_op("matmul_tn", ("a", "b"), (), _matmul_tn, lambda a, x, y: x.T @ y,
+    "a^T @ b, a reduction over the rows (weights' gradients)")
+_op("place_cols", ("x",), (("start", int), ("width", int)), _place_cols,
+    lambda a, x: fm.place_cols(x, a["start"], a["width"]),
+    "x at columns [start, start + its width) of zeros [rows, width] (d x of slice_cols)")
+_op("glu_grad_gate", ("dy", "gate", "up"), (("act", str),), _glu_grad_gate,
+    lambda a, dy, g, u: fm.glu_grad_gate(dy, g, u, a["act"]), "dy * up * act'(gate)",
+    vector_flops=12)
+_op("glu_grad_up", ("dy", "gate"), (("act", str),), _glu,
+    lambda a, dy, g: fm.glu_grad_up(dy, g, a["act"]), "dy * act(gate)", vector_flops=9)
+_op("softcap_grad", ("dy", "x"), (("cap", float),), _softcap_grad,
+    lambda a, dy, x: fm.softcap_grad(dy, x, a["cap"]), "dy * (1 - tanh(x / cap)^2)",
+    vector_flops=7)
+_op("cross_entropy", ("logits", "labels"), (), _cross_entropy,
+    lambda a, z, labels: fm.cross_entropy(z, labels),
+    "[1]: the sum over rows of logsumexp(row) - row[label], rows labelled -100 left out, fp32",
+    indices=("labels",))
+_op("cross_entropy_grad", ("logits", "labels", "d"), (), _cross_entropy_grad,
+    lambda a, z, labels, d: fm.cross_entropy_grad(z, labels, d),
+    "d logits of cross_entropy times d: softmax(row) - onehot(label), 0 on rows labelled -100",
+    indices=("labels",))
+
+# the backward ops without a generated kernel yet: a plan holding one is refused
+KERNEL_PENDING = frozenset({"norm_grad", "unit_norm_grad", "norm_wgrad", "rope_grad",
+                            "attention_grad", "embedding_grad", "matmul_tn", "place_cols",
+                            "glu_grad_gate", "glu_grad_up", "softcap_grad", "cross_entropy",
+                            "cross_entropy_grad"})
+
+# each differentiable op's gradient (ops without one: cache ops, layouts, positions)
+for _name, _vjp in {"matmul": _vjp_matmul, "embedding": _vjp_embedding,
+                    "rms_norm": _vjp_norm(False), "head_rms_norm": _vjp_norm(True),
+                    "unit_rms_norm": _vjp_unit_norm, "rope": _vjp_rope,
+                    "causal_attention": _vjp_attention, "sliding_window_attention": _vjp_attention,
+                    "add": _vjp_add, "glu": _vjp_glu, "scale": _vjp_scale,
+                    "scale_by": _vjp_scale_by, "softcap": _vjp_softcap,
+                    "slice_cols": _vjp_slice_cols, "cross_entropy": _vjp_cross_entropy}.items():
+    OPS[_name] = replace(OPS[_name], grad=_vjp)
 
 # the archetype ops, fused kernels as structure, are declared by compiler/kernels.py from the
 # declarations above (which ops each archetype takes as stages); it adds them to OPS

@@ -1,0 +1,92 @@
+"""Reverse-mode autodiff on the Graph IR: the backward of a graph is more of the same graph.
+
+    joint = grad(graph, loss, ["model.layers.0.mlp.up_proj.weight", ...])
+    loss, d_up, ... = run_reference(joint, weights, {..., "d_loss": seed})
+
+`grad` copies the forward graph and appends, node by node in reverse order, each op's
+vector-Jacobian product as declared in the op table (`OpSpec.grad`, compiler/ops.py):
+products' gradients are products (dX = dY W, dW = dY^T X read as `matmul_tn`), a norm's are
+`norm_grad` / `norm_wgrad`, attention's one `attention_grad` sliced into dq, dk, dv, and so
+on. A node read by several others gets the sum of their contributions (`add`). The joint
+graph returns the loss and the gradients of the requested weights, in order; its one new
+input, `d_loss` (the loss's shape), is the seed: 1 gives d loss, 1 / count a mean's.
+
+Only the nodes a requested weight reaches get a gradient, so frozen weights, positions and
+token ids cost nothing; a gradient node carries its forward node's block label with
+".grad" added, so the optimizer sees each layer's backward as one repeated block. Every
+forward activation the backward reads stays a node of the joint graph: whether it is kept
+or recomputed is the plan's choice.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..errors import GraphError
+from .graph import Graph
+from .ops import OPS, _Mismatch
+
+SEED = "d_loss"
+
+
+def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED) -> Graph:
+    """The joint forward + backward graph: outputs [loss, d wrt_0, d wrt_1, ...].
+
+    wrt: parameter names or node ids; each must be a node the loss depends on. The graph's
+    other outputs and effects are dropped (a training graph writes no cache)."""
+    if not (0 <= loss < len(graph.nodes)):
+        raise GraphError(f"grad: the loss %{loss} is not a node of the graph")
+    names = {n.name: n.id for n in graph.nodes if n.op == "parameter"}
+    targets = []
+    for w in wrt:
+        if isinstance(w, str):
+            if w not in names:
+                raise GraphError(f"grad: no parameter named {w!r}")
+            w = names[w]
+        if not isinstance(w, int) or not (0 <= w < len(graph.nodes)):
+            raise GraphError(f"grad: {w!r} is not a node of the graph")
+        targets.append(w)
+    if not targets:
+        raise GraphError("grad: no weight to differentiate with respect to")
+    if seed in {n.name for n in graph.nodes if n.op == "input"}:
+        raise GraphError(f"grad: the graph already has an input named {seed!r}")
+
+    # which nodes a target reaches (their gradients are needed)
+    wanted = set(targets)
+    for n in graph.nodes:
+        if any(i in wanted for i in n.inputs):
+            wanted.add(n.id)
+    missing = [t for t in targets if not _reaches(graph, t, loss)]
+    if missing:
+        raise GraphError(f"grad: the loss does not depend on {graph.label(missing[0])}")
+
+    g = Graph(graph.nodes)
+    d = {loss: g.input_f32(seed, graph[loss].shape)}
+    for n in reversed(graph.nodes[:loss + 1]):
+        if n.id not in d or OPS[n.op].kind == "leaf":
+            continue
+        ins = {i for i in n.inputs if i in wanted}
+        if not ins:
+            continue
+        spec = OPS[n.op]
+        if spec.grad is None:
+            raise GraphError(f"grad: {graph.label(n.id)} ({n.op}) declares no gradient, and "
+                             f"{graph.label(sorted(ins)[0])} leads to a trained weight")
+        label = f"{n.block}.grad" if n.block else None
+        try:
+            with g.block(label):
+                for i, di in spec.grad(g, n, d[n.id], ins):
+                    d[i] = g.add(d[i], di) if i in d else di
+        except _Mismatch as e:
+            raise GraphError(f"grad: {graph.label(n.id)}: {e}") from None
+    g.set_outputs([loss] + [d[t] for t in targets])
+    return g
+
+
+def _reaches(graph: Graph, source: int, sink: int) -> bool:
+    """Whether `sink` depends on `source`."""
+    reach = {source}
+    for n in graph.nodes[source + 1:sink + 1]:
+        if any(i in reach for i in n.inputs):
+            reach.add(n.id)
+    return sink in reach

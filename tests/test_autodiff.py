@@ -1,0 +1,159 @@
+"""Autodiff on the IR: every op's declared gradient against torch autograd, in fp64.
+
+The cases are derived from the op table: each op that declares a gradient (OpSpec.grad)
+must have a case here, and its vector-Jacobian product, built by `compiler.autodiff.grad`
+in the graph's own ops and run by the reference executor, must equal torch.autograd's
+through the op's reference formula, on fresh random operands of odd sizes.
+"""
+
+import pytest
+import torch
+
+from meganeura.compiler.autodiff import SEED, grad
+from meganeura.compiler.graph import Graph
+from meganeura.compiler.ops import KERNEL_PENDING, OPS
+from meganeura.errors import GraphError
+from meganeura.runtime.reference import run_reference
+
+ROPE = dict(theta=1e4, head_dim=8, limit=40)
+
+
+class Case:
+    def __init__(self, seed):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.g = Graph()
+        self.weights, self.inputs, self.trained = {}, {}, []
+
+    def param(self, shape, trained=True, scale=1.0):
+        name = f"p{len(self.weights)}"
+        self.weights[name] = torch.randn(*shape, generator=self.gen, dtype=torch.float64) * scale
+        if trained:
+            self.trained.append(name)
+        return self.g.parameter(name, tuple(shape))
+
+    def ids(self, values):
+        name = f"i{len(self.inputs)}"
+        self.inputs[name] = values
+        return self.g.input_u32(name, tuple(values.shape))
+
+    def randint(self, high, n):
+        return torch.randint(0, high, (n,), generator=self.gen)
+
+
+def _attention(window):
+    def build(c):
+        q, k, v = c.param((7, 16)), c.param((7, 8)), c.param((7, 8))
+        if window:
+            return c.g.sliding_window_attention(q, k, v, 4, 2, 4, window, 0.7)
+        return c.g.causal_attention(q, k, v, 4, 2, 4, 0.7)
+    return build
+
+
+def _labels(c):
+    lab = c.randint(11, 6)
+    lab[[1, 4]] = -100
+    return c.ids(lab)
+
+
+# op -> {variant: build(case) -> output node}
+CASES = {
+    "matmul": {"": lambda c: c.g.matmul(c.param((5, 7)), c.param((7, 3))),
+               "stored": lambda c: c.g.matmul(c.param((5, 7)), c.g.transpose(c.param((3, 7))))},
+    "embedding": {"": lambda c: c.g.embedding(c.ids(c.randint(9, 13)), c.param((9, 5)))},
+    "rms_norm": {"": lambda c: c.g.rms_norm(c.param((5, 13)), c.param((13,)), 1e-5)},
+    "head_rms_norm": {"": lambda c: c.g.head_rms_norm(c.param((5, 12)), c.param((4,)), 1e-5, 4)},
+    "unit_rms_norm": {"": lambda c: c.g.unit_rms_norm(c.param((5, 12)), 1e-5, 4)},
+    "rope": {"": lambda c: c.g.rope(c.param((5, 16)), c.ids(torch.randperm(40)[:5]), **ROPE),
+             "partial": lambda c: c.g.rope(c.param((5, 16)), c.ids(torch.randperm(40)[:5]),
+                                           rotary=3, **ROPE),
+             "llama3": lambda c: c.g.rope(c.param((5, 16)), c.ids(torch.randperm(40)[:5]),
+                                          scale_factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0, original_limit=16, **ROPE)},
+    "causal_attention": {"": _attention(None)},
+    "sliding_window_attention": {"": _attention(3)},
+    "add": {"": lambda c: c.g.add(c.param((5, 7)), c.param((5, 7)))},
+    "glu": {act: (lambda c, act=act: c.g.glu(c.param((5, 7)), c.param((5, 7)), act))
+            for act in ("silu", "gelu_tanh")},
+    "scale": {"": lambda c: c.g.scale(c.param((5, 7)), 0.37)},
+    "scale_by": {"": lambda c: c.g.scale_by(c.param((5, 7)), c.param((1,), trained=False))},
+    "softcap": {"": lambda c: c.g.softcap(c.param((5, 7), scale=20.0), 15.0)},
+    "slice_cols": {"": lambda c: c.g.slice_cols(c.param((5, 12)), 4, 5)},
+    "cross_entropy": {"": lambda c: c.g.cross_entropy(c.param((6, 11), scale=3.0), _labels(c))},
+}
+DIFFERENTIABLE = sorted(n for n, s in OPS.items() if s.grad is not None)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_differentiable_op_has_a_case(name):
+    assert (OPS[name].grad is not None) == (name in CASES), \
+        f"{name}: a gradient case (tests/test_autodiff.py CASES)"
+
+
+@pytest.mark.parametrize("name, variant", [(n, v) for n in DIFFERENTIABLE for v in CASES[n]])
+def test_each_ops_gradient_equals_autograd_in_fp64(name, variant):
+    c = Case(seed=sum(map(ord, name + variant)))
+    out = CASES[name][variant](c)
+    assert c.g[out].op == name
+    node = c.g[out]
+    cot = torch.randn(*node.shape, generator=c.gen, dtype=torch.float64)
+    joint = grad(c.g, out, c.trained)
+    joint.validate()
+    loss, *grads = run_reference(joint, c.weights, {**c.inputs, SEED: cot}, torch.float64)
+
+    # torch autograd through the reference formulas of the forward graph
+    leaves = {n: w.clone().requires_grad_(n in c.trained) for n, w in c.weights.items()}
+    vals = {}
+    for n in c.g.nodes[:out + 1]:
+        if n.op == "parameter":
+            vals[n.id] = leaves[n.name]
+        elif n.op == "input":
+            vals[n.id] = c.inputs[n.name]
+        else:
+            vals[n.id] = OPS[n.op].reference(n.attrs, *[vals[i] for i in n.inputs])
+    assert torch.allclose(loss, vals[out].detach(), rtol=1e-12, atol=0)
+    expect = torch.autograd.grad(vals[out], [leaves[n] for n in c.trained], cot)
+    for n, got, want in zip(c.trained, grads, expect):
+        assert got.dtype == torch.float64 and got.shape == want.shape, n
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-12, f"{name}{variant} d{n}: relative error {err:.2e}"
+
+
+def test_a_node_read_twice_gets_both_contributions():
+    # x feeds the product and the residual: dx = dy W + dy
+    c = Case(seed=3)
+    x, w = c.param((4, 6)), c.param((6, 6))
+    y = c.g.add(c.g.matmul(x, w), x)
+    joint = grad(c.g, y, c.trained)
+    cot = torch.randn(4, 6, generator=c.gen, dtype=torch.float64)
+    _, dx, dw = run_reference(joint, c.weights, {SEED: cot}, torch.float64)
+    xv, wv = c.weights["p0"], c.weights["p1"]
+    assert torch.allclose(dx, cot @ wv.T + cot)
+    assert torch.allclose(dw, xv.T @ cot)
+
+
+def test_only_what_reaches_a_trained_weight_is_differentiated():
+    c = Case(seed=4)
+    x, frozen, w = c.param((4, 6), trained=False), c.param((6, 6), trained=False), c.param((6, 5))
+    y = c.g.matmul(c.g.rms_norm(c.g.matmul(x, frozen), c.param((6,), trained=False), 1e-6), w)
+    joint = grad(c.g, y, ["p2"])
+    added = {n.op for n in joint.nodes[len(c.g.nodes):]}
+    assert added == {"input", "matmul_tn"}, added  # the seed and dW alone
+
+
+def test_what_cannot_be_differentiated_is_named():
+    c = Case(seed=5)
+    x = c.param((4, 6))
+    y = c.g.scale_by(x, c.param((1,)))
+    with pytest.raises(GraphError, match="scalar of scale_by is not trained"):
+        grad(c.g, y, ["p1"])
+    with pytest.raises(GraphError, match="no parameter named 'nope'"):
+        grad(c.g, y, ["nope"])
+    other = c.param((3,))
+    with pytest.raises(GraphError, match="does not depend on"):
+        grad(c.g, y, [other])
+
+
+def test_backward_ops_without_kernels_are_listed():
+    # what the compiler refuses until their kernels exist; every one has a formula
+    for name in KERNEL_PENDING:
+        assert OPS[name].reference is not None and OPS[name].archetype is None, name
