@@ -157,3 +157,14 @@ def test_backward_ops_without_kernels_are_listed():
     # what the compiler refuses until their kernels exist; every one has a formula
     for name in KERNEL_PENDING:
         assert OPS[name].reference is not None and OPS[name].archetype is None, name
+
+
+def test_the_compiler_refuses_a_backward_it_has_no_kernel_for(tmp_path):
+    from meganeura.pipeline import compile_graph, setup
+
+    c = Case(seed=6)
+    y = c.g.softcap(c.param((4, 6)), 5.0)
+    joint = grad(c.g, y, c.trained)
+    weights = {n: w.float() for n, w in c.weights.items()}
+    with pytest.raises(GraphError, match="no generated kernel runs softcap_grad yet"):
+        compile_graph(joint, weights, setup("cpu", cache_dir=tmp_path))
