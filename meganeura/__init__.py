@@ -36,3 +36,12 @@ def from_config(config, weights=None, device=None, dtype=None, cache_dir=None, p
     from .inference.pretrained import from_config as _from_config
 
     return _from_config(config, weights, device, dtype, cache_dir, profile, seed, debug)
+
+
+def __getattr__(name):
+    """meganeura.Trainer and meganeura.LoRA (meganeura.training), imported on first use."""
+    if name in ("Trainer", "LoRA"):
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'meganeura' has no attribute {name!r}")

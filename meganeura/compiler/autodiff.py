@@ -29,11 +29,14 @@ from .ops import OPS, _Mismatch
 SEED = "d_loss"
 
 
-def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED) -> Graph:
+def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
+         padding: dict | None = None) -> Graph:
     """The joint forward + backward graph: outputs [loss, d wrt_0, d wrt_1, ...].
 
     wrt: parameter names or node ids; each must be a node the loss depends on. The graph's
-    other outputs and effects are dropped (a training graph writes no cache)."""
+    other outputs and effects are dropped (a training graph writes no cache). padding:
+    embedding table name -> the token id whose gathered rows add nothing to the table's
+    gradient (transformers' nn.Embedding(padding_idx))."""
     if not (0 <= loss < len(graph.nodes)):
         raise GraphError(f"grad: the loss %{loss} is not a node of the graph")
     names = {n.name: n.id for n in graph.nodes if n.op == "parameter"}
@@ -61,6 +64,7 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED) -> Graph:
         raise GraphError(f"grad: the loss does not depend on {graph.label(missing[0])}")
 
     g = Graph(graph.nodes)
+    g.padding = dict(padding or {})  # read by the gather's gradient (ops._vjp_embedding)
     d = {loss: g.input_f32(seed, graph[loss].shape)}
     for n in reversed(graph.nodes[:loss + 1]):
         if n.id not in d or OPS[n.op].kind == "leaf":

@@ -269,10 +269,12 @@ def attention_grad(q, k, v, dy, num_heads, num_kv_heads, head_dim, scale, window
     return torch.cat([heads(dq), heads(dk), heads(dv)], dim=1).to(dy.dtype)
 
 
-def embedding_grad(ids, dy, vocab):
-    # the rows' gradients summed into the rows of the table they were gathered from
+def embedding_grad(ids, dy, vocab, padding=-1):
+    # the rows' gradients summed into the rows of the table they were gathered from; rows
+    # of the padding token add nothing
     out = torch.zeros(vocab, dy.shape[1], dtype=wide(dy).dtype, device=dy.device)
-    return out.index_add_(0, ids.long(), wide(dy)).to(dy.dtype)
+    out.index_add_(0, ids.long(), wide(dy) * (ids.long() != padding)[:, None])
+    return out.to(dy.dtype)
 
 
 def place_cols(x, start, width):

@@ -300,8 +300,10 @@ def _vjp_matmul(g, n, dy, wanted):
 
 
 def _vjp_embedding(g, n, dy, wanted):
+    # g.padding: table name -> the token whose rows add nothing (nn.Embedding's padding_idx)
     ids, table = n.inputs
-    return [(table, g.embedding_grad(ids, dy, g[table].shape[0]))] if table in wanted else []
+    pad = getattr(g, "padding", {}).get(g[table].name, -1)
+    return [(table, g.embedding_grad(ids, dy, g[table].shape[0], pad))] if table in wanted else []
 
 
 def _vjp_norm(head: bool):
@@ -575,9 +577,10 @@ _op("attention_grad", ("q", "k", "v", "dy"),
                                              a["head_dim"], a["scale"], a["window"]),
     "[dq | dk | dv] of causal attention (window 0) or of the last `window` keys, GQA",
     defaults={**_SCALE, "window": 0})
-_op("embedding_grad", ("tokens", "dy"), (("vocab", int),), _embedding_grad,
-    lambda a, ids, dy: fm.embedding_grad(ids, dy, a["vocab"]),
-    "d table of a gather: each row's gradient added into its token's row",
+_op("embedding_grad", ("tokens", "dy"), (("vocab", int), ("padding", int)), _embedding_grad,
+    lambda a, ids, dy: fm.embedding_grad(ids, dy, a["vocab"], a["padding"]),
+    "d table of a gather: each row's gradient added into its token's row, but the `padding` "
+    "token's (-1: none)", defaults={"padding": -1},
     indices=("tokens",))
 _op("matmul_tn", ("a", "b"), (), _matmul_tn, lambda a, x, y: x.T @ y,
     "a^T @ b, a reduction over the rows (weights' gradients)")

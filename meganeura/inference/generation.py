@@ -178,6 +178,14 @@ class Generator:
 
     # ---- sessions and plans ----------------------------------------------------------------
 
+    def forget_plans(self) -> None:
+        """Drops every plan and what the caches hold (the weights or the graph changed: a
+        plan may keep load-time copies of weights, and cached keys came from the old ones)."""
+        for s in self.sessions:
+            s.plans.clear()
+            s.held, s.prefilled = [], 0
+        self._chunk_costs.clear()
+
     def plan_count(self) -> int:
         return sum(len(s.plans) for s in self.sessions)
 
@@ -238,7 +246,7 @@ class Generator:
             return s.plans[key]
         m = self.model
         t0 = self._phase(f"building the {what} plan")
-        fn = compile_graph(build(m.config, rows, gen), m.weights, m.setup, state=s.caches,
+        fn = compile_graph(m.build(rows, gen), m.weights, m.setup, state=s.caches,
                            dependent_launches=key == ("step",) and self.dependent_launches,
                            keep_plan=True)
         fn(*inputs, copy=False)
@@ -313,7 +321,7 @@ class Generator:
         key = (s.capacity, s.reach, rows)
         if key not in self._chunk_costs:
             m = self.model
-            g = build(m.config, rows, Generation(s.capacity, True, 1, s.reach, "row"))
+            g = m.build(rows, Generation(s.capacity, True, 1, s.reach, "row"))
             self._chunk_costs[key] = m.setup.cost.graph_time(g)
         return self._chunk_costs[key]
 

@@ -40,17 +40,56 @@ class PretrainedModel:
         self.report = None  # the report of the plan compiled or run last
         self.eos_token_ids: tuple[int, ...] = checkpoint.eos_token_ids if checkpoint else ()
         self.generator = Generator(self)
+        self.lora = None  # LoRA adapters a Trainer attached (their weights in self.weights)
         self._lock = threading.Lock()
 
     @property
     def notes(self) -> list[str]:
         return self.checkpoint.notes if self.checkpoint else []
 
+    def build(self, seq_len: int, generation=None):
+        """The model's graph (the family's, with the LoRA adapters a Trainer attached)."""
+        g = build(self.config, seq_len, generation)
+        if self.lora is not None:
+            from ..training.trainer import with_lora
+
+            g = with_lora(g, self.lora)[0]
+        return g
+
+    def attach_lora(self, lora, adapters: dict) -> None:
+        """Every graph made from now on carries these adapters (Trainer(lora=...) does this);
+        `merged_weights` folds them into the base weights."""
+        with self._lock:
+            self.weights.update(adapters)
+            self.lora = lora
+            self._forget_plans()
+
+    def merged_weights(self) -> dict:
+        """The weights in the family's layout, the LoRA adapters folded in when attached."""
+        if self.lora is None:
+            return self.weights
+        from ..training.trainer import merged
+
+        return merged(self.weights, self.lora)
+
+    def all_weights(self) -> dict:
+        """Every tensor the model's graphs read by name (adapters included)."""
+        return self.weights
+
+    def weights_changed(self) -> None:
+        """Called after the weights were updated in place (a training step): plans that
+        hold load-time copies of them and the KV caches' contents are dropped."""
+        with self._lock:
+            self._forget_plans()
+
+    def _forget_plans(self) -> None:
+        self.plans.clear()
+        self.generator.forget_plans()
+
     def compiled(self, seq_len: int) -> CompiledModel:
         """The compiled prefill plan for `seq_len` tokens (optimized and compiled on first use)."""
         if seq_len not in self.plans:
-            self.plans[seq_len] = compile_graph(build(self.config, seq_len), self.weights,
-                                                self.setup)
+            self.plans[seq_len] = compile_graph(self.build(seq_len), self.weights, self.setup)
         return self.plans[seq_len]
 
     def __call__(self, token_ids: torch.Tensor, copy: bool = True) -> torch.Tensor:
@@ -70,12 +109,13 @@ class PretrainedModel:
     def save_pretrained(self, directory, overwrite: bool = False):
         """Writes the model as a checkpoint directory that transformers and from_pretrained
         load (config.json, model.safetensors in the weights' dtype, the read checkpoint's
-        generation config and tokenizer files); see models.checkpoint.save_checkpoint."""
+        generation config and tokenizer files; LoRA adapters merged into the weights); see
+        models.checkpoint.save_checkpoint."""
         from ..models.checkpoint import save_checkpoint
 
         with self._lock:
-            return save_checkpoint(directory, self.config, self.weights, self.checkpoint,
-                                   overwrite)
+            return save_checkpoint(directory, self.config, self.merged_weights(),
+                                   self.checkpoint, overwrite)
 
     def generate(self, token_ids, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,

@@ -72,6 +72,7 @@ class Gemma4TextConfig:
     hidden_activation: str = "gelu_pytorch_tanh"
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 131_072
+    pad_token_id: int | None = 0  # its embedding rows get no gradient (training)
     # per layer, resolved by from_dict: kind, head width, kv heads
     layer_types: tuple[str, ...] = ()
     layer_head_dims: tuple[int, ...] = ()
@@ -395,7 +396,9 @@ def weight_specs(c: Gemma4TextConfig) -> dict[str, WeightSpec]:
     shapes["model.norm.weight"] = (h,)
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, h)
-    return {name: WeightSpec(shape, False) for name, shape in shapes.items()}
+    # layer scalars are buffers in transformers: not trained
+    return {name: WeightSpec(shape, False, not name.endswith(".layer_scalar"))
+            for name, shape in shapes.items()}
 
 
 def _layer_shapes(c: Gemma4TextConfig, i: int) -> dict[str, tuple[int, ...]]:

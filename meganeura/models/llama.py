@@ -50,6 +50,7 @@ class LlamaConfig:
     rope_scaling: tuple[float, float, float, int] = NO_SCALING
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048  # positions generation may reach
+    pad_token_id: int | None = None  # its embedding row gets no gradient (training)
 
     qk_norm: ClassVar[bool] = False  # Qwen3: per-head RMSNorm of q and k before RoPE
 
@@ -109,7 +110,7 @@ def validate(c: LlamaConfig) -> None:
 # transformers' LlamaConfig defaults (head_dim None: hidden_size / num_attention_heads)
 DEFAULTS = dict(vocab_size=32_000, hidden_size=4096, intermediate_size=11_008,
                 num_hidden_layers=32, num_attention_heads=32, head_dim=None, rms_norm_eps=1e-6,
-                tie_word_embeddings=False, max_position_embeddings=2048)
+                tie_word_embeddings=False, max_position_embeddings=2048, pad_token_id=None)
 REFUSED = {"attention_bias": "biased attention projections are not supported",
            "mlp_bias": "biased MLP projections are not supported"}
 

@@ -25,7 +25,7 @@ class Qwen3Config(llama.LlamaConfig):
 # transformers' Qwen3Config defaults
 DEFAULTS = dict(vocab_size=151_936, hidden_size=4096, intermediate_size=22_016,
                 num_hidden_layers=32, num_attention_heads=32, head_dim=128, rms_norm_eps=1e-6,
-                tie_word_embeddings=False, max_position_embeddings=32_768)
+                tie_word_embeddings=False, max_position_embeddings=32_768, pad_token_id=None)
 REFUSED = {"attention_bias": "biased attention projections are not supported",
            "use_sliding_window": "sliding-window layers are not supported"}
 

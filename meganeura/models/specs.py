@@ -12,6 +12,7 @@ import torch
 class WeightSpec:
     shape: tuple[int, ...]  # as the graph's parameter node declares it
     transposed: bool  # the checkpoint stores it transposed (the seed's linear weights)
+    trained: bool = True  # a weight training updates (False: a buffer, e.g. a layer scalar)
 
     @property
     def stored_shape(self) -> tuple[int, ...]:

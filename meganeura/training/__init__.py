@@ -1,7 +1,8 @@
-"""Training: the optimizer (optim.py) and the fused causal-LM loss (loss.py); autodiff on the
-IR and `Trainer` build on them."""
+"""Training: `Trainer` (trainer.py: gradients through the IR's autodiff, AdamW steps, LoRA),
+the optimizer (optim.py) and the fused causal-LM loss (loss.py)."""
 
 from .loss import LinearCrossEntropy, shift_labels
 from .optim import AdamW
+from .trainer import LoRA, Trainer
 
-__all__ = ["AdamW", "LinearCrossEntropy", "shift_labels"]
+__all__ = ["AdamW", "LinearCrossEntropy", "LoRA", "Trainer", "shift_labels"]

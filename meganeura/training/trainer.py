@@ -1,0 +1,273 @@
+"""`meganeura.Trainer`: gradients and AdamW steps of a loaded model, all weights, a subset, or
+LoRA adapters.
+
+    model = meganeura.from_pretrained(path)
+    trainer = meganeura.Trainer(model, lr=1e-4, lora=meganeura.LoRA(rank=16, alpha=32))
+    loss = trainer.step(input_ids)                 # [S] or [B, S] int64; labels = input_ids
+    loss, grads = trainer.gradients(input_ids, labels)   # no update; {checkpoint name: fp32}
+    model.save_pretrained(out)                     # LoRA merged into the weights
+
+The training graph is the model's forward graph (the family's `build`), LoRA's low-rank
+products added beside the targeted products, the causal-LM loss as transformers computes
+it (the logits after the final soft-cap, labels shifted by one inside, -100 ignored, the
+mean over the counted positions of the whole batch), and its backward built by
+`compiler.autodiff.grad` in the same IR: one joint graph per sequence length. The backward
+ops have no generated kernels yet, so the joint graph runs on the reference executor
+(plain PyTorch, in the model's dtype); the update is the AdamW of `optim.py`, in
+generated kernels. Rows of a batch run one after another (`accumulate` micro-batches give
+the same gradient), their gradients summed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler.autodiff import SEED, grad
+from ..compiler.graph import Graph
+from ..errors import InputError
+from ..runtime.reference import run_reference
+from .loss import shift_labels
+from .optim import AdamW, _number
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """Low-rank adapters as peft defines them: y = x W^T + (alpha / rank) (x A^T) B^T for each
+    product whose weight's module (the checkpoint name without `.weight`) ends in one of
+    `targets`; A [rank, in] starts uniform in +-1/sqrt(in), B [out, rank] at 0 (peft's
+    defaults), named `<module>.lora_A.weight` / `.lora_B.weight`."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple = TARGETS
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise InputError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
+        _number("LoRA alpha", self.alpha, 0.0)
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise InputError(f"LoRA targets must be module names (e.g. {', '.join(TARGETS)}), "
+                             f"got {self.targets!r}")
+        object.__setattr__(self, "targets", targets)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def module(self, weight_name: str) -> str | None:
+        """The module a targeted weight belongs to, or None."""
+        if not weight_name.endswith(".weight"):
+            return None
+        module = weight_name[:-len(".weight")]
+        return module if module.rsplit(".", 1)[-1] in self.targets else None
+
+
+def with_lora(graph: Graph, lora: LoRA) -> tuple[Graph, dict[str, tuple[int, ...]]]:
+    """The graph with an adapter beside each targeted product x @ W^T, and the adapters'
+    shapes by name."""
+    g = Graph()
+    new: dict[int, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for n in graph.nodes:
+        with g.block(n.block):
+            if n.op == "parameter":
+                new[n.id] = g.parameter(n.name, n.shape)
+            elif n.op == "input":
+                new[n.id] = (g.input_u32 if n.dtype == "u32" else g.input_f32)(n.name, n.shape)
+            elif n.op == "state":
+                new[n.id] = g.state(n.name, n.shape)
+            else:
+                new[n.id] = g.op(n.op, tuple(new[i] for i in n.inputs), **n.attrs)
+            module = _targeted(graph, n, lora)
+            if module is not None:
+                x = new[n.inputs[0]]
+                out, inp = graph[graph[n.inputs[1]].inputs[0]].shape
+                a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+                shapes[a], shapes[b] = (lora.rank, inp), (out, lora.rank)
+                low = g.matmul(g.matmul(x, g.transpose(g.parameter(a, shapes[a]))),
+                               g.transpose(g.parameter(b, shapes[b])))
+                new[n.id] = g.add(new[n.id], g.scale(low, lora.scaling))
+    g.set_outputs([new[o] for o in graph.outputs], [new[e] for e in graph.effects])
+    return g, shapes
+
+
+def _targeted(graph: Graph, n, lora: LoRA) -> str | None:
+    if n.op != "matmul" or graph[n.inputs[1]].op != "transpose":
+        return None
+    w = graph[graph[n.inputs[1]].inputs[0]]
+    return lora.module(w.name) if w.op == "parameter" else None
+
+
+def lora_weights(shapes: dict, lora: LoRA, dtype, device, seed: int = 0) -> dict:
+    """Fresh adapters: A uniform in +-1/sqrt(in) (kaiming-uniform with a = sqrt(5), as peft
+    draws it), B zero."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("lora_A.weight"):
+            bound = 1.0 / math.sqrt(shape[1])
+            t = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        else:
+            t = torch.zeros(shape)
+        out[name] = t.to(device=device, dtype=dtype)
+    return out
+
+
+def merged(weights: dict, lora: LoRA) -> dict:
+    """The base weights with each adapter folded in: W + (alpha / rank) B A (fp32, then the
+    weights' dtype); the adapters themselves left out."""
+    out = {}
+    for name, w in weights.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        module = lora.module(name)
+        a = weights.get(f"{module}.lora_A.weight") if module else None
+        if a is None:
+            out[name] = w
+            continue
+        b = weights[f"{module}.lora_B.weight"]
+        out[name] = (w.float() + lora.scaling * (b.float() @ a.float())).to(w.dtype)
+    return out
+
+
+class Trainer:
+    """Gradients and optimizer steps of `model`'s weights (see the module's doc)."""
+
+    def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                 eps: float = 1e-8, trainable=None, lora: LoRA | None = None,
+                 grad_clip: float | None = None, accumulate: int = 1,
+                 master_weights: bool = False, seed: int = 0):
+        from ..inference.pretrained import PretrainedModel
+
+        if not isinstance(model, PretrainedModel):
+            raise InputError(f"Trainer takes a model from meganeura.from_pretrained or "
+                             f"from_config, got {type(model).__name__}")
+        if model.dtype not in (torch.float32, torch.bfloat16):
+            raise InputError(f"a model in {model.dtype} cannot train: load it in float32 or "
+                             f"bfloat16")
+        if lora is not None and not isinstance(lora, LoRA):
+            raise InputError(f"lora must be a meganeura.LoRA, got {type(lora).__name__}")
+        if lora is not None and trainable is not None:
+            raise InputError("with lora, the adapters alone train: leave trainable out")
+        if trainable is not None and not callable(trainable):
+            raise InputError("trainable must be a predicate on checkpoint names (or None: all)")
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise InputError(f"accumulate must be an integer >= 1, got {accumulate!r}")
+        self.grad_clip = None if grad_clip is None else _number("grad_clip", grad_clip, 0.0)
+        self.model, self.lora, self.accumulate = model, lora, accumulate
+        self._graphs: dict[int, Graph] = {}
+        specs = model.family.weight_specs(model.config)
+        if lora is not None:
+            if model.lora is not None:
+                raise InputError("this model already carries LoRA adapters")
+            shapes = with_lora(model.family.build(model.config, 1), lora)[1]
+            if not shapes:
+                raise InputError(f"no weight of this model belongs to a module named "
+                                 f"{', '.join(lora.targets)}")
+            adapters = lora_weights(shapes, lora, model.dtype, model.device, seed)
+            model.attach_lora(lora, adapters)
+            self.names = list(adapters)
+        else:
+            self.names = [n for n, spec in specs.items() if spec.trained
+                          and (trainable is None or trainable(n))]
+            if not self.names:
+                raise InputError("trainable selects no weight of this model")
+        self.optimizer = AdamW({n: model.weights[n] for n in self.names}, lr=lr, betas=betas,
+                               eps=eps, weight_decay=weight_decay, master_weights=master_weights,
+                               cache_dir=model.setup.cache_dir)
+        self.last_norm: float | None = None
+
+    # ---- graphs ---------------------------------------------------------------------------
+
+    def graph(self, seq_len: int) -> Graph:
+        """The joint forward + loss + backward graph of one sequence of seq_len tokens:
+        outputs [loss sum, d w for w in names]; inputs token_ids, labels (shifted), d_loss."""
+        if seq_len not in self._graphs:
+            g = self.model.build(seq_len)
+            logits = g.outputs[0]
+            loss = g.cross_entropy(logits, g.input_u32("labels", (seq_len,)))
+            pad = getattr(self.model.config, "pad_token_id", None)
+            tables = {g[n.inputs[1]].name for n in g.nodes if n.op == "embedding"}
+            padding = {t: pad for t in tables} if pad is not None else {}
+            self._graphs[seq_len] = grad(g, loss, self.names, padding=padding)
+        return self._graphs[seq_len]
+
+    # ---- inputs ---------------------------------------------------------------------------
+
+    def _batch(self, input_ids, labels):
+        vocab = self.model.config.vocab_size
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (
+                torch.int64, torch.int32) or input_ids.dim() not in (1, 2) or \
+                input_ids.numel() == 0:
+            what = (f"shape {list(input_ids.shape)} {input_ids.dtype}"
+                    if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__)
+            raise InputError(f"input_ids must be an int64 tensor [S] or [B, S], got {what}")
+        ids = input_ids.reshape(-1, input_ids.shape[-1]).long().cpu()
+        if ids.shape[1] < 2:
+            raise InputError("a sequence of one token predicts nothing: give at least 2")
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.numel():
+            raise InputError(f"input_ids hold {int(bad[0])}, outside the vocabulary [0, {vocab})")
+        if labels is None:
+            lab = ids
+        else:
+            if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape or \
+                    labels.dtype not in (torch.int64, torch.int32):
+                what = (f"shape {list(labels.shape)} {labels.dtype}"
+                        if isinstance(labels, torch.Tensor) else type(labels).__name__)
+                raise InputError(f"labels must be an int64 tensor of input_ids' shape "
+                                 f"{list(input_ids.shape)}, got {what}")
+            lab = labels.reshape(ids.shape).long().cpu()
+            wrong = lab[(lab != IGNORE) & ((lab < 0) | (lab >= vocab))]
+            if wrong.numel():
+                raise InputError(f"labels hold {int(wrong[0])}: neither -100 nor in [0, {vocab})")
+        target = shift_labels(lab)
+        counted = int((target != IGNORE).sum())
+        if counted == 0:
+            raise InputError("every label is -100 (after the shift by one): no position to "
+                             "learn from")
+        if ids.shape[0] % self.accumulate:
+            raise InputError(f"a batch of {ids.shape[0]} sequences does not split into "
+                             f"accumulate={self.accumulate} micro-batches")
+        return ids, target, counted
+
+    # ---- gradients and steps ----------------------------------------------------------------
+
+    def gradients(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        """(loss, grads): the mean causal-LM loss of the batch (a float) and its gradient
+        for each trained weight ({checkpoint name: fp32 tensor}); nothing is updated."""
+        ids, target, counted = self._batch(input_ids, labels)
+        m = self.model
+        g = self.graph(ids.shape[1])
+        seed = torch.full((1,), 1.0 / counted, dtype=torch.float32, device=m.device)
+        weights = m.all_weights()
+        total = torch.zeros((), dtype=torch.float64)
+        grads = {n: torch.zeros(m.weights[n].shape, dtype=torch.float32, device=m.device)
+                 for n in self.names}
+        for b in range(ids.shape[0]):  # micro-batches of one row: the same sums
+            loss, *ds = run_reference(g, weights, {"token_ids": ids[b].to(m.device),
+                                                   "labels": target[b].to(m.device),
+                                                   SEED: seed.to(m.dtype)}, m.dtype, m.device)
+            total += loss.double().sum().cpu()
+            for n, d in zip(self.names, ds):
+                grads[n] += d.float()
+        loss = float(total) / counted
+        if not math.isfinite(loss):
+            raise InputError(f"the loss is {loss}: no gradient is given and nothing changed")
+        return loss, grads
+
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+        """One AdamW step on the batch's gradients (clipped by their global norm to
+        grad_clip when given); returns the loss before the step. A non-finite loss or
+        gradient raises InputError with the weights and the optimizer state unchanged."""
+        loss, grads = self.gradients(input_ids, labels)
+        self.last_norm = self.optimizer.step(grads, max_norm=self.grad_clip)
+        self.model.weights_changed()
+        return loss
