@@ -167,3 +167,22 @@ def test_bad_inputs_are_named_and_change_nothing(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
         model.save_pretrained(tmp_path / "full")
+
+
+def test_a_step_beyond_the_memory_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
+    from meganeura.errors import MeganeuraError
+    from meganeura.runtime import compiled
+
+    _, model = _checkpoint("decoder", "llama3_tied", tmp_path)
+    trainer = meganeura.Trainer(model)
+    need = trainer.memory_needed(40)
+    assert need > trainer.memory_needed(8) > 0
+    monkeypatch.setattr(compiled, "_host_available", lambda: need - 1)
+    before = {n: w.clone() for n, w in model.weights.items()}
+    ids = _batch(model.config.vocab_size, (40,), 0)
+    with pytest.raises(MeganeuraError, match="a training step of 40 tokens a sequence needs"):
+        trainer.step(ids)
+    assert all(torch.equal(w, before[n]) for n, w in model.weights.items())
+    monkeypatch.setattr(compiled, "_host_available", lambda: 1000)
+    with pytest.raises(MeganeuraError, match="the optimizer's moments and the gradients need"):
+        meganeura.Trainer(model)

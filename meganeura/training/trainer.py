@@ -28,6 +28,7 @@ import torch
 from ..compiler.autodiff import SEED, grad
 from ..compiler.graph import Graph
 from ..errors import InputError
+from ..runtime.compiled import check_memory
 from ..runtime.reference import run_reference
 from .loss import shift_labels
 from .optim import AdamW, _number
@@ -179,6 +180,9 @@ class Trainer:
                           and (trainable is None or trainable(n))]
             if not self.names:
                 raise InputError("trainable selects no weight of this model")
+        trained = sum(model.weights[n].numel() for n in self.names)
+        state = trained * (4 * 3 + (4 if master_weights and model.dtype != torch.float32 else 0))
+        check_memory(state, model.device, "the optimizer's moments and the gradients need {}")
         self.optimizer = AdamW({n: model.weights[n] for n in self.names}, lr=lr, betas=betas,
                                eps=eps, weight_decay=weight_decay, master_weights=master_weights,
                                cache_dir=model.setup.cache_dir)
@@ -198,6 +202,32 @@ class Trainer:
             padding = {t: pad for t in tables} if pad is not None else {}
             self._graphs[seq_len] = grad(g, loss, self.names, padding=padding)
         return self._graphs[seq_len]
+
+    def memory_needed(self, seq_len: int) -> int:
+        """Device bytes one sequence's forward and backward hold at their peak beyond the
+        weights and the optimizer's state: the reference executor's order replayed, each
+        tensor freed after its last reader (gradients summed in fp32 beside)."""
+        g = self.graph(seq_len)
+        elem = torch.empty((), dtype=self.model.dtype).element_size()
+        users = g.users()
+        left = [len(u) for u in users]
+        for o in g.outputs:
+            left[o] += 1
+        live = peak = 0
+        size = {}
+        for n in g.nodes:
+            if n.op in ("parameter", "state"):
+                continue
+            size[n.id] = math.prod(n.shape) * (8 if n.op == "input" else elem)
+            live += size[n.id]
+            if n.op == "cross_entropy_grad" or n.op == "cross_entropy":
+                live += math.prod(g[n.inputs[0]].shape) * 4  # the fp32 softmax beside
+            peak = max(peak, live)
+            for i in set(n.inputs):
+                left[i] -= n.inputs.count(i)
+                if left[i] == 0 and i in size:
+                    live -= size.pop(i)
+        return peak
 
     # ---- inputs ---------------------------------------------------------------------------
 
@@ -246,6 +276,8 @@ class Trainer:
         ids, target, counted = self._batch(input_ids, labels)
         m = self.model
         g = self.graph(ids.shape[1])
+        check_memory(self.memory_needed(ids.shape[1]), m.device, f"a training step of "
+                     f"{ids.shape[1]} tokens a sequence needs {{}} for its activations")
         seed = torch.full((1,), 1.0 / counted, dtype=torch.float32, device=m.device)
         weights = m.all_weights()
         total = torch.zeros((), dtype=torch.float64)
