@@ -8,7 +8,7 @@ from meganeura.errors import InputError
 from meganeura.training import AdamW
 from numerics import assert_close
 
-SHAPES = {"a": (7,), "b.weight": (37, 13), "c": (130,), "d": (1, 1)}
+SHAPES = {"a": (7,), "b.weight": (37, 13), "c": (130,), "d": (1, 1), "e": (53, 71)}  # e: two programs
 
 
 def _weights(seed: int) -> dict:
@@ -93,7 +93,7 @@ def test_bad_hyperparameters_are_named(tmp_path, kw, message):
 
 @pytest.mark.parametrize("change, message", [
     (lambda g: g.pop("c"), "'c' is missing"),
-    (lambda g: g.update(e=torch.ones(2)), "'e' is not a trained weight"),
+    (lambda g: g.update(f=torch.ones(2)), "'f' is not a trained weight"),
     (lambda g: g.update(a=torch.ones(8)), r"gradient 'a' must be .* of shape \[7\] on cpu, got "
                                           r"shape \[8\]"),
     (lambda g: g.update(a=torch.ones(7, dtype=torch.int64)), "floating-point"),

@@ -187,6 +187,41 @@ def build_parser() -> argparse.ArgumentParser:
                       help="positions the conversation may fill (caches are made for them; "
                       "default: 8192, at most the model's)")
     _add_sampling_args(chat, default_new=256)
+    tr = sub.add_parser("train", help="fine-tune a checkpoint on a text file",
+                        description="Fine-tune on a text: --data is tokenized with the "
+                        "checkpoint's tokenizer, packed into sequences of --seq-len tokens and "
+                        "trained on for --steps AdamW steps (every weight but buffers, or "
+                        "LoRA adapters with --lora-rank), the causal-LM loss as transformers "
+                        "computes it. A line a step shows the loss and tokens/s; --out gets "
+                        "the checkpoint (LoRA merged), loss.csv and loss.png. The backward "
+                        "runs on the reference executor for now (slow beyond small models).")
+    _add_model_args(tr, seq_len=False)
+    tr.add_argument("--data", required=True, metavar="FILE", help="a .txt file (one document) "
+                    "or .jsonl (a \"text\" field a line)")
+    tr.add_argument("--out", required=True, metavar="DIR", help="where the trained checkpoint, "
+                    "loss.csv and loss.png go (must be empty, or --overwrite)")
+    tr.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    tr.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use (default: the "
+                    "one in the --weights directory)")
+    tr.add_argument("--steps", type=_positive_int, default=100, metavar="N",
+                    help="optimizer steps (default: 100)")
+    tr.add_argument("--seq-len", type=_positive_int, default=512, metavar="S",
+                    help="tokens a sequence (default: 512)")
+    tr.add_argument("--batch", type=_positive_int, default=1, metavar="B",
+                    help="sequences a step (default: 1)")
+    tr.add_argument("--lr", type=_number(0, 1e3, open_low=True), default=1e-4, metavar="LR",
+                    help="learning rate (default: 1e-4)")
+    tr.add_argument("--weight-decay", type=_number(0, 1e3), default=0.0, metavar="WD",
+                    help="AdamW's decoupled weight decay (default: 0)")
+    tr.add_argument("--grad-clip", type=_number(0, 1e9, open_low=True), default=1.0,
+                    metavar="NORM", help="clip the gradients' global norm (default: 1.0)")
+    tr.add_argument("--lora-rank", type=_positive_int, default=None, metavar="R",
+                    help="train LoRA adapters of rank R instead of the weights")
+    tr.add_argument("--lora-alpha", type=_number(0, 1e6, open_low=True), default=None,
+                    metavar="A", help="LoRA's alpha (default: 2 R)")
+    tr.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                    "down_proj", metavar="NAMES", help="modules that get adapters, by "
+                    "checkpoint name (default: every attention and MLP projection)")
     return parser
 
 

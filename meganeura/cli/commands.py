@@ -261,9 +261,10 @@ def _prompt_texts(args) -> list[str] | None:
     return texts if texts or args.tokens is None else None
 
 
-def _load_model(args, config, name, ck, prompts: list, max_new: int):
+def _load_model(args, config, name, ck, prompts: list, max_new: int, train: bool = False):
     """The model object, after checking that the weights and the caches the prompts need fit
-    (before either is allocated)."""
+    (before either is allocated); for training, the weights alone (the Trainer checks the
+    rest)."""
     from ..inference.generation import (CHUNKS, _batch_rows, cache_shapes, capacity_for,
                                         check_cache_memory)
     from ..inference.pretrained import PretrainedModel
@@ -271,17 +272,20 @@ def _load_model(args, config, name, ck, prompts: list, max_new: int):
     s = resolve_setup(args)
     device, dtype = s.device, s.dtype
     warn_cpu_size(config, device)
-    longest = max(len(p) for p in prompts)
     b = len(prompts)
-    capacity = capacity_for(config, longest + max_new)
-    states = cache_shapes(config, capacity, _batch_rows(b),
-                          min(CHUNKS[-1], capacity) if b == 1 else 1)
-    if b > 1:  # and the one-sequence caches the prompts are prefilled in
-        one = capacity_for(config, longest)
-        states |= {f"prefill.{k}": v for k, v in
-                   cache_shapes(config, one, 1, min(CHUNKS[-1], one)).items()}
-    check_cache_memory(states, capacity, dtype, device, weight_bytes(config, dtype),
-                       " and the weights beside them")
+    if train:
+        check_weight_memory(config, dtype, device)
+    else:
+        longest = max(len(p) for p in prompts)
+        capacity = capacity_for(config, longest + max_new)
+        states = cache_shapes(config, capacity, _batch_rows(b),
+                              min(CHUNKS[-1], capacity) if b == 1 else 1)
+        if b > 1:  # and the one-sequence caches the prompts are prefilled in
+            one = capacity_for(config, longest)
+            states |= {f"prefill.{k}": v for k, v in
+                       cache_shapes(config, one, 1, min(CHUNKS[-1], one)).items()}
+        check_cache_memory(states, capacity, dtype, device, weight_bytes(config, dtype),
+                           " and the weights beside them")
     for note in ck.notes if ck else []:
         print(f"{'checkpoint' if ck.path else 'config'}: {note}")
     t0 = time.perf_counter()
@@ -290,8 +294,9 @@ def _load_model(args, config, name, ck, prompts: list, max_new: int):
     else:
         print(f"weights: none given, using deterministic random weights (seed {args.seed})")
         weights = random_weights(config, args.seed, dtype, device)
-    print(f"model {name}: weights ready on {device} in {time.perf_counter() - t0:.2f} s; caches for "
-          f"{capacity} positions" + (f" of {b} sequences" if b > 1 else ""), flush=True)
+    ready = f"model {name}: weights ready on {device} in {time.perf_counter() - t0:.2f} s"
+    print(ready if train else ready + f"; caches for {capacity} positions"
+          + (f" of {b} sequences" if b > 1 else ""), flush=True)
     model = PretrainedModel(config, weights, s, ck)
     model.generator.on_phase = lambda line: print(line, flush=True)
     return model
@@ -477,4 +482,11 @@ class _Stream:
         print(flush=True)
 
 
-COMMANDS = {"compile": cmd_compile, "generate": cmd_generate, "chat": cmd_chat}
+def cmd_train(args) -> int:
+    from .train import cmd_train as run
+
+    return run(args)
+
+
+COMMANDS = {"compile": cmd_compile, "generate": cmd_generate, "chat": cmd_chat,
+            "train": cmd_train}

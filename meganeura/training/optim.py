@@ -25,7 +25,7 @@ from ..codegen.optimizer import ENTRY_ADAMW, ENTRY_SQ_SUM, adamw_source, sq_sum_
 from ..errors import InputError
 from ..pipeline import setup
 
-BLOCK_GPU, BLOCK_CPU = 1024, 256  # elements per program
+BLOCK_GPU, BLOCK_CPU = 1024, 2048  # elements per program (few programs on the interpreter)
 
 
 def _number(name: str, v, low: float, high: float = math.inf, open_high: bool = False) -> float:
