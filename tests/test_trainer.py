@@ -189,10 +189,10 @@ def test_a_step_beyond_the_memory_is_refused_before_anything_is_allocated(tmp_pa
 
 
 def _text_ids(vocab: int, n: int) -> torch.Tensor:
-    """A small real text (the project's design notes), its bytes as ids below vocab."""
+    """A small real text (the project's README), its bytes as ids below vocab."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "design.md").read_bytes()[:n]
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_bytes()[:n]
     return torch.tensor(list(text), dtype=torch.int64) % vocab
 
 
