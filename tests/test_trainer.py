@@ -243,3 +243,25 @@ def test_the_train_command_writes_the_checkpoint_and_its_curve(tmp_path, capsys)
     assert back.config.vocab_size == ref.config.vocab_size
     assert main(argv) == 2  # --out now holds the checkpoint
     assert "not an empty directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["gqa2", "small_test"])
+def test_the_seed_family_equals_autograd_through_the_independent_forward(name):
+    # the seed's model has no transformers class: its independent forward
+    # (tests/gemma4_forward.py) under torch autograd is the reference
+    from configs import CONFIGS
+    from gemma4_forward import forward
+
+    c = CONFIGS[name]
+    model = meganeura.from_config(c, device="cpu", seed=4)
+    ids = _batch(c.vocab_size, (2, 13), seed=9)
+    loss, grads = meganeura.Trainer(model).gradients(ids)
+    w = {n: t.clone().requires_grad_(True) for n, t in model.weights.items()}
+    losses = [torch.nn.functional.cross_entropy(forward(c, w, row)[:-1], row[1:],
+                                                reduction="sum") for row in ids]
+    ref = sum(losses) / (ids.numel() - ids.shape[0])
+    ref.backward()
+    assert abs(loss - ref.item()) <= 1e-5 * ref.item()
+    assert set(grads) == set(w)
+    for n, g in grads.items():
+        assert _rel(g, w[n].grad) < 1e-4, f"{n}: relative error {_rel(g, w[n].grad):.2e}"
