@@ -160,3 +160,17 @@ def test_qwen3_decode_against_transformers(tmp_path):
     assert check_generation(model, hf, TINY_QWEN3, [5], 2, cpu) <= 1e-4
     assert model.generator.sessions == []  # the check leaves no caches behind
     assert hf_decode(hf, hf, DynamicCache(config=hf.config), 5, 2, 59, cpu) > 0
+
+
+def test_the_training_benchmark_runs_each_work(tmp_path):
+    from train import main
+
+    out = tmp_path / "train.csv"
+    assert main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--no-liger",
+                 "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["work"], r["contender"]) for r in rows] == [
+        ("e4b-lora", "meganeura"), ("e4b-lora", "transformers"), ("e2b-full", "meganeura"),
+        ("e2b-full", "transformers"), ("check", "meganeura vs fp32 autograd")]
+    assert rows[0]["trained"] == rows[1]["trained"]  # the same adapters on both sides
+    assert float(rows[-1]["max_rel_error"]) < 1e-4  # fp32 on the CPU
