@@ -265,3 +265,21 @@ def test_the_seed_family_equals_autograd_through_the_independent_forward(name):
     assert set(grads) == set(w)
     for n, g in grads.items():
         assert _rel(g, w[n].grad) < 1e-4, f"{n}: relative error {_rel(g, w[n].grad):.2e}"
+
+
+def test_the_multimodal_layout_names_gradients_as_its_checkpoint(tmp_path):
+    ref = hf.multimodal_model("every_feature", seed=2)
+    hf.save(ref, tmp_path / "mm")
+    model = meganeura.from_pretrained(tmp_path / "mm", device="cpu", cache_dir=tmp_path / "k")
+    ids = _batch(model.config.vocab_size, (10,), seed=4)
+    trainer = meganeura.Trainer(model, trainable=lambda n: ".layers.1." in n)
+    loss, grads = trainer.gradients(ids)
+    ref.zero_grad()
+    out = ref(input_ids=ids[None], labels=ids[None])
+    out.loss.backward()
+    assert abs(loss - out.loss.item()) <= 1e-5 * out.loss.item()
+    want = {n: p.grad for n, p in ref.named_parameters() if ".layers.1." in n
+            and n.startswith("model.language_model.")}
+    assert set(grads) == set(want) and want
+    for n, g in grads.items():
+        assert _rel(g, want[n]) < 1e-4, n

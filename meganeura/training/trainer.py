@@ -165,6 +165,9 @@ class Trainer:
         self.model, self.lora, self.accumulate = model, lora, accumulate
         self._graphs: dict[int, Graph] = {}
         specs = model.family.weight_specs(model.config)
+        ck = model.checkpoint
+        # graph name -> the checkpoint's (the multimodal Gemma-4 nests the text decoder)
+        self.checkpoint_name = ck.rename if ck is not None and ck.rename else (lambda n: n)
         if lora is not None:
             if model.lora is not None:
                 raise InputError("this model already carries LoRA adapters")
@@ -177,7 +180,7 @@ class Trainer:
             self.names = list(adapters)
         else:
             self.names = [n for n, spec in specs.items() if spec.trained
-                          and (trainable is None or trainable(n))]
+                          and (trainable is None or trainable(self.checkpoint_name(n)))]
             if not self.names:
                 raise InputError("trainable selects no weight of this model")
         trained = sum(model.weights[n].numel() for n in self.names)
@@ -273,6 +276,10 @@ class Trainer:
     def gradients(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         """(loss, grads): the mean causal-LM loss of the batch (a float) and its gradient
         for each trained weight ({checkpoint name: fp32 tensor}); nothing is updated."""
+        loss, grads = self._gradients(input_ids, labels)
+        return loss, {self.checkpoint_name(n): g for n, g in grads.items()}
+
+    def _gradients(self, input_ids, labels):
         ids, target, counted = self._batch(input_ids, labels)
         m = self.model
         g = self.graph(ids.shape[1])
@@ -299,7 +306,7 @@ class Trainer:
         """One AdamW step on the batch's gradients (clipped by their global norm to
         grad_clip when given); returns the loss before the step. A non-finite loss or
         gradient raises InputError with the weights and the optimizer state unchanged."""
-        loss, grads = self.gradients(input_ids, labels)
+        loss, grads = self._gradients(input_ids, labels)
         self.last_norm = self.optimizer.step(grads, max_norm=self.grad_clip)
         self.model.weights_changed()
         return loss
