@@ -142,6 +142,15 @@ def attention_case(s, heads, kv_heads, head_dim, window=None, seed=0, scale=None
     return g, {}, [_rand(gen, s, (heads + 2 * kv_heads) * head_dim, scale=spread)]
 
 
+def product_tn_case(t, m, n, seed=0, strided=False):
+    """A reduction product a^T b of a [t, m] and b [t, n] (a weight's gradient); strided: a
+    is a column slice of a wider input."""
+    c = Case(seed)
+    a = _input_x(c, t, m, strided, pad=5)
+    b = c.input("b", (t, n))
+    return c.case(c.g.matmul_tn(a, b))
+
+
 def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0, window=0,
                          sequences=1):
     """Attention over caches of `slots` rows a sequence, random contents: one decode step's

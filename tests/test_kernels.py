@@ -7,7 +7,7 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           ROW_CASES, ROW_NORM_PRODUCT_CASES, ROW_WRITE_CASES, attention_case,
                           cache_attention_case, cache_rows_case, check_cache_attention,
                           check_cache_rows, check_case, gather_case, parts_case,
-                          pointwise_case, product_case, row_case)
+                          pointwise_case, product_case, product_tn_case, row_case)
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
 
@@ -377,3 +377,12 @@ def test_a_product_of_activations_waits_before_reading_b():
     spec = kernel_for(g[out], g, Target(torch.device("cuda"), torch.bfloat16, sms=132, pdl=True))
     assert "+matvec" in spec.variant and "gdc_wait" in spec.source
     assert _before_the_gate(spec.source) == []
+
+
+@pytest.mark.parametrize("t, m, n, strided", [(37, 45, 70, False), (5, 16, 33, True),
+                                              (70, 9, 40, False)])
+def test_reduction_product(t, m, n, strided, tmp_path):
+    # dW = dY^T X: rows past T, columns past M and N masked; a strided A read in place
+    model = check_case(product_tn_case(t, m, n, seed=t + m, strided=strided), "cpu",
+                       torch.float32, tmp_path, "fp32")
+    assert model.outputs[0].dtype == torch.float32

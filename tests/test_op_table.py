@@ -13,6 +13,7 @@ import torch
 
 from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, ROW_CASES,
                           ROW_WRITE_CASES, attention_case, cache_attention_case, check_case,
+                          product_tn_case,
                           gather_case, pointwise_case, product_case, row_case)
 from meganeura.codegen import ARCHETYPES as KERNELS
 from meganeura.codegen.elementwise import EXPRESSIONS
@@ -29,6 +30,7 @@ OWN_CASES = {
     "causal_attention": lambda: attention_case(37, 4, 2, 16),
     "sliding_window_attention": lambda: attention_case(37, 4, 2, 16, window=5),
     "cache_attention": lambda: cache_attention_case(20, 6, 4, 2, 24),
+    "matmul_tn": lambda: product_tn_case(37, 45, 70),
 }
 ARCHETYPE_CASES = {"product": PRODUCT_CASES, "rows": ROW_CASES + ROW_WRITE_CASES,
                    "pointwise": POINTWISE_CASES, "gather": GATHER_CASES}

@@ -221,6 +221,11 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         return Work(io, 4 * heads * width * pairs, 6 * heads * pairs, "attention", fixed=fixed)
     if arch == "product":
         return _product(k, attrs, ins, out, io)
+    if arch == "product_tn":  # A^T B: A and B streamed once per tile row / column, C fp32
+        (t, m), n, sms = ins[0], ins[1][1], attrs.get("_sms", 0)
+        reads = elem * t * (m * -(-n // 128) + n * -(-m // 128))
+        return Work(reads + 4 * m * n, 2 * m * n * t, 0.0, "matmul",
+                    wave_fill(m, n, 128, 128, sms))
     vec = sum(OPS[st.op].vector_flops for st in k.epilogue)
     operands = _stage_operands(k, ins)
     if arch == "gather":  # only the rows it gathers are read

@@ -277,6 +277,11 @@ def embedding_grad(ids, dy, vocab, padding=-1):
     return out.to(dy.dtype)
 
 
+def matmul_tn(a, b):
+    # a^T b summed in the working precision, kept there (fp32: a weight's gradient)
+    return wide(a).T @ wide(b)
+
+
 def place_cols(x, start, width):
     out = torch.zeros(x.shape[0], width, dtype=x.dtype, device=x.device)
     out[:, start:start + x.shape[1]] = x

@@ -582,8 +582,9 @@ _op("embedding_grad", ("tokens", "dy"), (("vocab", int), ("padding", int)), _emb
     "d table of a gather: each row's gradient added into its token's row, but the `padding` "
     "token's (-1: none)", defaults={"padding": -1},
     indices=("tokens",))
-_op("matmul_tn", ("a", "b"), (), _matmul_tn, lambda a, x, y: x.T @ y,
-    "a^T @ b, a reduction over the rows (weights' gradients)")
+_op("matmul_tn", ("a", "b"), (), _matmul_tn, lambda a, x, y: fm.matmul_tn(x, y),
+    "a^T @ b, a reduction over the rows (weights' gradients), fp32", archetype="product_tn",
+    stream=True)
 _op("place_cols", ("x",), (("start", int), ("width", int)), _place_cols,
     lambda a, x: fm.place_cols(x, a["start"], a["width"]),
     "x at columns [start, start + its width) of zeros [rows, width] (d x of slice_cols)")
@@ -606,7 +607,7 @@ _op("cross_entropy_grad", ("logits", "labels", "d"), (), _cross_entropy_grad,
 
 # the backward ops without a generated kernel yet: a plan holding one is refused
 KERNEL_PENDING = frozenset({"norm_grad", "unit_norm_grad", "norm_wgrad", "rope_grad",
-                            "attention_grad", "embedding_grad", "matmul_tn", "place_cols",
+                            "attention_grad", "embedding_grad", "place_cols",
                             "glu_grad_gate", "glu_grad_up", "softcap_grad", "cross_entropy",
                             "cross_entropy_grad"})
 
