@@ -100,6 +100,7 @@ SAMPLES = {
                                            {"eps": 1e-6, "head_dim": c.head_dim or s[1]})},
     "unit_rms_norm": {"": lambda c, s, v: ([], {"eps": 1e-6, "head_dim": c.head_dim or s[1]})},
     "rope": {v: _rope for v in ("", "partial", "llama3")},
+    "rope_grad": {v: _rope for v in ("", "partial", "llama3")},
 }
 
 

@@ -4,6 +4,7 @@ row (token), or per few rows (a prompt's RoPE rows on a GPU, any rows on the int
     rms_norm:       y = x * rsqrt(mean(x^2) + eps) * w                    (fp32 inside)
     head_rms_norm:  the same over each head, w[hd] shared by the heads (unit_rms_norm: no weight)
     rope:           per head, pair d with d + hd/2:  angle = pos[row] * inv_freq[d]
+                    (rope_grad: the same rotation turned back, sin negated)
                     y[d] = x[d] cos - x[d+hd/2] sin,  y[d+hd/2] = x[d+hd/2] cos + x[d] sin
                     at the row's position (0 .. S-1 in a forward, the current one in a
                     decode step): the angle in float64 from a float64 table of inv_freq
@@ -120,8 +121,8 @@ def emit(v: RowKernel) -> str:
         elif OPS[st.op].locality == "row" and not placed:  # rope or the cache write
             lines += _position_lines(v)
             placed = True
-        if st.op == "rope":
-            lines += _rope_lines(v.freqs[i])
+        if st.op in ROPES:
+            lines += _rope_lines(v.freqs[i], ROPES[st.op])
         if OPS[st.op].locality == "element" and i < last_row:
             k = v.element.stages.index(st)
             for t, off in halves:
@@ -168,8 +169,13 @@ def _position_lines(v: RowKernel) -> list[str]:
     return lines
 
 
-def _rope_lines(freq: str) -> list[str]:
-    """The angle in float64, less k pi there; cos and sin of the rest in fp32."""
+# the rotations: rope's, and its gradient's (the same angles, turned back: sin negated)
+ROPES = {"rope": 1.0, "rope_grad": -1.0}
+
+
+def _rope_lines(freq: str, sign: float = 1.0) -> list[str]:
+    """The angle in float64, less k pi there; cos and sin of the rest in fp32 (sign -1:
+    the inverse rotation, rope's gradient)."""
     return [f"pi = tl.load({freq}_ptr + HALF)",
             f"inv_pi = tl.load({freq}_ptr + HALF + 1)",
             f"ang = p.to(tl.float64) * tl.load({freq}_ptr + d, mask=d < HALF, other=0.0)",
@@ -177,7 +183,7 @@ def _rope_lines(freq: str) -> list[str]:
             "x = (ang - k * pi).to(tl.float32)  # in [-pi/2, pi/2]",
             "odd = (k - 2.0 * tl.floor(k * 0.5)).to(tl.float32)  # cos, sin change sign",
             "x2 = x * x",
-            f"s = x * ({_series(SIN_TERMS, 'x2')}) * (1.0 - 2.0 * odd)",
+            f"s = x * ({_series(SIN_TERMS, 'x2')}) * ({sign!r} - {2.0 * sign!r} * odd)",
             f"c = ({_series(COS_TERMS, 'x2')}) * (1.0 - 2.0 * odd)",
             "lo, hi = lo * c - hi * s, hi * c + lo * s"]
 
@@ -194,7 +200,7 @@ def row_kernel(node, graph) -> RowKernel:
             if NORMS[st.op][1]:
                 weights[i] = names.take("w")
             eps[i] = names.take("eps")
-        elif st.op == "rope":
+        elif st.op in ROPES:
             freqs[i] = names.take("freq")
         positions.update(index_inputs("rows", {"prologue": (), "epilogue": (st,)}, 0))
     element = element_stages([st for st in k.epilogue if OPS[st.op].locality == "element"],

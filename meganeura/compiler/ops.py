@@ -568,8 +568,8 @@ _op("norm_wgrad", ("dy", "x"), (("eps", float), ("head_dim", int)), _norm_wgrad,
 _op("rope_grad", ("dy", "pos"), _ROPE_ATTRS, _rope_grad,
     lambda a, dy, pos: fm.rope_grad(dy, a["theta"], a["head_dim"], a["rotary"], pos,
                                     rope_scaling(a)),
-    "d x of rope: dy rotated back by the same angles", vector_flops=6,
-    defaults={**_HEAD_ROPE, **_NO_SCALING}, indices=("pos",))
+    "d x of rope: dy rotated back by the same angles", archetype="rows", vector_flops=6,
+    defaults={**_HEAD_ROPE, **_NO_SCALING}, locality="row", indices=("pos",))
 _op("attention_grad", ("q", "k", "v", "dy"),
     (("num_heads", int), ("num_kv_heads", int), ("head_dim", int), ("scale", float),
      ("window", int)), _attention_grad,
@@ -606,7 +606,7 @@ _op("cross_entropy_grad", ("logits", "labels", "d"), (), _cross_entropy_grad,
     indices=("labels",))
 
 # the backward ops without a generated kernel yet: a plan holding one is refused
-KERNEL_PENDING = frozenset({"norm_grad", "unit_norm_grad", "norm_wgrad", "rope_grad",
+KERNEL_PENDING = frozenset({"norm_grad", "unit_norm_grad", "norm_wgrad",
                             "attention_grad", "embedding_grad", "place_cols",
                             "glu_grad_gate", "glu_grad_up", "softcap_grad", "cross_entropy",
                             "cross_entropy_grad"})
