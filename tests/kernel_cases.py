@@ -151,6 +151,18 @@ def product_tn_case(t, m, n, seed=0, strided=False):
     return c.case(c.g.matmul_tn(a, b))
 
 
+def norm_grad_case(op, s, width, head_dim, seed=0, strided=False):
+    """An RMSNorm gradient (norm_grad, unit_norm_grad, norm_wgrad) of rows x [s, width] in
+    heads of head_dim (width: a row norm), dy its output's gradient."""
+    c = Case(seed)
+    x = _input_x(c, s, width, strided, pad=3)
+    dy = c.input("dy", (s, width))
+    if op == "norm_grad":
+        w = c.weight("w", 1.0 + 0.1 * c.rand(head_dim))
+        return c.case(c.g.norm_grad(dy, x, w, 1e-6, head_dim))
+    return c.case(getattr(c.g, op)(dy, x, 1e-6, head_dim))
+
+
 def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0, window=0,
                          sequences=1):
     """Attention over caches of `slots` rows a sequence, random contents: one decode step's

@@ -9,7 +9,8 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           ROW_CASES, ROW_NORM_PRODUCT_CASES, ROW_WRITE_CASES, attention_case,
                           cache_attention_case, cache_rows_case, check_cache_attention,
                           check_cache_rows, check_case, gather_case, parts_case,
-                          pointwise_case, product_case, product_tn_case, row_case)
+                          pointwise_case, product_case, product_tn_case, row_case,
+                          norm_grad_case)
 from meganeura.models import Gemma4Config, build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.reference import run_reference
@@ -22,6 +23,14 @@ pytestmark = pytest.mark.cuda
 def test_reduction_product_bf16(tmn, tmp_path):
     # a weight's gradient dY^T X over a sequence's rows, an fp32 result
     check_case(product_tn_case(*tmn, seed=tmn[0]), "cuda", torch.bfloat16, tmp_path, "bf16")
+
+
+@pytest.mark.parametrize("op", ["norm_grad", "unit_norm_grad", "norm_wgrad"])
+@pytest.mark.parametrize("s, width, head_dim", [(37, 2560, 2560), (300, 2048, 256),
+                                                (64, 4096, 512)])
+def test_norm_gradients_bf16(op, s, width, head_dim, tmp_path):
+    check_case(norm_grad_case(op, s, width, head_dim, seed=s), "cuda", torch.bfloat16, tmp_path,
+               "bf16")
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("mkn", [(1, 45, 70), (1, 2560, 1000), (37, 45, 70), (300, 2560, 1000)])

@@ -7,7 +7,8 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           ROW_CASES, ROW_NORM_PRODUCT_CASES, ROW_WRITE_CASES, attention_case,
                           cache_attention_case, cache_rows_case, check_cache_attention,
                           check_cache_rows, check_case, gather_case, parts_case,
-                          pointwise_case, product_case, product_tn_case, row_case)
+                          pointwise_case, product_case, product_tn_case, row_case,
+                          norm_grad_case)
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
 
@@ -386,3 +387,12 @@ def test_reduction_product(t, m, n, strided, tmp_path):
     model = check_case(product_tn_case(t, m, n, seed=t + m, strided=strided), "cpu",
                        torch.float32, tmp_path, "fp32")
     assert model.outputs[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("op", ["norm_grad", "unit_norm_grad", "norm_wgrad"])
+@pytest.mark.parametrize("s, width, head_dim, strided", [(7, 24, 8, False), (37, 45, 45, True),
+                                                         (20, 132, 132, False)])
+def test_norm_gradients(op, s, width, head_dim, strided, tmp_path):
+    # heads of 8 (a q/k norm), a whole odd row (a row norm) read strided, a wide row
+    check_case(norm_grad_case(op, s, width, head_dim, seed=s, strided=strided), "cpu",
+               torch.float32, tmp_path, "fp32")

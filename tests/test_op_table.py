@@ -13,7 +13,7 @@ import torch
 
 from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, ROW_CASES,
                           ROW_WRITE_CASES, attention_case, cache_attention_case, check_case,
-                          product_tn_case,
+                          norm_grad_case, product_tn_case,
                           gather_case, pointwise_case, product_case, row_case)
 from meganeura.codegen import ARCHETYPES as KERNELS
 from meganeura.codegen.elementwise import EXPRESSIONS
@@ -31,6 +31,9 @@ OWN_CASES = {
     "sliding_window_attention": lambda: attention_case(37, 4, 2, 16, window=5),
     "cache_attention": lambda: cache_attention_case(20, 6, 4, 2, 24),
     "matmul_tn": lambda: product_tn_case(37, 45, 70),
+    "norm_grad": lambda: norm_grad_case("norm_grad", 7, 24, 8),
+    "unit_norm_grad": lambda: norm_grad_case("unit_norm_grad", 7, 24, 8),
+    "norm_wgrad": lambda: norm_grad_case("norm_wgrad", 7, 24, 8),
 }
 ARCHETYPE_CASES = {"product": PRODUCT_CASES, "rows": ROW_CASES + ROW_WRITE_CASES,
                    "pointwise": POINTWISE_CASES, "gather": GATHER_CASES}

@@ -221,6 +221,11 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         return Work(io, 4 * heads * width * pairs, 6 * heads * pairs, "attention", fixed=fixed)
     if arch == "product":
         return _product(k, attrs, ins, out, io)
+    if arch == "norm_grad":  # d x a few rows a program; d w one program over every row
+        flops = spec.vector_flops * _numel(ins[1])
+        if op == "norm_wgrad":
+            return Work(io, 0.0, 0.0, serial_flops=flops * max(1, attrs.get("_sms", 1)))
+        return Work(io, 0.0, flops)
     if arch == "product_tn":  # A^T B: A and B streamed once per tile row / column, C fp32
         (t, m), n, sms = ins[0], ins[1][1], attrs.get("_sms", 0)
         reads = elem * t * (m * -(-n // 128) + n * -(-m // 128))

@@ -236,7 +236,7 @@ def norm_wgrad(dy, x, eps, head_dim):
     s, width = x.shape
     xh = wide(x).view(s, width // head_dim, head_dim)
     g = wide(dy).view(s, width // head_dim, head_dim)
-    return (g * xh * rstd(xh, eps)).sum(dim=(0, 1)).to(dy.dtype)
+    return (g * xh * rstd(xh, eps)).sum(dim=(0, 1))  # fp32 (fp64 for fp64 inputs)
 
 
 def rope_grad(dy, theta, head_dim, rotary, positions, scaling=NO_SCALING):

@@ -557,14 +557,14 @@ _ROPE_ATTRS = OPS["rope"].attrs
 _op("norm_grad", ("dy", "x", "w"), (("eps", float), ("head_dim", int)), _norm_grad,
     lambda a, dy, x, w: fm.norm_grad(dy, x, w, a["eps"], a["head_dim"]),
     "d x of an RMSNorm of each head (head_dim: the row for rms_norm) with weight w",
-    vector_flops=8)
+    archetype="norm_grad", vector_flops=8)
 _op("unit_norm_grad", ("dy", "x"), (("eps", float), ("head_dim", int)), _norm_grad,
     lambda a, dy, x: fm.norm_grad(dy, x, None, a["eps"], a["head_dim"]),
-    "d x of an RMSNorm of each head without a weight", vector_flops=7)
+    "d x of an RMSNorm of each head without a weight", archetype="norm_grad", vector_flops=7)
 _op("norm_wgrad", ("dy", "x"), (("eps", float), ("head_dim", int)), _norm_wgrad,
     lambda a, dy, x: fm.norm_wgrad(dy, x, a["eps"], a["head_dim"]),
-    "d w of an RMSNorm of each head: dy * normalized x summed over rows and heads",
-    vector_flops=5)
+    "d w of an RMSNorm of each head: dy * normalized x summed over rows and heads, fp32",
+    archetype="norm_grad", vector_flops=5, stream=True)
 _op("rope_grad", ("dy", "pos"), _ROPE_ATTRS, _rope_grad,
     lambda a, dy, pos: fm.rope_grad(dy, a["theta"], a["head_dim"], a["rotary"], pos,
                                     rope_scaling(a)),
@@ -606,9 +606,8 @@ _op("cross_entropy_grad", ("logits", "labels", "d"), (), _cross_entropy_grad,
     indices=("labels",))
 
 # the backward ops without a generated kernel yet: a plan holding one is refused
-KERNEL_PENDING = frozenset({"norm_grad", "unit_norm_grad", "norm_wgrad",
-                            "attention_grad", "embedding_grad", "place_cols",
-                            "glu_grad_gate", "glu_grad_up", "softcap_grad", "cross_entropy",
+KERNEL_PENDING = frozenset({"attention_grad", "embedding_grad", "place_cols", "glu_grad_gate",
+                            "glu_grad_up", "softcap_grad", "cross_entropy",
                             "cross_entropy_grad"})
 
 # each differentiable op's gradient (ops without one: cache ops, layouts, positions)
