@@ -101,6 +101,12 @@ SAMPLES = {
     "unit_rms_norm": {"": lambda c, s, v: ([], {"eps": 1e-6, "head_dim": c.head_dim or s[1]})},
     "rope": {v: _rope for v in ("", "partial", "llama3")},
     "rope_grad": {v: _rope for v in ("", "partial", "llama3")},
+    # gradients: the running value is dy
+    "softcap_grad": {"": lambda c, s, v: ([c.input("x", s)], {"cap": 1.5})},
+    "glu_grad_up": {act: (lambda c, s, v: ([c.input("g", s)], {"act": v}))
+                    for act in ("silu", "gelu_tanh")},
+    "glu_grad_gate": {act: (lambda c, s, v: ([c.input("g", s), c.input("u", s)], {"act": v}))
+                      for act in ("silu", "gelu_tanh")},
 }
 
 

@@ -13,6 +13,12 @@ its declaration, its entry here and its test case.
     scale     x * factor
     scale_by  x * s                                 (s: the scalar s[0], loaded)
     softcap   cap * tanh(x / cap)                   (common.softcap_lines)
+    the gradients (the running value is dy):
+    softcap_grad   dy * (1 - tanh(x / cap)^2)
+    glu_grad_up    dy * act(gate)
+    glu_grad_gate  dy * up * act'(gate)             silu' = s (1 + g (1 - s)), s = sigmoid(g);
+                                                    gelu_tanh' = s + g s (1 - s) 2c (1 + 3 a g^2),
+                                                    s = sigmoid(2u), u = c (g + a g^3)
 """
 
 from __future__ import annotations
@@ -26,6 +32,30 @@ def _softcap(v, a, tmp):
     return lines[:-1], lines[-1].split(" = ", 1)[1]
 
 
+def _softcap_grad(v, a, tmp):
+    t = f"{tmp}sg_"
+    lines = [f"{t}a = tl.abs({v[1]} / {a['cap']})",
+             f"{t}e = tl.exp(-2.0 * {t}a)",
+             f"{t}y2 = {t}a * {t}a",
+             f"{t}t = tl.where({t}a < 0.0625, {t}a * (1.0 - {t}y2 * (1.0 / 3.0 - {t}y2 * "
+             f"(2.0 / 15.0 - {t}y2 * (17.0 / 315.0)))), (1.0 - {t}e) / (1.0 + {t}e))"]
+    return lines, f"{v[0]} * (1.0 - {t}t * {t}t)"
+
+
+def _glu_grad_gate(v, a, tmp):
+    dy, g, u = v
+    s = f"{tmp}gg_s"
+    if a["act"] == "silu":
+        return ([f"{s} = 1.0 / (1.0 + tl.exp(tl.minimum(-{g}, 80.0)))"],
+                f"{dy} * {u} * ({s} * (1.0 + {g} * (1.0 - {s})))")
+    if a["act"] == "gelu_tanh":  # 2c = 1.5957691216057308, 3a = 0.134145
+        return ([f"{s} = 1.0 / (1.0 + tl.exp(tl.minimum(-1.5957691216057308 * "
+                 f"({g} + 0.044715 * {g} * {g} * {g}), 80.0)))"],
+                f"{dy} * {u} * ({s} + {g} * {s} * (1.0 - {s}) * 1.5957691216057308 * "
+                f"(1.0 + 0.134145 * {g} * {g}))")
+    raise ValueError(f"no kernel expression for activation {a['act']!r}")
+
+
 # (operand values, attribute texts, a prefix for temporaries) -> (lines, expression)
 EXPRESSIONS = {
     "add": lambda v, a, tmp: ([], f"{v[0]} + {v[1]}"),
@@ -33,9 +63,12 @@ EXPRESSIONS = {
     "scale": lambda v, a, tmp: ([], f"{v[0]} * {a['factor']}"),
     "scale_by": lambda v, a, tmp: ([], f"{v[0]} * {v[1]}"),
     "softcap": _softcap,
+    "softcap_grad": _softcap_grad,
+    "glu_grad_up": lambda v, a, tmp: ([], f"{v[0]} * ({activation(a['act'], v[1])})"),
+    "glu_grad_gate": _glu_grad_gate,
 }
 # operands an expression reads more than once: the kernel names them first
-REPEATED = {"glu": (0,)}
+REPEATED = {"glu": (0,), "glu_grad_up": (1,), "glu_grad_gate": (1,)}
 
 
 def apply(op: str, values: list[str], attrs: dict, target: str, temp: str,

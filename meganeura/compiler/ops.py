@@ -590,12 +590,13 @@ _op("place_cols", ("x",), (("start", int), ("width", int)), _place_cols,
     "x at columns [start, start + its width) of zeros [rows, width] (d x of slice_cols)")
 _op("glu_grad_gate", ("dy", "gate", "up"), (("act", str),), _glu_grad_gate,
     lambda a, dy, g, u: fm.glu_grad_gate(dy, g, u, a["act"]), "dy * up * act'(gate)",
-    vector_flops=12)
+    archetype="pointwise", vector_flops=12, locality="element")
 _op("glu_grad_up", ("dy", "gate"), (("act", str),), _glu,
-    lambda a, dy, g: fm.glu_grad_up(dy, g, a["act"]), "dy * act(gate)", vector_flops=9)
+    lambda a, dy, g: fm.glu_grad_up(dy, g, a["act"]), "dy * act(gate)", archetype="pointwise",
+    vector_flops=9, locality="element")
 _op("softcap_grad", ("dy", "x"), (("cap", float),), _softcap_grad,
     lambda a, dy, x: fm.softcap_grad(dy, x, a["cap"]), "dy * (1 - tanh(x / cap)^2)",
-    vector_flops=7)
+    archetype="pointwise", vector_flops=7, locality="element")
 _op("cross_entropy", ("logits", "labels"), (), _cross_entropy,
     lambda a, z, labels: fm.cross_entropy(z, labels),
     "[1]: the sum over rows of logsumexp(row) - row[label], rows labelled -100 left out, fp32",
@@ -606,8 +607,7 @@ _op("cross_entropy_grad", ("logits", "labels", "d"), (), _cross_entropy_grad,
     indices=("labels",))
 
 # the backward ops without a generated kernel yet: a plan holding one is refused
-KERNEL_PENDING = frozenset({"attention_grad", "embedding_grad", "place_cols", "glu_grad_gate",
-                            "glu_grad_up", "softcap_grad", "cross_entropy",
+KERNEL_PENDING = frozenset({"attention_grad", "embedding_grad", "place_cols", "cross_entropy",
                             "cross_entropy_grad"})
 
 # each differentiable op's gradient (ops without one: cache ops, layouts, positions)
