@@ -168,3 +168,33 @@ def test_the_compiler_refuses_a_backward_it_has_no_kernel_for(tmp_path):
     weights = {n: w.float() for n, w in c.weights.items()}
     with pytest.raises(GraphError, match="no generated kernel runs embedding_grad yet"):
         compile_graph(joint, weights, setup("cpu", cache_dir=tmp_path))
+
+
+def test_a_layers_forward_and_backward_compile_as_one_plan(tmp_path):
+    # an MLP block (norm, gate | up, GeGLU, down, post-norm, residual) and its backward in
+    # one graph: the e-graph optimizes both, the generated kernels agree with the reference
+    from meganeura.pipeline import compile_graph, setup
+    from numerics import assert_close
+
+    c = Case(seed=7)
+    x = c.g.input_f32("x", (13, 24))
+    with c.g.block("layer.0"):
+        h = c.g.rms_norm(x, c.param((24,), scale=0.2), 1e-6)
+        gate = c.g.matmul(h, c.g.transpose(c.param((40, 24), scale=0.3)))
+        up = c.g.matmul(h, c.g.transpose(c.param((40, 24), scale=0.3)))
+        m = c.g.matmul(c.g.geglu(gate, up), c.g.transpose(c.param((24, 40), scale=0.3)))
+        y = c.g.add(x, c.g.rms_norm(m, c.param((24,), scale=0.2), 1e-6))
+    joint = grad(c.g, y, c.trained)
+    weights = {n: (w + (1.0 if w.dim() == 1 else 0.0)).float() for n, w in c.weights.items()}
+    gen = torch.Generator().manual_seed(8)
+    inputs = {"x": torch.randn(13, 24, generator=gen), SEED: torch.randn(13, 24, generator=gen)}
+    fn = compile_graph(joint, weights, setup("cpu", cache_dir=tmp_path))
+    out = fn(inputs["x"], inputs[SEED])
+    ref = run_reference(joint, weights, inputs)
+    assert len(out) == len(ref) == 6
+    for a, b in zip(out, ref):
+        assert_close(a.float(), b, "fp32")
+    plan = fn.plan.graph
+    fused = {st.op for n in plan.nodes if n.op == "product" for st in n.attrs["epilogue"]}
+    assert {"glu_grad_gate", "glu_grad_up"} <= fused, fused  # GeGLU's backward in products
+    assert any(n.op == "matmul_tn" for n in plan.nodes)
