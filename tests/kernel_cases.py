@@ -163,6 +163,24 @@ def norm_grad_case(op, s, width, head_dim, seed=0, strided=False):
     return c.case(getattr(c.g, op)(dy, x, 1e-6, head_dim))
 
 
+def loss_case(op, s, v, seed=0):
+    """cross_entropy (or its gradient, with d [s, 1]) of logits [s, v] whose labels hold a
+    -100 or two."""
+    c = Case(seed)
+    z = c.input("z", (s, v), c.rand(s, v) * 3.0)
+    labels = torch.randint(0, v, (s,), generator=c.gen)
+    labels[::3] = -100
+    lab = c.ids("labels", labels)
+    if op == "cross_entropy":
+        return c.case(c.g.cross_entropy(z, lab))
+    return c.case(c.g.cross_entropy_grad(z, lab, c.input("d", (s, 1))))
+
+
+def place_case(s, w, start, width, seed=0):
+    c = Case(seed)
+    return c.case(c.g.place_cols(c.input("x", (s, w)), start, width))
+
+
 def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0, window=0,
                          sequences=1):
     """Attention over caches of `slots` rows a sequence, random contents: one decode step's

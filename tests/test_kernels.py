@@ -8,7 +8,7 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           cache_attention_case, cache_rows_case, check_cache_attention,
                           check_cache_rows, check_case, gather_case, parts_case,
                           pointwise_case, product_case, product_tn_case, row_case,
-                          norm_grad_case)
+                          loss_case, norm_grad_case, place_case)
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
 
@@ -396,3 +396,15 @@ def test_norm_gradients(op, s, width, head_dim, strided, tmp_path):
     # heads of 8 (a q/k norm), a whole odd row (a row norm) read strided, a wide row
     check_case(norm_grad_case(op, s, width, head_dim, seed=s, strided=strided), "cpu",
                torch.float32, tmp_path, "fp32")
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "cross_entropy_grad"])
+@pytest.mark.parametrize("s, v", [(7, 45), (5, 200)])
+def test_cross_entropy_of_logits_rows(op, s, v, tmp_path):
+    # the vocabulary in blocks (200: past the interpreter's 64), rows labelled -100
+    check_case(loss_case(op, s, v, seed=v), "cpu", torch.float32, tmp_path, "fp32")
+
+
+@pytest.mark.parametrize("s, w, start, width", [(7, 5, 4, 12), (20, 130, 0, 300)])
+def test_a_block_placed_into_zeros(s, w, start, width, tmp_path):
+    check_case(place_case(s, w, start, width, seed=s), "cpu", torch.float32, tmp_path, "fp32")

@@ -226,6 +226,9 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         if op == "norm_wgrad":
             return Work(io, 0.0, 0.0, serial_flops=flops * max(1, attrs.get("_sms", 1)))
         return Work(io, 0.0, flops)
+    if arch in ("row_loss", "place"):  # rows of logits (twice more for the gradient); a copy
+        reads = 3 if op == "cross_entropy_grad" else 1
+        return Work(elem * (reads * _numel(ins[0]) + _numel(out)), 0.0, 4 * _numel(ins[0]))
     if arch == "product_tn":  # A^T B: A and B streamed once per tile row / column, C fp32
         (t, m), n, sms = ins[0], ins[1][1], attrs.get("_sms", 0)
         reads = elem * t * (m * -(-n // 128) + n * -(-m // 128))

@@ -292,20 +292,20 @@ IGNORE_INDEX = -100  # a label counted nowhere (transformers' ignore_index)
 
 
 def cross_entropy(logits, labels):
-    # [1]: the sum over counted rows (label != -100) of logsumexp(row) - row[label]; the
-    # mean divides by the count outside (it spans micro-batches)
+    # [S, 1]: each counted row's (label != -100) logsumexp(row) - row[label], 0 on the
+    # others; the mean sums them and divides by the count outside (it spans micro-batches)
     z = wide(logits)
     lab = labels.long()
     counted = lab != IGNORE_INDEX
     pick = z.gather(1, torch.where(counted, lab, 0)[:, None])[:, 0]
-    return ((torch.logsumexp(z, dim=1) - pick) * counted).sum().reshape(1)
+    return ((torch.logsumexp(z, dim=1) - pick) * counted)[:, None]
 
 
 def cross_entropy_grad(logits, labels, d):
-    # d (softmax(row) - onehot(label)) on counted rows, 0 on the others
+    # d [S, 1]: d (softmax(row) - onehot(label)) on counted rows, 0 on the others
     z = wide(logits)
     lab = labels.long()
     counted = lab != IGNORE_INDEX
     g = torch.softmax(z, dim=1)
     g[counted, lab[counted]] -= 1
-    return (g * counted[:, None] * wide(d)[0]).to(logits.dtype)
+    return (g * counted[:, None] * wide(d)).to(logits.dtype)

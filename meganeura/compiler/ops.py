@@ -428,8 +428,9 @@ def _cross_entropy(s, d, a):
     _need(labels == (logits[0],), f"labels must be [{logits[0]}], one per row, got {list(labels)}")
     _need(d[1] == U32, f"labels must be integers (u32), got {d[1]}")
     if len(s) > 2:
-        _need(s[2] == (1,), f"the loss's gradient must have shape [1], got {list(s[2])}")
-    return (1,)
+        _need(s[2] == (logits[0], 1), f"the losses' gradient must have shape [{logits[0]}, 1], "
+                                      f"got {list(s[2])}")
+    return (logits[0], 1)
 
 
 def _cross_entropy_grad(s, d, a):
@@ -587,7 +588,8 @@ _op("matmul_tn", ("a", "b"), (), _matmul_tn, lambda a, x, y: fm.matmul_tn(x, y),
     stream=True)
 _op("place_cols", ("x",), (("start", int), ("width", int)), _place_cols,
     lambda a, x: fm.place_cols(x, a["start"], a["width"]),
-    "x at columns [start, start + its width) of zeros [rows, width] (d x of slice_cols)")
+    "x at columns [start, start + its width) of zeros [rows, width] (d x of slice_cols)",
+    archetype="place")
 _op("glu_grad_gate", ("dy", "gate", "up"), (("act", str),), _glu_grad_gate,
     lambda a, dy, g, u: fm.glu_grad_gate(dy, g, u, a["act"]), "dy * up * act'(gate)",
     archetype="pointwise", vector_flops=12, locality="element")
@@ -599,16 +601,15 @@ _op("softcap_grad", ("dy", "x"), (("cap", float),), _softcap_grad,
     archetype="pointwise", vector_flops=7, locality="element")
 _op("cross_entropy", ("logits", "labels"), (), _cross_entropy,
     lambda a, z, labels: fm.cross_entropy(z, labels),
-    "[1]: the sum over rows of logsumexp(row) - row[label], rows labelled -100 left out, fp32",
-    indices=("labels",))
+    "[rows, 1]: logsumexp(row) - row[label] for each row, 0 for rows labelled -100, fp32",
+    archetype="row_loss", stream=True, indices=("labels",))
 _op("cross_entropy_grad", ("logits", "labels", "d"), (), _cross_entropy_grad,
     lambda a, z, labels, d: fm.cross_entropy_grad(z, labels, d),
-    "d logits of cross_entropy times d: softmax(row) - onehot(label), 0 on rows labelled -100",
-    indices=("labels",))
+    "d logits of cross_entropy, d [rows, 1]: d (softmax(row) - onehot(label)), 0 on rows "
+    "labelled -100", archetype="row_loss", indices=("labels",))
 
 # the backward ops without a generated kernel yet: a plan holding one is refused
-KERNEL_PENDING = frozenset({"attention_grad", "embedding_grad", "place_cols", "cross_entropy",
-                            "cross_entropy_grad"})
+KERNEL_PENDING = frozenset({"attention_grad", "embedding_grad"})
 
 # each differentiable op's gradient (ops without one: cache ops, layouts, positions)
 for _name, _vjp in {"matmul": _vjp_matmul, "embedding": _vjp_embedding,

@@ -195,7 +195,8 @@ class Trainer:
 
     def graph(self, seq_len: int) -> Graph:
         """The joint forward + loss + backward graph of one sequence of seq_len tokens:
-        outputs [loss sum, d w for w in names]; inputs token_ids, labels (shifted), d_loss."""
+        outputs [the rows' losses, d w for w in names]; inputs token_ids, labels (shifted),
+        d_loss (1 / the batch's counted rows, a row)."""
         if seq_len not in self._graphs:
             g = self.model.build(seq_len)
             logits = g.outputs[0]
@@ -285,7 +286,7 @@ class Trainer:
         g = self.graph(ids.shape[1])
         check_memory(self.memory_needed(ids.shape[1]), m.device, f"a training step of "
                      f"{ids.shape[1]} tokens a sequence needs {{}} for its activations")
-        seed = torch.full((1,), 1.0 / counted, dtype=torch.float32, device=m.device)
+        seed = torch.full((ids.shape[1], 1), 1.0 / counted, dtype=torch.float32, device=m.device)
         weights = m.all_weights()
         total = torch.zeros((), dtype=torch.float64)
         grads = {n: torch.zeros(m.weights[n].shape, dtype=torch.float32, device=m.device)
