@@ -176,6 +176,15 @@ def loss_case(op, s, v, seed=0):
     return c.case(c.g.cross_entropy_grad(z, lab, c.input("d", (s, 1))))
 
 
+def embedding_grad_case(t, v, d, padding=-1, seed=0):
+    """A gather's gradient: dy [t, d] added into the rows of a [v, d] table its token ids
+    (repeated ones among them) name."""
+    c = Case(seed)
+    ids = torch.randint(0, v, (t,), generator=c.gen)
+    ids[1] = ids[0]
+    return c.case(c.g.embedding_grad(c.ids("tokens", ids), c.input("dy", (t, d)), v, padding))
+
+
 def place_case(s, w, start, width, seed=0):
     c = Case(seed)
     return c.case(c.g.place_cols(c.input("x", (s, w)), start, width))

@@ -8,7 +8,7 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           cache_attention_case, cache_rows_case, check_cache_attention,
                           check_cache_rows, check_case, gather_case, parts_case,
                           pointwise_case, product_case, product_tn_case, row_case,
-                          loss_case, norm_grad_case, place_case)
+                          embedding_grad_case, loss_case, norm_grad_case, place_case)
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
 
@@ -408,3 +408,14 @@ def test_cross_entropy_of_logits_rows(op, s, v, tmp_path):
 @pytest.mark.parametrize("s, w, start, width", [(7, 5, 4, 12), (20, 130, 0, 300)])
 def test_a_block_placed_into_zeros(s, w, start, width, tmp_path):
     check_case(place_case(s, w, start, width, seed=s), "cpu", torch.float32, tmp_path, "fp32")
+
+
+@pytest.mark.parametrize("t, v, d, padding", [(7, 9, 45, -1), (37, 11, 130, 3)])
+def test_a_gathers_gradient_adds_rows_into_the_table(t, v, d, padding, tmp_path):
+    # repeated ids add up; the padding token's rows add nothing; rows no id names stay 0
+    # (the buffer is zeroed before each run: a second run gives the same)
+    model = check_case(embedding_grad_case(t, v, d, padding, seed=t), "cpu", torch.float32,
+                       tmp_path, "fp32")
+    first = model.outputs[0].clone()
+    model.run_kernels()
+    assert torch.allclose(model.outputs[0], first)

@@ -13,7 +13,8 @@ import torch
 
 from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, ROW_CASES,
                           ROW_WRITE_CASES, attention_case, cache_attention_case, check_case,
-                          loss_case, norm_grad_case, place_case, product_tn_case,
+                          embedding_grad_case, loss_case, norm_grad_case, place_case,
+                          product_tn_case,
                           gather_case, pointwise_case, product_case, row_case)
 from meganeura.codegen import ARCHETYPES as KERNELS
 from meganeura.codegen.elementwise import EXPRESSIONS
@@ -35,6 +36,7 @@ OWN_CASES = {
     "unit_norm_grad": lambda: norm_grad_case("unit_norm_grad", 7, 24, 8),
     "norm_wgrad": lambda: norm_grad_case("norm_wgrad", 7, 24, 8),
     "place_cols": lambda: place_case(7, 5, 4, 12),
+    "embedding_grad": lambda: embedding_grad_case(7, 9, 45),
     "cross_entropy": lambda: loss_case("cross_entropy", 7, 45),
     "cross_entropy_grad": lambda: loss_case("cross_entropy_grad", 7, 45),
 }

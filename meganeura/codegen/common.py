@@ -61,6 +61,7 @@ class KernelSpec:
     num_stages: int = 2
     then: "KernelSpec | None" = None  # a second kernel the node launches right after
     pdl: bool = False  # launched as a programmatic dependent of the kernel before it
+    zeroed: int | None = None  # a node whose buffer is zeroed before each launch (sums by atomics)
 
     def chain(self) -> list["KernelSpec"]:
         """This kernel and those launched after it, in order."""

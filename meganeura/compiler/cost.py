@@ -226,6 +226,8 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         if op == "norm_wgrad":
             return Work(io, 0.0, 0.0, serial_flops=flops * max(1, attrs.get("_sms", 1)))
         return Work(io, 0.0, flops)
+    if arch == "embedding_grad":  # the table's gradient zeroed, the rows added by atomics
+        return Work(4 * _numel(out) + (elem + 8) * _numel(ins[1]), 0.0, _numel(ins[1]))
     if arch in ("row_loss", "place"):  # rows of logits (twice more for the gradient); a copy
         reads = 3 if op == "cross_entropy_grad" else 1
         return Work(elem * (reads * _numel(ins[0]) + _numel(out)), 0.0, 4 * _numel(ins[0]))

@@ -274,7 +274,7 @@ def embedding_grad(ids, dy, vocab, padding=-1):
     # of the padding token add nothing
     out = torch.zeros(vocab, dy.shape[1], dtype=wide(dy).dtype, device=dy.device)
     out.index_add_(0, ids.long(), wide(dy) * (ids.long() != padding)[:, None])
-    return out.to(dy.dtype)
+    return out  # fp32 (fp64 for fp64 inputs)
 
 
 def matmul_tn(a, b):

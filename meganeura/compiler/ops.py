@@ -581,7 +581,8 @@ _op("attention_grad", ("q", "k", "v", "dy"),
 _op("embedding_grad", ("tokens", "dy"), (("vocab", int), ("padding", int)), _embedding_grad,
     lambda a, ids, dy: fm.embedding_grad(ids, dy, a["vocab"], a["padding"]),
     "d table of a gather: each row's gradient added into its token's row, but the `padding` "
-    "token's (-1: none)", defaults={"padding": -1},
+    "token's (-1: none), fp32", defaults={"padding": -1}, archetype="embedding_grad",
+    stream=True,
     indices=("tokens",))
 _op("matmul_tn", ("a", "b"), (), _matmul_tn, lambda a, x, y: fm.matmul_tn(x, y),
     "a^T @ b, a reduction over the rows (weights' gradients), fp32", archetype="product_tn",
@@ -609,7 +610,7 @@ _op("cross_entropy_grad", ("logits", "labels", "d"), (), _cross_entropy_grad,
     "labelled -100", archetype="row_loss", indices=("labels",))
 
 # the backward ops without a generated kernel yet: a plan holding one is refused
-KERNEL_PENDING = frozenset({"attention_grad", "embedding_grad"})
+KERNEL_PENDING = frozenset({"attention_grad"})
 
 # each differentiable op's gradient (ops without one: cache ops, layouts, positions)
 for _name, _vjp in {"matmul": _vjp_matmul, "embedding": _vjp_embedding,

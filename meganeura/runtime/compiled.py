@@ -224,6 +224,10 @@ class CompiledModel:
         kw = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
         if spec.pdl:
             kw["launch_pdl"] = True
+        if spec.zeroed is not None:  # a sum by atomics starts from zeros each run
+            out = self.tensors[spec.zeroed]
+            return (lambda: (out.zero_(), launcher(*args, **kw)),
+                    (fn, lambda: fn.warmup(*args, grid=spec.grid, **kw)))
         return (lambda: launcher(*args, **kw),
                 (fn, lambda: fn.warmup(*args, grid=spec.grid, **kw)))
 
