@@ -26,11 +26,10 @@ from .codegen import Target, kernel_for
 from .codegen.cache import KernelCache, interpreter_active, interpreter_mismatch
 from .compiler.cost import CPU_INTERPRETER, H200, PROFILES, CostModel, DeviceProfile
 from .compiler.graph import Graph
-from .compiler.ops import KERNEL_PENDING
 from .compiler.optimize import OptimizeReport, optimize
 from .compiler.plan import Plan
 from .compiler.report import plan_text
-from .errors import GraphError, MeganeuraError, WeightsError
+from .errors import MeganeuraError, WeightsError
 from .runtime.compiled import CompiledModel
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -201,7 +200,6 @@ def compile_graph(graph: Graph, weights: dict, s: Setup, cuda_graph: bool = True
     keep_plan: the extracted plan is kept in the kernel cache directory and read from there
     by the next process that optimizes the same graph (see cached_plan)."""
     check_weights_dict(weights)
-    check_kernels_exist(graph)
     t0 = time.perf_counter()
     if keep_plan and families is None:
         plan, report = cached_plan(graph, s)
@@ -209,16 +207,6 @@ def compile_graph(graph: Graph, weights: dict, s: Setup, cuda_graph: bool = True
         plan, report = optimize_graph(graph, s, families)
     return bind(plan, report, weights, s, cuda_graph, time.perf_counter() - t0, state,
                 dependent_launches)
-
-
-def check_kernels_exist(graph: Graph) -> None:
-    """Refuses a graph holding an op that no generated kernel runs yet (ops.KERNEL_PENDING:
-    backward ops, which the reference executor runs), naming it, before any work."""
-    pending = sorted({n.op for n in graph.nodes} & KERNEL_PENDING)
-    if pending:
-        raise GraphError(f"no generated kernel runs {', '.join(pending)} yet: a graph holding "
-                           f"{'it' if len(pending) == 1 else 'them'} runs on the reference "
-                           f"executor (runtime.reference.run_reference)")
 
 
 _CODE_HASH: list[str] = []

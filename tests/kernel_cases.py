@@ -176,6 +176,19 @@ def loss_case(op, s, v, seed=0):
     return c.case(c.g.cross_entropy_grad(z, lab, c.input("d", (s, 1))))
 
 
+def attention_grad_case(s, heads, kv_heads, head_dim, window=0, seed=0):
+    """attention_grad of q, k, v (views of one merged input, as a product gives them) and
+    dy, scores O(1)."""
+    c = Case(seed)
+    qkv = c.input("qkv", (s, (heads + 2 * kv_heads) * head_dim),
+                  c.rand(s, (heads + 2 * kv_heads) * head_dim) * head_dim ** -0.25)
+    q = c.g.slice_cols(qkv, 0, heads * head_dim)
+    k = c.g.slice_cols(qkv, heads * head_dim, kv_heads * head_dim)
+    v = c.g.slice_cols(qkv, (heads + kv_heads) * head_dim, kv_heads * head_dim)
+    dy = c.input("dy", (s, heads * head_dim))
+    return c.case(c.g.attention_grad(q, k, v, dy, heads, kv_heads, head_dim, 1.0, window))
+
+
 def embedding_grad_case(t, v, d, padding=-1, seed=0):
     """A gather's gradient: dy [t, d] added into the rows of a [v, d] table its token ids
     (repeated ones among them) name."""

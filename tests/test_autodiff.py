@@ -11,7 +11,7 @@ import torch
 
 from meganeura.compiler.autodiff import SEED, grad
 from meganeura.compiler.graph import Graph
-from meganeura.compiler.ops import KERNEL_PENDING, OPS
+from meganeura.compiler.ops import OPS
 from meganeura.errors import GraphError
 from meganeura.runtime.reference import run_reference
 
@@ -151,24 +151,6 @@ def test_what_cannot_be_differentiated_is_named():
     other = c.param((3,))
     with pytest.raises(GraphError, match="does not depend on"):
         grad(c.g, y, [other])
-
-
-def test_backward_ops_without_kernels_are_listed():
-    # what the compiler refuses until their kernels exist; every one has a formula
-    for name in KERNEL_PENDING:
-        assert OPS[name].reference is not None and OPS[name].archetype is None, name
-
-
-def test_the_compiler_refuses_a_backward_it_has_no_kernel_for(tmp_path):
-    from meganeura.pipeline import compile_graph, setup
-
-    c = Case(seed=6)
-    q, k, v = c.param((7, 16)), c.param((7, 8)), c.param((7, 8))
-    y = c.g.causal_attention(q, k, v, 4, 2, 4)
-    joint = grad(c.g, y, c.trained)
-    weights = {n: w.float() for n, w in c.weights.items()}
-    with pytest.raises(GraphError, match="no generated kernel runs attention_grad yet"):
-        compile_graph(joint, weights, setup("cpu", cache_dir=tmp_path))
 
 
 def test_a_layers_forward_and_backward_compile_as_one_plan(tmp_path):

@@ -167,7 +167,7 @@ def test_the_training_benchmark_runs_each_work(tmp_path):
 
     out = tmp_path / "train.csv"
     assert main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--no-liger",
-                 "--csv", str(out)]) == 0
+                 "--executor", "reference", "--csv", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [(r["work"], r["contender"]) for r in rows] == [
         ("e4b-lora", "meganeura"), ("e4b-lora", "transformers"), ("e2b-full", "meganeura"),

@@ -8,7 +8,8 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           cache_attention_case, cache_rows_case, check_cache_attention,
                           check_cache_rows, check_case, gather_case, parts_case,
                           pointwise_case, product_case, product_tn_case, row_case,
-                          embedding_grad_case, loss_case, norm_grad_case, place_case)
+                          attention_grad_case, embedding_grad_case, loss_case, norm_grad_case,
+                          place_case)
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
 
@@ -419,3 +420,11 @@ def test_a_gathers_gradient_adds_rows_into_the_table(t, v, d, padding, tmp_path)
     first = model.outputs[0].clone()
     model.run_kernels()
     assert torch.allclose(model.outputs[0], first)
+
+
+@pytest.mark.parametrize("s, heads, kv_heads, head_dim, window", [
+    (37, 4, 2, 16, 0), (37, 4, 2, 16, 5), (20, 3, 1, 24, 0), (9, 2, 2, 32, 4)])
+def test_attentions_gradient(s, heads, kv_heads, head_dim, window, tmp_path):
+    # causal and windowed, GQA groups of 2, 3 and 1, odd lengths and a padded head width
+    check_case(attention_grad_case(s, heads, kv_heads, head_dim, window, seed=s + head_dim),
+               "cpu", torch.float32, tmp_path, "fp32")

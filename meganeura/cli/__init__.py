@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained on for --steps AdamW steps (every weight but buffers, or "
                         "LoRA adapters with --lora-rank), the causal-LM loss as transformers "
                         "computes it. A line a step shows the loss and tokens/s; --out gets "
-                        "the checkpoint (LoRA merged), loss.csv and loss.png. The backward "
-                        "runs on the reference executor for now (slow beyond small models).")
+                        "the checkpoint (LoRA merged), loss.csv and loss.png. Forward and "
+                        "backward are one graph, optimized by the e-graph and run as "
+                        "generated kernels.")
     _add_model_args(tr, seq_len=False)
     tr.add_argument("--data", required=True, metavar="FILE", help="a .txt file (one document) "
                     "or .jsonl (a \"text\" field a line)")
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
                     "down_proj", metavar="NAMES", help="modules that get adapters, by "
                     "checkpoint name (default: every attention and MLP projection)")
+    tr.add_argument("--executor", choices=("compiled", "reference"), default="compiled",
+                    help="run the training graph as generated kernels (default) or on the "
+                    "reference executor (plain PyTorch)")
     return parser
 
 

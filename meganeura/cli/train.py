@@ -96,7 +96,7 @@ def cmd_train(args) -> int:
         lora = LoRA(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank,
                     tuple(args.lora_targets.split(",")))
     trainer = Trainer(model, lr=args.lr, weight_decay=args.weight_decay, lora=lora,
-                      grad_clip=args.grad_clip, seed=args.seed)
+                      grad_clip=args.grad_clip, seed=args.seed, executor=args.executor)
     trained = sum(model.weights[n].numel() for n in trainer.names)
     print(f"training {trained:,} weights ({len(trainer.names)} tensors"
           + (f", LoRA rank {lora.rank} alpha {lora.alpha:g} on {', '.join(lora.targets)})"

@@ -87,6 +87,10 @@ class Work:
     serial_flops: float = 0.0  # vector FLOPs that do not hide under the memory stream
 
 
+def next_pow2_int(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 def _numel(shape) -> int:
     return math.prod(shape)
 
@@ -226,6 +230,11 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         if op == "norm_wgrad":
             return Work(io, 0.0, 0.0, serial_flops=flops * max(1, attrs.get("_sms", 1)))
         return Work(io, 0.0, flops)
+    if arch == "attention_grad":  # the forward's work four times over (stats, dq, dk and dv)
+        s = ins[0][0]
+        pairs = attention_pairs(s, attrs.get("window") or None)
+        heads, width = attrs["num_heads"], next_pow2_int(attrs["head_dim"])
+        return Work(4 * io, 16 * heads * width * pairs, 24 * heads * pairs, "attention")
     if arch == "embedding_grad":  # the table's gradient zeroed, the rows added by atomics
         return Work(4 * _numel(out) + (elem + 8) * _numel(ins[1]), 0.0, _numel(ins[1]))
     if arch in ("row_loss", "place"):  # rows of logits (twice more for the gradient); a copy

@@ -17,9 +17,8 @@ case in `tests/op_cases.py` (docs/extending.md).
 Each differentiable op also declares its gradient (`grad`): the vector-Jacobian product
 built from ops of this table, so that `compiler/autodiff.py` writes the backward of any
 graph in the same IR, where the e-graph sees forward and backward together. The backward
-ops (`*_grad`, `matmul_tn`, `place_cols`, `cross_entropy`) have formulas here; those in
-KERNEL_PENDING have no generated kernel yet, and a plan holding one is refused by the
-compiler (the reference executor runs them).
+ops (`*_grad`, `matmul_tn`, `place_cols`, `cross_entropy`) are ops of the table like the
+others: a formula, a cost, a kernel (codegen/).
 
 Fused kernels are not ops of their own: they are the archetype ops (`product`, `rows`,
 `pointwise`, `gather`, declared in `compiler/kernels.py`) with stages as attributes.
@@ -577,7 +576,7 @@ _op("attention_grad", ("q", "k", "v", "dy"),
     lambda a, q, k, v, dy: fm.attention_grad(q, k, v, dy, a["num_heads"], a["num_kv_heads"],
                                              a["head_dim"], a["scale"], a["window"]),
     "[dq | dk | dv] of causal attention (window 0) or of the last `window` keys, GQA",
-    defaults={**_SCALE, "window": 0})
+    archetype="attention_grad", defaults={**_SCALE, "window": 0})
 _op("embedding_grad", ("tokens", "dy"), (("vocab", int), ("padding", int)), _embedding_grad,
     lambda a, ids, dy: fm.embedding_grad(ids, dy, a["vocab"], a["padding"]),
     "d table of a gather: each row's gradient added into its token's row, but the `padding` "
@@ -608,9 +607,6 @@ _op("cross_entropy_grad", ("logits", "labels", "d"), (), _cross_entropy_grad,
     lambda a, z, labels, d: fm.cross_entropy_grad(z, labels, d),
     "d logits of cross_entropy, d [rows, 1]: d (softmax(row) - onehot(label)), 0 on rows "
     "labelled -100", archetype="row_loss", indices=("labels",))
-
-# the backward ops without a generated kernel yet: a plan holding one is refused
-KERNEL_PENDING = frozenset({"attention_grad"})
 
 # each differentiable op's gradient (ops without one: cache ops, layouts, positions)
 for _name, _vjp in {"matmul": _vjp_matmul, "embedding": _vjp_embedding,

@@ -11,11 +11,12 @@ The training graph is the model's forward graph (the family's `build`), LoRA's l
 products added beside the targeted products, the causal-LM loss as transformers computes
 it (the logits after the final soft-cap, labels shifted by one inside, -100 ignored, the
 mean over the counted positions of the whole batch), and its backward built by
-`compiler.autodiff.grad` in the same IR: one joint graph per sequence length. The backward
-ops have no generated kernels yet, so the joint graph runs on the reference executor
-(plain PyTorch, in the model's dtype); the update is the AdamW of `optim.py`, in
-generated kernels. Rows of a batch run one after another (`accumulate` micro-batches give
-the same gradient), their gradients summed in fp32.
+`compiler.autodiff.grad` in the same IR: one joint graph per sequence length, optimized by
+the e-graph (forward and backward together) and run as generated kernels; the update is
+the AdamW of `optim.py`, in generated kernels too (`executor="reference"` runs the joint
+graph on the reference executor instead, plain PyTorch in the model's dtype). Rows of a
+batch run one after another (`accumulate` micro-batches give the same gradient), their
+gradients summed in fp32.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class Trainer:
     def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, trainable=None, lora: LoRA | None = None,
                  grad_clip: float | None = None, accumulate: int = 1,
-                 master_weights: bool = False, seed: int = 0):
+                 master_weights: bool = False, seed: int = 0, executor: str = "compiled"):
         from ..inference.pretrained import PretrainedModel
 
         if not isinstance(model, PretrainedModel):
@@ -159,6 +160,10 @@ class Trainer:
             raise InputError("with lora, the adapters alone train: leave trainable out")
         if trainable is not None and not callable(trainable):
             raise InputError("trainable must be a predicate on checkpoint names (or None: all)")
+        if executor not in ("compiled", "reference"):
+            raise InputError(f"executor must be 'compiled' or 'reference', got {executor!r}")
+        self.executor = executor
+        self._plans: dict = {}  # seq_len -> (plan, report, the CompiledModel bound last)
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise InputError(f"accumulate must be an integer >= 1, got {accumulate!r}")
         self.grad_clip = None if grad_clip is None else _number("grad_clip", grad_clip, 0.0)
@@ -287,14 +292,12 @@ class Trainer:
         check_memory(self.memory_needed(ids.shape[1]), m.device, f"a training step of "
                      f"{ids.shape[1]} tokens a sequence needs {{}} for its activations")
         seed = torch.full((ids.shape[1], 1), 1.0 / counted, dtype=torch.float32, device=m.device)
-        weights = m.all_weights()
+        run = self._runner(ids.shape[1])
         total = torch.zeros((), dtype=torch.float64)
         grads = {n: torch.zeros(m.weights[n].shape, dtype=torch.float32, device=m.device)
                  for n in self.names}
         for b in range(ids.shape[0]):  # micro-batches of one row: the same sums
-            loss, *ds = run_reference(g, weights, {"token_ids": ids[b].to(m.device),
-                                                   "labels": target[b].to(m.device),
-                                                   SEED: seed.to(m.dtype)}, m.dtype, m.device)
+            loss, *ds = run(ids[b].to(m.device), target[b].to(m.device), seed.to(m.dtype))
             total += loss.double().sum().cpu()
             for n, d in zip(self.names, ds):
                 grads[n] += d.float()
@@ -303,11 +306,35 @@ class Trainer:
             raise InputError(f"the loss is {loss}: no gradient is given and nothing changed")
         return loss, grads
 
+    def _runner(self, seq_len: int):
+        """f(ids, labels, seed) -> [losses, grads...]: the joint graph's plan (optimized once a
+        length, bound again after the weights change) or the reference executor."""
+        m, g = self.model, self.graph(seq_len)
+        if self.executor == "reference":
+            return lambda ids, labels, seed: run_reference(
+                g, m.all_weights(), {"token_ids": ids, "labels": labels, SEED: seed}, m.dtype,
+                m.device)
+        from ..pipeline import bind, optimize_graph
+
+        plan, report, fn = self._plans.get(seq_len, (None, None, None))
+        if plan is None:
+            plan, report = optimize_graph(g, m.setup)
+        if fn is None:
+            fn = bind(plan, report, m.all_weights(), m.setup, cuda_graph=False)
+        self._plans[seq_len] = (plan, report, fn)
+        return lambda ids, labels, seed: fn(ids, labels, seed)
+
+    def _weights_changed(self) -> None:
+        """Plans may hold load-time copies of weights (transposes, concatenations): each is
+        bound again at its next use, its extraction kept."""
+        self._plans = {k: (p, r, None) for k, (p, r, _) in self._plans.items()}
+        self.model.weights_changed()
+
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """One AdamW step on the batch's gradients (clipped by their global norm to
         grad_clip when given); returns the loss before the step. A non-finite loss or
         gradient raises InputError with the weights and the optimizer state unchanged."""
         loss, grads = self._gradients(input_ids, labels)
         self.last_norm = self.optimizer.step(grads, max_norm=self.grad_clip)
-        self.model.weights_changed()
+        self._weights_changed()
         return loss
