@@ -36,11 +36,13 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-# the generated kernels on three checkpoints, the reference executor on the two others (the
-# IR's gradients alone; e2b_like's ten layers on the kernels: 2.6e-4 from transformers' fp32
-# gradients, 1.6e-4 from fp64 ones, where transformers' own fp32 ones are 1.25e-4 away)
+# the generated kernels on the Llama and Qwen3 checkpoints (and the seed's model below), the
+# reference executor on the Gemma-4 ones (the IR's gradients alone; every_feature on the
+# kernels passes too, in 30 s of interpreter; e2b_like's ten layers on the kernels: 2.6e-4
+# from transformers' fp32 gradients, 1.6e-4 from fp64 ones, where transformers' own fp32
+# ones are 1.25e-4 away)
 @pytest.mark.parametrize("kind, name, executor", [
-    ("gemma4", "every_feature", "compiled"), ("gemma4", "e2b_like", "reference"),
+    ("gemma4", "every_feature", "reference"), ("gemma4", "e2b_like", "reference"),
     ("gemma4", "dense", "reference"), ("decoder", "llama3_tied", "compiled"),
     ("decoder", "qwen3", "compiled")])
 def test_loss_and_every_gradient_equal_transformers(kind, name, executor, tmp_path):
