@@ -198,6 +198,20 @@ def embedding_grad_case(t, v, d, padding=-1, seed=0):
     return c.case(c.g.embedding_grad(c.ids("tokens", ids), c.input("dy", (t, d)), v, padding))
 
 
+def linear_loss_case(op, t, h, v, cap=0.0, seed=0):
+    """The fused lm_head + soft-cap + loss (or a gradient, with d [t, 1]) of rows [t, h] and
+    a weight [v, h]; a label or two of -100."""
+    c = Case(seed)
+    x = c.input("h", (t, h))
+    w = c.weight("w", c.rand(v, h) * h ** -0.5 * 3.0)
+    labels = torch.randint(0, v, (t,), generator=c.gen)
+    labels[::4] = -100
+    lab = c.ids("labels", labels)
+    if op == "linear_cross_entropy":
+        return c.case(c.g.linear_cross_entropy(x, w, lab, cap))
+    return c.case(getattr(c.g, op)(x, w, lab, c.input("d", (t, 1)), cap))
+
+
 def place_case(s, w, start, width, seed=0):
     c = Case(seed)
     return c.case(c.g.place_cols(c.input("x", (s, w)), start, width))

@@ -79,6 +79,10 @@ CASES = {
     "softcap": {"": lambda c: c.g.softcap(c.param((5, 7), scale=20.0), 15.0)},
     "slice_cols": {"": lambda c: c.g.slice_cols(c.param((5, 12)), 4, 5)},
     "cross_entropy": {"": lambda c: c.g.cross_entropy(c.param((6, 11), scale=3.0), _labels(c))},
+    "linear_cross_entropy": {
+        "": lambda c: c.g.linear_cross_entropy(c.param((6, 5)), c.param((11, 5)), _labels(c)),
+        "capped": lambda c: c.g.linear_cross_entropy(c.param((6, 5), scale=2.0),
+                                                     c.param((11, 5)), _labels(c), 2.5)},
 }
 DIFFERENTIABLE = sorted(n for n, s in OPS.items() if s.grad is not None)
 

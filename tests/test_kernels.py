@@ -8,7 +8,8 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           cache_attention_case, cache_rows_case, check_cache_attention,
                           check_cache_rows, check_case, gather_case, parts_case,
                           pointwise_case, product_case, product_tn_case, row_case,
-                          attention_grad_case, embedding_grad_case, loss_case, norm_grad_case,
+                          attention_grad_case, embedding_grad_case, linear_loss_case,
+                          loss_case, norm_grad_case,
                           place_case)
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
@@ -428,3 +429,15 @@ def test_attentions_gradient(s, heads, kv_heads, head_dim, window, tmp_path):
     # causal and windowed, GQA groups of 2, 3 and 1, odd lengths and a padded head width
     check_case(attention_grad_case(s, heads, kv_heads, head_dim, window, seed=s + head_dim),
                "cpu", torch.float32, tmp_path, "fp32")
+
+
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_grad_h",
+                                "linear_cross_entropy_grad_w"])
+@pytest.mark.parametrize("t, h, v, cap", [(7, 24, 45, 0.0), (37, 40, 70, 3.0)])
+def test_the_lm_head_and_loss_without_logits(op, t, h, v, cap, tmp_path):
+    # rows, vocabulary and width past one tile each; a soft-cap that bends
+    model = check_case(linear_loss_case(op, t, h, v, cap, seed=t), "cpu", torch.float32,
+                       tmp_path, "fp32")
+    first = model.outputs[0].clone()  # gradients add into zeros each run
+    model.run_kernels()
+    assert torch.allclose(model.outputs[0], first)

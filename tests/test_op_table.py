@@ -13,7 +13,8 @@ import torch
 
 from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, ROW_CASES,
                           ROW_WRITE_CASES, attention_case, cache_attention_case, check_case,
-                          attention_grad_case, embedding_grad_case, loss_case,
+                          attention_grad_case, embedding_grad_case, linear_loss_case,
+                          loss_case,
                           norm_grad_case, place_case,
                           product_tn_case,
                           gather_case, pointwise_case, product_case, row_case)
@@ -39,6 +40,11 @@ OWN_CASES = {
     "place_cols": lambda: place_case(7, 5, 4, 12),
     "embedding_grad": lambda: embedding_grad_case(7, 9, 45),
     "attention_grad": lambda: attention_grad_case(37, 4, 2, 16),
+    "linear_cross_entropy": lambda: linear_loss_case("linear_cross_entropy", 7, 24, 45),
+    "linear_cross_entropy_grad_h": lambda: linear_loss_case("linear_cross_entropy_grad_h", 7,
+                                                            24, 45),
+    "linear_cross_entropy_grad_w": lambda: linear_loss_case("linear_cross_entropy_grad_w", 7,
+                                                            24, 45),
     "cross_entropy": lambda: loss_case("cross_entropy", 7, 45),
     "cross_entropy_grad": lambda: loss_case("cross_entropy_grad", 7, 45),
 }

@@ -4,7 +4,7 @@
     forward:  lse[t] = logsumexp(z[t, :]),  loss[t] = lse[t] - z[t, label[t]]  (0 where ignored)
     dh:       dh[t, :] = sum_v dx[t, v] W[v, :]
     dW:       dW[v, :] = sum_t dx[t, v] h[t, :]
-    where dz = scale (softmax(z)[t, v] - [v == label[t]]) on counted rows, and
+    where dz = scale[t] (softmax(z)[t, v] - [v == label[t]]) on counted rows, and
     dx = dz (1 - (z / cap)^2) through the soft-cap.
 
 Each kernel walks the vocabulary in tiles and recomputes the logits tile it needs from h and
@@ -116,7 +116,7 @@ def dh_source(precision: str) -> str:
 m0 = tl.program_id(0) * BLOCK_M
 {_ROWS}
 lse = tl.load(lse_ptr + rm, mask=row_ok, other=0.0)
-scale = tl.load(scale_ptr)
+scale = tl.load(scale_ptr + rm, mask=row_ok, other=0.0)[:, None]
 for v0 in range(0, V, BLOCK_V):
     rv = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
     v_ok = rv < V
@@ -132,10 +132,10 @@ def dw_source(precision: str) -> str:
     body = f"""
 rv = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
 v_ok = rv < V
-scale = tl.load(scale_ptr)
 for m0 in range(0, T, BLOCK_M):
 {indent(_ROWS, 4)}
     lse = tl.load(lse_ptr + rm, mask=row_ok, other=0.0)
+    scale = tl.load(scale_ptr + rm, mask=row_ok, other=0.0)[:, None]
 {indent(_logits(precision), 4)}
 {indent(_dz(), 4)}
 {indent(_add_product("dw", "rv", "v_ok", "h", "rm", "row_ok", "tl.trans(dz)", precision), 4)}

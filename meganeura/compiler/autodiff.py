@@ -94,3 +94,27 @@ def _reaches(graph: Graph, source: int, sink: int) -> bool:
         if any(i in reach for i in n.inputs):
             reach.add(n.id)
     return sink in reach
+
+
+def live(graph: Graph) -> Graph:
+    """The graph without the nodes no output or effect reads (ids renumbered)."""
+    keep = set(graph.roots)
+    for n in reversed(graph.nodes):
+        if n.id in keep:
+            keep.update(n.inputs)
+    g = Graph()
+    new: dict[int, int] = {}
+    for n in graph.nodes:
+        if n.id not in keep:
+            continue
+        with g.block(n.block):
+            if n.op == "parameter":
+                new[n.id] = g.parameter(n.name, n.shape)
+            elif n.op == "input":
+                new[n.id] = (g.input_u32 if n.dtype == "u32" else g.input_f32)(n.name, n.shape)
+            elif n.op == "state":
+                new[n.id] = g.state(n.name, n.shape)
+            else:
+                new[n.id] = g.op(n.op, tuple(new[i] for i in n.inputs), **n.attrs)
+    g.set_outputs([new[o] for o in graph.outputs], [new[e] for e in graph.effects])
+    return g

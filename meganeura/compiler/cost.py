@@ -235,6 +235,11 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         pairs = attention_pairs(s, attrs.get("window") or None)
         heads, width = attrs["num_heads"], next_pow2_int(attrs["head_dim"])
         return Work(4 * io, 16 * heads * width * pairs, 24 * heads * pairs, "attention")
+    if arch == "linear_loss":  # the logits recomputed by each kernel (two for a gradient)
+        (t, h), v = ins[0], ins[1][0]
+        passes = 1 if op == "linear_cross_entropy" else 3
+        return Work(elem * passes * (t * h + v * h * -(-t // 64)), passes * 2 * t * v * h,
+                    8 * t * v * passes, "matmul")
     if arch == "embedding_grad":  # the table's gradient zeroed, the rows added by atomics
         return Work(4 * _numel(out) + (elem + 8) * _numel(ins[1]), 0.0, _numel(ins[1]))
     if arch in ("row_loss", "place"):  # rows of logits (twice more for the gradient); a copy

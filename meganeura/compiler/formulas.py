@@ -309,3 +309,27 @@ def cross_entropy_grad(logits, labels, d):
     g = torch.softmax(z, dim=1)
     g[counted, lab[counted]] -= 1
     return (g * counted[:, None] * wide(d)).to(logits.dtype)
+
+
+def _linear_logits(h, w, cap):
+    z = wide(h) @ wide(w).T
+    return torch.tanh(z / cap) * cap if cap else z
+
+
+def linear_cross_entropy(h, w, labels, cap=0.0):
+    # cross_entropy(softcap(h @ w^T)) without a logits tensor in the plan: [S, 1], fp32
+    return cross_entropy(_linear_logits(h, w, cap), labels)
+
+
+def _linear_dz(h, w, labels, d, cap):
+    z = _linear_logits(h, w, cap)
+    dz = cross_entropy_grad(z, labels, d)
+    return dz * (1 - (z / cap) ** 2) if cap else dz
+
+
+def linear_cross_entropy_grad_h(h, w, labels, d, cap=0.0):
+    return _linear_dz(h, w, labels, d, cap) @ wide(w)
+
+
+def linear_cross_entropy_grad_w(h, w, labels, d, cap=0.0):
+    return _linear_dz(h, w, labels, d, cap).T @ wide(h)

@@ -365,6 +365,14 @@ def _vjp_slice_cols(g, n, dy, wanted):
     return [(x, g.place_cols(dy, n.attrs["start"], g[x].shape[1]))]
 
 
+def _vjp_linear_cross_entropy(g, n, dy, wanted):
+    h, w, labels = n.inputs
+    cap = n.attrs["cap"]
+    out = [(h, g.linear_cross_entropy_grad_h(h, w, labels, dy, cap))] if h in wanted else []
+    return out + ([(w, g.linear_cross_entropy_grad_w(h, w, labels, dy, cap))]
+                  if w in wanted else [])
+
+
 def _vjp_cross_entropy(g, n, dy, wanted):
     logits, labels = n.inputs
     return [(logits, g.cross_entropy_grad(logits, labels, dy))]
@@ -430,6 +438,22 @@ def _cross_entropy(s, d, a):
         _need(s[2] == (logits[0], 1), f"the losses' gradient must have shape [{logits[0]}, 1], "
                                       f"got {list(s[2])}")
     return (logits[0], 1)
+
+
+def _linear_cross_entropy(s, d, a):
+    h, w, labels = s[:3]
+    _rank(h, 2, "hidden rows")
+    _rank(w, 2, "lm_head weight [vocab, width]")
+    _need(h[1] == w[1], f"hidden rows {list(h)} and the weight {list(w)} differ in width")
+    _need(a["cap"] >= 0, f"cap must be >= 0 (0: none), got {a['cap']}")
+    return _cross_entropy([(h[0], w[0]), labels] + list(s[3:]), d[1:], a)
+
+
+def _linear_ce_grad(which: int):
+    def rule(s, d, a):
+        _linear_cross_entropy(s, d, a)
+        return s[which]
+    return rule
 
 
 def _cross_entropy_grad(s, d, a):
@@ -608,6 +632,21 @@ _op("cross_entropy_grad", ("logits", "labels", "d"), (), _cross_entropy_grad,
     "d logits of cross_entropy, d [rows, 1]: d (softmax(row) - onehot(label)), 0 on rows "
     "labelled -100", archetype="row_loss", indices=("labels",))
 
+_op("linear_cross_entropy", ("h", "w", "labels"), (("cap", float),), _linear_cross_entropy,
+    lambda a, h, w, labels: fm.linear_cross_entropy(h, w, labels, a["cap"]),
+    "cross_entropy(softcap(h @ w^T)) with the logits never stored (cap 0: no soft-cap), [rows, "
+    "1] fp32", archetype="linear_loss", stream=True, indices=("labels",), defaults={"cap": 0.0})
+_op("linear_cross_entropy_grad_h", ("h", "w", "labels", "d"), (("cap", float),),
+    _linear_ce_grad(0),
+    lambda a, h, w, labels, d: fm.linear_cross_entropy_grad_h(h, w, labels, d, a["cap"]),
+    "d h of linear_cross_entropy times d [rows, 1], fp32", archetype="linear_loss",
+    stream=True, indices=("labels",), defaults={"cap": 0.0})
+_op("linear_cross_entropy_grad_w", ("h", "w", "labels", "d"), (("cap", float),),
+    _linear_ce_grad(1),
+    lambda a, h, w, labels, d: fm.linear_cross_entropy_grad_w(h, w, labels, d, a["cap"]),
+    "d w of linear_cross_entropy times d [rows, 1], fp32", archetype="linear_loss",
+    stream=True, indices=("labels",), defaults={"cap": 0.0})
+
 # each differentiable op's gradient (ops without one: cache ops, layouts, positions)
 for _name, _vjp in {"matmul": _vjp_matmul, "embedding": _vjp_embedding,
                     "rms_norm": _vjp_norm(False), "head_rms_norm": _vjp_norm(True),
@@ -615,7 +654,8 @@ for _name, _vjp in {"matmul": _vjp_matmul, "embedding": _vjp_embedding,
                     "causal_attention": _vjp_attention, "sliding_window_attention": _vjp_attention,
                     "add": _vjp_add, "glu": _vjp_glu, "scale": _vjp_scale,
                     "scale_by": _vjp_scale_by, "softcap": _vjp_softcap,
-                    "slice_cols": _vjp_slice_cols, "cross_entropy": _vjp_cross_entropy}.items():
+                    "slice_cols": _vjp_slice_cols, "cross_entropy": _vjp_cross_entropy,
+                    "linear_cross_entropy": _vjp_linear_cross_entropy}.items():
     OPS[_name] = replace(OPS[_name], grad=_vjp)
 
 # the archetype ops, fused kernels as structure, are declared by compiler/kernels.py from the

@@ -94,7 +94,7 @@ class LinearCrossEntropy:
             loss = rows.sum() / counted
             if not grads:
                 return loss, None, None
-            scale = (1.0 / counted.float()).reshape(1)
+            scale = (1.0 / counted.float()).expand(t).contiguous()  # a row's weight
             dh = torch.zeros(t, h, **f32)
             dw = torch.zeros(v, h, **f32)
             self._load(dh_source(precision), ENTRY_DH)[(-(-t // bm),)](

@@ -9,7 +9,8 @@ LoRA adapters.
 
 The training graph is the model's forward graph (the family's `build`), LoRA's low-rank
 products added beside the targeted products, the causal-LM loss as transformers computes
-it (the logits after the final soft-cap, labels shifted by one inside, -100 ignored, the
+it (the lm_head, its soft-cap and the loss one op, `linear_cross_entropy`, whose kernels
+never store the logits) (the logits after the final soft-cap, labels shifted by one inside, -100 ignored, the
 mean over the counted positions of the whole batch), and its backward built by
 `compiler.autodiff.grad` in the same IR: one joint graph per sequence length, optimized by
 the e-graph (forward and backward together) and run as generated kernels; the update is
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.autodiff import SEED, grad
+from ..compiler.autodiff import SEED, grad, live
 from ..compiler.graph import Graph
 from ..errors import InputError
 from ..runtime.compiled import check_memory
@@ -139,6 +140,19 @@ def merged(weights: dict, lora: LoRA) -> dict:
     return out
 
 
+def lm_head(g: Graph, logits: int) -> tuple[int, int, float] | None:
+    """(rows, weight [vocab, width], cap) where logits = softcap(rows @ weight^T, cap) (cap 0:
+    none), the weight a parameter read through a transpose; None for another form."""
+    cap = 0.0
+    n = g[logits]
+    if n.op == "softcap":
+        cap, n = n.attrs["cap"], g[n.inputs[0]]
+    if n.op != "matmul" or g[n.inputs[1]].op != "transpose":
+        return None
+    w = g[n.inputs[1]].inputs[0]
+    return (n.inputs[0], w, cap) if g[w].op == "parameter" else None
+
+
 class Trainer:
     """Gradients and optimizer steps of `model`'s weights (see the module's doc)."""
 
@@ -204,8 +218,16 @@ class Trainer:
         d_loss (1 / the batch's counted rows, a row)."""
         if seq_len not in self._graphs:
             g = self.model.build(seq_len)
-            logits = g.outputs[0]
-            loss = g.cross_entropy(logits, g.input_u32("labels", (seq_len,)))
+            labels = g.input_u32("labels", (seq_len,))
+            head = lm_head(g, g.outputs[0])
+            if head is not None:  # the lm_head, its soft-cap and the loss: no logits stored
+                x, w, cap = head
+                loss = g.linear_cross_entropy(x, w, labels, cap)
+            else:
+                loss = g.cross_entropy(g.outputs[0], labels)
+            g.set_outputs([loss])
+            g = live(g)
+            loss = g.outputs[0]
             pad = getattr(self.model.config, "pad_token_id", None)
             tables = {g[n.inputs[1]].name for n in g.nodes if n.op == "embedding"}
             padding = {t: pad for t in tables} if pad is not None else {}
