@@ -141,6 +141,12 @@ def test_lora_equals_peft_and_saves_merged(tmp_path):
     back = type(ref).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         assert _rel(back(ids[:1]).logits[0], want) < 1e-4
+    # or the adapters alone, which peft loads onto the base checkpoint
+    model.save_pretrained(tmp_path / "adapter", lora="adapter")
+    base = type(ref).from_pretrained(tmp_path / "qwen3", dtype=torch.float32).eval()
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert _rel(loaded(ids[:1]).logits[0], want) < 1e-4
 
 
 def test_bad_inputs_are_named_and_change_nothing(tmp_path):

@@ -106,13 +106,21 @@ class PretrainedModel:
             self.report = fn.report
             return fn(token_ids.to(self.device), copy=copy)
 
-    def save_pretrained(self, directory, overwrite: bool = False):
+    def save_pretrained(self, directory, overwrite: bool = False, lora: str = "merge"):
         """Writes the model as a checkpoint directory that transformers and from_pretrained
         load (config.json, model.safetensors in the weights' dtype, the read checkpoint's
         generation config and tokenizer files; LoRA adapters merged into the weights); see
-        models.checkpoint.save_checkpoint."""
+        models.checkpoint.save_checkpoint. lora="adapter" writes the adapters alone, as
+        peft saves them (for peft.PeftModel.from_pretrained on the base checkpoint)."""
         from ..models.checkpoint import save_checkpoint
 
+        if lora not in ("merge", "adapter"):
+            raise InputError(f"lora must be 'merge' or 'adapter', got {lora!r}")
+        if lora == "adapter":
+            from ..training.trainer import save_adapter
+
+            with self._lock:
+                return save_adapter(directory, self, overwrite)
         with self._lock:
             return save_checkpoint(directory, self.config, self.merged_weights(),
                                    self.checkpoint, overwrite)

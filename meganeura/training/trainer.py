@@ -153,6 +153,51 @@ def lm_head(g: Graph, logits: int) -> tuple[int, int, float] | None:
     return (n.inputs[0], w, cap) if g[w].op == "parameter" else None
 
 
+def save_adapter(directory, model, overwrite: bool = False):
+    """Writes the model's LoRA adapters as peft saves them (adapter_config.json and
+    adapter_model.safetensors, the checkpoint's names under base_model.model.), for
+    peft.PeftModel.from_pretrained on the base checkpoint; atomically, as save_pretrained."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ..errors import ConfigError
+    from ..models.checkpoint import probe
+
+    lora = model.lora
+    if lora is None:
+        raise InputError("this model carries no LoRA adapters (Trainer(lora=...) attaches them)")
+    out = Path(directory)
+    kind = probe(out, "output directory")
+    if kind == "file" or (kind == "dir" and any(out.iterdir()) and not overwrite):
+        raise ConfigError(f"{out} is not an empty directory: pass overwrite=True to replace it")
+    ck = model.checkpoint
+    name = (lambda n: n) if ck is None or not ck.rename else ck.rename
+    tensors = {"base_model.model." + name(n): w.detach().contiguous().cpu()
+               for n, w in model.weights.items() if ".lora_A." in n or ".lora_B." in n}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
+              "lora_alpha": lora.alpha, "lora_dropout": 0.0, "bias": "none",
+              "target_modules": sorted(lora.targets), "fan_in_fan_out": False,
+              "inference_mode": True,
+              "base_model_name_or_path": str(ck.path) if ck is not None and ck.path else None}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, tmp / "adapter_model.safetensors")
+        if kind == "dir":
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
 class Trainer:
     """Gradients and optimizer steps of `model`'s weights (see the module's doc)."""
 
