@@ -60,7 +60,7 @@ SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
 
 def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h200",
           sms: int = 132, capacity: int = 0, seen: set | None = None, chunk: bool = False,
-          sequences: int = 1) -> list[dict]:
+          sequences: int = 1, train: bool = False) -> list[dict]:
     """Compiles every distinct kernel of the plan for sm_90; one dict per kernel (none for
     those whose keys are in `seen`, which takes the new ones' keys)."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -71,7 +71,15 @@ def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h2
     generation = Generation(capacity, step, sequences, min(2048, capacity),
                             logits) if capacity else None
     seq_len = sequences if sequences > 1 else seq_len
-    graph = build(PRESETS[MODEL_NAMES[model]], seq_len, generation)
+    config = PRESETS[MODEL_NAMES[model]]
+    graph = build(config, seq_len, generation)
+    if train:  # the Trainer's joint graph: every trained weight but the embeddings
+        from meganeura.models import family
+        from meganeura.training.trainer import training_graph
+
+        names = [n for n, w in family(config).weight_specs(config).items()
+                 if w.trained and "embed_tokens" not in n]
+        graph = training_graph(graph, names, config)
     plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name))
     # the decode step's kernels are launched as programmatic dependents (generation.py)
     target = Target(torch.device("cuda"), dtype, sms=sms,
@@ -124,11 +132,13 @@ def main():
                     "--seq-len rows at run-time positions")
     ap.add_argument("--sequences", type=int, default=1, help="with --capacity: a decode step "
                     "of this many sequences")
+    ap.add_argument("--train", action="store_true", help="the training graph (forward, loss "
+                    "and backward; every weight but the embeddings trained) of --seq-len tokens")
     a = ap.parse_args()
     over, seen = 0, set()
     results = [r for m in a.model
                for r in check(m, a.seq_len, a.dtype, a.profile, a.sms, a.capacity, seen,
-                              a.chunk, a.sequences)]
+                              a.chunk, a.sequences, a.train)]
     for r in results:
         spec = r["spec"]
         over += r["shared"] > SHARED_LIMIT

@@ -22,11 +22,13 @@ from __future__ import annotations
 from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 
 
-def _common(precision: str) -> str:
-    return f"""
-def dot(a, b):
-    return tl.dot(a, b, input_precision="{precision}")
-"""
+def _dots(body: str, precision: str) -> str:
+    """The body's products as tl.dot with the target's precision."""
+    for a, b in (("q", "tl.trans(k)"), ("do", "tl.trans(v)"), ("ds", "k"), ("tl.trans(p)", "do"),
+                 ("tl.trans(ds)", "q")):
+        body = body.replace(f"dot({a}, {b})", f'tl.dot({a}, {b}, input_precision="{precision}")')
+    assert " dot(" not in body and "(dot(" not in body
+    return body
 
 
 def _allowed(i: str, j: str) -> str:
@@ -73,8 +75,8 @@ tl.store(at + 1, t / l, mask=i < T)
     params = ("q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, stride_q, stride_k, stride_v, stride_do, "
               "T, HD, SCALE, WINDOW, HEADS: tl.constexpr, GROUP: tl.constexpr, "
               "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr")
-    return HEADER + _common(precision) + f"\n\ndef attention_stats_kernel({params}):\n" + \
-        indent(body, 4) + "\n"
+    return HEADER + f"def attention_stats_kernel({params}):\n" + \
+        indent(_dots(body, precision), 4) + "\n"
 
 
 def emit_grads(precision: str) -> str:
@@ -134,8 +136,8 @@ else:  # dk, dv of a key block and kv head: every head of its group, every query
               "stride_do, stride_out, T, HD, SCALE, WINDOW, QBLOCKS, HEADS: tl.constexpr, "
               "KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, "
               "BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr")
-    return HEADER + _common(precision) + f"\n\ndef attention_grad_kernel({params}):\n" + \
-        indent(body, 4) + "\n"
+    return HEADER + f"def attention_grad_kernel({params}):\n" + \
+        indent(_dots(body, precision), 4) + "\n"
 
 
 def build(node, graph, target: Target) -> KernelSpec:

@@ -140,6 +140,26 @@ def merged(weights: dict, lora: LoRA) -> dict:
     return out
 
 
+def training_graph(g: Graph, names: list, config) -> Graph:
+    """The joint graph of a model graph `g` (its logits its output): inputs token_ids, labels
+    (shifted) and d_loss (a row's weight), outputs [the rows' losses, d w for w in names].
+    The lm_head, its soft-cap and the loss are one op where the model has that form."""
+    seq_len = g[g.outputs[0]].shape[0]
+    labels = g.input_u32("labels", (seq_len,))
+    head = lm_head(g, g.outputs[0])
+    if head is not None:  # the lm_head, its soft-cap and the loss: no logits stored
+        x, w, cap = head
+        loss = g.linear_cross_entropy(x, w, labels, cap)
+    else:
+        loss = g.cross_entropy(g.outputs[0], labels)
+    g.set_outputs([loss])
+    g = live(g)
+    pad = getattr(config, "pad_token_id", None)
+    tables = {g[n.inputs[1]].name for n in g.nodes if n.op == "embedding"}
+    padding = {t: pad for t in tables} if pad is not None else {}
+    return grad(g, g.outputs[0], names, padding=padding)
+
+
 def lm_head(g: Graph, logits: int) -> tuple[int, int, float] | None:
     """(rows, weight [vocab, width], cap) where logits = softcap(rows @ weight^T, cap) (cap 0:
     none), the weight a parameter read through a transpose; None for another form."""
@@ -262,21 +282,8 @@ class Trainer:
         outputs [the rows' losses, d w for w in names]; inputs token_ids, labels (shifted),
         d_loss (1 / the batch's counted rows, a row)."""
         if seq_len not in self._graphs:
-            g = self.model.build(seq_len)
-            labels = g.input_u32("labels", (seq_len,))
-            head = lm_head(g, g.outputs[0])
-            if head is not None:  # the lm_head, its soft-cap and the loss: no logits stored
-                x, w, cap = head
-                loss = g.linear_cross_entropy(x, w, labels, cap)
-            else:
-                loss = g.cross_entropy(g.outputs[0], labels)
-            g.set_outputs([loss])
-            g = live(g)
-            loss = g.outputs[0]
-            pad = getattr(self.model.config, "pad_token_id", None)
-            tables = {g[n.inputs[1]].name for n in g.nodes if n.op == "embedding"}
-            padding = {t: pad for t in tables} if pad is not None else {}
-            self._graphs[seq_len] = grad(g, loss, self.names, padding=padding)
+            self._graphs[seq_len] = training_graph(self.model.build(seq_len), self.names,
+                                                   self.model.config)
         return self._graphs[seq_len]
 
     def memory_needed(self, seq_len: int) -> int:
