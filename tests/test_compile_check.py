@@ -63,3 +63,41 @@ def test_stages_in_two_scopes_compile_for_sm90():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert [line.split()[0] for line in run.stdout.splitlines()] == TWO_SCOPES
+
+
+BACKWARD = """
+import sys, torch
+sys.path[:0] = [{tests!r}, {tools!r}]
+from compile_check import compile_launches
+import kernel_cases as kc
+from meganeura.codegen import Target
+target = Target(torch.device("cuda"), torch.bfloat16, sms=132)
+cases = {{
+    "attention_grad-256": kc.attention_grad_case(64, 8, 2, 256),
+    "attention_grad-512": kc.attention_grad_case(64, 8, 1, 512, window=16),
+    "matmul_tn": kc.product_tn_case(256, 512, 640),
+    "norm_wgrad": kc.norm_grad_case("norm_wgrad", 64, 2048, 256),
+    "embedding_grad": kc.embedding_grad_case(64, 300, 512),
+    "linear_cross_entropy_grad_w": kc.linear_loss_case("linear_cross_entropy_grad_w", 64, 256,
+                                                       1000, 30.0),
+}}
+for name, (g, _, _) in cases.items():
+    out = compile_launches(g, [g.outputs[0]], target)
+    print(name, len(out), max(r["shared"] for r in out), any(r["local_memory"] for r in out))
+"""
+
+
+def test_backward_kernels_compile_for_sm90():
+    # the training plan's own kernels (e2b's whole plan: tools/compile_check.py --train),
+    # at Gemma-4's head widths: what the interpreter runs, ptxas must take too
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    script = BACKWARD.format(tests=str(ROOT / "tests"), tools=str(ROOT / "tools"))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line.split() for line in run.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["attention_grad-256", "attention_grad-512", "matmul_tn",
+                                    "norm_wgrad", "embedding_grad",
+                                    "linear_cross_entropy_grad_w"]
+    assert all(int(r[2]) <= 232448 and r[3] == "False" for r in rows), rows
