@@ -6,8 +6,8 @@
     norm_wgrad:                 dw = sum over rows and heads of dy x^   [HD], fp32
 
 A row is seen as [heads, head width], as the rows archetype sees it. The weight's gradient
-is one program walking the rows in order (a deterministic sum; the training speed work
-splits it), its columns the head's.
+is summed by programs each over a span of rows, added by fp32 atomics into an output zeroed
+before the launch (the order of the additions, so the last bits, may differ run to run).
 
 bytes: elem * 3 * S * D (dx), elem * 2 * S * D (dw); FLOPs ~8 per element
 """
@@ -20,7 +20,7 @@ from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 def emit(op: str) -> str:
     weight = op == "norm_grad"
     params = ["dy_ptr", "x_ptr"] + (["w_ptr"] if weight else []) + ["out_ptr", "S", "stride_dy",
-              "stride_x", "stride_out", "D", "HD", "eps", "HEADS: tl.constexpr",
+              "stride_x", "stride_out", "D", "HD", "eps", "SPAN", "HEADS: tl.constexpr",
               "ROWS: tl.constexpr", "BLOCK_H: tl.constexpr", "BLOCK_C: tl.constexpr"]
     head = ["h = tl.arange(0, BLOCK_H)[None, :, None]",
             "d = tl.arange(0, BLOCK_C)[None, None, :]",
@@ -30,14 +30,16 @@ def emit(op: str) -> str:
             "g = tl.load(dy_ptr + r * stride_dy + col, mask=mask, other=0.0).to(tl.float32)",
             "rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=2) / HD + eps))[:, :, None]",
             "xhat = x * rstd"]
-    if op == "norm_wgrad":
+    if op == "norm_wgrad":  # a span of SPAN rows a program, added into the zeroed output
         body = head + ["acc = tl.zeros((BLOCK_C,), dtype=tl.float32)",
-                       "for r0 in range(0, S, ROWS):",
-                       "    r = (r0 + tl.arange(0, ROWS)).to(tl.int64)[:, None, None]"]
-        body += ["    " + line for line in load]
+                       "first = tl.program_id(0) * SPAN",
+                       "for r0 in range(0, SPAN, ROWS):",
+                       "    r = (first + r0 + tl.arange(0, ROWS)).to(tl.int64)[:, None, None]"]
+        body += ["    " + line.replace("(r < S)", "(r < S) & (r < first + SPAN)")
+                 for line in load]
         body += ["    acc += tl.sum(tl.sum(g * xhat, axis=1), axis=0)",
                  "c = tl.arange(0, BLOCK_C)",
-                 "tl.store(out_ptr + c, acc, mask=c < HD)"]
+                 "tl.atomic_add(out_ptr + c, acc, mask=c < HD)"]
     else:
         body = ["r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None, None]"]
         body += head + load
@@ -66,11 +68,16 @@ def build(node, graph, target: Target) -> KernelSpec:
     block = bh * cols
     if node.op == "norm_wgrad":
         rows = max(1, min(16 if target.interpreted else 8, 8192 // block))
-        grid = (1,)
+        # spans of rows (a multiple of ROWS), about four programs an SM on a GPU
+        programs = 2 if target.interpreted else 4 * target.sm_count
+        span = max(rows, cdiv(cdiv(s, programs), rows) * rows)
+        grid = (cdiv(s, span),)
     else:
         rows = min(16, next_pow2(s)) if target.interpreted else 1
-        grid = (cdiv(s, rows),)
+        span, grid = 0, (cdiv(s, rows),)
+    args += [("value", span)]
     warps = 1 if target.interpreted else max(1, min(16, rows * block // 256))
     return KernelSpec("norm_grad", node.op, emit(node.op), "norm_grad_kernel", grid, args,
                       dict(HEADS=heads, ROWS=rows, BLOCK_H=bh, BLOCK_C=cols),
-                      num_warps=warps, num_stages=1)
+                      num_warps=warps, num_stages=1,
+                      zeroed=node.id if node.op == "norm_wgrad" else None)

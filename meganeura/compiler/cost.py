@@ -225,11 +225,8 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         return Work(io, 4 * heads * width * pairs, 6 * heads * pairs, "attention", fixed=fixed)
     if arch == "product":
         return _product(k, attrs, ins, out, io)
-    if arch == "norm_grad":  # d x a few rows a program; d w one program over every row
-        flops = spec.vector_flops * _numel(ins[1])
-        if op == "norm_wgrad":
-            return Work(io, 0.0, 0.0, serial_flops=flops * max(1, attrs.get("_sms", 1)))
-        return Work(io, 0.0, flops)
+    if arch == "norm_grad":  # d x a few rows a program; d w spans of rows added by atomics
+        return Work(io, 0.0, spec.vector_flops * _numel(ins[1]))
     if arch == "attention_grad":  # the forward's work four times over (stats, dq, dk and dv)
         s = ins[0][0]
         pairs = attention_pairs(s, attrs.get("window") or None)
