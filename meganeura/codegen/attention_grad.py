@@ -31,10 +31,18 @@ def _dots(body: str, precision: str) -> str:
     return body
 
 
-def _allowed(i: str, j: str) -> str:
-    return (f"({j}[None, :] <= {i}[:, None]) & ({j}[None, :] < T) & ({i}[:, None] < T) & "
-            f"((WINDOW == 0) | ({j}[None, :] > {i}[:, None] - WINDOW))")
+def _allowed(i: str, j: str, windowed: bool) -> str:
+    mask = f"({j}[None, :] <= {i}[:, None]) & ({j}[None, :] < T) & ({i}[:, None] < T)"
+    return mask + (f" & ({j}[None, :] > {i}[:, None] - WINDOW)" if windowed else "")
 
+
+# the key blocks a query block from i0 sees: from 0 (causal), or from its first row's window
+KEYS = """
+if WINDOW > 0:
+    lo = (tl.maximum(i0 - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+else:
+    lo = 0
+"""
 
 LOADS = """
 dd = tl.arange(0, BLOCK_D)
@@ -42,9 +50,10 @@ dmask = dd[None, :] < HD
 """
 
 
-def emit_stats(precision: str) -> str:
-    body = LOADS + f"""
-i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def emit_stats(precision: str, windowed: bool) -> str:
+    body = LOADS + """
+i0 = tl.program_id(0) * BLOCK_M
+i = i0 + tl.arange(0, BLOCK_M)
 h = tl.program_id(1)
 kh = h // GROUP
 rows = (i[:, None] < T) & dmask
@@ -53,12 +62,13 @@ do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :]
 m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
 l = tl.zeros((BLOCK_M,), dtype=tl.float32)
 t = tl.zeros((BLOCK_M,), dtype=tl.float32)
-for j0 in range(0, T, BLOCK_N):
+{KEYS}
+for j0 in range(lo, tl.minimum(T, i0 + BLOCK_M), BLOCK_N):
     j = j0 + tl.arange(0, BLOCK_N)
     cols = (j[:, None] < T) & dmask
     k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + j[:, None].to(tl.int64) * stride_v + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
-    ok = {_allowed("i", "j")}
+    ok = ALLOWED
     s = tl.where(ok, dot(q, tl.trans(k)) * SCALE, -1e30)
     dp = dot(do, tl.trans(v))
     new = tl.maximum(m, tl.max(s, axis=1))
@@ -71,19 +81,20 @@ l = tl.where(l > 0.0, l, 1.0)
 at = stats_ptr + (i.to(tl.int64) * HEADS + h) * 2
 tl.store(at, m + tl.log(l), mask=i < T)
 tl.store(at + 1, t / l, mask=i < T)
-"""
+""".replace("{KEYS}", KEYS).replace("ALLOWED", _allowed("i", "j", windowed))
     params = ("q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, stride_q, stride_k, stride_v, stride_do, "
-              "T, HD, SCALE, WINDOW, HEADS: tl.constexpr, GROUP: tl.constexpr, "
+              "T, HD, SCALE, WINDOW: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, "
               "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr")
     return HEADER + f"def attention_stats_kernel({params}):\n" + \
         indent(_dots(body, precision), 4) + "\n"
 
 
-def emit_grads(precision: str) -> str:
+def emit_grads(precision: str, windowed: bool) -> str:
     body = LOADS + f"""
 pid = tl.program_id(0)
 if pid < QBLOCKS * HEADS:  # dq of a query block and head
-    i = (pid // HEADS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    i0 = (pid // HEADS) * BLOCK_M
+    i = i0 + tl.arange(0, BLOCK_M)
     h = pid % HEADS
     kh = h // GROUP
     rows = (i[:, None] < T) & dmask
@@ -93,12 +104,13 @@ if pid < QBLOCKS * HEADS:  # dq of a query block and head
     lse = tl.load(at, mask=i < T, other=0.0)
     delta = tl.load(at + 1, mask=i < T, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for j0 in range(0, T, BLOCK_N):
+{indent(KEYS, 4)}
+    for j0 in range(lo, tl.minimum(T, i0 + BLOCK_M), BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         cols = (j[:, None] < T) & dmask
         k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + j[:, None].to(tl.int64) * stride_v + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
-        ok = {_allowed("i", "j")}
+        ok = {_allowed("i", "j", windowed)}
         p = tl.where(ok, tl.exp(dot(q, tl.trans(k)) * SCALE - lse[:, None]), 0.0)
         ds = p * (dot(do, tl.trans(v)) - delta[:, None])
         dq += dot(ds, k)
@@ -106,7 +118,8 @@ if pid < QBLOCKS * HEADS:  # dq of a query block and head
              (dq * SCALE).to(out_ptr.dtype.element_ty), mask=rows)
 else:  # dk, dv of a key block and kv head: every head of its group, every query block
     pid = pid - QBLOCKS * HEADS
-    j = (pid // KV_HEADS) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j0 = (pid // KV_HEADS) * BLOCK_N
+    j = j0 + tl.arange(0, BLOCK_N)
     kh = pid % KV_HEADS
     cols = (j[:, None] < T) & dmask
     k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
@@ -115,7 +128,14 @@ else:  # dk, dv of a key block and kv head: every head of its group, every query
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for g in range(GROUP):
         h = kh * GROUP + g
-        for i0 in range(0, T, BLOCK_M):
+        # the query blocks that see this key block: from its own on (causal), up to its
+        # last key + the window
+        first = (j0 // BLOCK_M) * BLOCK_M
+        if WINDOW > 0:
+            last = tl.minimum(T, j0 + BLOCK_N + WINDOW - 1)
+        else:
+            last = T
+        for i0 in range(first, last, BLOCK_M):
             i = i0 + tl.arange(0, BLOCK_M)
             rows = (i[:, None] < T) & dmask
             q = tl.load(q_ptr + i[:, None].to(tl.int64) * stride_q + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
@@ -123,7 +143,7 @@ else:  # dk, dv of a key block and kv head: every head of its group, every query
             at = stats_ptr + (i.to(tl.int64) * HEADS + h) * 2
             lse = tl.load(at, mask=i < T, other=0.0)
             delta = tl.load(at + 1, mask=i < T, other=0.0)
-            ok = {_allowed("i", "j")}
+            ok = {_allowed("i", "j", windowed)}
             p = tl.where(ok, tl.exp(dot(q, tl.trans(k)) * SCALE - lse[:, None]), 0.0)
             dv += dot(tl.trans(p), do)
             ds = p * (dot(do, tl.trans(v)) - delta[:, None])
@@ -133,7 +153,7 @@ else:  # dk, dv of a key block and kv head: every head of its group, every query
     tl.store(base + (HEADS + KV_HEADS) * HD + kh * HD, dv.to(out_ptr.dtype.element_ty), mask=cols)
 """
     params = ("q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, out_ptr, stride_q, stride_k, stride_v, "
-              "stride_do, stride_out, T, HD, SCALE, WINDOW, QBLOCKS, HEADS: tl.constexpr, "
+              "stride_do, stride_out, T, HD, SCALE, QBLOCKS, WINDOW: tl.constexpr, HEADS: tl.constexpr, "
               "KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, "
               "BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr")
     return HEADER + f"def attention_grad_kernel({params}):\n" + \
@@ -153,17 +173,17 @@ def build(node, graph, target: Target) -> KernelSpec:
     stats = ("scratch", ("attention_stats", (t, heads, 2), "fp32"))
     common = [("node", q.id), ("node", k.id), ("node", v.id), ("node", dy.id), stats]
     strides = [("stride", q.id), ("stride", k.id), ("stride", v.id), ("stride", dy.id)]
-    values = [("value", t), ("value", hd), ("value", a["scale"]), ("value", a["window"])]
+    values = [("value", t), ("value", hd), ("value", a["scale"])]
     warps = 4 if target.interpreted or bd <= 128 else 8
     group = heads // kv_heads
     qblocks = cdiv(t, bm)
-    grads = KernelSpec("attention_grad", "grads", emit_grads(target.dot_precision),
+    grads = KernelSpec("attention_grad", "grads", emit_grads(target.dot_precision, a["window"] > 0),
                        "attention_grad_kernel", (qblocks * heads + cdiv(t, bn) * kv_heads,),
                        common + [("node", node.id)] + strides + [("stride", node.id)] + values
                        + [("value", qblocks)],
-                       dict(HEADS=heads, KV_HEADS=kv_heads, GROUP=group, BLOCK_M=bm,
-                            BLOCK_N=bn, BLOCK_D=bd), num_warps=warps, num_stages=1)
-    return KernelSpec("attention_grad", "stats", emit_stats(target.dot_precision),
+                       dict(WINDOW=a["window"], HEADS=heads, KV_HEADS=kv_heads, GROUP=group,
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=warps, num_stages=1)
+    return KernelSpec("attention_grad", "stats", emit_stats(target.dot_precision, a["window"] > 0),
                       "attention_stats_kernel", (qblocks, heads), common + strides + values,
-                      dict(HEADS=heads, GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd),
-                      num_warps=warps, num_stages=1, then=grads)
+                      dict(WINDOW=a["window"], HEADS=heads, GROUP=group, BLOCK_M=bm,
+                           BLOCK_N=bn, BLOCK_D=bd), num_warps=warps, num_stages=1, then=grads)
