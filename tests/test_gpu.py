@@ -294,3 +294,24 @@ def test_product_ends_with_the_rows_post_norm_bf16(op, transposed, k, n, tmp_pat
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     counters = [b for (name, _, _), b in model._scratches.items() if name.endswith("counters")]
     assert len(counters) == 1 and not counters[0].any()
+
+
+@pytest.mark.parametrize("kind, name", [("gemma4", "every_feature"), ("decoder", "llama3_tied")])
+def test_training_gradients_bf16(kind, name, tmp_path):
+    # the whole training plan (forward, fused lm_head + loss, backward) as bf16 kernels
+    # against transformers' fp32 autograd of the same weights
+    import hf_checkpoints as hf
+
+    ref = hf.text_model(name, 1) if kind == "gemma4" else hf.decoder_model(name, 1)
+    hf.save(ref, tmp_path / "m")
+    model = meganeura.from_pretrained(tmp_path / "m", device="cuda", cache_dir=tmp_path / "k")
+    ids = torch.randint(0, model.config.vocab_size, (2, 40),
+                        generator=torch.Generator().manual_seed(3))
+    loss, grads = meganeura.Trainer(model).gradients(ids)
+    ref.zero_grad()
+    out = ref(ids, labels=ids)
+    out.loss.backward()
+    assert abs(loss - out.loss.item()) < 2e-2 * out.loss.item()
+    for n, p in ref.named_parameters():
+        err = ((grads[n].cpu() - p.grad).norm() / p.grad.norm()).item()
+        assert err < 2e-2, f"{n}: {err:.3e}"
