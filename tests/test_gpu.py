@@ -10,7 +10,7 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           cache_attention_case, cache_rows_case, check_cache_attention,
                           check_cache_rows, check_case, gather_case, parts_case,
                           pointwise_case, product_case, product_tn_case, row_case,
-                          norm_grad_case)
+                          norm_grad_case, attention_grad_case, linear_loss_case)
 from meganeura.models import Gemma4Config, build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.reference import run_reference
@@ -23,6 +23,20 @@ pytestmark = pytest.mark.cuda
 def test_reduction_product_bf16(tmn, tmp_path):
     # a weight's gradient dY^T X over a sequence's rows, an fp32 result
     check_case(product_tn_case(*tmn, seed=tmn[0]), "cuda", torch.bfloat16, tmp_path, "bf16")
+
+
+@pytest.mark.parametrize("s, heads, kv_heads, head_dim, window", [
+    (300, 8, 2, 256, 0), (300, 8, 2, 256, 64), (130, 8, 1, 512, 0), (77, 4, 4, 128, 0)])
+def test_attention_grad_bf16(s, heads, kv_heads, head_dim, window, tmp_path):
+    check_case(attention_grad_case(s, heads, kv_heads, head_dim, window, seed=s), "cuda",
+               torch.bfloat16, tmp_path, "bf16")
+
+
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_grad_h",
+                                "linear_cross_entropy_grad_w"])
+def test_linear_loss_bf16(op, tmp_path):
+    check_case(linear_loss_case(op, 300, 512, 5000, 30.0, seed=1), "cuda", torch.bfloat16,
+               tmp_path, "bf16")
 
 
 @pytest.mark.parametrize("op", ["norm_grad", "unit_norm_grad", "norm_wgrad"])
