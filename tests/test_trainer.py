@@ -36,15 +36,16 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-# the generated kernels on the Llama and Qwen3 checkpoints (and the seed's model below), the
-# reference executor on the Gemma-4 ones (the IR's gradients alone; every_feature on the
-# kernels passes too, in 30 s of interpreter; e2b_like's ten layers on the kernels: 2.6e-4
+# the generated kernels on the Llama checkpoint (and the seed's model, three steps below),
+# the reference executor on the others (the IR's gradients alone; through the kernels,
+# measured: every_feature 3.0e-5, dense 6.2e-6, qwen3 within 1e-4, in 6 to 30 s of
+# interpreter each; e2b_like's ten layers on the kernels: 2.6e-4
 # from transformers' fp32 gradients, 1.6e-4 from fp64 ones, where transformers' own fp32
 # ones are 1.25e-4 away)
 @pytest.mark.parametrize("kind, name, executor", [
     ("gemma4", "every_feature", "reference"), ("gemma4", "e2b_like", "reference"),
     ("gemma4", "dense", "reference"), ("decoder", "llama3_tied", "compiled"),
-    ("decoder", "qwen3", "compiled")])
+    ("decoder", "qwen3", "reference")])
 def test_loss_and_every_gradient_equal_transformers(kind, name, executor, tmp_path):
     ref, model = _checkpoint(kind, name, tmp_path)
     vocab = model.config.vocab_size
