@@ -44,6 +44,20 @@ else:
     lo = 0
 """
 
+# rows i of head h (q, dO), their statistics, keys j of kv head kh (k, v)
+QUERY_ROWS = """rows = (i[:, None] < T) & dmask
+q = tl.load(q_ptr + i[:, None].to(tl.int64) * stride_q + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
+do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
+"""
+STATS = """at = stats_ptr + (i.to(tl.int64) * HEADS + h) * 2
+lse = tl.load(at, mask=i < T, other=0.0)
+delta = tl.load(at + 1, mask=i < T, other=0.0)
+"""
+KEY_ROWS = """cols = (j[:, None] < T) & dmask
+k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
+v = tl.load(v_ptr + j[:, None].to(tl.int64) * stride_v + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
+"""
+
 LOADS = """
 dd = tl.arange(0, BLOCK_D)
 dmask = dd[None, :] < HD
@@ -56,18 +70,14 @@ i0 = tl.program_id(0) * BLOCK_M
 i = i0 + tl.arange(0, BLOCK_M)
 h = tl.program_id(1)
 kh = h // GROUP
-rows = (i[:, None] < T) & dmask
-q = tl.load(q_ptr + i[:, None].to(tl.int64) * stride_q + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
-do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
+{QUERY_ROWS}
 m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
 l = tl.zeros((BLOCK_M,), dtype=tl.float32)
 t = tl.zeros((BLOCK_M,), dtype=tl.float32)
 {KEYS}
 for j0 in range(lo, tl.minimum(T, i0 + BLOCK_M), BLOCK_N):
     j = j0 + tl.arange(0, BLOCK_N)
-    cols = (j[:, None] < T) & dmask
-    k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + j[:, None].to(tl.int64) * stride_v + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
+{KEY_ROWS}
     ok = ALLOWED
     s = tl.where(ok, dot(q, tl.trans(k)) * SCALE, -1e30)
     dp = dot(do, tl.trans(v))
@@ -81,7 +91,8 @@ l = tl.where(l > 0.0, l, 1.0)
 at = stats_ptr + (i.to(tl.int64) * HEADS + h) * 2
 tl.store(at, m + tl.log(l), mask=i < T)
 tl.store(at + 1, t / l, mask=i < T)
-""".replace("{KEYS}", KEYS).replace("ALLOWED", _allowed("i", "j", windowed))
+""".replace("{KEYS}", KEYS).replace("{QUERY_ROWS}", QUERY_ROWS) \
+        .replace("{KEY_ROWS}", indent(KEY_ROWS, 4)).replace("ALLOWED", _allowed("i", "j", windowed))
     params = ("q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, stride_q, stride_k, stride_v, stride_do, "
               "T, HD, SCALE, WINDOW: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, "
               "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr")
@@ -97,19 +108,12 @@ if pid < QBLOCKS * HEADS:  # dq of a query block and head
     i = i0 + tl.arange(0, BLOCK_M)
     h = pid % HEADS
     kh = h // GROUP
-    rows = (i[:, None] < T) & dmask
-    q = tl.load(q_ptr + i[:, None].to(tl.int64) * stride_q + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
-    at = stats_ptr + (i.to(tl.int64) * HEADS + h) * 2
-    lse = tl.load(at, mask=i < T, other=0.0)
-    delta = tl.load(at + 1, mask=i < T, other=0.0)
+{indent(QUERY_ROWS + STATS, 4)}
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 {indent(KEYS, 4)}
     for j0 in range(lo, tl.minimum(T, i0 + BLOCK_M), BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        cols = (j[:, None] < T) & dmask
-        k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + j[:, None].to(tl.int64) * stride_v + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
+{indent(KEY_ROWS, 8)}
         ok = {_allowed("i", "j", windowed)}
         p = tl.where(ok, tl.exp(dot(q, tl.trans(k)) * SCALE - lse[:, None]), 0.0)
         ds = p * (dot(do, tl.trans(v)) - delta[:, None])
@@ -121,9 +125,7 @@ else:  # dk, dv of a key block and kv head: every head of its group, every query
     j0 = (pid // KV_HEADS) * BLOCK_N
     j = j0 + tl.arange(0, BLOCK_N)
     kh = pid % KV_HEADS
-    cols = (j[:, None] < T) & dmask
-    k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + j[:, None].to(tl.int64) * stride_v + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
+{indent(KEY_ROWS, 4)}
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for g in range(GROUP):
@@ -137,12 +139,7 @@ else:  # dk, dv of a key block and kv head: every head of its group, every query
             last = T
         for i0 in range(first, last, BLOCK_M):
             i = i0 + tl.arange(0, BLOCK_M)
-            rows = (i[:, None] < T) & dmask
-            q = tl.load(q_ptr + i[:, None].to(tl.int64) * stride_q + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
-            do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
-            at = stats_ptr + (i.to(tl.int64) * HEADS + h) * 2
-            lse = tl.load(at, mask=i < T, other=0.0)
-            delta = tl.load(at + 1, mask=i < T, other=0.0)
+{indent(QUERY_ROWS + STATS, 12)}
             ok = {_allowed("i", "j", windowed)}
             p = tl.where(ok, tl.exp(dot(q, tl.trans(k)) * SCALE - lse[:, None]), 0.0)
             dv += dot(tl.trans(p), do)

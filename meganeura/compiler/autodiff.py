@@ -108,13 +108,6 @@ def live(graph: Graph) -> Graph:
         if n.id not in keep:
             continue
         with g.block(n.block):
-            if n.op == "parameter":
-                new[n.id] = g.parameter(n.name, n.shape)
-            elif n.op == "input":
-                new[n.id] = (g.input_u32 if n.dtype == "u32" else g.input_f32)(n.name, n.shape)
-            elif n.op == "state":
-                new[n.id] = g.state(n.name, n.shape)
-            else:
-                new[n.id] = g.op(n.op, tuple(new[i] for i in n.inputs), **n.attrs)
+            new[n.id] = g.copy_node(n, tuple(new[i] for i in n.inputs))
     g.set_outputs([new[o] for o in graph.outputs], [new[e] for e in graph.effects])
     return g

@@ -141,6 +141,17 @@ class Graph:
         pro, epi = place(prologue, "prologue"), place(epilogue, "epilogue")
         return self._node(archetype, tuple(inputs + extra), prologue=pro, epilogue=epi)
 
+    def copy_node(self, n: Node, inputs: tuple[int, ...]) -> int:
+        """A node like `n` (of another graph) on these inputs: a leaf by its name and shape,
+        an op with its attributes (graph rewrites that rebuild a graph node by node)."""
+        if n.op == "parameter":
+            return self.parameter(n.name, n.shape)
+        if n.op == "input":
+            return (self.input_u32 if n.dtype == U32 else self.input_f32)(n.name, n.shape)
+        if n.op == "state":
+            return self.state(n.name, n.shape)
+        return self.op(n.op, inputs, **n.attrs)
+
     def op(self, op: str, inputs: tuple[int, ...], **attrs) -> int:
         """Adds a node of any non-leaf op by name (the e-graph decoder uses this)."""
         if op not in OPS or OPS[op].kind == "leaf":

@@ -103,7 +103,7 @@ class AdamW:
         missing = [n for n in self.weights if n not in grads]
         extra = [n for n in grads if n not in self.weights]
         if missing or extra:
-            raise InputError(f"grads must name exactly the weights: "
+            raise InputError("grads must name exactly the weights: "
                              + (f"{missing[0]!r} is missing" if missing else
                                 f"{extra[0]!r} is not a trained weight"))
         for n, w in self.weights.items():

@@ -80,14 +80,7 @@ def with_lora(graph: Graph, lora: LoRA) -> tuple[Graph, dict[str, tuple[int, ...
     shapes: dict[str, tuple[int, ...]] = {}
     for n in graph.nodes:
         with g.block(n.block):
-            if n.op == "parameter":
-                new[n.id] = g.parameter(n.name, n.shape)
-            elif n.op == "input":
-                new[n.id] = (g.input_u32 if n.dtype == "u32" else g.input_f32)(n.name, n.shape)
-            elif n.op == "state":
-                new[n.id] = g.state(n.name, n.shape)
-            else:
-                new[n.id] = g.op(n.op, tuple(new[i] for i in n.inputs), **n.attrs)
+            new[n.id] = g.copy_node(n, tuple(new[i] for i in n.inputs))
             module = _targeted(graph, n, lora)
             if module is not None:
                 x = new[n.inputs[0]]
@@ -362,7 +355,6 @@ class Trainer:
     def _gradients(self, input_ids, labels):
         ids, target, counted = self._batch(input_ids, labels)
         m = self.model
-        g = self.graph(ids.shape[1])
         check_memory(self.memory_needed(ids.shape[1]), m.device, f"a training step of "
                      f"{ids.shape[1]} tokens a sequence needs {{}} for its activations")
         seed = torch.full((ids.shape[1], 1), 1.0 / counted, dtype=torch.float32, device=m.device)
