@@ -87,10 +87,6 @@ class Work:
     serial_flops: float = 0.0  # vector FLOPs that do not hide under the memory stream
 
 
-def next_pow2_int(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _numel(shape) -> int:
     return math.prod(shape)
 
@@ -230,7 +226,7 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
     if arch == "attention_grad":  # the forward's work four times over (stats, dq, dk and dv)
         s = ins[0][0]
         pairs = attention_pairs(s, attrs.get("window") or None)
-        heads, width = attrs["num_heads"], next_pow2_int(attrs["head_dim"])
+        heads, width = attrs["num_heads"], sum(head_dim_chunks(attrs["head_dim"]))
         return Work(4 * io, 16 * heads * width * pairs, 24 * heads * pairs, "attention")
     if arch == "linear_loss":  # the logits recomputed by each kernel (two for a gradient)
         (t, h), v = ins[0], ins[1][0]
