@@ -109,6 +109,37 @@ def test_bad_gradients_are_named_and_change_nothing(tmp_path, change, message):
     assert opt.steps == 0 and all(torch.equal(ours[n], before[n]) for n in ours)
 
 
+def test_mixed_gradient_dtypes_take_one_launch_each(tmp_path):
+    """Gradients of two dtypes (fp32 and fp64 here; a plan's outputs mix fp32 and bf16 on the
+    GPU): one norm launch and one step launch per dtype over all their tensors, equal to
+    torch's AdamW with clipping on the same gradients."""
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    ours, theirs = _weights(5), {n: torch.nn.Parameter(w.clone()) for n, w in _weights(5).items()}
+    opt = AdamW(ours, cache_dir=tmp_path, **kw)
+    ref = torch.optim.AdamW(list(theirs.values()), foreach=False, **kw)
+    launches = []
+    load = opt._kernel
+
+    class Counted:
+        def __init__(self, fn, entry):
+            self.fn, self.entry = fn, entry
+
+        def __getitem__(self, grid):
+            launches.append(self.entry)
+            return self.fn[grid]
+    opt._kernel = lambda source, entry: Counted(load(source, entry), entry)
+    for step in range(3):
+        grads = {n: g.double() if i % 2 else g for i, (n, g) in enumerate(_grads(step).items())}
+        opt.step(grads, max_norm=2.0)
+        for n, p in theirs.items():
+            p.grad = grads[n].float()
+        torch.nn.utils.clip_grad_norm_(list(theirs.values()), 2.0)
+        ref.step()
+    assert sorted(launches) == sorted(["sq_sum_kernel", "adamw_kernel"] * 2 * 3)
+    for n, p in theirs.items():
+        assert_close(ours[n], p.detach(), "fp32-exact")
+
+
 @pytest.mark.cuda
 def test_bf16_weights_with_fp32_master_weights_follow_fp32_adamw():
     kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)

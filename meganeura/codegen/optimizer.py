@@ -1,4 +1,5 @@
-"""The optimizer's kernels: a sum of squares (the gradients' global norm) and the AdamW step.
+"""The optimizer's kernels: a sum of squares (the gradients' global norm) and the AdamW step,
+each one launch over every tensor it updates.
 
     sq_sum:  partial[pid] = sum(g[i]^2) over the program's block, in fp32
     adamw:   g *= coef[0];  w = master or p;  w *= 1 - lr * weight_decay
@@ -10,7 +11,12 @@ lr / (1 - beta1^t)), computed in fp32 whatever the weights' dtype; the moments (
 option, master weights) are fp32 tensors of their own. `coef` is read from memory, so that a
 clipping coefficient computed on the device reaches the step without a host round trip.
 Square roots and divisions are rounded as torch's are (sqrt_rn, div_rn), not the GPU's fast
-approximations. One program per block of elements of a flat tensor.
+approximations.
+
+One launch covers many tensors of different sizes: a table holds each tensor's addresses
+(one int64 row: weight, gradient, first and second moment, master weights) and a second
+table gives each program its tensor and the first element of its block. The tables are
+built by the host (training/optim.py); the element types are baked into the source.
 
 bytes: sq_sum reads g once; adamw reads and writes p, m, v (and the master) and reads g
 """
@@ -20,27 +26,51 @@ from __future__ import annotations
 from .common import HEADER, indent
 
 ENTRY_SQ_SUM, ENTRY_ADAMW = "sq_sum_kernel", "adamw_kernel"
+# columns of a tensor's row in the address table
+P, G, M, V, W = range(5)
+
+_TL = {"torch.float32": "tl.float32", "torch.bfloat16": "tl.bfloat16",
+       "torch.float16": "tl.float16", "torch.float64": "tl.float64"}
 
 
-def sq_sum_source() -> str:
-    body = """
-offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-g = tl.load(g_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
-tl.store(out_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
+def _ty(dtype) -> str:
+    return _TL[str(dtype)]
+
+
+_LOCATE = """
+pid = tl.program_id(0)
+t = tl.load(prog_tensor_ptr + pid).to(tl.int64)
+offs = tl.load(prog_start_ptr + pid) + tl.arange(0, BLOCK)
+mask = offs < tl.load(numel_ptr + t)
+row = table_ptr + t * COLS
 """
-    return (HEADER + f"def {ENTRY_SQ_SUM}(g_ptr, out_ptr, N, BLOCK: tl.constexpr):\n"
-            + indent(body, 4) + "\n")
 
 
-def adamw_source(master: bool) -> str:
-    """The step's kernel; with `master`, the fp32 master weights are read and written and the
-    weights are their rounding to the weights' dtype."""
+def _address(col: int, dtype) -> str:
+    return f"tl.load(row + {col}).to(tl.pointer_type({_ty(dtype)}))"
+
+
+def sq_sum_source(g_dtype) -> str:
+    body = _LOCATE + f"""
+g = tl.load({_address(G, g_dtype)} + offs, mask=mask, other=0.0).to(tl.float32)
+tl.store(out_ptr + pid, tl.sum(g * g, axis=0))
+"""
+    return (HEADER + f"def {ENTRY_SQ_SUM}(table_ptr, numel_ptr, prog_tensor_ptr, prog_start_ptr, "
+            f"out_ptr, COLS: tl.constexpr, BLOCK: tl.constexpr):\n" + indent(body, 4) + "\n")
+
+
+def adamw_source(p_dtype, g_dtype, master: bool) -> str:
+    """The step's kernel for weights of `p_dtype` and gradients of `g_dtype`; with `master`,
+    the fp32 master weights are read and written and the weights are their rounding."""
     read = ("w = tl.load(w_ptr + offs, mask=mask, other=0.0)" if master else
             "w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)")
-    body = f"""
-offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-mask = offs < N
-g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(coef_ptr)
+    body = _LOCATE + f"""
+p_ptr = {_address(P, p_dtype)}
+m_ptr = {_address(M, "torch.float32")}
+v_ptr = {_address(V, "torch.float32")}
+{"w_ptr = " + _address(W, "torch.float32") if master else ""}
+g = tl.load({_address(G, g_dtype)} + offs, mask=mask, other=0.0).to(tl.float32)
+g = g * tl.load(coef_ptr)
 {read}
 m = tl.load(m_ptr + offs, mask=mask, other=0.0)
 v = tl.load(v_ptr + offs, mask=mask, other=0.0)
@@ -54,7 +84,7 @@ tl.store(p_ptr + offs, w.to(p_ptr.dtype.element_ty), mask=mask)
 """
     if master:
         body += "tl.store(w_ptr + offs, w, mask=mask)\n"
-    params = ["p_ptr", "g_ptr", "m_ptr", "v_ptr"] + (["w_ptr"] if master else [])
-    params += ["coef_ptr", "N", "decay", "lerp", "beta2", "step_size", "bc2_sqrt", "eps",
-               "BLOCK: tl.constexpr"]
+    params = ["table_ptr", "numel_ptr", "prog_tensor_ptr", "prog_start_ptr", "coef_ptr",
+              "decay", "lerp", "beta2", "step_size", "bc2_sqrt", "eps",
+              "COLS: tl.constexpr", "BLOCK: tl.constexpr"]
     return HEADER + f"def {ENTRY_ADAMW}({', '.join(params)}):\n" + indent(body, 4) + "\n"

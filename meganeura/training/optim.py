@@ -5,7 +5,8 @@
     norm = opt.step(grads, max_norm=1.0)              # grads: name -> tensor, same shapes
 
 The update is torch.optim.AdamW's (decoupled weight decay, bias correction; no amsgrad),
-computed in fp32 by one kernel per weight (codegen/optimizer.py). The moments are fp32
+computed in fp32 by one launch over every weight (codegen/optimizer.py; one launch per
+gradient dtype when the gradients' dtypes differ). The moments are fp32
 whatever the weights' dtype (torch keeps them in the weights' dtype: bf16 moments lose the
 small updates); `master_weights=True` also keeps an fp32 copy of bf16 weights, which the
 steps update and the weights are rounded from. `max_norm` clips the gradients by their
@@ -25,7 +26,7 @@ from ..codegen.optimizer import ENTRY_ADAMW, ENTRY_SQ_SUM, adamw_source, sq_sum_
 from ..errors import InputError
 from ..pipeline import setup
 
-BLOCK_GPU, BLOCK_CPU = 1024, 2048  # elements per program (few programs on the interpreter)
+BLOCK_GPU, BLOCK_CPU = 4096, 2048  # elements per program (few programs on the interpreter)
 
 
 def _number(name: str, v, low: float, high: float = math.inf, open_high: bool = False) -> float:
@@ -78,23 +79,37 @@ class AdamW:
         self.master_weights = {n: w.float().clone() for n, w in weights.items()} \
             if self.master else {}
         self.steps = 0
-        blocks = sum(-(-w.numel() // self.block) for w in weights.values())
-        self._partials = torch.zeros(blocks, **f32)
         self._coef = torch.ones(1, **f32)
+        self._groups: dict = {}  # (gradient dtype, names) -> _Group
 
     def _kernel(self, source: str, entry: str):
         return self.cache.load(source, entry, self.interpreted)
 
+    def _group(self, grads: dict) -> list:
+        """The weights split by their gradients' dtype, each with its launch tables (the
+        addresses rebuilt only when a gradient's buffer moved)."""
+        by_dtype: dict = {}
+        for n in self.weights:
+            by_dtype.setdefault(grads[n].dtype, []).append(n)
+        out = []
+        for dtype, names in by_dtype.items():
+            key = (dtype, tuple(names))
+            if key not in self._groups:
+                self._groups[key] = _Group(names, [self.weights[n] for n in names], self.block)
+            group = self._groups[key]
+            group.bind(self, [grads[n] for n in names])
+            out.append((dtype, group))
+        return out
+
     def grad_norm(self, grads: dict) -> torch.Tensor:
         """The global L2 norm of the gradients, a 0-d fp32 tensor on the device."""
-        fn = self._kernel(sq_sum_source(), ENTRY_SQ_SUM)
-        at = 0
-        for n in self.weights:
-            g = grads[n]
-            k = -(-g.numel() // self.block)
-            fn[(k,)](g, self._partials[at:at + k], g.numel(), BLOCK=self.block, num_warps=4)
-            at += k
-        return self._partials[:at].sum().sqrt()
+        total = []
+        for dtype, group in self._group(grads):
+            fn = self._kernel(sq_sum_source(dtype), ENTRY_SQ_SUM)
+            fn[(group.programs,)](group.table, group.numel, group.prog_tensor, group.prog_start,
+                                  group.partials, COLS=COLS, BLOCK=self.block, num_warps=4)
+            total.append(group.partials.sum())
+        return torch.stack(total).sum().sqrt()
 
     def check_grads(self, grads) -> None:
         if not isinstance(grads, dict):
@@ -127,22 +142,54 @@ class AdamW:
             raise InputError(f"the gradients hold NaN or inf (global norm {total}): the step was "
                              f"not taken, the weights and the optimizer state are unchanged")
         coef = 1.0 if max_norm is None else min(1.0, max_norm / (total + 1e-6))
-        fn = self._kernel(adamw_source(self.master), ENTRY_ADAMW)
         self._coef.fill_(coef)
         self.steps += 1
         beta1, beta2 = self.betas
         step_size = self.lr / (1 - beta1 ** self.steps)
         bc2_sqrt = math.sqrt(1 - beta2 ** self.steps)
         with on_device(self.setup.device):
-            self._launch(fn, grads, step_size, bc2_sqrt)
+            self._launch(grads, step_size, bc2_sqrt)
         return total
 
-    def _launch(self, fn, grads: dict, step_size: float, bc2_sqrt: float) -> None:
+    def _launch(self, grads: dict, step_size: float, bc2_sqrt: float) -> None:
         beta1, beta2 = self.betas
-        for n, w in self.weights.items():
-            k = -(-w.numel() // self.block)
-            ptrs = [w, grads[n], self.exp_avg[n], self.exp_avg_sq[n]]
-            ptrs += [self.master_weights[n]] if self.master else []
-            fn[(k,)](*ptrs, self._coef, w.numel(), 1.0 - self.lr * self.weight_decay,
-                     1.0 - beta1, beta2, step_size, bc2_sqrt, self.eps, BLOCK=self.block,
-                     num_warps=4)
+        p_dtype = next(iter(self.weights.values())).dtype
+        for dtype, group in self._group(grads):
+            fn = self._kernel(adamw_source(p_dtype, dtype, self.master), ENTRY_ADAMW)
+            fn[(group.programs,)](group.table, group.numel, group.prog_tensor, group.prog_start,
+                                  self._coef, 1.0 - self.lr * self.weight_decay, 1.0 - beta1,
+                                  beta2, step_size, bc2_sqrt, self.eps, COLS=COLS,
+                                  BLOCK=self.block, num_warps=8 if not self.interpreted else 4)
+
+
+COLS = 5  # a tensor's row of addresses: weight, gradient, moments, master (codegen/optimizer.py)
+
+
+class _Group:
+    """Launch tables for a set of weights: each program's tensor and first element, each
+    tensor's element count and (per step) its row of addresses."""
+
+    def __init__(self, names: list, weights: list, block: int):
+        device = weights[0].device
+        self.names = names
+        sizes = [w.numel() for w in weights]
+        counts = torch.tensor([-(-n // block) for n in sizes])
+        self.programs = int(counts.sum())
+        tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+        first = torch.cumsum(counts, 0) - counts
+        start = (torch.arange(self.programs) - first[tensor]) * block
+        self.prog_tensor = tensor.to(torch.int32).to(device)
+        self.prog_start = start.to(torch.int64).to(device)
+        self.numel = torch.tensor(sizes, dtype=torch.int64, device=device)
+        self.partials = torch.zeros(self.programs, dtype=torch.float32, device=device)
+        self.table = None
+        self._bound = None
+
+    def bind(self, opt: "AdamW", grads: list) -> None:
+        rows = tuple((opt.weights[n].data_ptr(), g.data_ptr(), opt.exp_avg[n].data_ptr(),
+                      opt.exp_avg_sq[n].data_ptr(),
+                      opt.master_weights[n].data_ptr() if opt.master else 0)
+                     for n, g in zip(self.names, grads))
+        if rows != self._bound:
+            self.table = torch.tensor(rows, dtype=torch.int64).to(opt.setup.device)
+            self._bound = rows
