@@ -185,3 +185,46 @@ def test_a_layers_forward_and_backward_compile_as_one_plan(tmp_path):
     fused = {st.op for n in plan.nodes if n.op == "product" for st in n.attrs["epilogue"]}
     assert {"glu_grad_gate", "glu_grad_up"} <= fused, fused  # GeGLU's backward in products
     assert any(n.op == "matmul_tn" for n in plan.nodes)
+
+
+@pytest.mark.parametrize("cap", [0.0, 3.0])
+def test_the_plain_loss_and_its_gradient_become_the_fused_lm_head_loss(cap, tmp_path):
+    # the loss written plainly (logits, soft-cap, cross_entropy) and differentiated by
+    # autodiff: the fused_loss rules offer the lm_head, soft-cap and loss as one op forward
+    # and backward, extraction takes it (no [rows, vocab] tensor in the plan); without the
+    # family the plan keeps the logits; both equal the reference
+    from meganeura.pipeline import compile_graph, setup
+    from meganeura.rewrites import FUSIONS
+    from numerics import assert_close
+
+    c = Case(seed=11)
+    x = c.g.input_f32("x", (13, 24))
+    table = c.param((37, 24), scale=0.3)  # [vocab, width], as an embedding is stored
+    h = c.g.rms_norm(c.g.matmul(x, c.g.transpose(c.param((24, 24), scale=0.3))),
+                     c.param((24,), scale=0.2), 1e-6)
+    logits = c.g.matmul(h, c.g.transpose(table))
+    if cap:
+        logits = c.g.softcap(logits, cap)
+    lab = c.randint(37, 13)
+    lab[[2, 9]] = -100
+    loss = c.g.cross_entropy(logits, c.ids(lab))
+    joint = grad(c.g, loss, c.trained)
+    weights = {n: (w + (1.0 if w.dim() == 1 else 0.0)).float() for n, w in c.weights.items()}
+    gen = torch.Generator().manual_seed(12)
+    inputs = {"x": torch.randn(13, 24, generator=gen), "i0": lab,
+              SEED: torch.rand(13, 1, generator=gen) + 0.5}
+    ref = run_reference(joint, weights, inputs)
+    plans = {}
+    for fused, families in ((True, None), (False, [f for f in FUSIONS if f != "fused_loss"])):
+        fn = compile_graph(joint, weights, setup("cpu", cache_dir=tmp_path), families=families)
+        out = fn(inputs["x"], inputs["i0"], inputs[SEED])
+        assert len(out) == len(ref) == 4
+        for a, b in zip(out, ref):
+            assert_close(a.float(), b, "fp32")
+        plans[fused] = {n.op for n in fn.plan.graph.nodes}
+        wide = [n for n in fn.plan.graph.nodes if len(n.shape) == 2 and n.shape[1] == 37]
+        assert bool(wide) != fused  # the logits exist only in the plain plan
+    assert {"linear_cross_entropy", "linear_cross_entropy_grad_h",
+            "linear_cross_entropy_grad_w"} <= plans[True]
+    assert not {"cross_entropy", "cross_entropy_grad"} & plans[True]
+    assert {"cross_entropy", "cross_entropy_grad"} <= plans[False]

@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
 from meganeura.codegen import Target, kernel_for
-from meganeura.compiler.cost import PROFILES, CostModel
+from meganeura.compiler.cost import MEMORY_PRICE, PROFILES, CostModel
 from meganeura.models import MODEL_NAMES, PRESETS, build
 from meganeura.models.kv import Generation
 from meganeura.compiler.plan import holds_fp32
@@ -80,7 +80,9 @@ def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h2
         names = [n for n, w in family(config).weight_specs(config).items()
                  if w.trained and "embed_tokens" not in n]
         graph = training_graph(graph, names, config)
-    plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name))
+    # a training plan is priced with the Trainer's exchange rate of memory for time
+    price = MEMORY_PRICE if train else 0.0
+    plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name, memory_price=price))
     # the decode step's kernels are launched as programmatic dependents (generation.py)
     target = Target(torch.device("cuda"), dtype, sms=sms,
                     pdl=bool(capacity) and (seq_len == 1 or sequences > 1))

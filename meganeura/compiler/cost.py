@@ -73,6 +73,13 @@ CPU_INTERPRETER = DeviceProfile("cpu-interpreter", bandwidth=2e9, matmul_flops=2
 PROFILES = {p.name: p for p in (H200, H200_ROOFLINE, CPU_INTERPRETER)}
 
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
+
+# The training plans' exchange rate of memory for time: 3.5 ms of step per GiB of
+# activations stored, what transformers + Liger trades on gemma4-e2b's full fine-tuning
+# (measured on an H100: 43.6 ms more a step for 12.4 GiB less, docs/design.md). At that rate
+# the lm_head's fused loss (logits recomputed in chunks, never stored) wins over storing
+# the [tokens, vocab] logits and their gradient.
+MEMORY_PRICE = 3.5e-3 / 2**30
 ID_BYTES = 8  # token ids arrive as int64
 
 
@@ -316,6 +323,17 @@ class CostModel:
 
     profile: DeviceProfile
     dtype: str = "bf16"
+    # seconds per byte a kernel's output holds: 0 prices time alone (inference, where a
+    # plan's tensors live a layer); a training plan holds activations from the forward to
+    # the backward, and the price makes keeping versus recomputing a trade the extractor
+    # weighs (see MEMORY_PRICE)
+    memory_price: float = 0.0
+
+    def stored(self, op: str, out: tuple) -> float:
+        """The memory price of a kernel's output (views store nothing)."""
+        if not self.memory_price or OPS[op].kind in ("view", "leaf"):
+            return 0.0
+        return self.memory_price * _numel(out) * ELEMENT_BYTES[self.dtype]
 
     def time(self, op: str, attrs: dict, ins: list[tuple], out: tuple,
              b_trans: bool = True) -> float:

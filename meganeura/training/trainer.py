@@ -9,11 +9,12 @@ LoRA adapters.
 
 The training graph is the model's forward graph (the family's `build`), LoRA's low-rank
 products added beside the targeted products, the causal-LM loss as transformers computes
-it (the lm_head, its soft-cap and the loss one op, `linear_cross_entropy`, whose kernels
-never store the logits) (the logits after the final soft-cap, labels shifted by one inside, -100 ignored, the
+it (the logits after the final soft-cap, labels shifted by one inside, -100 ignored, the
 mean over the counted positions of the whole batch), and its backward built by
 `compiler.autodiff.grad` in the same IR: one joint graph per sequence length, optimized by
-the e-graph (forward and backward together) and run as generated kernels; the update is
+the e-graph (forward and backward together; its `fused_loss` rules offer the lm_head, the
+soft-cap and the loss as one op whose kernels never store the logits, and the cost model
+picks) and run as generated kernels; the update is
 the AdamW of `optim.py`, in generated kernels too (`executor="reference"` runs the joint
 graph on the reference executor instead, plain PyTorch in the model's dtype). Rows of a
 batch run one after another (`accumulate` micro-batches give the same gradient), their
@@ -22,12 +23,14 @@ gradients summed in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ..compiler.autodiff import SEED, grad, live
+from ..compiler.cost import MEMORY_PRICE
 from ..compiler.graph import Graph
 from ..errors import InputError
 from ..runtime.compiled import check_memory
@@ -136,34 +139,16 @@ def merged(weights: dict, lora: LoRA) -> dict:
 def training_graph(g: Graph, names: list, config) -> Graph:
     """The joint graph of a model graph `g` (its logits its output): inputs token_ids, labels
     (shifted) and d_loss (a row's weight), outputs [the rows' losses, d w for w in names].
-    The lm_head, its soft-cap and the loss are one op where the model has that form."""
+    The loss is written plainly, cross_entropy of the logits; the e-graph offers the lm_head,
+    its soft-cap and the loss as one op (rewrites/fused_loss.py) and extraction picks."""
     seq_len = g[g.outputs[0]].shape[0]
     labels = g.input_u32("labels", (seq_len,))
-    head = lm_head(g, g.outputs[0])
-    if head is not None:  # the lm_head, its soft-cap and the loss: no logits stored
-        x, w, cap = head
-        loss = g.linear_cross_entropy(x, w, labels, cap)
-    else:
-        loss = g.cross_entropy(g.outputs[0], labels)
-    g.set_outputs([loss])
+    g.set_outputs([g.cross_entropy(g.outputs[0], labels)])
     g = live(g)
     pad = getattr(config, "pad_token_id", None)
     tables = {g[n.inputs[1]].name for n in g.nodes if n.op == "embedding"}
     padding = {t: pad for t in tables} if pad is not None else {}
     return grad(g, g.outputs[0], names, padding=padding)
-
-
-def lm_head(g: Graph, logits: int) -> tuple[int, int, float] | None:
-    """(rows, weight [vocab, width], cap) where logits = softcap(rows @ weight^T, cap) (cap 0:
-    none), the weight a parameter read through a transpose; None for another form."""
-    cap = 0.0
-    n = g[logits]
-    if n.op == "softcap":
-        cap, n = n.attrs["cap"], g[n.inputs[0]]
-    if n.op != "matmul" or g[n.inputs[1]].op != "transpose":
-        return None
-    w = g[n.inputs[1]].inputs[0]
-    return (n.inputs[0], w, cap) if g[w].op == "parameter" else None
 
 
 def save_adapter(directory, model, overwrite: bool = False):
@@ -212,12 +197,17 @@ def save_adapter(directory, model, overwrite: bool = False):
 
 
 class Trainer:
-    """Gradients and optimizer steps of `model`'s weights (see the module's doc)."""
+    """Gradients and optimizer steps of `model`'s weights (see the module's doc).
+
+    memory_price: seconds of step time per byte a kernel's output stores, the exchange rate
+    at which the e-graph's extraction trades memory for time (compiler/cost.py's
+    MEMORY_PRICE by default; 0: the fastest plan whatever it holds)."""
 
     def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, trainable=None, lora: LoRA | None = None,
                  grad_clip: float | None = None, accumulate: int = 1,
-                 master_weights: bool = False, seed: int = 0, executor: str = "compiled"):
+                 master_weights: bool = False, seed: int = 0, executor: str = "compiled",
+                 memory_price: float = MEMORY_PRICE):
         from ..inference.pretrained import PretrainedModel
 
         if not isinstance(model, PretrainedModel):
@@ -235,6 +225,7 @@ class Trainer:
         if executor not in ("compiled", "reference"):
             raise InputError(f"executor must be 'compiled' or 'reference', got {executor!r}")
         self.executor = executor
+        self.memory_price = _number("memory_price", memory_price, 0.0)
         self._plans: dict = {}  # seq_len -> (plan, report, the CompiledModel bound last)
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise InputError(f"accumulate must be an integer >= 1, got {accumulate!r}")
@@ -281,10 +272,14 @@ class Trainer:
 
     def memory_needed(self, seq_len: int) -> int:
         """Device bytes one sequence's forward and backward hold at their peak beyond the
-        weights and the optimizer's state: the reference executor's order replayed, each
-        tensor freed after its last reader (gradients summed in fp32 beside)."""
-        g = self.graph(seq_len)
+        weights and the optimizer's state. Compiled: the plan's buffer arena (its tensors
+        placed by liveness, as the run allocates it; the plan is built, nothing allocated).
+        Reference: the executor's order replayed, each tensor freed after its last reader."""
         elem = torch.empty((), dtype=self.model.dtype).element_size()
+        if self.executor == "compiled":
+            from ..runtime.buffers import plan_buffers
+            return plan_buffers(self._plan(seq_len)[0], elem, inputs=True).total
+        g = self.graph(seq_len)
         users = g.users()
         left = [len(u) for u in users]
         for o in g.outputs:
@@ -380,15 +375,24 @@ class Trainer:
             return lambda ids, labels, seed: run_reference(
                 g, m.all_weights(), {"token_ids": ids, "labels": labels, SEED: seed}, m.dtype,
                 m.device)
-        from ..pipeline import bind, optimize_graph
+        from ..pipeline import bind
 
-        plan, report, fn = self._plans.get(seq_len, (None, None, None))
-        if plan is None:
-            plan, report = optimize_graph(g, m.setup)
+        plan, report = self._plan(seq_len)
+        fn = self._plans[seq_len][2]
         if fn is None:
             fn = bind(plan, report, m.all_weights(), m.setup, cuda_graph=False)
         self._plans[seq_len] = (plan, report, fn)
         return lambda ids, labels, seed: fn(ids, labels, seed)
+
+    def _plan(self, seq_len: int):
+        """(plan, report) of the joint graph at seq_len, optimized once a length."""
+        from ..pipeline import optimize_graph
+
+        if seq_len not in self._plans:
+            cost = dataclasses.replace(self.model.setup.cost, memory_price=self.memory_price)
+            plan, report = optimize_graph(self.graph(seq_len), cost)
+            self._plans[seq_len] = (plan, report, None)
+        return self._plans[seq_len][:2]
 
     def _weights_changed(self) -> None:
         """Plans may hold load-time copies of weights (transposes, concatenations): each is
