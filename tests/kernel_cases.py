@@ -199,17 +199,19 @@ def embedding_grad_case(t, v, d, padding=-1, seed=0):
 
 
 def linear_loss_case(op, t, h, v, cap=0.0, seed=0):
-    """The fused lm_head + soft-cap + loss (or a gradient, with d [t, 1]) of rows [t, h] and
-    a weight [v, h]; a label or two of -100."""
+    """The fused lm_head + soft-cap + loss (its statistics, or a gradient, with d [t, 1]) of
+    rows [t, h] and a weight [v, h]; a label or two of -100."""
     c = Case(seed)
     x = c.input("h", (t, h))
     w = c.weight("w", c.rand(v, h) * h ** -0.5 * 3.0)
     labels = torch.randint(0, v, (t,), generator=c.gen)
     labels[::4] = -100
     lab = c.ids("labels", labels)
-    if op == "linear_cross_entropy":
-        return c.case(c.g.linear_cross_entropy(x, w, lab, cap))
-    return c.case(getattr(c.g, op)(x, w, lab, c.input("d", (t, 1)), cap))
+    if op in ("linear_cross_entropy", "linear_cross_entropy_stats"):
+        return c.case(getattr(c.g, op)(x, w, lab, cap))
+    # a gradient reads the logsumexp column of the statistics (a strided view)
+    lse = c.g.slice_cols(c.g.linear_cross_entropy_stats(x, w, lab, cap), 1, 1)
+    return c.case(getattr(c.g, op)(x, w, lab, c.input("d", (t, 1)), lse, cap))
 
 
 def place_case(s, w, start, width, seed=0):

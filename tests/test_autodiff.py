@@ -6,6 +6,8 @@ in the graph's own ops and run by the reference executor, must equal torch.autog
 through the op's reference formula, on fresh random operands of odd sizes.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -224,7 +226,30 @@ def test_the_plain_loss_and_its_gradient_become_the_fused_lm_head_loss(cap, tmp_
         plans[fused] = {n.op for n in fn.plan.graph.nodes}
         wide = [n for n in fn.plan.graph.nodes if len(n.shape) == 2 and n.shape[1] == 37]
         assert bool(wide) != fused  # the logits exist only in the plain plan
-    assert {"linear_cross_entropy", "linear_cross_entropy_grad_h",
+    assert {"linear_cross_entropy_stats", "linear_cross_entropy_grad_h",
             "linear_cross_entropy_grad_w"} <= plans[True]
     assert not {"cross_entropy", "cross_entropy_grad"} & plans[True]
     assert {"cross_entropy", "cross_entropy_grad"} <= plans[False]
+
+
+def test_the_memory_price_decides_whether_the_logits_are_stored():
+    # e2b's lm_head at 2048 tokens priced for the H200 (shapes only, nothing runs): by time
+    # alone, storing the [2048, 262144] logits and their gradient is faster than the fused
+    # kernels' extra pass; at the Trainer's exchange rate of memory for time, the fused loss
+    # (statistics, then each gradient recomputing the logits) is the plan
+    from meganeura.compiler.cost import MEMORY_PRICE, PROFILES, CostModel
+    from meganeura.pipeline import optimize_graph
+
+    g = Graph()
+    x = g.matmul(g.input_f32("x", (2048, 1536)), g.transpose(g.parameter("p", (1536, 1536))))
+    logits = g.softcap(g.matmul(x, g.transpose(g.parameter("table", (262144, 1536)))), 30.0)
+    joint = grad(g, g.cross_entropy(logits, g.input_u32("labels", (2048,))), ["p", "table"])
+    ops = {}
+    for price in (0.0, MEMORY_PRICE):
+        plan, _ = optimize_graph(joint, CostModel(PROFILES["h200"], "bf16", memory_price=price))
+        ops[price] = {plan.graph[i].op for i in plan.launches}
+        wide = [i for i in plan.launches if 262144 * 2048 <= math.prod(plan.graph[i].shape)]
+        assert bool(wide) == (price == 0.0)
+    assert {"cross_entropy", "cross_entropy_grad"} <= ops[0.0]
+    assert {"linear_cross_entropy_stats", "linear_cross_entropy_grad_h",
+            "linear_cross_entropy_grad_w"} <= ops[MEMORY_PRICE]

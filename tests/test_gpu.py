@@ -32,8 +32,8 @@ def test_attention_grad_bf16(s, heads, kv_heads, head_dim, window, tmp_path):
                torch.bfloat16, tmp_path, "bf16")
 
 
-@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_grad_h",
-                                "linear_cross_entropy_grad_w"])
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_stats",
+                                "linear_cross_entropy_grad_h", "linear_cross_entropy_grad_w"])
 def test_linear_loss_bf16(op, tmp_path):
     check_case(linear_loss_case(op, 300, 512, 5000, 30.0, seed=1), "cuda", torch.bfloat16,
                tmp_path, "bf16")

@@ -431,8 +431,8 @@ def test_attentions_gradient(s, heads, kv_heads, head_dim, window, tmp_path):
                "cpu", torch.float32, tmp_path, "fp32")
 
 
-@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_grad_h",
-                                "linear_cross_entropy_grad_w"])
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_stats",
+                                "linear_cross_entropy_grad_h", "linear_cross_entropy_grad_w"])
 @pytest.mark.parametrize("t, h, v, cap", [(7, 24, 45, 0.0), (37, 40, 70, 3.0)])
 def test_the_lm_head_and_loss_without_logits(op, t, h, v, cap, tmp_path):
     # rows, vocabulary and width past one tile each; a soft-cap that bends

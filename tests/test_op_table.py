@@ -41,6 +41,8 @@ OWN_CASES = {
     "embedding_grad": lambda: embedding_grad_case(7, 9, 45),
     "attention_grad": lambda: attention_grad_case(37, 4, 2, 16),
     "linear_cross_entropy": lambda: linear_loss_case("linear_cross_entropy", 7, 24, 45),
+    "linear_cross_entropy_stats": lambda: linear_loss_case("linear_cross_entropy_stats", 7,
+                                                           24, 45),
     "linear_cross_entropy_grad_h": lambda: linear_loss_case("linear_cross_entropy_grad_h", 7,
                                                             24, 45),
     "linear_cross_entropy_grad_w": lambda: linear_loss_case("linear_cross_entropy_grad_w", 7,

@@ -2,12 +2,15 @@
 
     z = softcap(h @ W^T)                 (softcap optional: cap * tanh(x / cap))
     forward:  lse[t] = logsumexp(z[t, :]),  loss[t] = lse[t] - z[t, label[t]]  (0 where ignored)
+              (both strided: the plan's stats op writes them as the two columns of one
+              tensor, lse at column LSE_AT of the loss's row)
     dh:       dh[t, :] = sum_v dx[t, v] W[v, :]
     dW:       dW[v, :] = sum_t dx[t, v] h[t, :]
     where dz = scale[t] (softmax(z)[t, v] - [v == label[t]]) on counted rows, and
     dx = dz (1 - (z / cap)^2) through the soft-cap.
 
-Each kernel walks the vocabulary in tiles and recomputes the logits tile it needs from h and
+The gradient kernels read each row's logsumexp from the forward's. Each kernel walks the
+vocabulary in tiles and recomputes the logits tile it needs from h and
 W (a K loop over the hidden width): the forward keeps a running max and sum per row (an
 online logsumexp) and picks the label's logit as its tile passes; the dh kernel owns a block
 of rows and adds each vocabulary tile's contribution into them; the dW kernel owns a tile of
@@ -104,10 +107,11 @@ for v0 in range(0, V, BLOCK_V):
     m_i = m_new
     picked += tl.sum(tl.where(rv[None, :] == lab[:, None], z, 0.0), axis=1)
 lse = m_i + tl.log(l_i)
-tl.store(lse_ptr + rm, lse, mask=row_ok)
-tl.store(loss_ptr + rm, tl.where(lab != {IGNORE}, lse - picked, 0.0), mask=row_ok)
+tl.store(lse_ptr + LSE_AT + rm * stride_lse, lse, mask=row_ok)
+tl.store(loss_ptr + rm * stride_loss, tl.where(lab != {IGNORE}, lse - picked, 0.0), mask=row_ok)
 """
-    params = _PARAMS + ["loss_ptr"] + _TAIL + ["cap"] + _CONST
+    params = _PARAMS + ["loss_ptr"] + _TAIL + ["stride_lse", "stride_loss", "cap"] + _CONST + \
+        ["LSE_AT: tl.constexpr"]
     return HEADER + f"def {ENTRY_FORWARD}({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
@@ -115,7 +119,7 @@ def dh_source(precision: str) -> str:
     body = f"""
 m0 = tl.program_id(0) * BLOCK_M
 {_ROWS}
-lse = tl.load(lse_ptr + rm, mask=row_ok, other=0.0)
+lse = tl.load(lse_ptr + rm * stride_lse, mask=row_ok, other=0.0)
 scale = tl.load(scale_ptr + rm, mask=row_ok, other=0.0)[:, None]
 for v0 in range(0, V, BLOCK_V):
     rv = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -124,7 +128,7 @@ for v0 in range(0, V, BLOCK_V):
 {indent(_dz(), 4)}
 {indent(_add_product("dh", "rm", "row_ok", "w", "rv", "v_ok", "dz", precision), 4)}
 """
-    params = _PARAMS + ["dh_ptr", "scale_ptr"] + _TAIL + ["stride_dh", "cap"] + _CONST
+    params = _PARAMS + ["dh_ptr", "scale_ptr"] + _TAIL + ["stride_lse", "stride_dh", "cap"] + _CONST
     return HEADER + f"def {ENTRY_DH}({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
@@ -134,11 +138,11 @@ rv = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
 v_ok = rv < V
 for m0 in range(0, T, BLOCK_M):
 {indent(_ROWS, 4)}
-    lse = tl.load(lse_ptr + rm, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rm * stride_lse, mask=row_ok, other=0.0)
     scale = tl.load(scale_ptr + rm, mask=row_ok, other=0.0)[:, None]
 {indent(_logits(precision), 4)}
 {indent(_dz(), 4)}
 {indent(_add_product("dw", "rv", "v_ok", "h", "rm", "row_ok", "tl.trans(dz)", precision), 4)}
 """
-    params = _PARAMS + ["dw_ptr", "scale_ptr"] + _TAIL + ["stride_dw", "cap"] + _CONST
+    params = _PARAMS + ["dw_ptr", "scale_ptr"] + _TAIL + ["stride_lse", "stride_dw", "cap"] + _CONST
     return HEADER + f"def {ENTRY_DW}({', '.join(params)}):\n" + indent(body, 4) + "\n"

@@ -235,9 +235,9 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         pairs = attention_pairs(s, attrs.get("window") or None)
         heads, width = attrs["num_heads"], sum(head_dim_chunks(attrs["head_dim"]))
         return Work(4 * io, 16 * heads * width * pairs, 24 * heads * pairs, "attention")
-    if arch == "linear_loss":  # the logits recomputed by each kernel (two for a gradient)
+    if arch == "linear_loss":  # the logits recomputed by each kernel, then a gradient's product
         (t, h), v = ins[0], ins[1][0]
-        passes = 1 if op == "linear_cross_entropy" else 3
+        passes = 2 if op.endswith(("_grad_h", "_grad_w")) else 1
         return Work(elem * passes * (t * h + v * h * -(-t // 64)), passes * 2 * t * v * h,
                     8 * t * v * passes, "matmul")
     if arch == "embedding_grad":  # the table's gradient zeroed, the rows added by atomics

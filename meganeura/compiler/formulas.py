@@ -321,15 +321,27 @@ def linear_cross_entropy(h, w, labels, cap=0.0):
     return cross_entropy(_linear_logits(h, w, cap), labels)
 
 
-def _linear_dz(h, w, labels, d, cap):
+def linear_cross_entropy_stats(h, w, labels, cap=0.0):
+    # [S, 2] fp32: each row's loss and the logits' logsumexp
     z = _linear_logits(h, w, cap)
-    dz = cross_entropy_grad(z, labels, d)
+    return torch.cat([cross_entropy(z, labels), torch.logsumexp(z, dim=-1, keepdim=True)], 1)
+
+
+def _linear_dz(h, w, labels, d, lse, cap):
+    # d logits from the given logsumexp: d (exp(z - lse) - onehot), 0 on ignored rows
+    z = _linear_logits(h, w, cap)
+    p = torch.exp(z - wide(lse))
+    lab = labels.long()
+    counted = lab != IGNORE_INDEX
+    onehot = torch.zeros_like(p)
+    onehot[torch.arange(len(lab), device=p.device)[counted], lab[counted]] = 1.0
+    dz = (p - onehot) * wide(d) * counted[:, None]
     return dz * (1 - (z / cap) ** 2) if cap else dz
 
 
-def linear_cross_entropy_grad_h(h, w, labels, d, cap=0.0):
-    return _linear_dz(h, w, labels, d, cap) @ wide(w)
+def linear_cross_entropy_grad_h(h, w, labels, d, lse, cap=0.0):
+    return _linear_dz(h, w, labels, d, lse, cap) @ wide(w)
 
 
-def linear_cross_entropy_grad_w(h, w, labels, d, cap=0.0):
-    return _linear_dz(h, w, labels, d, cap).T @ wide(h)
+def linear_cross_entropy_grad_w(h, w, labels, d, lse, cap=0.0):
+    return _linear_dz(h, w, labels, d, lse, cap).T @ wide(h)

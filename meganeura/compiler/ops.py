@@ -368,8 +368,9 @@ def _vjp_slice_cols(g, n, dy, wanted):
 def _vjp_linear_cross_entropy(g, n, dy, wanted):
     h, w, labels = n.inputs
     cap = n.attrs["cap"]
-    out = [(h, g.linear_cross_entropy_grad_h(h, w, labels, dy, cap))] if h in wanted else []
-    return out + ([(w, g.linear_cross_entropy_grad_w(h, w, labels, dy, cap))]
+    lse = g.slice_cols(g.linear_cross_entropy_stats(h, w, labels, cap), 1, 1)
+    out = [(h, g.linear_cross_entropy_grad_h(h, w, labels, dy, lse, cap))] if h in wanted else []
+    return out + ([(w, g.linear_cross_entropy_grad_w(h, w, labels, dy, lse, cap))]
                   if w in wanted else [])
 
 
@@ -449,9 +450,15 @@ def _linear_cross_entropy(s, d, a):
     return _cross_entropy([(h[0], w[0]), labels] + list(s[3:]), d[1:], a)
 
 
+def _linear_ce_stats(s, d, a):
+    return (_linear_cross_entropy(s, d, a)[0], 2)
+
+
 def _linear_ce_grad(which: int):
     def rule(s, d, a):
-        _linear_cross_entropy(s, d, a)
+        loss = _linear_cross_entropy(s[:4], d[:4], a)
+        _need(s[3] == loss, f"d {list(s[3])} must be {list(loss)}, one per row")
+        _need(s[4] == loss, f"lse {list(s[4])} must be {list(loss)}, one per row")
         return s[which]
     return rule
 
@@ -636,16 +643,21 @@ _op("linear_cross_entropy", ("h", "w", "labels"), (("cap", float),), _linear_cro
     lambda a, h, w, labels: fm.linear_cross_entropy(h, w, labels, a["cap"]),
     "cross_entropy(softcap(h @ w^T)) with the logits never stored (cap 0: no soft-cap), [rows, "
     "1] fp32", archetype="linear_loss", stream=True, indices=("labels",), defaults={"cap": 0.0})
-_op("linear_cross_entropy_grad_h", ("h", "w", "labels", "d"), (("cap", float),),
+_op("linear_cross_entropy_stats", ("h", "w", "labels"), (("cap", float),), _linear_ce_stats,
+    lambda a, h, w, labels: fm.linear_cross_entropy_stats(h, w, labels, a["cap"]),
+    "[rows, 2] fp32: linear_cross_entropy's loss and the logits' logsumexp of each row (what "
+    "its gradients read)", archetype="linear_loss", stream=True, indices=("labels",),
+    defaults={"cap": 0.0})
+_op("linear_cross_entropy_grad_h", ("h", "w", "labels", "d", "lse"), (("cap", float),),
     _linear_ce_grad(0),
-    lambda a, h, w, labels, d: fm.linear_cross_entropy_grad_h(h, w, labels, d, a["cap"]),
-    "d h of linear_cross_entropy times d [rows, 1], fp32", archetype="linear_loss",
-    stream=True, indices=("labels",), defaults={"cap": 0.0})
-_op("linear_cross_entropy_grad_w", ("h", "w", "labels", "d"), (("cap", float),),
+    lambda a, h, w, labels, d, lse: fm.linear_cross_entropy_grad_h(h, w, labels, d, lse, a["cap"]),
+    "d h of linear_cross_entropy times d [rows, 1], given each row's logsumexp lse [rows, 1], "
+    "fp32", archetype="linear_loss", stream=True, indices=("labels",), defaults={"cap": 0.0})
+_op("linear_cross_entropy_grad_w", ("h", "w", "labels", "d", "lse"), (("cap", float),),
     _linear_ce_grad(1),
-    lambda a, h, w, labels, d: fm.linear_cross_entropy_grad_w(h, w, labels, d, a["cap"]),
-    "d w of linear_cross_entropy times d [rows, 1], fp32", archetype="linear_loss",
-    stream=True, indices=("labels",), defaults={"cap": 0.0})
+    lambda a, h, w, labels, d, lse: fm.linear_cross_entropy_grad_w(h, w, labels, d, lse, a["cap"]),
+    "d w of linear_cross_entropy times d [rows, 1], given each row's logsumexp lse [rows, 1], "
+    "fp32", archetype="linear_loss", stream=True, indices=("labels",), defaults={"cap": 0.0})
 
 # each differentiable op's gradient (ops without one: cache ops, layouts, positions)
 for _name, _vjp in {"matmul": _vjp_matmul, "embedding": _vjp_embedding,

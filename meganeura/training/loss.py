@@ -89,7 +89,8 @@ class LinearCrossEntropy:
         common = (t, v, h, hidden.stride(0), weight.stride(0))
         with on_device(hidden.device):
             fwd = self._load(forward_source(precision), ENTRY_FORWARD)
-            fwd[(-(-t // bm),)](hidden, weight, labels, lse, rows, *common, cap, **const)
+            fwd[(-(-t // bm),)](hidden, weight, labels, lse, rows, *common, 1, 1, cap, LSE_AT=0,
+                                **const)
             counted = (labels != IGNORE).sum()
             loss = rows.sum() / counted
             if not grads:
@@ -98,9 +99,9 @@ class LinearCrossEntropy:
             dh = torch.zeros(t, h, **f32)
             dw = torch.zeros(v, h, **f32)
             self._load(dh_source(precision), ENTRY_DH)[(-(-t // bm),)](
-                hidden, weight, labels, lse, dh, scale, *common, dh.stride(0), cap, **const)
+                hidden, weight, labels, lse, dh, scale, *common, 1, dh.stride(0), cap, **const)
             self._load(dw_source(precision), ENTRY_DW)[(-(-v // bv),)](
-                hidden, weight, labels, lse, dw, scale, *common, dw.stride(0), cap, **const)
+                hidden, weight, labels, lse, dw, scale, *common, 1, dw.stride(0), cap, **const)
         return loss, dh, dw
 
     def _load(self, source: str, entry: str):
