@@ -179,6 +179,33 @@ class CompiledModel:
             t = t.contiguous()
             self.tensors[nid] = t.clone() if t.data_ptr() % 16 else t
 
+    def refresh_weights(self, weights: dict) -> None:
+        """After the weights changed in place (a training step): each tensor the kernels read
+        that is not the caller's own (a load-time concatenation or product of weights, or a
+        weight moved to the plan's device or dtype) is computed again into its buffer, so
+        the buffers, the bound launches and the arena stay as they are."""
+        g, dev, dt = self.plan.graph, self.target.device, self.target.dtype
+        memo: dict[int, torch.Tensor] = {}
+
+        def value(nid: int) -> torch.Tensor:
+            if nid not in memo:
+                n = g[nid]
+                if n.op == "parameter":
+                    memo[nid] = weights[n.name].to(device=dev, dtype=dt)
+                elif n.op == "concat_cols":
+                    memo[nid] = torch.cat([value(i) for i in self._concat_leaves(nid)], dim=1)
+                else:
+                    memo[nid] = evaluate(n, *(value(i) for i in n.inputs)).to(dev)
+            return memo[nid]
+
+        for nid in [p.id for p in g.parameters()] + self.plan.load_time:
+            held = self.tensors.get(nid)
+            if held is None:
+                continue
+            if g[nid].op == "parameter" and held is weights[g[nid].name]:
+                continue  # read in place: it changed with the weights
+            held.copy_(value(nid))
+
     def _concat_leaves(self, nid: int) -> list[int]:
         """The operands of a load-time concat_cols tree, left to right (else the inputs)."""
         g = self.plan.graph

@@ -227,6 +227,7 @@ class Trainer:
         self.executor = executor
         self.memory_price = _number("memory_price", memory_price, 0.0)
         self._plans: dict = {}  # seq_len -> (plan, report, the CompiledModel bound last)
+        self._stale: set = set()  # lengths whose bound plan has not seen the latest weights
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise InputError(f"accumulate must be an integer >= 1, got {accumulate!r}")
         self.grad_clip = None if grad_clip is None else _number("grad_clip", grad_clip, 0.0)
@@ -347,7 +348,10 @@ class Trainer:
         loss, grads = self._gradients(input_ids, labels)
         return loss, {self.checkpoint_name(n): g for n, g in grads.items()}
 
-    def _gradients(self, input_ids, labels):
+    def _gradients(self, input_ids, labels, keep: bool = True):
+        """keep=False: a one-row batch's gradients may be the plan's own output buffers
+        (fp32 or the plan dtype), valid until the plan runs again: a step reads them at
+        once, with no copy of every gradient beside the arena."""
         ids, target, counted = self._batch(input_ids, labels)
         m = self.model
         check_memory(self.memory_needed(ids.shape[1]), m.device, f"a training step of "
@@ -355,13 +359,18 @@ class Trainer:
         seed = torch.full((ids.shape[1], 1), 1.0 / counted, dtype=torch.float32, device=m.device)
         run = self._runner(ids.shape[1])
         total = torch.zeros((), dtype=torch.float64)
-        grads = {n: torch.zeros(m.weights[n].shape, dtype=torch.float32, device=m.device)
-                 for n in self.names}
+        grads: dict = {}
         for b in range(ids.shape[0]):  # micro-batches of one row: the same sums
             loss, *ds = run(ids[b].to(m.device), target[b].to(m.device), seed.to(m.dtype))
             total += loss.double().sum().cpu()
+            last = b == ids.shape[0] - 1
             for n, d in zip(self.names, ds):
-                grads[n] += d.float()
+                if n in grads:
+                    grads[n] += d.float()
+                elif last and not keep:  # the plan's own output, read before its next run
+                    grads[n] = d
+                else:  # the sum starts from a copy (the plan's buffers are reused)
+                    grads[n] = d.float() if d.dtype != torch.float32 else d.clone()
         loss = float(total) / counted
         if not math.isfinite(loss):
             raise InputError(f"the loss is {loss}: no gradient is given and nothing changed")
@@ -381,6 +390,9 @@ class Trainer:
         fn = self._plans[seq_len][2]
         if fn is None:
             fn = bind(plan, report, m.all_weights(), m.setup, cuda_graph=False)
+        elif seq_len in self._stale:  # the weights changed since it last ran
+            fn.refresh_weights(m.all_weights())
+        self._stale.discard(seq_len)
         self._plans[seq_len] = (plan, report, fn)
         return lambda ids, labels, seed: fn(ids, labels, seed)
 
@@ -395,16 +407,16 @@ class Trainer:
         return self._plans[seq_len][:2]
 
     def _weights_changed(self) -> None:
-        """Plans may hold load-time copies of weights (transposes, concatenations): each is
-        bound again at its next use, its extraction kept."""
-        self._plans = {k: (p, r, None) for k, (p, r, _) in self._plans.items()}
+        """Plans may hold load-time copies of weights (transposes, concatenations): each
+        bound plan computes them again before its next run, in its own buffers."""
+        self._stale.update(self._plans)
         self.model.weights_changed()
 
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """One AdamW step on the batch's gradients (clipped by their global norm to
         grad_clip when given); returns the loss before the step. A non-finite loss or
         gradient raises InputError with the weights and the optimizer state unchanged."""
-        loss, grads = self._gradients(input_ids, labels)
+        loss, grads = self._gradients(input_ids, labels, keep=False)
         self.last_norm = self.optimizer.step(grads, max_norm=self.grad_clip)
         self._weights_changed()
         return loss
