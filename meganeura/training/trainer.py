@@ -368,7 +368,7 @@ class Trainer:
                 if n in grads:
                     grads[n] += d.float()
                 elif last and not keep:  # the plan's own output, read before its next run
-                    grads[n] = d
+                    grads[n] = d.contiguous()  # (a copy only of a strided view)
                 else:  # the sum starts from a copy (the plan's buffers are reused)
                     grads[n] = d.float() if d.dtype != torch.float32 else d.clone()
         loss = float(total) / counted
