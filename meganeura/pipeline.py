@@ -46,6 +46,7 @@ class Setup:
     profile: DeviceProfile
     cache_dir: Path | None = None  # kernel sources (default: ~/.cache/meganeura/kernels)
     debug: frozenset = frozenset()  # of DEBUG_CHANNELS
+    memory_price: float = 0.0  # seconds per byte stored (CostModel.memory_price); training's
 
     @property
     def dtype_name(self) -> str:
@@ -53,7 +54,7 @@ class Setup:
 
     @property
     def cost(self) -> CostModel:
-        return CostModel(self.profile, self.dtype_name)
+        return CostModel(self.profile, self.dtype_name, self.memory_price)
 
     def kernel_cache(self) -> KernelCache:
         return KernelCache(self.cache_dir, f"meganeura {__version__}")

@@ -23,7 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .kernels import Kernel, kernel_of, unrunnable
+from .kernels import Kernel, holds_stream, kernel_of, unrunnable
 from .ops import OPS
 
 
@@ -329,11 +329,13 @@ class CostModel:
     # weighs (see MEMORY_PRICE)
     memory_price: float = 0.0
 
-    def stored(self, op: str, out: tuple) -> float:
-        """The memory price of a kernel's output (views store nothing)."""
+    def stored(self, op: str, attrs: dict, out: tuple) -> float:
+        """The memory price of a kernel's output (views store nothing; the residual stream
+        and the fp32 outputs are held in fp32, plan.holds_fp32)."""
         if not self.memory_price or OPS[op].kind in ("view", "leaf"):
             return 0.0
-        return self.memory_price * _numel(out) * ELEMENT_BYTES[self.dtype]
+        elem = 4 if holds_stream(op, attrs) else ELEMENT_BYTES[self.dtype]
+        return self.memory_price * _numel(out) * elem
 
     def time(self, op: str, attrs: dict, ins: list[tuple], out: tuple,
              b_trans: bool = True) -> float:

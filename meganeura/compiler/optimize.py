@@ -113,7 +113,7 @@ def _optimize_template(graph, members, schedule, cost, keep_egglog, local_search
         else:
             b_trans = len(n.children) > 1 and n.children[1] in transposed
             base = cost.time(n.op, n.attrs, [shapes[ch] for ch in n.children], shapes[c],
-                             b_trans) + cost.stored(n.op, shapes[c])
+                             b_trans) + cost.stored(n.op, n.attrs, shapes[c])
         # of two kernels that cost the same, the one with fewer stages (a base op before
         # the structured node that is the same kernel): far below any real difference
         return max(base, EPS) + STRUCTURE_TIE * ((n.op in STRUCTURED) + stage_count(n.op, n.attrs))

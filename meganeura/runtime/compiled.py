@@ -185,26 +185,27 @@ class CompiledModel:
         weight moved to the plan's device or dtype) is computed again into its buffer, so
         the buffers, the bound launches and the arena stay as they are."""
         g, dev, dt = self.plan.graph, self.target.device, self.target.dtype
-        memo: dict[int, torch.Tensor] = {}
 
-        def value(nid: int) -> torch.Tensor:
-            if nid not in memo:
-                n = g[nid]
-                if n.op == "parameter":
-                    memo[nid] = weights[n.name].to(device=dev, dtype=dt)
-                elif n.op == "concat_cols":
-                    memo[nid] = torch.cat([value(i) for i in self._concat_leaves(nid)], dim=1)
-                else:
-                    memo[nid] = evaluate(n, *(value(i) for i in n.inputs)).to(dev)
-            return memo[nid]
+        def value(nid: int) -> torch.Tensor:  # a weight-only subterm, computed afresh
+            n = g[nid]
+            if n.op == "parameter":
+                return weights[n.name].to(device=dev, dtype=dt)
+            return evaluate(n, *(value(i) for i in n.inputs)).to(dev)
 
         for nid in [p.id for p in g.parameters()] + self.plan.load_time:
-            held = self.tensors.get(nid)
-            if held is None:
-                continue
-            if g[nid].op == "parameter" and held is weights[g[nid].name]:
-                continue  # read in place: it changed with the weights
-            held.copy_(value(nid))
+            held, n = self.tensors.get(nid), g[nid]
+            if held is None or (n.op == "parameter" and held is weights[n.name]):
+                continue  # not read, or read in place (it changed with the weights)
+            if n.op == "parameter":
+                held.copy_(weights[n.name])
+            elif n.op == "concat_cols":  # straight into its buffer, part by part
+                at = 0
+                for i in self._concat_leaves(nid):
+                    part = value(i)
+                    held[:, at:at + part.shape[1]].copy_(part)
+                    at += part.shape[1]
+            else:
+                held.copy_(value(nid))
 
     def _concat_leaves(self, nid: int) -> list[int]:
         """The operands of a load-time concat_cols tree, left to right (else the inputs)."""

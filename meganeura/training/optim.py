@@ -26,6 +26,7 @@ from ..codegen.optimizer import ENTRY_ADAMW, ENTRY_SQ_SUM, adamw_source, sq_sum_
 from ..errors import InputError
 from ..pipeline import setup
 
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BLOCK_GPU, BLOCK_CPU = 4096, 2048  # elements per program (few programs on the interpreter)
 
 
@@ -124,11 +125,11 @@ class AdamW:
         for n, w in self.weights.items():
             g = grads[n]
             if not isinstance(g, torch.Tensor) or g.shape != w.shape or g.device != w.device \
-                    or not g.is_floating_point() or not g.is_contiguous():
+                    or g.dtype not in GRAD_DTYPES or not g.is_contiguous():
                 what = (f"shape {list(g.shape)} {g.dtype} on {g.device}"
                         if isinstance(g, torch.Tensor) else type(g).__name__)
-                raise InputError(f"gradient {n!r} must be a contiguous floating-point tensor "
-                                 f"of shape {list(w.shape)} on {w.device}, got {what}")
+                raise InputError(f"gradient {n!r} must be a contiguous fp32, bf16, fp16 or fp64 "
+                                 f"tensor of shape {list(w.shape)} on {w.device}, got {what}")
 
     def step(self, grads: dict, max_norm: float | None = None) -> float:
         """One update of every weight from `grads` (name -> tensor); returns the gradients'

@@ -354,20 +354,25 @@ class Trainer:
         once, with no copy of every gradient beside the arena."""
         ids, target, counted = self._batch(input_ids, labels)
         m = self.model
-        check_memory(self.memory_needed(ids.shape[1]), m.device, f"a training step of "
+        bound = self._plans.get(ids.shape[1], (None, None, None))[2]  # its arena is held
+        held = bound.buffer_bytes if bound is not None else 0
+        check_memory(self.memory_needed(ids.shape[1]) - held, m.device, f"a training step of "
                      f"{ids.shape[1]} tokens a sequence needs {{}} for its activations")
         seed = torch.full((ids.shape[1], 1), 1.0 / counted, dtype=torch.float32, device=m.device)
         run = self._runner(ids.shape[1])
         total = torch.zeros((), dtype=torch.float64)
         grads: dict = {}
         for b in range(ids.shape[0]):  # micro-batches of one row: the same sums
-            loss, *ds = run(ids[b].to(m.device), target[b].to(m.device), seed.to(m.dtype))
+            loss, *ds = run(ids[b].to(m.device), target[b].to(m.device), seed.to(m.dtype),
+                            copy=keep)  # not kept: read (or summed) before the next run
             total += loss.double().sum().cpu()
             last = b == ids.shape[0] - 1
             for n, d in zip(self.names, ds):
                 if n in grads:
                     grads[n] += d.float()
-                elif last and not keep:  # the plan's own output, read before its next run
+                elif keep:  # the call's own copy
+                    grads[n] = d.float()
+                elif last:  # the plan's own buffer, read before its next run
                     grads[n] = d.contiguous()  # (a copy only of a strided view)
                 else:  # the sum starts from a copy (the plan's buffers are reused)
                     grads[n] = d.float() if d.dtype != torch.float32 else d.clone()
@@ -381,7 +386,7 @@ class Trainer:
         length, bound again after the weights change) or the reference executor."""
         m, g = self.model, self.graph(seq_len)
         if self.executor == "reference":
-            return lambda ids, labels, seed: run_reference(
+            return lambda ids, labels, seed, copy=True: run_reference(
                 g, m.all_weights(), {"token_ids": ids, "labels": labels, SEED: seed}, m.dtype,
                 m.device)
         from ..pipeline import bind
@@ -394,15 +399,15 @@ class Trainer:
             fn.refresh_weights(m.all_weights())
         self._stale.discard(seq_len)
         self._plans[seq_len] = (plan, report, fn)
-        return lambda ids, labels, seed: fn(ids, labels, seed)
+        return lambda ids, labels, seed, copy=True: fn(ids, labels, seed, copy=copy)
 
     def _plan(self, seq_len: int):
         """(plan, report) of the joint graph at seq_len, optimized once a length."""
         from ..pipeline import optimize_graph
 
         if seq_len not in self._plans:
-            cost = dataclasses.replace(self.model.setup.cost, memory_price=self.memory_price)
-            plan, report = optimize_graph(self.graph(seq_len), cost)
+            priced = dataclasses.replace(self.model.setup, memory_price=self.memory_price)
+            plan, report = optimize_graph(self.graph(seq_len), priced)
             self._plans[seq_len] = (plan, report, None)
         return self._plans[seq_len][:2]
 
