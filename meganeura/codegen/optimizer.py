@@ -40,36 +40,53 @@ def _ty(dtype) -> str:
 _LOCATE = """
 pid = tl.program_id(0)
 t = tl.load(prog_tensor_ptr + pid).to(tl.int64)
-offs = tl.load(prog_start_ptr + pid) + tl.arange(0, BLOCK)
-mask = offs < tl.load(numel_ptr + t)
+start = tl.multiple_of(tl.load(prog_start_ptr + pid), BLOCK)
+offs = start + tl.arange(0, BLOCK)
+n = tl.load(numel_ptr + t)
 row = table_ptr + t * COLS
 """
 
 
-def _address(col: int, dtype) -> str:
-    return f"tl.load(row + {col}).to(tl.pointer_type({_ty(dtype)}))"
-
-
-def sq_sum_source(g_dtype) -> str:
-    body = _LOCATE + f"""
-g = tl.load({_address(G, g_dtype)} + offs, mask=mask, other=0.0).to(tl.float32)
-tl.store(out_ptr + pid, tl.sum(g * g, axis=0))
+def _blocks(body: str) -> str:
+    """The body twice: for a whole block (its mask provably all true, so that loads and
+    stores take 16 bytes at a time) and for a tensor's last, partial block."""
+    return _LOCATE + f"""
+if start + BLOCK <= n:
+    mask = offs < start + BLOCK
+{indent(body, 4)}
+else:
+    mask = offs < n
+{indent(body, 4)}
 """
+
+
+def _address(col: int, dtype, aligned: bool) -> str:
+    """A tensor's address from the table; `aligned`: every address of the table is a
+    multiple of 16 bytes (the host checks it), which the compiler is told."""
+    at = f"tl.load(row + {col}).to(tl.pointer_type({_ty(dtype)}))"
+    return f"tl.multiple_of({at}, 16)" if aligned else at
+
+
+def sq_sum_source(g_dtype, aligned: bool = False) -> str:
+    body = _blocks(f"""
+g = tl.load({_address(G, g_dtype, aligned)} + offs, mask=mask, other=0.0).to(tl.float32)
+tl.store(out_ptr + pid, tl.sum(g * g, axis=0))
+""")
     return (HEADER + f"def {ENTRY_SQ_SUM}(table_ptr, numel_ptr, prog_tensor_ptr, prog_start_ptr, "
             f"out_ptr, COLS: tl.constexpr, BLOCK: tl.constexpr):\n" + indent(body, 4) + "\n")
 
 
-def adamw_source(p_dtype, g_dtype, master: bool) -> str:
+def adamw_source(p_dtype, g_dtype, master: bool, aligned: bool = False) -> str:
     """The step's kernel for weights of `p_dtype` and gradients of `g_dtype`; with `master`,
     the fp32 master weights are read and written and the weights are their rounding."""
     read = ("w = tl.load(w_ptr + offs, mask=mask, other=0.0)" if master else
             "w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)")
-    body = _LOCATE + f"""
-p_ptr = {_address(P, p_dtype)}
-m_ptr = {_address(M, "torch.float32")}
-v_ptr = {_address(V, "torch.float32")}
-{"w_ptr = " + _address(W, "torch.float32") if master else ""}
-g = tl.load({_address(G, g_dtype)} + offs, mask=mask, other=0.0).to(tl.float32)
+    body = f"""
+p_ptr = {_address(P, p_dtype, aligned)}
+m_ptr = {_address(M, "torch.float32", aligned)}
+v_ptr = {_address(V, "torch.float32", aligned)}
+{"w_ptr = " + _address(W, "torch.float32", aligned) if master else ""}
+g = tl.load({_address(G, g_dtype, aligned)} + offs, mask=mask, other=0.0).to(tl.float32)
 g = g * tl.load(coef_ptr)
 {read}
 m = tl.load(m_ptr + offs, mask=mask, other=0.0)
@@ -84,6 +101,7 @@ tl.store(p_ptr + offs, w.to(p_ptr.dtype.element_ty), mask=mask)
 """
     if master:
         body += "tl.store(w_ptr + offs, w, mask=mask)\n"
+    body = _blocks(body)
     params = ["table_ptr", "numel_ptr", "prog_tensor_ptr", "prog_start_ptr", "coef_ptr",
               "decay", "lerp", "beta2", "step_size", "bc2_sqrt", "eps",
               "COLS: tl.constexpr", "BLOCK: tl.constexpr"]

@@ -106,7 +106,7 @@ class AdamW:
         """The global L2 norm of the gradients, a 0-d fp32 tensor on the device."""
         total = []
         for dtype, group in self._group(grads):
-            fn = self._kernel(sq_sum_source(dtype), ENTRY_SQ_SUM)
+            fn = self._kernel(sq_sum_source(dtype, group.aligned), ENTRY_SQ_SUM)
             fn[(group.programs,)](group.table, group.numel, group.prog_tensor, group.prog_start,
                                   group.partials, COLS=COLS, BLOCK=self.block, num_warps=4)
             total.append(group.partials.sum())
@@ -156,7 +156,8 @@ class AdamW:
         beta1, beta2 = self.betas
         p_dtype = next(iter(self.weights.values())).dtype
         for dtype, group in self._group(grads):
-            fn = self._kernel(adamw_source(p_dtype, dtype, self.master), ENTRY_ADAMW)
+            fn = self._kernel(adamw_source(p_dtype, dtype, self.master, group.aligned),
+                              ENTRY_ADAMW)
             fn[(group.programs,)](group.table, group.numel, group.prog_tensor, group.prog_start,
                                   self._coef, 1.0 - self.lr * self.weight_decay, 1.0 - beta1,
                                   beta2, step_size, bc2_sqrt, self.eps, COLS=COLS,
@@ -185,6 +186,7 @@ class _Group:
         self.partials = torch.zeros(self.programs, dtype=torch.float32, device=device)
         self.table = None
         self._bound = None
+        self.aligned = False  # every address a multiple of 16 bytes: wide loads and stores
 
     def bind(self, opt: "AdamW", grads: list) -> None:
         rows = tuple((opt.weights[n].data_ptr(), g.data_ptr(), opt.exp_avg[n].data_ptr(),
@@ -194,3 +196,4 @@ class _Group:
         if rows != self._bound:
             self.table = torch.tensor(rows, dtype=torch.int64).to(opt.setup.device)
             self._bound = rows
+            self.aligned = all(a % 16 == 0 for row in rows for a in row)
