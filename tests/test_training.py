@@ -109,6 +109,28 @@ def test_bad_gradients_are_named_and_change_nothing(tmp_path, change, message):
     assert opt.steps == 0 and all(torch.equal(ours[n], before[n]) for n in ours)
 
 
+def test_whole_runs_of_aligned_tensors_take_the_wide_kernels(tmp_path):
+    # every element count a multiple of 8 (and torch's addresses of 16 bytes): the kernels
+    # are told so (16-byte loads and stores on the GPU) and step as torch does
+    kw = dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    shapes = {"a": (8,), "b": (24, 40), "c": (4104,)}  # c: a block and a part
+    g = torch.Generator().manual_seed(6)
+    start = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    ours, theirs = dict(start), {n: torch.nn.Parameter(w.clone()) for n, w in start.items()}
+    opt = AdamW({n: w.clone() for n, w in ours.items()}, cache_dir=tmp_path, **kw)
+    ref = torch.optim.AdamW(list(theirs.values()), foreach=False, **kw)
+    for _ in range(2):
+        grads = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+        opt.step(grads, max_norm=3.0)
+        for n, p in theirs.items():
+            p.grad = grads[n].clone()
+        torch.nn.utils.clip_grad_norm_(list(theirs.values()), 3.0)
+        ref.step()
+    assert all(group.aligned for group in opt._groups.values())
+    for n, p in theirs.items():
+        assert_close(opt.weights[n], p.detach(), "fp32-exact")
+
+
 def test_mixed_gradient_dtypes_take_one_launch_each(tmp_path):
     """Gradients of two dtypes (fp32 and fp64 here; a plan's outputs mix fp32 and bf16 on the
     GPU): one norm launch and one step launch per dtype over all their tensors, equal to

@@ -37,26 +37,17 @@ def _ty(dtype) -> str:
     return _TL[str(dtype)]
 
 
-_LOCATE = """
+def _locate(aligned: bool) -> str:
+    """The program's tensor, its elements and their mask. `aligned`: every address of the
+    table is a multiple of 16 bytes and every element count of 8 (the host checks both), so
+    the mask is constant over runs of 8 elements and loads and stores take 16 bytes."""
+    n = "tl.multiple_of(tl.load(numel_ptr + t), 8)" if aligned else "tl.load(numel_ptr + t)"
+    return f"""
 pid = tl.program_id(0)
 t = tl.load(prog_tensor_ptr + pid).to(tl.int64)
-start = tl.multiple_of(tl.load(prog_start_ptr + pid), BLOCK)
-offs = start + tl.arange(0, BLOCK)
-n = tl.load(numel_ptr + t)
+offs = tl.multiple_of(tl.load(prog_start_ptr + pid), BLOCK) + tl.arange(0, BLOCK)
+mask = offs < {n}
 row = table_ptr + t * COLS
-"""
-
-
-def _blocks(body: str) -> str:
-    """The body twice: for a whole block (its mask provably all true, so that loads and
-    stores take 16 bytes at a time) and for a tensor's last, partial block."""
-    return _LOCATE + f"""
-if start + BLOCK <= n:
-    mask = offs < start + BLOCK
-{indent(body, 4)}
-else:
-    mask = offs < n
-{indent(body, 4)}
 """
 
 
@@ -68,10 +59,10 @@ def _address(col: int, dtype, aligned: bool) -> str:
 
 
 def sq_sum_source(g_dtype, aligned: bool = False) -> str:
-    body = _blocks(f"""
+    body = _locate(aligned) + f"""
 g = tl.load({_address(G, g_dtype, aligned)} + offs, mask=mask, other=0.0).to(tl.float32)
 tl.store(out_ptr + pid, tl.sum(g * g, axis=0))
-""")
+"""
     return (HEADER + f"def {ENTRY_SQ_SUM}(table_ptr, numel_ptr, prog_tensor_ptr, prog_start_ptr, "
             f"out_ptr, COLS: tl.constexpr, BLOCK: tl.constexpr):\n" + indent(body, 4) + "\n")
 
@@ -101,7 +92,7 @@ tl.store(p_ptr + offs, w.to(p_ptr.dtype.element_ty), mask=mask)
 """
     if master:
         body += "tl.store(w_ptr + offs, w, mask=mask)\n"
-    body = _blocks(body)
+    body = _locate(aligned) + body
     params = ["table_ptr", "numel_ptr", "prog_tensor_ptr", "prog_start_ptr", "coef_ptr",
               "decay", "lerp", "beta2", "step_size", "bc2_sqrt", "eps",
               "COLS: tl.constexpr", "BLOCK: tl.constexpr"]

@@ -174,7 +174,7 @@ class _Group:
     def __init__(self, names: list, weights: list, block: int):
         device = weights[0].device
         self.names = names
-        sizes = [w.numel() for w in weights]
+        self.sizes = sizes = [w.numel() for w in weights]
         counts = torch.tensor([-(-n // block) for n in sizes])
         self.programs = int(counts.sum())
         tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
@@ -186,7 +186,7 @@ class _Group:
         self.partials = torch.zeros(self.programs, dtype=torch.float32, device=device)
         self.table = None
         self._bound = None
-        self.aligned = False  # every address a multiple of 16 bytes: wide loads and stores
+        self.aligned = False  # addresses of 16 bytes, counts of 8 elements: wide loads, stores
 
     def bind(self, opt: "AdamW", grads: list) -> None:
         rows = tuple((opt.weights[n].data_ptr(), g.data_ptr(), opt.exp_avg[n].data_ptr(),
@@ -196,4 +196,5 @@ class _Group:
         if rows != self._bound:
             self.table = torch.tensor(rows, dtype=torch.int64).to(opt.setup.device)
             self._bound = rows
-            self.aligned = all(a % 16 == 0 for row in rows for a in row)
+            self.aligned = all(a % 16 == 0 for row in rows for a in row) and \
+                all(n % 8 == 0 for n in self.sizes)
