@@ -7,7 +7,8 @@
 One process, one model per work (transformers' model built in bf16 with random weights,
 sdpa attention; meganeura reads the very same tensors). A step is forward with labels,
 backward, the AdamW step and zero_grad, on one sequence of random ids; time is the median
-of --steps steps after --warmup, memory the peak above what the step found allocated.
+of --steps steps after --warmup, memory the peak above what the step found allocated (for
+meganeura, plus its plan's buffer arena, which stays allocated between steps).
 
 - e4b-lora: gemma4-e4b, LoRA rank 16, alpha 32 on q, k, v, o, gate, up, down, seq 4096;
   transformers through peft.
@@ -111,7 +112,10 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
     trained = sum(mine.weights[n].numel() for n in trainer.names)
     held = [trainer]  # dropped (its optimizer state freed) before transformers is measured
     del trainer, mine
-    yield "meganeura", (lambda: held[0].step(ids.cpu())), trained
+    def step():
+        held[0].step(ids.cpu())
+    step.trainer, step.ids = held[0], ids.cpu()
+    yield "meganeura", step, trained
     held.clear()
     model.train()
     if args.no_hf:
@@ -159,9 +163,9 @@ def run_work(args, work: str, writer) -> None:
     name = "tiny" if args.tiny else key.replace("_", "-")
     base = {**environment(), "work": work, "model": name, "seq": seq}
     if mode == "check":
-        row = check_gradients(args, cfg, key, seq, device, dtype)
-        print(f"{work}: {row}", flush=True)
-        writer.writerow({**base, "contender": "meganeura vs fp32 autograd", **row})
+        for row in check_gradients(args, cfg, key, seq, device, dtype):
+            print(f"{work}: {row}", flush=True)
+            writer.writerow({**base, **row})
         return
     for who, step, trained in contenders(args, work, cfg, key, seq, mode, device, dtype):
         try:
@@ -171,6 +175,13 @@ def run_work(args, work: str, writer) -> None:
             torch.cuda.empty_cache()
         if "step_ms" in r:
             r["tokens_per_s"] = round(seq / r["step_ms"] * 1e3, 1)
+        if hasattr(step, "trainer") and r.get("peak_gib") != "" and "peak_gib" in r:
+            # the plan's buffer arena (activations, gradients) stays allocated between
+            # steps, where transformers frees its activations: it counts as the step's
+            arena = sum(fn.buffer_bytes for _, _, fn in step.trainer._plans.values() if fn)
+            r["peak_gib"] = round(r["peak_gib"] + arena / 2**30, 3)
+        if args.breakdown and hasattr(step, "trainer"):
+            breakdown(step.trainer, step.ids, device)
         row = {**base, "contender": who, "trained": trained, **r}
         print(f"{work}: {who}: " + ", ".join(f"{k} {row[k]}" for k in
                                             ("step_ms", "peak_gib", "tokens_per_s", "note")
@@ -178,6 +189,33 @@ def run_work(args, work: str, writer) -> None:
         writer.writerow(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def breakdown(trainer, ids, device, top: int = 25) -> None:
+    """Where one step's time goes: the plan's run (gradients), the optimizer, the host
+    work between; then the GPU kernels by total time (torch.profiler)."""
+    marks = []
+
+    def mark(what):
+        sync(device)
+        marks.append((what, time.perf_counter()))
+    mark("start")
+    loss, grads = trainer._gradients(ids, None, keep=False)
+    mark("forward + backward (plan)")
+    trainer.optimizer.step(grads, max_norm=trainer.grad_clip)
+    mark("AdamW")
+    trainer._weights_changed()
+    mark("after-step host work")
+    for (_, t0), (what, t1) in zip(marks, marks[1:]):
+        print(f"  breakdown: {what}: {(t1 - t0) * 1e3:.2f} ms", flush=True)
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.step(ids)
+        sync(device)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top), flush=True)
 
 
 def check_gradients(args, cfg, key, seq, device, dtype) -> dict:
@@ -197,16 +235,36 @@ def check_gradients(args, cfg, key, seq, device, dtype) -> dict:
     ref_loss = ref(input_ids=ids[None].to(device), labels=ids[None].to(device),
                    use_cache=False).loss
     ref_loss.backward()
-    errors = {}
-    for n, p in ref.named_parameters():
-        if p.grad is not None:
-            errors[n] = ((grads[n].float() - p.grad).norm() / p.grad.norm()).item()
-    worst = max(errors, key=errors.get)
-    print(f"  loss {loss:.6f} vs fp32 {ref_loss.item():.6f}; worst tensor {worst}", flush=True)
-    return {"max_rel_error": f"{errors[worst]:.3e}",
-            "median_rel_error": f"{statistics.median(errors.values()):.3e}",
-            "tensors": len(errors), "trained": sum(g.numel() for g in grads.values()),
-            "note": f"loss {loss:.5f} vs {ref_loss.item():.5f}"}
+    rows = []
+    for who, theirs, their_loss in (("meganeura", grads, loss), *_bf16_autograd(ref, ids, device)):
+        errors = {}
+        for n, p in ref.named_parameters():
+            if p.grad is not None:
+                errors[n] = ((theirs[n].float() - p.grad).norm() / p.grad.norm()).item()
+        worst = max(errors, key=errors.get)
+        print(f"  {who}: loss {their_loss:.6f} vs fp32 {ref_loss.item():.6f}; worst tensor "
+              f"{worst}", flush=True)
+        rows.append({"contender": f"{who} vs fp32 autograd",
+                     "max_rel_error": f"{errors[worst]:.3e}",
+                     "median_rel_error": f"{statistics.median(errors.values()):.3e}",
+                     "tensors": len(errors), "trained": sum(theirs[n].numel() for n in errors),
+                     "note": f"loss {their_loss:.5f} vs {ref_loss.item():.5f}"})
+    return rows
+
+
+def _bf16_autograd(ref, ids, device):
+    """transformers' own gradients in bf16 (a bf16 copy of the fp32 model): what bf16
+    costs any implementation, beside meganeura's (none on the CPU, where both are fp32)."""
+    if device.type != "cuda":
+        return []
+    import copy
+
+    half = copy.deepcopy(ref).to(torch.bfloat16)
+    half.zero_grad()
+    out = half(input_ids=ids[None].to(device), labels=ids[None].to(device), use_cache=False)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in half.named_parameters() if p.grad is not None}
+    return [("transformers bf16", grads, out.loss.item())]
 
 
 def main(argv=None) -> int:
@@ -224,6 +282,8 @@ def main(argv=None) -> int:
                     help="meganeura's training graph as generated kernels or on the reference "
                     "executor")
     ap.add_argument("--no-liger", action="store_true", help="leave transformers + Liger out")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="after meganeura's steps: one step's time by part, and its kernels")
     ap.add_argument("--csv", default=str(RESULTS / "train.csv"))
     args = ap.parse_args(argv)
     works = args.works.split(",")
