@@ -233,10 +233,12 @@ def test_the_plain_loss_and_its_gradient_become_the_fused_lm_head_loss(cap, tmp_
 
 
 def test_the_memory_price_decides_whether_the_logits_are_stored():
-    # e2b's lm_head at 2048 tokens priced for the H200 (shapes only, nothing runs): by time
-    # alone, storing the [2048, 262144] logits and their gradient is faster than the fused
-    # kernels' extra pass; at the Trainer's exchange rate of memory for time, the fused loss
-    # (statistics, then each gradient recomputing the logits) is the plan
+    # e2b's lm_head at 2048 tokens, priced for the H200 (shapes only, nothing runs). By time
+    # alone the plain plan wins: it computes the logits once, the fused gradients recompute
+    # them, and the fused kernels re-read the lm_head for each block of 64 rows and fill
+    # 32 SMs (about 0.3 s of the step, as measured on an H100); at the Trainer's exchange
+    # rate too. At a hundred times that rate, storing the [2048, 262144] logits and their
+    # gradient costs more than the fused kernels' time, and extraction takes the fused loss
     from meganeura.compiler.cost import MEMORY_PRICE, PROFILES, CostModel
     from meganeura.pipeline import optimize_graph
 
@@ -244,12 +246,16 @@ def test_the_memory_price_decides_whether_the_logits_are_stored():
     x = g.matmul(g.input_f32("x", (2048, 1536)), g.transpose(g.parameter("p", (1536, 1536))))
     logits = g.softcap(g.matmul(x, g.transpose(g.parameter("table", (262144, 1536)))), 30.0)
     joint = grad(g, g.cross_entropy(logits, g.input_u32("labels", (2048,))), ["p", "table"])
-    ops = {}
-    for price in (0.0, MEMORY_PRICE):
+
+    def fused(price):
         plan, _ = optimize_graph(joint, CostModel(PROFILES["h200"], "bf16", memory_price=price))
-        ops[price] = {plan.graph[i].op for i in plan.launches}
+        ops = {plan.graph[i].op for i in plan.launches}
         wide = [i for i in plan.launches if 262144 * 2048 <= math.prod(plan.graph[i].shape)]
-        assert bool(wide) == (price == 0.0)
-    assert {"cross_entropy", "cross_entropy_grad"} <= ops[0.0]
-    assert {"linear_cross_entropy_stats", "linear_cross_entropy_grad_h",
-            "linear_cross_entropy_grad_w"} <= ops[MEMORY_PRICE]
+        if {"linear_cross_entropy_stats", "linear_cross_entropy_grad_h",
+                "linear_cross_entropy_grad_w"} <= ops:
+            assert not wide and not {"cross_entropy", "cross_entropy_grad"} & ops
+            return True
+        assert wide and {"cross_entropy", "cross_entropy_grad"} <= ops
+        return False
+
+    assert [fused(p * MEMORY_PRICE) for p in (0, 1, 100)] == [False, False, True]

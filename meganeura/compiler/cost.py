@@ -48,6 +48,9 @@ class DeviceProfile:
     # Attention time outside the key loop (q loads, output, per-row softmax state), in
     # seconds per query element (rows x heads x padded head width) over the whole device.
     attention_row_time: float = 0.0
+    # share of matmul_flops the fused lm_head + loss kernels (codegen/cross_entropy.py)
+    # reach over the SMs their programs fill
+    loss_efficiency: float = 1.0
 
 
 # Ceilings measured on one H200 (docs/design.md, the cost model): ~4.3 TB/s copy, ~790 TFLOP/s
@@ -64,9 +67,13 @@ H200_ROOFLINE = DeviceProfile("h200-roofline", bandwidth=4.3e12, matmul_flops=79
 #   0.30 of a plain matmul's rate;
 # - attention: 57.5% of peak in the key loop plus 2.6 ps per query element (fits 4b
 #   causal 2048 and 8192, sliding 8192 within 1%; 12b's 256-wide heads within 10%).
+# - the fused lm_head + loss kernels: 20.6 TFLOP/s for e2b's statistics at 2048 tokens
+#   (2 T V H = 1.65e12 FLOPs in 80.0 ms, 32 programs of 64 rows: a fill of 0.24), 15.6 for
+#   its d(hidden) (two logits passes, 212 ms), measured on an H100 (2026-12-06, benchmarks/
+#   train.py --breakdown at 8fd3a78): 0.10 of the ceiling at the SMs they fill.
 H200 = dataclasses.replace(H200_ROOFLINE, name="h200", matmul_efficiency=0.86,
                            prologue_efficiency=0.30, attention_efficiency=0.575, sms=132,
-                           attention_row_time=2.6e-12)
+                           attention_row_time=2.6e-12, loss_efficiency=0.10)
 # Triton's interpreter runs each program in Python with numpy: launches dominate.
 CPU_INTERPRETER = DeviceProfile("cpu-interpreter", bandwidth=2e9, matmul_flops=2e10,
                                 vector_flops=1e9, launch=1e-3, tile_n=32, row_tile_n=8)
@@ -238,8 +245,12 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
     if arch == "linear_loss":  # the logits recomputed by each kernel, then a gradient's product
         (t, h), v = ins[0], ins[1][0]
         passes = 2 if op.endswith(("_grad_h", "_grad_w")) else 1
+        # a program per 64 rows (per 64 vocabulary ids for d w): few programs at short lengths
+        programs = -(-(v if op.endswith("_grad_w") else t) // 64)
+        sms = attrs.get("_sms", 0)
+        fill = min(1.0, programs / sms) if sms else 1.0
         return Work(elem * passes * (t * h + v * h * -(-t // 64)), passes * 2 * t * v * h,
-                    8 * t * v * passes, "matmul")
+                    8 * t * v * passes, "loss", fill)
     if arch == "embedding_grad":  # the table's gradient zeroed, the rows added by atomics
         return Work(4 * _numel(out) + (elem + 8) * _numel(ins[1]), 0.0, _numel(ins[1]))
     if arch in ("row_loss", "place"):  # rows of logits (twice more for the gradient); a copy
@@ -313,6 +324,8 @@ def kernel_time(profile: DeviceProfile, w: Work) -> float:
         compute /= profile.matmul_efficiency * profile.prologue_efficiency * w.fill
     elif w.efficiency == "attention":
         compute /= profile.attention_efficiency
+    elif w.efficiency == "loss":
+        compute /= profile.loss_efficiency * w.fill
     serial = w.serial_flops / profile.vector_flops
     return max(w.bytes / profile.bandwidth, compute) + serial + w.fixed + profile.launch
 

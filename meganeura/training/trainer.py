@@ -228,6 +228,7 @@ class Trainer:
         self.memory_price = _number("memory_price", memory_price, 0.0)
         self._plans: dict = {}  # seq_len -> (plan, report, the CompiledModel bound last)
         self._stale: set = set()  # lengths whose bound plan has not seen the latest weights
+        self._arena: dict = {}  # seq_len -> the plan's arena bytes
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise InputError(f"accumulate must be an integer >= 1, got {accumulate!r}")
         self.grad_clip = None if grad_clip is None else _number("grad_clip", grad_clip, 0.0)
@@ -277,9 +278,12 @@ class Trainer:
         placed by liveness, as the run allocates it; the plan is built, nothing allocated).
         Reference: the executor's order replayed, each tensor freed after its last reader."""
         elem = torch.empty((), dtype=self.model.dtype).element_size()
-        if self.executor == "compiled":
+        if self.executor == "compiled":  # (a second to place e2b's plan: once a length)
             from ..runtime.buffers import plan_buffers
-            return plan_buffers(self._plan(seq_len)[0], elem, inputs=True).total
+            if seq_len not in self._arena:
+                self._arena[seq_len] = plan_buffers(self._plan(seq_len)[0], elem,
+                                                    inputs=True).total
+            return self._arena[seq_len]
         g = self.graph(seq_len)
         users = g.users()
         left = [len(u) for u in users]
