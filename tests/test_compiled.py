@@ -161,3 +161,26 @@ def test_buffers_are_reused_by_liveness_and_never_alias_a_live_input():
             if a < b and span[a][0] < span[b][1] and span[b][0] < span[a][1]:  # same memory
                 assert last[a] < order[b] or last[b] < order[a], (
                     f"{g.label(a)} and {g.label(b)} share memory while both live")
+
+def test_weights_changed_in_place_are_seen_after_a_refresh(tmp_path):
+    # a training step updates the weights in place: the plan's load-time copies (merged
+    # weights on the interpreter) and the weights it holds in its own dtype (fp64 given
+    # here) are computed again into their buffers; the launches and the arena stay
+    c = CONFIGS["gqa2"]
+    g = build(c, 7)
+    w = random_weights(c, seed=3)
+    w = {n: (t.double() if n.endswith("o_proj.weight") else t) for n, t in w.items()}
+    fn = meganeura.compile(g, w, device="cpu", cache_dir=tmp_path)
+    copies = [i for i in fn.tensors if i in fn.plan.load_time]
+    assert copies, "the interpreter's plan reads a merged weight"
+    arena = fn.outputs[0].data_ptr()
+    ids = _ids(c, 7, 1)
+    fn(ids)
+    gen = torch.Generator().manual_seed(4)
+    for t in w.values():  # in place, as the optimizer does
+        t.add_(0.05 * torch.randn(t.shape, generator=gen, dtype=t.dtype))
+    (ref,) = run_reference(g, w, {"token_ids": ids})
+    assert not torch.allclose(fn(ids), ref, atol=1e-3)  # stale until refreshed
+    fn.refresh_weights(w)
+    assert_close(fn(ids), ref, "fp32")
+    assert fn.outputs[0].data_ptr() == arena

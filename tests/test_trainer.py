@@ -199,6 +199,11 @@ def test_a_step_beyond_the_memory_is_refused_before_anything_is_allocated(tmp_pa
     monkeypatch.setattr(compiled, "_host_available", lambda: 1000)
     with pytest.raises(MeganeuraError, match="the optimizer's moments and the gradients need"):
         meganeura.Trainer(model)
+    # once a length's plan is bound, its arena is held: the next step needs nothing more
+    monkeypatch.undo()
+    trainer.step(ids[:8])
+    monkeypatch.setattr(compiled, "_host_available", lambda: 0)
+    trainer.step(ids[:8])
 
 
 def _text_ids(vocab: int, n: int) -> torch.Tensor:
