@@ -84,8 +84,8 @@ ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
 # The training plans' exchange rate of memory for time: 3.5 ms of step per GiB of
 # activations stored, what transformers + Liger trades on gemma4-e2b's full fine-tuning
 # (measured on an H100: 43.6 ms more a step for 12.4 GiB less, docs/design.md). At that rate
-# the lm_head's fused loss (logits recomputed in chunks, never stored) wins over storing
-# the [tokens, vocab] logits and their gradient.
+# the fused lm_head + loss kernels, as measured (loss_efficiency), still lose to storing the
+# [tokens, vocab] logits and their gradient at Gemma-4's sizes (tests/test_autodiff.py).
 MEMORY_PRICE = 3.5e-3 / 2**30
 ID_BYTES = 8  # token ids arrive as int64
 
@@ -244,9 +244,9 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         return Work(4 * io, 16 * heads * width * pairs, 24 * heads * pairs, "attention")
     if arch == "linear_loss":  # the logits recomputed by each kernel, then a gradient's product
         (t, h), v = ins[0], ins[1][0]
-        passes = 2 if op.endswith(("_grad_h", "_grad_w")) else 1
+        passes = 2 if op in ("linear_cross_entropy_grad_h", "linear_cross_entropy_grad_w") else 1
         # a program per 64 rows (per 64 vocabulary ids for d w): few programs at short lengths
-        programs = -(-(v if op.endswith("_grad_w") else t) // 64)
+        programs = -(-(v if op == "linear_cross_entropy_grad_w" else t) // 64)
         sms = attrs.get("_sms", 0)
         fill = min(1.0, programs / sms) if sms else 1.0
         return Work(elem * passes * (t * h + v * h * -(-t // 64)), passes * 2 * t * v * h,

@@ -1,10 +1,10 @@
 """The lm_head's product, its soft-cap and the cross-entropy are one op, forward and
 backward: the [rows, vocab] logits and their gradient are never stored.
 
-    cross_entropy(softcap(x @ w^T, cap), labels)  =  linear_cross_entropy(x, w, labels, cap)
-    linear_cross_entropy(x, w, labels, cap)       =  stats[:, 0]
-    d z @ w                                       =  linear_cross_entropy_grad_h(x, w, labels, d, stats[:, 1], cap)
-    matmul_tn(d z, x)                             =  linear_cross_entropy_grad_w(x, w, labels, d, stats[:, 1], cap)
+    cross_entropy(softcap(x @ w^T, cap), labels) = linear_cross_entropy(x, w, labels, cap)
+    linear_cross_entropy(x, w, labels, cap)      = stats[:, 0]
+    d z @ w            = linear_cross_entropy_grad_h(x, w, labels, d, stats[:, 1], cap)
+    matmul_tn(d z, x)  = linear_cross_entropy_grad_w(x, w, labels, d, stats[:, 1], cap)
 
 with stats = linear_cross_entropy_stats(x, w, labels, cap) (each row's loss and logsumexp,
 one pass over the vocabulary), z = x @ w^T and d z = softcap_grad(cross_entropy_grad(
@@ -27,7 +27,8 @@ fused_loss = ruleset(name="fused_loss")
 def _(x: Tensor, w: Tensor, labels: Tensor, d: Tensor, m: Tensor, cap: f64):
     z = x.matmul(w.transpose())
     capped = z.softcap(cap)
-    forms = ((capped, cap, capped.cross_entropy_grad(labels, d).softcap_grad(z, cap), "soft-capped"),
+    d_capped = capped.cross_entropy_grad(labels, d).softcap_grad(z, cap)
+    forms = ((capped, cap, d_capped, "soft-capped"),
              (z, f64(0.0), z.cross_entropy_grad(labels, d), "plain"))
     for logits, c, dz, what in forms:
         lse = x.linear_cross_entropy_stats(w, labels, c).slice_cols(i64(1), i64(1))
@@ -36,7 +37,8 @@ def _(x: Tensor, w: Tensor, labels: Tensor, d: Tensor, m: Tensor, cap: f64):
             union(m).with_(x.linear_cross_entropy(w, labels, c)))
         yield rule(m == dz.matmul(w), name=f"d rows of the {what} lm_head's loss: one op").then(
             union(m).with_(x.linear_cross_entropy_grad_h(w, labels, d, lse, c)))
-        yield rule(m == dz.matmul_tn(x), name=f"d weight of the {what} lm_head's loss: one op").then(
+        yield rule(m == dz.matmul_tn(x),
+                   name=f"d weight of the {what} lm_head's loss: one op").then(
             union(m).with_(x.linear_cross_entropy_grad_w(w, labels, d, lse, c)))
     # the loss is the first column of the statistics the gradients read
     yield rule(m == x.linear_cross_entropy(w, labels, cap),
