@@ -14,7 +14,11 @@ meganeura, plus its plan's buffer arena, which stays allocated between steps).
   transformers through peft.
 - e2b-full: gemma4-e2b, every weight but the token and per-layer embeddings, seq 2048.
 - check: gemma4-e2b, seq 256: meganeura's bf16 gradients (embeddings frozen) against
-  transformers' fp32 autograd of the same weights; relative error per tensor.
+  transformers' fp32 autograd of the same weights; relative error per tensor. Beside it,
+  on the same weights and ids: transformers' bf16 autograd, and the floor under any bf16
+  implementation (transformers' fp32 model with only the products' operands rounded to
+  bf16, as tensor cores read them). `--init unit` draws meganeura's `random_weights`
+  instead of transformers' initialization (the rows' model column says so).
 
 meganeura's step is the joint forward + backward plan in generated kernels (first
 versions: attention's and the norms' gradients are not tuned yet; `--executor reference`
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_forward import hf_config, hf_fp32_copy, hf_model, shared_weights  # noqa: E402
+from hf_forward import INITS, hf_config, hf_fp32_copy, hf_model, shared_weights  # noqa: E402
 from prefill import environment  # noqa: E402
 
 import meganeura  # noqa: E402
@@ -98,7 +102,7 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
     """(name, step function, trained weight count) of each contender, made in turn (each
     after the one before was measured: peft and Liger change transformers' model)."""
     config = hf_config(cfg, key) if not args.tiny else hf_config(cfg)
-    model = hf_model(config, dtype, device, seed=0)
+    model = hf_model(config, dtype, device, seed=0, init=args.init, cfg=cfg)
     weights = shared_weights(model, cfg)
     ids = torch.randint(0, cfg.vocab_size, (seq,), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
@@ -160,7 +164,8 @@ def run_work(args, work: str, writer) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = TINY if args.tiny else PRESETS[key]
     seq = args.seq or (24 if args.tiny else seq)
-    name = "tiny" if args.tiny else key.replace("_", "-")
+    name = ("tiny" if args.tiny else key.replace("_", "-")) + (
+        " unit-init" if args.init == "unit" else "")
     base = {**environment(), "work": work, "model": name, "seq": seq}
     if mode == "check":
         for row in check_gradients(args, cfg, key, seq, device, dtype):
@@ -221,7 +226,7 @@ def breakdown(trainer, ids, device, top: int = 25) -> None:
 def check_gradients(args, cfg, key, seq, device, dtype) -> dict:
     """meganeura's gradients (model dtype) against transformers' fp32 autograd."""
     config = hf_config(cfg, key) if not args.tiny else hf_config(cfg)
-    model = hf_model(config, dtype, device, seed=0)
+    model = hf_model(config, dtype, device, seed=0, init=args.init, cfg=cfg)
     ref = hf_fp32_copy(model)
     del model
     for n, p in ref.named_parameters():
@@ -235,12 +240,15 @@ def check_gradients(args, cfg, key, seq, device, dtype) -> dict:
     ref_loss = ref(input_ids=ids[None].to(device), labels=ids[None].to(device),
                    use_cache=False).loss
     ref_loss.backward()
+    exact = {}
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            exact[n], p.grad = p.grad, None
     rows = []
-    for who, theirs, their_loss in (("meganeura", grads, loss), *_bf16_autograd(ref, ids, device)):
-        errors = {}
-        for n, p in ref.named_parameters():
-            if p.grad is not None:
-                errors[n] = ((theirs[n].float() - p.grad).norm() / p.grad.norm()).item()
+    for who, theirs, their_loss in (("meganeura", grads, loss), _product_floor(ref, ids, device),
+                                    *_bf16_autograd(ref, ids, device)):
+        errors = {n: ((theirs[n].float() - g).norm() / g.norm()).item()
+                  for n, g in exact.items()}
         worst = max(errors, key=errors.get)
         print(f"  {who}: loss {their_loss:.6f} vs fp32 {ref_loss.item():.6f}; worst tensor "
               f"{worst}", flush=True)
@@ -250,6 +258,45 @@ def check_gradients(args, cfg, key, seq, device, dtype) -> dict:
                      "tensors": len(errors), "trained": sum(theirs[n].numel() for n in errors),
                      "note": f"loss {their_loss:.5f} vs {ref_loss.item():.5f}"})
     return rows
+
+
+class _RoundedGrad(torch.autograd.Function):
+    """The identity, whose gradient is rounded to bf16 (kept in its dtype)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy.to(torch.bfloat16).to(dy.dtype)
+
+
+def _product_floor(ref, ids, device):
+    """transformers' fp32 gradients with only what a bf16 tensor-core product must round:
+    every linear layer's input and the gradient it receives rounded to bf16 (the weights
+    are bf16 values already), everything else fp32 (attention's products, every activation,
+    the sums). No bf16 implementation of these weights can be closer than about this."""
+    def pre(module, args):
+        return (args[0].to(torch.bfloat16).to(args[0].dtype),) + tuple(args[1:])
+
+    def post(module, args, out):
+        return _RoundedGrad.apply(out)
+    hooks = []
+    for m in ref.modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        out = ref(input_ids=ids[None].to(device), labels=ids[None].to(device), use_cache=False)
+        out.loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    grads = {}
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            grads[n], p.grad = p.grad, None
+    return "bf16 product operands (floor)", grads, out.loss.item()
 
 
 def _bf16_autograd(ref, ids, device):
@@ -284,6 +331,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-liger", action="store_true", help="leave transformers + Liger out")
     ap.add_argument("--breakdown", action="store_true",
                     help="after meganeura's steps: one step's time by part, and its kernels")
+    ap.add_argument("--init", choices=INITS, default="transformers",
+                    help="random weights: transformers' own initialization, or meganeura's "
+                    "random_weights (unit: activations keep their scale at any width)")
     ap.add_argument("--csv", default=str(RESULTS / "train.csv"))
     args = ap.parse_args(argv)
     works = args.works.split(",")

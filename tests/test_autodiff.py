@@ -189,6 +189,27 @@ def test_a_layers_forward_and_backward_compile_as_one_plan(tmp_path):
     assert any(n.op == "matmul_tn" for n in plan.nodes)
 
 
+def test_the_seed_is_held_in_fp32_in_a_bf16_plan():
+    # 1/255 in bf16 is 1/256: every gradient would be 0.4 % small. The seed input is
+    # declared fp32; the extracted plan keeps it so and places its buffer at 4 bytes a row
+    from meganeura.pipeline import optimize_graph, setup
+    from meganeura.runtime.buffers import plan_buffers
+
+    c = Case(seed=3)
+    x = c.g.input_f32("x", (255, 24))
+    with c.g.block("layer.0"):
+        y = c.g.matmul(c.g.rms_norm(x, c.param((24,)), 1e-6),
+                       c.g.transpose(c.param((16, 24))))
+    joint = grad(c.g, y, c.trained)
+    plan, _ = optimize_graph(joint, setup("cuda", torch.bfloat16, run=False))
+    seed, other = (next(n for n in plan.graph.inputs() if n.name == name) for name in (SEED, "x"))
+    assert seed.attrs.get("fp32") and seed.id in plan.fp32_stream
+    assert other.id not in plan.fp32_stream
+    buffers = plan_buffers(plan, 2, inputs=True)
+    assert buffers.nbytes_of[seed.id] >= 255 * 16 * 4  # fp32
+    assert buffers.nbytes_of[other.id] < 255 * 24 * 4  # the plan dtype
+
+
 @pytest.mark.parametrize("cap", [0.0, 3.0])
 def test_the_plain_loss_and_its_gradient_become_the_fused_lm_head_loss(cap, tmp_path):
     # the loss written plainly (logits, soft-cap, cross_entropy) and differentiated by

@@ -9,7 +9,8 @@ products' gradients are products (dX = dY W, dW = dY^T X read as `matmul_tn`), a
 `norm_grad` / `norm_wgrad`, attention's one `attention_grad` sliced into dq, dk, dv, and so
 on. A node read by several others gets the sum of their contributions (`add`). The joint
 graph returns the loss and the gradients of the requested weights, in order; its one new
-input, `d_loss` (the loss's shape), is the seed: 1 gives d loss, 1 / count a mean's.
+input, `d_loss` (the loss's shape, held in fp32), is the seed: 1 gives d loss, 1 / count
+a mean's.
 
 Only the nodes a requested weight reaches get a gradient, so frozen weights, positions and
 token ids cost nothing; a gradient node carries its forward node's block label with
@@ -65,7 +66,7 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
 
     g = Graph(graph.nodes)
     g.padding = dict(padding or {})  # read by the gather's gradient (ops._vjp_embedding)
-    d = {loss: g.input_f32(seed, graph[loss].shape)}
+    d = {loss: g.input_f32(seed, graph[loss].shape, fp32=True)}
     for n in reversed(graph.nodes[:loss + 1]):
         if n.id not in d or OPS[n.op].kind == "leaf":
             continue

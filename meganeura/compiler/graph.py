@@ -56,9 +56,17 @@ class Graph:
     def input_u32(self, name: str, shape: Shape) -> int:
         return self._leaf("input", name, shape, U32)
 
-    def input_f32(self, name: str, shape: Shape) -> int:
-        """A floating-point run-time input (e.g. hidden states fed from outside)."""
-        return self._leaf("input", name, shape, FLOAT)
+    def input_f32(self, name: str, shape: Shape, fp32: bool = False) -> int:
+        """A floating-point run-time input (e.g. hidden states fed from outside), held in the
+        plan dtype; fp32=True holds it in fp32 whatever the plan dtype (a gradient's seed:
+        1/255 rounded to bf16 would scale every gradient by 0.996)."""
+        return self._leaf("input", name, shape, FLOAT, {"fp32": True} if fp32 else {})
+
+    def input_like(self, n: Node) -> int:
+        """An input of `n`'s name, shape and kind (another graph's input node)."""
+        if n.dtype == U32:
+            return self.input_u32(n.name, n.shape)
+        return self.input_f32(n.name, n.shape, bool(n.attrs.get("fp32")))
 
     def parameter(self, name: str, shape: Shape) -> int:
         return self._leaf("parameter", name, shape, FLOAT)
@@ -147,7 +155,7 @@ class Graph:
         if n.op == "parameter":
             return self.parameter(n.name, n.shape)
         if n.op == "input":
-            return (self.input_u32 if n.dtype == U32 else self.input_f32)(n.name, n.shape)
+            return self.input_like(n)
         if n.op == "state":
             return self.state(n.name, n.shape)
         return self.op(n.op, inputs, **n.attrs)
@@ -256,7 +264,7 @@ class Graph:
         if edge:
             raise GraphError(f"cycle through {self.label(edge[1])} and {self.label(edge[0])}")
 
-    def _leaf(self, op: str, name: str, shape: Shape, dtype: str) -> int:
+    def _leaf(self, op: str, name: str, shape: Shape, dtype: str, attrs: dict | None = None) -> int:
         if not isinstance(name, str) or not name:
             raise GraphError(f"{op}: name must be a non-empty string, got {name!r}")
         if not isinstance(shape, (tuple, list)) or not all(
@@ -268,7 +276,7 @@ class Graph:
         if not shape or any(s <= 0 for s in shape):
             raise GraphError(f"{op} '{name}': every dimension must be > 0, got {list(shape)}")
         nid = len(self.nodes)
-        self.nodes.append(Node(nid, op, (), shape, dtype, {}, name, self._block))
+        self.nodes.append(Node(nid, op, (), shape, dtype, dict(attrs or {}), name, self._block))
         self._names[name] = nid
         return nid
 

@@ -160,7 +160,7 @@ def instantiate(graph: Graph, extracted: list[_Extracted]) -> Graph:
             if n.op in ("parameter", "state"):
                 leaves[orig] = getattr(out, n.op)(n.name, n.shape)
             else:
-                leaves[orig] = (out.input_u32 if n.dtype == "u32" else out.input_f32)(n.name, n.shape)
+                leaves[orig] = out.input_like(n)
         return leaves[orig]
 
     def deps(m: int, c: int):

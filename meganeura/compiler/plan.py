@@ -22,9 +22,12 @@ def holds_fp32(graph: Graph, nid: int) -> bool:
     """The residual stream (the embedding and every residual add, declared `stream` in OPS;
     a kernel ending in one) is kept in fp32 even in bf16 plans: 34+ layers of bf16 rounding
     on the running sum cost more accuracy than the matmuls do, and the stream is a small
-    share of the bytes moved. A view holds what its base holds."""
+    share of the bytes moved. A view holds what its base holds; an input, what it was
+    declared to hold (Graph.input_f32)."""
     while OPS[graph[nid].op].kind == "view":
         nid = graph[nid].inputs[0]
+    if graph[nid].op == "input":
+        return bool(graph[nid].attrs.get("fp32"))
     return holds_stream(graph[nid].op, graph[nid].attrs)
 
 
@@ -38,8 +41,9 @@ class Plan:
 
     @property
     def fp32_stream(self) -> set[int]:
-        """Launches whose output is held in fp32 whatever the plan dtype."""
-        return {i for i in self.launches if holds_fp32(self.graph, i)}
+        """Launches and inputs held in fp32 whatever the plan dtype."""
+        ins = [n.id for n in self.graph.inputs()]
+        return {i for i in self.launches + ins if holds_fp32(self.graph, i)}
 
     @property
     def estimated_time(self) -> float:

@@ -72,8 +72,10 @@ class CompiledModel:
         self.buffer_bytes = buffers.total
         self._inputs_in_arena = in_arena
         arena = buffers.allocate(target.device)
+        wide = plan.fp32_stream
         for n in self.inputs:
-            dtype = torch.int64 if n.dtype == "u32" else target.dtype
+            dtype = (torch.int64 if n.dtype == "u32" else torch.float32 if n.id in wide
+                     else target.dtype)
             if in_arena:
                 self.tensors[n.id] = buffers.view(arena, n.id, n.shape, dtype)
             else:

@@ -367,7 +367,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64)
         grads: dict = {}
         for b in range(ids.shape[0]):  # micro-batches of one row: the same sums
-            loss, *ds = run(ids[b].to(m.device), target[b].to(m.device), seed.to(m.dtype),
+            loss, *ds = run(ids[b].to(m.device), target[b].to(m.device), seed,
                             copy=keep)  # not kept: read (or summed) before the next run
             total += loss.double().sum().cpu()
             last = b == ids.shape[0] - 1
@@ -391,8 +391,8 @@ class Trainer:
         m, g = self.model, self.graph(seq_len)
         if self.executor == "reference":
             return lambda ids, labels, seed, copy=True: run_reference(
-                g, m.all_weights(), {"token_ids": ids, "labels": labels, SEED: seed}, m.dtype,
-                m.device)
+                g, m.all_weights(), {"token_ids": ids, "labels": labels, SEED: seed.to(m.dtype)},
+                m.dtype, m.device)
         from ..pipeline import bind
 
         plan, report = self._plan(seq_len)
