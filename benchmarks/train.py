@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import statistics
 import sys
 import time
@@ -252,6 +253,13 @@ def check_gradients(args, cfg, key, seq, device, dtype) -> dict:
         worst = max(errors, key=errors.get)
         print(f"  {who}: loss {their_loss:.6f} vs fp32 {ref_loss.item():.6f}; worst tensor "
               f"{worst}", flush=True)
+        kinds: dict = {}
+        for n, e in errors.items():  # by weight kind: the name without its layer
+            kinds.setdefault(re.sub(r"\.\d+\.", ".*.", n), []).append(e)
+        print("    median by kind: " + ", ".join(
+            f"{k.removeprefix('model.')} {statistics.median(v):.2e}"
+            for k, v in sorted(kinds.items(), key=lambda kv: -statistics.median(kv[1]))),
+            flush=True)
         rows.append({"contender": f"{who} vs fp32 autograd",
                      "max_rel_error": f"{errors[worst]:.3e}",
                      "median_rel_error": f"{statistics.median(errors.values()):.3e}",
