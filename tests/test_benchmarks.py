@@ -171,6 +171,9 @@ def test_the_training_benchmark_runs_each_work(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [(r["work"], r["contender"]) for r in rows] == [
         ("e4b-lora", "meganeura"), ("e4b-lora", "transformers"), ("e2b-full", "meganeura"),
-        ("e2b-full", "transformers"), ("check", "meganeura vs fp32 autograd")]
+        ("e2b-full", "transformers"), ("check", "meganeura vs fp32 autograd"),
+        ("check", "bf16 product operands (floor) vs fp32 autograd")]
     assert rows[0]["trained"] == rows[1]["trained"]  # the same adapters on both sides
-    assert float(rows[-1]["max_rel_error"]) < 1e-4  # fp32 on the CPU
+    assert float(rows[-2]["max_rel_error"]) < 1e-4  # fp32 on the CPU
+    # the floor rounds the products' operands: about bf16's half ulp, grown by the layers
+    assert 1e-3 < float(rows[-1]["median_rel_error"]) < 3e-2
