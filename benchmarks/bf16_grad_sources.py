@@ -8,6 +8,9 @@ with chosen tensors rounded to bf16 where a bf16 GPU plan rounds them; each vari
 gradients are compared with the unrounded run's (relative error per tensor, median and
 worst):
 
+- graph, forward / backward: every output of the unoptimized graph's forward (its loss and
+  what precedes it) or of its backward rounded (but those held in fp32: the residual
+  stream, weight gradients), nothing else;
 - products' operands: the inputs of every product, forward and backward, rounded as tensor
   cores read them, nothing else (train.py's floor, here on the graph's own products);
 - plan, stored: the extracted GPU plan (H200 profile, the Trainer's memory price), each
@@ -134,7 +137,12 @@ def main(argv=None) -> int:
     s = dataclasses.replace(setup("cuda", torch.bfloat16, profile="h200", run=False),
                             memory_price=MEMORY_PRICE)
     plan = optimize_graph(graph, s)[0].graph
+    loss = graph.outputs[0]
     variants = [
+        ("graph, every forward node's output (nothing else)", graph,
+         lambda g, n: n.id <= loss and stored()(g, n)),
+        ("graph, every backward node's output (nothing else)", graph,
+         lambda g, n: n.id > loss and stored()(g, n)),
         ("products' operands", graph, lambda g, n: False),
         ("plan, stored", plan, stored()),
         ("plan, stored, forward products' outputs fp32", plan,
@@ -143,7 +151,7 @@ def main(argv=None) -> int:
          stored(lambda n: backward(n) or n.op in PRODUCTS)),
     ]
     for what, g, rounded in variants:
-        out = run(g, weights, inputs, rounded, True)[1:]
+        out = run(g, weights, inputs, rounded, not what.startswith("graph,"))[1:]
         errors = {n: ((o - e).norm() / e.norm()).item() for n, o, e in zip(names, out, exact)}
         worst = max(errors, key=errors.get)
         print(f"{what}: median {statistics.median(errors.values()):.2e}, worst "
