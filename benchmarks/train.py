@@ -110,10 +110,10 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
     mine = meganeura.from_config(cfg, weights, device, dtype)
     if mode == "lora":
         trainer = meganeura.Trainer(mine, lr=args.lr, lora=meganeura.LoRA(16, 32.0, TARGETS),
-                                    executor=args.executor)
+                                    executor=args.executor, fp32_products=args.fp32_products)
     else:
         trainer = meganeura.Trainer(mine, lr=args.lr, trainable=lambda n: not frozen(n),
-                                    executor=args.executor)
+                                    executor=args.executor, fp32_products=args.fp32_products)
     trained = sum(mine.weights[n].numel() for n in trainer.names)
     held = [trainer]  # dropped (its optimizer state freed) before transformers is measured
     del trainer, mine
@@ -235,7 +235,8 @@ def check_gradients(args, cfg, key, seq, device, dtype) -> dict:
     weights = {n: w.to(dtype) for n, w in shared_weights(ref, cfg).items()}
     ids = torch.randint(0, cfg.vocab_size, (seq,), generator=torch.Generator().manual_seed(2))
     mine = meganeura.from_config(cfg, weights, device, dtype)
-    trainer = meganeura.Trainer(mine, trainable=lambda n: not frozen(n), executor=args.executor)
+    trainer = meganeura.Trainer(mine, trainable=lambda n: not frozen(n), executor=args.executor,
+                                fp32_products=args.fp32_products)
     loss, grads = trainer.gradients(ids)
     del trainer
     ref_loss = ref(input_ids=ids[None].to(device), labels=ids[None].to(device),
@@ -246,7 +247,8 @@ def check_gradients(args, cfg, key, seq, device, dtype) -> dict:
         if p.grad is not None:
             exact[n], p.grad = p.grad, None
     rows = []
-    for who, theirs, their_loss in (("meganeura", grads, loss), _product_floor(ref, ids, device),
+    who = "meganeura" + (" (fp32 products)" if args.fp32_products else "")
+    for who, theirs, their_loss in ((who, grads, loss), _product_floor(ref, ids, device),
                                     *_bf16_autograd(ref, ids, device)):
         errors = {n: ((theirs[n].float() - g).norm() / g.norm()).item()
                   for n, g in exact.items()}
@@ -342,6 +344,9 @@ def main(argv=None) -> int:
     ap.add_argument("--init", choices=INITS, default="transformers",
                     help="random weights: transformers' own initialization, or meganeura's "
                     "random_weights (unit: activations keep their scale at any width)")
+    ap.add_argument("--fp32-products", action="store_true",
+                    help="meganeura's plans hold the forward products' outputs in fp32 "
+                    "(Trainer(fp32_products=True))")
     ap.add_argument("--csv", default=str(RESULTS / "train.csv"))
     args = ap.parse_args(argv)
     works = args.works.split(",")

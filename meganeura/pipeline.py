@@ -47,6 +47,7 @@ class Setup:
     cache_dir: Path | None = None  # kernel sources (default: ~/.cache/meganeura/kernels)
     debug: frozenset = frozenset()  # of DEBUG_CHANNELS
     memory_price: float = 0.0  # seconds per byte stored (CostModel.memory_price); training's
+    fp32_products: bool = False  # CostModel.fp32_products; training's
 
     @property
     def dtype_name(self) -> str:
@@ -54,7 +55,8 @@ class Setup:
 
     @property
     def cost(self) -> CostModel:
-        return CostModel(self.profile, self.dtype_name, self.memory_price)
+        return CostModel(self.profile, self.dtype_name, self.memory_price,
+                         self.fp32_products)
 
     def kernel_cache(self) -> KernelCache:
         return KernelCache(self.cache_dir, f"meganeura {__version__}")

@@ -210,6 +210,33 @@ def test_the_seed_is_held_in_fp32_in_a_bf16_plan():
     assert buffers.nbytes_of[other.id] < 255 * 24 * 4  # the plan dtype
 
 
+def test_a_training_plan_may_hold_the_forward_products_outputs_in_fp32():
+    # h = x W1 is read by a norm (and by the backward): held in fp32 when asked; the
+    # backward's products and a product read only by the loss's seed stay in the plan dtype
+    import dataclasses
+
+    from meganeura.pipeline import optimize_graph, setup
+
+    c = Case(seed=4)
+    x = c.g.input_f32("x", (37, 24))
+    with c.g.block("layer.0"):
+        h = c.g.matmul(c.g.rms_norm(x, c.param((24,)), 1e-6), c.g.transpose(c.param((40, 24))))
+        y = c.g.matmul(c.g.rms_norm(h, c.param((40,)), 1e-6), c.g.transpose(c.param((16, 40))))
+    joint = grad(c.g, y, c.trained)
+    s = setup("cuda", torch.bfloat16, run=False)
+    wide = {}
+    for on in (False, True):
+        plan, _ = optimize_graph(joint, dataclasses.replace(s, fp32_products=on))
+        g = plan.graph
+        products = [i for i in plan.launches
+                    if g[i].op == "product" or OPS[g[i].op].archetype == "product"]
+        wide[on] = [i for i in products if i in plan.fp32_stream]
+        if on:  # the product of 40 columns read by the norm, not the one of 16
+            assert [g[i].shape for i in wide[on]] == [(37, 40)]
+            assert all(not (g[i].block or "").endswith(".grad") for i in wide[on])
+    assert wide[False] == []
+
+
 @pytest.mark.parametrize("cap", [0.0, 3.0])
 def test_the_plain_loss_and_its_gradient_become_the_fused_lm_head_loss(cap, tmp_path):
     # the loss written plainly (logits, soft-cap, cross_entropy) and differentiated by

@@ -341,6 +341,10 @@ class CostModel:
     # the backward, and the price makes keeping versus recomputing a trade the extractor
     # weighs (see MEMORY_PRICE)
     memory_price: float = 0.0
+    # a training plan holds the forward products' outputs that anything but a product reads
+    # (norms, RoPE, GeGLU, the backward) in fp32: a bf16 rounding there moves the gradients
+    # more than the rounding the next product's operands get anyway (plan.wide_products)
+    fp32_products: bool = False
 
     def stored(self, op: str, attrs: dict, out: tuple) -> float:
         """The memory price of a kernel's output (views store nothing; the residual stream

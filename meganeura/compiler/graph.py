@@ -50,6 +50,7 @@ class Graph:
         self.effects: list[int] = list(effects or [])  # run for their state writes, not returned
         self._block: str | None = None
         self._names = {n.name: n.id for n in self.nodes if n.name is not None}
+        self.wide: frozenset[int] = frozenset()  # a plan's nodes held in fp32 (plan.py)
 
     # ---- leaves -------------------------------------------------------------------------
 

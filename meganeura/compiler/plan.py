@@ -28,7 +28,19 @@ def holds_fp32(graph: Graph, nid: int) -> bool:
         nid = graph[nid].inputs[0]
     if graph[nid].op == "input":
         return bool(graph[nid].attrs.get("fp32"))
-    return holds_stream(graph[nid].op, graph[nid].attrs)
+    return holds_stream(graph[nid].op, graph[nid].attrs) or nid in getattr(graph, "wide", ())
+
+
+def wide_products(graph: Graph, launches: list[int]) -> frozenset[int]:
+    """The forward products (outside the `.grad` blocks autodiff labels) whose output a
+    kernel other than a product reads: a training plan holds them in fp32
+    (CostModel.fp32_products)."""
+    users = graph.users()
+    products = {i for i in launches
+                if graph[i].op == "product" or OPS[graph[i].op].archetype == "product"}
+    return frozenset(i for i in products if not (graph[i].block or "").endswith(".grad")
+                     and not holds_stream(graph[i].op, graph[i].attrs)
+                     and any(u not in products for u in users[i]))
 
 
 @dataclass
@@ -79,5 +91,7 @@ def make_plan(graph: Graph, cost: CostModel) -> Plan:
                              [graph[j].shape for j in graph[i].inputs], graph[i].shape,
                              stored_transposed(graph, graph[i]))
                 for i in launches}
+    if cost.fp32_products:
+        graph.wide = wide_products(graph, launches)
     computed = sorted(i for i in load_time if graph[i].op != "parameter")
     return Plan(graph, computed, views, launches, estimate)

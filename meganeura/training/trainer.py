@@ -201,13 +201,15 @@ class Trainer:
 
     memory_price: seconds of step time per byte a kernel's output stores, the exchange rate
     at which the e-graph's extraction trades memory for time (compiler/cost.py's
-    MEMORY_PRICE by default; 0: the fastest plan whatever it holds)."""
+    MEMORY_PRICE by default; 0: the fastest plan whatever it holds). fp32_products: a bf16
+    plan holds the forward products' outputs that a norm, RoPE or GeGLU reads in fp32
+    (CostModel.fp32_products): gradients closer to fp32, for the bytes of those tensors."""
 
     def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, trainable=None, lora: LoRA | None = None,
                  grad_clip: float | None = None, accumulate: int = 1,
                  master_weights: bool = False, seed: int = 0, executor: str = "compiled",
-                 memory_price: float = MEMORY_PRICE):
+                 memory_price: float = MEMORY_PRICE, fp32_products: bool = False):
         from ..inference.pretrained import PretrainedModel
 
         if not isinstance(model, PretrainedModel):
@@ -226,6 +228,9 @@ class Trainer:
             raise InputError(f"executor must be 'compiled' or 'reference', got {executor!r}")
         self.executor = executor
         self.memory_price = _number("memory_price", memory_price, 0.0)
+        if not isinstance(fp32_products, bool):
+            raise InputError(f"fp32_products must be True or False, got {fp32_products!r}")
+        self.fp32_products = fp32_products
         self._plans: dict = {}  # seq_len -> (plan, report, the CompiledModel bound last)
         self._stale: set = set()  # lengths whose bound plan has not seen the latest weights
         self._arena: dict = {}  # seq_len -> the plan's arena bytes
@@ -410,7 +415,8 @@ class Trainer:
         from ..pipeline import optimize_graph
 
         if seq_len not in self._plans:
-            priced = dataclasses.replace(self.model.setup, memory_price=self.memory_price)
+            priced = dataclasses.replace(self.model.setup, memory_price=self.memory_price,
+                                         fp32_products=self.fp32_products)
             plan, report = optimize_graph(self.graph(seq_len), priced)
             self._plans[seq_len] = (plan, report, None)
         return self._plans[seq_len][:2]
