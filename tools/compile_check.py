@@ -60,7 +60,7 @@ SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
 
 def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h200",
           sms: int = 132, capacity: int = 0, seen: set | None = None, chunk: bool = False,
-          sequences: int = 1, train: bool = False) -> list[dict]:
+          sequences: int = 1, train: bool = False, fp32_products: bool = False) -> list[dict]:
     """Compiles every distinct kernel of the plan for sm_90; one dict per kernel (none for
     those whose keys are in `seen`, which takes the new ones' keys)."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -82,7 +82,8 @@ def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h2
         graph = training_graph(graph, names, config)
     # a training plan is priced with the Trainer's exchange rate of memory for time
     price = MEMORY_PRICE if train else 0.0
-    plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name, memory_price=price))
+    plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name, memory_price=price,
+                                        fp32_products=train and fp32_products))
     # the decode step's kernels are launched as programmatic dependents (generation.py)
     target = Target(torch.device("cuda"), dtype, sms=sms,
                     pdl=bool(capacity) and (seq_len == 1 or sequences > 1))
@@ -136,11 +137,13 @@ def main():
                     "of this many sequences")
     ap.add_argument("--train", action="store_true", help="the training graph (forward, loss "
                     "and backward; every weight but the embeddings trained) of --seq-len tokens")
+    ap.add_argument("--fp32-products", action="store_true", help="with --train: the forward "
+                    "products' outputs held in fp32 (Trainer(fp32_products=True))")
     a = ap.parse_args()
     over, seen = 0, set()
     results = [r for m in a.model
                for r in check(m, a.seq_len, a.dtype, a.profile, a.sms, a.capacity, seen,
-                              a.chunk, a.sequences, a.train)]
+                              a.chunk, a.sequences, a.train, a.fp32_products)]
     for r in results:
         spec = r["spec"]
         over += r["shared"] > SHARED_LIMIT
