@@ -106,3 +106,58 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits [S, vocab] of one sequence, in the model's dtype."""
     with torch.no_grad():
         return model(input_ids=ids[None], use_cache=False).logits[0]
+
+
+class _RoundedGrad(torch.autograd.Function):
+    """The identity, whose gradient is rounded to bf16 (kept in its dtype)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy.to(torch.bfloat16).to(dy.dtype)
+
+
+def bf16_floor_gradients(model, ids: torch.Tensor, round_weights: bool = False):
+    """(loss, {name: grad}) of an fp32 transformers model on ids [B, S] (labels = ids) with
+    only what a bf16 tensor-core product must round: every linear layer's input and the
+    gradient it receives rounded to bf16, everything else fp32 (attention's products, every
+    activation, the sums). round_weights: every weight rounded to bf16 first (for weights
+    that are not bf16 values, as a bf16 model of them holds them). No bf16 implementation
+    of these weights can be expected closer than about this; the model is left as it was
+    (its .grad fields emptied)."""
+    saved = {}
+    if round_weights:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                saved[n] = p.detach().clone()
+                p.copy_(p.to(torch.bfloat16).to(p.dtype))
+
+    def pre(module, args):
+        return (args[0].to(torch.bfloat16).to(args[0].dtype),) + tuple(args[1:])
+
+    def post(module, args, out):
+        return _RoundedGrad.apply(out)
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        for p in model.parameters():
+            p.grad = None
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+    grads = {}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            grads[n], p.grad = p.grad, None
+    return loss.item(), grads

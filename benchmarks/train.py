@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_forward import INITS, hf_config, hf_fp32_copy, hf_model, shared_weights  # noqa: E402
+from hf_forward import (INITS, bf16_floor_gradients, hf_config, hf_fp32_copy,  # noqa: E402
+                        hf_model, shared_weights)
 from prefill import environment  # noqa: E402
 
 import meganeura  # noqa: E402
@@ -122,6 +123,9 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
     step.trainer, step.ids = held[0], ids.cpu()
     yield "meganeura", step, trained
     held.clear()
+    del step.trainer  # its plans' arenas too: e4b's LoRA plan holds 44 GiB at 4096 tokens
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     model.train()
     if args.no_hf:
         return
@@ -270,43 +274,11 @@ def check_gradients(args, cfg, key, seq, device, dtype) -> dict:
     return rows
 
 
-class _RoundedGrad(torch.autograd.Function):
-    """The identity, whose gradient is rounded to bf16 (kept in its dtype)."""
-
-    @staticmethod
-    def forward(ctx, y):
-        return y.clone()
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy.to(torch.bfloat16).to(dy.dtype)
-
-
 def _product_floor(ref, ids, device):
-    """transformers' fp32 gradients with only what a bf16 tensor-core product must round:
-    every linear layer's input and the gradient it receives rounded to bf16 (the weights
-    are bf16 values already), everything else fp32 (attention's products, every activation,
-    the sums). No bf16 implementation of these weights can be closer than about this."""
-    def pre(module, args):
-        return (args[0].to(torch.bfloat16).to(args[0].dtype),) + tuple(args[1:])
-
-    def post(module, args, out):
-        return _RoundedGrad.apply(out)
-    hooks = []
-    for m in ref.modules():
-        if isinstance(m, torch.nn.Linear):
-            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    try:
-        out = ref(input_ids=ids[None].to(device), labels=ids[None].to(device), use_cache=False)
-        out.loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    grads = {}
-    for n, p in ref.named_parameters():
-        if p.grad is not None:
-            grads[n], p.grad = p.grad, None
-    return "bf16 product operands (floor)", grads, out.loss.item()
+    """transformers' fp32 gradients with only what a bf16 tensor-core product must round
+    (hf_forward.bf16_floor_gradients; the weights are bf16 values already)."""
+    loss, grads = bf16_floor_gradients(ref, ids[None].to(device))
+    return "bf16 product operands (floor)", grads, loss
 
 
 def _bf16_autograd(ref, ids, device):

@@ -1,6 +1,7 @@
 """The same kernels and models on a CUDA GPU: bf16 against the fp32 reference (2e-2)."""
 
-import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,9 +316,13 @@ def test_product_ends_with_the_rows_post_norm_bf16(op, transposed, k, n, tmp_pat
 @pytest.mark.parametrize("kind, name", [("gemma4", "every_feature"), ("decoder", "llama3_tied")])
 def test_training_gradients_bf16(kind, name, tmp_path):
     # the whole training plan (forward, loss, backward) as bf16 kernels against
-    # transformers' fp32 autograd of the same weights: each gradient within 2e-2, or no
-    # further than transformers' own bf16 autograd is
+    # transformers' fp32 autograd of the same weights: each gradient within 2e-2, or within
+    # twice the floor of these weights (what rounding them and the products' operands to
+    # bf16 alone costs; e2b's gradients are 1.4-1.5x their floor, transformers' bf16 4x)
     import hf_checkpoints as hf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from hf_forward import bf16_floor_gradients
 
     ref = hf.text_model(name, 1) if kind == "gemma4" else hf.decoder_model(name, 1)
     hf.save(ref, tmp_path / "m")
@@ -325,16 +330,14 @@ def test_training_gradients_bf16(kind, name, tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (2, 40),
                         generator=torch.Generator().manual_seed(3))
     loss, grads = meganeura.Trainer(model).gradients(ids)
+    # on every_feature's large, perturbed weights, their rounding to bf16 alone moves the
+    # gradients by 0.11 (median) and the floor by 0.13; transformers' bf16 by 0.18 (the CPU)
+    _, floor = bf16_floor_gradients(ref, ids, round_weights=True)
     ref.zero_grad()
     out = ref(ids, labels=ids)
     out.loss.backward()
-    # what bf16 costs transformers itself on the same weights: on every_feature's large,
-    # perturbed weights its own bf16 gradient of the embedding is 0.22 from fp32 (the CPU)
-    half = copy.deepcopy(ref).to(torch.bfloat16)
-    half(ids, labels=ids).loss.backward()
-    theirs = dict(half.named_parameters())
     assert abs(loss - out.loss.item()) < 2e-2 * out.loss.item()
     for n, p in ref.named_parameters():
         err = ((grads[n].cpu() - p.grad).norm() / p.grad.norm()).item()
-        bf16 = ((theirs[n].grad.float() - p.grad).norm() / p.grad.norm()).item()
-        assert err < max(2e-2, bf16), f"{n}: {err:.3e} (transformers' bf16: {bf16:.3e})"
+        least = ((floor[n] - p.grad).norm() / p.grad.norm()).item()
+        assert err < max(2e-2, 2 * least), f"{n}: {err:.3e} (the bf16 floor: {least:.3e})"
