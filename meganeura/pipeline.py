@@ -228,7 +228,8 @@ def _code_hash() -> str:
 
 def plan_key(graph: Graph, s: Setup) -> str:
     """What an extracted plan depends on: the graph (ops, wiring, attributes, shapes, names),
-    the cost model (profile, dtype), and the code that optimizes it."""
+    the cost model (profile, dtype, memory price, fp32 products), and the code that
+    optimizes it."""
     import sys
 
     import egglog
@@ -236,7 +237,7 @@ def plan_key(graph: Graph, s: Setup) -> str:
     versions = (__version__, getattr(egglog, "__version__", "?"), torch.__version__,
                 sys.version.split()[0])
     h = hashlib.sha256(f"{versions}\n{_code_hash()}\n{s.profile!r}\n{s.dtype_name}\n"
-                       .encode())
+                       f"{s.memory_price!r}\n{s.fp32_products}\n".encode())
     for n in graph.nodes:
         h.update(f"{n.op}|{n.inputs}|{n.attrs!r}|{n.shape}|{n.dtype}|{n.name}|{n.block}\n"
                  .encode())

@@ -119,3 +119,17 @@ def test_generation_plans_are_read_back_by_a_new_model(tmp_path):
     assert len(made) == 1  # the damaged one, optimized again (and written back whole)
     assert sorted(tmp_path.glob("p_*.bin")) == blobs
     assert third.generate(prompt, max_new_tokens=2).tolist() == want.tolist()
+
+
+def test_a_plan_key_tells_apart_what_extraction_and_the_plan_depend_on():
+    # a kept plan must not serve a setup that prices memory, or holds products, otherwise
+    import dataclasses
+
+    from meganeura.pipeline import plan_key, setup
+
+    g = build(SMALL, 5)
+    s = setup("cpu", run=False)
+    keys = {plan_key(g, s), plan_key(g, dataclasses.replace(s, memory_price=1e-9)),
+            plan_key(g, dataclasses.replace(s, fp32_products=True)), plan_key(build(SMALL, 6), s)}
+    assert len(keys) == 4
+    assert plan_key(build(SMALL, 5), setup("cpu", run=False)) == plan_key(g, s)
