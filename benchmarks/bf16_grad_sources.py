@@ -18,7 +18,10 @@ worst):
   gradients, the loss), and the products' operands;
 - the same with the forward products' outputs held in fp32, then the backward's launches.
 
-The fp32 run itself is checked against transformers' fp32 autograd first. Memory: the
+An approximation of the plans it names: only the unfused products (matmul, matmul_tn)
+get their operands rounded, and "forward products' outputs fp32" holds every forward
+product so, a wider set than `plan.wide_products`. The fp32 run itself is checked against
+transformers' fp32 autograd first. Memory: the
 unrounded gradients and one variant's are held at once (10 layers: about 12 GB).
 """
 

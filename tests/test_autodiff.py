@@ -211,8 +211,10 @@ def test_the_seed_is_held_in_fp32_in_a_bf16_plan():
 
 
 def test_a_training_plan_may_hold_the_forward_products_outputs_in_fp32():
-    # h = x W1 is read by a norm (and by the backward): held in fp32 when asked; the
-    # backward's products and a product read only by the loss's seed stay in the plan dtype
+    # asked, a bf16 training plan holds in fp32 the forward products that only row kernels
+    # read (norms, GeGLU, their gradients), in a layer or outside one. Not: a product whose
+    # slice a product reads (x A of a LoRA), a product that only the seed's products read,
+    # nor any product of the backward
     import dataclasses
 
     from meganeura.pipeline import optimize_graph, setup
@@ -220,21 +222,32 @@ def test_a_training_plan_may_hold_the_forward_products_outputs_in_fp32():
     c = Case(seed=4)
     x = c.g.input_f32("x", (37, 24))
     with c.g.block("layer.0"):
-        h = c.g.matmul(c.g.rms_norm(x, c.param((24,)), 1e-6), c.g.transpose(c.param((40, 24))))
+        xn = c.g.rms_norm(x, c.param((24,)), 1e-6)
+        h = c.g.matmul(xn, c.g.transpose(c.param((40, 24))))
+        both = c.g.matmul(c.g.rms_norm(x, c.param((24,)), 1e-5),  # [37, 12]: sliced below
+                          c.g.transpose(c.param((12, 24))))
         y = c.g.matmul(c.g.rms_norm(h, c.param((40,)), 1e-6), c.g.transpose(c.param((16, 40))))
-    joint = grad(c.g, y, c.trained)
+        y = c.g.add(y, c.g.matmul(c.g.slice_cols(both, 0, 6), c.g.transpose(c.param((16, 6)))))
+        y = c.g.add(y, c.g.matmul(c.g.slice_cols(both, 6, 6), c.g.transpose(c.param((16, 6)))))
+    top = c.g.matmul(c.g.geglu(y, y), c.g.transpose(c.param((16, 16))))  # outside a layer
+    out = c.g.rms_norm(top, c.param((16,)), 1e-6)
+    joint = grad(c.g, out, c.trained)
     s = setup("cuda", torch.bfloat16, run=False)
-    wide = {}
     for on in (False, True):
         plan, _ = optimize_graph(joint, dataclasses.replace(s, fp32_products=on))
         g = plan.graph
-        products = [i for i in plan.launches
-                    if g[i].op == "product" or OPS[g[i].op].archetype == "product"]
-        wide[on] = [i for i in products if i in plan.fp32_stream]
-        if on:  # the product of 40 columns read by the norm, not the one of 16
-            assert [g[i].shape for i in wide[on]] == [(37, 40)]
-            assert all(not (g[i].block or "").endswith(".grad") for i in wide[on])
-    assert wide[False] == []
+        seeded = {n.id for n in g.inputs() if n.name == SEED}
+        for n in g.nodes:
+            if any(i in seeded for i in n.inputs):
+                seeded.add(n.id)
+        wide = g.wide  # the products held in fp32 beyond the residual stream's
+        assert wide <= plan.fp32_stream and not wide & seeded
+        if on:  # h (read by its norm and the norm's gradient) and top (by its norm); y's
+            # residual sum is held in fp32 anyway; `both` is read by products only
+            assert sorted(g[i].shape for i in wide) == [(37, 16), (37, 40)], [
+                (g[i].shape, g[i].block) for i in wide]
+        else:
+            assert wide == frozenset()
 
 
 @pytest.mark.parametrize("cap", [0.0, 3.0])

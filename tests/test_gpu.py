@@ -317,8 +317,9 @@ def test_product_ends_with_the_rows_post_norm_bf16(op, transposed, k, n, tmp_pat
 def test_training_gradients_bf16(kind, name, tmp_path):
     # the whole training plan (forward, loss, backward) as bf16 kernels against
     # transformers' fp32 autograd of the same weights: each gradient within 2e-2, or within
-    # twice the floor of these weights (what rounding them and the products' operands to
-    # bf16 alone costs; e2b's gradients are 1.4-1.5x their floor, transformers' bf16 4x)
+    # 1.5x the floor of these weights (what rounding them and the linear layers' operands
+    # to bf16 alone costs; e2b's gradients are 1.4-1.5x their floor, transformers' bf16 4x;
+    # on every_feature transformers' bf16 is 1.45x it, the median of its tensors)
     import hf_checkpoints as hf
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -340,4 +341,4 @@ def test_training_gradients_bf16(kind, name, tmp_path):
     for n, p in ref.named_parameters():
         err = ((grads[n].cpu() - p.grad).norm() / p.grad.norm()).item()
         least = ((floor[n] - p.grad).norm() / p.grad.norm()).item()
-        assert err < max(2e-2, 2 * least), f"{n}: {err:.3e} (the bf16 floor: {least:.3e})"
+        assert err < max(2e-2, 1.5 * least), f"{n}: {err:.3e} (the bf16 floor: {least:.3e})"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..errors import GraphError
 from .cost import CostModel, stored_transposed
 from .graph import Graph
-from .kernels import holds_stream, summary
+from .kernels import STRUCTURED, holds_stream, summary
 from .ops import OPS
 
 
@@ -31,16 +31,39 @@ def holds_fp32(graph: Graph, nid: int) -> bool:
     return holds_stream(graph[nid].op, graph[nid].attrs) or nid in getattr(graph, "wide", ())
 
 
+# kernels that read a tensor row by row or element by element, in fp32 whatever it is stored
+# in (norms, RoPE, GeGLU, the loss and their gradients): what a product may hand them in fp32
+ROW_READERS = frozenset({"rows", "pointwise", "norm_grad", "row_loss"})
+
+
 def wide_products(graph: Graph, launches: list[int]) -> frozenset[int]:
-    """The forward products (outside the `.grad` blocks autodiff labels) whose output a
-    kernel other than a product reads: a training plan holds them in fp32
-    (CostModel.fp32_products)."""
+    """The forward products (nodes that do not depend on the gradient seed, the plan's
+    fp32 input) whose every reader, through views, is a row or pointwise kernel: a norm,
+    RoPE, GeGLU or the loss, forward or backward. A training plan holds them in fp32
+    (CostModel.fp32_products). A product that a product or attention reads stays in the
+    plan dtype: their operands are read as bf16 anyway."""
     users = graph.users()
-    products = {i for i in launches
-                if graph[i].op == "product" or OPS[graph[i].op].archetype == "product"}
-    return frozenset(i for i in products if not (graph[i].block or "").endswith(".grad")
-                     and not holds_stream(graph[i].op, graph[i].attrs)
-                     and any(u not in products for u in users[i]))
+    backward = {n.id for n in graph.inputs() if n.attrs.get("fp32")}
+    for n in graph.nodes:
+        if any(i in backward for i in n.inputs):
+            backward.add(n.id)
+
+    def readers(nid):
+        for u in users[nid]:
+            if OPS[graph[u].op].kind == "view":
+                yield from readers(u)
+            else:
+                yield graph[u].op if graph[u].op in STRUCTURED else OPS[graph[u].op].archetype
+
+    wide = []
+    for i in launches:
+        n = graph[i]
+        if (n.op == "product" or OPS[n.op].archetype == "product") and i not in backward \
+                and not holds_stream(n.op, n.attrs):
+            kinds = set(readers(i))
+            if kinds and kinds <= ROW_READERS:
+                wide.append(i)
+    return frozenset(wide)
 
 
 @dataclass
@@ -91,7 +114,6 @@ def make_plan(graph: Graph, cost: CostModel) -> Plan:
                              [graph[j].shape for j in graph[i].inputs], graph[i].shape,
                              stored_transposed(graph, graph[i]))
                 for i in launches}
-    if cost.fp32_products:
-        graph.wide = wide_products(graph, launches)
+    graph.wide = wide_products(graph, launches) if cost.fp32_products else frozenset()
     computed = sorted(i for i in load_time if graph[i].op != "parameter")
     return Plan(graph, computed, views, launches, estimate)
