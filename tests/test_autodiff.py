@@ -211,10 +211,10 @@ def test_the_seed_is_held_in_fp32_in_a_bf16_plan():
 
 
 def test_a_training_plan_may_hold_the_forward_products_outputs_in_fp32():
-    # asked, a bf16 training plan holds in fp32 the forward products that only row kernels
-    # read (norms, GeGLU, their gradients), in a layer or outside one. Not: a product whose
-    # slice a product reads (x A of a LoRA), a product that only the seed's products read,
-    # nor any product of the backward
+    # asked, a bf16 training plan holds in fp32 the forward products that only row and
+    # pointwise kernels or fused stages read (norms, GeGLU, residual adds, their gradients),
+    # in a layer or outside one. Not: a product whose slices are products' main operands
+    # (x A of a LoRA), nor any product of the backward
     import dataclasses
 
     from meganeura.pipeline import optimize_graph, setup
@@ -229,6 +229,12 @@ def test_a_training_plan_may_hold_the_forward_products_outputs_in_fp32():
         y = c.g.matmul(c.g.rms_norm(h, c.param((40,)), 1e-6), c.g.transpose(c.param((16, 40))))
         y = c.g.add(y, c.g.matmul(c.g.slice_cols(both, 0, 6), c.g.transpose(c.param((16, 6)))))
         y = c.g.add(y, c.g.matmul(c.g.slice_cols(both, 6, 6), c.g.transpose(c.param((16, 6)))))
+        # GeGLU's gate and up: read by the GeGLU and by its gradient, which rides in the
+        # epilogue of the down product's backward (read element by element there)
+        yn = c.g.rms_norm(y, c.param((16,)), 1e-6)
+        gate = c.g.matmul(yn, c.g.transpose(c.param((20, 16))))
+        up = c.g.matmul(yn, c.g.transpose(c.param((20, 16))))
+        y = c.g.add(y, c.g.matmul(c.g.geglu(gate, up), c.g.transpose(c.param((16, 20)))))
     top = c.g.matmul(c.g.geglu(y, y), c.g.transpose(c.param((16, 16))))  # outside a layer
     out = c.g.rms_norm(top, c.param((16,)), 1e-6)
     joint = grad(c.g, out, c.trained)
@@ -242,10 +248,14 @@ def test_a_training_plan_may_hold_the_forward_products_outputs_in_fp32():
                 seeded.add(n.id)
         wide = g.wide  # the products held in fp32 beyond the residual stream's
         assert wide <= plan.fp32_stream and not wide & seeded
-        if on:  # h (read by its norm and the norm's gradient) and top (by its norm); y's
-            # residual sum is held in fp32 anyway; `both` is read by products only
-            assert sorted(g[i].shape for i in wide) == [(37, 16), (37, 40)], [
+        if on:
+            # h [37, 40] and top [37, 16], read by their norms and the norms' gradients; the
+            # gate | up product [37, 40] (GeGLU, and its gradient in a product's epilogue);
+            # the two [37, 16] products of both's slices, added in a product's epilogue.
+            # Not both [37, 12] itself, whose slices are products' main operands
+            assert sorted(g[i].shape for i in wide) == [(37, 16)] * 3 + [(37, 40)] * 2, [
                 (g[i].shape, g[i].block) for i in wide]
+            assert (37, 12) not in {g[i].shape for i in plan.launches if i in wide}
         else:
             assert wide == frozenset()
 

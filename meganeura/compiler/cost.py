@@ -342,7 +342,7 @@ class CostModel:
     # weighs (see MEMORY_PRICE)
     memory_price: float = 0.0
     # a training plan holds in fp32 the forward products' outputs that only row and pointwise
-    # kernels read (norms, RoPE, GeGLU, the loss, their gradients): a bf16 rounding there
+    # kernels or fused stages read (norms, RoPE, GeGLU, the loss, residual adds): a bf16 rounding there
     # moves the gradients, where a product's operand is rounded anyway (plan.wide_products)
     fp32_products: bool = False
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..errors import GraphError
 from .cost import CostModel, stored_transposed
 from .graph import Graph
-from .kernels import STRUCTURED, holds_stream, summary
+from .kernels import ARCHETYPES, STRUCTURED, holds_stream, summary
 from .ops import OPS
 
 
@@ -32,16 +32,17 @@ def holds_fp32(graph: Graph, nid: int) -> bool:
 
 
 # kernels that read a tensor row by row or element by element, in fp32 whatever it is stored
-# in (norms, RoPE, GeGLU, the loss and their gradients): what a product may hand them in fp32
-ROW_READERS = frozenset({"rows", "pointwise", "norm_grad", "row_loss"})
+# in (norms, RoPE, GeGLU, the loss and their gradients; a fused kernel's prologue and
+# epilogue operands): what a product may hand them in fp32
+ROW_READERS = frozenset({"rows", "pointwise", "norm_grad", "row_loss", "stage"})
 
 
 def wide_products(graph: Graph, launches: list[int]) -> frozenset[int]:
     """The forward products (nodes that do not depend on the gradient seed, the plan's
-    fp32 input) whose every reader, through views, is a row or pointwise kernel: a norm,
-    RoPE, GeGLU or the loss, forward or backward. A training plan holds them in fp32
-    (CostModel.fp32_products). A product that a product or attention reads stays in the
-    plan dtype: their operands are read as bf16 anyway."""
+    fp32 input) whose every reader, through views, is a row or pointwise kernel (a norm,
+    RoPE, GeGLU or the loss, forward or backward) or a fused kernel's stage. A training
+    plan holds them in fp32 (CostModel.fp32_products). A product that a product's main
+    operand or attention reads stays in the plan dtype: tensor cores read it as bf16."""
     users = graph.users()
     backward = {n.id for n in graph.inputs() if n.attrs.get("fp32")}
     for n in graph.nodes:
@@ -49,11 +50,17 @@ def wide_products(graph: Graph, launches: list[int]) -> frozenset[int]:
             backward.add(n.id)
 
     def readers(nid):
+        """How each kernel reads nid: its archetype, or "stage" where nid is only an
+        operand of a fused kernel's prologue or epilogue (read element by element)."""
         for u in users[nid]:
-            if OPS[graph[u].op].kind == "view":
+            n = graph[u]
+            if OPS[n.op].kind == "view":
                 yield from readers(u)
-            else:
-                yield graph[u].op if graph[u].op in STRUCTURED else OPS[graph[u].op].archetype
+                continue
+            kind = n.op if n.op in STRUCTURED else OPS[n.op].archetype
+            main = len(ARCHETYPES[n.op].main) if n.op in STRUCTURED else len(n.inputs)
+            at = [k for k, i in enumerate(n.inputs) if i == nid]
+            yield "stage" if all(k >= main for k in at) else kind
 
     wide = []
     for i in launches:

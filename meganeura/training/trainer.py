@@ -202,8 +202,8 @@ class Trainer:
     memory_price: seconds of step time per byte a kernel's output stores, the exchange rate
     at which the e-graph's extraction trades memory for time (compiler/cost.py's
     MEMORY_PRICE by default; 0: the fastest plan whatever it holds). fp32_products: a bf16
-    plan holds in fp32 the forward products' outputs that only norms, RoPE, GeGLU or the loss
-    read (CostModel.fp32_products): gradients closer to fp32, for the bytes of those tensors."""
+    plan holds in fp32 the forward products' outputs that no tensor core reads (norms, RoPE,
+    GeGLU, the loss, residual adds) (CostModel.fp32_products): gradients closer to fp32, for the bytes of those tensors."""
 
     def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, trainable=None, lora: LoRA | None = None,
