@@ -58,6 +58,16 @@ def signature(spec, graph, dtype):
 SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
 
 
+def train_graph(config, graph):
+    """The Trainer's joint graph of a model graph: every trained weight but the embeddings."""
+    from meganeura.models import family
+    from meganeura.training.trainer import training_graph
+
+    names = [n for n, w in family(config).weight_specs(config).items()
+             if w.trained and "embed_tokens" not in n]
+    return training_graph(graph, names, config)
+
+
 def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h200",
           sms: int = 132, capacity: int = 0, seen: set | None = None, chunk: bool = False,
           sequences: int = 1, train: bool = False, fp32_products: bool = False) -> list[dict]:
@@ -73,13 +83,8 @@ def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h2
     seq_len = sequences if sequences > 1 else seq_len
     config = PRESETS[MODEL_NAMES[model]]
     graph = build(config, seq_len, generation)
-    if train:  # the Trainer's joint graph: every trained weight but the embeddings
-        from meganeura.models import family
-        from meganeura.training.trainer import training_graph
-
-        names = [n for n, w in family(config).weight_specs(config).items()
-                 if w.trained and "embed_tokens" not in n]
-        graph = training_graph(graph, names, config)
+    if train:
+        graph = train_graph(config, graph)
     # a training plan is priced with the Trainer's exchange rate of memory for time
     price = MEMORY_PRICE if train else 0.0
     plan, _ = optimize(graph, CostModel(PROFILES[profile], dtype_name, memory_price=price,

@@ -14,11 +14,12 @@ import argparse
 import math
 import sys
 
+from compile_check import train_graph
+
 from meganeura.compiler.cost import MEMORY_PRICE, PROFILES, CostModel
-from meganeura.models import MODEL_NAMES, PRESETS, build, family
+from meganeura.models import MODEL_NAMES, PRESETS, build
 from meganeura.pipeline import optimize_graph
 from meganeura.runtime.buffers import plan_buffers
-from meganeura.training.trainer import training_graph
 
 
 def main(argv=None) -> int:
@@ -27,9 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     a = ap.parse_args(argv)
     cfg = PRESETS[MODEL_NAMES[a.model]]
-    names = [n for n, w in family(cfg).weight_specs(cfg).items()
-             if w.trained and "embed_tokens" not in n]
-    graph = training_graph(build(cfg, a.seq_len), names, cfg)
+    graph = train_graph(cfg, build(cfg, a.seq_len))
     for on in (False, True):
         plan, _ = optimize_graph(graph, CostModel(PROFILES["h200"], "bf16", MEMORY_PRICE, on))
         arena = plan_buffers(plan, 2, inputs=True).total

@@ -341,9 +341,10 @@ class CostModel:
     # the backward, and the price makes keeping versus recomputing a trade the extractor
     # weighs (see MEMORY_PRICE)
     memory_price: float = 0.0
-    # a training plan holds in fp32 the forward products' outputs that only row and pointwise
-    # kernels or fused stages read (norms, RoPE, GeGLU, the loss, residual adds): a bf16 rounding there
-    # moves the gradients, where a product's operand is rounded anyway (plan.wide_products)
+    # a training plan holds in fp32 the forward products' outputs that only row and
+    # pointwise kernels or fused stages read (norms, RoPE, GeGLU, the loss, residual adds):
+    # a bf16 rounding there moves the gradients, where a product's operand is rounded
+    # anyway (plan.wide_products)
     fp32_products: bool = False
 
     def stored(self, op: str, attrs: dict, out: tuple) -> float:

@@ -265,7 +265,8 @@ class Graph:
         if edge:
             raise GraphError(f"cycle through {self.label(edge[1])} and {self.label(edge[0])}")
 
-    def _leaf(self, op: str, name: str, shape: Shape, dtype: str, attrs: dict | None = None) -> int:
+    def _leaf(self, op: str, name: str, shape: Shape, dtype: str,
+              attrs: dict | None = None) -> int:
         if not isinstance(name, str) or not name:
             raise GraphError(f"{op}: name must be a non-empty string, got {name!r}")
         if not isinstance(shape, (tuple, list)) or not all(

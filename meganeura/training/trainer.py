@@ -203,7 +203,8 @@ class Trainer:
     at which the e-graph's extraction trades memory for time (compiler/cost.py's
     MEMORY_PRICE by default; 0: the fastest plan whatever it holds). fp32_products: a bf16
     plan holds in fp32 the forward products' outputs that no tensor core reads (norms, RoPE,
-    GeGLU, the loss, residual adds) (CostModel.fp32_products): gradients closer to fp32, for the bytes of those tensors."""
+    GeGLU, the loss, residual adds; CostModel.fp32_products): gradients closer to fp32, for
+    the bytes of those tensors."""
 
     def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, trainable=None, lora: LoRA | None = None,
@@ -396,8 +397,8 @@ class Trainer:
         m, g = self.model, self.graph(seq_len)
         if self.executor == "reference":
             return lambda ids, labels, seed, copy=True: run_reference(
-                g, m.all_weights(), {"token_ids": ids, "labels": labels, SEED: seed.to(m.dtype)},
-                m.dtype, m.device)
+                g, m.all_weights(),
+                {"token_ids": ids, "labels": labels, SEED: seed.to(m.dtype)}, m.dtype, m.device)
         from ..pipeline import bind
 
         plan, report = self._plan(seq_len)
