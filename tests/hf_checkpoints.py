@@ -38,6 +38,20 @@ CONFIGS = {
         num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0,
         sliding_window=4, final_logit_softcapping=None, tie_word_embeddings=False,
         layer_types=[SLIDING] * 5 + [FULL]),
+    # 26B-A4B's shape: 7 experts of 20 (top 3) beside each MLP, K = V, no PLE
+    "moe": dict(
+        vocab_size=59, hidden_size=40, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+        num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+        sliding_window=4, final_logit_softcapping=30.0, layer_types=[SLIDING, SLIDING, FULL],
+        enable_moe_block=True, num_experts=7, top_k_experts=3, moe_intermediate_size=20),
+    # experts with per-layer inputs and KV sharing: 4 experts of 12, one chosen a token
+    "moe_top1": dict(
+        vocab_size=43, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=12, global_head_dim=24,
+        num_kv_shared_layers=1, hidden_size_per_layer_input=4, vocab_size_per_layer_input=43,
+        sliding_window=5, final_logit_softcapping=None, layer_types=[SLIDING, FULL, SLIDING],
+        enable_moe_block=True, num_experts=4, top_k_experts=1, moe_intermediate_size=12),
 }
 
 

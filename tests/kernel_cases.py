@@ -370,3 +370,29 @@ __all__ = ["GATHER_CASES", "POINTWISE_CASES", "PRODUCT_CASES", "PRODUCT_SAMPLE",
            "attention_case", "cache_attention_case", "cache_rows_case", "check_cache_attention",
            "check_cache_rows", "check_case", "compile_plan", "gather_case", "parts_case",
            "pointwise_case", "product_case", "row_case"]
+
+
+def moe_case(op, tokens, width, experts, k, out, per_token=True, act="gelu_tanh", seed=0,
+             ties=False):
+    """An expert op on a route the graph makes from random router logits (moe_route of
+    [tokens, experts] logits and a per-expert scale): expert_matmul / expert_glu of x
+    (the tokens' rows, or per_token=False the pairs'), expert_combine of pair rows,
+    expert_matmul_combine of pair rows, or moe_route alone. ties: every logit row holds
+    exact ties (values drawn from a few levels)."""
+    c = Case(seed)
+    logits = c.rand(tokens, experts)
+    if ties:
+        logits = torch.randint(0, 3, (tokens, experts), generator=c.gen).float()
+    z = c.input("logits", (tokens, experts), logits)
+    route = c.g.moe_route(z, c.weight("expert_scale", 1 + 0.1 * c.rand(experts)), k)
+    if op == "moe_route":
+        return c.case(route)
+    pairs = tokens * k
+    if op == "expert_combine":
+        return c.case(c.g.expert_combine(c.input("y", (pairs, out)), route))
+    x = c.input("x", (tokens if per_token else pairs, width))
+    rows = 2 * out if op == "expert_glu" else out
+    w = c.weight("w", c.rand(experts, rows, width, scale=width ** -0.5))
+    if op == "expert_glu":
+        return c.case(c.g.expert_glu(x, route, w, act))
+    return c.case(getattr(c.g, op)(x, route, w))

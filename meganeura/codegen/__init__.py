@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from ..compiler.ops import OPS
 from ..errors import MeganeuraError
-from . import (attention, attention_grad, decode_attention, embedding, embedding_grad, kv_cache,
+from . import (attention, attention_grad, decode_attention, embedding, embedding_grad, experts,
+               kv_cache,
                linear_loss, matmul, norm_grad, place, pointwise, product_tn, row_loss,
                rowwise)
 from .common import KernelSpec, Target, dependent_launch
@@ -19,7 +20,8 @@ ARCHETYPES = {"product": matmul, "rows": rowwise, "pointwise": pointwise, "gathe
               "attention": attention, "decode_attention": decode_attention, "kv_cache": kv_cache,
               "product_tn": product_tn, "norm_grad": norm_grad, "place": place,
               "row_loss": row_loss, "embedding_grad": embedding_grad,
-              "attention_grad": attention_grad, "linear_loss": linear_loss}
+              "attention_grad": attention_grad, "linear_loss": linear_loss,
+              "moe_route": experts, "experts": experts}
 
 
 def kernel_for(node, graph, target: Target) -> KernelSpec:

@@ -261,6 +261,11 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         reads = elem * t * (m * -(-n // 128) + n * -(-m // 128))
         return Work(reads + 4 * m * n, 2 * m * n * t, 0.0, "matmul",
                     wave_fill(m, n, 128, 128, sms))
+    if arch == "moe_route":  # a row of logits in, k weights and indices out
+        return Work(elem * _numel(ins[0]) + 4 * (_numel(ins[1]) + _numel(out)), 0.0,
+                    spec.vector_flops * _numel(ins[0]))
+    if arch == "experts":
+        return _experts(op, attrs, ins, out, elem)
     vec = sum(OPS[st.op].vector_flops for st in k.epilogue)
     operands = _stage_operands(k, ins)
     if arch == "gather":  # only the rows it gathers are read
@@ -270,6 +275,39 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         rows = _numel(ins[k.main[0]])
         return Work(2 * elem * rows + elem * operands, 0.0, vec * rows)
     return Work(io, 0.0, vec * _numel(out))
+
+
+# The one-program sort of the pairs by expert that a grouped expert product launches first
+# (codegen/experts.py): a pass over the routes, tens of microseconds at most.
+EXPERT_SORT = 5e-6
+
+
+def _experts(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work:
+    """Expert products read each chosen expert's weights: one token's k pairs each stream
+    their expert (the one-token path, and the fused combine at every token count); more
+    tokens sort their pairs by expert, and each tile of one expert's pairs streams its
+    weights once, the pairs' rows once per column tile."""
+    route = ins[1]
+    tokens, k = route[0], route[1] // 2
+    pairs = tokens * k
+    route_bytes = 4 * _numel(route)
+    if op == "expert_combine":
+        return Work(elem * (_numel(ins[0]) + _numel(out)) + route_bytes, 0.0,
+                    2 * _numel(ins[0]))
+    (experts, n_w, kdim), x = ins[2], ins[0]
+    flops = 2 * pairs * n_w * kdim
+    if op == "expert_matmul_combine" or tokens == 1:
+        reads = elem * (pairs * n_w * kdim + _numel(x) + _numel(out)) + route_bytes
+        return Work(reads, flops, 2 * _numel(out), "matmul")
+    from ..codegen.experts import grouped_tiles  # the tiles codegen runs
+    glu = op == "expert_glu"
+    bm, bn, _ = grouped_tiles(pairs, glu, False)
+    tiles = max(min(experts, pairs), -(-pairs // bm))
+    col_tiles = -(-out[1] // bn)
+    reads = elem * (tiles * n_w * kdim + pairs * kdim * col_tiles + _numel(out)) + route_bytes
+    sms = attrs.get("_sms", 0)
+    fill = min(1.0, pairs / (tiles * bm)) * (min(1.0, tiles * col_tiles / sms) if sms else 1.0)
+    return Work(reads, flops, 2 * _numel(out), "matmul", fill, fixed=EXPERT_SORT)
 
 
 def _stage_operands(k: Kernel, ins: list[tuple]) -> int:

@@ -345,3 +345,68 @@ def linear_cross_entropy_grad_h(h, w, labels, d, lse, cap=0.0):
 
 def linear_cross_entropy_grad_w(h, w, labels, d, lse, cap=0.0):
     return _linear_dz(h, w, labels, d, lse, cap).T @ wide(h)
+
+
+# ---- mixture of experts ---------------------------------------------------------------------
+# A token's route is one fp32 row [w_0 .. w_{k-1} | e_0 .. e_{k-1}]: the k chosen experts'
+# weights, then their indices (exact as floats below 2^24), highest probability first.
+
+
+def moe_route(logits, expert_scale, top_k):
+    """softmax over every expert in fp32, the top_k kept and renormalized to sum 1, times the
+    chosen experts' `expert_scale`: [rows, 2 top_k] fp32. Ties go to the lower index (a
+    stable descending sort), a rule the kernels keep on every device."""
+    p = torch.softmax(wide(logits), dim=-1)
+    w, idx = torch.sort(p, dim=-1, descending=True, stable=True)
+    w, idx = w[:, :top_k], idx[:, :top_k]
+    w = w / w.sum(dim=-1, keepdim=True) * wide(expert_scale)[idx]
+    return torch.cat([w, idx.to(w.dtype)], dim=1)
+
+
+def route_parts(route) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [rows, k] fp32, expert indices [rows, k] int64) of a route."""
+    k = route.shape[1] // 2
+    return wide(route[:, :k]), route[:, k:].long()
+
+
+def expert_rows(x, route) -> torch.Tensor:
+    """x's row read by each (token, slot) pair, pairs in token-major order: x's rows are the
+    tokens (each read by its k slots) or already the pairs."""
+    k = route.shape[1] // 2
+    return x.repeat_interleave(k, dim=0) if x.shape[0] == route.shape[0] else x
+
+
+def expert_matmul(x, route, w):
+    """Row p = (token t, slot j) of the output: x's row of the pair @ w[e_tj]^T, w [E, N, K]
+    stored as a checkpoint's linear weights: [tokens * k, N]. One product per expert used,
+    over the pairs routed to it."""
+    _, idx = route_parts(route)
+    rows, flat = expert_rows(x, route), idx.reshape(-1)
+    out = torch.zeros(rows.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+    for e in flat.unique().tolist():
+        at = (flat == e).nonzero().squeeze(1)
+        out[at] = rows[at] @ w[e].to(x.dtype).T
+    return out
+
+
+def expert_glu(x, route, w, act):
+    """act(gate) * up of each pair's expert product, w = [gate | up] by rows: [tokens * k,
+    N / 2]."""
+    g, u = halves(expert_matmul(x, route, w))
+    return glu(g, u, act)
+
+
+def expert_combine(y, route):
+    """Each token's k pair rows of y summed with their route weights: [tokens, N]."""
+    wts, _ = route_parts(route)
+    k = wts.shape[1]
+    return (wide(y).reshape(-1, k, y.shape[1]) * wts[:, :, None]).sum(dim=1).to(y.dtype)
+
+
+def expert_matmul_combine(a, route, w):
+    """expert_combine(expert_matmul(a, route, w), route) in one pass, the products' sum in
+    fp32 (not rounded between): [tokens, N]."""
+    wts, _ = route_parts(route)
+    k = wts.shape[1]
+    parts = expert_matmul(wide(a), route, wide(w))
+    return (parts.reshape(-1, k, parts.shape[1]) * wts[:, :, None]).sum(dim=1).to(a.dtype)

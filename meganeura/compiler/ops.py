@@ -273,6 +273,54 @@ def _cache_attention(s, d, a):
     return q
 
 
+def _moe_route(s, d, a):
+    z, scale = s
+    _rank(z, 2, "router logits")
+    _need(scale == (z[1],), f"the per-expert scale must be [{z[1]}], got {list(scale)}")
+    _need(0 < a["top_k"] <= z[1], f"top_k must be in [1, {z[1]}], got {a['top_k']}")
+    return (z[0], 2 * a["top_k"])
+
+
+def _route(rows: int, route: Shape) -> int:
+    """The route's k; rows (an operand's) must be its tokens or its (token, slot) pairs."""
+    _rank(route, 2, "route")
+    _need(route[1] >= 2 and route[1] % 2 == 0,
+          f"a route is [tokens, 2 k] (weights, then experts), got {list(route)}")
+    k = route[1] // 2
+    _need(rows in (route[0], route[0] * k), f"{rows} rows are neither the route's "
+                                            f"{route[0]} tokens nor its {route[0] * k} pairs")
+    return k
+
+
+def _expert_matmul(s, d, a):
+    x, route, w = s
+    _rank(x, 2, "expert input")
+    _rank(w, 3, "expert weights [experts, out, in]")
+    k = _route(x[0], route)
+    _need(x[1] == w[2], f"rows of width {x[1]} do not fit expert weights {list(w)} "
+                        f"([experts, out, in])")
+    return (route[0] * k, w[1])
+
+
+def _expert_glu(s, d, a):
+    rows, n = _expert_matmul(s, d, a)
+    _need(n % 2 == 0, f"expert weights of {n} rows do not split into gate and up halves")
+    _glu([(rows, n // 2)] * 2, d, a)
+    return (rows, n // 2)
+
+
+def _expert_combine(s, d, a):
+    y, route = s
+    _rank(y, 2, "expert outputs")
+    k = _route(y[0], route)
+    _need(y[0] == route[0] * k, f"{y[0]} rows are not the route's {route[0] * k} pairs")
+    return (route[0], y[1])
+
+
+def _expert_matmul_combine(s, d, a):
+    return (s[1][0], _expert_matmul(s, d, a)[1])
+
+
 # ---- gradients: vector-Jacobian products in the graph's own ops ----------------------------
 # (g, node, dy, wanted) -> [(input id, gradient node)], for the inputs in `wanted` (those a
 # trained weight depends on). g is the graph the backward is built into.
@@ -582,6 +630,29 @@ _op("cache_attention", ("q", "k", "v", "pos"),
     "block of rows (one block: every row's; several: row i's is block i), GQA",
     archetype="decode_attention", defaults={**_SCALE, "window": 0, "sequences": 1},
     indices=("pos",))
+
+# mixture of experts (a route: [tokens, 2 k] fp32, the k weights then the k expert indices)
+_op("moe_route", ("logits", "expert_scale"), (("top_k", int),), _moe_route,
+    lambda a, z, scale: fm.moe_route(z, scale, a["top_k"]),
+    "each row's route: softmax over the experts in fp32, the top_k (ties: the lower index) "
+    "renormalized to sum 1, times their expert_scale; [rows, 2 top_k] fp32, weights then "
+    "indices", archetype="moe_route", vector_flops=12, stream=True)
+_op("expert_matmul", ("x", "route", "w"), (), _expert_matmul,
+    lambda a, x, route, w: fm.expert_matmul(x, route, w),
+    "row (t, j): x's row of token t (or of the pair) @ w[expert j of t]^T, w [E, out, in] "
+    "read in place: [tokens * k, out]", archetype="experts")
+_op("expert_glu", ("x", "route", "w"), (("act", str),), _expert_glu,
+    lambda a, x, route, w: fm.expert_glu(x, route, w, a["act"]),
+    "act(gate) * up of expert_matmul's two column halves, neither stored", archetype="experts",
+    vector_flops=8)
+_op("expert_combine", ("y", "route"), (), _expert_combine,
+    lambda a, y, route: fm.expert_combine(y, route),
+    "each token's k rows of y summed with their route weights: [tokens, width]",
+    archetype="experts", vector_flops=2)
+_op("expert_matmul_combine", ("x", "route", "w"), (), _expert_matmul_combine,
+    lambda a, x, route, w: fm.expert_matmul_combine(x, route, w),
+    "expert_combine(expert_matmul(x, route, w), route): each token's k products summed in "
+    "fp32, none stored (x: the tokens' rows or the pairs')", archetype="experts", vector_flops=2)
 
 # gradients of the ops above (compiler/autodiff.py builds backward graphs from them)
 _ROPE_ATTRS = OPS["rope"].attrs

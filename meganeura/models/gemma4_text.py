@@ -7,13 +7,25 @@
       (KV-shared layers take k, v of the last earlier layer of their type instead)
       x = x + rms_norm(attn(q, k, v; scale 1, window on sliding layers) @ Wo^T)
       x = x + rms_norm(down(gelu_tanh(h2 @ Wg^T) * (h2 @ Wu^T))),  h2 = rms_norm(x)
+        (mixture of experts: x = x + rms_norm(rms_norm(mlp) + rms_norm(experts(x))), below)
       PLE: x = x + rms_norm((gelu_tanh(x @ Wgate^T) * ple_i) @ Wproj^T)
       x = x * layer_scalar
     logits = 30 tanh((rms_norm(x) @ embed^T) / 30)
 
 Sliding layers rotate every frequency of their head_dim (theta 1e4); full layers have
 `global_head_dim`-wide heads and "proportional" partial RoPE (theta 1e6, a quarter of
-the frequencies, exponents over the full width). Linear weights stay as checkpoints store
+the frequencies, exponents over the full width).
+
+With `enable_moe_block` (26B-A4B) each layer keeps its MLP and adds `num_experts` experts
+beside it, both reading the residual x after attention:
+
+    route = moe_route((rms_norm(x) * router.scale * H^-0.5) @ Wr^T, per_expert_scale, k)
+    e = expert_combine(expert_matmul(glu(expert_matmul(rms_norm_2(x), route, gate_up)),
+                                     route, down), route)
+    x = x + post_ff(post_ff_1(mlp) + post_ff_2(e))
+
+(softmax over every expert in fp32, the top k renormalized, times the chosen experts'
+scale; experts stored [E, 2 I, H] and [E, H, I], read in place.) Linear weights stay as checkpoints store
 them, [out, in]: the graph reads them through `transpose`, in place, and the lm_head is
 the embedding itself. Config fields and their defaults follow transformers'
 `Gemma4TextConfig`; `from_dict` reads both the released config.json form
@@ -73,6 +85,10 @@ class Gemma4TextConfig:
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 131_072
     pad_token_id: int | None = 0  # its embedding rows get no gradient (training)
+    enable_moe_block: bool = False  # experts beside each layer's MLP (26B-A4B)
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None
     # per layer, resolved by from_dict: kind, head width, kv heads
     layer_types: tuple[str, ...] = ()
     layer_head_dims: tuple[int, ...] = ()
@@ -141,10 +157,19 @@ def validate(c: Gemma4TextConfig) -> None:
     _check(c.final_logit_softcapping is None or _posnum(c.final_logit_softcapping),
            "final_logit_softcapping", f"must be a positive number or null, got "
            f"{c.final_logit_softcapping!r}")
-    for f in ("attention_k_eq_v", "use_double_wide_mlp", "tie_word_embeddings"):
+    for f in ("attention_k_eq_v", "use_double_wide_mlp", "tie_word_embeddings",
+              "enable_moe_block"):
         _check(isinstance(getattr(c, f), bool), f, f"must be true or false, got {getattr(c, f)!r}")
     _check(c.hidden_activation in ACTIVATIONS, "hidden_activation",
            f"must be one of {', '.join(ACTIVATIONS)}, got {c.hidden_activation!r}")
+    if c.enable_moe_block:
+        for f in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+            _check(_posint(getattr(c, f)), f, f"must be a positive integer with enable_moe_block, "
+                                              f"got {getattr(c, f)!r}")
+        _check(c.top_k_experts <= c.num_experts, "top_k_experts",
+               f"({c.top_k_experts}) must not exceed num_experts ({c.num_experts})")
+        _check(c.num_experts <= 4096, "num_experts",
+               f"({c.num_experts}): the router's kernels take at most 4096 experts")
     n = c.num_hidden_layers
     _check(len(c.layer_types) == n and all(t in (SLIDING, FULL) for t in c.layer_types),
            "layer_types", f"must list {n} entries of {SLIDING} or {FULL}")
@@ -184,9 +209,6 @@ def from_dict(d: dict) -> Gemma4TextConfig:
     """A text config from transformers' field names (defaults as in Gemma4TextConfig)."""
     if not isinstance(d, dict):
         raise ConfigError(f"text config must be a JSON object, got {type(d).__name__}")
-    if d.get("enable_moe_block"):
-        raise ConfigError("config field enable_moe_block: the mixture-of-experts Gemma-4 "
-                          "(26B-A4B) is not supported yet")
     if d.get("attention_bias"):
         raise ConfigError("config field attention_bias: biased projections are not supported")
     if d.get("use_bidirectional_attention") == "all":
@@ -284,6 +306,15 @@ PRESET_FIELDS: dict[str, dict] = {
                        hidden_size_per_layer_input=0, layer_types=([SLIDING] * 5 + [FULL]) * 10,
                        sliding_window=1024, max_position_embeddings=262_144,
                        final_logit_softcapping=30.0),
+    # 128 experts of 704 beside a 2112-wide MLP: 25.2e9 parameters, 3.8e9 read a token
+    "gemma4_26b_a4b": dict(hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                           num_attention_heads=16, num_key_value_heads=8,
+                           num_global_key_value_heads=2, attention_k_eq_v=True,
+                           hidden_size_per_layer_input=0,
+                           layer_types=([SLIDING] * 5 + [FULL]) * 5, sliding_window=1024,
+                           max_position_embeddings=262_144, final_logit_softcapping=30.0,
+                           enable_moe_block=True, num_experts=128, top_k_experts=8,
+                           moe_intermediate_size=704),
 }
 PRESETS: dict[str, Gemma4TextConfig] = {k: from_dict(v) for k, v in PRESET_FIELDS.items()}
 
@@ -366,6 +397,9 @@ def _layer(g: Graph, c: Gemma4TextConfig, i: int, x: int, ple_i: int | None,
                       "post_attention_layernorm"))
     h = norm(x, "pre_feedforward_layernorm")
     m = gated_mlp(g, h, f"{pre}.mlp", hidden, c.ffn_width(i), c.activation)
+    if c.enable_moe_block:
+        m = g.add(norm(m, "post_feedforward_layernorm_1"),
+                  norm(_experts(g, c, pre, x), "post_feedforward_layernorm_2"))
     x = g.add(x, norm(m, "post_feedforward_layernorm"))
     if ple_i is not None:
         p = c.hidden_size_per_layer_input
@@ -374,6 +408,22 @@ def _layer(g: Graph, c: Gemma4TextConfig, i: int, x: int, ple_i: int | None,
         x = g.add(x, norm(linear(g, gated, f"{pre}.per_layer_projection.weight", hidden, p),
                           "post_per_layer_input_norm"))
     return g.scale_by(x, g.parameter(f"{pre}.layer_scalar", (1,)))  # x: [S, hidden]
+
+
+def _experts(g: Graph, c: Gemma4TextConfig, pre: str, x: int) -> int:
+    """The experts' half of a layer's feed-forward, on the residual x: [S, hidden]."""
+    hidden, eps, e, width = c.hidden_size, c.rms_norm_eps, c.num_experts, c.moe_intermediate_size
+    r = g.scale(g.rms_norm(x, g.parameter(f"{pre}.router.scale", (hidden,)), eps), hidden ** -0.5)
+    logits = linear(g, r, f"{pre}.router.proj.weight", e, hidden)
+    route = g.moe_route(logits, g.parameter(f"{pre}.router.per_expert_scale", (e,)),
+                        c.top_k_experts)
+    h = g.rms_norm(x, g.parameter(f"{pre}.pre_feedforward_layernorm_2.weight", (hidden,)), eps)
+    gate_up = g.expert_matmul(h, route, g.parameter(f"{pre}.experts.gate_up_proj",
+                                                    (e, 2 * width, hidden)))
+    act = g.glu(g.slice_cols(gate_up, 0, width), g.slice_cols(gate_up, width, width),
+                c.activation)
+    y = g.expert_matmul(act, route, g.parameter(f"{pre}.experts.down_proj", (e, hidden, width)))
+    return g.expert_combine(y, route)
 
 
 def build(c: Gemma4TextConfig, seq_len: int, generation: Generation | None = None) -> Graph:
@@ -414,8 +464,16 @@ def _layer_shapes(c: Gemma4TextConfig, i: int) -> dict[str, tuple[int, ...]]:
         s[f"{pre}.self_attn.k_norm.weight"] = (hd,)
     s |= {f"{pre}.self_attn.o_proj.weight": (h, q), f"{pre}.post_attention_layernorm.weight": (h,),
           f"{pre}.pre_feedforward_layernorm.weight": (h,), f"{pre}.mlp.gate_proj.weight": (ffn, h),
-          f"{pre}.mlp.up_proj.weight": (ffn, h), f"{pre}.mlp.down_proj.weight": (h, ffn),
-          f"{pre}.post_feedforward_layernorm.weight": (h,)}
+          f"{pre}.mlp.up_proj.weight": (ffn, h), f"{pre}.mlp.down_proj.weight": (h, ffn)}
+    if c.enable_moe_block:
+        e, w = c.num_experts, c.moe_intermediate_size
+        s |= {f"{pre}.post_feedforward_layernorm_1.weight": (h,), f"{pre}.router.scale": (h,),
+              f"{pre}.router.proj.weight": (e, h), f"{pre}.router.per_expert_scale": (e,),
+              f"{pre}.pre_feedforward_layernorm_2.weight": (h,),
+              f"{pre}.experts.gate_up_proj": (e, 2 * w, h),
+              f"{pre}.experts.down_proj": (e, h, w),
+              f"{pre}.post_feedforward_layernorm_2.weight": (h,)}
+    s[f"{pre}.post_feedforward_layernorm.weight"] = (h,)
     if c.hidden_size_per_layer_input:
         p = c.hidden_size_per_layer_input
         s |= {f"{pre}.per_layer_input_gate.weight": (p, h),
@@ -461,8 +519,16 @@ def summary(c: Gemma4TextConfig) -> str:
             f"{c.sliding_window}), hidden {c.hidden_size}, heads {heads}, ffn "
             f"{c.intermediate_size}, vocab {c.vocab_size}, per-layer inputs "
             f"{c.hidden_size_per_layer_input or 'none'}, {shared} layers sharing K/V"
-            f"{', K = V on full layers' if c.attention_k_eq_v else ''}, logit soft-cap "
+            f"{', K = V on full layers' if c.attention_k_eq_v else ''}"
+            f"{_moe_summary(c)}, logit soft-cap "
             f"{c.final_logit_softcapping}")
+
+
+def _moe_summary(c: Gemma4TextConfig) -> str:
+    if not c.enable_moe_block:
+        return ""
+    return (f", {c.num_experts} experts of {c.moe_intermediate_size} (top {c.top_k_experts}) "
+            f"beside each MLP")
 
 
 def _text_layout(d: dict, source: str) -> Layout:

@@ -25,7 +25,8 @@ def random_stored_weights(specs: dict[str, WeightSpec], seed: int = 0, dtype=tor
     """Deterministic random weights of parameters stored [out, in] (the same seed and device
     give the same values; each tensor seeded by its place in `specs`).
 
-    A matrix [out, in] ~ N(0, 1/in) (an embedding [vocab, width] ~ N(0, 1/width)); a vector
+    A matrix [out, in] ~ N(0, 1/in) (an embedding [vocab, width] ~ N(0, 1/width); stacked
+    experts [experts, out, in] alike); a vector
     (norm weights, layer scalars) ~ 1 + N(0, 0.1^2), times norm_scale(name, length) if given;
     so activations stay O(1) through any depth.
     """
@@ -36,6 +37,6 @@ def random_stored_weights(specs: dict[str, WeightSpec], seed: int = 0, dtype=tor
         if len(spec.shape) == 1:
             t = (1.0 + 0.1 * t) * (norm_scale(name, spec.shape[0]) if norm_scale else 1.0)
         else:
-            t = t / spec.shape[1] ** 0.5
+            t = t / spec.shape[-1] ** 0.5
         out[name] = t.to(dtype)
     return out

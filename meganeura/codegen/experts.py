@@ -1,0 +1,309 @@
+"""Mixture-of-experts kernels: the router's top-k, and products whose weight each row picks.
+
+A route is [tokens, 2 k] fp32 (compiler/formulas.py): each token's k expert weights, then
+the k expert indices. A (token, slot) pair is a row of the expert products, token-major.
+
+moe_route: a program per few rows; the softmax over all experts in fp32, then k rounds of
+  "take the largest, the lower index on a tie", renormalized and scaled per expert.
+
+expert products, two paths chosen by the token count:
+- one token (a decode step): a program per (pair, column tile) streams that pair's expert
+  rows against the token's row, as the one-row product does: only the k chosen experts'
+  weights are read. expert_matmul_combine runs a program per (token, column tile) that
+  walks the token's k experts and sums their products with the route weights, so the
+  pairs' rows are never stored.
+- several tokens: a one-program counting sort orders the pairs by expert (stable: by pair
+  within an expert; no capacity, no pair dropped) into a scratch list, with each expert's
+  first sorted row and first tile; then one grouped tiled product over every expert's
+  tiles: a program finds its expert from the tile starts, gathers its pairs' rows, streams
+  that expert's weight tiles through the matrix units and writes each result row at its
+  pair. expert_glu runs gate and up tiles side by side and writes act(gate) * up.
+expert_combine: a program per (token block, column block) sums the token's k rows.
+"""
+
+from __future__ import annotations
+
+from ..compiler.ops import OPS
+from .common import HEADER, KernelSpec, Target, activation, cdiv, indent, next_pow2
+
+
+def _route_source() -> str:
+    return HEADER + "def moe_route_kernel(z_ptr, scale_ptr, out_ptr, S, E, stride_z, stride_out, " \
+        "K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):\n" + \
+        indent("""
+r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+e = tl.arange(0, BLOCK_E)
+real = e[None, :] < E
+z = tl.load(z_ptr + r[:, None].to(tl.int64) * stride_z + e[None, :],
+            mask=(r[:, None] < S) & real, other=0.0).to(tl.float32)
+z = tl.where(real, z, float("-inf"))
+p = tl.exp(z - tl.max(z, 1)[:, None])
+p = p / tl.sum(p, 1)[:, None]
+p = tl.where(real, p, -1.0)  # padding is never chosen
+slot = tl.arange(0, KP)[None, :]
+wts = tl.zeros([ROWS, KP], dtype=tl.float32)
+idx = tl.zeros([ROWS, KP], dtype=tl.int32)
+for j in tl.static_range(K):
+    best = tl.max(p, 1)
+    pick = tl.min(tl.where(p == best[:, None], e[None, :], BLOCK_E), 1)  # the lower on a tie
+    wts = tl.where(slot == j, best[:, None], wts)
+    idx = tl.where(slot == j, pick[:, None], idx)
+    p = tl.where(e[None, :] == pick[:, None], -2.0, p)
+total = tl.sum(tl.where(slot < K, wts, 0.0), 1)
+scale = tl.load(scale_ptr + idx, mask=slot < K, other=0.0).to(tl.float32)
+wts = wts / total[:, None] * scale
+keep = (r[:, None] < S) & (slot < K)
+at = out_ptr + r[:, None].to(tl.int64) * stride_out + slot
+tl.store(at, wts, mask=keep)
+tl.store(at + K, idx.to(tl.float32), mask=keep)
+""", 4) + "\n"
+
+
+def _route(node, graph, target: Target) -> KernelSpec:
+    z, scale = (graph[i] for i in node.inputs)
+    s, e = z.shape
+    k = node.attrs["top_k"]
+    block_e = max(16, next_pow2(e))
+    rows = min(16, next_pow2(s)) if target.interpreted else max(1, min(16, 2048 // block_e))
+    args = [("node", z.id), ("node", scale.id), ("node", node.id), ("value", s), ("value", e),
+            ("stride", z.id), ("stride", node.id)]
+    return KernelSpec("moe_route", f"top{k}", _route_source(), "moe_route_kernel",
+                      (cdiv(s, rows),), args,
+                      dict(K=k, KP=max(2, next_pow2(k)), ROWS=rows, BLOCK_E=block_e),
+                      num_warps=4, num_stages=1)
+
+
+# ---- one token: a program per (pair, column tile) -----------------------------------------
+
+def _row_source(glu: str | None) -> str:
+    """y[pair, n] = x[row] . w[e, n, :] (with glu: act(gate) * up of columns n and NOUT + n)."""
+    def acc(name: str, off: str) -> str:
+        return (f"w = tl.load(wp + ({off} + n[:, None]).to(tl.int64) * stride_wn + kk[None, :], "
+                f"mask=(n[:, None] < NOUT) & (kk[None, :] < KDIM), other=0.0)\n"
+                f"{name} += tl.sum(w.to(tl.float32) * xv[None, :], 1)")
+    loop = acc("acc", "0") + ("\n" + acc("acc_u", "NOUT") if glu else "")
+    out = (f"acc = {activation(glu, 'acc')} * acc_u" if glu else "")
+    return HEADER + "def expert_row_kernel(x_ptr, route_ptr, w_ptr, out_ptr, NOUT, KDIM, " \
+        "stride_x, stride_route, stride_we, stride_wn, stride_out, TOPK: tl.constexpr, " \
+        "PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):\n" + indent(f"""
+pair = tl.program_id(0)
+tok = pair // TOPK
+e = tl.load(route_ptr + tok.to(tl.int64) * stride_route + TOPK + pair % TOPK).to(tl.int64)
+xrow = tok if PER_TOKEN else pair
+n = tl.program_id(1) * BN + tl.arange(0, BN)
+wp = w_ptr + e * stride_we
+acc = tl.zeros([BN], dtype=tl.float32)
+acc_u = tl.zeros([BN], dtype=tl.float32)
+for k0 in range(0, KDIM, BK):
+    kk = k0 + tl.arange(0, BK)
+    xv = tl.load(x_ptr + xrow.to(tl.int64) * stride_x + kk, mask=kk < KDIM,
+                 other=0.0).to(tl.float32)
+{indent(loop, 4)}
+{out}
+tl.store(out_ptr + pair.to(tl.int64) * stride_out + n, acc.to(out_ptr.dtype.element_ty),
+         mask=n < NOUT)
+""", 4) + "\n"
+
+
+def _combine_row_source() -> str:
+    """y[t, n] = sum_j w_tj * (a[t k + j] . w[e_tj, n, :]) (a[t] with PER_TOKEN), fp32
+    throughout."""
+    return HEADER + "def expert_combine_row_kernel(a_ptr, route_ptr, w_ptr, out_ptr, NOUT, " \
+        "KDIM, stride_a, stride_route, stride_we, stride_wn, stride_out, TOPK: tl.constexpr, " \
+        "PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):\n" + indent("""
+tok = tl.program_id(0).to(tl.int64)
+n = tl.program_id(1) * BN + tl.arange(0, BN)
+acc = tl.zeros([BN], dtype=tl.float32)
+for j in tl.static_range(TOPK):
+    wt = tl.load(route_ptr + tok * stride_route + j)
+    e = tl.load(route_ptr + tok * stride_route + TOPK + j).to(tl.int64)
+    part = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, KDIM, BK):
+        kk = k0 + tl.arange(0, BK)
+        arow = tok if PER_TOKEN else tok * TOPK + j
+        av = tl.load(a_ptr + arow * stride_a + kk, mask=kk < KDIM,
+                     other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                    mask=(n[:, None] < NOUT) & (kk[None, :] < KDIM), other=0.0)
+        part += tl.sum(w.to(tl.float32) * av[None, :], 1)
+    acc += wt * part
+tl.store(out_ptr + tok * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=n < NOUT)
+""", 4) + "\n"
+
+
+# ---- several tokens: sort the pairs by expert, one grouped product -------------------------
+
+def _sort_source() -> str:
+    """A stable counting sort of the pairs by expert, in one program: order[i] is the i-th
+    pair in expert order; info holds each expert's first tile, pair count and first sorted
+    row ([3, BLOCK_E] int32)."""
+    return HEADER + "def expert_sort_kernel(route_ptr, order_ptr, info_ptr, P, stride_route, " \
+        "TOPK: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, " \
+        "BM: tl.constexpr):\n" + indent("""
+ex = tl.arange(0, BLOCK_E)
+counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+for p0 in range(0, P, CHUNK):
+    p = p0 + tl.arange(0, CHUNK)
+    e = tl.load(route_ptr + (p // TOPK).to(tl.int64) * stride_route + TOPK + p % TOPK,
+                mask=p < P, other=-1.0).to(tl.int32)
+    counts += tl.sum((e[:, None] == ex[None, :]).to(tl.int32), 0)
+first_row = tl.cumsum(counts, 0) - counts
+tiles = (counts + BM - 1) // BM
+tl.store(info_ptr + ex, tl.cumsum(tiles, 0) - tiles)
+tl.store(info_ptr + BLOCK_E + ex, counts)
+tl.store(info_ptr + 2 * BLOCK_E + ex, first_row)
+cursor = first_row
+for p0 in range(0, P, CHUNK):
+    p = p0 + tl.arange(0, CHUNK)
+    e = tl.load(route_ptr + (p // TOPK).to(tl.int64) * stride_route + TOPK + p % TOPK,
+                mask=p < P, other=-1.0).to(tl.int32)
+    hot = (e[:, None] == ex[None, :]).to(tl.int32)
+    before = tl.cumsum(hot, 0) - hot  # pairs of the same expert earlier in the chunk
+    at = tl.sum(hot * (cursor[None, :] + before), 1)
+    tl.store(order_ptr + at, p, mask=p < P)
+    cursor += tl.sum(hot, 0)
+""", 4) + "\n"
+
+
+def _grouped_source(glu: str | None) -> str:
+    def dot(name: str, off: str) -> str:
+        return (f"b = tl.load(wp + ({off} + n[None, :]).to(tl.int64) * stride_wn + kk[:, None], "
+                f"mask=(n[None, :] < NOUT) & (kk[:, None] < KDIM), other=0.0)\n"
+                f"{name} = tl.dot(a, b, {name}, input_precision=PRECISION)")
+    loop = dot("acc", "0") + ("\n" + dot("acc_u", "NOUT") if glu else "")
+    out = f"acc = {activation(glu, 'acc')} * acc_u" if glu else ""
+    return HEADER + "def expert_grouped_kernel(x_ptr, order_ptr, info_ptr, w_ptr, out_ptr, E, " \
+        "NOUT, KDIM, stride_x, stride_we, stride_wn, stride_out, TOPK: tl.constexpr, " \
+        "PER_TOKEN: tl.constexpr, BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, " \
+        "BK: tl.constexpr, PRECISION: tl.constexpr):\n" + indent(f"""
+t = tl.program_id(0)
+ex = tl.arange(0, BLOCK_E)
+first_tile = tl.load(info_ptr + ex)
+counts = tl.load(info_ptr + BLOCK_E + ex)
+e = tl.max(tl.where((first_tile <= t) & (counts > 0) & (ex < E), ex, -1), 0)
+mine = ex == e
+local = t - tl.sum(tl.where(mine, first_tile, 0), 0)
+count = tl.sum(tl.where(mine, counts, 0), 0)
+first = tl.sum(tl.where(mine, tl.load(info_ptr + 2 * BLOCK_E + ex), 0), 0)
+i = local * BM + tl.arange(0, BM)
+live = i < count  # no expert (e = -1): count 0
+pair = tl.load(order_ptr + first + i, mask=live, other=0)
+xrow = (pair // TOPK if PER_TOKEN else pair).to(tl.int64)
+n = tl.program_id(1) * BN + tl.arange(0, BN)
+wp = w_ptr + tl.maximum(e, 0).to(tl.int64) * stride_we
+acc = tl.zeros([BM, BN], dtype=tl.float32)
+acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+k_end = tl.where(tl.max(live.to(tl.int32), 0) > 0, KDIM, 0)  # tiles past the last: no work
+for k0 in range(0, k_end, BK):
+    kk = k0 + tl.arange(0, BK)
+    a = tl.load(x_ptr + xrow[:, None] * stride_x + kk[None, :],
+                mask=live[:, None] & (kk[None, :] < KDIM), other=0.0).to(w_ptr.dtype.element_ty)
+{indent(loop, 4)}
+{out}
+tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_out + n[None, :],
+         acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & (n[None, :] < NOUT))
+""", 4) + "\n"
+
+
+def _combine_source() -> str:
+    return HEADER + "def expert_combine_kernel(y_ptr, route_ptr, out_ptr, S, N, stride_y, " \
+        "stride_route, stride_out, TOPK: tl.constexpr, ROWS: tl.constexpr, " \
+        "BLOCK: tl.constexpr):\n" + indent("""
+r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+m = (r[:, None] < S) & (c[None, :] < N)
+acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+for j in tl.static_range(TOPK):
+    wt = tl.load(route_ptr + r * stride_route + j, mask=r < S, other=0.0)
+    y = tl.load(y_ptr + (r * TOPK + j)[:, None] * stride_y + c[None, :], mask=m, other=0.0)
+    acc += wt[:, None] * y.to(tl.float32)
+tl.store(out_ptr + r[:, None] * stride_out + c[None, :], acc.to(out_ptr.dtype.element_ty),
+         mask=m)
+""", 4) + "\n"
+
+
+def row_tile(nout: int, pairs: int, sms: int, interpreted: bool) -> int:
+    """Output columns of a one-token program: enough programs to fill the SMs twice."""
+    if interpreted:
+        return min(32, next_pow2(nout))
+    bn = 32
+    while bn > 4 and pairs * cdiv(nout, bn) < 2 * sms:
+        bn //= 2
+    return bn
+
+
+def grouped_tiles(pairs: int, glu: bool, interpreted: bool) -> tuple[int, int, int]:
+    """(BM, BN, BK) of the grouped product: short tiles when few pairs share an expert."""
+    if interpreted:
+        return 16, 32, 32
+    bm = 16 if pairs <= 256 else 32 if pairs <= 2048 else 64
+    return bm, 64 if glu else 128, 64
+
+
+def _experts(node, graph, target: Target) -> KernelSpec:
+    op = node.op
+    if op == "expert_combine":
+        y, route = (graph[i] for i in node.inputs)
+        s, n = node.shape
+        rows = min(16, next_pow2(s)) if target.interpreted else 4
+        block = min(next_pow2(n), 128 if target.interpreted else 1024)
+        args = [("node", y.id), ("node", route.id), ("node", node.id), ("value", s),
+                ("value", n), ("stride", y.id), ("stride", route.id), ("stride", node.id)]
+        return KernelSpec("experts", "combine", _combine_source(), "expert_combine_kernel",
+                          (cdiv(s, rows), cdiv(n, block)), args,
+                          dict(TOPK=route.shape[1] // 2, ROWS=rows, BLOCK=block), num_warps=4,
+                          num_stages=1)
+    x, route, w = (graph[i] for i in node.inputs)
+    tokens, k = route.shape[0], route.shape[1] // 2
+    glu = node.attrs["act"] if op == "expert_glu" else None
+    nout = w.shape[1] // 2 if glu else w.shape[1]
+    kdim = w.shape[2]
+    per_token = int(x.shape[0] == tokens)
+    bk = min(next_pow2(kdim), 32 if target.interpreted else 256)
+    if op == "expert_matmul_combine":
+        bn = row_tile(nout, tokens, target.sm_count, target.interpreted)
+        args = [("node", x.id), ("node", route.id), ("node", w.id), ("node", node.id),
+                ("value", nout), ("value", kdim), ("stride", x.id), ("stride", route.id),
+                ("value", w.shape[1] * kdim), ("value", kdim), ("stride", node.id)]
+        return KernelSpec("experts", "matmul-combine", _combine_row_source(),
+                          "expert_combine_row_kernel", (tokens, cdiv(nout, bn)), args,
+                          dict(TOPK=k, PER_TOKEN=per_token, BN=bn, BK=bk), num_warps=4,
+                          num_stages=2)
+    variant = f"{'glu' if glu else 'matmul'}-{'token' if per_token else 'pair'}"
+    pairs = tokens * k
+    if tokens == 1:
+        bn = row_tile(nout, pairs, target.sm_count, target.interpreted)
+        args = [("node", x.id), ("node", route.id), ("node", w.id), ("node", node.id),
+                ("value", nout), ("value", kdim), ("stride", x.id), ("stride", route.id),
+                ("value", w.shape[1] * kdim), ("value", kdim), ("stride", node.id)]
+        return KernelSpec("experts", variant + "-row", _row_source(glu), "expert_row_kernel",
+                          (pairs, cdiv(nout, bn)), args,
+                          dict(TOPK=k, PER_TOKEN=per_token, BN=bn, BK=bk), num_warps=4,
+                          num_stages=2)
+    experts = w.shape[0]
+    block_e = max(16, next_pow2(experts))
+    bm, bn, bk = grouped_tiles(pairs, bool(glu), target.interpreted)
+    bk = min(bk, max(16, next_pow2(kdim)))
+    order = ("scratch", ("expert_order", (pairs,), "i32"))
+    info = ("scratch", ("expert_tiles", (3 * block_e,), "i32"))
+    chunk = 16 if target.interpreted else max(16, min(128, 8192 // block_e))
+    sort = KernelSpec("experts", "sort", _sort_source(), "expert_sort_kernel", (1,),
+                      [("node", route.id), order, info, ("value", pairs), ("stride", route.id)],
+                      dict(TOPK=k, BLOCK_E=block_e, CHUNK=chunk, BM=bm), num_warps=4,
+                      num_stages=1)
+    tiles = cdiv(pairs, bm) + min(experts, pairs)  # the most tiles any routing needs
+    args = [("node", x.id), order, info, ("node", w.id), ("node", node.id), ("value", experts),
+            ("value", nout), ("value", kdim), ("stride", x.id), ("value", w.shape[1] * kdim),
+            ("value", kdim), ("stride", node.id)]
+    sort.then = KernelSpec("experts", variant + "-grouped", _grouped_source(glu),
+                           "expert_grouped_kernel", (tiles, cdiv(nout, bn)), args,
+                           dict(TOPK=k, PER_TOKEN=per_token, BLOCK_E=block_e, BM=bm, BN=bn,
+                                BK=bk, PRECISION=target.dot_precision),
+                           num_warps=4, num_stages=3 if not target.interpreted else 1)
+    return sort
+
+
+def build(node, graph, target: Target) -> KernelSpec:
+    if OPS[node.op].archetype == "moe_route":
+        return _route(node, graph, target)
+    return _experts(node, graph, target)
