@@ -380,7 +380,7 @@ def moe_case(op, tokens, width, experts, k, out, per_token=True, act="gelu_tanh"
     expert_matmul_combine of pair rows, or moe_route alone. ties: every logit row holds
     exact ties (values drawn from a few levels)."""
     c = Case(seed)
-    logits = c.rand(tokens, experts)
+    logits = c.rand(tokens, experts).bfloat16().float()  # as a bf16 plan reads them
     if ties:
         logits = torch.randint(0, 3, (tokens, experts), generator=c.gen).float()
     z = c.input("logits", (tokens, experts), logits)

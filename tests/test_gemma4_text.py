@@ -108,6 +108,27 @@ def test_other_layouts_match_transformers(name, tmp_path, kernels):
     assert_close(ours(ids), hf.logits(model, ids), "fp32")
 
 
+@pytest.mark.parametrize("name, layout", [("moe", "gemma4_text"), ("moe_top1", "gemma4")])
+def test_mixture_of_experts_checkpoints_match_transformers(name, layout, tmp_path, kernels):
+    # 7 experts, 3 a token (K = V, no per-layer inputs), as a text checkpoint, sharded; 4
+    # experts, 1 a token, with per-layer inputs and KV sharing, nested in a multimodal one
+    if layout == "gemma4":
+        model = hf.multimodal_model(name, seed=5)
+        hf.save(model, tmp_path)
+    else:
+        model = hf.text_model(name, seed=5)
+        hf.save(model, tmp_path, shard_size="20KB")
+    ours = meganeura.from_pretrained(tmp_path, device="cpu", cache_dir=kernels)
+    assert ours.checkpoint.layout == layout and ours.config.enable_moe_block
+    vocab = hf.CONFIGS[name]["vocab_size"]
+    for n in (1, 13):  # one token: a program per chosen expert; 13: sorted, grouped
+        ids = _ids(vocab, n, n)
+        assert_close(ours(ids), hf.logits(model, ids), "fp32")
+    ops = ours.compiled(13).report.plan.kernel_counts()
+    layers = hf.CONFIGS[name]["num_hidden_layers"]
+    assert ops["moe_route"] == layers and ops["expert_glu"] == layers
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stored_half_precision_is_upcast(dtype, tmp_path, kernels):
     model = hf.text_model("every_feature", seed=6)
@@ -151,7 +172,7 @@ def _config_dir(tmp_path, text: dict, **top) -> str:
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("enable_moe_block", True, "mixture-of-experts Gemma-4 .* not supported yet"),
+    ("enable_moe_block", True, "num_experts must be a positive integer with enable_moe_block"),
     ("hidden_size", "48", "hidden_size must be a positive integer"),
     ("hidden_activation", "relu", "hidden_activation must be one of"),
     ("layer_types", ["sliding_attention"], "layer_types must be a list of 6"),

@@ -36,7 +36,7 @@ def _generate_with_logits(model, prompt, n, **kw):
     return out, steps
 
 
-@pytest.mark.parametrize("name", ["every_feature", "dense"])
+@pytest.mark.parametrize("name", ["every_feature", "dense", "moe"])
 def test_published_greedy_equals_transformers(name, tmp_path, kernels):
     model = hf.text_model(name, seed=11)
     hf.save(model, tmp_path)

@@ -10,7 +10,7 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           pointwise_case, product_case, product_tn_case, row_case,
                           attention_grad_case, embedding_grad_case, linear_loss_case,
                           loss_case, norm_grad_case,
-                          place_case)
+                          place_case, moe_case)
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
 
@@ -441,3 +441,41 @@ def test_the_lm_head_and_loss_without_logits(op, t, h, v, cap, tmp_path):
     first = model.outputs[0].clone()  # gradients add into zeros each run
     model.run_kernels()
     assert torch.allclose(model.outputs[0], first)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 19])
+@pytest.mark.parametrize("op, per_token", [("expert_matmul", True), ("expert_matmul", False),
+                                           ("expert_glu", True),
+                                           ("expert_matmul_combine", False),
+                                           ("expert_matmul_combine", True),
+                                           ("expert_combine", True)])
+def test_expert_products(op, per_token, tokens, tmp_path):
+    # one token: a program per pair (or, combined, per token) streams its expert; more: the
+    # pairs sorted by expert, one grouped product over every expert's tiles (odd widths,
+    # 11 experts of which 19 tokens' 3 pairs leave some unused or shared)
+    check_case(moe_case(op, tokens, 37, 11, 3, 27, per_token=per_token, seed=tokens), "cpu",
+               torch.float32, tmp_path, "fp32")
+
+
+@pytest.mark.parametrize("experts, k", [(13, 3), (5, 5), (130, 8), (4, 1)])
+def test_the_router_keeps_the_top_k(experts, k, tmp_path):
+    check_case(moe_case("moe_route", 9, 0, experts, k, 0, seed=experts), "cpu", torch.float32,
+               tmp_path, "fp32")
+
+
+def test_router_ties_go_to_the_lower_index(tmp_path):
+    # logits of three levels: most rows hold ties across the k-th place; the kernel keeps the
+    # lower index, as the stable sort of the formula does
+    g, w, inputs = moe_case("moe_route", 16, 0, 10, 4, 0, ties=True, seed=3)
+    model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
+    route = model(*inputs)
+    p = torch.softmax(inputs[0], dim=-1)
+    boundary = 0
+    for row, probs in zip(route, p):
+        chosen = row[4:].long()
+        kth = probs[chosen[-1]]
+        tied = (probs == kth).nonzero().squeeze(1)
+        expected = tied[tied >= 0][:int((probs[chosen] == kth).sum())]
+        assert set(chosen[probs[chosen] == kth].tolist()) == set(expected.tolist())
+        boundary += len(tied) > int((probs[chosen] == kth).sum())
+    assert boundary >= 8  # most rows have a tie that the k-th place cuts

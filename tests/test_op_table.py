@@ -14,7 +14,7 @@ import torch
 from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, ROW_CASES,
                           ROW_WRITE_CASES, attention_case, cache_attention_case, check_case,
                           attention_grad_case, embedding_grad_case, linear_loss_case,
-                          loss_case,
+                          loss_case, moe_case,
                           norm_grad_case, place_case,
                           product_tn_case,
                           gather_case, pointwise_case, product_case, row_case)
@@ -49,6 +49,11 @@ OWN_CASES = {
                                                             24, 45),
     "cross_entropy": lambda: loss_case("cross_entropy", 7, 45),
     "cross_entropy_grad": lambda: loss_case("cross_entropy_grad", 7, 45),
+    "moe_route": lambda: moe_case("moe_route", 7, 0, 13, 3, 0),
+    "expert_matmul": lambda: moe_case("expert_matmul", 7, 24, 13, 3, 21),
+    "expert_glu": lambda: moe_case("expert_glu", 7, 24, 13, 3, 21),
+    "expert_combine": lambda: moe_case("expert_combine", 7, 0, 13, 3, 21),
+    "expert_matmul_combine": lambda: moe_case("expert_matmul_combine", 7, 24, 13, 3, 21),
 }
 ARCHETYPE_CASES = {"product": PRODUCT_CASES, "rows": ROW_CASES + ROW_WRITE_CASES,
                    "pointwise": POINTWISE_CASES, "gather": GATHER_CASES}
