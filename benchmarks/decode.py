@@ -19,9 +19,10 @@ loop does):
 - with --hf-generate, transformers' own `generate` loop, each step marked by a logits
   processor: with its dynamic cache, and with `cache_implementation="static"` (for which
   transformers compiles the forward itself);
-- the floor: bytes a step must read at 4.3 TB/s (the H200's measured copy bandwidth): every
-  weight the step's products read, the embedding rows gathered, the valid cache rows each
-  attention reads and the new K/V written.
+- the floor: bytes a step must read at the copy bandwidth measured at the start of the run
+  (`bandwidth.py`; 4.3 TB/s, the H200's, on the CPU): every weight the step's products read
+  (of stacked experts, the k a token chooses), the embedding rows gathered, the valid cache
+  rows each attention reads and the new K/V written.
 Also: time to first token of meganeura for a 2048-token prompt (prefill, last row's logits,
 first id, on the host) against transformers' compiled forward over the same prompt
 keeping the last row's logits; and the compile time of meganeura's prefill and decode plans
@@ -29,7 +30,9 @@ with an empty kernel cache. Presets transformers has share its weight tensors; t
 family has no transformers counterpart (its rows hold meganeura and the floor). --check
 first generates 16 greedy tokens after a prompt (1000 tokens, or the largest context if
 shorter) and compares each step's logits with transformers' model upcast to fp32 (the same
-weights): the rows carry the worst step's relative error (bound 2e-2 in bf16).
+weights): the rows carry the worst step's relative error (bound 2e-2 in bf16). --layers N
+runs the presets cut to their first N layers (the same widths: an fp32 copy of 26B-A4B's
+layers does not fit beside the bf16 one).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_forward import INITS  # noqa: E402
+from hf_forward import INITS, cut_layers  # noqa: E402
 from prefill import (_release, environment, pyplot, report_from_csv, save_figure,  # noqa: E402
                      write_rows)
 
@@ -56,6 +59,7 @@ from meganeura.inference.generation import LateIds, SamplingParams, capacity_for
 from meganeura.models import MODEL_NAMES, PRESETS, build  # noqa: E402
 from meganeura.models.kv import Generation  # noqa: E402
 from meganeura.runtime.check import TOLERANCE  # noqa: E402
+from bandwidth import copy_bandwidth  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BANDWIDTH = 4.3e12  # bytes/s, the H200's measured copy bandwidth (docs/design.md, cost)
@@ -67,7 +71,8 @@ TTFT_TARGET, COMPILE_TARGET_S = 0.9, 30.0
 
 def floor_bytes(cfg, context: int, elem: int) -> float:
     """Bytes one decode step must move at context C: weights read by run-time nodes (each
-    once), gathered rows, valid cache rows read by attention, K/V rows written."""
+    once; of stacked experts, the k chosen ones), gathered rows, valid cache rows read by
+    attention, K/V rows written."""
     g = build(cfg, 1, Generation(capacity_for(cfg, context + 1), decode=True))
     memo: dict = {}
     weights, total = set(), 0.0
@@ -92,6 +97,11 @@ def floor_bytes(cfg, context: int, elem: int) -> float:
             total += elem * valid * (g[n.inputs[1]].shape[1] + g[n.inputs[2]].shape[1])
         elif n.op == "cache_write":
             total += elem * math.prod(g[n.inputs[1]].shape)
+        elif OPS[n.op].archetype == "experts" and n.op != "expert_combine":
+            # only the chosen experts' rows: k of [experts, out, in] a token
+            route, w = g[n.inputs[1]], g[n.inputs[2]]
+            total += elem * route.shape[1] // 2 * w.shape[1] * w.shape[2]
+            continue
         for i in n.inputs:
             weights.update(params_under(i))
     return total + elem * sum(math.prod(g[p].shape) for p in weights)
@@ -346,7 +356,10 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
     rows = []
     for c in contexts:
         row = {"model": name, "context": c, "steps": args.steps, "dtype": args.dtype,
-               "init": args.init if hf is not None else "unit", "floor_ms": floor_bytes(cfg, c, 2) / BANDWIDTH * 1e3, **extra}
+               "init": args.init if hf is not None else "unit",
+               "floor_ms": floor_bytes(cfg, c, 2) / args.bandwidth * 1e3,
+               "bandwidth_tbs": args.bandwidth / 1e12,
+               "layers": cfg.num_hidden_layers, **extra}
         row["meganeura_ms"] = meganeura_decode(model, c, args.steps, c in args.profile,
                                                args.warmup)
         print(f"{name} C={c}: meganeura {row['meganeura_ms']:.3f} ms/token, floor "
@@ -415,7 +428,7 @@ FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit
           "hf_compiled_ms", "hf_static_cache", "hf_compile_s", "hf_generate_ms",
           "hf_generate_static_ms", "meganeura_ttft_ms",
           "hf_compiled_prefill_ms", "hf_prefill_compile_s", "meganeura_compile_s",
-          "rel_error_hf_fp32"]
+          "rel_error_hf_fp32", "layers", "bandwidth_tbs"]
 
 
 def append_csv(rows: list[dict], env: dict, path: Path) -> None:
@@ -553,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "dependents of the kernel before)")
     ap.add_argument("--profile", type=int, nargs="*", default=[], metavar="CONTEXT",
                     help="at these contexts, also time every kernel of the step on its own")
+    ap.add_argument("--layers", type=int, default=None, help="the presets cut to their first N "
+                    "layers (same widths; e.g. for --check of a model whose fp32 copy does "
+                    "not fit)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--csv", default=str(RESULTS / "decode.csv"))
     ap.add_argument("--plot", default=str(RESULTS / "decode.png"))
@@ -577,13 +593,18 @@ def main(argv=None) -> int:
         env["transformers"] = ""
         args.hf_eager = args.hf_compiled = False
     print(f"# decode benchmark {env}", flush=True)
+    args.bandwidth = copy_bandwidth() if device.type == "cuda" else BANDWIDTH
+    print(f"# copy bandwidth {args.bandwidth / 1e12:.3f} TB/s"
+          f"{' (measured)' if device.type == 'cuda' else ' (the H200s, no GPU here)'}",
+          flush=True)
     plan = {m: sorted(set(args.contexts)) for m in args.models}
     if args.table:
         plan = {m: sorted(set(c) | (set(args.contexts) if m == "gemma4-e4b" else set()))
                 for m, c in TABLE.items()}
     rows = []
     for name, contexts in plan.items():
-        rows += run_model(args, name, PRESETS[MODEL_NAMES[name]], contexts, device, dtype, env)
+        cfg = cut_layers(PRESETS[MODEL_NAMES[name]], MODEL_NAMES[name], args.layers)
+        rows += run_model(args, name, cfg, contexts, device, dtype, env)
     print_targets(rows)
     if args.plot:
         p = plot([{**env, **r} for r in rows], env, Path(args.plot))

@@ -7,8 +7,8 @@ heads), with random weights (transformers' own initialization; norm weights and 
 scalars moved off their initial ones, Gemma-4's q_norm and k_norm scaled so that attention
 is not a coin toss: see `qk_norm_scale`). `hf_config` gives transformers' config of a
 meganeura config: Llama's and Qwen3's converted field by field, the published Gemma-4's its
-preset's transformers fields (PRESET_FIELDS). With `init="unit"` the model holds meganeura's
-own `random_weights` of the config instead (linear layers N(0, 1/fan_in), the weights the
+preset's transformers fields (PRESET_FIELDS, or its first layers: `cut_layers`). With
+`init="unit"` the model holds meganeura's own `random_weights` of the config instead (linear layers N(0, 1/fan_in), the weights the
 seed's rows run on): activations keep unit scale at any width, where transformers'
 N(0, 0.02^2) grows them at 8B widths (see bf16_floor.py). `shared_weights` hands meganeura the very same
 tensors: its graph names and layout are the checkpoint's, so nothing is copied and both run
@@ -17,10 +17,13 @@ on identical weights.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from meganeura.models import Gemma4TextConfig, LlamaConfig, Qwen3Config, weight_specs
-from meganeura.models.gemma4_text import PRESET_FIELDS, qk_norm_scale
+from meganeura.models.gemma4_text import from_dict as gemma4_from_dict
+from meganeura.models.gemma4_text import preset_fields, qk_norm_scale
 from meganeura.models.llama import transformers_fields
 from meganeura.models.weights import random_weights
 
@@ -28,6 +31,16 @@ from meganeura.models.weights import random_weights
 TRANSFORMERS = {Gemma4TextConfig: ("Gemma4TextConfig", "Gemma4ForCausalLM"),
                 LlamaConfig: ("LlamaConfig", "LlamaForCausalLM"),
                 Qwen3Config: ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
+def cut_layers(cfg, preset: str, layers: int | None):
+    """The preset's config cut to its first `layers` layers (None: as it is): the same widths
+    in a model small enough for an fp32 copy beside the bf16 one."""
+    if not layers or layers == cfg.num_hidden_layers:
+        return cfg
+    if isinstance(cfg, Gemma4TextConfig):
+        return gemma4_from_dict(preset_fields(preset, layers))
+    return dataclasses.replace(cfg, num_hidden_layers=layers)
 
 
 def has_transformers(cfg) -> bool:
@@ -40,8 +53,8 @@ def hf_config(cfg, preset: str | None = None):
     key (its transformers fields are kept, not derived)."""
     import transformers
 
-    if isinstance(cfg, Gemma4TextConfig):
-        fields = PRESET_FIELDS[preset]
+    if isinstance(cfg, Gemma4TextConfig):  # the preset, or its first layers (cut_layers)
+        fields = preset_fields(preset, cfg.num_hidden_layers)
     else:
         fields = transformers_fields(cfg)
     return getattr(transformers, TRANSFORMERS[type(cfg)][0])(**fields)

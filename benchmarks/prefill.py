@@ -42,7 +42,7 @@ os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="meganeura-tri
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_forward import INITS, has_transformers  # noqa: E402
+from hf_forward import INITS, cut_layers, has_transformers  # noqa: E402
 from torch_forward import make_forward  # noqa: E402
 
 import meganeura  # noqa: E402
@@ -256,7 +256,7 @@ def graph_time(fn, reps: int) -> float:
 
 
 def run_one(args, name: str, seq: int, device, dtype) -> dict:
-    cfg = PRESETS[MODEL_NAMES[name]]
+    cfg = cut_layers(PRESETS[MODEL_NAMES[name]], MODEL_NAMES[name], args.layers)
     if has_transformers(cfg):
         return run_published(args, name, cfg, seq, device, dtype)
     cuda = device.type == "cuda"
@@ -366,7 +366,8 @@ def run_published(args, name: str, cfg, seq: int, device, dtype) -> dict:
     graph = build(cfg, seq)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + seq)
     ids = torch.randint(0, cfg.vocab_size, (seq,), generator=gen).to(device)
-    row = {"model": name, "seq": seq, "dtype": args.dtype, "init": args.init}
+    row = {"model": name, "seq": seq, "dtype": args.dtype, "init": args.init,
+           "layers": cfg.num_hidden_layers}
     fn = compile_timed(row, graph, weights, ids, device, dtype, args.cache_dir, cuda)
     if args.check:
         logits = fn(ids).float()
@@ -516,7 +517,7 @@ FIELDS = ["date", "gpu", "torch", "triton", "meganeura", "commit", "model", "seq
           "meganeura_warm_compile_s", "meganeura_resident_gib", "torch_compile_first_peak_gib",
           "rel_error_hf_fp32", "reference_vs_hf_fp32", "torch_compile_dense_ms",
           "meganeura_idle_ms", "torch_compile_idle_ms", "meganeura_sustained_ms",
-          "torch_compile_sustained_ms", "meganeura_j", "torch_compile_j"]
+          "torch_compile_sustained_ms", "meganeura_j", "torch_compile_j", "layers"]
 
 
 def append_csv(rows: list[dict], env: dict, path: Path) -> None:
@@ -619,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--regime-rounds", type=int, default=10, help="interleaved rounds per regime")
     ap.add_argument("--dense-baseline", action="store_true", help="seed presets: also "
                     "torch.compile with the sliding-window layers through a dense mask")
+    ap.add_argument("--layers", type=int, default=None, help="the preset cut to its first N "
+                    "layers (same widths; e.g. for --hf-fp32 where the whole fp32 copy does "
+                    "not fit)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--csv", default=str(RESULTS / "prefill.csv"))
     ap.add_argument("--plot", default=str(RESULTS / "prefill.png"))

@@ -13,7 +13,7 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           cache_attention_case, cache_rows_case, check_cache_attention,
                           check_cache_rows, check_case, gather_case, parts_case,
                           pointwise_case, product_case, product_tn_case, row_case,
-                          norm_grad_case, attention_grad_case, linear_loss_case)
+                          norm_grad_case, attention_grad_case, linear_loss_case, moe_case)
 from meganeura.models import Gemma4Config, build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.reference import run_reference
@@ -342,3 +342,27 @@ def test_training_gradients_bf16(kind, name, tmp_path):
         err = ((grads[n].cpu() - p.grad).norm() / p.grad.norm()).item()
         least = ((floor[n] - p.grad).norm() / p.grad.norm()).item()
         assert err < max(2e-2, 1.5 * least), f"{n}: {err:.3e} (the bf16 floor: {least:.3e})"
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 300])
+@pytest.mark.parametrize("op, per_token", [("expert_glu", True), ("expert_matmul", False),
+                                           ("expert_matmul_combine", False),
+                                           ("expert_combine", True)])
+def test_expert_products_bf16(op, per_token, tokens, tmp_path):
+    # 26B-A4B's widths (hidden 2816, experts of 704), 128 experts, top 8: a decode step's
+    # programs per pair, and the sorted, grouped product of a batch and of a prefill
+    width = 704 if op == "expert_matmul_combine" or not per_token else 2816
+    out = 2816 if width == 704 else 704
+    check_case(moe_case(op, tokens, width, 128, 8, out, per_token=per_token, seed=tokens),
+               "cuda", torch.bfloat16, tmp_path, "bf16")
+
+
+def test_router_ties_on_cuda_as_torch_topk(tmp_path):
+    # logits of three levels (ties in most rows, across the k-th place): the route kernel
+    # keeps the lower index, and so does torch.topk on CUDA
+    g, w, inputs = moe_case("moe_route", 64, 0, 128, 8, 0, ties=True, seed=5)
+    model = check_case((g, w, inputs), "cuda", torch.float32, tmp_path, "fp32")
+    route = model(*[x.cuda() for x in inputs])
+    p = torch.softmax(inputs[0].cuda(), dim=-1)
+    expected = torch.topk(p, 8, dim=-1).indices
+    assert torch.equal(route[:, 8:].long().sort(dim=1).values, expected.sort(dim=1).values)

@@ -319,6 +319,23 @@ PRESET_FIELDS: dict[str, dict] = {
 PRESETS: dict[str, Gemma4TextConfig] = {k: from_dict(v) for k, v in PRESET_FIELDS.items()}
 
 
+def preset_fields(key: str, layers: int | None = None) -> dict:
+    """A preset's transformers fields, optionally cut to its first `layers` layers (their
+    types kept; KV sharing, where the preset has it, kept to the same share of the layers):
+    a model of the same widths that fits where the whole one does not (an fp32 check)."""
+    fields = dict(PRESET_FIELDS[key])
+    n = fields["num_hidden_layers"]
+    if layers is None or layers == n:
+        return fields
+    if not 0 < layers <= n:
+        raise ConfigError(f"layers must be in [1, {n}] for {key}, got {layers}")
+    fields["num_hidden_layers"] = layers
+    fields["layer_types"] = list(fields["layer_types"][:layers])
+    if fields.get("num_kv_shared_layers"):
+        fields["num_kv_shared_layers"] = fields["num_kv_shared_layers"] * layers // n
+    return fields
+
+
 # ---- the graph ------------------------------------------------------------------------------
 
 
