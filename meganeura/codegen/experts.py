@@ -223,11 +223,13 @@ tl.store(out_ptr + r[:, None] * stride_out + c[None, :], acc.to(out_ptr.dtype.el
 
 
 def row_tile(nout: int, pairs: int, sms: int, interpreted: bool) -> int:
-    """Output columns of a one-token program: enough programs to fill the SMs twice."""
+    """Output columns of a one-token program: at most 32, at least 8 (what the one-row
+    product's sweeps found for weights read [N, K]), fewer while the programs would not fill
+    the SMs four times over."""
     if interpreted:
         return min(32, next_pow2(nout))
     bn = 32
-    while bn > 4 and pairs * cdiv(nout, bn) < 2 * sms:
+    while bn > 8 and pairs * cdiv(nout, bn) < 4 * sms:
         bn //= 2
     return bn
 
