@@ -377,16 +377,27 @@ def moe_case(op, tokens, width, experts, k, out, per_token=True, act="gelu_tanh"
     """An expert op on a route the graph makes from random router logits (moe_route of
     [tokens, experts] logits and a per-expert scale): expert_matmul / expert_glu of x
     (the tokens' rows, or per_token=False the pairs'), expert_combine of pair rows,
-    expert_matmul_combine of pair rows, or moe_route alone. ties: every logit row holds
+    expert_matmul_combine of pair rows, moe_route alone, or the routed ops (which route from
+    the logits themselves: expert_glu_routed with its RMSNorm of x, and
+    expert_matmul_combine_routed). ties: every logit row holds
     exact ties (values drawn from a few levels)."""
     c = Case(seed)
     logits = c.rand(tokens, experts).bfloat16().float()  # as a bf16 plan reads them
     if ties:
         logits = torch.randint(0, 3, (tokens, experts), generator=c.gen).float()
     z = c.input("logits", (tokens, experts), logits)
-    route = c.g.moe_route(z, c.weight("expert_scale", 1 + 0.1 * c.rand(experts)), k)
+    scale = c.weight("expert_scale", 1 + 0.1 * c.rand(experts))
+    route = c.g.moe_route(z, scale, k)
     if op == "moe_route":
         return c.case(route)
+    if op.endswith("_routed"):  # the route made by each program from the logits
+        x = c.input("x", (tokens if per_token else tokens * k, width))
+        rows = 2 * out if op == "expert_glu_routed" else out
+        w = c.weight("w", c.rand(experts, rows, width, scale=width ** -0.5))
+        if op == "expert_glu_routed":
+            nw = c.weight("norm", 1 + 0.1 * c.rand(width))
+            return c.case(c.g.expert_glu_routed(x, nw, z, scale, w, 1e-6, k, act))
+        return c.case(c.g.expert_matmul_combine_routed(x, z, scale, w, k))
     pairs = tokens * k
     if op == "expert_combine":
         return c.case(c.g.expert_combine(c.input("y", (pairs, out)), route))

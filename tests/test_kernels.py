@@ -448,7 +448,9 @@ def test_the_lm_head_and_loss_without_logits(op, t, h, v, cap, tmp_path):
                                            ("expert_glu", True),
                                            ("expert_matmul_combine", False),
                                            ("expert_matmul_combine", True),
-                                           ("expert_combine", True)])
+                                           ("expert_combine", True),
+                                           ("expert_glu_routed", True),
+                                           ("expert_matmul_combine_routed", False)])
 def test_expert_products(op, per_token, tokens, tmp_path):
     # one token: a program per pair (or, combined, per token) streams its expert; more: the
     # pairs sorted by expert, one grouped product over every expert's tiles (odd widths,

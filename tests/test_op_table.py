@@ -54,6 +54,9 @@ OWN_CASES = {
     "expert_glu": lambda: moe_case("expert_glu", 7, 24, 13, 3, 21),
     "expert_combine": lambda: moe_case("expert_combine", 7, 0, 13, 3, 21),
     "expert_matmul_combine": lambda: moe_case("expert_matmul_combine", 7, 24, 13, 3, 21),
+    "expert_glu_routed": lambda: moe_case("expert_glu_routed", 1, 24, 13, 3, 21),
+    "expert_matmul_combine_routed": lambda: moe_case("expert_matmul_combine_routed", 1, 24, 13,
+                                                     3, 21, per_token=False),
 }
 ARCHETYPE_CASES = {"product": PRODUCT_CASES, "rows": ROW_CASES + ROW_WRITE_CASES,
                    "pointwise": POINTWISE_CASES, "gather": GATHER_CASES}

@@ -75,48 +75,97 @@ def _route(node, graph, target: Target) -> KernelSpec:
 
 # ---- one token: a program per (pair, column tile) -----------------------------------------
 
-def _row_source(glu: str | None) -> str:
-    """y[pair, n] = x[row] . w[e, n, :] (with glu: act(gate) * up of columns n and NOUT + n)."""
+# A routed kernel (expert_*_routed) computes its token's route itself, from the router's
+# logits row (a few hundred values) and the per-expert scale, as moe_route_kernel does for a
+# row: wts / idx [KP], the k weights and experts. Else it reads them from the route.
+_ROUTE_OF_TOKEN = """
+ex = tl.arange(0, BLOCK_E)
+z = tl.load(z_ptr + tok * stride_z + ex, mask=ex < E, other=0.0).to(tl.float32)
+z = tl.where(ex < E, z, float("-inf"))
+p = tl.exp(z - tl.max(z, 0))
+p = p / tl.sum(p, 0)
+p = tl.where(ex < E, p, -1.0)
+slot = tl.arange(0, KP)
+wts = tl.zeros([KP], dtype=tl.float32)
+idx = tl.zeros([KP], dtype=tl.int32)
+for j in tl.static_range(TOPK):
+    best = tl.max(p, 0)
+    pick = tl.min(tl.where(p == best, ex, BLOCK_E), 0)
+    wts = tl.where(slot == j, best, wts)
+    idx = tl.where(slot == j, pick, idx)
+    p = tl.where(ex == pick, -2.0, p)
+total = tl.sum(tl.where(slot < TOPK, wts, 0.0), 0)
+wts = wts / total * tl.load(scale_ptr + idx, mask=slot < TOPK, other=0.0).to(tl.float32)
+"""
+_ROUTE_ARGS = "z_ptr, scale_ptr, E, stride_z, "
+_ROUTE_CONSTS = "KP: tl.constexpr, BLOCK_E: tl.constexpr, "
+
+
+def _row_source(glu: str | None, routed: bool, norm: bool) -> str:
+    """y[pair, n] = x[row] . w[e, n, :] (with glu: act(gate) * up of columns n and NOUT + n;
+    with norm: of x's row RMS-normalized with weight nw, its sum of squares taken in the same
+    pass and applied at the end, the product being linear in the row)."""
     def acc(name: str, off: str) -> str:
         return (f"w = tl.load(wp + ({off} + n[:, None]).to(tl.int64) * stride_wn + kk[None, :], "
                 f"mask=(n[:, None] < NOUT) & (kk[None, :] < KDIM), other=0.0)\n"
                 f"{name} += tl.sum(w.to(tl.float32) * xv[None, :], 1)")
     loop = acc("acc", "0") + ("\n" + acc("acc_u", "NOUT") if glu else "")
-    out = (f"acc = {activation(glu, 'acc')} * acc_u" if glu else "")
-    return HEADER + "def expert_row_kernel(x_ptr, route_ptr, w_ptr, out_ptr, NOUT, KDIM, " \
-        "stride_x, stride_route, stride_we, stride_wn, stride_out, TOPK: tl.constexpr, " \
-        "PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):\n" + indent(f"""
+    if norm:
+        loop = ("ss += xv * xv\nxv = xv * tl.load(nw_ptr + kk, mask=kk < KDIM, "
+                "other=0.0).to(tl.float32)\n" + loop)
+    tail = ["rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / KDIM + eps)", "acc = acc * rstd",
+            "acc_u = acc_u * rstd"] if norm else []
+    tail += [f"acc = {activation(glu, 'acc')} * acc_u"] if glu else []
+    if routed:
+        expert = _ROUTE_OF_TOKEN + "e = tl.sum(tl.where(slot == pair % TOPK, idx, 0), 0).to(tl.int64)"
+    else:
+        expert = ("e = tl.load(route_ptr + tok * stride_route + TOPK + pair % TOPK)"
+                  ".to(tl.int64)")
+    params = ("x_ptr, nw_ptr, eps, " if norm else "x_ptr, ") + \
+        (_ROUTE_ARGS if routed else "route_ptr, stride_route, ") + \
+        "w_ptr, out_ptr, NOUT, KDIM, stride_x, stride_we, stride_wn, stride_out, " + \
+        (_ROUTE_CONSTS if routed else "") + \
+        "TOPK: tl.constexpr, PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr"
+    return HEADER + f"def expert_row_kernel({params}):\n" + indent(f"""
 pair = tl.program_id(0)
-tok = pair // TOPK
-e = tl.load(route_ptr + tok.to(tl.int64) * stride_route + TOPK + pair % TOPK).to(tl.int64)
-xrow = tok if PER_TOKEN else pair
+tok = (pair // TOPK).to(tl.int64)
+{expert}
+xrow = tok if PER_TOKEN else pair.to(tl.int64)
 n = tl.program_id(1) * BN + tl.arange(0, BN)
 wp = w_ptr + e * stride_we
 acc = tl.zeros([BN], dtype=tl.float32)
 acc_u = tl.zeros([BN], dtype=tl.float32)
+ss = tl.zeros([BK], dtype=tl.float32)
 for k0 in range(0, KDIM, BK):
     kk = k0 + tl.arange(0, BK)
-    xv = tl.load(x_ptr + xrow.to(tl.int64) * stride_x + kk, mask=kk < KDIM,
-                 other=0.0).to(tl.float32)
+    xv = tl.load(x_ptr + xrow * stride_x + kk, mask=kk < KDIM, other=0.0).to(tl.float32)
 {indent(loop, 4)}
-{out}
+{chr(10).join(tail)}
 tl.store(out_ptr + pair.to(tl.int64) * stride_out + n, acc.to(out_ptr.dtype.element_ty),
          mask=n < NOUT)
 """, 4) + "\n"
 
 
-def _combine_row_source() -> str:
+def _combine_row_source(routed: bool) -> str:
     """y[t, n] = sum_j w_tj * (a[t k + j] . w[e_tj, n, :]) (a[t] with PER_TOKEN), fp32
     throughout."""
-    return HEADER + "def expert_combine_row_kernel(a_ptr, route_ptr, w_ptr, out_ptr, NOUT, " \
-        "KDIM, stride_a, stride_route, stride_we, stride_wn, stride_out, TOPK: tl.constexpr, " \
-        "PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):\n" + indent("""
+    if routed:
+        pick = ("wt = tl.sum(tl.where(slot == j, wts, 0.0), 0)\n"
+                "e = tl.sum(tl.where(slot == j, idx, 0), 0).to(tl.int64)")
+    else:
+        pick = ("wt = tl.load(route_ptr + tok * stride_route + j)\n"
+                "e = tl.load(route_ptr + tok * stride_route + TOPK + j).to(tl.int64)")
+    params = "a_ptr, " + (_ROUTE_ARGS if routed else "route_ptr, stride_route, ") + \
+        "w_ptr, out_ptr, NOUT, KDIM, stride_a, stride_we, stride_wn, stride_out, " + \
+        (_ROUTE_CONSTS if routed else "") + \
+        "TOPK: tl.constexpr, PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr"
+    return HEADER + f"def expert_combine_row_kernel({params}):\n" + indent(f"""
 tok = tl.program_id(0).to(tl.int64)
+{_ROUTE_OF_TOKEN if routed else ""}
 n = tl.program_id(1) * BN + tl.arange(0, BN)
 acc = tl.zeros([BN], dtype=tl.float32)
 for j in tl.static_range(TOPK):
-    wt = tl.load(route_ptr + tok * stride_route + j)
-    e = tl.load(route_ptr + tok * stride_route + TOPK + j).to(tl.int64)
+{indent(pick, 4)}
     part = tl.zeros([BN], dtype=tl.float32)
     for k0 in range(0, KDIM, BK):
         kk = k0 + tl.arange(0, BK)
@@ -244,8 +293,9 @@ def grouped_tiles(pairs: int, glu: bool, interpreted: bool) -> tuple[int, int, i
 
 def _experts(node, graph, target: Target) -> KernelSpec:
     op = node.op
+    ins = [graph[i] for i in node.inputs]
     if op == "expert_combine":
-        y, route = (graph[i] for i in node.inputs)
+        y, route = ins
         s, n = node.shape
         rows = min(16, next_pow2(s)) if target.interpreted else 4
         block = min(next_pow2(n), 128 if target.interpreted else 1024)
@@ -255,33 +305,46 @@ def _experts(node, graph, target: Target) -> KernelSpec:
                           (cdiv(s, rows), cdiv(n, block)), args,
                           dict(TOPK=route.shape[1] // 2, ROWS=rows, BLOCK=block), num_warps=4,
                           num_stages=1)
-    x, route, w = (graph[i] for i in node.inputs)
-    tokens, k = route.shape[0], route.shape[1] // 2
-    glu = node.attrs["act"] if op == "expert_glu" else None
+    routed = op.endswith("_routed")
+    norm = op == "expert_glu_routed"
+    x, w = ins[0], ins[-1]
+    if routed:
+        z, scale = (ins[2], ins[3]) if norm else (ins[1], ins[2])
+        tokens, k, experts = z.shape[0], node.attrs["top_k"], z.shape[1]
+        block_e = max(16, next_pow2(experts))
+        route_args = [("node", z.id), ("node", scale.id), ("value", experts), ("stride", z.id)]
+        route_consts = dict(KP=max(2, next_pow2(k)), BLOCK_E=block_e)
+    else:
+        route = ins[1]
+        tokens, k = route.shape[0], route.shape[1] // 2
+        route_args = [("node", route.id), ("stride", route.id)]
+        route_consts = {}
+    glu = node.attrs["act"] if op.startswith("expert_glu") else None
     nout = w.shape[1] // 2 if glu else w.shape[1]
     kdim = w.shape[2]
     per_token = int(x.shape[0] == tokens)
     bk = min(next_pow2(kdim), 32 if target.interpreted else 256)
-    if op == "expert_matmul_combine":
+    head = [("node", x.id)] + ([("node", ins[1].id), ("value", node.attrs["eps"])] if norm
+                               else [])
+    tail = [("node", w.id), ("node", node.id), ("value", nout), ("value", kdim),
+            ("stride", x.id), ("value", w.shape[1] * kdim), ("value", kdim),
+            ("stride", node.id)]
+    if op.startswith("expert_matmul_combine"):
         bn = row_tile(nout, tokens, target.sm_count, target.interpreted)
-        args = [("node", x.id), ("node", route.id), ("node", w.id), ("node", node.id),
-                ("value", nout), ("value", kdim), ("stride", x.id), ("stride", route.id),
-                ("value", w.shape[1] * kdim), ("value", kdim), ("stride", node.id)]
-        return KernelSpec("experts", "matmul-combine", _combine_row_source(),
-                          "expert_combine_row_kernel", (tokens, cdiv(nout, bn)), args,
-                          dict(TOPK=k, PER_TOKEN=per_token, BN=bn, BK=bk), num_warps=4,
-                          num_stages=2)
+        return KernelSpec("experts", "matmul-combine" + ("-routed" if routed else ""),
+                          _combine_row_source(routed), "expert_combine_row_kernel",
+                          (tokens, cdiv(nout, bn)), head + route_args + tail,
+                          dict(route_consts, TOPK=k, PER_TOKEN=per_token, BN=bn, BK=bk),
+                          num_warps=4, num_stages=2)
     variant = f"{'glu' if glu else 'matmul'}-{'token' if per_token else 'pair'}"
     pairs = tokens * k
-    if tokens == 1:
+    if tokens == 1 or routed:
         bn = row_tile(nout, pairs, target.sm_count, target.interpreted)
-        args = [("node", x.id), ("node", route.id), ("node", w.id), ("node", node.id),
-                ("value", nout), ("value", kdim), ("stride", x.id), ("stride", route.id),
-                ("value", w.shape[1] * kdim), ("value", kdim), ("stride", node.id)]
-        return KernelSpec("experts", variant + "-row", _row_source(glu), "expert_row_kernel",
-                          (pairs, cdiv(nout, bn)), args,
-                          dict(TOPK=k, PER_TOKEN=per_token, BN=bn, BK=bk), num_warps=4,
-                          num_stages=2)
+        return KernelSpec("experts", variant + ("-routed-norm" if routed else "-row"),
+                          _row_source(glu, routed, norm), "expert_row_kernel",
+                          (pairs, cdiv(nout, bn)), head + route_args + tail,
+                          dict(route_consts, TOPK=k, PER_TOKEN=per_token, BN=bn, BK=bk),
+                          num_warps=4, num_stages=2)
     experts = w.shape[0]
     block_e = max(16, next_pow2(experts))
     bm, bn, bk = grouped_tiles(pairs, bool(glu), target.interpreted)

@@ -287,18 +287,24 @@ def _experts(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> W
     their expert (the one-token path, and the fused combine at every token count); more
     tokens sort their pairs by expert, and each tile of one expert's pairs streams its
     weights once, the pairs' rows once per column tile."""
-    route = ins[1]
-    tokens, k = route[0], route[1] // 2
+    routed = op.endswith("_routed")  # each program routes its token from the logits
+    if routed:
+        logits = ins[-3]
+        tokens, k = logits[0], attrs["top_k"]
+        route_bytes = elem * (_numel(logits) + logits[1])
+    else:
+        tokens, k = ins[1][0], ins[1][1] // 2
+        route_bytes = 4 * _numel(ins[1])
     pairs = tokens * k
-    route_bytes = 4 * _numel(route)
     if op == "expert_combine":
         return Work(elem * (_numel(ins[0]) + _numel(out)) + route_bytes, 0.0,
                     2 * _numel(ins[0]))
-    (experts, n_w, kdim), x = ins[2], ins[0]
+    (experts, n_w, kdim), x = ins[-1], ins[0]
     flops = 2 * pairs * n_w * kdim
-    if op == "expert_matmul_combine" or tokens == 1:
+    if routed or op == "expert_matmul_combine" or tokens == 1:
         reads = elem * (pairs * n_w * kdim + _numel(x) + _numel(out)) + route_bytes
-        return Work(reads, flops, 2 * _numel(out), "matmul")
+        vec = 2 * _numel(out) + (3 * _numel(x) if op == "expert_glu_routed" else 0)
+        return Work(reads, flops, vec, "matmul")
     from ..codegen.experts import grouped_tiles  # the tiles codegen runs
     glu = op == "expert_glu"
     bm, bn, _ = grouped_tiles(pairs, glu, False)

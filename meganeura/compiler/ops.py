@@ -321,6 +321,22 @@ def _expert_matmul_combine(s, d, a):
     return (s[1][0], _expert_matmul(s, d, a)[1])
 
 
+def _routed(s, d, a) -> Shape:
+    """The route a routed expert op computes from its logits and per-expert scale."""
+    return _moe_route(s, d, a)
+
+
+def _expert_glu_routed(s, d, a):
+    x, nw, z, scale, w = s
+    _rms_norm([x, nw], d, a)
+    return _expert_glu([x, _routed([z, scale], d, a), w], d, a)
+
+
+def _expert_matmul_combine_routed(s, d, a):
+    x, z, scale, w = s
+    return _expert_matmul_combine([x, _routed([z, scale], d, a), w], d, a)
+
+
 # ---- gradients: vector-Jacobian products in the graph's own ops ----------------------------
 # (g, node, dy, wanted) -> [(input id, gradient node)], for the inputs in `wanted` (those a
 # trained weight depends on). g is the graph the backward is built into.
@@ -653,6 +669,19 @@ _op("expert_matmul_combine", ("x", "route", "w"), (), _expert_matmul_combine,
     lambda a, x, route, w: fm.expert_matmul_combine(x, route, w),
     "expert_combine(expert_matmul(x, route, w), route): each token's k products summed in "
     "fp32, none stored (x: the tokens' rows or the pairs')", archetype="experts", vector_flops=2)
+# a token's route recomputed by each program that reads it (the router's logits are one row
+# of a few hundred values), its input's RMSNorm folded into the product (rewrites/experts.py)
+_op("expert_glu_routed", ("x", "norm", "logits", "expert_scale", "w"),
+    (("eps", float), ("top_k", int), ("act", str)), _expert_glu_routed,
+    lambda a, x, nw, z, scale, w: fm.expert_glu(fm.rms_norm(x, nw, a["eps"]),
+                                                fm.moe_route(z, scale, a["top_k"]), w, a["act"]),
+    "expert_glu(rms_norm(x, norm), moe_route(logits, expert_scale, top_k), w): each program "
+    "routes its token and normalizes its row itself", archetype="experts", vector_flops=8)
+_op("expert_matmul_combine_routed", ("x", "logits", "expert_scale", "w"), (("top_k", int),),
+    _expert_matmul_combine_routed,
+    lambda a, x, z, scale, w: fm.expert_matmul_combine(x, fm.moe_route(z, scale, a["top_k"]), w),
+    "expert_matmul_combine(x, moe_route(logits, expert_scale, top_k), w): each program routes "
+    "its token itself", archetype="experts", vector_flops=2)
 
 # gradients of the ops above (compiler/autodiff.py builds backward graphs from them)
 _ROPE_ATTRS = OPS["rope"].attrs
