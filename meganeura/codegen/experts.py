@@ -104,18 +104,27 @@ _ROUTE_CONSTS = "KP: tl.constexpr, BLOCK_E: tl.constexpr, "
 def _row_source(glu: str | None, routed: bool, norm: bool) -> str:
     """y[pair, n] = x[row] . w[e, n, :] (with glu: act(gate) * up of columns n and NOUT + n;
     with norm: of x's row RMS-normalized with weight nw, its sum of squares taken in the same
-    pass and applied at the end, the product being linear in the row)."""
-    def acc(name: str, off: str) -> str:
-        return (f"w = tl.load(wp + ({off} + n[:, None]).to(tl.int64) * stride_wn + kk[None, :], "
-                f"mask=(n[:, None] < NOUT) & (kk[None, :] < KDIM), other=0.0)\n"
-                f"{name} += tl.sum(w.to(tl.float32) * xv[None, :], 1)")
-    loop = acc("acc", "0") + ("\n" + acc("acc_u", "NOUT") if glu else "")
+    pass and applied at the end, the product being linear in the row). As the one-row
+    product does (codegen/matvec.py): products summed element-wise into [BN, BK]
+    accumulators and reduced once at the end, each weight tile asked one K step ahead."""
+    def tile(off: str, k: str) -> str:
+        return (f"tl.load(wp + ({off} + n[:, None]).to(tl.int64) * stride_wn + {k}[None, :], "
+                f"mask=(n[:, None] < NOUT) & ({k}[None, :] < KDIM), other=0.0)")
+    first = [f"g_next = {tile('0', 'rk')}"] + ([f"u_next = {tile('NOUT', 'rk')}"] if glu else [])
+    loop = ["kk = k0 + rk", "g = g_next", f"g_next = {tile('0', '(kk + BK)')}"]
+    loop += ["u = u_next", f"u_next = {tile('NOUT', '(kk + BK)')}"] if glu else []
+    loop += ["xv = tl.load(x_ptr + xrow * stride_x + kk, mask=kk < KDIM, other=0.0)"
+             ".to(tl.float32)"]
     if norm:
-        loop = ("ss += xv * xv\nxv = xv * tl.load(nw_ptr + kk, mask=kk < KDIM, "
-                "other=0.0).to(tl.float32)\n" + loop)
-    tail = ["rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / KDIM + eps)", "acc = acc * rstd",
-            "acc_u = acc_u * rstd"] if norm else []
-    tail += [f"acc = {activation(glu, 'acc')} * acc_u"] if glu else []
+        loop += ["ss += xv * xv", "xv = xv * tl.load(nw_ptr + kk, mask=kk < KDIM, "
+                 "other=0.0).to(tl.float32)"]
+    loop += ["acc += g.to(tl.float32) * xv[None, :]"]
+    loop += ["acc_u += u.to(tl.float32) * xv[None, :]"] if glu else []
+    tail = ["out = tl.sum(acc, 1)"] + (["up = tl.sum(acc_u, 1)"] if glu else [])
+    if norm:
+        tail += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / KDIM + eps)", "out = out * rstd"]
+        tail += ["up = up * rstd"] if glu else []
+    tail += [f"out = {activation(glu, 'out')} * up"] if glu else []
     if routed:
         expert = _ROUTE_OF_TOKEN + "e = tl.sum(tl.where(slot == pair % TOPK, idx, 0), 0).to(tl.int64)"
     else:
@@ -132,51 +141,60 @@ tok = (pair // TOPK).to(tl.int64)
 {expert}
 xrow = tok if PER_TOKEN else pair.to(tl.int64)
 n = tl.program_id(1) * BN + tl.arange(0, BN)
+rk = tl.arange(0, BK)
 wp = w_ptr + e * stride_we
-acc = tl.zeros([BN], dtype=tl.float32)
-acc_u = tl.zeros([BN], dtype=tl.float32)
+acc = tl.zeros([BN, BK], dtype=tl.float32)
+acc_u = tl.zeros([BN, BK], dtype=tl.float32)
 ss = tl.zeros([BK], dtype=tl.float32)
+{chr(10).join(first)}
 for k0 in range(0, KDIM, BK):
-    kk = k0 + tl.arange(0, BK)
-    xv = tl.load(x_ptr + xrow * stride_x + kk, mask=kk < KDIM, other=0.0).to(tl.float32)
-{indent(loop, 4)}
+{indent(chr(10).join(loop), 4)}
 {chr(10).join(tail)}
-tl.store(out_ptr + pair.to(tl.int64) * stride_out + n, acc.to(out_ptr.dtype.element_ty),
+tl.store(out_ptr + pair.to(tl.int64) * stride_out + n, out.to(out_ptr.dtype.element_ty),
          mask=n < NOUT)
 """, 4) + "\n"
 
 
 def _combine_row_source(routed: bool) -> str:
     """y[t, n] = sum_j w_tj * (a[t k + j] . w[e_tj, n, :]) (a[t] with PER_TOKEN), fp32
-    throughout."""
-    if routed:
-        pick = ("wt = tl.sum(tl.where(slot == j, wts, 0.0), 0)\n"
-                "e = tl.sum(tl.where(slot == j, idx, 0), 0).to(tl.int64)")
-    else:
-        pick = ("wt = tl.load(route_ptr + tok * stride_route + j)\n"
-                "e = tl.load(route_ptr + tok * stride_route + TOPK + j).to(tl.int64)")
+    throughout: one loop over the k experts' K steps (KSTEPS each), the route weight folded
+    into the row's values, one [BN, BK] accumulator, each tile asked one step ahead."""
+    def pick(j: str, weight: bool) -> list[str]:
+        if routed:
+            return ([f"wt = tl.sum(tl.where(slot == {j}, wts, 0.0), 0)"] if weight else []) + \
+                [f"e = tl.sum(tl.where(slot == {j}, idx, 0), 0).to(tl.int64)"]
+        return ([f"wt = tl.load(route_ptr + tok * stride_route + {j})"] if weight else []) + \
+            [f"e = tl.load(route_ptr + tok * stride_route + TOPK + {j}).to(tl.int64)"]
+
+    def tile(k: str) -> str:
+        return (f"tl.load(w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + "
+                f"{k}[None, :], mask=(n[:, None] < NOUT) & ({k}[None, :] < KDIM), other=0.0)")
     params = "a_ptr, " + (_ROUTE_ARGS if routed else "route_ptr, stride_route, ") + \
         "w_ptr, out_ptr, NOUT, KDIM, stride_a, stride_we, stride_wn, stride_out, " + \
         (_ROUTE_CONSTS if routed else "") + \
-        "TOPK: tl.constexpr, PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr"
+        "TOPK: tl.constexpr, PER_TOKEN: tl.constexpr, KSTEPS: tl.constexpr, " \
+        "BN: tl.constexpr, BK: tl.constexpr"
+    loop = (["j = step // KSTEPS", "kk = (step % KSTEPS) * BK + rk"] + pick("j", True) +
+            ["w = w_next",
+             "nxt = tl.minimum(step + 1, TOPK * KSTEPS - 1)  # the last step asks itself again",
+             "kn = (nxt % KSTEPS) * BK + rk"] + pick("nxt // KSTEPS", False) +
+            [f"w_next = {tile('kn')}",
+             "arow = tok if PER_TOKEN else tok * TOPK + j",
+             "av = tl.load(a_ptr + arow * stride_a + kk, mask=kk < KDIM, other=0.0)"
+             ".to(tl.float32)",
+             "acc += w.to(tl.float32) * (av * wt)[None, :]"])
     return HEADER + f"def expert_combine_row_kernel({params}):\n" + indent(f"""
 tok = tl.program_id(0).to(tl.int64)
 {_ROUTE_OF_TOKEN if routed else ""}
 n = tl.program_id(1) * BN + tl.arange(0, BN)
-acc = tl.zeros([BN], dtype=tl.float32)
-for j in tl.static_range(TOPK):
-{indent(pick, 4)}
-    part = tl.zeros([BN], dtype=tl.float32)
-    for k0 in range(0, KDIM, BK):
-        kk = k0 + tl.arange(0, BK)
-        arow = tok if PER_TOKEN else tok * TOPK + j
-        av = tl.load(a_ptr + arow * stride_a + kk, mask=kk < KDIM,
-                     other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                    mask=(n[:, None] < NOUT) & (kk[None, :] < KDIM), other=0.0)
-        part += tl.sum(w.to(tl.float32) * av[None, :], 1)
-    acc += wt * part
-tl.store(out_ptr + tok * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=n < NOUT)
+rk = tl.arange(0, BK)
+acc = tl.zeros([BN, BK], dtype=tl.float32)
+{chr(10).join(pick("0", False))}
+w_next = {tile("rk")}
+for step in range(0, TOPK * KSTEPS):
+{indent(chr(10).join(loop), 4)}
+out = tl.sum(acc, 1)
+tl.store(out_ptr + tok * stride_out + n, out.to(out_ptr.dtype.element_ty), mask=n < NOUT)
 """, 4) + "\n"
 
 
@@ -334,7 +352,8 @@ def _experts(node, graph, target: Target) -> KernelSpec:
         return KernelSpec("experts", "matmul-combine" + ("-routed" if routed else ""),
                           _combine_row_source(routed), "expert_combine_row_kernel",
                           (tokens, cdiv(nout, bn)), head + route_args + tail,
-                          dict(route_consts, TOPK=k, PER_TOKEN=per_token, BN=bn, BK=bk),
+                          dict(route_consts, TOPK=k, PER_TOKEN=per_token,
+                               KSTEPS=cdiv(kdim, bk), BN=bn, BK=bk),
                           num_warps=4, num_stages=2)
     variant = f"{'glu' if glu else 'matmul'}-{'token' if per_token else 'pair'}"
     pairs = tokens * k
