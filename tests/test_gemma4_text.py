@@ -125,8 +125,9 @@ def test_mixture_of_experts_checkpoints_match_transformers(name, layout, tmp_pat
         ids = _ids(vocab, n, n)
         assert_close(ours(ids), hf.logits(model, ids), "fp32")
     ops = ours.compiled(13).report.plan.kernel_counts()
-    layers = hf.CONFIGS[name]["num_hidden_layers"]
-    assert ops["moe_route"] == layers and ops["expert_glu"] == layers
+    layers = hf.CONFIGS[name]["num_hidden_layers"]  # a route and an expert glu each, or
+    # (on the interpreter, where launches cost most) the glu routing its tokens itself
+    assert ops.get("expert_glu", 0) + ops.get("expert_glu_routed", 0) == layers, ops
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
