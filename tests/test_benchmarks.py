@@ -177,3 +177,25 @@ def test_the_training_benchmark_runs_each_work(tmp_path):
     assert float(rows[-2]["max_rel_error"]) < 1e-4  # fp32 on the CPU
     # the floor rounds the products' operands: about bf16's half ulp, grown by the layers
     assert 1e-3 < float(rows[-1]["median_rel_error"]) < 3e-2
+
+
+def test_the_moe_floor_reads_only_the_chosen_experts():
+    # 26B-A4B reads 3.8e9 of its 25.2e9 parameters a token (the chosen 8 of 128 experts, and
+    # the tied embedding once as the lm_head), at a context of one token nothing more
+    from decode import floor_bytes
+
+    cfg = PRESETS["gemma4_26b_a4b"]
+    assert abs(floor_bytes(cfg, 1, 2) / 2 / 3.8e9 - 1) < 0.01
+    assert cfg.num_parameters() / 25.2e9 == pytest.approx(1, abs=0.01)
+
+
+def test_a_preset_cut_to_its_first_layers_keeps_its_widths():
+    from hf_forward import cut_layers, hf_config
+
+    cfg = cut_layers(PRESETS["gemma4_26b_a4b"], "gemma4_26b_a4b", 6)
+    assert cfg.num_hidden_layers == 6 and cfg.layer_types[-1] == "full_attention"
+    assert (cfg.hidden_size, cfg.num_experts, cfg.top_k_experts) == (2816, 128, 8)
+    hf = hf_config(cfg, "gemma4_26b_a4b")
+    assert hf.num_hidden_layers == 6 and hf.enable_moe_block and hf.num_experts == 128
+    e4b = cut_layers(PRESETS["gemma4_e4b"], "gemma4_e4b", 21)
+    assert e4b.num_kv_shared_layers == 9  # the same share of the layers as 18 of 42
