@@ -18,7 +18,9 @@ initialization for the presets transformers has, `random_weights` for the seed's
   meganeura's compiled bf16 forward against transformers' fp32 model.
 
 `--init unit` runs the presets transformers has on meganeura's `random_weights` instead
-(N(0, 1/fan_in) linear layers; activations keep unit scale at any width).
+(N(0, 1/fan_in) linear layers; activations keep unit scale at any width). `--layers N` cuts
+them to their first N layers. (transformers' experts multiply their stacked weights
+without nn.Linear: the product-input floor leaves their inputs in fp32.)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 
 import torch
 
-from hf_forward import INITS, has_transformers
+from hf_forward import INITS, cut_layers, has_transformers
 from meganeura.models import MODEL_NAMES, PRESETS, build
 from meganeura.models.weights import random_weights
 from meganeura.runtime.check import relative_error
@@ -88,11 +90,13 @@ def main(argv=None) -> int:
     ap.add_argument("--init", choices=INITS, default="transformers", help="prefill.py's --init")
     ap.add_argument("--meganeura", action="store_true", help="also meganeura's compiled bf16 "
                     "forward against transformers' fp32 model (CUDA)")
+    ap.add_argument("--layers", type=int, default=None, help="the presets cut to their first "
+                    "N layers (prefill.py's --layers)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     for name in a.models:
-        cfg = PRESETS[MODEL_NAMES[name]]
+        cfg = cut_layers(PRESETS[MODEL_NAMES[name]], MODEL_NAMES[name], a.layers)
         model, weights = _weights(name, cfg, a.seed, device, a.init)
         gen = torch.Generator(device="cpu").manual_seed(a.seed + a.seq_len)  # prefill.py's ids
         ids = torch.randint(0, cfg.vocab_size, (a.seq_len,), generator=gen).to(device)
