@@ -51,6 +51,10 @@ class DeviceProfile:
     # share of matmul_flops the fused lm_head + loss kernels (codegen/cross_entropy.py)
     # reach over the SMs their programs fill
     loss_efficiency: float = 1.0
+    # seconds a program costs on its own (the interpreter runs each in Python; a GPU's are
+    # in the roofline); priced where a kernel reports its programs (the expert kernels,
+    # whose forms differ most in how many programs they run)
+    program_time: float = 0.0
 
 
 # Ceilings measured on one H200 (docs/design.md, the cost model): ~4.3 TB/s copy, ~790 TFLOP/s
@@ -75,8 +79,11 @@ H200 = dataclasses.replace(H200_ROOFLINE, name="h200", matmul_efficiency=0.86,
                            prologue_efficiency=0.30, attention_efficiency=0.575, sms=132,
                            attention_row_time=2.6e-12, loss_efficiency=0.10)
 # Triton's interpreter runs each program in Python with numpy: launches dominate.
+# A program of the expert kernels took about 30 ms there (a 16-row prefill chunk of a
+# 3-layer MoE checkpoint: 48 one-pair programs a layer, 1.5 s).
 CPU_INTERPRETER = DeviceProfile("cpu-interpreter", bandwidth=2e9, matmul_flops=2e10,
-                                vector_flops=1e9, launch=1e-3, tile_n=32, row_tile_n=8)
+                                vector_flops=1e9, launch=1e-3, tile_n=32, row_tile_n=8,
+                                program_time=0.03)
 PROFILES = {p.name: p for p in (H200, H200_ROOFLINE, CPU_INTERPRETER)}
 
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
@@ -99,6 +106,7 @@ class Work:
     fill: float = 1.0  # share of the SMs' tile slots busy over the matmul's waves
     fixed: float = 0.0  # seconds outside the FLOP loop (attention's per-row work)
     serial_flops: float = 0.0  # vector FLOPs that do not hide under the memory stream
+    programs: float = 0.0  # programs the kernel runs, where the profile prices each
 
 
 def _numel(shape) -> int:
@@ -263,7 +271,7 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
                     wave_fill(m, n, 128, 128, sms))
     if arch == "moe_route":  # a row of logits in, k weights and indices out
         return Work(elem * _numel(ins[0]) + 4 * (_numel(ins[1]) + _numel(out)), 0.0,
-                    spec.vector_flops * _numel(ins[0]))
+                    spec.vector_flops * _numel(ins[0]), programs=-(-ins[0][0] // 16))
     if arch == "experts":
         return _experts(op, attrs, ins, out, elem)
     vec = sum(OPS[st.op].vector_flops for st in k.epilogue)
@@ -296,15 +304,19 @@ def _experts(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> W
         tokens, k = ins[1][0], ins[1][1] // 2
         route_bytes = 4 * _numel(ins[1])
     pairs = tokens * k
+    # programs as the interpreter's tiles run them (only a profile with a program_time
+    # prices them): 32 columns, 16 rows
+    cols = -(-out[1] // 32)
     if op == "expert_combine":
         return Work(elem * (_numel(ins[0]) + _numel(out)) + route_bytes, 0.0,
-                    2 * _numel(ins[0]))
+                    2 * _numel(ins[0]), programs=-(-tokens // 16) * -(-out[1] // 128))
     (experts, n_w, kdim), x = ins[-1], ins[0]
     flops = 2 * pairs * n_w * kdim
     if routed or op == "expert_matmul_combine" or tokens == 1:
         reads = elem * (pairs * n_w * kdim + _numel(x) + _numel(out)) + route_bytes
         vec = 2 * _numel(out) + (3 * _numel(x) if op == "expert_glu_routed" else 0)
-        return Work(reads, flops, vec, "matmul")
+        per_pair = not op.startswith("expert_matmul_combine")
+        return Work(reads, flops, vec, "matmul", programs=(pairs if per_pair else tokens) * cols)
     from ..codegen.experts import grouped_tiles  # the tiles codegen runs
     glu = op == "expert_glu"
     bm, bn, _ = grouped_tiles(pairs, glu, False)
@@ -313,7 +325,9 @@ def _experts(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> W
     reads = elem * (tiles * n_w * kdim + pairs * kdim * col_tiles + _numel(out)) + route_bytes
     sms = attrs.get("_sms", 0)
     fill = min(1.0, pairs / (tiles * bm)) * (min(1.0, tiles * col_tiles / sms) if sms else 1.0)
-    return Work(reads, flops, 2 * _numel(out), "matmul", fill, fixed=EXPERT_SORT)
+    programs = 1 + (-(-pairs // 16) + min(experts, pairs)) * cols
+    return Work(reads, flops, 2 * _numel(out), "matmul", fill, fixed=EXPERT_SORT,
+                programs=programs)
 
 
 def _stage_operands(k: Kernel, ins: list[tuple]) -> int:
@@ -371,7 +385,8 @@ def kernel_time(profile: DeviceProfile, w: Work) -> float:
     elif w.efficiency == "loss":
         compute /= profile.loss_efficiency * w.fill
     serial = w.serial_flops / profile.vector_flops
-    return max(w.bytes / profile.bandwidth, compute) + serial + w.fixed + profile.launch
+    return (max(w.bytes / profile.bandwidth, compute) + serial + w.fixed + profile.launch +
+            w.programs * profile.program_time)
 
 
 @dataclass(frozen=True)
