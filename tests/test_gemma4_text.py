@@ -121,7 +121,8 @@ def test_mixture_of_experts_checkpoints_match_transformers(name, layout, tmp_pat
     ours = meganeura.from_pretrained(tmp_path, device="cpu", cache_dir=kernels)
     assert ours.checkpoint.layout == layout and ours.config.enable_moe_block
     vocab = hf.CONFIGS[name]["vocab_size"]
-    for n in (1, 13):  # one token: a program per chosen expert; 13: sorted, grouped
+    for n in (1, 13) if layout == "gemma4_text" else (13,):  # one token: a program per
+        # chosen expert; 13: sorted, grouped
         ids = _ids(vocab, n, n)
         assert_close(ours(ids), hf.logits(model, ids), "fp32")
     ops = ours.compiled(13).report.plan.kernel_counts()

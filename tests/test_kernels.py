@@ -443,7 +443,7 @@ def test_the_lm_head_and_loss_without_logits(op, t, h, v, cap, tmp_path):
     assert torch.allclose(model.outputs[0], first)
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 19])
+@pytest.mark.parametrize("tokens", [1, 19])
 @pytest.mark.parametrize("op, per_token", [("expert_matmul", True), ("expert_matmul", False),
                                            ("expert_glu", True),
                                            ("expert_matmul_combine", False),
