@@ -290,13 +290,15 @@ tl.store(out_ptr + r[:, None] * stride_out + c[None, :], acc.to(out_ptr.dtype.el
 
 
 def row_tile(nout: int, pairs: int, sms: int, interpreted: bool) -> int:
-    """Output columns of a one-token program: at most 32, at least 8 (what the one-row
-    product's sweeps found for weights read [N, K]), fewer while the programs would not fill
-    the SMs four times over."""
+    """Output columns of a one-token program: at most 32, at least 8, fewer while the
+    programs would not fill the SMs twice. Measured on an H100 (benchmarks/moe_sweep.py,
+    26B-A4B's shapes, results/moe-2026-12-07-h100-66178c6-moe_sweep.log): the gate | up
+    kernel's 8 pairs took 32.3 us at 16 columns against 37.2 at 8 and 39.1 at 32; the
+    weighted sum's one token 18.2 us at 8 columns, 19.6 at 16 (both at BK 256, 4 warps)."""
     if interpreted:
         return min(32, next_pow2(nout))
     bn = 32
-    while bn > 8 and pairs * cdiv(nout, bn) < 4 * sms:
+    while bn > 8 and pairs * cdiv(nout, bn) < 2 * sms:
         bn //= 2
     return bn
 
