@@ -481,3 +481,12 @@ def test_router_ties_go_to_the_lower_index(tmp_path):
         assert set(chosen[probs[chosen] == kth].tolist()) == set(expected.tolist())
         boundary += len(tied) > int((probs[chosen] == kth).sum())
     assert boundary >= 8  # most rows have a tie that the k-th place cuts
+
+
+@pytest.mark.parametrize("op, per_token", [("expert_glu_routed", True),
+                                           ("expert_matmul_combine_routed", False)])
+def test_routed_expert_kernels_break_ties_as_the_router(op, per_token, tmp_path):
+    # each program ranks its token's experts itself: on logits of three levels its k experts
+    # and weights are the route's (the lower index first on a tie)
+    check_case(moe_case(op, 3, 24, 10, 4, 12, per_token=per_token, ties=True, seed=7), "cpu",
+               torch.float32, tmp_path, "fp32")

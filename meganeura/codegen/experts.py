@@ -76,27 +76,31 @@ def _route(node, graph, target: Target) -> KernelSpec:
 # ---- one token: a program per (pair, column tile) -----------------------------------------
 
 # A routed kernel (expert_*_routed) computes its token's route itself, from the router's
-# logits row (a few hundred values) and the per-expert scale, as moe_route_kernel does for a
-# row: wts / idx [KP], the k weights and experts. Else it reads them from the route.
-_ROUTE_OF_TOKEN = """
+# logits row (a few hundred values) and the per-expert scale, with the values
+# moe_route_kernel computes: the probabilities p, then each expert's rank (how many experts
+# come first: a larger p, or the same p and a lower index) in one [E, E] comparison rather
+# than k rounds of reductions, for the weight loads wait on it; expert j is the one of rank
+# j. _ROUTE_WEIGHTS then makes wts / idx [KP], the k weights and experts. Else the kernel
+# reads them from the route.
+_ROUTE_RANKS = """
 ex = tl.arange(0, BLOCK_E)
 z = tl.load(z_ptr + tok * stride_z + ex, mask=ex < E, other=0.0).to(tl.float32)
 z = tl.where(ex < E, z, float("-inf"))
 p = tl.exp(z - tl.max(z, 0))
 p = p / tl.sum(p, 0)
 p = tl.where(ex < E, p, -1.0)
+first = (p[None, :] > p[:, None]) | ((p[None, :] == p[:, None]) & (ex[None, :] < ex[:, None]))
+rank = tl.sum(first.to(tl.int32), 1)
+"""
+_ROUTE_WEIGHTS = """
 slot = tl.arange(0, KP)
-wts = tl.zeros([KP], dtype=tl.float32)
-idx = tl.zeros([KP], dtype=tl.int32)
-for r in tl.static_range(TOPK):
-    best = tl.max(p, 0)
-    pick = tl.min(tl.where(p == best, ex, BLOCK_E), 0)
-    wts = tl.where(slot == r, best, wts)
-    idx = tl.where(slot == r, pick, idx)
-    p = tl.where(ex == pick, -2.0, p)
+hit = rank[None, :] == slot[:, None]
+idx = tl.sum(tl.where(hit, ex[None, :], 0), 1)
+wts = tl.sum(tl.where(hit, p[None, :], 0.0), 1)
 total = tl.sum(tl.where(slot < TOPK, wts, 0.0), 0)
 wts = wts / total * tl.load(scale_ptr + idx, mask=slot < TOPK, other=0.0).to(tl.float32)
 """
+_ROUTE_OF_TOKEN = _ROUTE_RANKS + _ROUTE_WEIGHTS
 _ROUTE_ARGS = "z_ptr, scale_ptr, E, stride_z, "
 _ROUTE_CONSTS = "KP: tl.constexpr, BLOCK_E: tl.constexpr, "
 
@@ -126,7 +130,7 @@ def _row_source(glu: str | None, routed: bool, norm: bool) -> str:
         tail += ["up = up * rstd"] if glu else []
     tail += [f"out = {activation(glu, 'out')} * up"] if glu else []
     if routed:
-        expert = _ROUTE_OF_TOKEN + "e = tl.sum(tl.where(slot == pair % TOPK, idx, 0), 0).to(tl.int64)"
+        expert = _ROUTE_RANKS + "e = tl.sum(tl.where(rank == pair % TOPK, ex, 0), 0).to(tl.int64)"
     else:
         expert = ("e = tl.load(route_ptr + tok * stride_route + TOPK + pair % TOPK)"
                   ".to(tl.int64)")
