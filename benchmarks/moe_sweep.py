@@ -165,7 +165,8 @@ def main(argv=None) -> int:
             results.append((ms, cfg, err))
         model.specs[nid] = base_spec
         base_ms = timed_launch(model._bind(nid), a.reps)
-        print(f"== {kind}, {tokens} token(s): default {base_spec.then.constexprs if kind.startswith('grouped') else base_spec.constexprs} "
+        default = (base_spec.then if kind.startswith("grouped") else base_spec).constexprs
+        print(f"== {kind}, {tokens} token(s): default {default} "
               f"{base_ms * 1e3:.1f} us", flush=True)
         for ms, cfg, err in sorted(results, key=lambda r: r[0])[:8]:
             rate = (f"{nbytes / ms / 1e9:.2f} TB/s ({nbytes / ms / 1e9 / (bw / 1e12):.0%} of "

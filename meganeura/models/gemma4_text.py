@@ -14,7 +14,12 @@
 
 Sliding layers rotate every frequency of their head_dim (theta 1e4); full layers have
 `global_head_dim`-wide heads and "proportional" partial RoPE (theta 1e6, a quarter of
-the frequencies, exponents over the full width).
+the frequencies, exponents over the full width). Linear weights stay as checkpoints store
+them, [out, in]: the graph reads them through `transpose`, in place, and the lm_head is
+the embedding itself. Config fields and their defaults follow transformers'
+`Gemma4TextConfig`; `from_dict` reads both the released config.json form
+(`global_head_dim`, `num_global_key_value_heads`) and transformers >= 5.17's
+`per_layer_config`.
 
 With `enable_moe_block` (26B-A4B) each layer keeps its MLP and adds `num_experts` experts
 beside it, both reading the residual x after attention:
@@ -25,12 +30,7 @@ beside it, both reading the residual x after attention:
     x = x + post_ff(post_ff_1(mlp) + post_ff_2(e))
 
 (softmax over every expert in fp32, the top k renormalized, times the chosen experts'
-scale; experts stored [E, 2 I, H] and [E, H, I], read in place.) Linear weights stay as checkpoints store
-them, [out, in]: the graph reads them through `transpose`, in place, and the lm_head is
-the embedding itself. Config fields and their defaults follow transformers'
-`Gemma4TextConfig`; `from_dict` reads both the released config.json form
-(`global_head_dim`, `num_global_key_value_heads`) and transformers >= 5.17's
-`per_layer_config`.
+scale; experts stored [E, 2 I, H] and [E, H, I], read in place.)
 """
 
 from __future__ import annotations
