@@ -10,7 +10,7 @@ from kernel_cases import (GATHER_CASES, POINTWISE_CASES, PRODUCT_CASES, PRODUCT_
                           pointwise_case, product_case, product_tn_case, row_case,
                           attention_grad_case, embedding_grad_case, linear_loss_case,
                           loss_case, norm_grad_case,
-                          place_case, moe_case)
+                          place_case, moe_case, compile_plan)
 from meganeura.runtime.reference import run_reference
 from numerics import assert_close
 
@@ -490,3 +490,28 @@ def test_routed_expert_kernels_break_ties_as_the_router(op, per_token, tmp_path)
     # and weights are the route's (the lower index first on a tie)
     check_case(moe_case(op, 3, 24, 10, 4, 12, per_token=per_token, ties=True, seed=7), "cpu",
                torch.float32, tmp_path, "fp32")
+
+
+def test_a_nan_logit_routes_to_no_expert_past_the_last(tmp_path):
+    # garbage in (a NaN router logit) is garbage out for that token, but never an index past
+    # the experts (which the expert kernels would read weights at); the other rows are right
+    from meganeura.runtime.reference import run_reference
+
+    g, w, inputs = moe_case("moe_route", 4, 0, 11, 3, 0, seed=2)
+    inputs[0][1, 5] = float("nan")
+    model = compile_plan(g, w, "cpu", torch.float32, tmp_path)
+    route = model(*inputs).clone()
+    assert route[:, 3:].max() < 11 and route[:, 3:].min() >= 0
+    (ref,) = run_reference(g, w, {"logits": inputs[0]})
+    assert torch.allclose(route[[0, 2, 3]], ref[[0, 2, 3]])
+
+
+def test_routed_expert_ops_refuse_weights_of_another_expert_count():
+    from meganeura.compiler.graph import Graph
+    from meganeura.errors import GraphError
+
+    g = Graph()
+    x, z = g.input_f32("x", (4, 32)), g.input_f32("z", (4, 16))
+    scale, w = g.parameter("s", (16,)), g.parameter("w", (4, 20, 32))
+    with pytest.raises(GraphError, match="4 experts' weights for router logits over 16"):
+        g.expert_matmul_combine_routed(x, z, scale, w, 2)

@@ -46,6 +46,7 @@ idx = tl.zeros([ROWS, KP], dtype=tl.int32)
 for j in tl.static_range(K):
     best = tl.max(p, 1)
     pick = tl.min(tl.where(p == best[:, None], e[None, :], BLOCK_E), 1)  # the lower on a tie
+    pick = tl.minimum(pick, E - 1)  # a NaN logit: no index past the experts (NaN weights)
     wts = tl.where(slot == j, best[:, None], wts)
     idx = tl.where(slot == j, pick[:, None], idx)
     p = tl.where(e[None, :] == pick[:, None], -2.0, p)
@@ -95,7 +96,7 @@ rank = tl.sum(first.to(tl.int32), 1)
 _ROUTE_WEIGHTS = """
 slot = tl.arange(0, KP)
 hit = rank[None, :] == slot[:, None]
-idx = tl.sum(tl.where(hit, ex[None, :], 0), 1)
+idx = tl.minimum(tl.sum(tl.where(hit, ex[None, :], 0), 1), E - 1)  # (NaN: ranks are not)
 wts = tl.sum(tl.where(hit, p[None, :], 0.0), 1)
 total = tl.sum(tl.where(slot < TOPK, wts, 0.0), 0)
 wts = wts / total * tl.load(scale_ptr + idx, mask=slot < TOPK, other=0.0).to(tl.float32)
@@ -130,7 +131,8 @@ def _row_source(glu: str | None, routed: bool, norm: bool) -> str:
         tail += ["up = up * rstd"] if glu else []
     tail += [f"out = {activation(glu, 'out')} * up"] if glu else []
     if routed:
-        expert = _ROUTE_RANKS + "e = tl.sum(tl.where(rank == pair % TOPK, ex, 0), 0).to(tl.int64)"
+        expert = _ROUTE_RANKS + ("e = tl.minimum(tl.sum(tl.where(rank == pair % TOPK, ex, 0), 0), "
+                                 "E - 1).to(tl.int64)")
     else:
         expert = ("e = tl.load(route_ptr + tok * stride_route + TOPK + pair % TOPK)"
                   ".to(tl.int64)")

@@ -326,15 +326,24 @@ def _routed(s, d, a) -> Shape:
     return _moe_route(s, d, a)
 
 
+def _experts_of(z: Shape, w: Shape) -> None:
+    _rank(w, 3, "expert weights [experts, out, in]")
+    _need(w[0] == z[1], f"{w[0]} experts' weights for router logits over {z[1]} experts")
+
+
 def _expert_glu_routed(s, d, a):
     x, nw, z, scale, w = s
     _rms_norm([x, nw], d, a)
-    return _expert_glu([x, _routed([z, scale], d, a), w], d, a)
+    route = _routed([z, scale], d, a)
+    _experts_of(z, w)
+    return _expert_glu([x, route, w], d, a)
 
 
 def _expert_matmul_combine_routed(s, d, a):
     x, z, scale, w = s
-    return _expert_matmul_combine([x, _routed([z, scale], d, a), w], d, a)
+    route = _routed([z, scale], d, a)
+    _experts_of(z, w)
+    return _expert_matmul_combine([x, route, w], d, a)
 
 
 # ---- gradients: vector-Jacobian products in the graph's own ops ----------------------------

@@ -168,8 +168,9 @@ def validate(c: Gemma4TextConfig) -> None:
                                               f"got {getattr(c, f)!r}")
         _check(c.top_k_experts <= c.num_experts, "top_k_experts",
                f"({c.top_k_experts}) must not exceed num_experts ({c.num_experts})")
-        _check(c.num_experts <= 4096, "num_experts",
-               f"({c.num_experts}): the router's kernels take at most 4096 experts")
+        _check(c.num_experts <= 1024, "num_experts",
+               f"({c.num_experts}): the expert kernels rank a token's experts in one "
+               f"[experts, experts] comparison, at most 1024 experts")
     n = c.num_hidden_layers
     _check(len(c.layer_types) == n and all(t in (SLIDING, FULL) for t in c.layer_types),
            "layer_types", f"must list {n} entries of {SLIDING} or {FULL}")
