@@ -355,12 +355,15 @@ def test_layers_that_differ_in_eps_window_or_theta_are_separate_templates(tmp_pa
 
 def _templates():
     c = from_dict(hf.CONFIGS["every_feature"])
+    moe = from_dict(hf.CONFIGS["moe"])  # the experts family's rules, at 9 tokens and at one
     return [build(CONFIGS["gqa2"], 7), build(SMALL, 5), build(c, 9),
-            build(c, 9, Generation(16, False)), build(c, 1, Generation(16, True))]
+            build(c, 9, Generation(16, False)), build(c, 1, Generation(16, True)),
+            build(moe, 9), build(moe, 1, Generation(16, True))]
 
 
 @pytest.mark.parametrize("profile", [H200, CPU_INTERPRETER], ids=lambda p: p.name)
-@pytest.mark.parametrize("k", range(5), ids=["gqa2", "small", "published", "prefill", "decode"])
+@pytest.mark.parametrize("k", range(7), ids=["gqa2", "small", "published", "prefill", "decode",
+                                             "moe", "moe-decode"])
 def test_every_enode_of_every_class_computes_the_same(k, profile):
     g = _templates()[k]
     _, rep = optimize(g, CostModel(profile, "fp32"))
