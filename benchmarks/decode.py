@@ -20,7 +20,7 @@ loop does):
   processor: with its dynamic cache, and with `cache_implementation="static"` (for which
   transformers compiles the forward itself);
 - the floor: bytes a step must read at the copy bandwidth measured at the start of the run
-  (`bandwidth.py`; 4.3 TB/s, the H200's, on the CPU): every weight the step's products read
+  (`timing.py`; 4.3 TB/s, the H200's, on the CPU): every weight the step's products read
   (of stacked experts, the k a token chooses), the embedding rows gathered, the valid cache
   rows each attention reads and the new K/V written.
 Also: time to first token of meganeura for a 2048-token prompt (prefill, last row's logits,
@@ -59,7 +59,7 @@ from meganeura.inference.generation import LateIds, SamplingParams, capacity_for
 from meganeura.models import MODEL_NAMES, PRESETS, build  # noqa: E402
 from meganeura.models.kv import Generation  # noqa: E402
 from meganeura.runtime.check import TOLERANCE  # noqa: E402
-from bandwidth import copy_bandwidth  # noqa: E402
+from timing import copy_bandwidth  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BANDWIDTH = 4.3e12  # bytes/s, the H200's measured copy bandwidth (docs/design.md, cost)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from meganeura.compiler.kernels import stage  # noqa: E402
 from meganeura.compiler.plan import make_plan  # noqa: E402
 from meganeura.runtime.check import relative_error  # noqa: E402
 from meganeura.runtime.compiled import CompiledModel  # noqa: E402
+from timing import graph_replay_ms  # noqa: E402
 
 
 def lm_head(fused: bool, hidden: int, vocab: int = 262144, cap: float = 30.0):
@@ -84,24 +84,6 @@ def bind(graph, weights, device, dtype, cache):
                          inputs_apart=True)
 
 
-def timed(model, reps: int) -> float:
-    """Median ms of the model's launches, replayed as one CUDA graph."""
-    model.run_kernels()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model.run_kernels()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", default=None, help="substrings of case names")
@@ -131,7 +113,7 @@ def main() -> int:
                 model.load_inputs(inputs[0], inputs[1] * 2 ** -0.5)
             else:
                 model.load_inputs(*inputs)
-            ms[fused] = timed(model, a.reps)
+            ms[fused] = graph_replay_ms(model.run_kernels, a.reps)
             out[fused] = model.outputs[0].float().clone()
         err = relative_error(out[True], out[False])
         print(f"{name}: unfused {ms[False] * 1e3:8.1f} us, fused {ms[True] * 1e3:8.1f} us "

@@ -18,7 +18,7 @@ up, GELU-tanh gated, down) and their weighted sum.
   a GPU), eager and under torch.compile (reduce-overhead: CUDA graphs);
 - the floor at one token: the bytes the part must read (the router's weight, the norms',
   the k chosen experts' gate | up and down rows, x and the output) at the device's copy
-  bandwidth measured here (bandwidth.py).
+  bandwidth measured here (timing.py).
 
 Each output is compared with transformers' modules upcast to fp32 (relative error; a token
 whose k-th and (k+1)-th router scores are closer than bf16 can tell apart may choose another
@@ -28,7 +28,6 @@ expert in bf16). Medians of --reps CUDA-event timings.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bandwidth import copy_bandwidth  # noqa: E402
+from prefill import timed  # noqa: E402
+from timing import copy_bandwidth, graph_replay_ms  # noqa: E402
 from meganeura import pipeline  # noqa: E402
 from meganeura.compiler.graph import Graph  # noqa: E402
 from meganeura.models import gemma4_text  # noqa: E402
@@ -100,45 +100,8 @@ def floor_bytes(cfg, tokens: int, elem: int = 2) -> int:
 
 
 def replay_ms(run, reps: int, cuda: bool) -> float:
-    """Median ms of run() captured as one CUDA graph and replayed (the host clock on the CPU)."""
-    if not cuda:
-        run()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def event_ms(run, reps: int) -> float:
-    """Median ms of run() between CUDA events (a compiled function that replays its own
-    CUDA graphs)."""
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median ms of run() as one replayed CUDA graph (the host clock on the CPU)."""
+    return graph_replay_ms(run, reps) if cuda else timed(run, 1, reps, False)
 
 
 def main(argv=None) -> int:
@@ -193,7 +156,7 @@ def main(argv=None) -> int:
             try:
                 compiled(x)
                 c_s = time.perf_counter() - t
-                c_ms = event_ms(lambda: compiled(x), a.reps)
+                c_ms = timed(lambda: compiled(x), 3, a.reps, True)
                 print(f"  transformers + torch.compile {c_ms * 1e3:.1f} us ({ms / c_ms:.3f}x; "
                       f"compiled in {c_s:.1f} s)", flush=True)
             except Exception as e:  # noqa: BLE001 - a baseline that does not compile is reported

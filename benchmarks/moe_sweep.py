@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bandwidth import copy_bandwidth  # noqa: E402
+from timing import copy_bandwidth, graph_replay_ms  # noqa: E402
 from meganeura.codegen import Target  # noqa: E402
 from meganeura.codegen.cache import KernelCache  # noqa: E402
 from meganeura.codegen.common import cdiv  # noqa: E402
@@ -71,23 +70,6 @@ def one_op(kind: str, tokens: int, device, dtype, gen):
             out = g.expert_matmul(a, g.moe_route(z, scale, K), w)
     g.set_outputs([out])
     return g, weights, inputs
-
-
-def timed_launch(launch, reps: int) -> float:
-    launch.run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch.run()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def configs(kind: str) -> list[dict]:
@@ -157,14 +139,14 @@ def main(argv=None) -> int:
             model.specs[nid] = rebuilt(base_spec, cfg, kind, tokens, nout)
             try:
                 launch = model._bind(nid)
-                ms = timed_launch(launch, a.reps)
+                ms = graph_replay_ms(launch.run, a.reps)
                 err = relative_error(model.outputs[0].float(), want)
             except Exception as e:  # noqa: BLE001 - a configuration that does not build
                 print(f"  {kind} {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue
             results.append((ms, cfg, err))
         model.specs[nid] = base_spec
-        base_ms = timed_launch(model._bind(nid), a.reps)
+        base_ms = graph_replay_ms(model._bind(nid).run, a.reps)
         default = (base_spec.then if kind.startswith("grouped") else base_spec).constexprs
         print(f"== {kind}, {tokens} token(s): default {default} "
               f"{base_ms * 1e3:.1f} us", flush=True)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from ..compiler.ops import OPS
 from ..errors import MeganeuraError
 from . import (attention, attention_grad, decode_attention, embedding, embedding_grad, experts,
-               kv_cache,
-               linear_loss, matmul, norm_grad, place, pointwise, product_tn, row_loss,
+               kv_cache, linear_loss, matmul, norm_grad, place, pointwise, product_tn, row_loss,
                rowwise)
 from .common import KernelSpec, Target, dependent_launch
 

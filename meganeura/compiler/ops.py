@@ -321,11 +321,6 @@ def _expert_matmul_combine(s, d, a):
     return (s[1][0], _expert_matmul(s, d, a)[1])
 
 
-def _routed(s, d, a) -> Shape:
-    """The route a routed expert op computes from its logits and per-expert scale."""
-    return _moe_route(s, d, a)
-
-
 def _experts_of(z: Shape, w: Shape) -> None:
     _rank(w, 3, "expert weights [experts, out, in]")
     _need(w[0] == z[1], f"{w[0]} experts' weights for router logits over {z[1]} experts")
@@ -334,14 +329,14 @@ def _experts_of(z: Shape, w: Shape) -> None:
 def _expert_glu_routed(s, d, a):
     x, nw, z, scale, w = s
     _rms_norm([x, nw], d, a)
-    route = _routed([z, scale], d, a)
+    route = _moe_route([z, scale], d, a)  # the route it makes itself
     _experts_of(z, w)
     return _expert_glu([x, route, w], d, a)
 
 
 def _expert_matmul_combine_routed(s, d, a):
     x, z, scale, w = s
-    route = _routed([z, scale], d, a)
+    route = _moe_route([z, scale], d, a)  # the route it makes itself
     _experts_of(z, w)
     return _expert_matmul_combine([x, route, w], d, a)
 

@@ -1,4 +1,5 @@
-"""The device's copy bandwidth, measured: what a bandwidth floor is computed from in a run.
+"""Timing shared by the benchmarks: the device's copy bandwidth, and launches replayed as
+one CUDA graph.
 
 A floor taken from a constant holds for one GPU; the benchmarks measure the GPU they run on
 (an H100 copies at about 3.05 TB/s, an H200 at about 4.3) and divide by what they measured.
@@ -35,3 +36,22 @@ def copy_bandwidth(device=None, gib: float = 2.0, reps: int = 20) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n * 4 / statistics.median(times)
+
+
+def graph_replay_ms(run, reps: int) -> float:
+    """Median ms of run() (kernel launches, no host sync) captured once as a CUDA graph and
+    replayed `reps` times between CUDA events."""
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
