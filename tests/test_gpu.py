@@ -347,11 +347,13 @@ def test_training_gradients_bf16(kind, name, tmp_path):
 @pytest.mark.parametrize("tokens", [1, 8, 300])
 @pytest.mark.parametrize("op, per_token", [("expert_glu", True), ("expert_matmul", False),
                                            ("expert_matmul_combine", False),
-                                           ("expert_combine", True)])
+                                           ("expert_combine", True),
+                                           ("expert_glu_routed", True),
+                                           ("expert_matmul_combine_routed", False)])
 def test_expert_products_bf16(op, per_token, tokens, tmp_path):
     # 26B-A4B's widths (hidden 2816, experts of 704), 128 experts, top 8: a decode step's
     # programs per pair, and the sorted, grouped product of a batch and of a prefill
-    width = 704 if op == "expert_matmul_combine" or not per_token else 2816
+    width = 704 if op.startswith("expert_matmul_combine") or not per_token else 2816
     out = 2816 if width == 704 else 704
     check_case(moe_case(op, tokens, width, 128, 8, out, per_token=per_token, seed=tokens),
                "cuda", torch.bfloat16, tmp_path, "bf16")

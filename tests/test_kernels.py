@@ -459,6 +459,16 @@ def test_expert_products(op, per_token, tokens, tmp_path):
                torch.float32, tmp_path, "fp32")
 
 
+@pytest.mark.parametrize("op, per_token", [("expert_glu", True), ("expert_matmul", False)])
+def test_grouped_expert_products_read_weights_through_descriptors(op, per_token, tmp_path):
+    # rows of 16 bytes: the weight tiles come through a [experts, rows, K] descriptor; 40
+    # output columns past a 32-wide tile (a gate tile reads up's first rows: masked)
+    model = check_case(moe_case(op, 21, 48, 9, 3, 40, per_token=per_token, seed=5), "cpu",
+                       torch.float32, tmp_path, "fp32")
+    assert any(k.entry == "expert_grouped_kernel" and k.variant.endswith("-tma")
+               for spec in model.specs.values() for k in spec.chain())
+
+
 @pytest.mark.parametrize("experts, k", [(13, 3), (5, 5), (130, 8), (4, 1)])
 def test_the_router_keeps_the_top_k(experts, k, tmp_path):
     check_case(moe_case("moe_route", 9, 0, experts, k, 0, seed=experts), "cpu", torch.float32,

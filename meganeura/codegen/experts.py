@@ -12,8 +12,9 @@ expert products, two paths chosen by the token count:
   weights are read. expert_matmul_combine runs a program per (token, column tile) that
   walks the token's k experts and sums their products with the route weights, so the
   pairs' rows are never stored.
-- several tokens: a one-program counting sort orders the pairs by expert (stable: by pair
-  within an expert; no capacity, no pair dropped) into a scratch list, with each expert's
+- several tokens: a counting sort in two launches (a program per chunk of pairs counts
+  them by expert, then places them) orders the pairs by expert (stable: by pair within an
+  expert; no capacity, no pair dropped) into a scratch list, with each expert's
   first sorted row and first tile; then one grouped tiled product over every expert's
   tiles: a program finds its expert from the tile starts, gathers its pairs' rows, streams
   that expert's weight tiles through the matrix units and writes each result row at its
@@ -206,47 +207,83 @@ tl.store(out_ptr + tok * stride_out + n, out.to(out_ptr.dtype.element_ty), mask=
 
 # ---- several tokens: sort the pairs by expert, one grouped product -------------------------
 
-def _sort_source() -> str:
-    """A stable counting sort of the pairs by expert, in one program: order[i] is the i-th
-    pair in expert order; info holds each expert's first tile, pair count and first sorted
-    row ([3, BLOCK_E] int32)."""
-    return HEADER + "def expert_sort_kernel(route_ptr, order_ptr, info_ptr, P, stride_route, " \
-        "TOPK: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, " \
-        "BM: tl.constexpr):\n" + indent("""
-ex = tl.arange(0, BLOCK_E)
-counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-for p0 in range(0, P, CHUNK):
-    p = p0 + tl.arange(0, CHUNK)
-    e = tl.load(route_ptr + (p // TOPK).to(tl.int64) * stride_route + TOPK + p % TOPK,
-                mask=p < P, other=-1.0).to(tl.int32)
-    counts += tl.sum((e[:, None] == ex[None, :]).to(tl.int32), 0)
-first_row = tl.cumsum(counts, 0) - counts
-tiles = (counts + BM - 1) // BM
-tl.store(info_ptr + ex, tl.cumsum(tiles, 0) - tiles)
-tl.store(info_ptr + BLOCK_E + ex, counts)
-tl.store(info_ptr + 2 * BLOCK_E + ex, first_row)
-cursor = first_row
-for p0 in range(0, P, CHUNK):
-    p = p0 + tl.arange(0, CHUNK)
-    e = tl.load(route_ptr + (p // TOPK).to(tl.int64) * stride_route + TOPK + p % TOPK,
-                mask=p < P, other=-1.0).to(tl.int32)
-    hot = (e[:, None] == ex[None, :]).to(tl.int32)
-    before = tl.cumsum(hot, 0) - hot  # pairs of the same expert earlier in the chunk
-    at = tl.sum(hot * (cursor[None, :] + before), 1)
-    tl.store(order_ptr + at, p, mask=p < P)
-    cursor += tl.sum(hot, 0)
+def _pair_experts() -> str:
+    """Source lines loading the experts e [CHUNK] of chunk c's pairs (-1 past the last)."""
+    return """
+p = c * CHUNK + tl.arange(0, CHUNK)
+e = tl.load(route_ptr + (p // TOPK).to(tl.int64) * stride_route + TOPK + p % TOPK,
+            mask=p < P, other=-1.0).to(tl.int32)
+hot = (e[:, None] == ex[None, :]).to(tl.int32)
+"""
+
+
+def _count_source() -> str:
+    """The first pass of the counting sort: hist[c, e] counts chunk c's pairs of expert e."""
+    return HEADER + "def expert_count_kernel(route_ptr, hist_ptr, P, stride_route, " \
+        "TOPK: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):\n" + indent("""
+c = tl.program_id(0)
+ex = tl.arange(0, BLOCK_E)""" + _pair_experts() + """
+tl.store(hist_ptr + c * BLOCK_E + ex, tl.sum(hot, 0))
 """, 4) + "\n"
 
 
-def _grouped_source(glu: str | None) -> str:
+def _place_source() -> str:
+    """The second pass: a program per chunk sums the chunks' counts (all of them per expert,
+    the earlier chunks' apart) and writes each of its pairs at its expert's first sorted row
+    plus the expert's pairs in earlier chunks plus those earlier in its chunk; stable, so
+    the same bits on every run. order[i] is the i-th pair in expert order. The first
+    program also writes info: each expert's first tile, pair count and first sorted row
+    ([3, BLOCK_E] int32)."""
+    return HEADER + "def expert_place_kernel(route_ptr, hist_ptr, order_ptr, info_ptr, P, " \
+        "CHUNKS, stride_route, TOPK: tl.constexpr, BLOCK_E: tl.constexpr, " \
+        "CHUNK: tl.constexpr, RB: tl.constexpr, BM: tl.constexpr):\n" + indent("""
+c = tl.program_id(0)
+ex = tl.arange(0, BLOCK_E)
+total = tl.zeros([BLOCK_E], dtype=tl.int32)
+earlier = tl.zeros([BLOCK_E], dtype=tl.int32)
+for r0 in range(0, CHUNKS, RB):
+    r = r0 + tl.arange(0, RB)
+    h = tl.load(hist_ptr + r[:, None] * BLOCK_E + ex[None, :], mask=r[:, None] < CHUNKS,
+                other=0)
+    total += tl.sum(h, 0)
+    earlier += tl.sum(tl.where(r[:, None] < c, h, 0), 0)
+first_row = tl.cumsum(total, 0) - total
+tiles = (total + BM - 1) // BM
+head = c * BLOCK_E + ex < BLOCK_E  # the first program
+tl.store(info_ptr + ex, tl.cumsum(tiles, 0) - tiles, mask=head)
+tl.store(info_ptr + BLOCK_E + ex, total, mask=head)
+tl.store(info_ptr + 2 * BLOCK_E + ex, first_row, mask=head)""" + _pair_experts() + """
+before = tl.cumsum(hot, 0) - hot  # pairs of the same expert earlier in the chunk
+at = tl.sum(hot * ((first_row + earlier)[None, :] + before), 1)
+tl.store(order_ptr + at, p, mask=p < P)
+""", 4) + "\n"
+
+
+def sort_chunk(block_e: int, interpreted: bool) -> int:
+    """Pairs a program of the sort counts and places: a [CHUNK, BLOCK_E] one-hot each."""
+    return 16 if interpreted else max(16, min(128, 16384 // block_e))
+
+
+def _grouped_source(glu: str | None, tma: bool) -> str:
+    """tma: the expert's weight tiles come through a [experts, rows, K] tensor descriptor
+    (Hopper's bulk copies; rows past the weight's read as zeros, a gate tile's columns past
+    NOUT read up's rows: masked at the store); else through pointers."""
     def dot(name: str, off: str) -> str:
+        if tma:
+            return (f"b = w_desc.load([e_w, {off} + n0, k0]).reshape(BN, BK)\n"
+                    f"{name} = tl.dot(a, tl.trans(b), {name}, input_precision=PRECISION)")
         return (f"b = tl.load(wp + ({off} + n[None, :]).to(tl.int64) * stride_wn + kk[:, None], "
                 f"mask=(n[None, :] < NOUT) & (kk[:, None] < KDIM), other=0.0)\n"
                 f"{name} = tl.dot(a, b, {name}, input_precision=PRECISION)")
     loop = dot("acc", "0") + ("\n" + dot("acc_u", "NOUT") if glu else "")
     out = f"acc = {activation(glu, 'acc')} * acc_u" if glu else ""
-    return HEADER + "def expert_grouped_kernel(x_ptr, order_ptr, info_ptr, w_ptr, out_ptr, E, " \
-        "NOUT, KDIM, stride_x, stride_we, stride_wn, stride_out, TOPK: tl.constexpr, " \
+    weights = "w_desc" if tma else "w_ptr"
+    strides = "" if tma else "stride_we, stride_wn, "
+    elem = "w_desc.dtype" if tma else "w_ptr.dtype.element_ty"
+    at = "e_w = tl.maximum(e, 0)" if tma else \
+        "wp = w_ptr + tl.maximum(e, 0).to(tl.int64) * stride_we"
+    return HEADER + f"def expert_grouped_kernel(x_ptr, order_ptr, info_ptr, {weights}, " \
+        f"out_ptr, E, NOUT, KDIM, stride_x, {strides}stride_out, TOPK: tl.constexpr, " \
         "PER_TOKEN: tl.constexpr, BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, " \
         "BK: tl.constexpr, PRECISION: tl.constexpr):\n" + indent(f"""
 t = tl.program_id(0)
@@ -262,15 +299,16 @@ i = local * BM + tl.arange(0, BM)
 live = i < count  # no expert (e = -1): count 0
 pair = tl.load(order_ptr + first + i, mask=live, other=0)
 xrow = (pair // TOPK if PER_TOKEN else pair).to(tl.int64)
-n = tl.program_id(1) * BN + tl.arange(0, BN)
-wp = w_ptr + tl.maximum(e, 0).to(tl.int64) * stride_we
+n0 = tl.program_id(1) * BN
+n = n0 + tl.arange(0, BN)
+{at}
 acc = tl.zeros([BM, BN], dtype=tl.float32)
 acc_u = tl.zeros([BM, BN], dtype=tl.float32)
 k_end = tl.where(tl.max(live.to(tl.int32), 0) > 0, KDIM, 0)  # tiles past the last: no work
 for k0 in range(0, k_end, BK):
     kk = k0 + tl.arange(0, BK)
     a = tl.load(x_ptr + xrow[:, None] * stride_x + kk[None, :],
-                mask=live[:, None] & (kk[None, :] < KDIM), other=0.0).to(w_ptr.dtype.element_ty)
+                mask=live[:, None] & (kk[None, :] < KDIM), other=0.0).to({elem})
 {indent(loop, 4)}
 {out}
 tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_out + n[None, :],
@@ -378,20 +416,33 @@ def _experts(node, graph, target: Target) -> KernelSpec:
     bk = min(bk, max(16, next_pow2(kdim)))
     order = ("scratch", ("expert_order", (pairs,), "i32"))
     info = ("scratch", ("expert_tiles", (3 * block_e,), "i32"))
-    chunk = 16 if target.interpreted else max(16, min(128, 8192 // block_e))
-    sort = KernelSpec("experts", "sort", _sort_source(), "expert_sort_kernel", (1,),
-                      [("node", route.id), order, info, ("value", pairs), ("stride", route.id)],
-                      dict(TOPK=k, BLOCK_E=block_e, CHUNK=chunk, BM=bm), num_warps=4,
-                      num_stages=1)
+    chunk = sort_chunk(block_e, target.interpreted)
+    chunks = cdiv(pairs, chunk)
+    hist = ("scratch", ("expert_counts", (chunks, block_e), "i32"))
+    sort = KernelSpec("experts", "count", _count_source(), "expert_count_kernel", (chunks,),
+                      [("node", route.id), hist, ("value", pairs), ("stride", route.id)],
+                      dict(TOPK=k, BLOCK_E=block_e, CHUNK=chunk), num_warps=4, num_stages=1)
+    sort.then = KernelSpec("experts", "place", _place_source(), "expert_place_kernel",
+                           (chunks,), [("node", route.id), hist, order, info, ("value", pairs),
+                                       ("value", chunks), ("stride", route.id)],
+                           dict(TOPK=k, BLOCK_E=block_e, CHUNK=chunk,
+                                RB=2 if target.interpreted else max(1, min(64, 8192 // block_e)),
+                                BM=bm),
+                           num_warps=4, num_stages=1)
     tiles = cdiv(pairs, bm) + min(experts, pairs)  # the most tiles any routing needs
-    args = [("node", x.id), order, info, ("node", w.id), ("node", node.id), ("value", experts),
-            ("value", nout), ("value", kdim), ("stride", x.id), ("value", w.shape[1] * kdim),
-            ("value", kdim), ("stride", node.id)]
-    sort.then = KernelSpec("experts", variant + "-grouped", _grouped_source(glu),
-                           "expert_grouped_kernel", (tiles, cdiv(nout, bn)), args,
-                           dict(TOPK=k, PER_TOKEN=per_token, BLOCK_E=block_e, BM=bm, BN=bn,
-                                BK=bk, PRECISION=target.dot_precision),
-                           num_warps=4, num_stages=3 if not target.interpreted else 1)
+    # the weights through a tensor descriptor where their rows start on 16 bytes
+    tma = kdim % 8 == 0 and graph[w.id].op == "parameter"
+    args = [("node", x.id), order, info,
+            ("desc", (w.id, (1, bn, bk))) if tma else ("node", w.id), ("node", node.id),
+            ("value", experts), ("value", nout), ("value", kdim), ("stride", x.id)]
+    args += [] if tma else [("value", w.shape[1] * kdim), ("value", kdim)]
+    args += [("stride", node.id)]
+    sort.then.then = KernelSpec("experts", variant + "-grouped" + ("-tma" if tma else ""),
+                                _grouped_source(glu, tma), "expert_grouped_kernel",
+                                (tiles, cdiv(nout, bn)), args,
+                                dict(TOPK=k, PER_TOKEN=per_token, BLOCK_E=block_e, BM=bm,
+                                     BN=bn, BK=bk, PRECISION=target.dot_precision),
+                                num_warps=4, num_stages=3 if not target.interpreted else 1)
     return sort
 
 

@@ -285,8 +285,8 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
     return Work(io, 0.0, vec * _numel(out))
 
 
-# The one-program sort of the pairs by expert that a grouped expert product launches first
-# (codegen/experts.py): a pass over the routes, tens of microseconds at most.
+# The sort of the pairs by expert that a grouped expert product launches first
+# (codegen/experts.py): two short launches over the routes, a program per chunk of pairs.
 EXPERT_SORT = 5e-6
 
 

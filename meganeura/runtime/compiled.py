@@ -490,9 +490,10 @@ def _bounds_of_inputs(g) -> dict[int, tuple[int, str]]:
     return bounds
 
 
-def _descriptor(t: torch.Tensor, block: tuple[int, int], label: str):
+def _descriptor(t: torch.Tensor, block: tuple[int, ...], label: str):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(1) != 1:
+    if t.data_ptr() % 16 or t.stride(-1) != 1 or any(
+            (st * t.element_size()) % 16 for st in t.stride()[:-1]):
         raise AssertionError(f"{label}: a tensor descriptor needs 16-byte aligned rows")
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
