@@ -150,6 +150,11 @@ def main(argv=None) -> int:
         if hf_ms is not None:
             line += f"; transformers eager {hf_ms * 1e3:.1f} us ({ms / hf_ms:.3f}x)"
         print(line, flush=True)
+        if cuda:  # each launch replayed alone (its weights partly in L2 from the last replay)
+            alone = [(f"{plan.graph[launch.node].op}[{launch.spec.variant}]",
+                      graph_replay_ms(launch.run, a.reps)) for launch in model.launches]
+            print("  launches alone: " + ", ".join(f"{n} {t * 1e3:.1f} us" for n, t in alone),
+                  flush=True)
         if cuda and a.torch_compile:
             t = time.perf_counter()
             compiled = torch.compile(hf_run, mode="reduce-overhead")
