@@ -284,6 +284,15 @@ def test_decode_with_split_products_matches_the_reference(tmp_path):
         assert row[out[t + 1]] >= row.max() - 1e-4 * row.abs().max(), t
 
 
+@pytest.mark.parametrize("op", ["rms_norm|", "plain"])
+def test_narrow_one_row_product_over_a_transposed_weight_splits_k_bf16(op, tmp_path):
+    # a MoE router's product (128 columns of a [128, 2816] weight): too few columns for
+    # the SMs, so programs share K in slices
+    g, w, inputs = product_case(op, 1, 2816, 128, seed=4, transposed=True)
+    model = check_case((g, w, inputs), "cuda", torch.bfloat16, tmp_path, "bf16")
+    assert "+split-K" in model.launches[0].spec.variant
+
+
 def test_split_products_repeat_bit_for_bit(tmp_path):
     # the slices' partials are summed in slice order, not in the order programs finish: a
     # seeded generation gives the same tokens on every run

@@ -104,15 +104,15 @@ def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, transpose
 @pytest.mark.parametrize("op", PRODUCT_SAMPLE)
 def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
     # a decode step's products: K = 45 or 130 and N = 280 leave partial K steps and column
-    # tiles (nine of 32 columns); B stored [K, N] past one K step is shared among programs in
-    # K slices (two of 32 rows at K = 45, three of 64 at 130), whose last program finishes
-    # each column tile
+    # tiles (nine of 32 columns); B past one K step (stored [K, N] or [N, K]) is shared
+    # among programs in K slices (two of 32 rows at K = 45, three of 64 at 130), whose last
+    # program finishes each column tile
     g, w, inputs = product_case(op, 1, k, 280, seed=11, transposed=transposed)
     model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
     spec = model.launches[0].spec
     assert "+matvec" in spec.variant and spec.entry == "matvec_kernel"
     assert ("B-transposed" in spec.variant) == transposed
-    assert ("+split-K" in spec.variant) == (not transposed and k > 32)
+    assert ("+split-K" in spec.variant) == (k > 32)
     if "+split-K" in spec.variant:
         assert spec.grid[2] == (2 if k == 45 else 3)
         assert len(model._scratches) == 2  # the slices' partial rows and the tiles' counters

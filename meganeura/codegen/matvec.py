@@ -234,7 +234,11 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target,
     - otherwise the widest tile (up to 8 columns) whose program reads at most 40 KB of B and
       that still gives every SM a program, 4 columns at most for the widest products (the
       lm_head: 302 us for 1.34 GB at 4, 359 at 8), K steps of 1024 for K >= 8192 (e4b's
-      down projection: 13.5 us for 52 MB, 16.1 in steps of 512), else 512.
+      down projection: 13.5 us for 52 MB, 16.1 in steps of 512), else 512;
+    - too few columns for every SM even at one column a program (a MoE router's 128
+      experts): K split in up to 8 slices of at least 512 rows, K steps of 256, until every
+      SM gets two programs (26B-A4B's router took 9.2 us at one column, whole K, on an
+      H100: its 128 programs each waited on six loads in turn).
     Stored [K, N] (the seed's layout), each K row gives a BLOCK_N-wide segment; timed with
     B out of L2 (results/matvec-sweep-2026-12-01-h200-3357d59-seed-split-k-cold.log):
     - paired gate | up: 32 columns (16 where that leaves fewer than two programs an SM) in
@@ -248,10 +252,10 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target,
       for 13 MB (4 ways).
     splits=False (a row's post-norm counts whole column tiles): 16 columns in K steps of
     256 where a split would have been chosen, so every SM still gets a program."""
-    if target.interpreted:  # [K, N] in up to three K slices where tests cover the split;
+    if target.interpreted:  # in up to three K slices where tests cover the split;
         # 32 columns: several tiles at the tests' widths, and few programs (each program of
         # the interpreter runs in Python, at about the same time for 8 columns as for 32)
-        split = splits and not b_trans and target.interpreter_splits
+        split = splits and target.interpreter_splits
         return dict(BLOCK_N=32, BLOCK_K=32, warps=4, SPLIT_K=min(3, cdiv(k, 32)) if split else 1)
     if not b_trans:
         if paired:
@@ -278,6 +282,11 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target,
     bn = 4 if n >= 65536 else 8
     while bn > 1 and (bn * per_column > 40 * 1024 or cdiv(n, bn) < target.sm_count):
         bn //= 2
+    if splits and cdiv(n, bn) < target.sm_count:  # too few columns for the SMs (a router)
+        split = 1
+        while split < 8 and cdiv(n, bn) * split < 2 * target.sm_count and k // (split * 2) >= 512:
+            split *= 2
+        return dict(BLOCK_N=bn, BLOCK_K=min(256, k_pow2), warps=4, SPLIT_K=split)
     bk = 1024 if k >= 8192 else 512
     return dict(BLOCK_N=bn, BLOCK_K=min(bk, k_pow2), warps=4)
 

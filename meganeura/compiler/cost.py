@@ -294,7 +294,7 @@ def _experts(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> W
     """Expert products read each chosen expert's weights: one token's k pairs each stream
     their expert (the one-token path, and the fused combine at every token count); more
     tokens sort their pairs by expert, and each tile of one expert's pairs streams its
-    weights once, the pairs' rows once per column tile."""
+    weights once, the pairs' rows once (L2 serves a row tile's other column tiles)."""
     routed = op.endswith("_routed")  # each program routes its token from the logits
     if routed:
         logits = ins[-3]
@@ -319,10 +319,12 @@ def _experts(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> W
         return Work(reads, flops, vec, "matmul", programs=(pairs if per_pair else tokens) * cols)
     from ..codegen.experts import grouped_tiles  # the tiles codegen runs
     glu = op == "expert_glu"
-    bm, bn, _ = grouped_tiles(pairs, glu, False)
+    bm, bn, _, _ = grouped_tiles(pairs, experts, glu, False)
     tiles = max(min(experts, pairs), -(-pairs // bm))
     col_tiles = -(-out[1] // bn)
-    reads = elem * (tiles * n_w * kdim + pairs * kdim * col_tiles + _numel(out)) + route_bytes
+    # the pairs' rows once: a row tile's other column tiles find them in L2 (at 2048 tokens
+    # the tile widths that re-read them most ran fastest, benchmarks/moe_sweep.py)
+    reads = elem * (tiles * n_w * kdim + pairs * kdim + _numel(out)) + route_bytes
     sms = attrs.get("_sms", 0)
     fill = min(1.0, pairs / (tiles * bm)) * (min(1.0, tiles * col_tiles / sms) if sms else 1.0)
     programs = 1 + (-(-pairs // 16) + min(experts, pairs)) * cols
