@@ -205,6 +205,62 @@ tl.store(out_ptr + tok * stride_out + n, out.to(out_ptr.dtype.element_ty), mask=
 """, 4) + "\n"
 
 
+def _combine_split_source(routed: bool) -> str:
+    """The same sum with the k experts spread over grid axis 2: each program streams one
+    expert's rows for its columns (all of them in flight at once, rather than k K loops
+    in turn), stores its weighted product in the token's workspace row j and counts itself
+    in the column tile's counter; the last of the k to count reads the k rows at once, sums
+    them in slot order (the same bits every run, whatever order programs finish), stores
+    the tile and leaves the counter zeroed for the next launch."""
+    def tile(k: str) -> str:
+        return (f"tl.load(wp + n[:, None].to(tl.int64) * stride_wn + {k}[None, :], "
+                f"mask=(n[:, None] < NOUT) & ({k}[None, :] < KDIM), other=0.0)")
+    if routed:
+        pick = _ROUTE_OF_TOKEN + """
+wt = tl.sum(tl.where(slot == j, wts, 0.0), 0)
+e = tl.sum(tl.where(slot == j, idx, 0), 0).to(tl.int64)"""
+    else:
+        pick = """
+wt = tl.load(route_ptr + tok * stride_route + j)
+e = tl.load(route_ptr + tok * stride_route + TOPK + j).to(tl.int64)"""
+    params = "a_ptr, " + (_ROUTE_ARGS if routed else "route_ptr, stride_route, ") + \
+        "w_ptr, out_ptr, ws_ptr, cnt_ptr, NOUT, KDIM, stride_a, stride_we, stride_wn, " \
+        "stride_out, " + (_ROUTE_CONSTS if routed else "") + \
+        "TOPK: tl.constexpr, PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, " \
+        "BLOCK_S: tl.constexpr"
+    return HEADER + f"def expert_combine_split_kernel({params}):\n" + indent(f"""
+tok = tl.program_id(0).to(tl.int64)
+j = tl.program_id(2)
+{pick}
+pid_n = tl.program_id(1)
+n = pid_n * BN + tl.arange(0, BN)
+rk = tl.arange(0, BK)
+wp = w_ptr + e * stride_we
+arow = tok if PER_TOKEN else tok * TOPK + j
+acc = tl.zeros([BN, BK], dtype=tl.float32)
+w_next = {tile("rk")}
+for k0 in range(0, KDIM, BK):
+    kk = k0 + rk
+    w = w_next
+    w_next = {tile("(kk + BK)")}
+    av = tl.load(a_ptr + arow * stride_a + kk, mask=kk < KDIM, other=0.0).to(tl.float32)
+    acc += w.to(tl.float32) * av[None, :]
+out = tl.sum(acc, 1) * wt
+tl.store(ws_ptr + (tok * TOPK + j) * NOUT + n, out, mask=n < NOUT)
+tl.debug_barrier()  # every thread's columns before the count
+cnt = cnt_ptr + tok * tl.num_programs(1) + pid_n
+done = tl.atomic_add(cnt, 1, sem="acq_rel")
+if done == TOPK - 1:
+    js = tl.arange(0, BLOCK_S)
+    rows = ws_ptr + (tok * TOPK + js)[:, None] * NOUT + n[None, :]
+    part = tl.load(rows, mask=(js[:, None] < TOPK) & (n[None, :] < NOUT), other=0.0,
+                   cache_modifier=".cg")
+    tl.store(out_ptr + tok * stride_out + n, tl.sum(part, 0).to(out_ptr.dtype.element_ty),
+             mask=n < NOUT)
+    tl.store(cnt, 0)
+""", 4) + "\n"
+
+
 # ---- several tokens: sort the pairs by expert, one grouped product -------------------------
 
 def _pair_experts() -> str:
@@ -400,6 +456,21 @@ def _experts(node, graph, target: Target) -> KernelSpec:
     tail = [("node", w.id), ("node", node.id), ("value", nout), ("value", kdim),
             ("stride", x.id), ("value", w.shape[1] * kdim), ("value", kdim),
             ("stride", node.id)]
+    # few tokens (too few 32-column programs for two an SM): each of a token's k experts is
+    # a program; on the interpreter, where tests ask for splits, at one token
+    bn = min(next_pow2(nout), 16 if target.interpreted else 32)
+    if op.startswith("expert_matmul_combine") and (
+            target.interpreter_splits and tokens == 1 if target.interpreted
+            else tokens * cdiv(nout, bn) < 2 * target.sm_count):
+        tiles = cdiv(nout, bn)
+        split = [("scratch", ("expert_partials", (tokens * k * nout,), "fp32")),
+                 ("scratch", ("expert_counters", (tokens * tiles,), "i32"))]
+        return KernelSpec("experts", "matmul-combine-split" + ("-routed" if routed else ""),
+                          _combine_split_source(routed), "expert_combine_split_kernel",
+                          (tokens, tiles, k), head + route_args + tail[:2] + split + tail[2:],
+                          dict(route_consts, TOPK=k, PER_TOKEN=per_token, BN=bn, BK=bk,
+                               BLOCK_S=max(2, next_pow2(k))),
+                          num_warps=4, num_stages=2)
     if op.startswith("expert_matmul_combine"):
         bn = row_tile(nout, tokens, target.sm_count, target.interpreted)
         return KernelSpec("experts", "matmul-combine" + ("-routed" if routed else ""),
