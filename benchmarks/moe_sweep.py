@@ -128,7 +128,16 @@ def main(argv=None) -> int:
         tokens = 1 if kind in ("row", "combine") else a.tokens
         g, weights, inputs = one_op(kind, tokens, device, dtype, gen)
         plan = make_plan(g, CostModel(CPU_INTERPRETER, "fp32"))
-        model = CompiledModel(plan, weights, Target(device, dtype), cache, cuda_graph=False)
+        if kind in ("row", "combine"):  # the default, split among programs, then the
+            # configurations of a program per column tile
+            model = CompiledModel(plan, weights, Target(device, dtype), cache, cuda_graph=False)
+            model(*inputs)
+            (launch,) = [x for x in model.launches if x.spec.archetype == "experts"]
+            print(f"== {kind}, split: {launch.spec.variant} grid {launch.spec.grid} "
+                  f"{launch.spec.constexprs} {graph_replay_ms(launch.run, a.reps) * 1e3:.1f} us",
+                  flush=True)
+        model = CompiledModel(plan, weights, Target(device, dtype, expert_splits=False), cache,
+                              cuda_graph=False)
         model(*inputs)
         (nid,) = [launch.node for launch in model.launches
                   if launch.spec.archetype == "experts"]

@@ -457,12 +457,13 @@ def test_expert_products(op, per_token, tokens, tmp_path):
     # 11 experts of which 19 tokens' 3 pairs leave some unused or shared)
     model = check_case(moe_case(op, tokens, 37, 11, 3, 27, per_token=per_token, seed=tokens),
                        "cpu", torch.float32, tmp_path, "fp32")
-    if op.startswith("expert_matmul_combine"):  # one token: a program per expert, the last
-        # of a column tile's sums them and leaves its counter zeroed
-        variants = [k.variant for spec in model.specs.values() for k in spec.chain()]
-        assert any("combine-split" in v for v in variants) == (tokens == 1), variants
-        for (name, _, _), t in model._scratches.items():
-            assert name != "expert_counters" or not t.any()
+    # one token: the weighted sum a program per expert, the other products K in slices;
+    # the last program of a column tile sums the partials and leaves its counter zeroed
+    variants = [k.variant for spec in model.specs.values() for k in spec.chain()]
+    if op != "expert_combine":
+        assert any("-split" in v for v in variants) == (tokens == 1), variants
+    for (name, _, _), t in model._scratches.items():
+        assert not name.endswith("counters") or not t.any(), name
 
 
 @pytest.mark.parametrize("op, per_token", [("expert_glu", True), ("expert_matmul", False)])

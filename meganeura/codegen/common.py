@@ -28,6 +28,9 @@ class Target:
     # would (the kernel tests cover those paths so); a model run there does not, as every
     # program costs there what a whole kernel costs on a GPU
     interpreter_splits: bool = False
+    # a decode step's expert kernels share K (and the weighted sum its k experts) among
+    # programs; False keeps a program per column tile (benchmarks/moe_sweep.py compares)
+    expert_splits: bool = True
 
     @property
     def interpreted(self) -> bool:

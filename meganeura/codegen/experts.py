@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from ..compiler.ops import OPS
 from .common import HEADER, KernelSpec, Target, activation, cdiv, indent, next_pow2
+from .matvec import k_slices
 
 
 def _route_source() -> str:
@@ -107,30 +108,60 @@ _ROUTE_ARGS = "z_ptr, scale_ptr, E, stride_z, "
 _ROUTE_CONSTS = "KP: tl.constexpr, BLOCK_E: tl.constexpr, "
 
 
-def _row_source(glu: str | None, routed: bool, norm: bool) -> str:
+def _row_source(glu: str | None, routed: bool, norm: bool, split: bool = False) -> str:
     """y[pair, n] = x[row] . w[e, n, :] (with glu: act(gate) * up of columns n and NOUT + n;
     with norm: of x's row RMS-normalized with weight nw, its sum of squares taken in the same
     pass and applied at the end, the product being linear in the row). As the one-row
     product does (codegen/matvec.py): products summed element-wise into [BN, BK]
-    accumulators and reduced once at the end, each weight tile asked one K step ahead."""
+    accumulators and reduced once at the end, each weight tile asked one K step ahead.
+    split: grid axis 2 shares K among SPLIT programs (K_SPLIT rows each); each stores its
+    partial sums in its own workspace row ([pairs, SPLIT, 2 NOUT] fp32) and counts itself in
+    the (pair, column tile)'s counter; the last to count reads the SPLIT rows at once, sums
+    them in one fixed order, takes the row's sum of squares (x from L2), finishes the tile
+    and leaves the counter zeroed for the next launch."""
     def tile(off: str, k: str) -> str:
         return (f"tl.load(wp + ({off} + n[:, None]).to(tl.int64) * stride_wn + {k}[None, :], "
-                f"mask=(n[:, None] < NOUT) & ({k}[None, :] < KDIM), other=0.0)")
-    first = [f"g_next = {tile('0', 'rk')}"] + ([f"u_next = {tile('NOUT', 'rk')}"] if glu else [])
+                f"mask=(n[:, None] < NOUT) & ({k}[None, :] < k_hi), other=0.0)")
+    first = [f"g_next = {tile('0', '(k_lo + rk)')}"] + \
+        ([f"u_next = {tile('NOUT', '(k_lo + rk)')}"] if glu else [])
     loop = ["kk = k0 + rk", "g = g_next", f"g_next = {tile('0', '(kk + BK)')}"]
     loop += ["u = u_next", f"u_next = {tile('NOUT', '(kk + BK)')}"] if glu else []
-    loop += ["xv = tl.load(x_ptr + xrow * stride_x + kk, mask=kk < KDIM, other=0.0)"
+    loop += ["xv = tl.load(x_ptr + xrow * stride_x + kk, mask=kk < k_hi, other=0.0)"
              ".to(tl.float32)"]
     if norm:
-        loop += ["ss += xv * xv", "xv = xv * tl.load(nw_ptr + kk, mask=kk < KDIM, "
-                 "other=0.0).to(tl.float32)"]
+        loop += [] if split else ["ss += xv * xv"]
+        loop += ["xv = xv * tl.load(nw_ptr + kk, mask=kk < k_hi, other=0.0).to(tl.float32)"]
     loop += ["acc += g.to(tl.float32) * xv[None, :]"]
     loop += ["acc_u += u.to(tl.float32) * xv[None, :]"] if glu else []
-    tail = ["out = tl.sum(acc, 1)"] + (["up = tl.sum(acc_u, 1)"] if glu else [])
+    sums = ["out = tl.sum(acc, 1)"] + (["up = tl.sum(acc_u, 1)"] if glu else [])
+    tail = []
     if norm:
+        if split:  # the whole row's sum of squares, read back from L2
+            tail += ["for k0 in range(0, KDIM, BK):",
+                     "    xv = tl.load(x_ptr + xrow * stride_x + k0 + rk, mask=k0 + rk < KDIM, "
+                     "other=0.0).to(tl.float32)",
+                     "    ss += xv * xv"]
         tail += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / KDIM + eps)", "out = out * rstd"]
         tail += ["up = up * rstd"] if glu else []
     tail += [f"out = {activation(glu, 'out')} * up"] if glu else []
+    tail += ["tl.store(out_ptr + pair.to(tl.int64) * stride_out + n, "
+             "out.to(out_ptr.dtype.element_ty), mask=n < NOUT)"]
+    if split:
+        width = "2 * NOUT" if glu else "NOUT"
+        sums += [f"part = ws_ptr + (pair.to(tl.int64) * SPLIT + tl.program_id(2)) * {width} + n",
+                 "tl.store(part, out, mask=n < NOUT)"]
+        sums += ["tl.store(part + NOUT, up, mask=n < NOUT)"] if glu else []
+        sums += ["tl.debug_barrier()  # every thread's partials before the count",
+                 "cnt = cnt_ptr + pair * tl.num_programs(1) + tl.program_id(1)",
+                 'done = tl.atomic_add(cnt, 1, sem="acq_rel")']
+        last = ["js = tl.arange(0, BLOCK_S)",
+                f"rows = ws_ptr + (pair.to(tl.int64) * SPLIT + js)[:, None] * {width} + "
+                "n[None, :]",
+                "rmask = (js[:, None] < SPLIT) & (n[None, :] < NOUT)",
+                'out = tl.sum(tl.load(rows, mask=rmask, other=0.0, cache_modifier=".cg"), 0)']
+        last += ['up = tl.sum(tl.load(rows + NOUT, mask=rmask, other=0.0, cache_modifier=".cg"),'
+                 ' 0)'] if glu else []
+        tail = ["if done == SPLIT - 1:"] + ["    " + x for x in last + tail + ["tl.store(cnt, 0)"]]
     if routed:
         expert = _ROUTE_RANKS + ("e = tl.minimum(tl.sum(tl.where(rank == pair % TOPK, ex, 0), 0), "
                                  "E - 1).to(tl.int64)")
@@ -139,9 +170,13 @@ def _row_source(glu: str | None, routed: bool, norm: bool) -> str:
                   ".to(tl.int64)")
     params = ("x_ptr, nw_ptr, eps, " if norm else "x_ptr, ") + \
         (_ROUTE_ARGS if routed else "route_ptr, stride_route, ") + \
-        "w_ptr, out_ptr, NOUT, KDIM, stride_x, stride_we, stride_wn, stride_out, " + \
+        "w_ptr, out_ptr, " + ("ws_ptr, cnt_ptr, K_SPLIT, SPLIT, " if split else "") + \
+        "NOUT, KDIM, stride_x, stride_we, stride_wn, stride_out, " + \
         (_ROUTE_CONSTS if routed else "") + \
-        "TOPK: tl.constexpr, PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr"
+        "TOPK: tl.constexpr, PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr" + \
+        (", BLOCK_S: tl.constexpr" if split else "")
+    k_range = (["k_lo = tl.program_id(2) * K_SPLIT", "k_hi = tl.minimum(k_lo + K_SPLIT, KDIM)"]
+               if split else ["k_lo = 0", "k_hi = KDIM"])
     return HEADER + f"def expert_row_kernel({params}):\n" + indent(f"""
 pair = tl.program_id(0)
 tok = (pair // TOPK).to(tl.int64)
@@ -149,16 +184,16 @@ tok = (pair // TOPK).to(tl.int64)
 xrow = tok if PER_TOKEN else pair.to(tl.int64)
 n = tl.program_id(1) * BN + tl.arange(0, BN)
 rk = tl.arange(0, BK)
+{chr(10).join(k_range)}
 wp = w_ptr + e * stride_we
 acc = tl.zeros([BN, BK], dtype=tl.float32)
 acc_u = tl.zeros([BN, BK], dtype=tl.float32)
 ss = tl.zeros([BK], dtype=tl.float32)
 {chr(10).join(first)}
-for k0 in range(0, KDIM, BK):
+for k0 in range(k_lo, k_hi, BK):
 {indent(chr(10).join(loop), 4)}
+{chr(10).join(sums)}
 {chr(10).join(tail)}
-tl.store(out_ptr + pair.to(tl.int64) * stride_out + n, out.to(out_ptr.dtype.element_ty),
-         mask=n < NOUT)
 """, 4) + "\n"
 
 
@@ -459,7 +494,7 @@ def _experts(node, graph, target: Target) -> KernelSpec:
     # few tokens (too few 32-column programs for two an SM): each of a token's k experts is
     # a program; on the interpreter, where tests ask for splits, at one token
     bn = min(next_pow2(nout), 16 if target.interpreted else 32)
-    if op.startswith("expert_matmul_combine") and (
+    if op.startswith("expert_matmul_combine") and target.expert_splits and (
             target.interpreter_splits and tokens == 1 if target.interpreted
             else tokens * cdiv(nout, bn) < 2 * target.sm_count):
         tiles = cdiv(nout, bn)
@@ -483,10 +518,34 @@ def _experts(node, graph, target: Target) -> KernelSpec:
     pairs = tokens * k
     if tokens == 1 or routed:
         bn = row_tile(nout, pairs, target.sm_count, target.interpreted)
-        return KernelSpec("experts", variant + ("-routed-norm" if routed else "-row"),
-                          _row_source(glu, routed, norm), "expert_row_kernel",
-                          (pairs, cdiv(nout, bn)), head + route_args + tail,
-                          dict(route_consts, TOPK=k, PER_TOKEN=per_token, BN=bn, BK=bk),
+        programs = pairs * cdiv(nout, bn)
+        # K shared among programs while they are few (each then waits on fewer loads in
+        # turn), in slices of at least 512 rows; on the interpreter where tests ask, at one
+        # token, in slices of one K step
+        split = 1
+        if not target.expert_splits:
+            pass
+        elif target.interpreted:
+            split = cdiv(kdim, bk) if target.interpreter_splits and tokens == 1 else 1
+        else:
+            while split < 8 and programs * split < 8 * target.sm_count and \
+                    kdim // (split * 2) >= 512:
+                split *= 2
+        k_split, split = k_slices(kdim, split, bk)
+        extra, consts = [], {}
+        if split > 1:
+            width = (2 if glu else 1) * nout
+            extra = [("scratch", ("expert_row_partials", (pairs * split * width,), "fp32")),
+                     ("scratch", ("expert_row_counters", (programs,), "i32")),
+                     ("value", k_split), ("value", split)]
+            consts = dict(BLOCK_S=next_pow2(split))
+        name = variant + ("-routed-norm" if routed else "-row") + ("-split" if split > 1 else "")
+        return KernelSpec("experts", name, _row_source(glu, routed, norm, split > 1),
+                          "expert_row_kernel", (pairs, cdiv(nout, bn)) + ((split,) if split > 1
+                                                                         else ()),
+                          head + route_args + tail[:2] + extra + tail[2:],
+                          dict(route_consts, TOPK=k, PER_TOKEN=per_token, BN=bn, BK=bk,
+                               **consts),
                           num_warps=4, num_stages=2)
     experts = w.shape[0]
     block_e = max(16, next_pow2(experts))
