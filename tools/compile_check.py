@@ -95,6 +95,34 @@ def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h2
     return compile_launches(plan.graph, plan.launches, target, seen)
 
 
+def _row_stride(graph, nid: int) -> int:
+    """Elements between rows of the node's tensor: its width, or a column view's parent's."""
+    node = graph[nid]
+    while node.op == "slice_cols":
+        node = graph[node.inputs[0]]
+    return node.shape[-1] if node.shape else 1
+
+
+def divisible(spec, graph, arg_names, names, types) -> dict:
+    """The arguments the runtime would specialize as multiples of 16 (Triton does so for
+    every pointer and integer argument that is one; pipelining pointer loads hangs on it):
+    pointers (the arena places tensors on 256-byte boundaries) and integers whose values the
+    plan knows (tile counts, widths, row strides)."""
+    attrs = {}
+    for (kind, x), name, sig_t in zip(spec.args, names, types):
+        if kind == "desc":
+            continue
+        if kind == "stride":
+            value = _row_stride(graph, x)
+        elif kind == "value" and isinstance(x, int) and not isinstance(x, bool):
+            value = x
+        else:
+            value = 16 if sig_t.startswith("*") else 1
+        if value % 16 == 0:
+            attrs[(arg_names.index(name),)] = [["tt.divisibility", 16]]
+    return attrs
+
+
 def compile_launches(graph, launches, target, seen: set | None = None) -> list[dict]:
     """Compiles the kernels of the graph's launches for sm_90, each distinct one once."""
     dtype = target.dtype
@@ -117,7 +145,8 @@ def compile_launches(graph, launches, target, seen: set | None = None) -> list[d
         names = [n for n in fn.arg_names if n not in spec.constexprs]
         sig = dict(zip(names, types))
         sig.update({k: "constexpr" for k in spec.constexprs})
-        src = triton.compiler.ASTSource(fn, sig, dict(spec.constexprs))
+        src = triton.compiler.ASTSource(fn, sig, dict(spec.constexprs),
+                                        divisible(spec, graph, fn.arg_names, names, types))
         k = triton.compile(src, target=GPUTarget("cuda", 90, 128),
                            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
         ptx = k.asm["ptx"]
