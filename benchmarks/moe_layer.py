@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prefill import timed  # noqa: E402
+from prefill import graph_time, timed  # noqa: E402
 from timing import copy_bandwidth, graph_replay_ms  # noqa: E402
 from meganeura import pipeline  # noqa: E402
 from meganeura.compiler.graph import Graph  # noqa: E402
@@ -150,9 +150,10 @@ def main(argv=None) -> int:
         if hf_ms is not None:
             line += f"; transformers eager {hf_ms * 1e3:.1f} us ({ms / hf_ms:.3f}x)"
         print(line, flush=True)
-        if cuda:  # each launch replayed alone (its weights partly in L2 from the last replay)
+        if cuda:  # each launch alone, 20 of it back to back in one CUDA graph (no graph
+            # launch in the time; its weights partly in L2 from the launch before)
             alone = [(f"{plan.graph[launch.node].op}[{launch.spec.variant}]",
-                      graph_replay_ms(launch.run, a.reps)) for launch in model.launches]
+                      graph_time(launch.run, 20)) for launch in model.launches]
             print("  launches alone: " + ", ".join(f"{n} {t * 1e3:.1f} us" for n, t in alone),
                   flush=True)
         if cuda and a.torch_compile:
