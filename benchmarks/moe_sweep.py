@@ -5,10 +5,11 @@ codegen (codegen/experts.py) should pick, measured, not guessed.
 
 Each kernel is bound once by the compiler (a one-op graph, as a plan binds it), then its
 launch is rebuilt with each configuration (constexprs, grid, warps, stages), checked
-against the default's output, and timed as a CUDA-graph replay of that one launch (median
-of --reps, CUDA events; ten launches a graph, so the graph's own launch is spread thin). Row kernels (one token: a program per pair, or per token for the
-weighted sum) report the bandwidth they stream the chosen experts at; the grouped products
-(a prefill's pairs sorted by expert) their TFLOP/s. The copy bandwidth of the device is
+against the default's output, and timed in CUDA graphs of ten launches of it (median of
+--reps replays, CUDA events; the graph's own launch spread over the ten). Row kernels (one
+token: a program per pair, or per token for the weighted sum) report the bandwidth they
+stream the chosen experts at; the grouped products (a prefill's pairs sorted by expert)
+their TFLOP/s. The copy bandwidth of the device is
 measured in the same run.
 """
 
