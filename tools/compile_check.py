@@ -96,18 +96,29 @@ def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h2
 
 
 def _row_stride(graph, nid: int) -> int:
-    """Elements between rows of the node's tensor: its width, or a column view's parent's."""
+    """Elements between rows of the node's tensor: its width, or the width of the tensor a
+    view (of columns or of rows) reads."""
     node = graph[nid]
-    while node.op == "slice_cols":
+    while node.op in ("slice_cols", "slice_rows"):
         node = graph[node.inputs[0]]
     return node.shape[-1] if node.shape else 1
+
+
+def _offset(graph, nid: int) -> int:
+    """Elements from the start of the tensor a view reads to the view's first element."""
+    node, off = graph[nid], 0
+    while node.op in ("slice_cols", "slice_rows"):
+        start = node.attrs["start"]
+        off += start if node.op == "slice_cols" else start * _row_stride(graph, node.id)
+        node = graph[node.inputs[0]]
+    return off
 
 
 def divisible(spec, graph, arg_names, names, types) -> dict:
     """The arguments the runtime would specialize as multiples of 16 (Triton does so for
     every pointer and integer argument that is one; pipelining pointer loads hangs on it):
-    pointers (the arena places tensors on 256-byte boundaries) and integers whose values the
-    plan knows (tile counts, widths, row strides)."""
+    pointers (the arena places tensors on 256-byte boundaries; a view at its offset) and
+    integers whose values the plan knows (tile counts, widths, row strides)."""
     attrs = {}
     for (kind, x), name, sig_t in zip(spec.args, names, types):
         if kind == "desc":
@@ -116,6 +127,9 @@ def divisible(spec, graph, arg_names, names, types) -> dict:
             value = _row_stride(graph, x)
         elif kind == "value" and isinstance(x, int) and not isinstance(x, bool):
             value = x
+        elif kind == "node" and sig_t.startswith("*"):
+            elem = 8 if sig_t == "*i64" else 4 if sig_t == "*fp32" else 2
+            value = 16 if _offset(graph, x) * elem % 16 == 0 else 1
         else:
             value = 16 if sig_t.startswith("*") else 1
         if value % 16 == 0:
