@@ -108,6 +108,26 @@ _ROUTE_ARGS = "z_ptr, scale_ptr, E, stride_z, "
 _ROUTE_CONSTS = "KP: tl.constexpr, BLOCK_E: tl.constexpr, "
 
 
+def _last_of_split(row0: str, slices: str, width: str, counter: str, sums: list[str],
+                   finish: list[str]) -> list[str]:
+    """Source lines that end a program whose partial sums share one result: after it stored
+    them in its workspace row, it counts itself in `counter` (release / acquire); the last
+    of `slices` to count reads their rows (row0 + j, `width` values apart) at once from L2,
+    sums each name of `sums` (at that offset in the row) in row order, so the bits are the
+    same whatever order programs finish in, runs `finish` and zeroes the counter for the
+    next launch."""
+    lines = ["tl.debug_barrier()  # every thread's partials before the count",
+             f"cnt = {counter}",
+             'done = tl.atomic_add(cnt, 1, sem="acq_rel")',
+             f"if done == {slices} - 1:",
+             "    js = tl.arange(0, BLOCK_S)",
+             f"    rows = ws_ptr + ({row0} + js)[:, None] * {width} + n[None, :]",
+             f"    rmask = (js[:, None] < {slices}) & (n[None, :] < NOUT)"]
+    lines += [f"    {name} = tl.sum(tl.load(rows + {off}, mask=rmask, other=0.0, "
+              f'cache_modifier=".cg"), 0)' for name, off in sums]
+    return lines + ["    " + x for x in finish + ["tl.store(cnt, 0)"]]
+
+
 def _row_source(glu: str | None, routed: bool, norm: bool, split: bool = False) -> str:
     """y[pair, n] = x[row] . w[e, n, :] (with glu: act(gate) * up of columns n and NOUT + n;
     with norm: of x's row RMS-normalized with weight nw, its sum of squares taken in the same
@@ -151,17 +171,9 @@ def _row_source(glu: str | None, routed: bool, norm: bool, split: bool = False) 
         sums += [f"part = ws_ptr + (pair.to(tl.int64) * SPLIT + tl.program_id(2)) * {width} + n",
                  "tl.store(part, out, mask=n < NOUT)"]
         sums += ["tl.store(part + NOUT, up, mask=n < NOUT)"] if glu else []
-        sums += ["tl.debug_barrier()  # every thread's partials before the count",
-                 "cnt = cnt_ptr + pair * tl.num_programs(1) + tl.program_id(1)",
-                 'done = tl.atomic_add(cnt, 1, sem="acq_rel")']
-        last = ["js = tl.arange(0, BLOCK_S)",
-                f"rows = ws_ptr + (pair.to(tl.int64) * SPLIT + js)[:, None] * {width} + "
-                "n[None, :]",
-                "rmask = (js[:, None] < SPLIT) & (n[None, :] < NOUT)",
-                'out = tl.sum(tl.load(rows, mask=rmask, other=0.0, cache_modifier=".cg"), 0)']
-        last += ['up = tl.sum(tl.load(rows + NOUT, mask=rmask, other=0.0, cache_modifier=".cg"),'
-                 ' 0)'] if glu else []
-        tail = ["if done == SPLIT - 1:"] + ["    " + x for x in last + tail + ["tl.store(cnt, 0)"]]
+        tail = _last_of_split("pair.to(tl.int64) * SPLIT", "SPLIT", width,
+                              "cnt_ptr + pair * tl.num_programs(1) + tl.program_id(1)",
+                              [("out", "0")] + ([("up", "NOUT")] if glu else []), tail)
     if routed:
         expert = _ROUTE_RANKS + ("e = tl.minimum(tl.sum(tl.where(rank == pair % TOPK, ex, 0), 0), "
                                  "E - 1).to(tl.int64)")
@@ -263,6 +275,10 @@ e = tl.load(route_ptr + tok * stride_route + TOPK + j).to(tl.int64)"""
         "stride_out, " + (_ROUTE_CONSTS if routed else "") + \
         "TOPK: tl.constexpr, PER_TOKEN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, " \
         "BLOCK_S: tl.constexpr"
+    last = _last_of_split("tok * TOPK", "TOPK", "NOUT",
+                          "cnt_ptr + tok * tl.num_programs(1) + pid_n", [("out", "0")],
+                          ["tl.store(out_ptr + tok * stride_out + n, "
+                           "out.to(out_ptr.dtype.element_ty), mask=n < NOUT)"])
     return HEADER + f"def expert_combine_split_kernel({params}):\n" + indent(f"""
 tok = tl.program_id(0).to(tl.int64)
 j = tl.program_id(2)
@@ -282,17 +298,7 @@ for k0 in range(0, KDIM, BK):
     acc += w.to(tl.float32) * av[None, :]
 out = tl.sum(acc, 1) * wt
 tl.store(ws_ptr + (tok * TOPK + j) * NOUT + n, out, mask=n < NOUT)
-tl.debug_barrier()  # every thread's columns before the count
-cnt = cnt_ptr + tok * tl.num_programs(1) + pid_n
-done = tl.atomic_add(cnt, 1, sem="acq_rel")
-if done == TOPK - 1:
-    js = tl.arange(0, BLOCK_S)
-    rows = ws_ptr + (tok * TOPK + js)[:, None] * NOUT + n[None, :]
-    part = tl.load(rows, mask=(js[:, None] < TOPK) & (n[None, :] < NOUT), other=0.0,
-                   cache_modifier=".cg")
-    tl.store(out_ptr + tok * stride_out + n, tl.sum(part, 0).to(out_ptr.dtype.element_ty),
-             mask=n < NOUT)
-    tl.store(cnt, 0)
+{chr(10).join(last)}
 """, 4) + "\n"
 
 
@@ -523,11 +529,9 @@ def _experts(node, graph, target: Target) -> KernelSpec:
         # turn), in slices of at least 512 rows; on the interpreter where tests ask, at one
         # token, in slices of one K step
         split = 1
-        if not target.expert_splits:
-            pass
-        elif target.interpreted:
+        if target.expert_splits and target.interpreted:
             split = cdiv(kdim, bk) if target.interpreter_splits and tokens == 1 else 1
-        else:
+        elif target.expert_splits:
             while split < 8 and programs * split < 8 * target.sm_count and \
                     kdim // (split * 2) >= 512:
                 split *= 2
