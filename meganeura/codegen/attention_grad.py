@@ -1,5 +1,5 @@
-"""Attention's gradient, [dq | dk | dv] of causal (or windowed) GQA attention, in two
-kernels of one node, recomputing the softmax rather than storing it.
+"""Attention's gradient, [dq | dk | dv] of causal (or windowed) GQA attention, in the kernels
+of one node, recomputing the softmax rather than storing it.
 
     P = softmax(scale q k^T) (masked), dV = P^T dO, dP = dO V^T, dS = P (dP - delta),
     dQ = scale dS K, dK = scale dS^T Q; delta[i] = sum_j P[i, j] dP[i, j]
@@ -7,80 +7,99 @@ kernels of one node, recomputing the softmax rather than storing it.
 1. stats: a program per (query block, head) walks the keys once, keeping the running max,
    the sum of exponentials and the sum of exponentials times dP (online, as a forward
    does): lse and delta of each row and head, into a scratch buffer.
-2. grads: programs of two kinds in one grid. A dq program per (query block, head) walks
-   the keys again, P from lse; a dk, dv program per (key block, kv head) walks the query
-   blocks of each head of its group. Each program owns the rows it writes: no atomics.
+2. dq: a program per (query block, head) walks the keys again, P from lse.
+3. dk, dv: a program per (key block, query head) walks the query blocks that see its keys,
+   with S^T = K Q^T so that both gradients are products of [keys, queries] tiles. A head
+   of a group of one writes its kv head's rows; in larger groups each head writes its
+   share in fp32 to a scratch buffer and
+4. sum: a program per rows of a kv head adds its group's shares, in head order (the same
+   bits on every run), into the output.
+A group's heads thus run side by side instead of one after another in one program (26b's
+and e2b's single kv head made that 16 programs per 256 keys, each walking 8 heads).
 
-Masks give causality and the window; a whole head width is one tile (BLOCK_D, padded to a
-power of two). Dots in fp32 (tf32 on a GPU).
+Operands enter the products in their own type (bf16 on a GPU), P and dS rounded to it as
+a flash backward does, sums in fp32 (tf32 products of an fp32 plan on a GPU; exact on the
+interpreter). Masks give causality and the window; a whole head width is one tile (BLOCK_D,
+padded to a power of two). Tiles per kernel and head width: GPU_TILES, from
+benchmarks/attention_grad_sweep.py.
 
-bytes: about 4 passes over q, k, v and dO per kv head group; FLOPs 4 x the forward's
+bytes: q, k, v and dO read per block pair from L2, dq, dk, dv written, 8 bytes a row and
+column of each head's share in larger groups; FLOPs 4.5 x the forward's (stats 2 products
+a block pair, dq 3, dk and dv 4)
 """
 
 from __future__ import annotations
 
 from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 
+# padded head width -> kernel -> (query rows, key rows, warps, stages) of its tiles
+GPU_TILES = {
+    64: {"stats": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkv": (64, 64, 4, 2)},
+    128: {"stats": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkv": (64, 64, 8, 2)},
+    256: {"stats": (64, 64, 8, 2), "dq": (64, 32, 8, 2), "dkv": (64, 32, 8, 2)},
+    512: {"stats": (64, 32, 8, 1), "dq": (32, 32, 8, 1), "dkv": (32, 16, 8, 1)},
+}
+INTERPRETER_TILES = {"stats": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkv": (16, 16, 4, 1)}
 
-def _dots(body: str, precision: str) -> str:
-    """The body's products as tl.dot with the target's precision."""
-    for a, b in (("q", "tl.trans(k)"), ("do", "tl.trans(v)"), ("ds", "k"), ("tl.trans(p)", "do"),
-                 ("tl.trans(ds)", "q")):
-        body = body.replace(f"dot({a}, {b})", f'tl.dot({a}, {b}, input_precision="{precision}")')
-    assert " dot(" not in body and "(dot(" not in body
-    return body
+
+def tiles(bd: int, target: Target) -> dict:
+    if target.interpreted:
+        return INTERPRETER_TILES
+    return GPU_TILES[min((w for w in GPU_TILES if w >= bd), default=512)]
 
 
-def _allowed(i: str, j: str, windowed: bool) -> str:
-    mask = f"({j}[None, :] <= {i}[:, None]) & ({j}[None, :] < T) & ({i}[:, None] < T)"
-    return mask + (f" & ({j}[None, :] > {i}[:, None] - WINDOW)" if windowed else "")
+def _allowed(i: str, j: str, windowed: bool, transposed: bool = False) -> str:
+    """Where query i sees key j: [queries, keys] tiles, or [keys, queries] (transposed)."""
+    ii, jj = (f"{i}[None, :]", f"{j}[:, None]") if transposed else (f"{i}[:, None]", f"{j}[None, :]")
+    mask = f"({jj} <= {ii}) & ({jj} < T) & ({ii} < T)"
+    return mask + (f" & ({jj} > {ii} - WINDOW)" if windowed else "")
 
 
 # the key blocks a query block from i0 sees: from 0 (causal), or from its first row's window
-KEYS = """
-if WINDOW > 0:
+KEYS = """if WINDOW > 0:
     lo = (tl.maximum(i0 - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
 else:
     lo = 0
 """
-
+HEAD = """dd = tl.arange(0, BLOCK_D)
+dmask = dd[None, :] < HD
+"""
 # rows i of head h (q, dO), their statistics, keys j of kv head kh (k, v)
 QUERY_ROWS = """rows = (i[:, None] < T) & dmask
-q = tl.load(q_ptr + i[:, None].to(tl.int64) * stride_q + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
-do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=rows, other=0.0).to(tl.float32)
+q = tl.load(q_ptr + i[:, None].to(tl.int64) * stride_q + h * HD + dd[None, :], mask=rows, other=0.0)
+do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=rows, other=0.0)
 """
 STATS = """at = stats_ptr + (i.to(tl.int64) * HEADS + h) * 2
 lse = tl.load(at, mask=i < T, other=0.0)
 delta = tl.load(at + 1, mask=i < T, other=0.0)
 """
 KEY_ROWS = """cols = (j[:, None] < T) & dmask
-k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
-v = tl.load(v_ptr + j[:, None].to(tl.int64) * stride_v + kh * HD + dd[None, :], mask=cols, other=0.0).to(tl.float32)
+k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0)
+v = tl.load(v_ptr + j[:, None].to(tl.int64) * stride_v + kh * HD + dd[None, :], mask=cols, other=0.0)
 """
+OPERANDS = ("q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr", "stride_q, stride_k, stride_v, stride_do",
+            "T, HD, SCALE")
 
-LOADS = """
-dd = tl.arange(0, BLOCK_D)
-dmask = dd[None, :] < HD
-"""
+
+def _kernel(name: str, params: list[str], body: str, precision: str) -> str:
+    body = body.replace("PREC", f'input_precision="{precision}"')
+    return HEADER + f"def {name}({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
 def emit_stats(precision: str, windowed: bool) -> str:
-    body = LOADS + """
-i0 = tl.program_id(0) * BLOCK_M
+    body = HEAD + f"""i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
 i = i0 + tl.arange(0, BLOCK_M)
 h = tl.program_id(1)
 kh = h // GROUP
-{QUERY_ROWS}
-m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+{QUERY_ROWS}m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
 l = tl.zeros((BLOCK_M,), dtype=tl.float32)
 t = tl.zeros((BLOCK_M,), dtype=tl.float32)
-{KEYS}
-for j0 in range(lo, tl.minimum(T, i0 + BLOCK_M), BLOCK_N):
+{KEYS}for j0 in range(lo, tl.minimum(T, i0 + BLOCK_M), BLOCK_N):
     j = j0 + tl.arange(0, BLOCK_N)
-{KEY_ROWS}
-    ok = ALLOWED
-    s = tl.where(ok, dot(q, tl.trans(k)) * SCALE, -1e30)
-    dp = dot(do, tl.trans(v))
+{indent(KEY_ROWS, 4)}
+    ok = {_allowed("i", "j", windowed)}
+    s = tl.where(ok, tl.dot(q, tl.trans(k), PREC) * SCALE, -1e30)
+    dp = tl.dot(do, tl.trans(v), PREC)
     new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp(m - new)
     e = tl.where(ok, tl.exp(s - new[:, None]), 0.0)
@@ -91,70 +110,99 @@ l = tl.where(l > 0.0, l, 1.0)
 at = stats_ptr + (i.to(tl.int64) * HEADS + h) * 2
 tl.store(at, m + tl.log(l), mask=i < T)
 tl.store(at + 1, t / l, mask=i < T)
-""".replace("{KEYS}", KEYS).replace("{QUERY_ROWS}", QUERY_ROWS) \
-        .replace("{KEY_ROWS}", indent(KEY_ROWS, 4)).replace("ALLOWED", _allowed("i", "j", windowed))
-    params = ("q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, stride_q, stride_k, stride_v, stride_do, "
-              "T, HD, SCALE, WINDOW: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, "
-              "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr")
-    return HEADER + f"def attention_stats_kernel({params}):\n" + \
-        indent(_dots(body, precision), 4) + "\n"
-
-
-def emit_grads(precision: str, windowed: bool) -> str:
-    body = LOADS + f"""
-pid = tl.program_id(0)
-if pid < QBLOCKS * HEADS:  # dq of a query block and head
-    i0 = (pid // HEADS) * BLOCK_M
-    i = i0 + tl.arange(0, BLOCK_M)
-    h = pid % HEADS
-    kh = h // GROUP
-{indent(QUERY_ROWS + STATS, 4)}
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-{indent(KEYS, 4)}
-    for j0 in range(lo, tl.minimum(T, i0 + BLOCK_M), BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-{indent(KEY_ROWS, 8)}
-        ok = {_allowed("i", "j", windowed)}
-        p = tl.where(ok, tl.exp(dot(q, tl.trans(k)) * SCALE - lse[:, None]), 0.0)
-        ds = p * (dot(do, tl.trans(v)) - delta[:, None])
-        dq += dot(ds, k)
-    tl.store(out_ptr + i[:, None].to(tl.int64) * stride_out + h * HD + dd[None, :],
-             (dq * SCALE).to(out_ptr.dtype.element_ty), mask=rows)
-else:  # dk, dv of a key block and kv head: every head of its group, every query block
-    pid = pid - QBLOCKS * HEADS
-    j0 = (pid // KV_HEADS) * BLOCK_N
-    j = j0 + tl.arange(0, BLOCK_N)
-    kh = pid % KV_HEADS
-{indent(KEY_ROWS, 4)}
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for g in range(GROUP):
-        h = kh * GROUP + g
-        # the query blocks that see this key block: from its own on (causal), up to its
-        # last key + the window
-        first = (j0 // BLOCK_M) * BLOCK_M
-        if WINDOW > 0:
-            last = tl.minimum(T, j0 + BLOCK_N + WINDOW - 1)
-        else:
-            last = T
-        for i0 in range(first, last, BLOCK_M):
-            i = i0 + tl.arange(0, BLOCK_M)
-{indent(QUERY_ROWS + STATS, 12)}
-            ok = {_allowed("i", "j", windowed)}
-            p = tl.where(ok, tl.exp(dot(q, tl.trans(k)) * SCALE - lse[:, None]), 0.0)
-            dv += dot(tl.trans(p), do)
-            ds = p * (dot(do, tl.trans(v)) - delta[:, None])
-            dk += dot(tl.trans(ds), q)
-    base = out_ptr + j[:, None].to(tl.int64) * stride_out + dd[None, :]
-    tl.store(base + HEADS * HD + kh * HD, (dk * SCALE).to(out_ptr.dtype.element_ty), mask=cols)
-    tl.store(base + (HEADS + KV_HEADS) * HD + kh * HD, dv.to(out_ptr.dtype.element_ty), mask=cols)
 """
-    params = ("q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, out_ptr, stride_q, stride_k, stride_v, "
-              "stride_do, stride_out, T, HD, SCALE, QBLOCKS, WINDOW: tl.constexpr, HEADS: tl.constexpr, "
-              "KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, "
-              "BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr")
-    return HEADER + f"def attention_grad_kernel({params}):\n" + \
-        indent(_dots(body, precision), 4) + "\n"
+    params = [*OPERANDS, "WINDOW: tl.constexpr", "HEADS: tl.constexpr", "GROUP: tl.constexpr",
+              "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr"]
+    return _kernel("attention_stats_kernel", params, body, precision)
+
+
+def emit_dq(precision: str, windowed: bool) -> str:
+    body = HEAD + f"""pid = tl.program_id(0)
+i0 = (tl.cdiv(T, BLOCK_M) - 1 - pid // HEADS) * BLOCK_M  # longest rows first
+i = i0 + tl.arange(0, BLOCK_M)
+h = pid % HEADS
+kh = h // GROUP
+{QUERY_ROWS}{STATS}dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+{KEYS}for j0 in range(lo, tl.minimum(T, i0 + BLOCK_M), BLOCK_N):
+    j = j0 + tl.arange(0, BLOCK_N)
+{indent(KEY_ROWS, 4)}
+    ok = {_allowed("i", "j", windowed)}
+    p = tl.where(ok, tl.exp(tl.dot(q, tl.trans(k), PREC) * SCALE - lse[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(v), PREC) - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, PREC)
+tl.store(out_ptr + i[:, None].to(tl.int64) * stride_out + h * HD + dd[None, :],
+         (dq * SCALE).to(out_ptr.dtype.element_ty), mask=rows)
+"""
+    params = [*OPERANDS, "out_ptr", "stride_out", "WINDOW: tl.constexpr", "HEADS: tl.constexpr",
+              "GROUP: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr",
+              "BLOCK_D: tl.constexpr"]
+    return _kernel("attention_dq_kernel", params, body, precision)
+
+
+def emit_dkv(precision: str, windowed: bool, shares: bool) -> str:
+    """shares: the group has several heads; each head's dk, dv go to the fp32 scratch."""
+    rows_t = """rows = (i[None, :] < T) & (dd[:, None] < HD)
+qt = tl.load(q_ptr + i[None, :].to(tl.int64) * stride_q + h * HD + dd[:, None], mask=rows, other=0.0)
+do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=(i[:, None] < T) & dmask, other=0.0)
+"""
+    stats_t = STATS
+    if shares:
+        store = """share = ws_ptr + ((h * T + j[:, None]).to(tl.int64)) * HD + dd[None, :]
+tl.store(share, dk * SCALE, mask=cols)
+tl.store(share + HEADS * T * HD, dv, mask=cols)
+"""
+    else:
+        store = """base = out_ptr + j[:, None].to(tl.int64) * stride_out + dd[None, :]
+tl.store(base + (HEADS + kh) * HD, (dk * SCALE).to(out_ptr.dtype.element_ty), mask=cols)
+tl.store(base + (HEADS + KV_HEADS + kh) * HD, dv.to(out_ptr.dtype.element_ty), mask=cols)
+"""
+    body = HEAD + f"""pid = tl.program_id(0)
+j0 = (pid // HEADS) * BLOCK_N  # the first keys see the most queries: they start first
+j = j0 + tl.arange(0, BLOCK_N)
+h = pid % HEADS
+kh = h // GROUP
+{KEY_ROWS}dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+# the query blocks that see these keys: from the block of the first on (causal), up to
+# the last key + the window
+if WINDOW > 0:
+    last = tl.minimum(T, j0 + BLOCK_N + WINDOW - 1)
+else:
+    last = T
+for i0 in range((j0 // BLOCK_M) * BLOCK_M, last, BLOCK_M):
+    i = i0 + tl.arange(0, BLOCK_M)
+{indent(rows_t + stats_t, 4)}
+    ok = {_allowed("i", "j", windowed, transposed=True)}
+    pt = tl.where(ok, tl.exp(tl.dot(k, qt, PREC) * SCALE - lse[None, :]), 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv, PREC)
+    dst = pt * (tl.dot(v, tl.trans(do), PREC) - delta[None, :])
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, PREC)
+{store}"""
+    params = [*OPERANDS, "out_ptr"] + (["ws_ptr"] if shares else []) + ["stride_out",
+              "WINDOW: tl.constexpr",
+              "HEADS: tl.constexpr", "KV_HEADS: tl.constexpr", "GROUP: tl.constexpr",
+              "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr"]
+    return _kernel("attention_dkv_kernel", params, body, precision)
+
+
+def emit_sum() -> str:
+    body = """r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+w = tl.program_id(1)  # 0: dk, 1: dv, of kv head kh
+kh = tl.program_id(2)
+dd = tl.arange(0, BLOCK_D)
+m = (r[:, None] < T) & (dd[None, :] < HD)
+acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+for g in range(GROUP):
+    share = ws_ptr + (((w * HEADS + kh * GROUP + g) * T + r[:, None]).to(tl.int64)) * HD
+    acc += tl.load(share + dd[None, :], mask=m, other=0.0)
+col = (HEADS + w * KV_HEADS + kh) * HD
+tl.store(out_ptr + r[:, None].to(tl.int64) * stride_out + col + dd[None, :],
+         acc.to(out_ptr.dtype.element_ty), mask=m)
+"""
+    params = ["ws_ptr", "out_ptr", "stride_out", "T", "HD", "HEADS: tl.constexpr",
+              "KV_HEADS: tl.constexpr", "GROUP: tl.constexpr", "BLOCK_R: tl.constexpr",
+              "BLOCK_D: tl.constexpr"]
+    return _kernel("attention_share_sum_kernel", params, body, "ieee")
 
 
 def build(node, graph, target: Target) -> KernelSpec:
@@ -162,25 +210,40 @@ def build(node, graph, target: Target) -> KernelSpec:
     a = node.attrs
     t = q.shape[0]
     heads, kv_heads, hd = a["num_heads"], a["num_kv_heads"], a["head_dim"]
-    bd = max(16, next_pow2(hd))
-    if target.interpreted:
-        bm = bn = 16
-    else:
-        bm = bn = 64 if bd <= 128 else (32 if bd <= 256 else 16)
-    stats = ("scratch", ("attention_stats", (t, heads, 2), "fp32"))
-    common = [("node", q.id), ("node", k.id), ("node", v.id), ("node", dy.id), stats]
-    strides = [("stride", q.id), ("stride", k.id), ("stride", v.id), ("stride", dy.id)]
-    values = [("value", t), ("value", hd), ("value", a["scale"])]
-    warps = 4 if target.interpreted or bd <= 128 else 8
     group = heads // kv_heads
-    qblocks = cdiv(t, bm)
-    grads = KernelSpec("attention_grad", "grads", emit_grads(target.dot_precision, a["window"] > 0),
-                       "attention_grad_kernel", (qblocks * heads + cdiv(t, bn) * kv_heads,),
-                       common + [("node", node.id)] + strides + [("stride", node.id)] + values
-                       + [("value", qblocks)],
-                       dict(WINDOW=a["window"], HEADS=heads, KV_HEADS=kv_heads, GROUP=group,
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=warps, num_stages=1)
-    return KernelSpec("attention_grad", "stats", emit_stats(target.dot_precision, a["window"] > 0),
-                      "attention_stats_kernel", (qblocks, heads), common + strides + values,
-                      dict(WINDOW=a["window"], HEADS=heads, GROUP=group, BLOCK_M=bm,
-                           BLOCK_N=bn, BLOCK_D=bd), num_warps=warps, num_stages=1, then=grads)
+    bd = max(16, next_pow2(hd))
+    cfg = tiles(bd, target)
+    windowed = a["window"] > 0
+    prec = target.dot_precision
+    stats = ("scratch", ("attention_stats", (t, heads, 2), "fp32"))
+    common = [("node", q.id), ("node", k.id), ("node", v.id), ("node", dy.id), stats,
+              ("stride", q.id), ("stride", k.id), ("stride", v.id), ("stride", dy.id),
+              ("value", t), ("value", hd), ("value", a["scale"])]
+    shape = dict(WINDOW=a["window"], HEADS=heads, GROUP=group, BLOCK_D=bd)
+
+    def spec(kind, source, entry, grid, args, **cx):
+        bm, bn, warps, stages = cfg[kind]
+        return KernelSpec("attention_grad", kind, source, entry, grid, args,
+                          dict(shape, BLOCK_M=bm, BLOCK_N=bn, **cx), num_warps=warps,
+                          num_stages=stages)
+
+    out = [("node", node.id)]
+    shares = group > 1
+    ws = ("scratch", ("attention_grad_shares", (2, heads, t, hd), "fp32"))
+    dkv = spec("dkv", emit_dkv(prec, windowed, shares), "attention_dkv_kernel",
+               (cdiv(t, cfg["dkv"][1]) * heads,),
+               common + out + ([ws] if shares else []) + [("stride", node.id)], KV_HEADS=kv_heads)
+    if shares:
+        br = max(8, 4096 // bd)
+        dkv.then = KernelSpec("attention_grad", "share-sum", emit_sum(),
+                              "attention_share_sum_kernel", (cdiv(t, br), 2, kv_heads),
+                              [ws] + out + [("stride", node.id), ("value", t), ("value", hd)],
+                              dict(HEADS=heads, KV_HEADS=kv_heads, GROUP=group, BLOCK_R=br,
+                                   BLOCK_D=bd), num_warps=4, num_stages=1)
+    dq = spec("dq", emit_dq(prec, windowed), "attention_dq_kernel",
+              (cdiv(t, cfg["dq"][0]) * heads,), common + out + [("stride", node.id)])
+    dq.then = dkv
+    first = spec("stats", emit_stats(prec, windowed), "attention_stats_kernel",
+                 (cdiv(t, cfg["stats"][0]), heads), common)
+    first.then = dq
+    return first
