@@ -30,15 +30,18 @@ a block pair, dq 3, dk and dv 4)
 
 from __future__ import annotations
 
+import torch
+
 from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
 
 # padded head width -> kernel -> (query rows, key rows, warps, stages) of its tiles
 GPU_TILES = {
     64: {"stats": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkv": (64, 64, 4, 2)},
-    128: {"stats": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkv": (64, 64, 8, 2)},
-    256: {"stats": (64, 64, 8, 2), "dq": (64, 32, 8, 2), "dkv": (64, 32, 8, 2)},
-    512: {"stats": (64, 32, 8, 1), "dq": (32, 32, 8, 1), "dkv": (32, 16, 8, 1)},
+    128: {"stats": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkv": (64, 64, 4, 2)},
+    256: {"stats": (64, 64, 8, 2), "dq": (128, 32, 8, 2), "dkv": (64, 64, 8, 2)},
+    512: {"stats": (64, 32, 8, 1), "dq": (64, 32, 8, 1), "dkv": (32, 16, 4, 2)},
 }
+DS_TERMS_BF16 = 2  # (1: dS rounded once, as a flash backward does; the sweep compares)
 INTERPRETER_TILES = {"stats": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkv": (16, 16, 4, 1)}
 
 
@@ -129,13 +132,16 @@ kh = h // GROUP
     ok = {_allowed("i", "j", windowed)}
     p = tl.where(ok, tl.exp(tl.dot(q, tl.trans(k), PREC) * SCALE - lse[:, None]), 0.0)
     ds = p * (tl.dot(do, tl.trans(v), PREC) - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, dq, PREC)
+    dsh = ds.to(k.dtype)
+    dq = tl.dot(dsh, k, dq, PREC)
+    if DS_TERMS == 2:  # what rounding dS left, as a second term
+        dq = tl.dot((ds - dsh.to(tl.float32)).to(k.dtype), k, dq, PREC)
 tl.store(out_ptr + i[:, None].to(tl.int64) * stride_out + h * HD + dd[None, :],
          (dq * SCALE).to(out_ptr.dtype.element_ty), mask=rows)
 """
     params = [*OPERANDS, "out_ptr", "stride_out", "WINDOW: tl.constexpr", "HEADS: tl.constexpr",
               "GROUP: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr",
-              "BLOCK_D: tl.constexpr"]
+              "BLOCK_D: tl.constexpr", "DS_TERMS: tl.constexpr"]
     return _kernel("attention_dq_kernel", params, body, precision)
 
 
@@ -176,12 +182,16 @@ for i0 in range((j0 // BLOCK_M) * BLOCK_M, last, BLOCK_M):
     pt = tl.where(ok, tl.exp(tl.dot(k, qt, PREC) * SCALE - lse[None, :]), 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, PREC)
     dst = pt * (tl.dot(v, tl.trans(do), PREC) - delta[None, :])
-    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, PREC)
+    dsh = dst.to(qt.dtype)
+    dk = tl.dot(dsh, tl.trans(qt), dk, PREC)
+    if DS_TERMS == 2:
+        dk = tl.dot((dst - dsh.to(tl.float32)).to(qt.dtype), tl.trans(qt), dk, PREC)
 {store}"""
     params = [*OPERANDS, "out_ptr"] + (["ws_ptr"] if shares else []) + ["stride_out",
               "WINDOW: tl.constexpr",
               "HEADS: tl.constexpr", "KV_HEADS: tl.constexpr", "GROUP: tl.constexpr",
-              "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr"]
+              "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
+              "DS_TERMS: tl.constexpr"]
     return _kernel("attention_dkv_kernel", params, body, precision)
 
 
@@ -215,6 +225,10 @@ def build(node, graph, target: Target) -> KernelSpec:
     cfg = tiles(bd, target)
     windowed = a["window"] > 0
     prec = target.dot_precision
+    # dS in two terms of the operands' type where that type is narrower than fp32 (bf16
+    # keeps 8 significant bits; the two, about 16): the q and k norms' weight gradients
+    # amplify its rounding
+    ds_terms = 2 if target.dtype != torch.float32 and DS_TERMS_BF16 == 2 else 1
     stats = ("scratch", ("attention_stats", (t, heads, 2), "fp32"))
     common = [("node", q.id), ("node", k.id), ("node", v.id), ("node", dy.id), stats,
               ("stride", q.id), ("stride", k.id), ("stride", v.id), ("stride", dy.id),
@@ -232,7 +246,8 @@ def build(node, graph, target: Target) -> KernelSpec:
     ws = ("scratch", ("attention_grad_shares", (2, heads, t, hd), "fp32"))
     dkv = spec("dkv", emit_dkv(prec, windowed, shares), "attention_dkv_kernel",
                (cdiv(t, cfg["dkv"][1]) * heads,),
-               common + out + ([ws] if shares else []) + [("stride", node.id)], KV_HEADS=kv_heads)
+               common + out + ([ws] if shares else []) + [("stride", node.id)], KV_HEADS=kv_heads,
+               DS_TERMS=ds_terms)
     if shares:
         br = max(8, 4096 // bd)
         dkv.then = KernelSpec("attention_grad", "share-sum", emit_sum(),
@@ -241,7 +256,8 @@ def build(node, graph, target: Target) -> KernelSpec:
                               dict(HEADS=heads, KV_HEADS=kv_heads, GROUP=group, BLOCK_R=br,
                                    BLOCK_D=bd), num_warps=4, num_stages=1)
     dq = spec("dq", emit_dq(prec, windowed), "attention_dq_kernel",
-              (cdiv(t, cfg["dq"][0]) * heads,), common + out + [("stride", node.id)])
+              (cdiv(t, cfg["dq"][0]) * heads,), common + out + [("stride", node.id)],
+              DS_TERMS=ds_terms)
     dq.then = dkv
     first = spec("stats", emit_stats(prec, windowed), "attention_stats_kernel",
                  (cdiv(t, cfg["stats"][0]), heads), common)
