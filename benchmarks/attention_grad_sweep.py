@@ -10,7 +10,7 @@ in a plan) bound by the compiler with the default tiles (GPU_TILES). Printed per
   the difference of timed prefixes of the chain, TFLOP/s counted as 2.5 x the forward's
   4 * heads * head_dim * (query, key) pairs, and the error of [dq | dk | dv] against fp32
   autograd of the same attention;
-- the same with dS rounded once to bf16 (DS_TERMS_BF16 = 1): time and error;
+- the same with P and dS in one or two bf16 terms each (TERMS_BF16): time and error;
 - PyTorch's scaled_dot_product_attention backward on the same bf16 tensors (forward and
   backward less the forward; GQA by enable_gqa, a window by a boolean mask);
 - each candidate tile of one kernel, the others at their defaults, best first.
@@ -190,14 +190,17 @@ def main(argv=None) -> int:
               f"torch sdpa backward {theirs * 1e3:.0f} us ({total / theirs:.2f}x of it)",
               flush=True)
         print(f"   {parts}", flush=True)
-        if device.type == "cuda":  # dS rounded once to bf16 (a flash backward's choice)
-            ag.DS_TERMS_BF16 = 1
-            model.specs[nid] = ag.build(node, plan.graph, target)
-            ms = replay_ms(model._bind(nid).run, a.reps)
-            e = relative_error(model.outputs[0].float(), want)
-            ag.DS_TERMS_BF16 = 2
+        if device.type == "cuda":  # P and dS in one or two bf16 terms
+            saved = dict(ag.TERMS_BF16)
+            for p_terms, ds_terms in ((1, 1), (1, 2), (2, 1), (2, 2)):
+                ag.TERMS_BF16.update(p=p_terms, ds=ds_terms)
+                model.specs[nid] = ag.build(node, plan.graph, target)
+                ms = replay_ms(model._bind(nid).run, a.reps)
+                e = relative_error(model.outputs[0].float(), want)
+                print(f"   P in {p_terms}, dS in {ds_terms} bf16 term(s): {ms * 1e3:.0f} us, "
+                      f"err {e:.2e}", flush=True)
+            ag.TERMS_BF16.update(saved)
             model.specs[nid] = base
-            print(f"   dS in one bf16 term: {ms * 1e3:.0f} us, err {e:.2e}", flush=True)
         if not a.sweep:
             continue
         bd = max(16, 1 << (hd - 1).bit_length())

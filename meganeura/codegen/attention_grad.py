@@ -41,7 +41,10 @@ GPU_TILES = {
     256: {"stats": (64, 64, 8, 2), "dq": (128, 32, 8, 2), "dkv": (64, 64, 8, 2)},
     512: {"stats": (64, 32, 8, 1), "dq": (64, 32, 8, 1), "dkv": (32, 16, 4, 2)},
 }
-DS_TERMS_BF16 = 2  # (1: dS rounded once, as a flash backward does; the sweep compares)
+# P (into dv) and dS (into dq, dk) in how many terms of a narrower operand type than fp32:
+# one (rounded once, as a flash backward does), or two (what the first left, rounded again:
+# about 16 significant bits); the sweep compares them
+TERMS_BF16 = {"p": 1, "ds": 1}
 INTERPRETER_TILES = {"stats": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkv": (16, 16, 4, 1)}
 
 
@@ -180,7 +183,10 @@ for i0 in range((j0 // BLOCK_M) * BLOCK_M, last, BLOCK_M):
 {indent(rows_t + stats_t, 4)}
     ok = {_allowed("i", "j", windowed, transposed=True)}
     pt = tl.where(ok, tl.exp(tl.dot(k, qt, PREC) * SCALE - lse[None, :]), 0.0)
-    dv = tl.dot(pt.to(do.dtype), do, dv, PREC)
+    pth = pt.to(do.dtype)
+    dv = tl.dot(pth, do, dv, PREC)
+    if P_TERMS == 2:  # what rounding P left, as a second term
+        dv = tl.dot((pt - pth.to(tl.float32)).to(do.dtype), do, dv, PREC)
     dst = pt * (tl.dot(v, tl.trans(do), PREC) - delta[None, :])
     dsh = dst.to(qt.dtype)
     dk = tl.dot(dsh, tl.trans(qt), dk, PREC)
@@ -191,7 +197,7 @@ for i0 in range((j0 // BLOCK_M) * BLOCK_M, last, BLOCK_M):
               "WINDOW: tl.constexpr",
               "HEADS: tl.constexpr", "KV_HEADS: tl.constexpr", "GROUP: tl.constexpr",
               "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-              "DS_TERMS: tl.constexpr"]
+              "DS_TERMS: tl.constexpr", "P_TERMS: tl.constexpr"]
     return _kernel("attention_dkv_kernel", params, body, precision)
 
 
@@ -225,10 +231,8 @@ def build(node, graph, target: Target) -> KernelSpec:
     cfg = tiles(bd, target)
     windowed = a["window"] > 0
     prec = target.dot_precision
-    # dS in two terms of the operands' type where that type is narrower than fp32 (bf16
-    # keeps 8 significant bits; the two, about 16): the q and k norms' weight gradients
-    # amplify its rounding
-    ds_terms = 2 if target.dtype != torch.float32 and DS_TERMS_BF16 == 2 else 1
+    narrow = target.dtype != torch.float32
+    ds_terms, p_terms = (TERMS_BF16["ds"], TERMS_BF16["p"]) if narrow else (1, 1)
     stats = ("scratch", ("attention_stats", (t, heads, 2), "fp32"))
     common = [("node", q.id), ("node", k.id), ("node", v.id), ("node", dy.id), stats,
               ("stride", q.id), ("stride", k.id), ("stride", v.id), ("stride", dy.id),
@@ -247,7 +251,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     dkv = spec("dkv", emit_dkv(prec, windowed, shares), "attention_dkv_kernel",
                (cdiv(t, cfg["dkv"][1]) * heads,),
                common + out + ([ws] if shares else []) + [("stride", node.id)], KV_HEADS=kv_heads,
-               DS_TERMS=ds_terms)
+               DS_TERMS=ds_terms, P_TERMS=p_terms)
     if shares:
         br = max(8, 4096 // bd)
         dkv.then = KernelSpec("attention_grad", "share-sum", emit_sum(),
