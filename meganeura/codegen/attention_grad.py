@@ -17,8 +17,8 @@ of one node, recomputing the softmax rather than storing it.
 A group's heads thus run side by side instead of one after another in one program (26b's
 and e2b's single kv head made that 16 programs per 256 keys, each walking 8 heads).
 
-Operands enter the products in their own type (bf16 on a GPU), P and dS rounded to it as
-a flash backward does, sums in fp32 (tf32 products of an fp32 plan on a GPU; exact on the
+Operands enter the products in the plan's type (bf16 on a GPU; an fp32 input rounded to it),
+P and dS rounded to it as a flash backward does (or in two terms, TERMS_BF16), sums in fp32 (tf32 products of an fp32 plan on a GPU; exact on the
 interpreter). Masks give causality and the window; a whole head width is one tile (BLOCK_D,
 padded to a power of two). Tiles per kernel and head width: GPU_TILES, from
 benchmarks/attention_grad_sweep.py.
@@ -72,27 +72,28 @@ dmask = dd[None, :] < HD
 """
 # rows i of head h (q, dO), their statistics, keys j of kv head kh (k, v)
 QUERY_ROWS = """rows = (i[:, None] < T) & dmask
-q = tl.load(q_ptr + i[:, None].to(tl.int64) * stride_q + h * HD + dd[None, :], mask=rows, other=0.0)
-do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=rows, other=0.0)
+q = tl.load(q_ptr + i[:, None].to(tl.int64) * stride_q + h * HD + dd[None, :], mask=rows, other=0.0).to(OPTYPE)
+do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=rows, other=0.0).to(OPTYPE)
 """
 STATS = """at = stats_ptr + (i.to(tl.int64) * HEADS + h) * 2
 lse = tl.load(at, mask=i < T, other=0.0)
 delta = tl.load(at + 1, mask=i < T, other=0.0)
 """
 KEY_ROWS = """cols = (j[:, None] < T) & dmask
-k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0)
-v = tl.load(v_ptr + j[:, None].to(tl.int64) * stride_v + kh * HD + dd[None, :], mask=cols, other=0.0)
+k = tl.load(k_ptr + j[:, None].to(tl.int64) * stride_k + kh * HD + dd[None, :], mask=cols, other=0.0).to(OPTYPE)
+v = tl.load(v_ptr + j[:, None].to(tl.int64) * stride_v + kh * HD + dd[None, :], mask=cols, other=0.0).to(OPTYPE)
 """
 OPERANDS = ("q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr", "stride_q, stride_k, stride_v, stride_do",
             "T, HD, SCALE")
 
 
-def _kernel(name: str, params: list[str], body: str, precision: str) -> str:
-    body = body.replace("PREC", f'input_precision="{precision}"')
+def _kernel(name: str, params: list[str], body: str, precision: str, operand: str = "") -> str:
+    """precision: of fp32 products; operand: the type q, k, v and dO enter products in."""
+    body = body.replace("PREC", f'input_precision="{precision}"').replace("OPTYPE", operand)
     return HEADER + f"def {name}({', '.join(params)}):\n" + indent(body, 4) + "\n"
 
 
-def emit_stats(precision: str, windowed: bool) -> str:
+def emit_stats(precision: str, windowed: bool, operand: str) -> str:
     body = HEAD + f"""i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
 i = i0 + tl.arange(0, BLOCK_M)
 h = tl.program_id(1)
@@ -119,10 +120,10 @@ tl.store(at + 1, t / l, mask=i < T)
 """
     params = [*OPERANDS, "WINDOW: tl.constexpr", "HEADS: tl.constexpr", "GROUP: tl.constexpr",
               "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr"]
-    return _kernel("attention_stats_kernel", params, body, precision)
+    return _kernel("attention_stats_kernel", params, body, precision, operand)
 
 
-def emit_dq(precision: str, windowed: bool) -> str:
+def emit_dq(precision: str, windowed: bool, operand: str) -> str:
     body = HEAD + f"""pid = tl.program_id(0)
 i0 = (tl.cdiv(T, BLOCK_M) - 1 - pid // HEADS) * BLOCK_M  # longest rows first
 i = i0 + tl.arange(0, BLOCK_M)
@@ -145,14 +146,14 @@ tl.store(out_ptr + i[:, None].to(tl.int64) * stride_out + h * HD + dd[None, :],
     params = [*OPERANDS, "out_ptr", "stride_out", "WINDOW: tl.constexpr", "HEADS: tl.constexpr",
               "GROUP: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr",
               "BLOCK_D: tl.constexpr", "DS_TERMS: tl.constexpr"]
-    return _kernel("attention_dq_kernel", params, body, precision)
+    return _kernel("attention_dq_kernel", params, body, precision, operand)
 
 
-def emit_dkv(precision: str, windowed: bool, shares: bool) -> str:
+def emit_dkv(precision: str, windowed: bool, shares: bool, operand: str) -> str:
     """shares: the group has several heads; each head's dk, dv go to the fp32 scratch."""
     rows_t = """rows = (i[None, :] < T) & (dd[:, None] < HD)
-qt = tl.load(q_ptr + i[None, :].to(tl.int64) * stride_q + h * HD + dd[:, None], mask=rows, other=0.0)
-do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=(i[:, None] < T) & dmask, other=0.0)
+qt = tl.load(q_ptr + i[None, :].to(tl.int64) * stride_q + h * HD + dd[:, None], mask=rows, other=0.0).to(OPTYPE)
+do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :], mask=(i[:, None] < T) & dmask, other=0.0).to(OPTYPE)
 """
     stats_t = STATS
     if shares:
@@ -198,7 +199,7 @@ for i0 in range((j0 // BLOCK_M) * BLOCK_M, last, BLOCK_M):
               "HEADS: tl.constexpr", "KV_HEADS: tl.constexpr", "GROUP: tl.constexpr",
               "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
               "DS_TERMS: tl.constexpr", "P_TERMS: tl.constexpr"]
-    return _kernel("attention_dkv_kernel", params, body, precision)
+    return _kernel("attention_dkv_kernel", params, body, precision, operand)
 
 
 def emit_sum() -> str:
@@ -232,6 +233,8 @@ def build(node, graph, target: Target) -> KernelSpec:
     windowed = a["window"] > 0
     prec = target.dot_precision
     narrow = target.dtype != torch.float32
+    # the plan's type (an fp32 input, as LoRA's held sums give dO, is rounded to it)
+    op = {torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16"}.get(target.dtype, "tl.float32")
     ds_terms, p_terms = (TERMS_BF16["ds"], TERMS_BF16["p"]) if narrow else (1, 1)
     stats = ("scratch", ("attention_stats", (t, heads, 2), "fp32"))
     common = [("node", q.id), ("node", k.id), ("node", v.id), ("node", dy.id), stats,
@@ -248,7 +251,7 @@ def build(node, graph, target: Target) -> KernelSpec:
     out = [("node", node.id)]
     shares = group > 1
     ws = ("scratch", ("attention_grad_shares", (2, heads, t, hd), "fp32"))
-    dkv = spec("dkv", emit_dkv(prec, windowed, shares), "attention_dkv_kernel",
+    dkv = spec("dkv", emit_dkv(prec, windowed, shares, op), "attention_dkv_kernel",
                (cdiv(t, cfg["dkv"][1]) * heads,),
                common + out + ([ws] if shares else []) + [("stride", node.id)], KV_HEADS=kv_heads,
                DS_TERMS=ds_terms, P_TERMS=p_terms)
@@ -259,11 +262,11 @@ def build(node, graph, target: Target) -> KernelSpec:
                               [ws] + out + [("stride", node.id), ("value", t), ("value", hd)],
                               dict(HEADS=heads, KV_HEADS=kv_heads, GROUP=group, BLOCK_R=br,
                                    BLOCK_D=bd), num_warps=4, num_stages=1)
-    dq = spec("dq", emit_dq(prec, windowed), "attention_dq_kernel",
+    dq = spec("dq", emit_dq(prec, windowed, op), "attention_dq_kernel",
               (cdiv(t, cfg["dq"][0]) * heads,), common + out + [("stride", node.id)],
               DS_TERMS=ds_terms)
     dq.then = dkv
-    first = spec("stats", emit_stats(prec, windowed), "attention_stats_kernel",
+    first = spec("stats", emit_stats(prec, windowed, op), "attention_stats_kernel",
                  (cdiv(t, cfg["stats"][0]), heads), common)
     first.then = dq
     return first
