@@ -145,16 +145,19 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
     yield "transformers", hf_step(model, params, ids, args.lr), sum(p.numel() for p in params)
     if args.no_liger:
         return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Liger patches a multimodal Gemma-4 and a text-only one by separate functions
+    patch = ("apply_liger_kernel_to_gemma4" if type(base).__name__ ==
+             "Gemma4ForConditionalGeneration" else "apply_liger_kernel_to_gemma4_text")
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_gemma4
-    except ImportError as e:
+        import liger_kernel.transformers as liger
+        apply = getattr(liger, patch)
+    except (ImportError, AttributeError) as e:
         print(f"  transformers + Liger: not run ({str(e).splitlines()[0]})", flush=True)
         return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        apply_liger_kernel_to_gemma4(rope=False, cross_entropy=False,
-                                     fused_linear_cross_entropy=True, rms_norm=True, geglu=True,
-                                     model=base)
+        apply(rope=False, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True,
+              geglu=True, model=base)
     except Exception as e:  # noqa: BLE001 (a version whose patch does not fit: say so, go on)
         print(f"  transformers + Liger: not run ({type(e).__name__}: "
               f"{str(e).splitlines()[0][:200]})", flush=True)

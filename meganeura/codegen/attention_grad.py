@@ -24,8 +24,8 @@ padded to a power of two). Tiles per kernel and head width: GPU_TILES, from
 benchmarks/attention_grad_sweep.py.
 
 bytes: q, k, v and dO read per block pair from L2, dq, dk, dv written, 8 bytes a row and
-column of each head's share in larger groups; FLOPs 4.5 x the forward's (stats 2 products
-a block pair, dq 3, dk and dv 4)
+column of each head's share in larger groups; FLOPs 5 x the forward's (stats 2 products a
+block pair, dq 3, dk and dv 5 with P in two terms)
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ GPU_TILES = {
 }
 # P (into dv) and dS (into dq, dk) in how many terms of a narrower operand type than fp32:
 # one (rounded once, as a flash backward does), or two (what the first left, rounded again:
-# about 16 significant bits); the sweep compares them
-TERMS_BF16 = {"p": 1, "ds": 1}
+# about 16 significant bits). On an H100 (results/HISTORY.md, 2026-12-07): P in two terms
+# costs e2b's 256-wide heads 37 % and its 512-wide 18 %, dS in two 44 % and 4.7x; with both
+# rounded once, every_feature's bf16 training gradients put the first layer's q and k norm
+# weights 1-2 % past the GPU test's bound (0.96-0.99 of it with the earlier tf32 kernel,
+# and with P in two terms)
+TERMS_BF16 = {"p": 2, "ds": 1}
 INTERPRETER_TILES = {"stats": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkv": (16, 16, 4, 1)}
 
 

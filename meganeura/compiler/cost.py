@@ -245,11 +245,15 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         return _product(k, attrs, ins, out, io)
     if arch == "norm_grad":  # d x a few rows a program; d w spans of rows added by atomics
         return Work(io, 0.0, spec.vector_flops * _numel(ins[1]))
-    if arch == "attention_grad":  # the forward's work four times over (stats, dq, dk and dv)
+    if arch == "attention_grad":  # the forward's products five times over (stats 2, dq 3,
+        # dk | dv 5 a block pair, codegen/attention_grad.py); 8 bytes a row and column of each
+        # head's dk | dv share in groups of several heads, written and read once
         s = ins[0][0]
         pairs = attention_pairs(s, attrs.get("window") or None)
         heads, width = attrs["num_heads"], sum(head_dim_chunks(attrs["head_dim"]))
-        return Work(4 * io, 16 * heads * width * pairs, 24 * heads * pairs, "attention")
+        shares = 16 * heads * s * attrs["head_dim"] if heads > attrs["num_kv_heads"] else 0
+        return Work(4 * io + shares, 20 * heads * width * pairs, 24 * heads * pairs,
+                    "attention")
     if arch == "linear_loss":  # the logits recomputed by each kernel, then a gradient's product
         (t, h), v = ins[0], ins[1][0]
         passes = 2 if op in ("linear_cross_entropy_grad_h", "linear_cross_entropy_grad_w") else 1
