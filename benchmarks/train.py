@@ -20,9 +20,9 @@ meganeura, plus its plan's buffer arena, which stays allocated between steps).
   bf16, as tensor cores read them). `--init unit` draws meganeura's `random_weights`
   instead of transformers' initialization (the rows' model column says so).
 
-meganeura's step is the joint forward + backward plan in generated kernels (first
-versions: attention's and the norms' gradients are not tuned yet; `--executor reference`
-times the same graph in plain PyTorch). Rows go to results/train.csv, tagged with the GPU,
+meganeura's step is the joint forward + backward plan in generated kernels (attention's
+gradient tiled by benchmarks/attention_grad_sweep.py; the norms' gradients not tuned yet;
+`--executor reference` times the same graph in plain PyTorch). Rows go to results/train.csv, tagged with the GPU,
 versions, commit and date. The first step of each length includes making its plan.
 """
 
