@@ -21,7 +21,8 @@ Operands enter the products in the plan's type (bf16 on a GPU; an fp32 input rou
 P and dS rounded to it as a flash backward does (or in two terms, TERMS_BF16), sums in fp32 (tf32 products of an fp32 plan on a GPU; exact on the
 interpreter). Masks give causality and the window; a whole head width is one tile (BLOCK_D,
 padded to a power of two). Tiles per kernel and head width: GPU_TILES, from
-benchmarks/attention_grad_sweep.py.
+benchmarks/attention_grad_sweep.py on an H100 (the best of each kernel's candidates, the
+others at their defaults).
 
 bytes: q, k, v and dO read per block pair from L2, dq, dk, dv written, 8 bytes a row and
 column of each head's share in larger groups; FLOPs 5 x the forward's (stats 2 products a
@@ -42,12 +43,12 @@ GPU_TILES = {
     512: {"stats": (64, 32, 8, 1), "dq": (64, 32, 8, 1), "dkv": (32, 16, 4, 2)},
 }
 # P (into dv) and dS (into dq, dk) in how many terms of a narrower operand type than fp32:
-# one (rounded once, as a flash backward does), or two (what the first left, rounded again:
-# about 16 significant bits). On an H100 (results/HISTORY.md, 2026-12-07): P in two terms
-# costs e2b's 256-wide heads 37 % and its 512-wide 18 %, dS in two 44 % and 4.7x; with both
-# rounded once, every_feature's bf16 training gradients put the first layer's q and k norm
-# weights 1-2 % past the GPU test's bound (0.96-0.99 of it with the earlier tf32 kernel,
-# and with P in two terms)
+# one (rounded once, as a flash backward does), or two (what the first left, rounded
+# again: about 16 significant bits). On an H100 (benchmarks/results/HISTORY.md,
+# 2026-12-07): P in two terms costs e2b's 256-wide heads 37 % and its 512-wide 18 %, dS in
+# two 44 % and 4.7x; with both rounded once, every_feature's bf16 training gradients put
+# the first layer's q and k norm weights 1-2 % past the GPU test's bound (0.96-0.99 of it
+# with the earlier tf32 kernel, and with P in two terms)
 TERMS_BF16 = {"p": 2, "ds": 1}
 INTERPRETER_TILES = {"stats": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkv": (16, 16, 4, 1)}
 
