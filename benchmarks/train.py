@@ -1,6 +1,7 @@
 """Training steps side by side: meganeura's Trainer, transformers, transformers + Liger.
 
-    python benchmarks/train.py                        # e4b LoRA at 4096, e2b full at 2048, check
+    python benchmarks/train.py                        # every work below, in turn
+    python benchmarks/train.py --works e2b-full,4b    # some of them
     python benchmarks/train.py --works check          # e2b gradients against fp32 autograd
     python benchmarks/train.py --tiny --device cpu    # the script itself, on the interpreter
 
@@ -8,11 +9,23 @@ One process, one model per work (transformers' model built in bf16 with random w
 sdpa attention; meganeura reads the very same tensors). A step is forward with labels,
 backward, the AdamW step and zero_grad, on one sequence of random ids; time is the median
 of --steps steps after --warmup, memory the peak above what the step found allocated (for
-meganeura, plus its plan's buffer arena, which stays allocated between steps).
+meganeura, plus its plan's buffer arena, which stays allocated between steps). Each row
+also gives the step's model FLOPs (3x the forward's products and attention pairs, 2x for
+LoRA's frozen products) and their share of the GPU's dense bf16 peak (mfu).
 
 - e4b-lora: gemma4-e4b, LoRA rank 16, alpha 32 on q, k, v, o, gate, up, down, seq 4096;
   transformers through peft.
 - e2b-full: gemma4-e2b, every weight but the token and per-layer embeddings, seq 2048.
+- 4b: the seed's gemma4_4b (its random weights), forward, loss and backward at 2048
+  tokens, no optimizer step: meganeura's gradients against benchmarks/torch_forward.py
+  eagerly and under torch.compile on the same weights (each row notes its loss).
+- 31b-lora: gemma4-31b with e4b-lora's adapters at 2048 tokens (transformers may not fit
+  beside it: its row then says so).
+- curve: e2b-full's training for --curve-steps steps (lr --curve-lr) on consecutive
+  windows of the project's own docs (README.md and docs/*.md, their bytes as token ids),
+  from the same weights: meganeura, transformers in bf16, and transformers in fp32 as the
+  reference; each step's loss goes to --curve-csv and --curve-plot, the rows give each bf16
+  run's worst and median loss gap to the fp32 one.
 - check: gemma4-e2b, seq 256: meganeura's bf16 gradients (embeddings frozen) against
   transformers' fp32 autograd of the same weights; relative error per tensor. Beside it,
   on the same weights and ids: transformers' bf16 autograd, and the floor under any bf16
@@ -20,10 +33,13 @@ meganeura, plus its plan's buffer arena, which stays allocated between steps).
   bf16, as tensor cores read them). `--init unit` draws meganeura's `random_weights`
   instead of transformers' initialization (the rows' model column says so).
 
+`--hf-compile` adds transformers under torch.compile to the timed works (its first steps
+compile: minutes for these models, and peft's LoRA model has not finished within 150 s).
 meganeura's step is the joint forward + backward plan in generated kernels (attention's
 gradient tiled by benchmarks/attention_grad_sweep.py; the norms' gradients not tuned yet;
-`--executor reference` times the same graph in plain PyTorch). Rows go to results/train.csv, tagged with the GPU,
-versions, commit and date. The first step of each length includes making its plan.
+`--executor reference` times the same graph in plain PyTorch). Rows go to
+results/train.csv, tagged with the GPU, versions, commit and date, and the step times to a
+plot (--plot). The first step of each length includes making its plan.
 """
 
 from __future__ import annotations
@@ -53,10 +69,17 @@ TINY = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidd
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                    max_position_embeddings=4096)
 WORKS = {"e4b-lora": ("gemma4_e4b", 4096, "lora"), "e2b-full": ("gemma4_e2b", 2048, "full"),
-         "check": ("gemma4_e2b", 256, "check")}
+         "4b": ("gemma4_4b", 2048, "grads"), "31b-lora": ("gemma4_31b", 2048, "lora"),
+         "curve": ("gemma4_e2b", 2048, "curve"), "check": ("gemma4_e2b", 256, "check")}
 FIELDS = ["date", "gpu", "torch", "triton", "meganeura", "commit", "work", "model", "seq",
           "contender", "step_ms", "peak_gib", "tokens_per_s", "trained", "max_rel_error",
-          "median_rel_error", "tensors", "note"]
+          "median_rel_error", "tensors", "note", "model_tflop", "mfu"]
+CURVE_FIELDS = ["date", "gpu", "commit", "model", "seq", "lr", "contender", "step", "loss"]
+# dense bf16 tensor-core peaks (FLOP/s) by device name, for the model FLOP utilisation
+PEAKS = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12}
+# a step's model FLOPs over the forward's: forward, d(input), d(weights) (the latter absent
+# for LoRA's frozen products: the adapters' own are a rounding error)
+PASSES = {"full": 3, "grads": 3, "lora": 2}
 
 
 def sync(device) -> None:
@@ -69,24 +92,61 @@ def frozen(name: str) -> bool:
     return "embed_tokens" in name
 
 
+def forward_flops(graph) -> float:
+    """Matrix FLOPs of a forward graph: 2 m k n a product, 4 heads x width a pair of
+    (query, key) an attention sees."""
+    from meganeura.compiler.cost import attention_pairs
+    from meganeura.compiler.ops import OPS
+
+    total = 0.0
+    for n in graph.nodes:
+        arch = OPS[n.op].archetype
+        if arch == "product":
+            (m, k), cols = graph[n.inputs[0]].shape, graph[n.inputs[1]].shape[1]
+            total += 2.0 * m * k * cols
+        elif arch == "attention":
+            a = n.attrs
+            total += 4.0 * a["num_heads"] * a["head_dim"] * attention_pairs(
+                graph[n.inputs[0]].shape[0], a.get("window") or None)
+    return total
+
+
+def peak_flops(gpu: str) -> float | None:
+    return next((v for k, v in PEAKS.items() if k in gpu), None)
+
+
+def write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Appends rows to the CSV at path, earlier rows kept under the current header."""
+    old = []
+    if path.exists():
+        with path.open(newline="") as f:
+            old = list(csv.DictReader(f))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(old + rows)
+
+
 def measure(step, device, warmup: int, steps: int) -> dict:
     """Median ms of `step()` after warmup; peak bytes above the start of a step."""
     for _ in range(warmup):
         step()
-    times, peaks = [], []
+    times, peaks, loss = [], [], None
     for _ in range(steps):
         sync(device)
         if device.type == "cuda":
             start = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
-        step()
+        loss = step()  # (a step that returns its loss: the same weights each step)
         sync(device)
         times.append(time.perf_counter() - t)
         if device.type == "cuda":
             peaks.append(torch.cuda.max_memory_allocated(device) - start)
     ms = statistics.median(times) * 1e3
-    return {"step_ms": round(ms, 2), "peak_gib": round(max(peaks) / 2**30, 3) if peaks else ""}
+    out = {"step_ms": round(ms, 2), "peak_gib": round(max(peaks) / 2**30, 3) if peaks else ""}
+    return out if loss is None else {**out, "note": f"loss {loss:.6f}"}
 
 
 def hf_step(model, params, ids, lr):
@@ -143,6 +203,9 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
             p.requires_grad_(not frozen(n))
     params = [p for p in model.parameters() if p.requires_grad]
     yield "transformers", hf_step(model, params, ids, args.lr), sum(p.numel() for p in params)
+    if args.hf_compile:
+        yield "transformers + torch.compile", hf_step(torch.compile(model), params, ids,
+                                                      args.lr), sum(p.numel() for p in params)
     if args.no_liger:
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -166,21 +229,205 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
         sum(p.numel() for p in params)
 
 
-def run_work(args, work: str, writer) -> None:
+def seed_contenders(args, cfg, seq, device, dtype):
+    """The seed model's forward, loss and backward (no optimizer step) on its random
+    weights: meganeura's Trainer.gradients (fp32 gradients of every weight), then the same
+    weights through benchmarks/torch_forward.py, eagerly (sliding layers by a dense band
+    mask) and under torch.compile (FlexAttention), loss.backward() into bf16 gradients."""
+    import torch.nn.functional as F
+    from torch_forward import make_forward
+
+    from meganeura.models.weights import random_weights
+
+    weights = random_weights(cfg, 0, dtype, device)
+    ids = torch.randint(0, cfg.vocab_size, (seq,), generator=torch.Generator().manual_seed(1))
+    mine = meganeura.from_config(cfg, weights, device, dtype)
+    held = [meganeura.Trainer(mine, lr=args.lr, executor=args.executor,
+                              fp32_products=args.fp32_products)]
+    trained = sum(w.numel() for w in weights.values())
+    del mine
+
+    def step():
+        return held[0]._gradients(ids, None, keep=False)[0]  # (no copy of the gradients)
+    step.trainer, step.ids = held[0], ids
+    yield "meganeura", step, trained
+    held.clear()
+    del step.trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.no_hf:
+        return
+    w = {n: t.requires_grad_(True) for n, t in weights.items()}
+    dev_ids = ids.to(device)
+
+    def torch_step(forward):
+        def run():
+            logits = forward(w, dev_ids)
+            loss = F.cross_entropy(logits[:-1].float(), dev_ids[1:])
+            loss.backward()
+            for t in w.values():
+                t.grad = None
+            return loss.item()
+        return run
+    yield "torch eager", torch_step(make_forward(cfg, seq, device, "dense")), trained
+    if device.type == "cuda":  # (its CPU lowering of FlexAttention is not what is measured)
+        yield "torch.compile", torch_step(torch.compile(make_forward(cfg, seq, device, "flex"))), \
+            trained
+
+
+def docs_ids(vocab: int) -> torch.Tensor:
+    """The project's own docs (README.md, docs/*.md) as token ids: their UTF-8 bytes (modulo
+    the vocabulary, for a tiny one). A tokenizer-free text that every run has."""
+    root = Path(__file__).resolve().parent.parent
+    text = b"\n\n".join(p.read_bytes() for p in [root / "README.md",
+                                                  *sorted((root / "docs").glob("*.md"))])
+    return torch.tensor(list(text), dtype=torch.int64) % vocab
+
+
+def run_curve(args, cfg, key, seq, device, dtype, base: dict) -> list[dict]:
+    """--curve-steps AdamW steps on consecutive windows of docs_ids, every weight but the
+    embeddings trained, from the same initial weights: meganeura (bf16), transformers
+    (bf16) and transformers in fp32 (the reference). Each step's loss goes to --curve-csv;
+    the summary rows give each bf16 run's loss gap to the fp32 run (relative, worst and
+    median over the steps)."""
+    text = docs_ids(cfg.vocab_size)
+    starts = [(i * seq) % (text.numel() - seq) for i in range(args.curve_steps)]
+    windows = [text[a:a + seq] for a in starts]
+    config = hf_config(cfg, key) if not args.tiny else hf_config(cfg)
+    model = hf_model(config, dtype, device, seed=0, init=args.init, cfg=cfg)
+    first = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    losses = {}
+    mine = meganeura.from_config(cfg, {n: t.clone() for n, t in shared_weights(model, cfg).items()},
+                                 device, dtype)
+    trainer = meganeura.Trainer(mine, lr=args.curve_lr, trainable=lambda n: not frozen(n),
+                                executor=args.executor)
+    losses["meganeura"] = [trainer.step(ids) for ids in windows]
+    del trainer, mine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    def hf_curve(m):
+        m.train()
+        for n, p in m.named_parameters():
+            p.requires_grad_(not frozen(n))
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad],
+                                lr=args.curve_lr, weight_decay=0.0)
+        out = []
+        for ids in windows:
+            loss = m(input_ids=ids[None].to(device), labels=ids[None].to(device),
+                     use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(loss.item())
+        return out
+    if not args.no_hf:
+        losses["transformers"] = hf_curve(model)
+        model.load_state_dict(first)
+        ref = hf_fp32_copy(model)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        losses["transformers fp32"] = hf_curve(ref)
+        del ref
+    curve = [{**base, "lr": args.curve_lr, "contender": who, "step": i, "loss": f"{v:.6f}"}
+             for who, vs in losses.items() for i, v in enumerate(vs)]
+    write_rows(Path(args.curve_csv), curve, CURVE_FIELDS)
+    plot_curve(losses, base, Path(args.curve_plot))
+    rows = []
+    ref = losses.get("transformers fp32")
+    for who in ("meganeura", "transformers"):
+        if who not in losses:
+            continue
+        row = {"contender": who, "note": f"loss {losses[who][0]:.4f} -> {losses[who][-1]:.4f} "
+                                         f"in {len(windows)} steps, lr {args.curve_lr}"}
+        if ref is not None:
+            gaps = [abs(a - b) / b for a, b in zip(losses[who], ref)]
+            row.update(max_rel_error=f"{max(gaps):.3e}",
+                       median_rel_error=f"{statistics.median(gaps):.3e}", tensors="")
+        rows.append(row)
+    if ref is not None and len(rows) == 2 and dtype != torch.float32:
+        ours, theirs = (float(r["max_rel_error"]) for r in rows)
+        print(f"curve: meganeura's worst step is {ours:.2e} from fp32, transformers' bf16 "
+              f"{theirs:.2e}: {'within' if ours <= 1.5 * theirs else 'outside'} 1.5x of "
+              f"transformers' own bf16 noise", flush=True)
+    return rows
+
+
+def plot_curve(losses: dict, base: dict, path: Path) -> None:
+    from prefill import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for who, vs in losses.items():
+        ax.plot(range(len(vs)), vs, label=who, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{base['model']}, {base['seq']} tokens a step, on the project's docs "
+                 f"({base['gpu']}, {base['commit']})", fontsize=8)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"curve plot: {path}", flush=True)
+
+
+def plot_steps(rows: list[dict], path: Path) -> None:
+    """Bars of each work's step time by contender (this run's rows)."""
+    from prefill import pyplot
+
+    timed = [r for r in rows if r.get("step_ms") not in (None, "")]
+    if not timed:
+        return
+    plt = pyplot()
+    if plt is None:
+        return
+    works = list(dict.fromkeys(r["work"] for r in timed))
+    fig, axes = plt.subplots(1, len(works), figsize=(4 * len(works), 3.5), squeeze=False)
+    for ax, work in zip(axes[0], works):
+        mine = [r for r in timed if r["work"] == work]
+        ax.bar(range(len(mine)), [float(r["step_ms"]) for r in mine])
+        ax.set_xticks(range(len(mine)), [r["contender"] for r in mine], rotation=20,
+                      fontsize=7)
+        ax.set_title(f"{work} ({mine[0]['model']}, {mine[0]['seq']} tokens)", fontsize=8)
+        ax.set_ylabel("ms a step")
+    fig.suptitle(f"{timed[0]['gpu']}, {timed[0]['commit']}, {timed[0]['date']}", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot: {path}", flush=True)
+
+
+def run_work(args, work: str) -> list[dict]:
     key, seq, mode = WORKS[work]
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = TINY if args.tiny else PRESETS[key]
+    if args.tiny:  # the seed's own family for its work (graph-layout weights)
+        key = "small_test" if mode == "grads" else key
+        cfg = PRESETS["small_test"] if mode == "grads" else TINY
+    else:
+        cfg = PRESETS[key]
     seq = args.seq or (24 if args.tiny else seq)
     name = ("tiny" if args.tiny else key.replace("_", "-")) + (
         " unit-init" if args.init == "unit" else "")
     base = {**environment(), "work": work, "model": name, "seq": seq}
-    if mode == "check":
-        for row in check_gradients(args, cfg, key, seq, device, dtype):
+    rows = []
+    if mode in ("check", "curve"):
+        made = (check_gradients(args, cfg, key, seq, device, dtype) if mode == "check" else
+                run_curve(args, cfg, key, seq, device, dtype, base))
+        for row in made:
             print(f"{work}: {row}", flush=True)
-            writer.writerow({**base, **row})
-        return
-    for who, step, trained in contenders(args, work, cfg, key, seq, mode, device, dtype):
+            rows.append({**base, **row})
+        return rows
+    from meganeura.models import build
+
+    flops = forward_flops(build(cfg, seq)) * PASSES[mode]
+    peak = peak_flops(base["gpu"])
+    made = (seed_contenders(args, cfg, seq, device, dtype) if mode == "grads" else
+            contenders(args, work, cfg, key, seq, mode, device, dtype))
+    for who, step, trained in made:
         try:
             r = measure(step, device, args.warmup, args.steps)
         except torch.cuda.OutOfMemoryError:
@@ -188,6 +435,9 @@ def run_work(args, work: str, writer) -> None:
             torch.cuda.empty_cache()
         if "step_ms" in r:
             r["tokens_per_s"] = round(seq / r["step_ms"] * 1e3, 1)
+            r["model_tflop"] = f"{flops / 1e12:.4g}"
+            if peak is not None:
+                r["mfu"] = round(flops / (r["step_ms"] / 1e3) / peak, 4)
         if hasattr(step, "trainer") and r.get("peak_gib") != "" and "peak_gib" in r:
             # the plan's buffer arena (activations, gradients) stays allocated between
             # steps, where transformers frees its activations: it counts as the step's
@@ -197,11 +447,13 @@ def run_work(args, work: str, writer) -> None:
             breakdown(step.trainer, step.ids, device)
         row = {**base, "contender": who, "trained": trained, **r}
         print(f"{work}: {who}: " + ", ".join(f"{k} {row[k]}" for k in
-                                            ("step_ms", "peak_gib", "tokens_per_s", "note")
-                                            if row.get(k) not in (None, "")), flush=True)
-        writer.writerow(row)
+                                            ("step_ms", "peak_gib", "tokens_per_s", "mfu",
+                                             "note") if row.get(k) not in (None, "")),
+              flush=True)
+        rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
 
 
 def breakdown(trainer, ids, device, top: int = 25) -> None:
@@ -301,7 +553,7 @@ def _bf16_autograd(ref, ids, device):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--works", default="e4b-lora,e2b-full,check",
+    ap.add_argument("--works", default="e4b-lora,e2b-full,4b,31b-lora,curve,check",
                     help=f"comma-separated, of {', '.join(WORKS)}")
     ap.add_argument("--tiny", action="store_true", help="a two-layer Llama (checks the script)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -314,6 +566,8 @@ def main(argv=None) -> int:
                     help="meganeura's training graph as generated kernels or on the reference "
                     "executor")
     ap.add_argument("--no-liger", action="store_true", help="leave transformers + Liger out")
+    ap.add_argument("--hf-compile", action="store_true",
+                    help="also transformers under torch.compile (its compile takes minutes)")
     ap.add_argument("--breakdown", action="store_true",
                     help="after meganeura's steps: one step's time by part, and its kernels")
     ap.add_argument("--init", choices=INITS, default="transformers",
@@ -323,22 +577,24 @@ def main(argv=None) -> int:
                     help="meganeura's plans hold the forward products' outputs in fp32 "
                     "(Trainer(fp32_products=True))")
     ap.add_argument("--csv", default=str(RESULTS / "train.csv"))
+    ap.add_argument("--plot", default=str(RESULTS / "train.png"),
+                    help="bars of this run's step times")
+    ap.add_argument("--curve-steps", type=int, default=200, help="steps of the curve work")
+    ap.add_argument("--curve-lr", type=float, default=1e-4)
+    ap.add_argument("--curve-csv", default=str(RESULTS / "train-curve.csv"))
+    ap.add_argument("--curve-plot", default=str(RESULTS / "train-curve.png"))
     args = ap.parse_args(argv)
     works = args.works.split(",")
     bad = [w for w in works if w not in WORKS]
     if bad:
         ap.error(f"unknown work {bad[0]!r} (one of {', '.join(WORKS)})")
-    path = Path(args.csv)
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
     print(f"# train {environment()}", flush=True)
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        for work in works:
-            run_work(args, work, writer)
-            f.flush()
+    rows = []
+    for work in works:
+        made = run_work(args, work)
+        write_rows(Path(args.csv), made, FIELDS)  # each work's rows as it ends
+        rows += made
+    plot_steps(rows, Path(args.plot))
     return 0
 
 

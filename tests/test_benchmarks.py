@@ -167,13 +167,24 @@ def test_the_training_benchmark_runs_each_work(tmp_path):
 
     out = tmp_path / "train.csv"
     assert main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--no-liger",
-                 "--executor", "reference", "--csv", str(out)]) == 0
+                 "--executor", "reference", "--csv", str(out), "--plot", str(tmp_path / "t.png"),
+                 "--curve-steps", "3", "--curve-csv", str(tmp_path / "curve.csv"),
+                 "--curve-plot", str(tmp_path / "curve.png")]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [(r["work"], r["contender"]) for r in rows] == [
         ("e4b-lora", "meganeura"), ("e4b-lora", "transformers"), ("e2b-full", "meganeura"),
-        ("e2b-full", "transformers"), ("check", "meganeura vs fp32 autograd"),
+        ("e2b-full", "transformers"), ("4b", "meganeura"), ("4b", "torch eager"),
+        ("31b-lora", "meganeura"), ("31b-lora", "transformers"), ("curve", "meganeura"),
+        ("curve", "transformers"), ("check", "meganeura vs fp32 autograd"),
         ("check", "bf16 product operands (floor) vs fp32 autograd")]
     assert rows[0]["trained"] == rows[1]["trained"]  # the same adapters on both sides
+    # the seed's work: the same loss of the same weights in meganeura and in plain PyTorch
+    ours, theirs = (float(r["note"].split()[1]) for r in rows[4:6])
+    assert abs(ours - theirs) < 1e-4 * theirs and float(rows[4]["model_tflop"]) > 0
+    # the curve: three steps on the docs' bytes, fp32 on both sides, against transformers fp32
+    assert float(rows[8]["max_rel_error"]) < 1e-4 and float(rows[9]["max_rel_error"]) < 1e-4
+    curve = list(csv.DictReader((tmp_path / "curve.csv").open()))
+    assert [r["contender"] for r in curve].count("meganeura") == 3
     assert float(rows[-2]["max_rel_error"]) < 1e-4  # fp32 on the CPU
     # the floor rounds the products' operands: about bf16's half ulp, grown by the layers
     assert 1e-3 < float(rows[-1]["median_rel_error"]) < 3e-2
