@@ -105,6 +105,18 @@ def test_a_subset_trains_and_the_rest_has_no_gradient(tmp_path):
         assert torch.equal(w, before[n]) == ("mlp" not in n), n
 
 
+def test_lora_scales_the_rank_wide_side():
+    # s (x A^T) B^T: the scaling, and its gradient's copy, are [tokens, rank] tensors
+    from meganeura.models import PRESETS, build
+    from meganeura.training.trainer import with_lora
+
+    cfg = PRESETS["small_test"]
+    lora = meganeura.LoRA(rank=3, alpha=5.0, targets=["q_proj", "down_proj"])
+    g, shapes = with_lora(build(cfg, 11), lora)
+    scales = [n for n in g.nodes if n.op == "scale" and n.attrs["factor"] == lora.scaling]
+    assert len(scales) == len(shapes) // 2 and all(n.shape == (11, 3) for n in scales)
+
+
 def test_lora_equals_peft_and_saves_merged(tmp_path):
     peft = pytest.importorskip("peft")
     ref, model = _checkpoint("decoder", "qwen3", tmp_path)

@@ -1,6 +1,7 @@
 """The buffer arena of a model's training plan, with and without fp32_products (no GPU).
 
     python tools/train_arena.py --model gemma4-e2b --seq-len 2048
+    python tools/train_arena.py --model gemma4-e4b --seq-len 4096 --lora   # benchmarks/train.py's adapters
 
 The Trainer's joint graph (every trained weight but the embeddings) is optimized as for a
 GPU (H200 profile, bf16, the Trainer's memory price) and its buffers placed by liveness,
@@ -26,9 +27,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gemma4-e2b", choices=sorted(MODEL_NAMES))
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--lora", action="store_true", help="LoRA rank 16 on q, k, v, o, gate, up "
+                    "and down (only the adapters trained), as benchmarks/train.py's e4b-lora")
     a = ap.parse_args(argv)
     cfg = PRESETS[MODEL_NAMES[a.model]]
-    graph = train_graph(cfg, build(cfg, a.seq_len))
+    if a.lora:
+        from meganeura.training.trainer import LoRA, training_graph, with_lora
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        g, shapes = with_lora(build(cfg, a.seq_len), LoRA(16, 32.0, targets))
+        graph = training_graph(g, list(shapes), cfg)
+    else:
+        graph = train_graph(cfg, build(cfg, a.seq_len))
     for on in (False, True):
         plan, _ = optimize_graph(graph, CostModel(PROFILES["h200"], "bf16", MEMORY_PRICE, on))
         arena = plan_buffers(plan, 2, inputs=True).total

@@ -90,9 +90,10 @@ def with_lora(graph: Graph, lora: LoRA) -> tuple[Graph, dict[str, tuple[int, ...
                 out, inp = graph[graph[n.inputs[1]].inputs[0]].shape
                 a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
                 shapes[a], shapes[b] = (lora.rank, inp), (out, lora.rank)
-                low = g.matmul(g.matmul(x, g.transpose(g.parameter(a, shapes[a]))),
-                               g.transpose(g.parameter(b, shapes[b])))
-                new[n.id] = g.add(new[n.id], g.scale(low, lora.scaling))
+                # the scaling on the rank-wide side, (s x A^T) B^T: its gradient's copy is
+                # [tokens, rank], not [tokens, out] in fp32
+                xa = g.scale(g.matmul(x, g.transpose(g.parameter(a, shapes[a]))), lora.scaling)
+                new[n.id] = g.add(new[n.id], g.matmul(xa, g.transpose(g.parameter(b, shapes[b]))))
     g.set_outputs([new[o] for o in graph.outputs], [new[e] for e in graph.effects])
     return g, shapes
 
