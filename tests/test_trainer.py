@@ -117,6 +117,36 @@ def test_lora_scales_the_rank_wide_side():
     assert len(scales) == len(shapes) // 2 and all(n.shape == (11, 3) for n in scales)
 
 
+def test_lora_sums_are_held_in_the_plan_type_and_gradients_in_fp32():
+    # a bf16 GPU plan of a LoRA step: each forward base + adapter sum in bf16 (as its two
+    # products are), the residual stream and every backward sum of products in fp32
+    from meganeura.compiler.cost import MEMORY_PRICE, PROFILES, CostModel
+    from meganeura.compiler.plan import holds_fp32, product_sums
+    from meganeura.models import build
+    from meganeura.pipeline import optimize_graph
+    from meganeura.training.trainer import training_graph, with_lora
+
+    from meganeura.models.llama import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    lora = meganeura.LoRA(rank=3, alpha=5.0, targets=["q_proj", "v_proj", "down_proj"])
+    g, shapes = with_lora(build(cfg, 32), lora)
+    plan, _ = optimize_graph(training_graph(g, list(shapes), cfg),
+                             CostModel(PROFILES["h200"], "bf16", MEMORY_PRICE))
+    pg = plan.graph
+    sums = product_sums(pg) & set(plan.launches)
+    # q's and v's in each layer (down's sum joins the residual add: the stream, fp32)
+    assert len(sums) >= 2 * cfg.num_hidden_layers
+    assert not any(holds_fp32(pg, i) for i in sums)
+    seeded = {n.id for n in pg.inputs() if n.attrs.get("fp32")}
+    later = {i: any(j in seeded for j in pg[i].inputs) for i in plan.launches}
+    backward_adds = [i for i in plan.launches if pg[i].op == "add" and later[i]]
+    forward_adds = [i for i in plan.launches if pg[i].op == "add" and i not in sums]
+    assert backward_adds or forward_adds
+    assert all(holds_fp32(pg, i) for i in backward_adds + forward_adds)
+
+
 def test_lora_equals_peft_and_saves_merged(tmp_path):
     peft = pytest.importorskip("peft")
     ref, model = _checkpoint("decoder", "qwen3", tmp_path)

@@ -24,11 +24,52 @@ def holds_fp32(graph: Graph, nid: int) -> bool:
     on the running sum cost more accuracy than the matmuls do, and the stream is a small
     share of the bytes moved. A view holds what its base holds; an input, what it was
     declared to hold (Graph.input_f32)."""
-    while OPS[graph[nid].op].kind == "view":
-        nid = graph[nid].inputs[0]
+    nid = _base(graph, nid)
     if graph[nid].op == "input":
         return bool(graph[nid].attrs.get("fp32"))
-    return holds_stream(graph[nid].op, graph[nid].attrs) or nid in getattr(graph, "wide", ())
+    if nid in getattr(graph, "wide", ()):
+        return True
+    return holds_stream(graph[nid].op, graph[nid].attrs) and nid not in product_sums(graph)
+
+
+def _base(graph: Graph, nid: int) -> int:
+    while OPS[graph[nid].op].kind == "view":
+        nid = graph[nid].inputs[0]
+    return nid
+
+
+def product_sums(graph: Graph) -> frozenset[int]:
+    """The forward sums of two products' outputs (a LoRA adapter's (s x A^T) B^T added to
+    its base product, as an add or as a product's add epilogue): held in the plan's type,
+    as the products themselves are. A residual add keeps fp32 (one operand is the stream),
+    and so does every sum in the backward (nodes that depend on the gradient seed, the
+    plan's fp32 input): gradients accumulate in fp32. Made once a graph (cached on it)."""
+    cached = getattr(graph, "_product_sums", None)
+    if cached is not None and cached[0] == len(graph.nodes):
+        return cached[1]
+
+    def product(i: int) -> bool:
+        n = graph[_base(graph, i)]
+        if n.op in STRUCTURED:
+            return n.op == "product" and not holds_stream(n.op, n.attrs)
+        return OPS[n.op].archetype == "product" and not OPS[n.op].stream
+
+    backward = {n.id for n in graph.inputs() if n.attrs.get("fp32")}
+    sums = []
+    for n in graph.nodes:
+        if any(i in backward for i in n.inputs):
+            backward.add(n.id)
+            continue
+        if n.op == "add":
+            if all(product(i) for i in n.inputs):
+                sums.append(n.id)
+        elif n.op == "product" and [st.op for st in n.attrs["epilogue"]] == ["add"]:
+            (st,) = n.attrs["epilogue"]
+            if all(product(n.inputs[k]) for k in st.operands):
+                sums.append(n.id)
+    out = frozenset(sums)
+    graph._product_sums = (len(graph.nodes), out)
+    return out
 
 
 # kernels that read a tensor row by row or element by element, in fp32 whatever it is stored
