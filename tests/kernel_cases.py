@@ -176,16 +176,16 @@ def loss_case(op, s, v, seed=0):
     return c.case(c.g.cross_entropy_grad(z, lab, c.input("d", (s, 1))))
 
 
-def attention_grad_case(s, heads, kv_heads, head_dim, window=0, seed=0):
+def attention_grad_case(s, heads, kv_heads, head_dim, window=0, seed=0, dy_fp32=False):
     """attention_grad of q, k, v (views of one merged input, as a product gives them) and
-    dy, scores O(1)."""
+    dy, scores O(1); dy_fp32: dy held in fp32 whatever the plan's type."""
     c = Case(seed)
     qkv = c.input("qkv", (s, (heads + 2 * kv_heads) * head_dim),
                   c.rand(s, (heads + 2 * kv_heads) * head_dim) * head_dim ** -0.25)
     q = c.g.slice_cols(qkv, 0, heads * head_dim)
     k = c.g.slice_cols(qkv, heads * head_dim, kv_heads * head_dim)
     v = c.g.slice_cols(qkv, (heads + kv_heads) * head_dim, kv_heads * head_dim)
-    dy = c.input("dy", (s, heads * head_dim))
+    dy = c.input("dy", (s, heads * head_dim), fp32=dy_fp32)
     return c.case(c.g.attention_grad(q, k, v, dy, heads, kv_heads, head_dim, 1.0, window))
 
 

@@ -41,10 +41,11 @@ class Case:
             name, k = f"{stem}{k}", k + 1
         return name
 
-    def input(self, stem: str, shape, values=None) -> int:
+    def input(self, stem: str, shape, values=None, fp32: bool = False) -> int:
+        """fp32: held in fp32 in a bf16 plan too (as a LoRA plan's fp32 sums reach kernels)."""
         name = self._name(stem, self.inputs)
         self.inputs[name] = self.rand(*shape) if values is None else values
-        return self.g.input_f32(name, tuple(shape))
+        return self.g.input_f32(name, tuple(shape), fp32=fp32)
 
     def ids(self, stem: str, values: torch.Tensor) -> int:
         name = self._name(stem, self.inputs)

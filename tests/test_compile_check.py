@@ -75,6 +75,7 @@ from meganeura.codegen import Target
 target = Target(torch.device("cuda"), torch.bfloat16, sms=132)
 cases = {{
     "attention_grad-512": kc.attention_grad_case(64, 8, 1, 512, window=16),
+    "attention_grad-256-fp32-dy": kc.attention_grad_case(64, 8, 2, 256, window=16, dy_fp32=True),
     "matmul_tn": kc.product_tn_case(256, 512, 640),
     "embedding_grad": kc.embedding_grad_case(64, 300, 512),
     "linear_cross_entropy_grad_w": kc.linear_loss_case("linear_cross_entropy_grad_w", 64, 256,
@@ -88,8 +89,9 @@ for name, (g, _, _) in cases.items():
 
 def test_backward_kernels_compile_for_sm90():
     # the training plan's own kernels at Gemma-4's widest heads (e2b's whole plan, 256-wide
-    # heads and the norms' gradients included: tools/compile_check.py --train): what the
-    # interpreter runs, ptxas must take too
+    # heads and the norms' gradients included: tools/compile_check.py --train), and
+    # attention's gradient of a LoRA plan's fp32 dO (twice the stage room): what the
+    # interpreter runs, ptxas must take too, in a block's shared memory
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     script = BACKWARD.format(tests=str(ROOT / "tests"), tools=str(ROOT / "tools"))
@@ -97,6 +99,6 @@ def test_backward_kernels_compile_for_sm90():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.splitlines()]
-    assert [r[0] for r in rows] == ["attention_grad-512", "matmul_tn", "embedding_grad",
-                                    "linear_cross_entropy_grad_w"]
+    assert [r[0] for r in rows] == ["attention_grad-512", "attention_grad-256-fp32-dy",
+                                    "matmul_tn", "embedding_grad", "linear_cross_entropy_grad_w"]
     assert all(int(r[2]) <= 232448 and r[3] == "False" for r in rows), rows

@@ -28,11 +28,13 @@ def test_reduction_product_bf16(tmn, tmp_path):
     check_case(product_tn_case(*tmn, seed=tmn[0]), "cuda", torch.bfloat16, tmp_path, "bf16")
 
 
-@pytest.mark.parametrize("s, heads, kv_heads, head_dim, window", [
-    (300, 8, 2, 256, 0), (300, 8, 2, 256, 64), (130, 8, 1, 512, 0), (77, 4, 4, 128, 0)])
-def test_attention_grad_bf16(s, heads, kv_heads, head_dim, window, tmp_path):
-    check_case(attention_grad_case(s, heads, kv_heads, head_dim, window, seed=s), "cuda",
-               torch.bfloat16, tmp_path, "bf16")
+@pytest.mark.parametrize("s, heads, kv_heads, head_dim, window, dy_fp32", [
+    (300, 8, 2, 256, 0, False), (300, 8, 2, 256, 64, False), (130, 8, 1, 512, 0, False),
+    (77, 4, 4, 128, 0, False), (300, 8, 2, 256, 64, True), (130, 8, 2, 512, 0, True)])
+def test_attention_grad_bf16(s, heads, kv_heads, head_dim, window, dy_fp32, tmp_path):
+    # dy_fp32: a LoRA plan's dO, held in fp32 (rounded to bf16 for the products)
+    check_case(attention_grad_case(s, heads, kv_heads, head_dim, window, seed=s,
+                                   dy_fp32=dy_fp32), "cuda", torch.bfloat16, tmp_path, "bf16")
 
 
 @pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_stats",

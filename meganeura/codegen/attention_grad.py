@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import HEADER, KernelSpec, Target, cdiv, indent, next_pow2
+from ..compiler.plan import holds_fp32
+from .common import HEADER, KernelSpec, Target, cdiv, fit_stages, indent, next_pow2
 
 # padded head width -> kernel -> (query rows, key rows, warps, stages) of its tiles
 GPU_TILES = {
@@ -247,8 +248,19 @@ def build(node, graph, target: Target) -> KernelSpec:
               ("value", t), ("value", hd), ("value", a["scale"])]
     shape = dict(WINDOW=a["window"], HEADS=heads, GROUP=group, BLOCK_D=bd)
 
+    held = 4 if target.dtype == torch.float32 else 2  # a tile converted once, held
+
+    def size(n) -> int:  # bytes an element of an operand takes where it is stored
+        return 4 if held == 4 or holds_fp32(graph, n.id) else 2
+
     def spec(kind, source, entry, grid, args, **cx):
-        bm, bn, warps, stages = cfg[kind]
+        bm, bn, warps, want = cfg[kind]
+        # the stage buffers hold the loop's tiles (queries and dO, or keys and values) as
+        # stored: an fp32 input, as a LoRA plan's dO, takes twice the room
+        if kind == "dkv":
+            stages = fit_stages(bm * bd * (size(q) + size(dy)), bn * bd * 2 * held, want)
+        else:
+            stages = fit_stages(bn * bd * (size(k) + size(v)), bm * bd * 2 * held, want)
         return KernelSpec("attention_grad", kind, source, entry, grid, args,
                           dict(shape, BLOCK_M=bm, BLOCK_N=bn, **cx), num_warps=warps,
                           num_stages=stages)
