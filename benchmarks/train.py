@@ -11,7 +11,9 @@ backward, the AdamW step and zero_grad, on one sequence of random ids; time is t
 of --steps steps after --warmup, memory the peak above what the step found allocated (for
 meganeura, plus its plan's buffer arena, which stays allocated between steps). Each row
 also gives the step's model FLOPs (3x the forward's products and attention pairs, 2x for
-LoRA's frozen products) and their share of the GPU's dense bf16 peak (mfu).
+LoRA's frozen products), their share of the GPU's dense bf16 peak (mfu), and the first
+step's seconds (meganeura's make the plan and compile its kernels: with an empty
+--cache-dir, the compile from an empty cache).
 
 - e4b-lora: gemma4-e4b, LoRA rank 16, alpha 32 on q, k, v, o, gate, up, down, seq 4096;
   transformers through peft.
@@ -73,7 +75,7 @@ WORKS = {"e4b-lora": ("gemma4_e4b", 4096, "lora"), "e2b-full": ("gemma4_e2b", 20
          "curve": ("gemma4_e2b", 2048, "curve"), "check": ("gemma4_e2b", 256, "check")}
 FIELDS = ["date", "gpu", "torch", "triton", "meganeura", "commit", "work", "model", "seq",
           "contender", "step_ms", "peak_gib", "tokens_per_s", "trained", "max_rel_error",
-          "median_rel_error", "tensors", "note", "model_tflop", "mfu"]
+          "median_rel_error", "tensors", "note", "model_tflop", "mfu", "first_step_s"]
 CURVE_FIELDS = ["date", "gpu", "commit", "model", "seq", "lr", "contender", "step", "loss"]
 # dense bf16 tensor-core peaks (FLOP/s) by device name, for the model FLOP utilisation
 PEAKS = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12}
@@ -129,9 +131,15 @@ def write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
 
 
 def measure(step, device, warmup: int, steps: int) -> dict:
-    """Median ms of `step()` after warmup; peak bytes above the start of a step."""
-    for _ in range(warmup):
+    """Median ms of `step()` after warmup; peak bytes above the start of a step; the first
+    step's seconds (meganeura's include making its plan and compiling its kernels)."""
+    sync(device)
+    t = time.perf_counter()
+    for k in range(warmup):
         step()
+        if k == 0:
+            sync(device)
+            first = time.perf_counter() - t
     times, peaks, loss = [], [], None
     for _ in range(steps):
         sync(device)
@@ -146,6 +154,8 @@ def measure(step, device, warmup: int, steps: int) -> dict:
             peaks.append(torch.cuda.max_memory_allocated(device) - start)
     ms = statistics.median(times) * 1e3
     out = {"step_ms": round(ms, 2), "peak_gib": round(max(peaks) / 2**30, 3) if peaks else ""}
+    if warmup:
+        out["first_step_s"] = round(first, 2)
     return out if loss is None else {**out, "note": f"loss {loss:.6f}"}
 
 
@@ -168,7 +178,7 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
     weights = shared_weights(model, cfg)
     ids = torch.randint(0, cfg.vocab_size, (seq,), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
-    mine = meganeura.from_config(cfg, weights, device, dtype)
+    mine = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
     if mode == "lora":
         trainer = meganeura.Trainer(mine, lr=args.lr, lora=meganeura.LoRA(16, 32.0, TARGETS),
                                     executor=args.executor, fp32_products=args.fp32_products)
@@ -241,7 +251,7 @@ def seed_contenders(args, cfg, seq, device, dtype):
 
     weights = random_weights(cfg, 0, dtype, device)
     ids = torch.randint(0, cfg.vocab_size, (seq,), generator=torch.Generator().manual_seed(1))
-    mine = meganeura.from_config(cfg, weights, device, dtype)
+    mine = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
     held = [meganeura.Trainer(mine, lr=args.lr, executor=args.executor,
                               fp32_products=args.fp32_products)]
     trained = sum(w.numel() for w in weights.values())
@@ -448,7 +458,8 @@ def run_work(args, work: str) -> list[dict]:
         row = {**base, "contender": who, "trained": trained, **r}
         print(f"{work}: {who}: " + ", ".join(f"{k} {row[k]}" for k in
                                             ("step_ms", "peak_gib", "tokens_per_s", "mfu",
-                                             "note") if row.get(k) not in (None, "")),
+                                             "first_step_s", "note")
+                                            if row.get(k) not in (None, "")),
               flush=True)
         rows.append(row)
         if device.type == "cuda":
@@ -576,6 +587,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fp32-products", action="store_true",
                     help="meganeura's plans hold the forward products' outputs in fp32 "
                     "(Trainer(fp32_products=True))")
+    ap.add_argument("--cache-dir", default=None, help="meganeura's kernel cache (default: "
+                    "its usual one); an empty directory makes first_step_s the compile from "
+                    "an empty cache")
     ap.add_argument("--csv", default=str(RESULTS / "train.csv"))
     ap.add_argument("--plot", default=str(RESULTS / "train.png"),
                     help="bars of this run's step times")

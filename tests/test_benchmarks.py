@@ -166,7 +166,7 @@ def test_the_training_benchmark_runs_each_work(tmp_path):
     from train import main
 
     out = tmp_path / "train.csv"
-    assert main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--no-liger",
+    assert main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--no-liger",
                  "--executor", "reference", "--csv", str(out), "--plot", str(tmp_path / "t.png"),
                  "--curve-steps", "3", "--curve-csv", str(tmp_path / "curve.csv"),
                  "--curve-plot", str(tmp_path / "curve.png")]) == 0
@@ -178,6 +178,7 @@ def test_the_training_benchmark_runs_each_work(tmp_path):
         ("curve", "transformers"), ("check", "meganeura vs fp32 autograd"),
         ("check", "bf16 product operands (floor) vs fp32 autograd")]
     assert rows[0]["trained"] == rows[1]["trained"]  # the same adapters on both sides
+    assert all(float(r["first_step_s"]) > 0 for r in rows[:8])  # the timed works
     # the seed's work: the same loss of the same weights in meganeura and in plain PyTorch
     ours, theirs = (float(r["note"].split()[1]) for r in rows[4:6])
     assert abs(ours - theirs) < 1e-4 * theirs and float(rows[4]["model_tflop"]) > 0
