@@ -36,7 +36,9 @@ step's seconds (meganeura's make the plan and compile its kernels: with an empty
   instead of transformers' initialization (the rows' model column says so).
 
 `--hf-compile` adds transformers under torch.compile to the timed works (its first steps
-compile: minutes for these models, and peft's LoRA model has not finished within 150 s).
+compile: minutes for these models, and peft's LoRA model has not finished within 150 s);
+a torch.compile contender still compiling after --compile-limit seconds is left out, its
+row saying so.
 meganeura's step is the joint forward + backward plan in generated kernels (attention's
 gradient tiled by benchmarks/attention_grad_sweep.py; the norms' gradients not tuned yet;
 `--executor reference` times the same graph in plain PyTorch). Rows go to
@@ -47,8 +49,10 @@ plot (--plot). The first step of each length includes making its plan.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import re
+import signal
 import statistics
 import sys
 import time
@@ -128,6 +132,30 @@ def write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(old + rows)
+
+
+class CompileTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Raises CompileTimeout in the block after `seconds` (0: none): a contender under
+    torch.compile that compiles for longer is left out (its compile is Python, which the
+    alarm interrupts)."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def fire(signum, frame):
+        raise CompileTimeout()
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def measure(step, device, warmup: int, steps: int) -> dict:
@@ -439,10 +467,13 @@ def run_work(args, work: str) -> list[dict]:
             contenders(args, work, cfg, key, seq, mode, device, dtype))
     for who, step, trained in made:
         try:
-            r = measure(step, device, args.warmup, args.steps)
+            with deadline(args.compile_limit if "torch.compile" in who else 0):
+                r = measure(step, device, args.warmup, args.steps)
         except torch.cuda.OutOfMemoryError:
             r = {"note": "out of memory"}
             torch.cuda.empty_cache()
+        except CompileTimeout:
+            r = {"note": f"not compiled within {args.compile_limit} s"}
         if "step_ms" in r:
             r["tokens_per_s"] = round(seq / r["step_ms"] * 1e3, 1)
             r["model_tflop"] = f"{flops / 1e12:.4g}"
@@ -579,6 +610,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-liger", action="store_true", help="leave transformers + Liger out")
     ap.add_argument("--hf-compile", action="store_true",
                     help="also transformers under torch.compile (its compile takes minutes)")
+    ap.add_argument("--compile-limit", type=int, default=600, help="seconds a torch.compile "
+                    "contender may take to its timed steps, else its row says so (0: no limit)")
     ap.add_argument("--breakdown", action="store_true",
                     help="after meganeura's steps: one step's time by part, and its kernels")
     ap.add_argument("--init", choices=INITS, default="transformers",

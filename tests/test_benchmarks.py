@@ -4,6 +4,7 @@ row against transformers on tiny configs."""
 
 import csv
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,17 @@ def test_a_preset_cut_to_its_first_layers_keeps_its_widths():
     assert hf.num_hidden_layers == 6 and hf.enable_moe_block and hf.num_experts == 128
     e4b = cut_layers(PRESETS["gemma4_e4b"], "gemma4_e4b", 21)
     assert e4b.num_kv_shared_layers == 9  # the same share of the layers as 18 of 42
+
+
+def test_a_contender_compiling_past_its_limit_is_left_out():
+    # train.py's deadline interrupts Python work (torch.compile's is) after its seconds
+    from train import CompileTimeout, deadline
+
+    t0 = time.perf_counter()
+    with pytest.raises(CompileTimeout):
+        with deadline(1):
+            while time.perf_counter() - t0 < 30:
+                sum(range(1000))
+    assert time.perf_counter() - t0 < 5
+    with deadline(0):  # no limit
+        pass
