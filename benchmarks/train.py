@@ -183,7 +183,7 @@ def measure(step, device, warmup: int, steps: int) -> dict:
     ms = statistics.median(times) * 1e3
     out = {"step_ms": round(ms, 2), "peak_gib": round(max(peaks) / 2**30, 3) if peaks else ""}
     if warmup:
-        out["first_step_s"] = round(first, 2)
+        out["first_step_s"] = float(f"{first:.4g}")
     return out if loss is None else {**out, "note": f"loss {loss:.6f}"}
 
 
