@@ -66,6 +66,7 @@ from hf_forward import (INITS, bf16_floor_gradients, hf_config, hf_fp32_copy,  #
 from prefill import environment  # noqa: E402
 
 import meganeura  # noqa: E402
+from meganeura.errors import MeganeuraError  # noqa: E402
 from meganeura.models import PRESETS  # noqa: E402
 from meganeura.models.llama import LlamaConfig  # noqa: E402
 
@@ -138,21 +139,28 @@ class CompileTimeout(Exception):
     pass
 
 
+class Alarm:
+    fired = False
+
+
 @contextlib.contextmanager
 def deadline(seconds: int):
-    """Raises CompileTimeout in the block after `seconds` (0: none): a contender under
-    torch.compile that compiles for longer is left out (its compile is Python, which the
-    alarm interrupts)."""
+    """Raises CompileTimeout in the block after `seconds` (0: none) and marks the Alarm it
+    yields as fired: a contender under torch.compile still compiling then is left out (its
+    compile is Python, which the alarm interrupts; torch.compile may re-raise the exception
+    as one of its own, or swallow it: the mark tells either way)."""
+    alarm = Alarm()
     if not seconds or not hasattr(signal, "SIGALRM"):
-        yield
+        yield alarm
         return
 
     def fire(signum, frame):
+        alarm.fired = True
         raise CompileTimeout()
     old = signal.signal(signal.SIGALRM, fire)
     signal.alarm(seconds)
     try:
-        yield
+        yield alarm
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -438,7 +446,8 @@ def plot_steps(rows: list[dict], path: Path) -> None:
     print(f"plot: {path}", flush=True)
 
 
-def run_work(args, work: str) -> list[dict]:
+def run_work(args, work: str, rows: list) -> None:
+    """Measures the work; each row is appended to `rows` as it is made."""
     key, seq, mode = WORKS[work]
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -451,14 +460,13 @@ def run_work(args, work: str) -> list[dict]:
     name = ("tiny" if args.tiny else key.replace("_", "-")) + (
         " unit-init" if args.init == "unit" else "")
     base = {**environment(), "work": work, "model": name, "seq": seq}
-    rows = []
     if mode in ("check", "curve"):
         made = (check_gradients(args, cfg, key, seq, device, dtype) if mode == "check" else
                 run_curve(args, cfg, key, seq, device, dtype, base))
         for row in made:
             print(f"{work}: {row}", flush=True)
             rows.append({**base, **row})
-        return rows
+        return
     from meganeura.models import build
 
     flops = forward_flops(build(cfg, seq)) * PASSES[mode]
@@ -466,14 +474,22 @@ def run_work(args, work: str) -> list[dict]:
     made = (seed_contenders(args, cfg, seq, device, dtype) if mode == "grads" else
             contenders(args, work, cfg, key, seq, mode, device, dtype))
     for who, step, trained in made:
-        try:
-            with deadline(args.compile_limit if "torch.compile" in who else 0):
+        limit = args.compile_limit if "torch.compile" in who else 0
+        with deadline(limit) as alarm:
+            try:
                 r = measure(step, device, args.warmup, args.steps)
-        except torch.cuda.OutOfMemoryError:
-            r = {"note": "out of memory"}
-            torch.cuda.empty_cache()
-        except CompileTimeout:
-            r = {"note": f"not compiled within {args.compile_limit} s"}
+            except torch.cuda.OutOfMemoryError:
+                r = {"note": "out of memory"}
+                torch.cuda.empty_cache()
+            except MeganeuraError as e:  # e.g. a plan that does not fit the device
+                r = {"note": str(e).splitlines()[0][:300]}
+            except Exception:  # noqa: BLE001 (the alarm, as torch.compile re-raised it)
+                if not alarm.fired:
+                    raise
+                r = {}
+        if alarm.fired:  # interrupted, or finished past its limit
+            r = {"note": f"not compiled within {limit} s"}
+            torch._dynamo.reset()
         if "step_ms" in r:
             r["tokens_per_s"] = round(seq / r["step_ms"] * 1e3, 1)
             r["model_tflop"] = f"{flops / 1e12:.4g}"
@@ -495,7 +511,6 @@ def run_work(args, work: str) -> list[dict]:
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
 def breakdown(trainer, ids, device, top: int = 25) -> None:
@@ -638,9 +653,12 @@ def main(argv=None) -> int:
     print(f"# train {environment()}", flush=True)
     rows = []
     for work in works:
-        made = run_work(args, work)
-        write_rows(Path(args.csv), made, FIELDS)  # each work's rows as it ends
-        rows += made
+        made = []
+        try:
+            run_work(args, work, made)
+        finally:  # each work's rows as it ends (those measured, if it fails)
+            write_rows(Path(args.csv), made, FIELDS)
+            rows += made
     plot_steps(rows, Path(args.plot))
     return 0
 

@@ -215,7 +215,10 @@ def test_a_preset_cut_to_its_first_layers_keeps_its_widths():
 
 
 def test_a_contender_compiling_past_its_limit_is_left_out():
-    # train.py's deadline interrupts Python work (torch.compile's is) after its seconds
+    # train.py's deadline interrupts Python work (torch.compile's is) after its seconds, and
+    # marks its alarm fired however torch.compile passes the interruption on
+    import torch
+
     from train import CompileTimeout, deadline
 
     t0 = time.perf_counter()
@@ -224,5 +227,19 @@ def test_a_contender_compiling_past_its_limit_is_left_out():
             while time.perf_counter() - t0 < 30:
                 sum(range(1000))
     assert time.perf_counter() - t0 < 5
-    with deadline(0):  # no limit
+
+    def slow(gm, example_inputs):  # a compile that would take 30 s
+        t = time.perf_counter()
+        while time.perf_counter() - t < 30:
+            sum(range(1000))
+        return gm.forward
+    t0 = time.perf_counter()
+    with deadline(1) as alarm:
+        try:
+            torch.compile(lambda x: x * 2 + 1, backend=slow)(torch.ones(3))
+        except Exception:  # noqa: BLE001 (torch.compile's own wrapping of the alarm)
+            pass
+    assert alarm.fired and time.perf_counter() - t0 < 5
+    with deadline(0) as alarm:  # no limit
         pass
+    assert not alarm.fired

@@ -165,7 +165,7 @@ do = tl.load(do_ptr + i[:, None].to(tl.int64) * stride_do + h * HD + dd[None, :]
     if shares:
         store = """share = ws_ptr + ((h * T + j[:, None]).to(tl.int64)) * HD + dd[None, :]
 tl.store(share, dk * SCALE, mask=cols)
-tl.store(share + HEADS * T * HD, dv, mask=cols)
+tl.store(share + (HEADS * T).to(tl.int64) * HD, dv, mask=cols)  # past 2^31 elements: 31b at 128k
 """
     else:
         store = """base = out_ptr + j[:, None].to(tl.int64) * stride_out + dd[None, :]
