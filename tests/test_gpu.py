@@ -349,10 +349,13 @@ def test_training_gradients_bf16(kind, name, tmp_path):
     out = ref(ids, labels=ids)
     out.loss.backward()
     assert abs(loss - out.loss.item()) < 2e-2 * out.loss.item()
+    over = []  # every tensor past its bound, not only the first
     for n, p in ref.named_parameters():
         err = ((grads[n].cpu() - p.grad).norm() / p.grad.norm()).item()
         least = ((floor[n] - p.grad).norm() / p.grad.norm()).item()
-        assert err < max(2e-2, 1.5 * least), f"{n}: {err:.3e} (the bf16 floor: {least:.3e})"
+        if err >= max(2e-2, 1.5 * least):
+            over.append(f"{n}: {err:.3e} (the bf16 floor: {least:.3e})")
+    assert not over, "\n".join(over)
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 300])
