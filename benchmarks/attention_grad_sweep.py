@@ -62,17 +62,18 @@ CANDIDATES = {  # (query rows, key rows, warps, stages)
 }
 
 
-def one_op(t, heads, kv, hd, window, device, dtype, gen):
+def one_op(t, heads, kv, hd, window, device, dtype, gen, dy_fp32=False):
     g = Graph()
     width = (heads + 2 * kv) * hd
     qkv = g.input_f32("qkv", (t, width))
     q = g.slice_cols(qkv, 0, heads * hd)
     k = g.slice_cols(qkv, heads * hd, kv * hd)
     v = g.slice_cols(qkv, (heads + kv) * hd, kv * hd)
-    dy = g.input_f32("dy", (t, heads * hd))
+    dy = g.input_f32("dy", (t, heads * hd), fp32=dy_fp32)  # fp32: as a LoRA plan's dO
     g.set_outputs([g.attention_grad(q, k, v, dy, heads, kv, hd, 1.0, window)])
     x = (torch.randn(t, width, generator=gen, device=device) * hd ** -0.25).to(dtype)
-    d = torch.randn(t, heads * hd, generator=gen, device=device).to(dtype)
+    d = torch.randn(t, heads * hd, generator=gen, device=device)
+    d = d if dy_fp32 else d.to(dtype)
     return g, [x, d]
 
 
@@ -107,7 +108,7 @@ def reference(x, d, heads, kv, hd, window):
 def torch_backward_ms(x, d, heads, kv, hd, window, reps, replay_ms) -> float:
     xb = x.detach().clone().requires_grad_(True)
     t = x.shape[0]
-    g = d.reshape(t, heads, hd).transpose(0, 1).unsqueeze(0)
+    g = d.to(x.dtype).reshape(t, heads, hd).transpose(0, 1).unsqueeze(0)
 
     def fwd():
         q, k, v, mask = torch_attention(xb, heads, kv, hd, window)
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
+    ap.add_argument("--dy-fp32", action="store_true", help="dO held in fp32, as a LoRA "
+                    "plan's is")
     ap.add_argument("--cache-dir", default="/tmp/meganeura-attention-grad-sweep")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
     target = Target(device, dtype)
     for name in shapes:
         t, heads, kv, hd, window = {**SHAPES, **TINY}[name]
-        g, inputs = one_op(t, heads, kv, hd, window, device, dtype, gen)
+        g, inputs = one_op(t, heads, kv, hd, window, device, dtype, gen, a.dy_fp32)
         plan = make_plan(g, CostModel(CPU_INTERPRETER, "fp32"))
         model = CompiledModel(plan, {}, target, cache, cuda_graph=False)
         model(*inputs)
