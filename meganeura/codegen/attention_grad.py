@@ -14,15 +14,15 @@ of one node, recomputing the softmax rather than storing it.
    share in fp32 to a scratch buffer and
 4. sum: a program per rows of a kv head adds its group's shares, in head order (the same
    bits on every run), into the output.
-A group's heads thus run side by side instead of one after another in one program (26b's
-and e2b's single kv head made that 16 programs per 256 keys, each walking 8 heads).
+A group's heads thus run side by side instead of one after another in one program (e2b's
+single kv head left a program per key block at 2048 tokens, 64 to 128, each walking 8 heads).
 
 Operands enter the products in the plan's type (bf16 on a GPU; an fp32 input rounded to it),
-P and dS rounded to it as a flash backward does (or in two terms, TERMS_BF16), sums in fp32 (tf32 products of an fp32 plan on a GPU; exact on the
-interpreter). Masks give causality and the window; a whole head width is one tile (BLOCK_D,
-padded to a power of two). Tiles per kernel and head width: GPU_TILES, from
-benchmarks/attention_grad_sweep.py on an H100 (the best of each kernel's candidates, the
-others at their defaults).
+P and dS rounded to it as a flash backward does (or in two terms, TERMS_BF16); sums in fp32
+(tf32 products of an fp32 plan on a GPU; exact on the interpreter). Masks give causality
+and the window; a whole head width is one tile (BLOCK_D, padded to a power of two). Tiles
+per kernel and head width: GPU_TILES, from benchmarks/attention_grad_sweep.py on an H100
+(the best of each kernel's candidates, the others at their defaults).
 
 bytes: q, k, v and dO read per block pair from L2, dq, dk, dv written, 8 bytes a row and
 column of each head's share in larger groups; FLOPs 5 x the forward's (stats 2 products a

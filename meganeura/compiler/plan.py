@@ -38,6 +38,16 @@ def _base(graph: Graph, nid: int) -> int:
     return nid
 
 
+def seeded(graph: Graph) -> set[int]:
+    """A training plan's backward: its fp32 inputs (the gradient seed) and every node that
+    depends on them."""
+    backward = {n.id for n in graph.inputs() if n.attrs.get("fp32")}
+    for n in graph.nodes:
+        if any(i in backward for i in n.inputs):
+            backward.add(n.id)
+    return backward
+
+
 def product_sums(graph: Graph) -> frozenset[int]:
     """The forward sums of two products' outputs (a LoRA adapter's (s x A^T) B^T added to
     its base product, as an add or as a product's add epilogue): held in the plan's type,
@@ -54,11 +64,10 @@ def product_sums(graph: Graph) -> frozenset[int]:
             return n.op == "product" and not holds_stream(n.op, n.attrs)
         return OPS[n.op].archetype == "product" and not OPS[n.op].stream
 
-    backward = {n.id for n in graph.inputs() if n.attrs.get("fp32")}
+    backward = seeded(graph)
     sums = []
     for n in graph.nodes:
-        if any(i in backward for i in n.inputs):
-            backward.add(n.id)
+        if n.id in backward:
             continue
         if n.op == "add":
             if all(product(i) for i in n.inputs):
@@ -85,10 +94,7 @@ def wide_products(graph: Graph, launches: list[int]) -> frozenset[int]:
     plan holds them in fp32 (CostModel.fp32_products). A product that a product's main
     operand or attention reads stays in the plan dtype: tensor cores read it as bf16."""
     users = graph.users()
-    backward = {n.id for n in graph.inputs() if n.attrs.get("fp32")}
-    for n in graph.nodes:
-        if any(i in backward for i in n.inputs):
-            backward.add(n.id)
+    backward = seeded(graph)
 
     def readers(nid):
         """How each kernel reads nid: its archetype, or "stage" where nid is only an
