@@ -135,7 +135,8 @@ def test_debug_switch_prints_stages():
     rc, out, err = cli("compile", "--seq-len", "3", env={"MEGANEURA_DEBUG": "plan,kernels"})
     assert rc == 0, err
     assert "--- plan" in out and "product(" in out and "[rms_norm(" in out
-    assert "--- kernel" in out and "def matmul_kernel(" in out
+    # (three rows: the few-row products' kernel)
+    assert "--- kernel" in out and "def matvec_kernel(" in out
 
 
 def test_help_for_each_subcommand():

@@ -63,11 +63,13 @@ def test_product_bf16(op, mkn, transposed, tmp_path):
 @pytest.mark.parametrize("mkn", [(8, 2560, 2560), (3, 2560, 10240), (16, 10240, 2560),
                                  (5, 2560, 262144 // 16)])
 @pytest.mark.parametrize("op", PRODUCT_SAMPLE)
-def test_few_rows_in_narrow_tiles_bf16(op, mkn, transposed, tmp_path):
-    # a batched decode step's products: 16-row tiles, 16 to 128 columns wide
+def test_few_rows_in_each_program_bf16(op, mkn, transposed, tmp_path):
+    # a batched decode step's products: every program takes the rows (a 16-row tile on the
+    # matrix units) and streams its columns of B, K split where the column tiles are few
     model = check_case(product_case(op, *mkn, seed=mkn[0], transposed=transposed), "cuda",
                        torch.bfloat16, tmp_path, "bf16", sms=132)
-    assert model.launches[0].spec.constexprs["BLOCK_M"] == 16
+    spec = model.launches[0].spec
+    assert f"+matvec-{mkn[0]}-rows" in spec.variant and spec.constexprs["BLOCK_M"] == 16
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -100,11 +102,12 @@ def test_weights_read_in_parts_bf16(op, widths, transposed, tmp_path):
                                         ("plain", (1000, 200, 64)),
                                         ("rms_norm|glu.pair-gelu_tanh", (1536, 1536))])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_one_row_reads_weights_in_parts_bf16(op, widths, transposed, tmp_path):
-    # a decode step's q | k | v and gate | up through the matrix-vector kernel (1000 is not
-    # a multiple of its column tile: the concatenation)
-    model = check_case(parts_case(op, 1, 2560, widths, seed=2, transposed=transposed), "cuda",
-                       torch.bfloat16, tmp_path, "bf16")
+@pytest.mark.parametrize("rows", [1, 8])
+def test_one_row_reads_weights_in_parts_bf16(op, widths, transposed, rows, tmp_path):
+    # a decode step's q | k | v and gate | up through the matrix-vector kernel, one row or
+    # a batch's few (1000 is not a multiple of its column tile: the concatenation)
+    model = check_case(parts_case(op, rows, 2560, widths, seed=2, transposed=transposed),
+                       "cuda", torch.bfloat16, tmp_path, "bf16")
     assert "+matvec" in model.launches[0].spec.variant
 
 
@@ -295,10 +298,11 @@ def test_narrow_one_row_product_over_a_transposed_weight_splits_k_bf16(op, tmp_p
     assert "+split-K" in model.launches[0].spec.variant
 
 
-def test_split_products_repeat_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("rows", [1, 8])
+def test_split_products_repeat_bit_for_bit(rows, tmp_path):
     # the slices' partials are summed in slice order, not in the order programs finish: a
     # seeded generation gives the same tokens on every run
-    g, w, inputs = product_case("|add", 1, 10240, 2560, seed=7)
+    g, w, inputs = product_case("|add", rows, 10240, 2560, seed=7)
     model = check_case((g, w, inputs), "cuda", torch.float32, tmp_path, "fp32")
     assert "+split-K" in model.launches[0].spec.variant
     dev = [x.cuda() for x in inputs]

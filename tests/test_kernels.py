@@ -125,6 +125,29 @@ def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
         assert_close(model(*fresh).float(), ref, "fp32")
 
 
+@pytest.mark.parametrize("m, k", [(3, 30), (7, 45), (16, 130)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("op", PRODUCT_SAMPLE)
+def test_few_rows_run_in_each_program(op, transposed, m, k, tmp_path):
+    # a batched decode step's products (up to 16 rows): every program takes all the rows,
+    # on the matrix units, and streams its columns of B once; past one K step, K slices
+    # (two of 32 rows at K = 45, three at 130) whose last program sums the rows' partials
+    g, w, inputs = product_case(op, m, k, 280, seed=m + k, transposed=transposed)
+    model = check_case((g, w, inputs), "cpu", torch.float32, tmp_path, "fp32")
+    spec = model.launches[0].spec
+    assert f"+matvec-{m}-rows" in spec.variant and spec.entry == "matvec_kernel"
+    assert "tl.dot" in spec.source and spec.grid[:2] == (9, 1)
+    assert ("+split-K" in spec.variant) == (k > 32)
+    if "+split-K" in spec.variant:
+        assert spec.grid[2] == (2 if k == 45 else 3)
+        counters = model._scratches[("matvec_counters", (9,), "i32")]
+        assert not counters.any()  # left zeroed for the next launch
+        fresh = [torch.randn(x.shape, generator=torch.Generator().manual_seed(97)) for x in inputs]
+        model.outputs[0].fill_(float("nan"))
+        (ref,) = run_reference(g, w, dict(zip([n.name for n in g.inputs()], fresh)))
+        assert_close(model(*fresh).float(), ref, "fp32")
+
+
 @pytest.mark.parametrize("m, k", [(1, 45), (1, 130), (3, 45)])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("op", ROW_NORM_PRODUCT_CASES)
@@ -149,9 +172,9 @@ def test_product_ends_with_the_rows_post_norm(op, transposed, m, k, tmp_path):
 
 
 def test_product_variants_are_generated_from_the_stages(tmp_path):
-    norm = check_case(product_case("rms_norm|glu.pair-silu", 7, 45, 70), "cpu", torch.float32,
+    norm = check_case(product_case("rms_norm|glu.pair-silu", 37, 45, 70), "cpu", torch.float32,
                       tmp_path, "fp32").launches[0].spec
-    plain = check_case(product_case("plain", 7, 45, 70), "cpu", torch.float32, tmp_path,
+    plain = check_case(product_case("plain", 37, 45, 70), "cpu", torch.float32, tmp_path,
                        "fp32").launches[0].spec
     assert norm.variant == "rms_norm|glu.pair" and plain.variant == "plain"
     assert "ss +=" in norm.source and "acc_up" in norm.source

@@ -276,6 +276,8 @@ def build(node, graph, target: Target) -> KernelSpec:
     row_norm = any(OPS[st.op].locality == "row" for st in k.epilogue)
     if m <= matvec.ROWS or row_norm:
         return _matvec(node, graph, target, k, row_norm)
+    if m <= matvec.FEW_ROWS:  # a batched decode step, a short chunk: bound by reading B
+        return _matvec(node, graph, target, k, False, few=True)
     norm = bool(k.prologue)  # the RMSNorm of A's rows, the prologue a product takes
     epi = element_stages(k.epilogue, node, graph, Names({"eps"} if norm else ()), node.shape)
     paired = k.paired
@@ -337,15 +339,20 @@ def build(node, graph, target: Target) -> KernelSpec:
                       "matmul_kernel", grid, args, cfg, num_warps=warps, num_stages=stages)
 
 
-def _matvec(node, graph, target: Target, k, row_norm: bool) -> KernelSpec:
-    """One row: the matrix-vector kernel, B's weights read in place where its column tiles
-    fit the parts (else the load-time concatenation)."""
+def _matvec(node, graph, target: Target, k, row_norm: bool, few: bool = False) -> KernelSpec:
+    """One row (few: up to matvec.FEW_ROWS rows, each program taking them all): the
+    matrix-vector kernel, B's weights read in place where its column tiles fit the parts
+    (else the load-time concatenation)."""
     kk, n = graph[node.inputs[0]].shape[1], node.shape[1]
     parts = weight_parts(graph, node.inputs[1])
-    b_trans = storage(graph, parts[0])[1]
     splits = not row_norm  # a row's post-norm counts whole column tiles
-    cfg = matvec.tiles(n, kk, k.paired, b_trans, target, splits)
+
+    def tiles_for(b_trans: bool) -> dict:
+        if few:
+            return matvec.few_tiles(n, kk, k.paired, target)
+        return matvec.tiles(n, kk, k.paired, b_trans, target, splits)
+    cfg = tiles_for(storage(graph, parts[0])[1])
     if len(parts) > 1 and not parts_fit(graph, parts, k.paired, n, cfg["BLOCK_N"]):
         parts = [node.inputs[1]]
-        cfg = matvec.tiles(n, kk, k.paired, storage(graph, parts[0])[1], target, splits)
+        cfg = tiles_for(storage(graph, parts[0])[1])
     return matvec.build(node, graph, target, [storage(graph, p) for p in parts], cfg, k)

@@ -35,6 +35,9 @@ from .common import GATE, HEADER, KernelSpec, Target, cdiv, indent, next_pow2, p
 from .stages import Names, Stages, element_stages, load_once, variant
 
 ROWS = 1  # the matmul archetype hands over products of at most this many rows
+# and products of at most this many rows (a batched decode step, a short chunk) to the
+# few-row form: every row in each program, B streamed once for them all
+FEW_ROWS = 16
 
 
 @dataclass
@@ -48,7 +51,7 @@ class RowNorm:
 
 
 def emit(pre: Stages, norm: bool, parts: int = 1, weights: bool = True, split_k: bool = False,
-         post: RowNorm | None = None) -> str:
+         post: RowNorm | None = None, few: bool = False, precision: str = "ieee") -> str:
     """Source of one variant. pre: the epilogue's element stages (a paired first stage: B's
     columns are [G | U], two accumulators); norm: the RMSNorm prologue. parts: B's weights
     passed separately (the paired product reads G from the first and U from the second;
@@ -64,8 +67,11 @@ def emit(pre: Stages, norm: bool, parts: int = 1, weights: bool = True, split_k:
     each program stores its columns (after `pre`) in the row's workspace (`y`) and counts
     itself in its group's counter (GROUPS of GROUP_TILES column tiles), the last of a group
     in the row's; the last of those reads the row back from L2, normalizes it in
-    BLOCK_R-wide pieces, applies `post`, and leaves the counters zeroed (not with split_k)."""
-    assert not (post is not None and split_k)
+    BLOCK_R-wide pieces, applies `post`, and leaves the counters zeroed (not with split_k).
+    few: every row of A (M of them, at most BLOCK_M) in each program: the K loop multiplies
+    the rows' [BLOCK_M, BLOCK_K] tile by the B tile on the matrix units (`precision`), so B
+    is streamed once for them all; the split workspace holds SPLIT_K slices of M rows."""
+    assert not (post is not None and (split_k or few))
     paired = bool(pre.stages) and pre.stages[0].pair
     split = parts > 1 and not paired
     after = post.after if post is not None else Stages([])
@@ -76,13 +82,14 @@ def emit(pre: Stages, norm: bool, parts: int = 1, weights: bool = True, split_k:
     params += [f"{x.name}_ptr" for x in scalars]
     params += ["y_ptr", "row_cnt_ptr"] if post is not None else []
     params += ["ws_ptr", "cnt_ptr", "K_SPLIT", "SPLIT_K"] if split_k else []
-    params += ["N", "K", "stride_am"]
+    params += (["M"] if few else []) + ["N", "K", "stride_am"]
     params += [f"stride_bn{i}" for i in range(parts)] + [f"stride_bk{i}" for i in range(parts)]
     params += ["stride_cm"] + [f"stride_{t.name}m" for t in tiles]
     params += [f"end_{i}" for i in range(parts - 1)] if split else []
     params += ["eps"] if norm else []
     params += [post.eps] if post is not None else []
     params += [name for name, _ in pre.values + after.values]
+    params += ["BLOCK_M: tl.constexpr"] if few else []
     params += ["BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
     params += ["BLOCK_S: tl.constexpr"] if split_k else []
     params += ["BLOCK_R: tl.constexpr", "GROUP_TILES: tl.constexpr", "GROUPS: tl.constexpr",
@@ -106,18 +113,36 @@ def emit(pre: Stages, norm: bool, parts: int = 1, weights: bool = True, split_k:
                  f"w_next = {tile(i, col, '(kk + BLOCK_K)')}"]
         if up is not None:
             lines += ["u = u_next", f"u_next = {tile(j, up, '(kk + BLOCK_K)')}"]
-        lines.append("a = tl.load(a_row + kk, mask=k_mask, other=0.0).to(tl.float32)")
+        if few:
+            lines.append("a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], "
+                         "other=0.0).to(tl.float32)")
+        else:
+            lines.append("a = tl.load(a_row + kk, mask=k_mask, other=0.0).to(tl.float32)")
         if norm:  # sum of squares of the row; the norm weight scales it on the way in
-            lines += ["ss += a * a"] if not split_k else []
-            lines += ["a = a * tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)"]
-        lines.append("acc += w.to(tl.float32) * a[None, :]")
-        if up is not None:
-            lines.append("acc_up += u.to(tl.float32) * a[None, :]")
+            lines += [f"ss += {'tl.sum(a * a, axis=1)' if few else 'a * a'}"] if not split_k else []
+            nw = "tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)"
+            lines += [f"a = a * {nw}[None, :]" if few else f"a = a * {nw}"]
+        if few:  # the rows' tile against B's, transposed, on the matrix units
+            dot = f'input_precision="{precision}"'
+            lines.append(f"acc = tl.dot(a.to(w.dtype), tl.trans(w), acc, {dot})")
+            if up is not None:
+                lines.append(f"acc_up = tl.dot(a.to(u.dtype), tl.trans(u), acc_up, {dot})")
+        else:
+            lines.append("acc += w.to(tl.float32) * a[None, :]")
+            if up is not None:
+                lines.append("acc_up += u.to(tl.float32) * a[None, :]")
         head = first + ([GATE] if weights else [])
         if norm and split_k:  # the norm needs the whole row's sum of squares (from L2)
-            head += ["for k0 in range(0, K, BLOCK_K):",
-                     "    a = tl.load(a_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)",
-                     "    ss += a * a"]
+            if few:
+                head += ["for k0 in range(0, K, BLOCK_K):",
+                         "    a = tl.load(a_rows + (k0 + rk)[None, :], mask=m_mask[:, None] & "
+                         "(k0 + rk < K)[None, :], other=0.0).to(tl.float32)",
+                         "    ss += tl.sum(a * a, axis=1)"]
+            else:
+                head += ["for k0 in range(0, K, BLOCK_K):",
+                         "    a = tl.load(a_row + k0 + rk, mask=k0 + rk < K, other=0.0)"
+                         ".to(tl.float32)",
+                         "    ss += a * a"]
         return "\n".join(head) + "\nfor k0 in range(k_lo, k_hi, BLOCK_K):\n" + indent(
             "\n".join(lines), 4)
 
@@ -125,47 +150,81 @@ def emit(pre: Stages, norm: bool, parts: int = 1, weights: bool = True, split_k:
         loop = part_branches(parts, "rn", lambda i, c: k_loop(i, f"({c})", None))
     else:
         loop = k_loop(0, "rn", ("rn" if parts == 2 else "(N + rn)") if paired else None)
-    init = ["acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)"]
-    init += ["acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)"] if paired else []
-    init += ["ss = tl.zeros((BLOCK_K,), dtype=tl.float32)"] if norm else []
-    finish = ["out = tl.sum(acc, axis=1)"]
-    finish += ["up = tl.sum(acc_up, axis=1)"] if paired else []
-    if norm:
-        finish += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)", "out = out * rstd"]
-        finish += ["up = up * rstd"] if paired else []
-    value = load_once("{x}_ptr + row * stride_{x}m + rn", "n_mask")  # the program's columns
+    shape = "(BLOCK_M, BLOCK_N)" if few else "(BLOCK_N, BLOCK_K)"
+    init = [f"acc = tl.zeros({shape}, dtype=tl.float32)"]
+    init += [f"acc_up = tl.zeros({shape}, dtype=tl.float32)"] if paired else []
+    init += [f"ss = tl.zeros(({'BLOCK_M' if few else 'BLOCK_K'},), dtype=tl.float32)"] if norm else []
+    if few:  # the rows' tile is the product's
+        finish = ["out = acc"] + (["up = acc_up"] if paired else [])
+        if norm:
+            finish += ["rstd = 1.0 / tl.sqrt(ss / K + eps)", "out = out * rstd[:, None]"]
+            finish += ["up = up * rstd[:, None]"] if paired else []
+        value = load_once("{x}_ptr + rows[:, None] * stride_{x}m + rn[None, :]", "c_mask")
+    else:
+        finish = ["out = tl.sum(acc, axis=1)"]
+        finish += ["up = tl.sum(acc_up, axis=1)"] if paired else []
+        if norm:
+            finish += ["rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)", "out = out * rstd"]
+            finish += ["up = up * rstd"] if paired else []
+        value = load_once("{x}_ptr + row * stride_{x}m + rn", "n_mask")  # the program's columns
     tail = [line for k in range(len(pre.stages)) for line in pre.lines(k, "out", value, "up")]
     if post is not None:
         tail += _post_norm_tail(post)
+    elif few:
+        tail.append("tl.store(c_ptr + rows[:, None] * stride_cm + rn[None, :], "
+                    "out.to(c_ptr.dtype.element_ty), mask=c_mask)")
     else:
         tail.append("tl.store(c_ptr + row * stride_cm + rn, out.to(c_ptr.dtype.element_ty), "
                     "mask=n_mask)")
     if split_k:  # each slice's partials in its own workspace row; the last to count sums
         # the rows in one fixed order (the same bits every run, whatever order programs finish)
         width = "2 * N" if paired else "N"
-        finish += [f"part = ws_ptr + tl.program_id(2).to(tl.int64) * {width} + rn",
-                   "tl.store(part, out, mask=n_mask)"]
-        finish += ["tl.store(part + N, up, mask=n_mask)"] if paired else []
+        if few:  # slice j's rows from workspace row j * M
+            finish += [f"part = ws_ptr + (tl.program_id(2) * M + rows[:, None]) * {width} + "
+                       "rn[None, :]", "tl.store(part, out, mask=c_mask)"]
+            finish += ["tl.store(part + N, up, mask=c_mask)"] if paired else []
+        else:
+            finish += [f"part = ws_ptr + tl.program_id(2).to(tl.int64) * {width} + rn",
+                       "tl.store(part, out, mask=n_mask)"]
+            finish += ["tl.store(part + N, up, mask=n_mask)"] if paired else []
         finish += ["tl.debug_barrier()  # every thread's partials before the count",
                    'done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")']
-        # every slice's row asked at once (from L2: other SMs wrote them), then summed
-        last = ["js = tl.arange(0, BLOCK_S)",
-                f"rows = ws_ptr + js[:, None].to(tl.int64) * {width} + rn[None, :]",
-                "rmask = (js[:, None] < SPLIT_K) & n_mask[None, :]",
-                'out = tl.sum(tl.load(rows, mask=rmask, other=0.0, cache_modifier=".cg"), axis=0)']
-        last += ['up = tl.sum(tl.load(rows + N, mask=rmask, other=0.0, cache_modifier=".cg"), '
-                 'axis=0)'] if paired else []
+        if few:  # the slices in order, each asked from L2 (other SMs wrote them)
+            last = ["out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"]
+            last += ["up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"] if paired else []
+            last += ["for j in tl.static_range(BLOCK_S):",
+                     f"    part = ws_ptr + (j * M + rows[:, None]) * {width} + rn[None, :]",
+                     "    jmask = c_mask & (rm[:, None] * 0 + j < SPLIT_K)  # (a tensor: the interpreter)",
+                     '    out += tl.load(part, mask=jmask, other=0.0, cache_modifier=".cg")']
+            last += ['    up += tl.load(part + N, mask=jmask, other=0.0, cache_modifier=".cg")'
+                     ] if paired else []
+        else:  # every slice's row asked at once (from L2: other SMs wrote them), then summed
+            last = ["js = tl.arange(0, BLOCK_S)",
+                    f"rows = ws_ptr + js[:, None].to(tl.int64) * {width} + rn[None, :]",
+                    "rmask = (js[:, None] < SPLIT_K) & n_mask[None, :]",
+                    'out = tl.sum(tl.load(rows, mask=rmask, other=0.0, cache_modifier=".cg"), '
+                    'axis=0)']
+            last += ['up = tl.sum(tl.load(rows + N, mask=rmask, other=0.0, cache_modifier=".cg"), '
+                     'axis=0)'] if paired else []
         last += tail + ["tl.store(cnt_ptr + pid_n, 0)"]
         tail = ["if done == SPLIT_K - 1:"] + ["    " + x for x in last]
     k_range = (["k_lo = tl.program_id(2) * K_SPLIT", "k_hi = tl.minimum(k_lo + K_SPLIT, K)"]
                if split_k else ["k_lo = 0", "k_hi = K"])
+    if few:
+        rows = """rm = tl.arange(0, BLOCK_M)
+m_mask = rm < M
+rows = rm.to(tl.int64)
+c_mask = m_mask[:, None] & n_mask[None, :]
+a_rows = a_ptr + rows[:, None] * stride_am"""
+    else:
+        rows = """row = tl.program_id(1).to(tl.int64)
+a_row = a_ptr + row * stride_am"""
     body = f'''
 pid_n = tl.program_id(0)
-row = tl.program_id(1).to(tl.int64)
 rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 n_mask = rn < N
 rk = tl.arange(0, BLOCK_K)
-a_row = a_ptr + row * stride_am
+{rows}
 {chr(10).join(k_range)}
 {chr(10).join(init)}
 {loop}
@@ -291,6 +350,23 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target,
     return dict(BLOCK_N=bn, BLOCK_K=min(bk, k_pow2), warps=4)
 
 
+def few_tiles(n: int, k: int, paired: bool, target: Target) -> dict:
+    """Column tile, K step and K slices of the few-row form, bound like one row by reading B
+    once: the matrix units take tiles of 16 columns and more, so 16 (32 for the widest
+    products, the lm_head) in K steps of 256 (128 for a paired product's two tiles a step),
+    K split in up to 8 slices of at least 512 rows until every SM has two programs (e4b's
+    down projection, 160 column tiles: two slices)."""
+    if target.interpreted:  # few programs, in K slices where tests cover the split
+        split = target.interpreter_splits
+        return dict(BLOCK_N=32, BLOCK_K=32, warps=4, SPLIT_K=min(3, cdiv(k, 32)) if split else 1)
+    bn = 32 if n >= 65536 else 16
+    bk = min(128 if paired else 256, max(32, next_pow2(k)))
+    split = 1
+    while split < 8 and cdiv(n, bn) * split < 2 * target.sm_count and k // (split * 2) >= 512:
+        split *= 2
+    return dict(BLOCK_N=bn, BLOCK_K=bk, warps=4, SPLIT_K=split)
+
+
 def k_slices(k: int, split: int, block_k: int) -> tuple[int, int]:
     """(rows a slice, slices): K in at most `split` slices of whole K steps."""
     k_split = cdiv(cdiv(k, split), block_k) * block_k
@@ -341,14 +417,16 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     # K in SPLIT_K slices of whole K steps (one row: the workspace holds one row's partials;
     # a post-norm row counts whole column tiles)
     k_split, split_k = k_slices(kk, split_k, cfg["BLOCK_K"])
-    split_k = split_k if rows == 1 and post is None else 1
-    if split_k > 1:  # a workspace row per slice and a counter per column tile, shared by the
-        # plan's products of the same shape (each leaves the counters zeroed)
+    few = rows > 1 and post is None  # every row in each program (at most FEW_ROWS)
+    split_k = split_k if (rows == 1 or few) and post is None else 1
+    if split_k > 1:  # a workspace row per slice (and row) and a counter per column tile,
+        # shared by the plan's products of the same shape (each leaves the counters zeroed)
         width = (2 if k.paired else 1) * n
-        args += [("scratch", ("matvec_partials", (split_k * width,), "fp32")),
+        args += [("scratch", ("matvec_partials", (split_k * rows * width,), "fp32")),
                  ("scratch", ("matvec_counters", (cdiv(n, cfg["BLOCK_N"]),), "i32")),
                  ("value", k_split), ("value", split_k)]
         cfg["BLOCK_S"] = next_pow2(split_k)  # the slices' rows, read at once
+    args += [("value", rows)] if few else []
     args += [("value", n), ("value", kk), ("stride", a.id)]
     # each part's stride along N, then along K
     args += [("stride", sid) if tr else ("value", 1) for sid, tr in stored]
@@ -365,10 +443,15 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
     name += "+B-transposed" if stored[0][1] else ""
     name += f"+{len(stored)}-part-B" if len(stored) > 1 else ""
     name += "+split-K" if split_k > 1 else ""
-    grid = (cdiv(n, cfg["BLOCK_N"]), a.shape[0]) + ((split_k,) if split_k > 1 else ())
+    if few:
+        assert rows <= FEW_ROWS, rows
+        name = name.replace("+matvec", f"+matvec-{rows}-rows")
+        cfg["BLOCK_M"] = max(16, next_pow2(rows))  # the matrix units' least height
+    grid = (cdiv(n, cfg["BLOCK_N"]), 1 if few else rows) + ((split_k,) if split_k > 1 else ())
     weights = all(graph.load_time(sid) for sid, _ in stored)
-    return KernelSpec("matmul", name, emit(pre, norm, len(stored), weights, split_k > 1, post),
+    return KernelSpec("matmul", name, emit(pre, norm, len(stored), weights, split_k > 1, post,
+                                           few, target.dot_precision),
                       "matvec_kernel", grid, args, cfg, num_warps=warps, num_stages=3)
 
 
-__all__ = ["ROWS", "build", "emit", "k_slices", "tiles"]
+__all__ = ["FEW_ROWS", "ROWS", "build", "emit", "few_tiles", "k_slices", "tiles"]
