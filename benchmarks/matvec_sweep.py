@@ -60,23 +60,24 @@ def part_widths(n, flags):
         [n * 2] if paired else ([n - 1024, 512, 512] if parts == 3 else [n])))
 
 
-def launch_args(n, k, flags, b_trans, dev, split: tuple | None = None):
+def launch_args(n, k, flags, b_trans, dev, split: tuple | None = None, rows: int = 1):
     """The kernel's arguments on random operands, and the bytes it must move. split:
-    (K_SPLIT, SPLIT_K) for the split-K variant (its zeroed workspace, a row per slice, and
-    counters made here)."""
+    (K_SPLIT, SPLIT_K) for the split-K variant (its zeroed workspace, a row per slice and
+    row, and counters made here); rows > 1: the few-row form's arguments."""
     parts = flags.get("parts", 1)
     paired = flags.get("act") is not None
     widths = part_widths(n, flags)
-    a = torch.randn(1, k, device=dev, dtype=torch.float32 if flags.get("norm") else torch.bfloat16)
+    a = torch.randn(rows, k, device=dev,
+                    dtype=torch.float32 if flags.get("norm") else torch.bfloat16)
     bs = [torch.randn(*((w, k) if b_trans else (k, w)), device=dev, dtype=torch.bfloat16) * k ** -0.5
           for w in widths]
-    c = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+    c = torch.empty(rows, n, device=dev, dtype=torch.bfloat16)
     args = [a, *bs, c]
     args += [torch.ones(k, device=dev)] if flags.get("norm") else []
     if split is not None:
-        args += [torch.zeros(split[1] * (2 if paired else 1) * n, device=dev),
+        args += [torch.zeros(split[1] * rows * (2 if paired else 1) * n, device=dev),
                  torch.zeros(n, dtype=torch.int32, device=dev), *split]
-    args += [n, k, a.stride(0)]
+    args += ([rows] if rows > 1 else []) + [n, k, a.stride(0)]
     args += [b.stride(0) if b_trans else 1 for b in bs] + [1 if b_trans else b.stride(0) for b in bs]
     args += [c.stride(0)]
     if parts > 1 and not paired:
@@ -130,13 +131,17 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--rows", type=int, default=1, help="rows of A (2-16: the few-row form, "
+                    "a batched decode step's; B stored [N, K] shapes)")
     args = ap.parse_args(argv)
     if (setup := sweep_device()) is None:
         return 2
     dev, cache = setup
     for name in args.shapes:
         n, k, flags, b_trans = SHAPES[name]
-        if b_trans:
+        if args.rows > 1:
+            sweep_rows(cache, name, n, k, flags, args, dev)
+        elif b_trans:
             sweep_n_k(cache, name, n, k, flags, args, dev)
         else:
             sweep_k_n(cache, name, n, k, flags, args, dev)
@@ -159,6 +164,42 @@ def sweep_n_k(cache, name, n, k, flags, args, dev) -> None:
                                                num_warps=w, num_stages=st), name, label)
     print_best(f"{name}: N={n} K={k} {flags} B stored [N, K], {nbytes / 1e6:.1f} MB", results,
                nbytes)
+
+
+def sweep_rows(cache, name, n, k, flags, args, dev) -> None:
+    """The few-row form (every row in each program, on the matrix units), B stored [N, K]:
+    column tiles of 16-64, K steps of 64-256, warps, K shared by 1-4 programs."""
+    emit_args = (epilogue(flags), flags.get("norm", False), flags.get("parts", 1))
+    kernels = {split: cache.load(emit(*emit_args, True, split, None, True, "tf32"),
+                                 "matvec_kernel", False) for split in (False, True)}
+    configs = []
+    for bn, bk, w, split in itertools.product((16, 32, 64), (64, 128, 256), args.warps,
+                                              (1, 2, 4)):
+        k_split, splits = k_slices(k, split, bk)
+        if not fits(n, flags, bn) or splits != split:
+            continue
+        fargs, nbytes = launch_args(n, k, flags, True, dev,
+                                    (k_split, splits) if splits > 1 else None, args.rows)
+        consts = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk)
+        consts |= dict(BLOCK_S=splits) if splits > 1 else {}
+        configs.append((f"BLOCK_N={bn:<3} BLOCK_K={bk:<4} warps={w} SPLIT_K={splits}",
+                        kernels[splits > 1], (-(-n // bn), 1, splits), fargs, consts, w))
+    from concurrent.futures import ThreadPoolExecutor
+
+    def build(c):  # every configuration compiled on a thread pool before any is timed
+        _, fn, grid, fargs, consts, w = c
+        try:
+            fn.warmup(*fargs, grid=grid, **consts, num_warps=w, num_stages=3)
+        except Exception:  # noqa: BLE001 - the timing reports it
+            pass
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(build, configs))
+    results = []
+    for label, fn, grid, fargs, consts, w in configs:
+        time_config(results, lambda: fn[grid](*fargs, **consts, num_warps=w, num_stages=3),
+                    name, label, cold=True)
+    print_best(f"{name}: {args.rows} rows, N={n} K={k} {flags} B stored [N, K], "
+               f"{nbytes / 1e6:.1f} MB, cold", results, nbytes, best=10)
 
 
 def sweep_k_n(cache, name, n, k, flags, args, dev) -> None:
