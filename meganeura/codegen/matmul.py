@@ -276,7 +276,10 @@ def build(node, graph, target: Target) -> KernelSpec:
     row_norm = any(OPS[st.op].locality == "row" for st in k.epilogue)
     if m <= matvec.ROWS or row_norm:
         return _matvec(node, graph, target, k, row_norm)
-    if m <= matvec.FEW_ROWS:  # a batched decode step, a short chunk: bound by reading B
+    if m <= matvec.FEW_ROWS and not (k.prologue and (k.paired or n >= 65536)):
+        # a batched decode step, a short chunk: bound by reading B. (A norm prologue's
+        # gate | up and lm_head stay tiled: 43 against 47 us for e4b's gate | up at 8 rows on
+        # the H100, and the few-row lm_head took 1568 us against 443 in K steps of 256.)
         return _matvec(node, graph, target, k, False, few=True)
     norm = bool(k.prologue)  # the RMSNorm of A's rows, the prologue a product takes
     epi = element_stages(k.epilogue, node, graph, Names({"eps"} if norm else ()), node.shape)
@@ -349,7 +352,7 @@ def _matvec(node, graph, target: Target, k, row_norm: bool, few: bool = False) -
 
     def tiles_for(b_trans: bool) -> dict:
         if few:
-            return matvec.few_tiles(n, kk, k.paired, target)
+            return matvec.few_tiles(n, kk, k.paired, target, bool(k.prologue))
         return matvec.tiles(n, kk, k.paired, b_trans, target, splits)
     cfg = tiles_for(storage(graph, parts[0])[1])
     if len(parts) > 1 and not parts_fit(graph, parts, k.paired, n, cfg["BLOCK_N"]):

@@ -350,19 +350,23 @@ def tiles(n: int, k: int, paired: bool, b_trans: bool, target: Target,
     return dict(BLOCK_N=bn, BLOCK_K=min(bk, k_pow2), warps=4)
 
 
-def few_tiles(n: int, k: int, paired: bool, target: Target) -> dict:
+def few_tiles(n: int, k: int, paired: bool, target: Target, norm: bool = False) -> dict:
     """Column tile, K step and K slices of the few-row form, bound like one row by reading B
-    once: the matrix units take tiles of 16 columns and more, so 16 (32 for the widest
-    products, the lm_head) in K steps of 256 (128 for a paired product's two tiles a step),
-    K split in up to 8 slices of at least 512 rows until every SM has two programs (e4b's
-    down projection, 160 column tiles: two slices)."""
+    once; from `benchmarks/matvec_sweep.py --rows 8` on the H100 (B out of L2,
+    results/matvec-sweep-2026-12-07-h100-*-rows-8.log): 32 columns (64 for the widest
+    products, the lm_head: 435 us for 1.35 GB) in K steps of 128, K split in up to 4 slices
+    of at least 512 rows until every SM has two programs (e4b's down projection 23.1 us in
+    four slices, its o projection 7.7). A norm prologue reads the rows' fp32 stream tile
+    by tile beside B: K steps of 64 and programs for four an SM (e4b's q | k | v 17.7 us in
+    four slices, 23 at K steps of 256 and 16 columns)."""
     if target.interpreted:  # few programs, in K slices where tests cover the split
         split = target.interpreter_splits
         return dict(BLOCK_N=32, BLOCK_K=32, warps=4, SPLIT_K=min(3, cdiv(k, 32)) if split else 1)
-    bn = 32 if n >= 65536 else 16
-    bk = min(128 if paired else 256, max(32, next_pow2(k)))
+    bn = 64 if n >= 65536 else 32
+    bk = min(64 if norm else 128, max(32, next_pow2(k)))
+    per_sm = 4 if norm else 2
     split = 1
-    while split < 8 and cdiv(n, bn) * split < 2 * target.sm_count and k // (split * 2) >= 512:
+    while split < 4 and cdiv(n, bn) * split < per_sm * target.sm_count and k // (split * 2) >= 512:
         split *= 2
     return dict(BLOCK_N=bn, BLOCK_K=bk, warps=4, SPLIT_K=split)
 
