@@ -192,6 +192,15 @@ def test_the_training_benchmark_runs_each_work(tmp_path):
     assert 1e-3 < float(rows[-1]["median_rel_error"]) < 3e-2
 
 
+def test_the_batch_step_benchmark_runs_each_row_count(capsys):
+    from decode_batch import main
+
+    assert main(["--model", "gemma4-small-test", "--rows", "1", "3", "--context", "12",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "1 rows: " in out and "3 rows: " in out
+
+
 def test_the_moe_floor_reads_only_the_chosen_experts():
     # 26B-A4B reads 3.8e9 of its 25.2e9 parameters a token (the chosen 8 of 128 experts, and
     # the tied embedding once as the lm_head), at a context of one token nothing more

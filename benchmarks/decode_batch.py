@@ -1,0 +1,77 @@
+"""A batch's decode step against a one-row step: where the time goes, launch by launch.
+
+    python benchmarks/decode_batch.py                         # e4b, 1 and 8 rows, context 1024
+    python benchmarks/decode_batch.py --model gemma4-4b --rows 1 4 16 --context 4096
+    python benchmarks/decode_batch.py --model gemma4-small-test --device cpu   # the script
+
+For each row count, the decode plan of a session of that many sequences (random weights,
+random cached keys and values at `--context` positions) runs a few steps; on CUDA its
+step's graph is then replayed back to back (ms a step) and each launch timed on its own
+(decode.print_profile: summed by kernel variant and shape). A step of b rows reads the
+weights once for all of them, so its time over the one-row step's says how well the
+few-row products stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import graph_replay_ms, print_profile  # noqa: E402
+
+import meganeura  # noqa: E402
+from meganeura.models import MODEL_NAMES, PRESETS  # noqa: E402
+from meganeura.models.weights import random_weights  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gemma4-e4b", choices=sorted(MODEL_NAMES))
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8],
+                    help="sequences a step (a batch's plan takes the next power of two)")
+    ap.add_argument("--context", type=int, default=1024, help="positions each sequence holds")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("no CUDA device: --device cpu runs the script on the interpreter", file=sys.stderr)
+        return 2
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = PRESETS[MODEL_NAMES[args.model]]
+    model = meganeura.from_config(cfg, random_weights(cfg, 0, dtype, dev), dev, dtype)
+    gen = model.generator
+    one = None
+    for b in args.rows:
+        s = gen.session(args.context + 16, sequences=b, floor=False)
+        g = torch.Generator(device=dev).manual_seed(b)
+        for t in s.caches.values():  # a context's worth of keys and values
+            t.normal_(generator=g)
+        step = gen.decode_plan(s)
+        pos = torch.full((s.sequences,), args.context, dtype=torch.int64, device=dev)
+        tok = torch.zeros(s.sequences, dtype=torch.int64, device=dev)
+        for _ in range(3):
+            tok = step.run_trusted(tok, pos).argmax(-1)
+        if cuda:
+            torch.cuda.synchronize()
+            ms = graph_replay_ms(step)
+            one = ms if b == 1 else one
+            ratio = f", {ms / one:.2f}x the one-row step" if one and b > 1 else ""
+            print(f"== {args.model} {b} rows, context {args.context}: {ms:.3f} ms a step{ratio}",
+                  flush=True)
+            print_profile(step, ms)
+        else:
+            print(f"== {args.model} {b} rows: {len(step.launches)} launches ran", flush=True)
+        gen.sessions.remove(s)
+        gen.last_session = None
+        if cuda:
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
