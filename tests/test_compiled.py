@@ -122,7 +122,7 @@ def test_only_the_kernels_inputs_stay_resident(small_model):
     # nothing: not even the positions 0 .. S-1 (RoPE takes the row index for them)
     assert kept == set() and "arange" in {g[i].op for i in small_model.plan.load_time}
     assert {v for _, a, v in small_model.report.kernels if a == "matmul"} >= {
-        "rms_norm|+matvec-5-rows+3-part-B", "rms_norm|glu.pair+matvec-5-rows+2-part-B"}
+        "rms_norm|+matvec-5-rows+3-part-B", "rms_norm|glu.pair+tma+2-part-B"}
 
 
 def test_buffers_are_reused_by_liveness_and_never_alias_a_live_input():
