@@ -247,7 +247,7 @@ class CompiledModel:
             elif kind == "rope_freq":
                 args.append(self._rope_table(*x))
             elif kind == "scratch":  # zeroed once; kernels leave counters as they found them
-                args.append(self._scratch(*x))
+                args.append(self.scratch(*x))
             else:
                 args.append(x)
         launcher = fn[spec.grid]
@@ -261,7 +261,7 @@ class CompiledModel:
         return (lambda: launcher(*args, **kw),
                 (fn, lambda: fn.warmup(*args, grid=spec.grid, **kw)))
 
-    def _scratch(self, name: str, shape: tuple, dtype: str) -> torch.Tensor:
+    def scratch(self, name: str, shape: tuple, dtype: str) -> torch.Tensor:
         """A kernel's working buffer, shared by every launch that asks the same one (launches
         run in order)."""
         key = (name, shape, dtype)
