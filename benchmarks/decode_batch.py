@@ -10,6 +10,11 @@ step's graph is then replayed back to back (ms a step) and each launch timed on 
 (decode.print_profile: summed by kernel variant and shape). A step of b rows reads the
 weights once for all of them, so its time over the one-row step's says how well the
 few-row products stream.
+
+`--megakernel [P ...]` also runs the one-row step as one persistent kernel of P programs
+(default: one per SM; codegen/megakernel.py under compiler/schedule.py's schedule): its
+logits and caches against the step's own launches from the same caches (the same bits
+expected), then ms a step over 50 runs back to back (each zeroes the counters first).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ def main(argv=None) -> int:
                     help="sequences a step (a batch's plan takes the next power of two)")
     ap.add_argument("--context", type=int, default=1024, help="positions each sequence holds")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--megakernel", type=int, nargs="*", default=None, metavar="P",
+                    help="the one-row step as a persistent kernel of P programs too "
+                         "(no P: one per SM)")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -66,11 +74,57 @@ def main(argv=None) -> int:
             print_profile(step, ms)
         else:
             print(f"== {args.model} {b} rows: {len(step.launches)} launches ran", flush=True)
+        if args.megakernel is not None and b == 1:
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 1
+            for p in args.megakernel or [sms]:
+                megakernel(step, s, p, dtype, one)
         gen.sessions.remove(s)
         gen.last_session = None
         if cuda:
             torch.cuda.empty_cache()
     return 0
+
+
+def megakernel(step, s, programs: int, dtype, plan_ms: float | None) -> None:
+    """The step as one persistent kernel of `programs` programs: same bits as the step's
+    launches from the same caches, then its time a step."""
+    from meganeura.codegen.megakernel import Megakernel
+    from meganeura.compiler.cost import PROFILES, CostModel
+    from meganeura.compiler.schedule import build, works_of
+
+    dev = step.target.device
+    works = works_of(step, CostModel(PROFILES["h200"], "bf16" if dtype != torch.float32
+                                     else "fp32"))
+    sched = build(works, programs)
+    mk = Megakernel(step, sched)
+    ids = torch.tensor([3], device=dev)
+    pos = torch.tensor([max(0, s.capacity - 20)], device=dev)
+    before = {n: t.clone() for n, t in s.caches.items()}
+    want = step(ids, pos).clone()
+    after = {n: t.clone() for n, t in s.caches.items()}
+    for n, t in s.caches.items():
+        t.copy_(before[n])
+    step.load_inputs(ids, pos)
+    mk.run()
+    same = torch.equal(step.outputs[0], want) and all(torch.equal(s.caches[n], after[n])
+                                                       for n in s.caches)
+    line = (f"   megakernel, {programs} programs, {len(sched.tasks)} tasks, {mk.kernels} "
+            f"kernels: {'same bits as the launches' if same else 'DIFFERS from the launches'}")
+    if dev.type == "cuda":
+        reps = 50
+        mk.run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            mk.run()
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / reps
+        line += f"; {ms:.3f} ms a step" + (f", {ms / plan_ms:.2f}x the launches' graph"
+                                           if plan_ms else "")
+        line += f" (estimated: {sched.makespan * 1e3:.3f} ms on the programs, " \
+                f"{sched.serial * 1e3:.3f} ms back to back)"
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

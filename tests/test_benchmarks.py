@@ -196,9 +196,11 @@ def test_the_batch_step_benchmark_runs_each_row_count(capsys):
     from decode_batch import main
 
     assert main(["--model", "gemma4-small-test", "--rows", "1", "3", "--context", "12",
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--megakernel", "1"]) == 0
     out = capsys.readouterr().out
     assert "1 rows: " in out and "3 rows: " in out
+    # the one-row step as a persistent kernel, checked against the step's own launches
+    assert "megakernel, 1 programs" in out and "same bits as the launches" in out
 
 
 def test_the_moe_floor_reads_only_the_chosen_experts():

@@ -387,3 +387,40 @@ def test_router_ties_on_cuda_as_torch_topk(tmp_path):
     p = torch.softmax(inputs[0].cuda(), dim=-1)
     expected = torch.topk(p, 8, dim=-1).indices
     assert torch.equal(route[:, 8:].long().sort(dim=1).values, expected.sort(dim=1).values)
+
+
+@pytest.mark.parametrize("name, programs", [("small_test", None), ("small_test", 3),
+                                            ("gqa2", None)])
+def test_the_megakernel_computes_the_decode_steps_bits_on_cuda(name, programs, tmp_path):
+    # the decode step as one persistent kernel, a program per SM (None) or fewer programs
+    # than SMs, against the step's own launches from the same caches: the same bits, run
+    # after run
+    from meganeura.codegen.megakernel import Megakernel
+    from meganeura.compiler.cost import PROFILES, CostModel
+    from meganeura.compiler.schedule import build as schedule, works_of
+
+    c = CONFIGS[name]
+    model = meganeura.from_config(c, device="cuda", dtype=torch.bfloat16, seed=4,
+                                  cache_dir=tmp_path)
+    gen = model.generator
+    s = gen.session(64, floor=False)
+    step = gen.decode_plan(s)
+    g = torch.Generator(device="cuda").manual_seed(6)
+    for t in s.caches.values():
+        t.normal_(generator=g)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    mk = Megakernel(step, schedule(works_of(step, CostModel(PROFILES["h200"], "bf16")),
+                                   programs or sms))
+    before = {n: t.clone() for n, t in s.caches.items()}
+    ids, pos = torch.tensor([5], device="cuda"), torch.tensor([30], device="cuda")
+    want = step(ids, pos).clone()
+    after = {n: t.clone() for n, t in s.caches.items()}
+    for _ in range(3):
+        for n, t in s.caches.items():
+            t.copy_(before[n])
+        step.outputs[0].fill_(float("nan"))
+        step.load_inputs(ids, pos)
+        mk.run()
+        torch.cuda.synchronize()
+        assert torch.equal(step.outputs[0], want)
+        assert all(torch.equal(s.caches[n], after[n]) for n in s.caches)

@@ -169,6 +169,24 @@ def compile_launches(graph, launches, target, seen: set | None = None) -> list[d
     return out
 
 
+def compile_megakernel(path: str) -> dict:
+    """Compiles a megakernel source file (codegen/megakernel.py's Megakernel.source) for
+    sm_90: its shared memory, whether it spills, and its acquire reads and release bumps."""
+    from meganeura.codegen.megakernel import ENTRY, PARAMS
+
+    s = importlib.util.spec_from_file_location("megakernel_check", path)
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    fn = JITFunction(getattr(mod, ENTRY))
+    sig = dict(zip(PARAMS, ("*i64", "*fp32", "*i64", "*i64", "*i64", "*i64", "*i32")))
+    k = triton.compile(triton.compiler.ASTSource(fn, sig, {}), target=GPUTarget("cuda", 90, 128),
+                       options=dict(num_warps=4, num_stages=1))
+    ptx = k.asm["ptx"]
+    return dict(shared=k.metadata.shared, local_memory="ld.local" in ptx or "st.local" in ptx,
+                acquire=ptx.count("ld.global.gpu.acquire"),
+                release=ptx.count("red.global.gpu.release") + ptx.count("atom.global.gpu.release"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", nargs="+", default=["gemma4-4b"], choices=sorted(MODEL_NAMES))
@@ -187,7 +205,14 @@ def main():
                     "and backward; every weight but the embeddings trained) of --seq-len tokens")
     ap.add_argument("--fp32-products", action="store_true", help="with --train: the forward "
                     "products' outputs held in fp32 (Trainer(fp32_products=True))")
+    ap.add_argument("--megakernel", metavar="FILE", help="instead: compile this megakernel "
+                    "source (codegen/megakernel.py) for sm_90")
     a = ap.parse_args()
+    if a.megakernel:
+        r = compile_megakernel(a.megakernel)
+        print(f"megakernel smem {r['shared']} local-mem {r['local_memory']} acquire "
+              f"{r['acquire']} release {r['release']}")
+        return 1 if r["shared"] > SHARED_LIMIT else 0
     over, seen = 0, set()
     results = [r for m in a.model
                for r in check(m, a.seq_len, a.dtype, a.profile, a.sms, a.capacity, seen,

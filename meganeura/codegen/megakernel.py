@@ -1,0 +1,195 @@
+"""A compiled plan as one persistent kernel: every launch's kernel a device function, run by
+P programs that walk the task lists of a schedule (compiler/schedule.py).
+
+    mk = Megakernel(model, schedule.build(schedule.works_of(model, cost), programs))
+    model.load_inputs(*args); mk.run()       # model.outputs hold the plan's results
+
+Each distinct kernel (its source, tile constants and argument types) becomes a device
+function `task_<k>`: its `tl.program_id(axis)` and `tl.num_programs(axis)` become arguments,
+so a task runs a range of the launch's programs one after another. A launch's runtime
+arguments come from a table row of 64-bit words (tensor addresses, strides, sizes; floats
+from a second, fp32 table), so launches of one kernel share its code. The megakernel:
+
+    for each task of this program's list:
+        wait until every launch it waits for has counted all its tasks (acquire)
+        run the launch's programs first .. first + count - 1 through its kind's function
+        count the task in its launch's counter (release, after a barrier of the program)
+
+The counters are zeroed before each run. Waits are spin loops on acquire reads, so the
+programs must all be resident at once (at most one per SM here); on Triton's interpreter,
+which runs programs one after another, only a one-program schedule can finish.
+Tensor descriptors are not taken: a one-row decode step's kernels read through pointers,
+but a batch's step has tiled products (a norm prologue's gate | up) that read through them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import MeganeuraError
+from .common import HEADER, indent
+
+_TYPES = {torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32", torch.float16: "tl.float16",
+          torch.float64: "tl.float64", torch.int64: "tl.int64", torch.int32: "tl.int32"}
+ENTRY = "megakernel"
+PARAMS = ("table_ptr", "ftable_ptr", "tasks_ptr", "lists_ptr", "starts_ptr", "waits_ptr",
+          "counters_ptr")
+TASK_COLS = 5  # a task's row: launch, first program, programs, waits' first, waits' end
+GRID_COLS = 4  # a launch's row starts: kind, grid (3)
+
+
+def task_function(spec, name: str) -> tuple[str, list[str], list[str]]:
+    """The kernel of `spec` as a device function `name`; (source, its runtime parameters,
+    its constexpr parameters), both in order."""
+    src = spec.source[len(HEADER):] if spec.source.startswith(HEADER) else spec.source
+    head = re.search(rf"def {re.escape(spec.entry)}\((.*?)\):\n", src)
+    if head is None:
+        raise MeganeuraError(f"{spec.archetype} {spec.variant}: no `def {spec.entry}(...)`")
+    params = [p.strip() for p in head.group(1).split(",") if p.strip()]
+    runtime = [p for p in params if ":" not in p]
+    consts = [p.split(":")[0].strip() for p in params if ":" in p]
+    body = src[head.end():]
+    body = "\n".join(line for line in body.split("\n") if "gdc_" not in line)
+    body = re.sub(r"tl\.program_id\((\d)\)", r"pid_\1_", body)
+    body = re.sub(r"tl\.num_programs\((\d)\)", r"np_\1_", body)
+    pids = ["pid_0_", "pid_1_", "pid_2_", "np_0_", "np_1_", "np_2_"]
+    sig = ", ".join(runtime + pids + [f"{c}: tl.constexpr" for c in consts])
+    return f"@triton.jit\ndef {name}({sig}):\n{body}", runtime, consts
+
+
+class Megakernel:
+    """The persistent kernel of a compiled model (runtime.compiled.CompiledModel) under a
+    schedule whose works are the model's launches, each chained kernel its own
+    (schedule.works_of)."""
+
+    def __init__(self, model, schedule):
+        self.model, self.schedule = model, schedule
+        specs = [spec for launch in model.launches for spec in launch.spec.chain()]
+        if len(specs) != len(schedule.tasks_of):
+            raise MeganeuraError(f"the schedule has {len(schedule.tasks_of)} launches, the "
+                                 f"model {len(specs)}")
+        kinds: dict = {}  # key -> (index, function source, runtime params, constexprs)
+        rows, frows, launch_kind = [], [], []
+        for spec in specs:
+            values, types = self._arguments(spec)
+            key = (spec.source, tuple(sorted(spec.constexprs.items())), tuple(types))
+            if key not in kinds:
+                src, runtime, consts = task_function(spec, f"task_{len(kinds)}")
+                if len(runtime) != len(values):
+                    raise MeganeuraError(f"{spec.archetype} {spec.variant}: {len(runtime)} "
+                                         f"parameters, {len(values)} arguments")
+                kinds[key] = (len(kinds), src, types, {c: spec.constexprs[c] for c in consts})
+            k = kinds[key][0]
+            launch_kind.append(k)
+            grid = tuple(spec.grid) + (1,) * (3 - len(spec.grid))
+            rows.append([k, *grid] + [v if t != "float" else 0 for v, t in zip(values, types)])
+            frows.append([0.0] * GRID_COLS + [v if t == "float" else 0.0
+                                              for v, t in zip(values, types)])
+        width = max(len(r) for r in rows)
+        dev = model.target.device
+        self.table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int64,
+                                  device=dev)
+        self.ftable = torch.tensor([r + [0.0] * (width - len(r)) for r in frows],
+                                   dtype=torch.float32, device=dev)
+        s = schedule
+        waits, task_rows = [], []
+        for t in s.tasks:
+            lo = len(waits) // 2
+            for i in t.waits:
+                waits += [i, s.tasks_of[i]]
+            task_rows.append([t.launch, t.first, t.count, lo, len(waits) // 2])
+        self.tasks = torch.tensor(task_rows, dtype=torch.int64, device=dev)
+        self.waits = torch.tensor(waits or [0, 0], dtype=torch.int64, device=dev)
+        self.lists = torch.tensor([t for lst in s.lists for t in lst] or [0], dtype=torch.int64,
+                                  device=dev)
+        starts = [0]
+        for lst in s.lists:
+            starts.append(starts[-1] + len(lst))
+        self.starts = torch.tensor(starts, dtype=torch.int64, device=dev)
+        self.counters = torch.zeros(len(specs), dtype=torch.int32, device=dev)
+        self.source = self._source(list(kinds.values()), width)
+        self.kernels = len(kinds)
+        self.fn = model.cache.load(self.source, ENTRY, model.target.interpreted)
+
+    def _arguments(self, spec) -> tuple[list, list[str]]:
+        """A kernel's runtime arguments for the table, and their types: a pointer's element
+        type, "int" or "float"."""
+        m = self.model
+        values, types = [], []
+        for kind, x in spec.args:
+            if kind in ("node", "scratch", "rope_freq"):
+                t = (m.tensors[x] if kind == "node" else m.scratch(*x) if kind == "scratch"
+                     else m._rope_table(*x))
+                values.append(t.data_ptr())
+                types.append(_TYPES[t.dtype])
+            elif kind == "stride":
+                values.append(int(m.tensors[x].stride(0)))
+                types.append("int")
+            elif kind == "value" and isinstance(x, float):
+                values.append(float(x))
+                types.append("float")
+            elif kind == "value":
+                values.append(int(x))
+                types.append("int")
+            else:
+                raise MeganeuraError(f"{spec.archetype} {spec.variant}: the megakernel does "
+                                     f"not take {kind} arguments")
+        return values, types
+
+    def _source(self, kinds: list, width: int) -> str:
+        funcs = "\n\n".join(src for _, src, _, _ in kinds)
+        branches = []
+        for k, _, types, consts in kinds:
+            args = []
+            for j, t in enumerate(types):
+                at = GRID_COLS + j
+                if t == "int":
+                    args.append(f"tl.load(args + {at})")
+                elif t == "float":
+                    args.append(f"tl.load(fargs + {at})")
+                else:
+                    args.append(f"tl.load(args + {at}).to(tl.pointer_type({t}))")
+            args += ["p % g0", "(p // g0) % g1", "p // (g0 * g1)", "g0", "g1", "g2"]
+            args += [repr(v) for v in consts.values()]
+            call = f"task_{k}({', '.join(args)})"
+            branches.append(f"if kind == {k}:\n    for p in range(first, first + count):\n"
+                            f"        {call}")
+        body = f"""
+prog = tl.program_id(0)
+lo = tl.load(starts_ptr + prog)
+hi = tl.load(starts_ptr + prog + 1)
+for i in range(lo, hi):
+    row = tasks_ptr + tl.load(lists_ptr + i) * {TASK_COLS}
+    launch = tl.load(row)
+    first = tl.load(row + 1)
+    count = tl.load(row + 2)
+    for w in range(tl.load(row + 3), tl.load(row + 4)):
+        dep = tl.load(waits_ptr + 2 * w)
+        need = tl.load(waits_ptr + 2 * w + 1).to(tl.int32)
+        seen = tl.atomic_add(counters_ptr + dep, 0, sem="acquire", scope="gpu")
+        while seen < need:
+            seen = tl.atomic_add(counters_ptr + dep, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+    args = table_ptr + launch * {width}
+    fargs = ftable_ptr + launch * {width}
+    kind = tl.load(args)
+    g0 = tl.load(args + 1)
+    g1 = tl.load(args + 2)
+    g2 = tl.load(args + 3)
+{indent(chr(10).join(branches), 4)}
+    tl.debug_barrier()  # the task's every store before it is counted
+    tl.atomic_add(counters_ptr + launch, 1, sem="release", scope="gpu")
+"""
+        head = f"def {ENTRY}({', '.join(PARAMS)}):\n"
+        return HEADER + funcs + "\n\n\n" + head + indent(body, 4) + "\n"
+
+    def run(self) -> None:
+        """One run of the plan's kernels (its inputs already in place: model.load_inputs)."""
+        self.counters.zero_()
+        self.fn[(self.schedule.programs,)](self.table, self.ftable, self.tasks, self.lists,
+                                           self.starts, self.waits, self.counters, num_warps=4)
+
+
+__all__ = ["ENTRY", "PARAMS", "Megakernel", "task_function"]

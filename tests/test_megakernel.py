@@ -1,0 +1,92 @@
+"""The decode step as one persistent kernel (codegen/megakernel.py) on Triton's interpreter:
+the same bits as the plan's own launches, step after step, with one program or with
+several whose waits cross programs; and its sm_90 compile."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import meganeura
+from configs import CONFIGS
+from meganeura.codegen.megakernel import Megakernel, task_function
+from meganeura.compiler.cost import PROFILES, CostModel
+from meganeura.compiler.schedule import build, check, works_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _decode(name, tmp_path, sequences=1):
+    model = meganeura.from_config(CONFIGS[name], device="cpu", seed=4, cache_dir=tmp_path)
+    gen = model.generator
+    s = gen.session(40, sequences)
+    step = gen.decode_plan(s)
+    g = torch.Generator().manual_seed(6)
+    for t in s.caches.values():  # a context's keys and values, fresh and nonzero
+        t.normal_(generator=g)
+    return model, s, step
+
+
+def _in_program_order(s, programs):
+    """The one-program schedule's list cut into `programs` consecutive runs: the interpreter
+    runs program 0 to its end, then 1, ..., so every wait is met by a program before."""
+    (order,) = s.lists
+    cuts = [round(i * len(order) / programs) for i in range(programs + 1)]
+    s.programs, s.lists = programs, [order[a:b] for a, b in zip(cuts, cuts[1:])]
+    check(s)
+    return s
+
+
+@pytest.mark.parametrize("name, sequences, programs", [("small_test", 1, 1),
+                                                        ("small_test", 1, 3),
+                                                        ("gqa2", 1, 2)])
+def test_the_megakernel_computes_the_plans_bits(name, sequences, programs, tmp_path):
+    model, s, step = _decode(name, tmp_path, sequences)
+    sched = build(works_of(step, CostModel(PROFILES["h200"], "fp32")), 1)
+    mk = Megakernel(step, _in_program_order(sched, programs))
+    assert mk.kernels < len(sched.tasks_of)  # launches of one kernel share its code
+    rows = s.sequences
+    gen = torch.Generator().manual_seed(8)
+    for k in range(3):  # three steps, each from the same caches both ways
+        ids = torch.randint(0, CONFIGS[name].vocab_size, (rows,), generator=gen)
+        pos = torch.tensor([12 + k + 3 * i for i in range(rows)])
+        before = {n: t.clone() for n, t in s.caches.items()}
+        want = step(ids, pos).clone()
+        after = {n: t.clone() for n, t in s.caches.items()}
+        for n, t in s.caches.items():
+            t.copy_(before[n])
+        step.outputs[0].fill_(float("nan"))
+        step.load_inputs(ids, pos)
+        mk.run()
+        assert torch.equal(step.outputs[0], want)
+        assert all(torch.equal(s.caches[n], after[n]) for n in s.caches)
+        assert mk.counters.tolist() == sched.tasks_of  # every task counted once
+
+
+def test_a_kernel_becomes_a_task_of_a_program_range(tmp_path):
+    _, _, step = _decode("small_test", tmp_path)
+    spec = next(sp for launch in step.launches for sp in launch.spec.chain()
+                if "program_id(1)" in sp.source)
+    src, runtime, consts = task_function(spec, "task_9")
+    assert src.startswith("@triton.jit\ndef task_9(") and "tl.program_id" not in src
+    assert "pid_1_" in src and set(consts) == set(spec.constexprs)
+    assert len(runtime) == len(spec.args)
+
+
+def test_the_megakernel_compiles_for_sm90(tmp_path):
+    _, _, step = _decode("small_test", tmp_path)
+    mk = Megakernel(step, build(works_of(step, CostModel(PROFILES["h200"], "bf16")), 132))
+    path = tmp_path / "megakernel.py"
+    path.write_text(mk.source)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_check.py"),
+                          "--megakernel", str(path)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    line = run.stdout.strip().splitlines()[-1]
+    # the waits are acquire reads at the GPU's scope, the counts release adds; nothing spills
+    assert "local-mem False" in line and "acquire 0" not in line and "release 0" not in line
