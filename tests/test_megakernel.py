@@ -13,6 +13,7 @@ import torch
 import meganeura
 from configs import CONFIGS
 from meganeura.codegen.megakernel import Megakernel, task_function
+from meganeura.errors import MeganeuraError
 from meganeura.compiler.cost import PROFILES, CostModel
 from meganeura.compiler.schedule import build, check, works_of
 
@@ -90,3 +91,13 @@ def test_the_megakernel_compiles_for_sm90(tmp_path):
     line = run.stdout.strip().splitlines()[-1]
     # the waits are acquire reads at the GPU's scope, the counts release adds; nothing spills
     assert "local-mem False" in line and "acquire 0" not in line and "release 0" not in line
+
+
+def test_a_schedule_the_interpreter_cannot_run_is_refused(tmp_path):
+    # programs balanced by time wait across programs in both directions: on the
+    # interpreter (one program after another) the first would spin for ever
+    _, _, step = _decode("small_test", tmp_path)
+    sched = build(works_of(step, CostModel(PROFILES["h200"], "fp32")), 3)
+    mk = Megakernel(step, sched)
+    with pytest.raises(MeganeuraError, match="interpreter cannot run"):
+        mk.run()

@@ -38,6 +38,7 @@ PARAMS = ("table_ptr", "ftable_ptr", "tasks_ptr", "lists_ptr", "starts_ptr", "wa
           "counters_ptr")
 TASK_COLS = 5  # a task's row: launch, first program, programs, waits' first, waits' end
 GRID_COLS = 4  # a launch's row starts: kind, grid (3)
+WARPS = 4
 
 
 def task_function(spec, name: str) -> tuple[str, list[str], list[str]]:
@@ -112,6 +113,7 @@ class Megakernel:
         self.source = self._source(list(kinds.values()), width)
         self.kernels = len(kinds)
         self.fn = model.cache.load(self.source, ENTRY, model.target.interpreted)
+        self._checked = False
 
     def _arguments(self, spec) -> tuple[list, list[str]]:
         """A kernel's runtime arguments for the table, and their types: a pointer's element
@@ -185,11 +187,44 @@ for i in range(lo, hi):
         head = f"def {ENTRY}({', '.join(PARAMS)}):\n"
         return HEADER + funcs + "\n\n\n" + head + indent(body, 4) + "\n"
 
+    def _args(self) -> tuple:
+        return (self.table, self.ftable, self.tasks, self.lists, self.starts, self.waits,
+                self.counters)
+
+    def check_resident(self) -> None:
+        """Refuses a schedule whose programs could not all run at once: a program spinning
+        on a counter would then hold the place the program it waits for needs. On a GPU,
+        the programs against the SMs times the blocks an SM holds at the kernel's registers
+        and shared memory; on the interpreter, which runs programs one after another,
+        every wait must be met by a program before (schedule.in_program_order)."""
+        from ..compiler.schedule import in_program_order
+
+        p = self.schedule.programs
+        if self.model.target.interpreted:
+            if not in_program_order(self.schedule):
+                raise MeganeuraError(f"a megakernel of {p} programs waits across programs "
+                                     f"in an order the interpreter cannot run")
+            return
+        k = self.fn.warmup(*self._args(), grid=(p,), num_warps=WARPS)
+        k._init_handles()  # loads the module: its registers a thread are known from then
+        props = torch.cuda.get_device_properties(self.model.target.device)
+        regs = max(1, k.n_regs) * 32 * WARPS
+        per_sm = min(getattr(props, "regs_per_multiprocessor", 65536) // regs,
+                     props.shared_memory_per_multiprocessor // max(1, k.metadata.shared),
+                     props.max_threads_per_multi_processor // (32 * WARPS), 32)
+        if p > per_sm * props.multi_processor_count:
+            raise MeganeuraError(f"a megakernel of {p} programs cannot be resident at once: "
+                                 f"{props.multi_processor_count} SMs hold {per_sm} each "
+                                 f"({k.n_regs} registers a thread, {k.metadata.shared} bytes "
+                                 f"of shared memory a program)")
+
     def run(self) -> None:
         """One run of the plan's kernels (its inputs already in place: model.load_inputs)."""
+        if not self._checked:
+            self.check_resident()
+            self._checked = True
         self.counters.zero_()
-        self.fn[(self.schedule.programs,)](self.table, self.ftable, self.tasks, self.lists,
-                                           self.starts, self.waits, self.counters, num_warps=4)
+        self.fn[(self.schedule.programs,)](*self._args(), num_warps=WARPS)
 
 
 __all__ = ["ENTRY", "PARAMS", "Megakernel", "task_function"]

@@ -158,6 +158,20 @@ def simulate(s: Schedule, seed: int = 0) -> bool:
     return True
 
 
+def in_program_order(s: Schedule) -> bool:
+    """Whether the programs finish when run one after another, program 0 to its end first
+    (as Triton's interpreter runs a grid): every wait met by a lower program or earlier in
+    the program's own list."""
+    done = [0] * len(s.tasks_of)
+    for lst in s.lists:
+        for k in lst:
+            t = s.tasks[k]
+            if any(done[i] < s.tasks_of[i] for i in t.waits):
+                return False
+            done[t.launch] += 1
+    return True
+
+
 def works_of(model, cost) -> list[Work]:
     """The Works of a compiled model's launches (runtime.compiled.CompiledModel): each
     chained kernel its own, the node's estimated seconds shared among them. A kernel
@@ -198,4 +212,5 @@ def _span(t) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
-__all__ = ["Schedule", "Task", "Work", "build", "check", "dependencies", "simulate", "works_of"]
+__all__ = ["Schedule", "Task", "Work", "build", "check", "dependencies", "in_program_order",
+           "simulate", "works_of"]
