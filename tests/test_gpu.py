@@ -109,7 +109,8 @@ def test_one_row_reads_weights_in_parts_bf16(op, widths, transposed, rows, tmp_p
     # a batch's few (1000 is not a multiple of its column tile: the concatenation)
     model = check_case(parts_case(op, rows, 2560, widths, seed=2, transposed=transposed),
                        "cuda", torch.bfloat16, tmp_path, "bf16")
-    assert "+matvec" in model.launches[0].spec.variant
+    tiled = rows > 1 and op.startswith("rms_norm|glu.pair")  # (as the H100 measured faster)
+    assert ("+matvec" in model.launches[0].spec.variant) != tiled
 
 
 @pytest.mark.parametrize("slots, pos", [(512, 100), (512, 5000), (4352, 4000), (32832, 30000),

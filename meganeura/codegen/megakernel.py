@@ -60,6 +60,74 @@ def task_function(spec, name: str) -> tuple[str, list[str], list[str]]:
     return f"@triton.jit\ndef {name}({sig}):\n{body}", runtime, consts
 
 
+def distinct_kernels(specs: list, types: list[list[str]]) -> tuple[list, list[int]]:
+    """The distinct kernels of the launches `specs` (their runtime arguments' types: a
+    pointer's element type, "int" or "float"): [(kind, device function source, types,
+    constexprs)], and each launch's kind."""
+    kinds: dict = {}
+    of = []
+    for spec, ts in zip(specs, types):
+        key = (spec.source, tuple(sorted(spec.constexprs.items())), tuple(ts))
+        if key not in kinds:
+            src, runtime, consts = task_function(spec, f"task_{len(kinds)}")
+            if len(runtime) != len(ts):
+                raise MeganeuraError(f"{spec.archetype} {spec.variant}: {len(runtime)} "
+                                     f"parameters, {len(ts)} arguments")
+            kinds[key] = (len(kinds), src, list(ts), {c: spec.constexprs[c] for c in consts})
+        of.append(kinds[key][0])
+    return list(kinds.values()), of
+
+
+def source(kinds: list, width: int) -> str:
+    """The megakernel's source: the kinds' device functions (distinct_kernels) and the loop
+    over a program's tasks; `width`: 64-bit words of a launch's table row."""
+    funcs = "\n\n".join(src for _, src, _, _ in kinds)
+    branches = []
+    for k, _, types, consts in kinds:
+        args = []
+        for j, t in enumerate(types):
+            at = GRID_COLS + j
+            if t == "int":
+                args.append(f"tl.load(args + {at})")
+            elif t == "float":
+                args.append(f"tl.load(fargs + {at})")
+            else:
+                args.append(f"tl.load(args + {at}).to(tl.pointer_type({t}))")
+        args += ["p % g0", "(p // g0) % g1", "p // (g0 * g1)", "g0", "g1", "g2"]
+        args += [repr(v) for v in consts.values()]
+        call = f"task_{k}({', '.join(args)})"
+        branches.append(f"if kind == {k}:\n    for p in range(first, first + count):\n"
+                        f"        {call}")
+    body = f"""
+prog = tl.program_id(0)
+lo = tl.load(starts_ptr + prog)
+hi = tl.load(starts_ptr + prog + 1)
+for i in range(lo, hi):
+    row = tasks_ptr + tl.load(lists_ptr + i) * {TASK_COLS}
+    launch = tl.load(row)
+    first = tl.load(row + 1)
+    count = tl.load(row + 2)
+    for w in range(tl.load(row + 3), tl.load(row + 4)):
+        dep = tl.load(waits_ptr + 2 * w)
+        need = tl.load(waits_ptr + 2 * w + 1).to(tl.int32)
+        seen = tl.atomic_add(counters_ptr + dep, 0, sem="acquire", scope="gpu")
+        while seen < need:
+            seen = tl.atomic_add(counters_ptr + dep, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+    args = table_ptr + launch * {width}
+    fargs = ftable_ptr + launch * {width}
+    kind = tl.load(args)
+    g0 = tl.load(args + 1)
+    g1 = tl.load(args + 2)
+    g2 = tl.load(args + 3)
+{indent(chr(10).join(branches), 4)}
+    tl.debug_barrier()  # the task's every store before it is counted
+    tl.atomic_add(counters_ptr + launch, 1, sem="release", scope="gpu")
+"""
+    head = f"def {ENTRY}({', '.join(PARAMS)}):\n"
+    return HEADER + funcs + "\n\n\n" + head + indent(body, 4) + "\n"
+
+
 class Megakernel:
     """The persistent kernel of a compiled model (runtime.compiled.CompiledModel) under a
     schedule whose works are the model's launches, each chained kernel its own
@@ -71,19 +139,10 @@ class Megakernel:
         if len(specs) != len(schedule.tasks_of):
             raise MeganeuraError(f"the schedule has {len(schedule.tasks_of)} launches, the "
                                  f"model {len(specs)}")
-        kinds: dict = {}  # key -> (index, function source, runtime params, constexprs)
-        rows, frows, launch_kind = [], [], []
-        for spec in specs:
-            values, types = self._arguments(spec)
-            key = (spec.source, tuple(sorted(spec.constexprs.items())), tuple(types))
-            if key not in kinds:
-                src, runtime, consts = task_function(spec, f"task_{len(kinds)}")
-                if len(runtime) != len(values):
-                    raise MeganeuraError(f"{spec.archetype} {spec.variant}: {len(runtime)} "
-                                         f"parameters, {len(values)} arguments")
-                kinds[key] = (len(kinds), src, types, {c: spec.constexprs[c] for c in consts})
-            k = kinds[key][0]
-            launch_kind.append(k)
+        args = [self._arguments(spec) for spec in specs]
+        kinds, launch_kind = distinct_kernels(specs, [types for _, types in args])
+        rows, frows = [], []
+        for spec, (values, types), k in zip(specs, args, launch_kind):
             grid = tuple(spec.grid) + (1,) * (3 - len(spec.grid))
             rows.append([k, *grid] + [v if t != "float" else 0 for v, t in zip(values, types)])
             frows.append([0.0] * GRID_COLS + [v if t == "float" else 0.0
@@ -110,7 +169,7 @@ class Megakernel:
             starts.append(starts[-1] + len(lst))
         self.starts = torch.tensor(starts, dtype=torch.int64, device=dev)
         self.counters = torch.zeros(len(specs), dtype=torch.int32, device=dev)
-        self.source = self._source(list(kinds.values()), width)
+        self.source = source(kinds, width)
         self.kernels = len(kinds)
         self.fn = model.cache.load(self.source, ENTRY, model.target.interpreted)
         self._checked = False
@@ -139,53 +198,6 @@ class Megakernel:
                 raise MeganeuraError(f"{spec.archetype} {spec.variant}: the megakernel does "
                                      f"not take {kind} arguments")
         return values, types
-
-    def _source(self, kinds: list, width: int) -> str:
-        funcs = "\n\n".join(src for _, src, _, _ in kinds)
-        branches = []
-        for k, _, types, consts in kinds:
-            args = []
-            for j, t in enumerate(types):
-                at = GRID_COLS + j
-                if t == "int":
-                    args.append(f"tl.load(args + {at})")
-                elif t == "float":
-                    args.append(f"tl.load(fargs + {at})")
-                else:
-                    args.append(f"tl.load(args + {at}).to(tl.pointer_type({t}))")
-            args += ["p % g0", "(p // g0) % g1", "p // (g0 * g1)", "g0", "g1", "g2"]
-            args += [repr(v) for v in consts.values()]
-            call = f"task_{k}({', '.join(args)})"
-            branches.append(f"if kind == {k}:\n    for p in range(first, first + count):\n"
-                            f"        {call}")
-        body = f"""
-prog = tl.program_id(0)
-lo = tl.load(starts_ptr + prog)
-hi = tl.load(starts_ptr + prog + 1)
-for i in range(lo, hi):
-    row = tasks_ptr + tl.load(lists_ptr + i) * {TASK_COLS}
-    launch = tl.load(row)
-    first = tl.load(row + 1)
-    count = tl.load(row + 2)
-    for w in range(tl.load(row + 3), tl.load(row + 4)):
-        dep = tl.load(waits_ptr + 2 * w)
-        need = tl.load(waits_ptr + 2 * w + 1).to(tl.int32)
-        seen = tl.atomic_add(counters_ptr + dep, 0, sem="acquire", scope="gpu")
-        while seen < need:
-            seen = tl.atomic_add(counters_ptr + dep, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-    args = table_ptr + launch * {width}
-    fargs = ftable_ptr + launch * {width}
-    kind = tl.load(args)
-    g0 = tl.load(args + 1)
-    g1 = tl.load(args + 2)
-    g2 = tl.load(args + 3)
-{indent(chr(10).join(branches), 4)}
-    tl.debug_barrier()  # the task's every store before it is counted
-    tl.atomic_add(counters_ptr + launch, 1, sem="release", scope="gpu")
-"""
-        head = f"def {ENTRY}({', '.join(PARAMS)}):\n"
-        return HEADER + funcs + "\n\n\n" + head + indent(body, 4) + "\n"
 
     def _args(self) -> tuple:
         return (self.table, self.ftable, self.tasks, self.lists, self.starts, self.waits,
@@ -227,4 +239,4 @@ for i in range(lo, hi):
         self.fn[(self.schedule.programs,)](*self._args(), num_warps=WARPS)
 
 
-__all__ = ["ENTRY", "PARAMS", "Megakernel", "task_function"]
+__all__ = ["ENTRY", "PARAMS", "Megakernel", "distinct_kernels", "source", "task_function"]
