@@ -343,6 +343,7 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
               f"{extra['meganeura_compile_s']:.1f} s", flush=True)
     model = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
     model.generator.dependent_launches = args.dependent_launches
+    model.generator.megakernel = args.megakernel
     if args.check and hf is not None:
         err = extra["rel_error_hf_fp32"] = check_generation(model, hf, cfg, contexts,
                                                             args.steps, device)
@@ -362,6 +363,9 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
                "floor_ms": floor_bytes(cfg, c, 2) / args.bandwidth * 1e3,
                "bandwidth_tbs": args.bandwidth / 1e12,
                "layers": cfg.num_hidden_layers, **extra}
+        if args.megakernel is not None:  # (0: one program per SM)
+            row["megakernel_programs"] = (args.megakernel or torch.cuda.get_device_properties(
+                device).multi_processor_count) if device.type == "cuda" else 1
         row["meganeura_ms"] = meganeura_decode(model, c, args.steps, c in args.profile,
                                                args.warmup)
         print(f"{name} C={c}: meganeura {row['meganeura_ms']:.3f} ms/token, floor "
@@ -430,7 +434,7 @@ FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit
           "hf_compiled_ms", "hf_static_cache", "hf_compile_s", "hf_generate_ms",
           "hf_generate_static_ms", "meganeura_ttft_ms",
           "hf_compiled_prefill_ms", "hf_prefill_compile_s", "meganeura_compile_s",
-          "rel_error_hf_fp32", "layers", "bandwidth_tbs"]
+          "rel_error_hf_fp32", "layers", "bandwidth_tbs", "megakernel_programs"]
 
 
 def append_csv(rows: list[dict], env: dict, path: Path) -> None:
@@ -566,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-dependent-launches", dest="dependent_launches", action="store_false",
                     help="launch the decode step's kernels plainly (not as programmatic "
                     "dependents of the kernel before)")
+    ap.add_argument("--megakernel", type=int, default=None, metavar="P",
+                    help="meganeura's decode step as one persistent kernel of P programs "
+                         "(0: one per SM; codegen/megakernel.py) instead of its launches")
     ap.add_argument("--profile", type=int, nargs="*", default=[], metavar="CONTEXT",
                     help="at these contexts, also time every kernel of the step on its own")
     ap.add_argument("--layers", type=int, default=None, help="the presets cut to their first N "

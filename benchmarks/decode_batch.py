@@ -89,12 +89,10 @@ def megakernel(step, s, programs: int, dtype, plan_ms: float | None) -> None:
     """The step as one persistent kernel of `programs` programs: same bits as the step's
     launches from the same caches, then its time a step."""
     from meganeura.codegen.megakernel import Megakernel
-    from meganeura.compiler.cost import PROFILES, CostModel
     from meganeura.compiler.schedule import build, works_of
 
     dev = step.target.device
-    works = works_of(step, CostModel(PROFILES["h200"], "bf16" if dtype != torch.float32
-                                     else "fp32"))
+    works = works_of(step)
     sched = build(works, programs)
     mk = Megakernel(step, sched)
     ids = torch.tensor([3], device=dev)

@@ -397,7 +397,6 @@ def test_the_megakernel_computes_the_decode_steps_bits_on_cuda(name, programs, t
     # than SMs, against the step's own launches from the same caches: the same bits, run
     # after run
     from meganeura.codegen.megakernel import Megakernel
-    from meganeura.compiler.cost import PROFILES, CostModel
     from meganeura.compiler.schedule import build as schedule, works_of
 
     c = CONFIGS[name]
@@ -410,8 +409,7 @@ def test_the_megakernel_computes_the_decode_steps_bits_on_cuda(name, programs, t
     for t in s.caches.values():
         t.normal_(generator=g)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    mk = Megakernel(step, schedule(works_of(step, CostModel(PROFILES["h200"], "bf16")),
-                                   programs or sms))
+    mk = Megakernel(step, schedule(works_of(step), programs or sms))
     before = {n: t.clone() for n, t in s.caches.items()}
     ids, pos = torch.tensor([5], device="cuda"), torch.tensor([30], device="cuda")
     want = step(ids, pos).clone()

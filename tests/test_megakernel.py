@@ -14,7 +14,6 @@ import meganeura
 from configs import CONFIGS
 from meganeura.codegen.megakernel import Megakernel, task_function
 from meganeura.errors import MeganeuraError
-from meganeura.compiler.cost import PROFILES, CostModel
 from meganeura.compiler.schedule import build, check, works_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +45,7 @@ def _in_program_order(s, programs):
                                                         ("gqa2", 1, 2)])
 def test_the_megakernel_computes_the_plans_bits(name, sequences, programs, tmp_path):
     model, s, step = _decode(name, tmp_path, sequences)
-    sched = build(works_of(step, CostModel(PROFILES["h200"], "fp32")), 1)
+    sched = build(works_of(step), 1)
     mk = Megakernel(step, _in_program_order(sched, programs))
     assert mk.kernels < len(sched.tasks_of)  # launches of one kernel share its code
     rows = s.sequences
@@ -79,7 +78,7 @@ def test_a_kernel_becomes_a_task_of_a_program_range(tmp_path):
 
 def test_the_megakernel_compiles_for_sm90(tmp_path):
     _, _, step = _decode("small_test", tmp_path)
-    mk = Megakernel(step, build(works_of(step, CostModel(PROFILES["h200"], "bf16")), 132))
+    mk = Megakernel(step, build(works_of(step), 132))
     path = tmp_path / "megakernel.py"
     path.write_text(mk.source)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -97,7 +96,22 @@ def test_a_schedule_the_interpreter_cannot_run_is_refused(tmp_path):
     # programs balanced by time wait across programs in both directions: on the
     # interpreter (one program after another) the first would spin for ever
     _, _, step = _decode("small_test", tmp_path)
-    sched = build(works_of(step, CostModel(PROFILES["h200"], "fp32")), 3)
+    sched = build(works_of(step), 3)
     mk = Megakernel(step, sched)
     with pytest.raises(MeganeuraError, match="interpreter cannot run"):
         mk.run()
+
+
+def test_generation_with_the_decode_step_as_one_persistent_kernel(tmp_path):
+    # the same greedy tokens as with the step's launches; the session's step runs the
+    # megakernel (one program: the interpreter runs programs one after another)
+    c = CONFIGS["gqa2"]
+    prompt = torch.randint(0, c.vocab_size, (9,), generator=torch.Generator().manual_seed(2))
+    plain = meganeura.from_config(c, device="cpu", seed=5, cache_dir=tmp_path)
+    want = plain.generate(prompt, max_new_tokens=6, stop=[])
+    mine = meganeura.from_config(c, device="cpu", seed=5, cache_dir=tmp_path)
+    mine.generator.megakernel = 0
+    got = mine.generate(prompt, max_new_tokens=6, stop=[])
+    step = mine.generator.last_session.decode
+    assert step.persistent is not None and step.persistent.schedule.programs == 1
+    assert got.tolist() == want.tolist()

@@ -6,7 +6,6 @@ import torch
 
 import meganeura
 from configs import SMALL
-from meganeura.compiler.cost import PROFILES, CostModel
 from meganeura.compiler.schedule import Work, build, check, dependencies, simulate, works_of
 
 
@@ -17,7 +16,7 @@ def decode_works(tmp_path_factory):
                                   cache_dir=tmp_path_factory.mktemp("k"))
     gen = model.generator
     step = gen.decode_plan(gen.session(40))
-    return step, works_of(step, CostModel(PROFILES["h200"], "bf16"))
+    return step, works_of(step)
 
 
 def _work(name, programs, seconds, reads=(), writes=()):

@@ -1,8 +1,12 @@
 """A compiled plan as one persistent kernel: every launch's kernel a device function, run by
 P programs that walk the task lists of a schedule (compiler/schedule.py).
 
-    mk = Megakernel(model, schedule.build(schedule.works_of(model, cost), programs))
+    mk = Megakernel(model, schedule.build(schedule.works_of(model), programs))
     model.load_inputs(*args); mk.run()       # model.outputs hold the plan's results
+    model.use_persistent(mk)                 # or: every call of the model runs it
+
+Generation uses it for one-sequence decode steps when `model.generator.megakernel` is set
+(a program count; 0: one per SM).
 
 Each distinct kernel (its source, tile constants and argument types) becomes a device
 function `task_<k>`: its `tl.program_id(axis)` and `tl.num_programs(axis)` become arguments,
@@ -172,7 +176,7 @@ class Megakernel:
         self.source = source(kinds, width)
         self.kernels = len(kinds)
         self.fn = model.cache.load(self.source, ENTRY, model.target.interpreted)
-        self._checked = False
+        self.check_resident()  # (on a GPU this compiles it: before any graph capture)
 
     def _arguments(self, spec) -> tuple[list, list[str]]:
         """A kernel's runtime arguments for the table, and their types: a pointer's element
@@ -232,9 +236,6 @@ class Megakernel:
 
     def run(self) -> None:
         """One run of the plan's kernels (its inputs already in place: model.load_inputs)."""
-        if not self._checked:
-            self.check_resident()
-            self._checked = True
         self.counters.zero_()
         self.fn[(self.schedule.programs,)](*self._args(), num_warps=WARPS)
 

@@ -8,7 +8,7 @@ done (release). This module builds those lists from a compiled plan and checks t
 kernel that walks them is the decode megakernel's.
 
 - Works: one per kernel the plan launches (a node's chained kernels each), with its grid's
-  programs, its estimated seconds (the cost model's, without the launch) and the memory it
+  programs, its estimated seconds (the plan's, from the cost model) and the memory it
   reads and writes (address intervals of its tensors: the buffer arena reuses memory, so a
   launch that overwrites what an earlier one still had to read waits for it too).
 - Dependencies: launch j waits for every earlier launch whose writes meet j's reads or
@@ -172,20 +172,16 @@ def in_program_order(s: Schedule) -> bool:
     return True
 
 
-def works_of(model, cost) -> list[Work]:
+def works_of(model) -> list[Work]:
     """The Works of a compiled model's launches (runtime.compiled.CompiledModel): each
-    chained kernel its own, the node's estimated seconds shared among them. A kernel
-    writes its node's tensor, the state (KV caches) it is given and its scratch buffers;
-    it reads its other tensors. Seconds: `cost` (compiler.cost.CostModel) less the launch."""
-    from .cost import stored_transposed
-
+    chained kernel its own, the node's estimated seconds (the plan's, by the cost model it
+    was extracted with) shared among them. A kernel writes its node's tensor, the state
+    (KV caches) it is given and its scratch buffers; it reads its other tensors."""
     g = model.plan.graph
     out = []
     for launch in model.launches:
         node = g[launch.node]
-        secs = max(0.0, cost.time(node.op, node.attrs, [g[i].shape for i in node.inputs],
-                                  node.shape, stored_transposed(g, node))
-                   - cost.profile.launch)
+        secs = model.plan.estimate.get(node.id, 0.0)
         chain = launch.spec.chain()
         for k, spec in enumerate(chain):
             reads, writes = [], []

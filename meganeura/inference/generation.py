@@ -170,6 +170,9 @@ class Generator:
         # decode steps launch each kernel as a programmatic dependent of the one before
         # (Hopper and later; set False before the first call to launch them plainly)
         self.dependent_launches = True
+        # one-sequence decode steps as one persistent kernel of this many programs (0: one
+        # per SM; codegen/megakernel.py), set before the step's plan is made; None: launches
+        self.megakernel: int | None = None
         self.last_stats: dict = {}
         self._chunk_costs: dict[tuple, float] = {}  # chunk -> estimated s, unplanned
         # called with a line before and after each plan is built (the command line prints
@@ -278,7 +281,21 @@ class Generator:
         z = torch.zeros(b, dtype=torch.int64, device=self.model.device)
         gen = Generation(s.capacity, True, b, s.reach, "all" if b > 1 else "last")
         what = "decode" + (f" ({b} sequences)" if b > 1 else "")
-        return self._plan(s, ("step",), what, b, gen, [z, z])
+        step = self._plan(s, ("step",), what, b, gen, [z, z])
+        if self.megakernel is not None and b == 1 and step.persistent is None:
+            step.use_persistent(self._persistent(step))
+        return step
+
+    def _persistent(self, step: CompiledModel):
+        """The decode step as one persistent kernel of `self.megakernel` programs (0: one
+        per SM; one on the interpreter, which runs programs one after another)."""
+        from ..codegen.megakernel import Megakernel
+        from ..compiler.schedule import build, works_of
+
+        dev = self.model.device
+        programs = self.megakernel or (torch.cuda.get_device_properties(dev).multi_processor_count
+                                       if dev.type == "cuda" else 1)
+        return Megakernel(step, build(works_of(step), programs))
 
     def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
         """The whole prompt of seq_len tokens from position 0 in one plan (benchmarks compare

@@ -97,6 +97,7 @@ class CompiledModel:
         self.seconds = {"load": t1 - t0, "bind": time.perf_counter() - t1}
         self._graph = None
         self._built = False
+        self.persistent = None  # the plan as one persistent kernel (use_persistent)
         self._use_cuda_graph = cuda_graph and target.device.type == "cuda"
         self._lock = threading.Lock()
         self.progress = None  # f(launches done, launches) after each launch run one by one
@@ -299,7 +300,17 @@ class CompiledModel:
                     raise InputError(f"input '{n.name}' holds {what} {lo if lo < 0 else hi}, "
                                      f"outside [0, {bound})")
 
+    def use_persistent(self, megakernel) -> None:
+        """From now on the plan's kernels run as one persistent kernel (codegen/megakernel.py's
+        Megakernel over this model's launches; None: the launches again); the CUDA graph is
+        captured anew at the next call."""
+        self.persistent = megakernel
+        self._graph = None
+
     def run_kernels(self) -> None:
+        if self.persistent is not None:
+            self.persistent.run()
+            return
         self.build_kernels()
         n = len(self.launches)
         for k, launch in enumerate(self.launches):
