@@ -15,8 +15,10 @@ arguments come from a table row of 64-bit words (tensor addresses, strides, size
 from a second, fp32 table), so launches of one kernel share its code. The megakernel:
 
     for each task of this program's list:
-        wait until every launch it waits for has counted all its tasks (acquire)
-        run the launch's programs first .. first + count - 1 through its kind's function
+        run the launch's programs first .. first + count - 1 through its kind's function;
+            the first waits until every launch the task waits for has counted all its
+            tasks (acquire), where the kernel would wait for the kernel before it: after
+            asking for the first weights it reads (its dependent-launch gate), else first
         count the task in its launch's counter (release, after a barrier of the program)
 
 The counters are zeroed before each run. Waits are spin loops on acquire reads, so the
@@ -33,7 +35,7 @@ import re
 import torch
 
 from ..errors import MeganeuraError
-from .common import HEADER, indent
+from .common import GATE, HEADER, indent
 
 _TYPES = {torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32", torch.float16: "tl.float16",
           torch.float64: "tl.float64", torch.int64: "tl.int64", torch.int32: "tl.int32"}
@@ -45,9 +47,26 @@ GRID_COLS = 4  # a launch's row starts: kind, grid (3)
 WARPS = 4
 
 
+WAIT = "_wait_(mk_waits_, mk_counters_, mk_w_lo_, mk_w_hi_)"
+WAIT_FUNCTION = """@triton.jit
+def _wait_(waits_ptr, counters_ptr, w_lo, w_hi):
+    # until each launch waited for has counted all its tasks (acquire: what they wrote is
+    # seen from here on), then every thread of the program after it
+    for w in range(w_lo, w_hi):
+        dep = tl.load(waits_ptr + 2 * w)
+        need = tl.load(waits_ptr + 2 * w + 1).to(tl.int32)
+        seen = tl.atomic_add(counters_ptr + dep, 0, sem="acquire", scope="gpu")
+        while seen < need:
+            seen = tl.atomic_add(counters_ptr + dep, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+"""
+
+
 def task_function(spec, name: str) -> tuple[str, list[str], list[str]]:
     """The kernel of `spec` as a device function `name`; (source, its runtime parameters,
-    its constexpr parameters), both in order."""
+    its constexpr parameters), both in order. The task's wait goes where the kernel waits
+    for the kernel before it (its dependent-launch gate: weights it reads first are asked
+    for before), else first."""
     src = spec.source[len(HEADER):] if spec.source.startswith(HEADER) else spec.source
     head = re.search(rf"def {re.escape(spec.entry)}\((.*?)\):\n", src)
     if head is None:
@@ -55,12 +74,20 @@ def task_function(spec, name: str) -> tuple[str, list[str], list[str]]:
     params = [p.strip() for p in head.group(1).split(",") if p.strip()]
     runtime = [p for p in params if ":" not in p]
     consts = [p.split(":")[0].strip() for p in params if ":" in p]
-    body = src[head.end():]
-    body = "\n".join(line for line in body.split("\n") if "gdc_" not in line)
-    body = re.sub(r"tl\.program_id\((\d)\)", r"pid_\1_", body)
+    lines = []
+    for line in src[head.end():].split("\n"):
+        pad = line[:len(line) - len(line.lstrip())]
+        if line.strip() in (GATE, "tl.extra.cuda.gdc_wait()"):
+            lines.append(pad + WAIT)
+        elif "gdc_" not in line:
+            lines.append(line)
+    if not any(WAIT in line for line in lines):
+        lines.insert(0, "    " + WAIT)
+    body = re.sub(r"tl\.program_id\((\d)\)", r"pid_\1_", "\n".join(lines))
     body = re.sub(r"tl\.num_programs\((\d)\)", r"np_\1_", body)
-    pids = ["pid_0_", "pid_1_", "pid_2_", "np_0_", "np_1_", "np_2_"]
-    sig = ", ".join(runtime + pids + [f"{c}: tl.constexpr" for c in consts])
+    extra = ["pid_0_", "pid_1_", "pid_2_", "np_0_", "np_1_", "np_2_", "mk_waits_",
+             "mk_counters_", "mk_w_lo_", "mk_w_hi_"]
+    sig = ", ".join(runtime + extra + [f"{c}: tl.constexpr" for c in consts])
     return f"@triton.jit\ndef {name}({sig}):\n{body}", runtime, consts
 
 
@@ -85,7 +112,7 @@ def distinct_kernels(specs: list, types: list[list[str]]) -> tuple[list, list[in
 def source(kinds: list, width: int) -> str:
     """The megakernel's source: the kinds' device functions (distinct_kernels) and the loop
     over a program's tasks; `width`: 64-bit words of a launch's table row."""
-    funcs = "\n\n".join(src for _, src, _, _ in kinds)
+    funcs = "\n\n".join([WAIT_FUNCTION] + [src for _, src, _, _ in kinds])
     branches = []
     for k, _, types, consts in kinds:
         args = []
@@ -97,7 +124,8 @@ def source(kinds: list, width: int) -> str:
                 args.append(f"tl.load(fargs + {at})")
             else:
                 args.append(f"tl.load(args + {at}).to(tl.pointer_type({t}))")
-        args += ["p % g0", "(p // g0) % g1", "p // (g0 * g1)", "g0", "g1", "g2"]
+        args += ["p % g0", "(p // g0) % g1", "p // (g0 * g1)", "g0", "g1", "g2", "waits_ptr",
+                 "counters_ptr", "tl.where(p == first, w_lo, w_hi)", "w_hi"]
         args += [repr(v) for v in consts.values()]
         call = f"task_{k}({', '.join(args)})"
         branches.append(f"if kind == {k}:\n    for p in range(first, first + count):\n"
@@ -111,13 +139,8 @@ for i in range(lo, hi):
     launch = tl.load(row)
     first = tl.load(row + 1)
     count = tl.load(row + 2)
-    for w in range(tl.load(row + 3), tl.load(row + 4)):
-        dep = tl.load(waits_ptr + 2 * w)
-        need = tl.load(waits_ptr + 2 * w + 1).to(tl.int32)
-        seen = tl.atomic_add(counters_ptr + dep, 0, sem="acquire", scope="gpu")
-        while seen < need:
-            seen = tl.atomic_add(counters_ptr + dep, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
+    w_lo = tl.load(row + 3)  # its waits, which the first of its programs makes
+    w_hi = tl.load(row + 4)
     args = table_ptr + launch * {width}
     fargs = ftable_ptr + launch * {width}
     kind = tl.load(args)
