@@ -91,6 +91,10 @@ def test_the_megakernel_compiles_for_sm90(tmp_path):
     line = run.stdout.strip().splitlines()[-1]
     # the waits are acquire reads at the GPU's scope, the counts release adds; nothing spills
     assert "local-mem False" in line and "acquire 0" not in line and "release 0" not in line
+    # the table's arguments carry the alignment and unit strides a launch's specialization
+    # would: loads of 8 and 16 bytes (without them, e4b's step had none among 2508 loads)
+    wide = int(line.split("(")[1].split(" of 8 or 16 bytes")[0])
+    assert wide > 0, line
 
 
 def test_a_schedule_the_interpreter_cannot_run_is_refused(tmp_path):

@@ -183,7 +183,10 @@ def compile_megakernel(path: str) -> dict:
     k = triton.compile(triton.compiler.ASTSource(fn, sig, {}), target=GPUTarget("cuda", 90, 128),
                        options=dict(num_warps=4, num_stages=1))
     ptx = k.asm["ptx"]
+    loads = [line for line in ptx.splitlines() if "ld.global" in line]
     return dict(shared=k.metadata.shared, local_memory="ld.local" in ptx or "st.local" in ptx,
+                wide_loads=sum(".v4." in line or ".v2." in line for line in loads),
+                loads=len(loads),
                 acquire=ptx.count("ld.global.gpu.acquire"),
                 release=ptx.count("red.global.gpu.release") + ptx.count("atom.global.gpu.release"))
 
@@ -200,7 +203,7 @@ def persistent(model: str, capacity: int, profile: str = "h200", sms: int = 132)
     types come from the plan, as the other checks' signatures do."""
     import time
 
-    from meganeura.codegen.megakernel import GRID_COLS, distinct_kernels, source
+    from meganeura.codegen.megakernel import GRID_COLS, arg_type, distinct_kernels, source
 
     config = PRESETS[MODEL_NAMES[model]]
     graph = build(config, 1, Generation(capacity, True, 1, min(2048, capacity), "last"))
@@ -214,7 +217,18 @@ def persistent(model: str, capacity: int, profile: str = "h200", sms: int = 132)
         if any(t not in TABLE_TYPES for t in sig):
             raise SystemExit(f"{spec.archetype} {spec.variant}: arguments the megakernel does "
                              f"not take ({sig})")
-        types.append([TABLE_TYPES[t] for t in sig])
+        hinted = []  # what the runtime's table would tell (megakernel.arg_type)
+        for (kind, x), t in zip(spec.args, sig):
+            base = TABLE_TYPES[t]
+            if base == "int":
+                hinted.append(arg_type("int", _row_stride(g, x) if kind == "stride" else x))
+            elif base == "float":
+                hinted.append(base)
+            else:  # the arena's tensors on 256-byte boundaries, a view at its offset
+                elem = 8 if t == "*i64" else 4 if t in ("*fp32", "*i32") else 2
+                off = _offset(g, x) * elem if kind == "node" else 0
+                hinted.append(arg_type(base, 16 if off % 16 == 0 else 1))
+        types.append(hinted)
     kinds, _ = distinct_kernels(specs, types)
     path = Path(tempfile.mkdtemp()) / "megakernel.py"
     path.write_text(source(kinds, GRID_COLS + max(map(len, types))))
@@ -255,7 +269,8 @@ def main():
             more = (f" ({r['kinds']} kernels for {r['launches']} launches, compiled in "
                     f"{r['seconds']:.1f} s)" if "kinds" in r else "")
             print(f"megakernel {r['model']}: smem {r['shared']} local-mem {r['local_memory']} "
-                  f"acquire {r['acquire']} release {r['release']}{more}")
+                  f"acquire {r['acquire']} release {r['release']} global loads {r['loads']} "
+                  f"({r['wide_loads']} of 8 or 16 bytes){more}")
         return 1 if any(r["shared"] > SHARED_LIMIT for r in results) else 0
     over, seen = 0, set()
     results = [r for m in a.model

@@ -91,10 +91,20 @@ def task_function(spec, name: str) -> tuple[str, list[str], list[str]]:
     return f"@triton.jit\ndef {name}({sig}):\n{body}", runtime, consts
 
 
+def arg_type(base: str, value: int) -> str:
+    """A table argument's type as the kernel is told it, the way Triton specializes a
+    launch's arguments: a pointer (`base` its element type) or an "int" that is a multiple
+    of 16 gets ":16" (tl.multiple_of: aligned, vector loads), an int of 1 ":1" (the
+    literal: a unit stride makes a tile's loads contiguous)."""
+    if base == "int" and value == 1:
+        return "int:1"
+    return f"{base}:16" if value % 16 == 0 else base
+
+
 def distinct_kernels(specs: list, types: list[list[str]]) -> tuple[list, list[int]]:
     """The distinct kernels of the launches `specs` (their runtime arguments' types: a
-    pointer's element type, "int" or "float"): [(kind, device function source, types,
-    constexprs)], and each launch's kind."""
+    pointer's element type, "int" or "float", with arg_type's hints): [(kind, device
+    function source, types, constexprs)], and each launch's kind."""
     kinds: dict = {}
     of = []
     for spec, ts in zip(specs, types):
@@ -118,12 +128,17 @@ def source(kinds: list, width: int) -> str:
         args = []
         for j, t in enumerate(types):
             at = GRID_COLS + j
-            if t == "int":
-                args.append(f"tl.load(args + {at})")
-            elif t == "float":
+            base, _, hint = t.partition(":")
+            if base == "int" and hint == "1":  # a unit stride: what makes a tile contiguous
+                args.append("1")
+            elif base == "int":
+                arg = f"tl.load(args + {at})"
+                args.append(f"tl.multiple_of({arg}, 16)" if hint else arg)
+            elif base == "float":
                 args.append(f"tl.load(fargs + {at})")
             else:
-                args.append(f"tl.load(args + {at}).to(tl.pointer_type({t}))")
+                arg = f"tl.load(args + {at}).to(tl.pointer_type({base}))"
+                args.append(f"tl.multiple_of({arg}, 16)" if hint else arg)
         args += ["p % g0", "(p // g0) % g1", "p // (g0 * g1)", "g0", "g1", "g2", "waits_ptr",
                  "counters_ptr", "tl.where(p == first, w_lo, w_hi)", "w_hi"]
         args += [repr(v) for v in consts.values()]
@@ -202,25 +217,24 @@ class Megakernel:
         self.check_resident()  # (on a GPU this compiles it: before any graph capture)
 
     def _arguments(self, spec) -> tuple[list, list[str]]:
-        """A kernel's runtime arguments for the table, and their types: a pointer's element
-        type, "int" or "float"."""
+        """A kernel's runtime arguments for the table, and their types (arg_type)."""
         m = self.model
         values, types = [], []
         for kind, x in spec.args:
             if kind in ("node", "scratch", "rope_freq"):
                 t = (m.tensors[x] if kind == "node" else m.scratch(*x) if kind == "scratch"
-                     else m._rope_table(*x))
+                     else m.rope_table(*x))
                 values.append(t.data_ptr())
-                types.append(_TYPES[t.dtype])
+                types.append(arg_type(_TYPES[t.dtype], t.data_ptr()))
             elif kind == "stride":
                 values.append(int(m.tensors[x].stride(0)))
-                types.append("int")
+                types.append(arg_type("int", values[-1]))
             elif kind == "value" and isinstance(x, float):
                 values.append(float(x))
                 types.append("float")
             elif kind == "value":
                 values.append(int(x))
-                types.append("int")
+                types.append(arg_type("int", values[-1]))
             else:
                 raise MeganeuraError(f"{spec.archetype} {spec.variant}: the megakernel does "
                                      f"not take {kind} arguments")
@@ -263,4 +277,5 @@ class Megakernel:
         self.fn[(self.schedule.programs,)](*self._args(), num_warps=WARPS)
 
 
-__all__ = ["ENTRY", "PARAMS", "Megakernel", "distinct_kernels", "source", "task_function"]
+__all__ = ["ENTRY", "PARAMS", "Megakernel", "arg_type", "distinct_kernels", "source",
+           "task_function"]

@@ -246,7 +246,7 @@ class CompiledModel:
             elif kind == "desc":  # a tensor descriptor over the node's tensor, one tile's block
                 args.append(_descriptor(self.tensors[x[0]], x[1], g.label(x[0])))
             elif kind == "rope_freq":
-                args.append(self._rope_table(*x))
+                args.append(self.rope_table(*x))
             elif kind == "scratch":  # zeroed once; kernels leave counters as they found them
                 args.append(self.scratch(*x))
             else:
@@ -271,7 +271,7 @@ class CompiledModel:
             self._scratches[key] = torch.zeros(shape, dtype=dt, device=self.target.device)
         return self._scratches[key]
 
-    def _rope_table(self, head_dim: int, theta: float, rotary: int, scaling) -> torch.Tensor:
+    def rope_table(self, head_dim: int, theta: float, rotary: int, scaling) -> torch.Tensor:
         """The RoPE kernels' float64 frequencies (formulas.rope_frequencies), made once."""
         key = (head_dim, theta, rotary, scaling)
         if key not in self._tables:
