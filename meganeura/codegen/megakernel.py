@@ -22,8 +22,9 @@ from a second, fp32 table), so launches of one kernel share its code. The megake
         count the task in its launch's counter (release, after a barrier of the program)
 
 The counters are zeroed before each run. Waits are spin loops on acquire reads, so the
-programs must all be resident at once (at most one per SM here); on Triton's interpreter,
-which runs programs one after another, only a one-program schedule can finish.
+programs must all be resident at once: the kernel is refused where its registers and shared
+memory would not let the SMs hold them all (check_resident), and on Triton's interpreter,
+which runs programs one after another, where a wait would not be met by a program before.
 Tensor descriptors are not taken: a one-row decode step's kernels read through pointers,
 but a batch's step has tiled products (a norm prologue's gate | up) that read through them.
 """
