@@ -217,17 +217,19 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
     mine = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
     if mode == "lora":
         trainer = meganeura.Trainer(mine, lr=args.lr, lora=meganeura.LoRA(16, 32.0, TARGETS),
-                                    executor=args.executor, fp32_products=args.fp32_products)
+                                    executor=args.executor, fp32_products=args.fp32_products,
+                                    cuda_graph=args.cuda_graph)
     else:
         trainer = meganeura.Trainer(mine, lr=args.lr, trainable=lambda n: not frozen(n),
-                                    executor=args.executor, fp32_products=args.fp32_products)
+                                    executor=args.executor, fp32_products=args.fp32_products,
+                                    cuda_graph=args.cuda_graph)
     trained = sum(mine.weights[n].numel() for n in trainer.names)
     held = [trainer]  # dropped (its optimizer state freed) before transformers is measured
     del trainer, mine
     def step():
         held[0].step(ids.cpu())
     step.trainer, step.ids = held[0], ids.cpu()
-    yield "meganeura", step, trained
+    yield "meganeura" + (" (CUDA graph)" if args.cuda_graph else ""), step, trained
     held.clear()
     del step.trainer  # its plans' arenas too: e4b's LoRA plan holds 44 GiB at 4096 tokens
     if device.type == "cuda":
@@ -289,14 +291,14 @@ def seed_contenders(args, cfg, seq, device, dtype):
     ids = torch.randint(0, cfg.vocab_size, (seq,), generator=torch.Generator().manual_seed(1))
     mine = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
     held = [meganeura.Trainer(mine, lr=args.lr, executor=args.executor,
-                              fp32_products=args.fp32_products)]
+                              fp32_products=args.fp32_products, cuda_graph=args.cuda_graph)]
     trained = sum(w.numel() for w in weights.values())
     del mine
 
     def step():
         return held[0]._gradients(ids, None, keep=False)[0]  # (no copy of the gradients)
     step.trainer, step.ids = held[0], ids
-    yield "meganeura", step, trained
+    yield "meganeura" + (" (CUDA graph)" if args.cuda_graph else ""), step, trained
     held.clear()
     del step.trainer
     if device.type == "cuda":
@@ -635,6 +637,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fp32-products", action="store_true",
                     help="meganeura's plans hold the forward products' outputs in fp32 "
                     "(Trainer(fp32_products=True))")
+    ap.add_argument("--cuda-graph", action="store_true", help="meganeura's training plans "
+                    "captured in CUDA graphs (Trainer(cuda_graph=True))")
     ap.add_argument("--cache-dir", default=None, help="meganeura's kernel cache (default: "
                     "its usual one); an empty directory makes first_step_s the compile from "
                     "an empty cache")

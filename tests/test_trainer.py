@@ -218,6 +218,8 @@ def test_bad_inputs_are_named_and_change_nothing(tmp_path):
     assert trainer.optimizer.steps == 0
     with pytest.raises(InputError, match="accumulate"):
         meganeura.Trainer(model, accumulate=0)
+    with pytest.raises(InputError, match="cuda_graph must be True or False"):
+        meganeura.Trainer(model, cuda_graph="yes")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):

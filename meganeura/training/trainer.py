@@ -205,13 +205,16 @@ class Trainer:
     MEMORY_PRICE by default; 0: the fastest plan whatever it holds). fp32_products: a bf16
     plan holds in fp32 the forward products' outputs that no tensor core reads (norms, RoPE,
     GeGLU, the loss, residual adds; CostModel.fp32_products): gradients closer to fp32, for
-    the bytes of those tensors."""
+    the bytes of those tensors. cuda_graph: on a GPU, each length's plan (about two thousand
+    launches for e2b) is captured once in a CUDA graph and replayed, instead of launched
+    kernel by kernel (off by default until measured; see benchmarks/train.py --cuda-graph)."""
 
     def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, trainable=None, lora: LoRA | None = None,
                  grad_clip: float | None = None, accumulate: int = 1,
                  master_weights: bool = False, seed: int = 0, executor: str = "compiled",
-                 memory_price: float = MEMORY_PRICE, fp32_products: bool = False):
+                 memory_price: float = MEMORY_PRICE, fp32_products: bool = False,
+                 cuda_graph: bool = False):
         from ..inference.pretrained import PretrainedModel
 
         if not isinstance(model, PretrainedModel):
@@ -233,6 +236,9 @@ class Trainer:
         if not isinstance(fp32_products, bool):
             raise InputError(f"fp32_products must be True or False, got {fp32_products!r}")
         self.fp32_products = fp32_products
+        if not isinstance(cuda_graph, bool):
+            raise InputError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
         self._plans: dict = {}  # seq_len -> (plan, report, the CompiledModel bound last)
         self._stale: set = set()  # lengths whose bound plan has not seen the latest weights
         self._arena: dict = {}  # seq_len -> the plan's arena bytes
@@ -405,7 +411,9 @@ class Trainer:
         plan, report = self._plan(seq_len)
         fn = self._plans[seq_len][2]
         if fn is None:
-            fn = bind(plan, report, m.all_weights(), m.setup, cuda_graph=False)
+            # (the weights change in place, and refresh_weights writes the load-time
+            # tensors into their own buffers: a captured graph stays valid)
+            fn = bind(plan, report, m.all_weights(), m.setup, cuda_graph=self.cuda_graph)
         elif seq_len in self._stale:  # the weights changed since it last ran
             fn.refresh_weights(m.all_weights())
         self._stale.discard(seq_len)
