@@ -171,7 +171,7 @@ class Generator:
         # (Hopper and later; set False before the first call to launch them plainly)
         self.dependent_launches = True
         # one-sequence decode steps as one persistent kernel of this many programs (0: one
-        # per SM; codegen/megakernel.py), set before the step's plan is made; None: launches
+        # per SM; codegen/megakernel.py), from the step's next use on; None: its launches
         self.megakernel: int | None = None
         self.last_stats: dict = {}
         self._chunk_costs: dict[tuple, float] = {}  # chunk -> estimated s, unplanned
