@@ -15,6 +15,9 @@ few-row products stream.
 (default: one per SM; codegen/megakernel.py under compiler/schedule.py's schedule): its
 logits and caches against the step's own launches from the same caches (the same bits
 expected), then ms a step over 50 runs back to back (each zeroes the counters first).
+`--megakernel-times` then runs its instrumented build once (each task's start and end on
+the GPU's timer) and prints where the run's time goes: by kernel variant, the launches'
+mean task time and the programs' time between tasks (waits included).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--megakernel", type=int, nargs="*", default=None, metavar="P",
                     help="the one-row step as a persistent kernel of P programs too "
                          "(no P: one per SM)")
+    ap.add_argument("--megakernel-times", action="store_true",
+                    help="with --megakernel on CUDA: where its time goes, task by task")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -77,7 +82,7 @@ def main(argv=None) -> int:
         if args.megakernel is not None and b == 1:
             sms = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 1
             for p in args.megakernel or [sms]:
-                megakernel(step, s, p, dtype, one)
+                megakernel(step, s, p, dtype, one, args.megakernel_times and cuda)
         gen.sessions.remove(s)
         gen.last_session = None
         if cuda:
@@ -85,9 +90,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def megakernel(step, s, programs: int, dtype, plan_ms: float | None) -> None:
+def megakernel(step, s, programs: int, dtype, plan_ms: float | None,
+               times: bool = False) -> None:
     """The step as one persistent kernel of `programs` programs: same bits as the step's
-    launches from the same caches, then its time a step."""
+    launches from the same caches, then its time a step (times: and task by task)."""
     from meganeura.codegen.megakernel import Megakernel
     from meganeura.compiler.schedule import build, works_of
 
@@ -123,6 +129,37 @@ def megakernel(step, s, programs: int, dtype, plan_ms: float | None) -> None:
         line += f" (estimated: {sched.makespan * 1e3:.3f} ms on the programs, " \
                 f"{sched.serial * 1e3:.3f} ms back to back)"
     print(line, flush=True)
+    if times:
+        task_report(step, Megakernel(step, sched, timed=True))
+
+
+def task_report(step, mk, top: int = 12) -> None:
+    """One run of the timed build: the run's length, and by kernel variant the launches'
+    mean task time; the programs' time between their tasks (waits and the task loop)."""
+    mk.run()
+    mk.run()
+    torch.cuda.synchronize()
+    rows = mk.task_times()
+    specs = [(launch, spec) for launch in step.launches for spec in launch.spec.chain()]
+    g = step.plan.graph
+    by: dict = {}
+    per_launch: dict = {}
+    for _, _, j, a, b in rows:
+        per_launch.setdefault(j, []).append(b - a)
+    for j, ds in per_launch.items():
+        launch, spec = specs[j]
+        key = (spec.archetype, spec.variant, str(list(g[launch.node].shape)))
+        t, c = by.get(key, (0.0, 0))
+        by[key] = (t + sum(ds) / len(ds), c + 1)
+    gaps = 0.0
+    for p in range(mk.schedule.programs):
+        mine = sorted((a, b) for q, _, _, a, b in rows if q == p)
+        gaps += sum(a2 - b1 for (_, b1), (a2, _) in zip(mine, mine[1:]))
+    end = max(b for *_, b in rows)
+    print(f"   timed run: {end:.1f} us from the first task's start to the last's end; "
+          f"between tasks {gaps / mk.schedule.programs:.1f} us a program on average")
+    for (arch, variant, shape), (t, c) in sorted(by.items(), key=lambda x: -x[1][0])[:top]:
+        print(f"   {t:9.1f} us {c:4d}x {t / c:8.2f} us  {arch:16} {variant:50} {shape}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 
 import meganeura
 from configs import CONFIGS
-from meganeura.codegen.megakernel import Megakernel, task_function
+from meganeura.codegen.megakernel import Megakernel, source, task_function
 from meganeura.errors import MeganeuraError
 from meganeura.compiler.schedule import build, check, works_of
 
@@ -82,6 +82,8 @@ def test_the_megakernel_compiles_for_sm90(tmp_path):
     mk = Megakernel(step, build(works_of(step), 1))  # (the source is the same for any P)
     path = tmp_path / "megakernel.py"
     path.write_text(mk.source)
+    timed = tmp_path / "megakernel_timed.py"  # the instrumented build (the GPU's timer)
+    timed.write_text(source(mk.kinds, mk.width, timed=True))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_check.py"),
@@ -95,6 +97,16 @@ def test_the_megakernel_compiles_for_sm90(tmp_path):
     # would: loads of 8 and 16 bytes (without them, e4b's step had none among 2508 loads)
     wide = int(line.split("(")[1].split(" of 8 or 16 bytes")[0])
     assert wide > 0, line
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_check.py"),
+                          "--megakernel", str(timed)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "local-mem False" in run.stdout, run.stdout + run.stderr
+
+
+def test_the_timed_build_is_for_cuda(tmp_path):
+    _, _, step = _decode("small_test", tmp_path)
+    with pytest.raises(MeganeuraError, match="CUDA only"):
+        Megakernel(step, build(works_of(step), 1), timed=True)
 
 
 def test_a_schedule_the_interpreter_cannot_run_is_refused(tmp_path):

@@ -44,6 +44,8 @@ ENTRY = "megakernel"
 PARAMS = ("table_ptr", "ftable_ptr", "tasks_ptr", "lists_ptr", "starts_ptr", "waits_ptr",
           "counters_ptr")
 TASK_COLS = 5  # a task's row: launch, first program, programs, waits' first, waits' end
+TIMES = """    tl.store(times_ptr + 2 * i, t_start)
+    tl.store(times_ptr + 2 * i + 1, _clock_(prog))"""
 GRID_COLS = 4  # a launch's row starts: kind, grid (3)
 WARPS = 4
 
@@ -120,10 +122,21 @@ def distinct_kernels(specs: list, types: list[list[str]]) -> tuple[list, list[in
     return list(kinds.values()), of
 
 
-def source(kinds: list, width: int) -> str:
+CLOCK_FUNCTION = """@triton.jit
+def _clock_(x):
+    # the GPU's global timer in nanoseconds (x: any value, for the elementwise form)
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+"""
+
+
+def source(kinds: list, width: int, timed: bool = False) -> str:
     """The megakernel's source: the kinds' device functions (distinct_kernels) and the loop
-    over a program's tasks; `width`: 64-bit words of a launch's table row."""
-    funcs = "\n\n".join([WAIT_FUNCTION] + [src for _, src, _, _ in kinds])
+    over a program's tasks; `width`: 64-bit words of a launch's table row. timed: each
+    task's start and end on the GPU's global timer go to `times_ptr` (two words a task, at
+    its place in the lists): the instrumented build, CUDA only (inline PTX)."""
+    funcs = "\n\n".join([WAIT_FUNCTION] + ([CLOCK_FUNCTION] if timed else []) +
+                        [src for _, src, _, _ in kinds])
     branches = []
     for k, _, types, consts in kinds:
         args = []
@@ -151,6 +164,7 @@ prog = tl.program_id(0)
 lo = tl.load(starts_ptr + prog)
 hi = tl.load(starts_ptr + prog + 1)
 for i in range(lo, hi):
+{"    t_start = _clock_(prog)" if timed else ""}
     row = tasks_ptr + tl.load(lists_ptr + i) * {TASK_COLS}
     launch = tl.load(row)
     first = tl.load(row + 1)
@@ -166,18 +180,22 @@ for i in range(lo, hi):
 {indent(chr(10).join(branches), 4)}
     tl.debug_barrier()  # the task's every store before it is counted
     tl.atomic_add(counters_ptr + launch, 1, sem="release", scope="gpu")
+{TIMES if timed else ""}
 """
-    head = f"def {ENTRY}({', '.join(PARAMS)}):\n"
+    head = f"def {ENTRY}({', '.join(PARAMS + (('times_ptr',) if timed else ()))}):\n"
     return HEADER + funcs + "\n\n\n" + head + indent(body, 4) + "\n"
 
 
 class Megakernel:
     """The persistent kernel of a compiled model (runtime.compiled.CompiledModel) under a
     schedule whose works are the model's launches, each chained kernel its own
-    (schedule.works_of)."""
+    (schedule.works_of). timed: the instrumented build (CUDA only), whose runs leave each
+    task's start and end on the GPU's timer for task_times."""
 
-    def __init__(self, model, schedule):
-        self.model, self.schedule = model, schedule
+    def __init__(self, model, schedule, timed: bool = False):
+        if timed and model.target.interpreted:
+            raise MeganeuraError("the timed megakernel reads the GPU's timer: CUDA only")
+        self.model, self.schedule, self.timed = model, schedule, timed
         specs = [spec for launch in model.launches for spec in launch.spec.chain()]
         if len(specs) != len(schedule.tasks_of):
             raise MeganeuraError(f"the schedule has {len(schedule.tasks_of)} launches, the "
@@ -212,7 +230,10 @@ class Megakernel:
             starts.append(starts[-1] + len(lst))
         self.starts = torch.tensor(starts, dtype=torch.int64, device=dev)
         self.counters = torch.zeros(len(specs), dtype=torch.int32, device=dev)
-        self.source = source(kinds, width)
+        self.kinds, self.width = kinds, width
+        self.source = source(kinds, width, timed)
+        self.times = torch.zeros(2 * len(s.tasks), dtype=torch.int64, device=dev) if timed \
+            else None
         self.kernels = len(kinds)
         self.fn = model.cache.load(self.source, ENTRY, model.target.interpreted)
         self.check_resident()  # (on a GPU this compiles it: before any graph capture)
@@ -243,7 +264,20 @@ class Megakernel:
 
     def _args(self) -> tuple:
         return (self.table, self.ftable, self.tasks, self.lists, self.starts, self.waits,
-                self.counters)
+                self.counters) + ((self.times,) if self.timed else ())
+
+    def task_times(self) -> list[tuple[int, int, int, float, float]]:
+        """After a run of the timed build: (program, task, launch, start, end) of every task,
+        in microseconds from the run's first start."""
+        t = self.times.view(-1, 2).tolist()
+        t0 = min(a for a, _ in t)
+        out, at = [], 0
+        for p, lst in enumerate(self.schedule.lists):
+            for k in lst:
+                a, b = t[at]
+                out.append((p, k, self.schedule.tasks[k].launch, (a - t0) / 1e3, (b - t0) / 1e3))
+                at += 1
+        return out
 
     def check_resident(self) -> None:
         """Refuses a schedule whose programs could not all run at once: a program spinning
