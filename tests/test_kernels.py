@@ -99,6 +99,14 @@ def test_matmul_reads_concatenated_weights_in_place(op, widths, parts, transpose
         assert "part-B" not in spec.variant and kept == ["concat_cols"]
 
 
+def _split_k_checks(model, k, case, seed):
+    """A K-split product of the cases at N = 280: two slices at K = 45, three at 130; its
+    nine column tiles' counters left zeroed, which a second call finds."""
+    assert model.launches[0].spec.grid[2] == (2 if k == 45 else 3)
+    assert not model._scratches[("matvec_counters", (9,), "i32")].any()
+    _fresh_call_matches(model, *case, seed)
+
+
 def _fresh_call_matches(model, g, w, inputs, seed):
     """A second call of the compiled case with fresh inputs (its output poisoned first)
     matches the reference: what a launch leaves (counters) serves the next."""
@@ -123,11 +131,8 @@ def test_one_row_runs_the_matrix_vector_kernel(op, transposed, k, tmp_path):
     assert ("B-transposed" in spec.variant) == transposed
     assert ("+split-K" in spec.variant) == (k > 32)
     if "+split-K" in spec.variant:
-        assert spec.grid[2] == (2 if k == 45 else 3)
         assert len(model._scratches) == 2  # the slices' partial rows and the tiles' counters
-        counters = model._scratches[("matvec_counters", (9,), "i32")]
-        assert not counters.any()  # left zeroed for the next launch
-        _fresh_call_matches(model, g, w, inputs, 98)  # which it finds: a second call
+        _split_k_checks(model, k, (g, w, inputs), 98)
 
 
 @pytest.mark.parametrize("m, k", [(3, 30), (7, 45), (16, 130)])
@@ -148,10 +153,7 @@ def test_few_rows_run_in_each_program(op, transposed, m, k, tmp_path):
     assert "tl.dot" in spec.source and spec.grid[:2] == (9, 1)
     assert ("+split-K" in spec.variant) == (k > 32)
     if "+split-K" in spec.variant:
-        assert spec.grid[2] == (2 if k == 45 else 3)
-        counters = model._scratches[("matvec_counters", (9,), "i32")]
-        assert not counters.any()  # left zeroed for the next launch
-        _fresh_call_matches(model, g, w, inputs, 97)
+        _split_k_checks(model, k, (g, w, inputs), 97)
 
 
 @pytest.mark.parametrize("m, k", [(1, 45), (1, 130), (3, 45)])

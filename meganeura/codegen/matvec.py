@@ -95,6 +95,14 @@ def emit(pre: Stages, norm: bool, parts: int = 1, weights: bool = True, split_k:
     params += ["BLOCK_R: tl.constexpr", "GROUP_TILES: tl.constexpr", "GROUPS: tl.constexpr",
                "BLOCK_CNT: tl.constexpr"] if post is not None else []
 
+    def a_load(k: str, k_mask: str) -> str:
+        """A's values at the K positions `k` in fp32: the row's, or the rows' tile (few)."""
+        if few:
+            return (f"tl.load(a_rows + {k}[None, :], mask=m_mask[:, None] & {k_mask}[None, :], "
+                    "other=0.0).to(tl.float32)")
+        return f"tl.load(a_row + {k}, mask={k_mask}, other=0.0).to(tl.float32)"
+    squares = "tl.sum(a * a, axis=1)" if few else "a * a"  # a norm's sum, per row
+
     def k_loop(i: int, col: str, up: str | None) -> str:
         """The K loop over part i's columns `col` (and the U columns `up` of a paired
         product). B's tiles are loaded one K step ahead (two in flight per program); the
@@ -113,13 +121,9 @@ def emit(pre: Stages, norm: bool, parts: int = 1, weights: bool = True, split_k:
                  f"w_next = {tile(i, col, '(kk + BLOCK_K)')}"]
         if up is not None:
             lines += ["u = u_next", f"u_next = {tile(j, up, '(kk + BLOCK_K)')}"]
-        if few:
-            lines.append("a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], "
-                         "other=0.0).to(tl.float32)")
-        else:
-            lines.append("a = tl.load(a_row + kk, mask=k_mask, other=0.0).to(tl.float32)")
+        lines.append(f"a = {a_load('kk', 'k_mask')}")
         if norm:  # sum of squares of the row; the norm weight scales it on the way in
-            lines += [f"ss += {'tl.sum(a * a, axis=1)' if few else 'a * a'}"] if not split_k else []
+            lines += [f"ss += {squares}"] if not split_k else []
             nw = "tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)"
             lines += [f"a = a * {nw}[None, :]" if few else f"a = a * {nw}"]
         if few:  # the rows' tile against B's, transposed, on the matrix units
@@ -133,16 +137,9 @@ def emit(pre: Stages, norm: bool, parts: int = 1, weights: bool = True, split_k:
                 lines.append("acc_up += u.to(tl.float32) * a[None, :]")
         head = first + ([GATE] if weights else [])
         if norm and split_k:  # the norm needs the whole row's sum of squares (from L2)
-            if few:
-                head += ["for k0 in range(0, K, BLOCK_K):",
-                         "    a = tl.load(a_rows + (k0 + rk)[None, :], mask=m_mask[:, None] & "
-                         "(k0 + rk < K)[None, :], other=0.0).to(tl.float32)",
-                         "    ss += tl.sum(a * a, axis=1)"]
-            else:
-                head += ["for k0 in range(0, K, BLOCK_K):",
-                         "    a = tl.load(a_row + k0 + rk, mask=k0 + rk < K, other=0.0)"
-                         ".to(tl.float32)",
-                         "    ss += a * a"]
+            head += ["for k0 in range(0, K, BLOCK_K):",
+                     f"    a = {a_load('(k0 + rk)', '(k0 + rk < K)')}",
+                     f"    ss += {squares}"]
         return "\n".join(head) + "\nfor k0 in range(k_lo, k_hi, BLOCK_K):\n" + indent(
             "\n".join(lines), 4)
 

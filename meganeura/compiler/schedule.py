@@ -28,6 +28,7 @@ programs one after another, so a spin-wait there would hang: schedules are check
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ def build(works: list[Work], programs: int) -> Schedule:
     if programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
     waits = dependencies(works)
-    free = [0.0] * programs
+    free = [(0.0, p) for p in range(programs)]  # a heap: (when a program is free, it)
     ends = [0.0] * len(works)  # estimated end of each launch's last task
     tasks: list[Task] = []
     lists: list[list[int]] = [[] for _ in range(programs)]
@@ -105,13 +106,13 @@ def build(works: list[Work], programs: int) -> Schedule:
         for t in range(n):
             count = min(per, w.programs - t * per)
             cost = w.seconds * count / w.programs
-            p = min(range(programs), key=lambda q: (max(free[q], ready), q))
-            start = max(free[p], ready)
-            free[p] = start + cost
-            ends[j] = max(ends[j], free[p])
+            at, p = heapq.heappop(free)  # the earliest free starts first (or at `ready`)
+            end = max(at, ready) + cost
+            heapq.heappush(free, (end, p))
+            ends[j] = max(ends[j], end)
             lists[p].append(len(tasks))
             tasks.append(Task(j, t * per, count, cost, waits[j]))
-    return Schedule(programs, tasks, lists, tasks_of, max(free, default=0.0),
+    return Schedule(programs, tasks, lists, tasks_of, max(at for at, _ in free),
                     sum(w.seconds for w in works))
 
 
