@@ -192,11 +192,22 @@ class Megakernel:
     (schedule.works_of). timed: the instrumented build (CUDA only), whose runs leave each
     task's start and end on the GPU's timer for task_times."""
 
-    def __init__(self, model, schedule, timed: bool = False):
+    def __init__(self, model, schedule, timed: bool = False, registers: int | None = None,
+                 stages: int = 1):
         if timed and model.target.interpreted:
             raise MeganeuraError("the timed megakernel reads the GPU's timer: CUDA only")
         self.model, self.schedule, self.timed = model, schedule, timed
+        # registers: a thread's at most (ptxas spills the rest), so that more programs fit
+        # an SM; stages: the tasks' loops pipelined through shared memory (1: loads go to
+        # registers; more stages multiply the shared memory, which the programs share)
+        self.options = dict(num_warps=WARPS, num_stages=stages)
+        if registers is not None:
+            self.options["maxnreg"] = registers
         specs = [spec for launch in model.launches for spec in launch.spec.chain()]
+        for spec in specs:
+            if spec.zeroed is not None:  # (a launch zeroes that output before it runs)
+                raise MeganeuraError(f"{spec.archetype} {spec.variant}: a sum by atomics into "
+                                     f"a zeroed output is not taken by the megakernel")
         if len(specs) != len(schedule.tasks_of):
             raise MeganeuraError(f"the schedule has {len(schedule.tasks_of)} launches, the "
                                  f"model {len(specs)}")
@@ -293,7 +304,7 @@ class Megakernel:
                 raise MeganeuraError(f"a megakernel of {p} programs waits across programs "
                                      f"in an order the interpreter cannot run")
             return
-        k = self.fn.warmup(*self._args(), grid=(p,), num_warps=WARPS)
+        k = self.fn.warmup(*self._args(), grid=(p,), **self.options)
         k._init_handles()  # loads the module: its registers a thread are known from then
         props = torch.cuda.get_device_properties(self.model.target.device)
         regs = max(1, k.n_regs) * 32 * WARPS
@@ -309,7 +320,7 @@ class Megakernel:
     def run(self) -> None:
         """One run of the plan's kernels (its inputs already in place: model.load_inputs)."""
         self.counters.zero_()
-        self.fn[(self.schedule.programs,)](*self._args(), num_warps=WARPS)
+        self.fn[(self.schedule.programs,)](*self._args(), **self.options)
 
 
 __all__ = ["ENTRY", "PARAMS", "Megakernel", "arg_type", "distinct_kernels", "source",

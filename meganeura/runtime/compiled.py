@@ -372,9 +372,12 @@ class CompiledModel:
 
     def _launch(self, args) -> torch.Tensor:
         if self._use_cuda_graph and self._graph is None and self._inputs_in_arena:
-            # before the inputs are copied: the capture's warm-up run overwrites a forward's
-            # token ids (they share the arena with the logits). A plan with state captures
-            # after the copy: its warm-up run writes the caches, at the call's positions
+            # the capture's warm-up run reads the call's inputs (the arena's bytes before
+            # them are no token ids or labels: an index past its table faults) and may
+            # overwrite them (a forward's token ids share the arena with the logits): they
+            # are copied in again below. A plan with state captures after the copy: its
+            # warm-up run writes the caches, at the call's positions
+            self._copy_inputs(args)
             self._capture()
         self._copy_inputs(args)
         if self._use_cuda_graph:
