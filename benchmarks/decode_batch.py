@@ -134,8 +134,10 @@ def megakernel(step, s, programs: int, dtype, plan_ms: float | None,
 
 
 def task_report(step, mk, top: int = 12) -> None:
-    """One run of the timed build: the run's length, and by kernel variant the launches'
-    mean task time; the programs' time between their tasks (waits and the task loop)."""
+    """One run of the timed build: the run's length; by kernel variant the run's time past
+    the launch before (how far each launch's last task ends after the previous launch's)
+    and the launches' mean task time (waits included); the programs' time between their
+    tasks (the task loop)."""
     mk.run()
     mk.run()
     torch.cuda.synchronize()
@@ -151,6 +153,18 @@ def task_report(step, mk, top: int = 12) -> None:
         key = (spec.archetype, spec.variant, str(list(g[launch.node].shape)))
         t, c = by.get(key, (0.0, 0))
         by[key] = (t + sum(ds) / len(ds), c + 1)
+    # each launch's share of the run: how far its last task's end lies past the launch
+    # before's (launches depend mostly in a chain, so these add up to the run)
+    ends: dict = {}
+    for _, _, j, _, b in rows:
+        ends[j] = max(ends.get(j, 0.0), b)
+    share: dict = {}
+    last = 0.0
+    for j in sorted(ends):
+        launch, spec = specs[j]
+        key = (spec.archetype, spec.variant, str(list(g[launch.node].shape)))
+        share[key] = share.get(key, 0.0) + max(0.0, ends[j] - last)
+        last = max(last, ends[j])
     gaps = 0.0
     for p in range(mk.schedule.programs):
         mine = sorted((a, b) for q, _, _, a, b in rows if q == p)
@@ -158,8 +172,12 @@ def task_report(step, mk, top: int = 12) -> None:
     end = max(b for *_, b in rows)
     print(f"   timed run: {end:.1f} us from the first task's start to the last's end; "
           f"between tasks {gaps / mk.schedule.programs:.1f} us a program on average")
-    for (arch, variant, shape), (t, c) in sorted(by.items(), key=lambda x: -x[1][0])[:top]:
-        print(f"   {t:9.1f} us {c:4d}x {t / c:8.2f} us  {arch:16} {variant:50} {shape}")
+    print("   by kernel variant: the run's time past the launch before (sum), the launches' "
+          "mean task time (sum, count, each)")
+    for key, (t, c) in sorted(by.items(), key=lambda x: -share[x[0]])[:top]:
+        arch, variant, shape = key
+        print(f"   {share[key]:9.1f} us {t:9.1f} us {c:4d}x {t / c:8.2f} us  {arch:16} "
+              f"{variant:50} {shape}")
 
 
 if __name__ == "__main__":
