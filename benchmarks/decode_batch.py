@@ -14,7 +14,8 @@ few-row products stream.
 `--megakernel [P ...]` also runs the one-row step as one persistent kernel of P programs
 (default: one per SM; codegen/megakernel.py under compiler/schedule.py's schedule): its
 logits and caches against the step's own launches from the same caches (the same bits
-expected), then ms a step over 50 runs back to back (each zeroes the counters first).
+where every launch has the megakernel's warp count, since a reduction's order follows the
+warps; else within rounding), then ms a step over 50 runs back to back (each zeroes the counters first).
 `--megakernel-times` then runs its instrumented build once (each task's start and end on
 the GPU's timer) and prints where the run's time goes: by kernel variant, the launches'
 mean task time and the programs' time between tasks (waits included).
@@ -94,7 +95,7 @@ def megakernel(step, s, programs: int, dtype, plan_ms: float | None,
                times: bool = False) -> None:
     """The step as one persistent kernel of `programs` programs: same bits as the step's
     launches from the same caches, then its time a step (times: and task by task)."""
-    from meganeura.codegen.megakernel import Megakernel
+    from meganeura.codegen.megakernel import WARPS, Megakernel
     from meganeura.compiler.schedule import build, works_of
 
     dev = step.target.device
@@ -112,8 +113,14 @@ def megakernel(step, s, programs: int, dtype, plan_ms: float | None,
     mk.run()
     same = torch.equal(step.outputs[0], want) and all(torch.equal(s.caches[n], after[n])
                                                        for n in s.caches)
+    # (the same bits where every launch has the megakernel's warps: a reduction's order
+    # follows them; else within rounding)
+    warps = sum(spec.num_warps != WARPS for launch in step.launches for spec in launch.spec.chain())
+    err = ((step.outputs[0].float() - want.float()).abs().max() / want.float().abs().max()).item()
     line = (f"   megakernel, {programs} programs, {len(sched.tasks)} tasks, {mk.kernels} "
-            f"kernels: {'same bits as the launches' if same else 'DIFFERS from the launches'}")
+            f"kernels: {'same bits as the launches' if same else 'not the same bits'}; logits "
+            f"{err:.2e} from the launches' (relative to their largest; {warps} launches of "
+            f"another warp count)")
     if dev.type == "cuda":
         reps = 50
         mk.run()
