@@ -12,8 +12,9 @@ import torch
 
 import meganeura
 from configs import CONFIGS
-from meganeura.codegen.megakernel import Megakernel, source, task_function
+from meganeura.codegen.megakernel import Megakernel, source, task_function, weight_spans
 from meganeura.errors import MeganeuraError
+from meganeura.models.llama import LlamaConfig
 from meganeura.compiler.schedule import build, check, works_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +83,10 @@ def test_the_megakernel_compiles_for_sm90(tmp_path):
     mk = Megakernel(step, build(works_of(step), 1))  # (the source is the same for any P)
     path = tmp_path / "megakernel.py"
     path.write_text(mk.source)
-    timed = tmp_path / "megakernel_timed.py"  # the instrumented build (the GPU's timer)
-    timed.write_text(source(mk.kinds, mk.width, timed=True))
+    # the instrumented build (the GPU's timer), its tasks asking L2 for their weights first
+    timed = tmp_path / "megakernel_timed.py"
+    timed.write_text(source(mk.kinds, mk.width, timed=True, prefetch=True))
+    assert "cp.async.bulk.prefetch.L2" in timed.read_text()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_check.py"),
@@ -101,6 +104,46 @@ def test_the_megakernel_compiles_for_sm90(tmp_path):
                           "--megakernel", str(timed)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0 and "local-mem False" in run.stdout, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("programs", [1, 3, 7])
+def test_the_tasks_weight_spans_cover_each_weight_once(programs, tmp_path):
+    # what the tasks of a launch ask L2 for (unbounded) are the weights its kernel streams,
+    # each byte once: the spans of its tasks are disjoint and their union is the weights'
+    # (a Llama: weights stored [N, K], as checkpoints hold them, stream as whole rows)
+    config = LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16)
+    model = meganeura.from_config(config, device="cpu", seed=4, cache_dir=tmp_path)
+    step = model.generator.decode_plan(model.generator.session(40, 1))
+    specs = [sp for launch in step.launches for sp in launch.spec.chain()]
+    sched = build(works_of(step), programs)
+    streamed = 0
+    for j, spec in enumerate(specs):
+        spans = sorted(sp for t in sched.tasks if t.launch == j
+                       for sp in weight_spans(spec, step.tensors, t.first, t.count, 1 << 40))
+        if spec.streams is None:
+            assert not spans
+            continue
+        streamed += 1
+        weights = {spec.args[arg][1] for arg, *_ in spec.streams[1]}
+        extents = sorted((step.tensors[w].data_ptr(),
+                          step.tensors[w].data_ptr() + step.tensors[w].numel() *
+                          step.tensors[w].element_size()) for w in weights)
+        merged = []
+        for lo, n in spans:
+            assert lo % 16 == 0 and n % 16 == 0 and n > 0
+            if merged and merged[-1][1] == lo:
+                merged[-1][1] = lo + n
+            else:
+                assert not merged or merged[-1][1] < lo, "spans overlap"
+                merged.append([lo, lo + n])
+        assert [tuple(m) for m in merged] == extents or \
+            [(extents[0][0], extents[-1][1])] == [tuple(m) for m in merged]
+        # a budget bounds what a task asks for
+        t = next(t for t in sched.tasks if t.launch == j)
+        assert sum(n for _, n in weight_spans(spec, step.tensors, t.first, t.count, 4096)) <= 4096
+    assert streamed >= 4  # the layers' products stream their weights
 
 
 def test_the_timed_build_is_for_cuda(tmp_path):

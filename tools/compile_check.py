@@ -198,7 +198,8 @@ TABLE_TYPES = {"*bf16": "tl.bfloat16", "*fp32": "tl.float32", "*i64": "tl.int64"
                "*i32": "tl.int32", "*fp64": "tl.float64", "i32": "int", "fp32": "float"}
 
 
-def persistent(model: str, capacity: int, profile: str = "h200", sms: int = 132) -> dict:
+def persistent(model: str, capacity: int, profile: str = "h200", sms: int = 132,
+               prefetch: bool = False) -> dict:
     """The one-row decode step of `model` (caches of `capacity` positions) as one persistent
     kernel (codegen/megakernel.py), compiled for sm_90: its distinct kernels, launches and
     compile seconds besides compile_megakernel's figures. No weights are made: the table's
@@ -233,7 +234,7 @@ def persistent(model: str, capacity: int, profile: str = "h200", sms: int = 132)
         types.append(hinted)
     kinds, _ = distinct_kernels(specs, types)
     path = Path(tempfile.mkdtemp()) / "megakernel.py"
-    path.write_text(source(kinds, GRID_COLS + max(map(len, types))))
+    path.write_text(source(kinds, GRID_COLS + max(map(len, types)), prefetch=prefetch))
     t0 = time.perf_counter()
     r = compile_megakernel(str(path))
     return dict(r, kinds=len(kinds), launches=len(specs), seconds=time.perf_counter() - t0)
@@ -262,10 +263,13 @@ def main():
     ap.add_argument("--persistent", action="store_true", help="instead: the one-row decode "
                     "step (caches of --capacity positions, default 4096) as one persistent "
                     "kernel, compiled for sm_90")
+    ap.add_argument("--prefetch", action="store_true", help="with --persistent: the build whose "
+                    "tasks ask L2 for their weights before they wait")
     a = ap.parse_args()
     if a.megakernel or a.persistent:
         results = ([dict(compile_megakernel(a.megakernel), model=a.megakernel)] if a.megakernel
-                   else [dict(persistent(m, a.capacity or 4096, a.profile, a.sms), model=m)
+                   else [dict(persistent(m, a.capacity or 4096, a.profile, a.sms, a.prefetch),
+                              model=m)
                          for m in a.model])
         for r in results:
             more = (f" ({r['kinds']} kernels for {r['launches']} launches, compiled in "

@@ -65,6 +65,11 @@ class KernelSpec:
     then: "KernelSpec | None" = None  # a second kernel the node launches right after
     pdl: bool = False  # launched as a programmatic dependent of the kernel before it
     zeroed: int | None = None  # a node whose buffer is zeroed before each launch (sums by atomics)
+    # the weights a program streams, where they are contiguous: program p (grid axis 0) of
+    # `streams[0]` columns reads, of each (arg position, first column, end column, bytes a
+    # column, first row), the rows [p * cols, (p + 1) * cols) within its columns (a
+    # persistent kernel asks L2 for a task's before it waits: codegen/megakernel.py)
+    streams: tuple | None = None
 
     def chain(self) -> list["KernelSpec"]:
         """This kernel and those launched after it, in order."""

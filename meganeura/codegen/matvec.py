@@ -450,9 +450,21 @@ def build(node, graph, target: Target, stored: list[tuple[int, bool]], cfg: dict
         cfg["BLOCK_M"] = max(16, next_pow2(rows))  # the matrix units' least height
     grid = (cdiv(n, cfg["BLOCK_N"]), 1 if few else rows) + ((split_k,) if split_k > 1 else ())
     weights = all(graph.load_time(sid) for sid, _ in stored)
+    streams = None
+    if weights and grid[1:] == (1,) and all(tr for _, tr in stored):  # [N, K] weights, one
+        # row, whole K a program: a program's columns are whole rows of its part
+        col = kk * torch.empty((), dtype=target.dtype).element_size()
+        if k.paired:  # G and U at the same columns: of two parts, or of one [G | U]
+            parts = [(1, 0, n, col, 0), (2, 0, n, col, 0)] if len(stored) == 2 else \
+                [(1, 0, n, col, 0), (1, 0, n, col, n)]
+        else:
+            ends = list(itertools.accumulate(graph[sid].shape[0] for sid, _ in stored))
+            parts = [(1 + i, lo, hi, col, 0) for i, (lo, hi) in enumerate(zip([0] + ends, ends))]
+        streams = (cfg["BLOCK_N"], tuple(parts))
     return KernelSpec("matmul", name, emit(pre, norm, len(stored), weights, split_k > 1, post,
                                            few, target.dot_precision),
-                      "matvec_kernel", grid, args, cfg, num_warps=warps, num_stages=3)
+                      "matvec_kernel", grid, args, cfg, num_warps=warps, num_stages=3,
+                      streams=streams)
 
 
 __all__ = ["FEW_ROWS", "ROWS", "build", "emit", "few_tiles", "k_slices", "tiles"]

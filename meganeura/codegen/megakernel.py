@@ -43,13 +43,17 @@ _TYPES = {torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32", torch.floa
 ENTRY = "megakernel"
 PARAMS = ("table_ptr", "ftable_ptr", "tasks_ptr", "lists_ptr", "starts_ptr", "waits_ptr",
           "counters_ptr")
-TASK_COLS = 5  # a task's row: launch, first program, programs, waits' first, waits' end
+SPANS = 3  # a task's row: launch, first program, programs, waits' first, waits' end,
+# then SPANS spans of weights (address, bytes) it asks L2 for before it waits (prefetch)
+TASK_COLS = 5 + 2 * SPANS
 TIMES = """    tl.store(times_ptr + 2 * i, t_start)
     tl.store(times_ptr + 2 * i + 1, _clock_(prog))"""
 GRID_COLS = 4  # a launch's row starts: kind, grid (3)
 WARPS = 4
 
 
+PREFETCH = "".join(f"    _prefetch_(tl.load(row + {5 + 2 * i}), tl.load(row + {6 + 2 * i}))\n"
+                   for i in range(SPANS))
 WAIT = "_wait_(mk_waits_, mk_counters_, mk_w_lo_, mk_w_hi_)"
 WAIT_FUNCTION = """@triton.jit
 def _wait_(waits_ptr, counters_ptr, w_lo, w_hi):
@@ -122,6 +126,21 @@ def distinct_kernels(specs: list, types: list[list[str]]) -> tuple[list, list[in
     return list(kinds.values()), of
 
 
+PREFETCH_FUNCTION = f"""@triton.jit
+def _prefetch_(addr, nbytes):
+    # asks L2 for the bytes [addr, addr + nbytes) (16-byte multiples), each thread a share
+    # in one bulk request: they stream while the task waits for the launches before it
+    if nbytes > 0:
+        share = (nbytes // {WARPS * 32} + 15) // 16 * 16
+        lo = tl.arange(0, {WARPS * 32}).to(tl.int64) * share
+        n = tl.minimum(share, nbytes - lo)
+        tl.inline_asm_elementwise(
+            "{{ .reg .pred p; setp.gt.s64 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; "
+            "mov.u32 $0, 0; }}", "=r,l,l,r", [addr + lo, n, n.to(tl.int32)], dtype=tl.int32,
+            is_pure=False, pack=1)
+"""
+
+
 CLOCK_FUNCTION = """@triton.jit
 def _clock_(x):
     # the GPU's global timer in nanoseconds (x: any value, for the elementwise form)
@@ -130,12 +149,14 @@ def _clock_(x):
 """
 
 
-def source(kinds: list, width: int, timed: bool = False) -> str:
+def source(kinds: list, width: int, timed: bool = False, prefetch: bool = False) -> str:
     """The megakernel's source: the kinds' device functions (distinct_kernels) and the loop
     over a program's tasks; `width`: 64-bit words of a launch's table row. timed: each
     task's start and end on the GPU's global timer go to `times_ptr` (two words a task, at
-    its place in the lists): the instrumented build, CUDA only (inline PTX)."""
+    its place in the lists): the instrumented build. prefetch: each task first asks L2 for
+    its row's spans of weights. Both CUDA only (inline PTX)."""
     funcs = "\n\n".join([WAIT_FUNCTION] + ([CLOCK_FUNCTION] if timed else []) +
+                        ([PREFETCH_FUNCTION] if prefetch else []) +
                         [src for _, src, _, _ in kinds])
     branches = []
     for k, _, types, consts in kinds:
@@ -171,7 +192,7 @@ for i in range(lo, hi):
     count = tl.load(row + 2)
     w_lo = tl.load(row + 3)  # its waits, which the first of its programs makes
     w_hi = tl.load(row + 4)
-    args = table_ptr + launch * {width}
+{PREFETCH if prefetch else ""}    args = table_ptr + launch * {width}
     fargs = ftable_ptr + launch * {width}
     kind = tl.load(args)
     g0 = tl.load(args + 1)
@@ -186,6 +207,29 @@ for i in range(lo, hi):
     return HEADER + funcs + "\n\n\n" + head + indent(body, 4) + "\n"
 
 
+def weight_spans(spec, tensors: dict, first: int, count: int, budget: int) -> list:
+    """The weights that programs first .. first + count - 1 of a launch of `spec` read (its
+    KernelSpec.streams; `tensors`: node id -> its tensor), as (address, bytes)
+    spans on 16-byte boundaries (at most SPANS), `budget` bytes in all, from each span's
+    start."""
+    if budget <= 0 or spec.streams is None or spec.grid[1:] not in ((), (1,)):
+        return []
+    cols, parts = spec.streams
+    c0, c1 = first * cols, (first + count) * cols
+    spans = []
+    for arg, lo, hi, size, row0 in parts:
+        a, b = max(c0, lo), min(c1, hi)
+        if a < b:
+            spans.append((tensors[spec.args[arg][1]].data_ptr() + (row0 + a - lo) * size,
+                          (b - a) * size))
+    out = []
+    for addr, n in spans[:SPANS]:
+        start = addr // 16 * 16
+        n = min(n + addr - start, budget // len(spans[:SPANS])) // 16 * 16
+        out += [(start, n)] if n > 0 else []
+    return out
+
+
 class Megakernel:
     """The persistent kernel of a compiled model (runtime.compiled.CompiledModel) under a
     schedule whose works are the model's launches, each chained kernel its own
@@ -193,13 +237,16 @@ class Megakernel:
     task's start and end on the GPU's timer for task_times."""
 
     def __init__(self, model, schedule, timed: bool = False, registers: int | None = None,
-                 stages: int = 1):
+                 stages: int = 1, prefetch: int = 0):
         if timed and model.target.interpreted:
             raise MeganeuraError("the timed megakernel reads the GPU's timer: CUDA only")
         self.model, self.schedule, self.timed = model, schedule, timed
         # registers: a thread's at most (ptxas spills the rest), so that more programs fit
         # an SM; stages: the tasks' loops pipelined through shared memory (1: loads go to
         # registers; more stages multiply the shared memory, which the programs share)
+        # prefetch: bytes of its weights a task asks L2 for before it waits (0: none; the
+        # kernels' own streams, KernelSpec.streams; CUDA only)
+        self.prefetch = 0 if model.target.interpreted else prefetch
         self.options = dict(num_warps=WARPS, num_stages=stages)
         if registers is not None:
             self.options["maxnreg"] = registers
@@ -231,7 +278,10 @@ class Megakernel:
             lo = len(waits) // 2
             for i in t.waits:
                 waits += [i, s.tasks_of[i]]
-            task_rows.append([t.launch, t.first, t.count, lo, len(waits) // 2])
+            spans = weight_spans(specs[t.launch], model.tensors, t.first, t.count,
+                                 self.prefetch) + [(0, 0)] * SPANS
+            task_rows.append([t.launch, t.first, t.count, lo, len(waits) // 2] +
+                             [x for span in spans[:SPANS] for x in span])
         self.tasks = torch.tensor(task_rows, dtype=torch.int64, device=dev)
         self.waits = torch.tensor(waits or [0, 0], dtype=torch.int64, device=dev)
         self.lists = torch.tensor([t for lst in s.lists for t in lst] or [0], dtype=torch.int64,
@@ -242,7 +292,7 @@ class Megakernel:
         self.starts = torch.tensor(starts, dtype=torch.int64, device=dev)
         self.counters = torch.zeros(len(specs), dtype=torch.int32, device=dev)
         self.kinds, self.width = kinds, width
-        self.source = source(kinds, width, timed)
+        self.source = source(kinds, width, timed, self.prefetch > 0)
         self.times = torch.zeros(2 * len(s.tasks), dtype=torch.int64, device=dev) if timed \
             else None
         self.kernels = len(kinds)
@@ -324,4 +374,4 @@ class Megakernel:
 
 
 __all__ = ["ENTRY", "PARAMS", "Megakernel", "arg_type", "distinct_kernels", "source",
-           "task_function"]
+           "task_function", "weight_spans"]
