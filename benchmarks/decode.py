@@ -208,6 +208,43 @@ def meganeura_decode(model, context: int, steps: int, profile: bool = False,
     return ms
 
 
+def megakernel_check(model, context: int, steps: int) -> tuple[float, bool]:
+    """The decode step as the persistent kernel (model.generator.megakernel programs) against
+    its launches: `steps` greedy steps from the same random caches, the launches' tokens fed
+    to both. (worst relative error of a step's logits, to the launches' largest; whether a
+    second run of the persistent kernel from the same caches gave the same bits)."""
+    gen = model.generator
+    programs, gen.megakernel = gen.megakernel, None
+    s = gen.session(context + steps + 8, floor=False)
+    g = torch.Generator(device=model.device).manual_seed(context)
+    for t in s.caches.values():
+        t.normal_(generator=g)
+    step = gen.decode_plan(s)
+    start = {n: t.clone() for n, t in s.caches.items()}  # (after the plan's first run)
+    tokens, want = [torch.zeros(1, dtype=torch.int64, device=model.device)], []
+    for i in range(steps):
+        logits = step.run_trusted(tokens[-1], torch.tensor([context + i], device=model.device))
+        want.append(logits.float().clone())
+        tokens.append(logits[-1].argmax(-1, keepdim=True))
+    gen.megakernel = programs
+    mk = gen._persistent(step)
+    runs = []
+    for _ in range(2):
+        for n, t in s.caches.items():
+            t.copy_(start[n])
+        got = []
+        for i in range(steps):
+            step.load_inputs(tokens[i], torch.tensor([context + i], device=model.device))
+            mk.run()
+            got.append(step.outputs[0].float().clone())
+        runs.append(got)
+    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(runs[0], want))
+    same = all(torch.equal(a, b) for a, b in zip(*runs))
+    gen.sessions.remove(s)
+    gen.last_session = None
+    return err, same
+
+
 def hf_decode(hf, forward, cache, context: int, steps: int, vocab: int, device,
               warmup: int = 4) -> float:
     """Median ms per token of transformers' model: a prefill of `context` random tokens into
@@ -366,6 +403,14 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
         if args.megakernel is not None:  # (0: one program per SM)
             row["megakernel_programs"] = (args.megakernel or torch.cuda.get_device_properties(
                 device).multi_processor_count) if device.type == "cuda" else 1
+        if args.megakernel is not None and args.check:
+            err, same = megakernel_check(model, c, args.steps)
+            bound = TOLERANCE[args.dtype]
+            row["megakernel_rel_error"] = err
+            print(f"{name} C={c}: the persistent kernel's logits against its launches' over "
+                  f"{args.steps} steps: worst {err:.2e} ({'ok' if err <= bound else 'FAIL'}, "
+                  f"bound {bound}); a second run {'the same bits' if same else 'DIFFERS'}",
+                  flush=True)
         row["meganeura_ms"] = meganeura_decode(model, c, args.steps, c in args.profile,
                                                args.warmup)
         print(f"{name} C={c}: meganeura {row['meganeura_ms']:.3f} ms/token, floor "
@@ -434,7 +479,8 @@ FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit
           "hf_compiled_ms", "hf_static_cache", "hf_compile_s", "hf_generate_ms",
           "hf_generate_static_ms", "meganeura_ttft_ms",
           "hf_compiled_prefill_ms", "hf_prefill_compile_s", "meganeura_compile_s",
-          "rel_error_hf_fp32", "layers", "bandwidth_tbs", "megakernel_programs"]
+          "rel_error_hf_fp32", "layers", "bandwidth_tbs", "megakernel_programs",
+          "megakernel_rel_error"]
 
 
 def append_csv(rows: list[dict], env: dict, path: Path) -> None:
