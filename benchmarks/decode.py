@@ -381,6 +381,8 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
     model = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
     model.generator.dependent_launches = args.dependent_launches
     model.generator.megakernel = args.megakernel
+    model.generator.megakernel_options = dict(registers=args.megakernel_registers,
+                                              prefetch=args.megakernel_prefetch)
     if args.check and hf is not None:
         err = extra["rel_error_hf_fp32"] = check_generation(model, hf, cfg, contexts,
                                                             args.steps, device)
@@ -619,6 +621,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--megakernel", type=int, default=None, metavar="P",
                     help="meganeura's decode step as one persistent kernel of P programs "
                          "(0: one per SM; codegen/megakernel.py) instead of its launches")
+    ap.add_argument("--megakernel-registers", type=int, default=None, metavar="R",
+                    help="with --megakernel: at most R registers a thread (more programs an SM)")
+    ap.add_argument("--megakernel-prefetch", type=int, default=0, metavar="BYTES",
+                    help="with --megakernel: bytes of its weights each task asks L2 for "
+                         "before it waits")
     ap.add_argument("--profile", type=int, nargs="*", default=[], metavar="CONTEXT",
                     help="at these contexts, also time every kernel of the step on its own")
     ap.add_argument("--layers", type=int, default=None, help="the presets cut to their first N "

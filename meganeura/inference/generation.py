@@ -173,6 +173,9 @@ class Generator:
         # one-sequence decode steps as one persistent kernel of this many programs (0: one
         # per SM; codegen/megakernel.py), from the step's next use on; None: its launches
         self.megakernel: int | None = None
+        # its build: registers (a thread's at most) and prefetch (bytes of weights a task
+        # asks L2 for before it waits); codegen/megakernel.Megakernel's options
+        self.megakernel_options: dict = {}
         self.last_stats: dict = {}
         self._chunk_costs: dict[tuple, float] = {}  # chunk -> estimated s, unplanned
         # called with a line before and after each plan is built (the command line prints
@@ -295,7 +298,7 @@ class Generator:
         dev = self.model.device
         programs = self.megakernel or (torch.cuda.get_device_properties(dev).multi_processor_count
                                        if dev.type == "cuda" else 1)
-        return Megakernel(step, build(works_of(step), programs))
+        return Megakernel(step, build(works_of(step), programs), **self.megakernel_options)
 
     def prefill_plan(self, s: Session, seq_len: int) -> CompiledModel:
         """The whole prompt of seq_len tokens from position 0 in one plan (benchmarks compare
