@@ -390,16 +390,23 @@ def test_router_ties_on_cuda_as_torch_topk(tmp_path):
     assert torch.equal(route[:, 8:].long().sort(dim=1).values, expected.sort(dim=1).values)
 
 
-@pytest.mark.parametrize("name, programs", [("small_test", None), ("small_test", 3),
-                                            ("gqa2", None)])
-def test_the_megakernel_computes_the_decode_steps_bits_on_cuda(name, programs, tmp_path):
-    # the decode step as one persistent kernel, a program per SM (None) or fewer programs
-    # than SMs, against the step's own launches from the same caches: the same bits, run
-    # after run
+@pytest.mark.parametrize("name, programs, options", [
+    ("small_test", None, {}), ("small_test", 3, {}), ("gqa2", None, {}),
+    # weights stored [N, K] (a checkpoint's): tasks ask L2 for them first; registers capped
+    # for several programs an SM
+    ("llama", None, dict(prefetch=65536, registers=128)), ("llama", 400, dict(registers=128))])
+def test_the_megakernel_computes_the_decode_steps_bits_on_cuda(name, programs, options,
+                                                              tmp_path):
+    # the decode step as one persistent kernel, a program per SM (None), fewer or more
+    # programs than SMs, against the step's own launches from the same caches: the same
+    # bits, run after run (every kernel here has the megakernel's four warps)
     from meganeura.codegen.megakernel import Megakernel
     from meganeura.compiler.schedule import build as schedule, works_of
+    from meganeura.models.llama import LlamaConfig
 
-    c = CONFIGS[name]
+    c = CONFIGS[name] if name in CONFIGS else LlamaConfig(
+        vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     model = meganeura.from_config(c, device="cuda", dtype=torch.bfloat16, seed=4,
                                   cache_dir=tmp_path)
     gen = model.generator
@@ -409,7 +416,7 @@ def test_the_megakernel_computes_the_decode_steps_bits_on_cuda(name, programs, t
     for t in s.caches.values():
         t.normal_(generator=g)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    mk = Megakernel(step, schedule(works_of(step), programs or sms))
+    mk = Megakernel(step, schedule(works_of(step), programs or sms), **options)
     before = {n: t.clone() for n, t in s.caches.items()}
     ids, pos = torch.tensor([5], device="cuda"), torch.tensor([30], device="cuda")
     want = step(ids, pos).clone()
