@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import GraphError
 from .cost import CostModel, stored_transposed
 from .graph import Graph
-from .kernels import ARCHETYPES, STRUCTURED, holds_stream, summary
+from .kernels import ARCHETYPES, STRUCTURED, holds_stream, summary, updated_input
 from .ops import OPS
 
 
@@ -147,6 +148,54 @@ class Plan:
         return counts
 
 
+def memory_order(graph: Graph, launches: list[int], views: set[int]) -> list[int]:
+    """The launches in an order that frees memory as soon as it can: the graph's own order,
+    except that a launch that frees more than it makes (the last reader of tensors larger
+    than its output) runs as soon as its inputs exist. A training graph's weight gradients
+    are outputs reached after the whole backward by the graph's order; run that way, each
+    layer's output gradients stay alive until its weight gradients at the end (e2b at 2048
+    tokens: 7 of the 11.5 GiB live at the peak were such gradients). Plans that update a
+    buffer in place (a cache write) keep the graph's order."""
+    if any(updated_input(graph[i]) is not None for i in launches):
+        return launches
+    pos = {nid: k for k, nid in enumerate(launches)}
+
+    def owner(i: int) -> int | None:  # the launch whose buffer a tensor lies in
+        while i in views:
+            i = graph[i].inputs[0]
+        return i if i in pos else None
+
+    reads = {nid: {o for o in map(owner, graph[nid].inputs) if o is not None} for nid in launches}
+    readers = {nid: 0 for nid in launches}
+    waiting = {nid: len(r) for nid, r in reads.items()}
+    after: dict[int, list[int]] = {nid: [] for nid in launches}
+    for nid, r in reads.items():
+        for o in r:
+            readers[o] += 1
+            after[o].append(nid)
+    kept = {o for o in map(owner, graph.roots) if o is not None}
+    size = {nid: max(1, math.prod(graph[nid].shape)) for nid in launches}
+
+    def freed(nid: int) -> int:
+        return sum(size[o] for o in reads[nid] if readers[o] == 1 and o not in kept)
+
+    ready = {nid for nid, w in waiting.items() if w == 0}
+    order = []
+    while ready:
+        freeing = [nid for nid in ready if freed(nid) > size[nid]]
+        nid = min(freeing or ready, key=pos.__getitem__)
+        ready.remove(nid)
+        order.append(nid)
+        for o in reads[nid]:
+            readers[o] -= 1
+        for r in after[nid]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                ready.add(r)
+    assert len(order) == len(launches), "the launches' reads form a cycle"
+    return order
+
+
 def make_plan(graph: Graph, cost: CostModel) -> Plan:
     """Classifies the nodes of an extracted graph and prices every launch."""
     load_time: set[int] = set()
@@ -164,6 +213,7 @@ def make_plan(graph: Graph, cost: CostModel) -> Plan:
             raise GraphError(f"{graph.label(n.id)}: {n.op} of a run-time tensor has no kernel")
         else:
             launches.append(n.id)
+    launches = memory_order(graph, launches, set(views))
     estimate = {i: cost.time(graph[i].op, graph[i].attrs,
                              [graph[j].shape for j in graph[i].inputs], graph[i].shape,
                              stored_transposed(graph, graph[i]))
