@@ -189,6 +189,40 @@ def test_a_layers_forward_and_backward_compile_as_one_plan(tmp_path):
     assert any(n.op == "matmul_tn" for n in plan.nodes)
 
 
+def test_a_recomputed_glu_is_read_by_the_backward_in_place_of_the_forwards(tmp_path):
+    # grad(recompute=("glu",)): the down product's weight gradient reads a GLU computed again
+    # in the backward's block from the same gate and up (the forward's is read by the forward
+    # product alone); the gradients are the same values, compiled and on the reference
+    from meganeura.pipeline import compile_graph, setup
+    from numerics import assert_close
+
+    c = Case(seed=9)
+    x = c.g.input_f32("x", (11, 24))
+    with c.g.block("layer.0"):
+        h = c.g.rms_norm(x, c.param((24,), scale=0.2), 1e-6)
+        gate = c.g.matmul(h, c.g.transpose(c.param((40, 24), scale=0.3)))
+        up = c.g.matmul(h, c.g.transpose(c.param((40, 24), scale=0.3)))
+        act = c.g.geglu(gate, up)
+        y = c.g.add(x, c.g.matmul(act, c.g.transpose(c.param((24, 40), scale=0.3))))
+    plain = grad(c.g, y, c.trained)
+    joint = grad(c.g, y, c.trained, recompute=("glu",))
+    glus = [n for n in joint.nodes if n.op == "glu"]
+    assert [n.block for n in glus] == ["layer.0", "layer.0.grad"]
+    assert glus[1].inputs == glus[0].inputs
+    readers = [n for n in joint.nodes if act in n.inputs]
+    assert [n.op for n in readers] == ["matmul"]  # the forward product alone
+    assert any(n.op == "matmul_tn" and glus[1].id in n.inputs for n in joint.nodes)
+    weights = {n: (w + (1.0 if w.dim() == 1 else 0.0)).float() for n, w in c.weights.items()}
+    gen = torch.Generator().manual_seed(10)
+    inputs = {"x": torch.randn(11, 24, generator=gen), SEED: torch.randn(11, 24, generator=gen)}
+    want = run_reference(plain, weights, inputs)
+    for a, b in zip(run_reference(joint, weights, inputs), want):
+        assert_close(a, b, "fp32")
+    fn = compile_graph(joint, weights, setup("cpu", cache_dir=tmp_path))
+    for a, b in zip(fn(inputs["x"], inputs[SEED]), want):
+        assert_close(a.float(), b, "fp32")
+
+
 def test_the_seed_is_held_in_fp32_in_a_bf16_plan():
     # 1/255 in bf16 is 1/256: every gradient would be 0.4 % small. The seed input is
     # declared fp32; the extracted plan keeps it so and places its buffer at 4 bytes a row

@@ -21,6 +21,7 @@ or recomputed is the plan's choice.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 from ..errors import GraphError
@@ -31,13 +32,17 @@ SEED = "d_loss"
 
 
 def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
-         padding: dict | None = None) -> Graph:
+         padding: dict | None = None, recompute: Iterable[str] = ()) -> Graph:
     """The joint forward + backward graph: outputs [loss, d wrt_0, d wrt_1, ...].
 
     wrt: parameter names or node ids; each must be a node the loss depends on. The graph's
     other outputs and effects are dropped (a training graph writes no cache). padding:
     embedding table name -> the token id whose gathered rows add nothing to the table's
-    gradient (transformers' nn.Embedding(padding_idx))."""
+    gradient (transformers' nn.Embedding(padding_idx)). recompute: ops whose forward
+    results a gradient reads are computed again in the backward, from the same inputs (in
+    the backward's block, so the e-graph keeps the two apart): a GLU's product input is
+    then not held from the forward to the backward, its gate and up are (the GLU's own
+    gradient reads them)."""
     if not (0 <= loss < len(graph.nodes)):
         raise GraphError(f"grad: the loss %{loss} is not a node of the graph")
     names = {n.name: n.id for n in graph.nodes if n.op == "parameter"}
@@ -80,7 +85,16 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
         label = f"{n.block}.grad" if n.block else None
         try:
             with g.block(label):
-                for i, di in spec.grad(g, n, d[n.id], ins):
+                again = {i: g.copy_node(g[i], g[i].inputs) for i in dict.fromkeys(n.inputs)
+                         if g[i].op in recompute}
+                mark = len(g.nodes)
+                pairs = spec.grad(g, n, d[n.id], ins)
+                for k in range(mark, len(g.nodes)):  # the gradient's reads of them
+                    node = g.nodes[k]
+                    if any(i in again for i in node.inputs):
+                        g.nodes[k] = dataclasses.replace(
+                            node, inputs=tuple(again.get(i, i) for i in node.inputs))
+                for i, di in pairs:
                     d[i] = g.add(d[i], di) if i in d else di
         except _Mismatch as e:
             raise GraphError(f"grad: {graph.label(n.id)}: {e}") from None
