@@ -223,6 +223,35 @@ def test_a_recomputed_glu_is_read_by_the_backward_in_place_of_the_forwards(tmp_p
         assert_close(a.float(), b, "fp32")
 
 
+def test_a_recomputed_chain_is_computed_again_in_order():
+    # rope(head_rms_norm(x)) read by a product's weight gradient: both computed again in the
+    # backward (the copy of rope reads the copy of the norm), the same gradients
+    c = Case(seed=11)
+    x = c.g.input_f32("x", (7, 16))
+    pos = c.ids(torch.randperm(40)[:7])
+    with c.g.block("layer.0"):
+        q = c.g.matmul(x, c.param((16, 16), scale=0.3))
+        r = c.g.rope(c.g.head_rms_norm(q, c.param((8,)), 1e-6, 8), pos, **{**ROPE, "head_dim": 8})
+        y = c.g.matmul(r, c.param((16, 5), scale=0.3))
+    plain = grad(c.g, y, c.trained)
+    joint = grad(c.g, y, c.trained, recompute=("rope", "head_rms_norm"))
+    read = {i for n in joint.nodes for i in n.inputs}  # (a copy no gradient reads is dead:
+    # rope's own gradient does not read its input, and the plan drops what no root reaches)
+    norm, rope = ([n for n in joint.nodes if n.op == op and n.id in read]
+                  for op in ("head_rms_norm", "rope"))
+    assert len(norm) == len(rope) == 2 and rope[1].inputs[0] == norm[1].id
+    assert [n.op for n in joint.nodes if r in n.inputs] == ["matmul"]
+    assert any(n.op == "matmul_tn" and rope[1].id in n.inputs for n in joint.nodes)
+    gen = torch.Generator().manual_seed(12)
+    inputs = {"x": torch.randn(7, 16, generator=gen), **c.inputs,
+              SEED: torch.randn(7, 5, generator=gen)}
+    weights = {n: (w + (1.0 if w.dim() == 1 else 0.0)).float() for n, w in c.weights.items()}
+    got, want = run_reference(joint, weights, inputs), run_reference(plain, weights, inputs)
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_the_seed_is_held_in_fp32_in_a_bf16_plan():
     # 1/255 in bf16 is 1/256: every gradient would be 0.4 % small. The seed input is
     # declared fp32; the extracted plan keeps it so and places its buffer at 4 bytes a row

@@ -15,8 +15,8 @@ a mean's.
 Only the nodes a requested weight reaches get a gradient, so frozen weights, positions and
 token ids cost nothing; a gradient node carries its forward node's block label with
 ".grad" added, so the optimizer sees each layer's backward as one repeated block. Every
-forward activation the backward reads stays a node of the joint graph: whether it is kept
-or recomputed is the plan's choice.
+forward activation the backward reads stays a node of the joint graph, kept by the plan
+unless `recompute` names its op.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
     other outputs and effects are dropped (a training graph writes no cache). padding:
     embedding table name -> the token id whose gathered rows add nothing to the table's
     gradient (transformers' nn.Embedding(padding_idx)). recompute: ops whose forward
-    results a gradient reads are computed again in the backward, from the same inputs (in
-    the backward's block, so the e-graph keeps the two apart): a GLU's product input is
-    then not held from the forward to the backward, its gate and up are (the GLU's own
-    gradient reads them)."""
+    results a gradient reads are computed again in the backward, from the same inputs
+    (a chain of them in order; in the backward's block, so the e-graph keeps them apart
+    from the forward's): a GLU's output is then not held from the forward to the backward,
+    its gate and up are (the GLU's own gradient reads them). A copy that no gradient reads
+    is left dead (the plan keeps only what the outputs reach)."""
     if not (0 <= loss < len(graph.nodes)):
         raise GraphError(f"grad: the loss %{loss} is not a node of the graph")
     names = {n.name: n.id for n in graph.nodes if n.op == "parameter"}
@@ -70,6 +71,8 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
         raise GraphError(f"grad: the loss does not depend on {graph.label(missing[0])}")
 
     g = Graph(graph.nodes)
+    first = len(g.nodes)  # the backward's nodes from here on (never recomputed)
+    recompute = set(recompute)
     g.padding = dict(padding or {})  # read by the gather's gradient (ops._vjp_embedding)
     d = {loss: g.input_f32(seed, graph[loss].shape, fp32=True)}
     for n in reversed(graph.nodes[:loss + 1]):
@@ -85,8 +88,17 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
         label = f"{n.block}.grad" if n.block else None
         try:
             with g.block(label):
-                again = {i: g.copy_node(g[i], g[i].inputs) for i in dict.fromkeys(n.inputs)
-                         if g[i].op in recompute}
+                again: dict[int, int] = {}
+
+                def redo(i: int) -> int:  # a chain of such ops computed again, in order
+                    if g[i].op not in recompute or i >= first:
+                        return i
+                    if i not in again:
+                        again[i] = g.copy_node(g[i], tuple(redo(j) for j in g[i].inputs))
+                    return again[i]
+
+                for i in n.inputs:
+                    redo(i)
                 mark = len(g.nodes)
                 pairs = spec.grad(g, n, d[n.id], ins)
                 for k in range(mark, len(g.nodes)):  # the gradient's reads of them
