@@ -163,17 +163,17 @@ def norm_grad_case(op, s, width, head_dim, seed=0, strided=False):
     return c.case(getattr(c.g, op)(dy, x, 1e-6, head_dim))
 
 
-def loss_case(op, s, v, seed=0):
+def loss_case(op, s, v, seed=0, cap=0.0):
     """cross_entropy (or its gradient, with d [s, 1]) of logits [s, v] whose labels hold a
-    -100 or two."""
+    -100 or two; cap: the logits soft-capped inside the loss's kernel."""
     c = Case(seed)
     z = c.input("z", (s, v), c.rand(s, v) * 3.0)
     labels = torch.randint(0, v, (s,), generator=c.gen)
     labels[::3] = -100
     lab = c.ids("labels", labels)
     if op == "cross_entropy":
-        return c.case(c.g.cross_entropy(z, lab))
-    return c.case(c.g.cross_entropy_grad(z, lab, c.input("d", (s, 1))))
+        return c.case(c.g.cross_entropy(z, lab, cap=cap))
+    return c.case(c.g.cross_entropy_grad(z, lab, c.input("d", (s, 1)), cap=cap))
 
 
 def attention_grad_case(s, heads, kv_heads, head_dim, window=0, seed=0, dy_fp32=False):

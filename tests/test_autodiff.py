@@ -80,7 +80,9 @@ CASES = {
     "scale_by": {"": lambda c: c.g.scale_by(c.param((5, 7)), c.param((1,), trained=False))},
     "softcap": {"": lambda c: c.g.softcap(c.param((5, 7), scale=20.0), 15.0)},
     "slice_cols": {"": lambda c: c.g.slice_cols(c.param((5, 12)), 4, 5)},
-    "cross_entropy": {"": lambda c: c.g.cross_entropy(c.param((6, 11), scale=3.0), _labels(c))},
+    "cross_entropy": {"": lambda c: c.g.cross_entropy(c.param((6, 11), scale=3.0), _labels(c)),
+                      "capped": lambda c: c.g.cross_entropy(c.param((6, 11), scale=3.0),
+                                                            _labels(c), cap=2.5)},
     "linear_cross_entropy": {
         "": lambda c: c.g.linear_cross_entropy(c.param((6, 5)), c.param((11, 5)), _labels(c)),
         "capped": lambda c: c.g.linear_cross_entropy(c.param((6, 5), scale=2.0),
@@ -364,6 +366,8 @@ def test_the_plain_loss_and_its_gradient_become_the_fused_lm_head_loss(cap, tmp_
             "linear_cross_entropy_grad_w"} <= plans[True]
     assert not {"cross_entropy", "cross_entropy_grad"} & plans[True]
     assert {"cross_entropy", "cross_entropy_grad"} <= plans[False]
+    # where the logits are stored, the soft-cap runs inside the loss's kernels
+    assert not {"softcap", "softcap_grad"} & plans[False]
 
 
 def test_the_memory_price_decides_whether_the_logits_are_stored():

@@ -291,24 +291,30 @@ def place_cols(x, start, width):
 IGNORE_INDEX = -100  # a label counted nowhere (transformers' ignore_index)
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits, labels, cap=0.0):
     # [S, 1]: each counted row's (label != -100) logsumexp(row) - row[label], 0 on the
-    # others; the mean sums them and divides by the count outside (it spans micro-batches)
+    # others; the mean sums them and divides by the count outside (it spans micro-batches).
+    # cap > 0: of the rows soft-capped
     z = wide(logits)
+    z = torch.tanh(z / cap) * cap if cap else z
     lab = labels.long()
     counted = lab != IGNORE_INDEX
     pick = z.gather(1, torch.where(counted, lab, 0)[:, None])[:, 0]
     return ((torch.logsumexp(z, dim=1) - pick) * counted)[:, None]
 
 
-def cross_entropy_grad(logits, labels, d):
-    # d [S, 1]: d (softmax(row) - onehot(label)) on counted rows, 0 on the others
+def cross_entropy_grad(logits, labels, d, cap=0.0):
+    # d [S, 1]: d (softmax(row) - onehot(label)) on counted rows, 0 on the others; cap > 0:
+    # of the soft-capped rows, times the cap's derivative 1 - tanh(z / cap)^2
     z = wide(logits)
+    t = torch.tanh(z / cap) if cap else None
+    z = t * cap if cap else z
     lab = labels.long()
     counted = lab != IGNORE_INDEX
     g = torch.softmax(z, dim=1)
     g[counted, lab[counted]] -= 1
-    return (g * counted[:, None] * wide(d)).to(logits.dtype)
+    g = g * counted[:, None] * wide(d)
+    return (g * (1 - t * t) if cap else g).to(logits.dtype)
 
 
 def _linear_logits(h, w, cap):

@@ -444,7 +444,7 @@ def _vjp_linear_cross_entropy(g, n, dy, wanted):
 
 def _vjp_cross_entropy(g, n, dy, wanted):
     logits, labels = n.inputs
-    return [(logits, g.cross_entropy_grad(logits, labels, dy))]
+    return [(logits, g.cross_entropy_grad(logits, labels, dy, cap=n.attrs["cap"]))]
 
 
 # ---- shape rules of the backward ops --------------------------------------------------------
@@ -734,14 +734,17 @@ _op("glu_grad_up", ("dy", "gate"), (("act", str),), _glu,
 _op("softcap_grad", ("dy", "x"), (("cap", float),), _softcap_grad,
     lambda a, dy, x: fm.softcap_grad(dy, x, a["cap"]), "dy * (1 - tanh(x / cap)^2)",
     archetype="pointwise", vector_flops=7, locality="element")
-_op("cross_entropy", ("logits", "labels"), (), _cross_entropy,
-    lambda a, z, labels: fm.cross_entropy(z, labels),
-    "[rows, 1]: logsumexp(row) - row[label] for each row, 0 for rows labelled -100, fp32",
-    archetype="row_loss", stream=True, indices=("labels",))
-_op("cross_entropy_grad", ("logits", "labels", "d"), (), _cross_entropy_grad,
-    lambda a, z, labels, d: fm.cross_entropy_grad(z, labels, d),
+_op("cross_entropy", ("logits", "labels"), (("cap", float),), _cross_entropy,
+    lambda a, z, labels: fm.cross_entropy(z, labels, a["cap"]),
+    "[rows, 1]: logsumexp(row) - row[label] for each row, 0 for rows labelled -100, fp32; "
+    "cap > 0: of the rows soft-capped as read, cap * tanh(z / cap)",
+    archetype="row_loss", stream=True, indices=("labels",), defaults={"cap": 0.0})
+_op("cross_entropy_grad", ("logits", "labels", "d"), (("cap", float),), _cross_entropy_grad,
+    lambda a, z, labels, d: fm.cross_entropy_grad(z, labels, d, a["cap"]),
     "d logits of cross_entropy, d [rows, 1]: d (softmax(row) - onehot(label)), 0 on rows "
-    "labelled -100", archetype="row_loss", indices=("labels",))
+    "labelled -100; cap > 0: of the soft-capped rows, times the soft-cap's derivative "
+    "(d of the logits before the cap)", archetype="row_loss", indices=("labels",),
+    defaults={"cap": 0.0})
 
 _op("linear_cross_entropy", ("h", "w", "labels"), (("cap", float),), _linear_cross_entropy,
     lambda a, h, w, labels: fm.linear_cross_entropy(h, w, labels, a["cap"]),

@@ -9,7 +9,8 @@ Fusions are three structural families, generated from the op table rather than w
 combination: `epilogue` (an op on a kernel's output joins the kernel), `prologue` (the
 RMSNorm of a product's input joins it), `paired` (two products of one input combined by a
 binary op become one product over both weights). `fused_loss` makes the lm_head's product,
-soft-cap and cross-entropy one op, forward and backward; `experts` fuses the mixture-of-experts products' GLU and
+soft-cap and cross-entropy one op, forward and backward (`capped_loss`: the soft-cap inside
+the loss's kernels where the logits are stored); `experts` fuses the mixture-of-experts products' GLU and
 weighted sum. The others are algebra: products sharing
 an input merge, constant scales fold, row slices move ahead of row-local ops, slices of
 concatenations simplify.
@@ -20,7 +21,7 @@ from .analysis import analysis
 from .archetypes import archetypes
 from .epilogue import epilogue
 from .experts import experts
-from .fused_loss import fused_loss
+from .fused_loss import capped_loss, fused_loss
 from .merge_matmul import shared_input_merge
 from .paired import paired
 from .prologue import prologue
@@ -36,6 +37,7 @@ FUSIONS = {
     "row_slice": row_slice,
     "algebra": algebra,
     "fused_loss": fused_loss,
+    "capped_loss": capped_loss,
     "experts": experts,
 }
 

@@ -13,7 +13,9 @@ of matmul, softcap and cross_entropy), so a training graph built from the plain 
 both plans; the same without the soft-cap (cap 0). Fused, each gradient recomputes the
 logits tile by tile before its product (a pass more than the plain plan's), and nothing of
 [rows, vocab] is stored; plain, the logits and their gradient are written and read: the
-cost model's time and memory prices decide.
+cost model's time and memory prices decide. `capped_loss` takes the soft-cap into the plain
+loss's kernels (applied as they read the logits, its derivative as the gradient is
+written), so of [rows, vocab] only the logits and their gradient are stored.
 """
 
 from egglog import f64, i64, rule, ruleset, union
@@ -44,3 +46,19 @@ def _(x: Tensor, w: Tensor, labels: Tensor, d: Tensor, m: Tensor, cap: f64):
     yield rule(m == x.linear_cross_entropy(w, labels, cap),
                name="the fused loss is a column of its statistics").then(
         union(m).with_(x.linear_cross_entropy_stats(w, labels, cap).slice_cols(i64(0), i64(1))))
+
+
+capped_loss = ruleset(name="capped_loss")
+
+
+@capped_loss.register
+def _(z: Tensor, labels: Tensor, d: Tensor, m: Tensor, cap: f64):
+    # where the logits exist: the soft-cap inside the loss's kernels, applied as they read
+    # the logits (cross_entropy(z, cap)) and its derivative as the gradient's writes them,
+    # so neither the capped logits nor their gradient before the cap's is stored
+    capped = z.softcap(cap)
+    yield rule(m == capped.cross_entropy(labels), name="the soft-cap read by the loss").then(
+        union(m).with_(z.cross_entropy(labels, cap)))
+    yield rule(m == capped.cross_entropy_grad(labels, d).softcap_grad(z, cap),
+               name="the soft-cap's gradient written by the loss's").then(
+        union(m).with_(z.cross_entropy_grad(labels, d, cap)))
