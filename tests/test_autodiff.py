@@ -161,6 +161,20 @@ def test_what_cannot_be_differentiated_is_named():
         grad(c.g, y, [other])
 
 
+def _mlp_block(c, rows, post_norm):
+    """An MLP block on an input x [rows, 24]: norm, gate | up, GeGLU, down (its post-norm),
+    residual. (the GeGLU's node, the block's output)"""
+    x = c.g.input_f32("x", (rows, 24))
+    with c.g.block("layer.0"):
+        h = c.g.rms_norm(x, c.param((24,), scale=0.2), 1e-6)
+        gate = c.g.matmul(h, c.g.transpose(c.param((40, 24), scale=0.3)))
+        up = c.g.matmul(h, c.g.transpose(c.param((40, 24), scale=0.3)))
+        act = c.g.geglu(gate, up)
+        m = c.g.matmul(act, c.g.transpose(c.param((24, 40), scale=0.3)))
+        y = c.g.add(x, c.g.rms_norm(m, c.param((24,), scale=0.2), 1e-6) if post_norm else m)
+    return act, y
+
+
 def test_a_layers_forward_and_backward_compile_as_one_plan(tmp_path):
     # an MLP block (norm, gate | up, GeGLU, down, post-norm, residual) and its backward in
     # one graph: the e-graph optimizes both, the generated kernels agree with the reference
@@ -168,13 +182,7 @@ def test_a_layers_forward_and_backward_compile_as_one_plan(tmp_path):
     from numerics import assert_close
 
     c = Case(seed=7)
-    x = c.g.input_f32("x", (13, 24))
-    with c.g.block("layer.0"):
-        h = c.g.rms_norm(x, c.param((24,), scale=0.2), 1e-6)
-        gate = c.g.matmul(h, c.g.transpose(c.param((40, 24), scale=0.3)))
-        up = c.g.matmul(h, c.g.transpose(c.param((40, 24), scale=0.3)))
-        m = c.g.matmul(c.g.geglu(gate, up), c.g.transpose(c.param((24, 40), scale=0.3)))
-        y = c.g.add(x, c.g.rms_norm(m, c.param((24,), scale=0.2), 1e-6))
+    _, y = _mlp_block(c, 13, post_norm=True)
     joint = grad(c.g, y, c.trained)
     weights = {n: (w + (1.0 if w.dim() == 1 else 0.0)).float() for n, w in c.weights.items()}
     gen = torch.Generator().manual_seed(8)
@@ -199,13 +207,7 @@ def test_a_recomputed_glu_is_read_by_the_backward_in_place_of_the_forwards(tmp_p
     from numerics import assert_close
 
     c = Case(seed=9)
-    x = c.g.input_f32("x", (11, 24))
-    with c.g.block("layer.0"):
-        h = c.g.rms_norm(x, c.param((24,), scale=0.2), 1e-6)
-        gate = c.g.matmul(h, c.g.transpose(c.param((40, 24), scale=0.3)))
-        up = c.g.matmul(h, c.g.transpose(c.param((40, 24), scale=0.3)))
-        act = c.g.geglu(gate, up)
-        y = c.g.add(x, c.g.matmul(act, c.g.transpose(c.param((24, 40), scale=0.3))))
+    act, y = _mlp_block(c, 11, post_norm=False)
     plain = grad(c.g, y, c.trained)
     joint = grad(c.g, y, c.trained, recompute=("glu",))
     glus = [n for n in joint.nodes if n.op == "glu"]
