@@ -214,9 +214,14 @@ def linear_loss_case(op, t, h, v, cap=0.0, seed=0):
     return c.case(getattr(c.g, op)(x, w, lab, c.input("d", (t, 1)), lse, cap))
 
 
-def place_case(s, w, start, width, seed=0):
+def place_case(s, w, start, width, seed=0, add=False):
+    """x [s, w] placed at columns start.. of zeros [s, width]; add: added there into a sum
+    [s, width] (place_add_cols)."""
     c = Case(seed)
-    return c.case(c.g.place_cols(c.input("x", (s, w)), start, width))
+    x = c.input("x", (s, w))
+    if add:
+        return c.case(c.g.place_add_cols(c.input("acc", (s, width)), x, start))
+    return c.case(c.g.place_cols(x, start, width))
 
 
 def cache_attention_case(slots, pos, heads, kv_heads, head_dim, seed=0, window=0,

@@ -256,6 +256,25 @@ def test_a_recomputed_chain_is_computed_again_in_order():
         assert torch.equal(a, b)
 
 
+def test_the_gradients_of_a_tensors_slices_add_into_one_sum():
+    # three column slices of one trained weight: each slice's gradient is added into the sum
+    # where its columns lie as it comes (place_add_cols), equal to torch autograd
+    c = Case(seed=13)
+    w = c.param((5, 12))
+    x = c.param((5, 4))
+    y = c.g.add(c.g.add(c.g.slice_cols(w, 0, 4), c.g.glu(c.g.slice_cols(w, 4, 4), x, "silu")),
+                c.g.slice_cols(w, 8, 4))
+    joint = grad(c.g, y, ["p0"])
+    assert [n.op for n in joint.nodes if n.op.startswith("place")].count("place_add_cols") == 2
+    dy = torch.randn(5, 4, generator=c.gen, dtype=torch.float64)
+    (_, got) = run_reference(joint, c.weights, {SEED: dy}, torch.float64)
+    wt = c.weights["p0"].clone().requires_grad_(True)
+    xs = c.weights["p1"]
+    ref = wt[:, :4] + torch.nn.functional.silu(wt[:, 4:8]) * xs + wt[:, 8:]
+    (want,) = torch.autograd.grad(ref, wt, dy)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_the_seed_is_held_in_fp32_in_a_bf16_plan():
     # 1/255 in bf16 is 1/256: every gradient would be 0.4 % small. The seed input is
     # declared fp32; the extracted plan keeps it so and places its buffer at 4 bytes a row

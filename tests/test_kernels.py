@@ -436,9 +436,12 @@ def test_cross_entropy_of_logits_rows(op, s, v, cap, tmp_path):
     check_case(loss_case(op, s, v, seed=v, cap=cap), "cpu", torch.float32, tmp_path, "fp32")
 
 
+@pytest.mark.parametrize("add", [False, True])
 @pytest.mark.parametrize("s, w, start, width", [(7, 5, 4, 12), (20, 130, 0, 300)])
-def test_a_block_placed_into_zeros(s, w, start, width, tmp_path):
-    check_case(place_case(s, w, start, width, seed=s), "cpu", torch.float32, tmp_path, "fp32")
+def test_a_block_placed_into_zeros(s, w, start, width, add, tmp_path):
+    # into zeros, or added into a sum (slice_cols's gradients of one tensor as they come)
+    check_case(place_case(s, w, start, width, seed=s, add=add), "cpu", torch.float32,
+               tmp_path, "fp32")
 
 
 @pytest.mark.parametrize("t, v, d, padding", [(7, 9, 45, -1), (37, 11, 130, 3)])

@@ -38,6 +38,7 @@ OWN_CASES = {
     "unit_norm_grad": lambda: norm_grad_case("unit_norm_grad", 7, 24, 8),
     "norm_wgrad": lambda: norm_grad_case("norm_wgrad", 7, 24, 8),
     "place_cols": lambda: place_case(7, 5, 4, 12),
+    "place_add_cols": lambda: place_case(7, 5, 4, 12, add=True),
     "embedding_grad": lambda: embedding_grad_case(7, 9, 45),
     "attention_grad": lambda: attention_grad_case(37, 4, 2, 16),
     "linear_cross_entropy": lambda: linear_loss_case("linear_cross_entropy", 7, 24, 45),

@@ -107,7 +107,12 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
                         g.nodes[k] = dataclasses.replace(
                             node, inputs=tuple(again.get(i, i) for i in node.inputs))
                 for i, di in pairs:
-                    d[i] = g.add(d[i], di) if i in d else di
+                    if i in d and g[di].op == "place_cols":  # a slice's gradient added into
+                        # the sum where it lies (one sum alive, not a placed block a slice)
+                        d[i] = g.place_add_cols(d[i], g[di].inputs[0],
+                                                start=g[di].attrs["start"])
+                    else:
+                        d[i] = g.add(d[i], di) if i in d else di
         except _Mismatch as e:
             raise GraphError(f"grad: {graph.label(n.id)}: {e}") from None
     g.set_outputs([loss] + [d[t] for t in targets])

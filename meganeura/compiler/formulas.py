@@ -288,6 +288,12 @@ def place_cols(x, start, width):
     return out
 
 
+def place_add_cols(acc, x, start):
+    out = acc.clone()
+    out[:, start:start + x.shape[1]] += x.to(acc.dtype)
+    return out
+
+
 IGNORE_INDEX = -100  # a label counted nowhere (transformers' ignore_index)
 
 

@@ -498,6 +498,13 @@ def _place_cols(s, d, a):
     return (x[0], a["width"])
 
 
+def _place_add_cols(s, d, a):
+    acc, x = s
+    _rank(acc, 2, "sum")
+    _need(acc[0] == x[0], f"the block's rows {x[0]} and the sum's {acc[0]} differ")
+    return _place_cols([x], d[1:], {**a, "width": acc[1]})
+
+
 def _cross_entropy(s, d, a):
     logits, labels = s[:2]
     _rank(logits, 2, "logits")
@@ -725,6 +732,11 @@ _op("place_cols", ("x",), (("start", int), ("width", int)), _place_cols,
     lambda a, x: fm.place_cols(x, a["start"], a["width"]),
     "x at columns [start, start + its width) of zeros [rows, width] (d x of slice_cols)",
     archetype="place")
+_op("place_add_cols", ("acc", "x"), (("start", int),), _place_add_cols,
+    lambda a, acc, x: fm.place_add_cols(acc, x, a["start"]),
+    "acc with x added at columns [start, start + its width) (slice_cols's gradients of one "
+    "tensor summed as they come: one sum alive, not one placed block each; fp32, as "
+    "gradients' sums are)", archetype="place", stream=True)
 _op("glu_grad_gate", ("dy", "gate", "up"), (("act", str),), _glu_grad_gate,
     lambda a, dy, g, u: fm.glu_grad_gate(dy, g, u, a["act"]), "dy * up * act'(gate)",
     archetype="pointwise", vector_flops=12, locality="element")
