@@ -131,7 +131,7 @@ def _prefetch_(addr, nbytes):
     # asks L2 for the bytes [addr, addr + nbytes) (16-byte multiples), each thread a share
     # in one bulk request: they stream while the task waits for the launches before it
     if nbytes > 0:
-        share = (nbytes // {WARPS * 32} + 15) // 16 * 16
+        share = ((nbytes + {WARPS * 32 - 1}) // {WARPS * 32} + 15) // 16 * 16
         lo = tl.arange(0, {WARPS * 32}).to(tl.int64) * share
         n = tl.minimum(share, nbytes - lo)
         tl.inline_asm_elementwise(

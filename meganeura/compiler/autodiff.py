@@ -41,7 +41,8 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
     gradient (transformers' nn.Embedding(padding_idx)). recompute: ops whose forward
     results a gradient reads are computed again in the backward, from the same inputs
     (a chain of them in order; in the backward's block, so the e-graph keeps them apart
-    from the forward's): a GLU's output is then not held from the forward to the backward,
+    from the forward's; outside any block both are one term, and the forward's is held): a
+    GLU's output is then not held from the forward to the backward,
     its gate and up are (the GLU's own gradient reads them). A copy that no gradient reads
     is left dead (the plan keeps only what the outputs reach)."""
     if not (0 <= loss < len(graph.nodes)):
