@@ -222,10 +222,10 @@ def weight_spans(spec, tensors: dict, first: int, count: int, budget: int) -> li
         if a < b:
             spans.append((tensors[spec.args[arg][1]].data_ptr() + (row0 + a - lo) * size,
                           (b - a) * size))
-    out = []
-    for addr, n in spans[:SPANS]:
+    spans, out = spans[:SPANS], []
+    for addr, n in spans:
         start = addr // 16 * 16
-        n = min(n + addr - start, budget // len(spans[:SPANS])) // 16 * 16
+        n = min(n + addr - start, budget // len(spans)) // 16 * 16
         out += [(start, n)] if n > 0 else []
     return out
 
