@@ -209,6 +209,8 @@ def linear_loss_case(op, t, h, v, cap=0.0, seed=0):
     lab = c.ids("labels", labels)
     if op in ("linear_cross_entropy", "linear_cross_entropy_stats"):
         return c.case(getattr(c.g, op)(x, w, lab, cap))
+    if op == "linear_cross_entropy_dh":  # the loss and d h together, d given
+        return c.case(c.g.linear_cross_entropy_dh(x, w, lab, c.input("d", (t, 1)), cap))
     # a gradient reads the logsumexp column of the statistics (a strided view)
     lse = c.g.slice_cols(c.g.linear_cross_entropy_stats(x, w, lab, cap), 1, 1)
     return c.case(getattr(c.g, op)(x, w, lab, c.input("d", (t, 1)), lse, cap))

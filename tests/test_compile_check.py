@@ -80,6 +80,8 @@ cases = {{
     "embedding_grad": kc.embedding_grad_case(64, 300, 512),
     "linear_cross_entropy_grad_w": kc.linear_loss_case("linear_cross_entropy_grad_w", 64, 256,
                                                        1000, 30.0),
+    "linear_cross_entropy_dh": kc.linear_loss_case("linear_cross_entropy_dh", 300, 640, 5000,
+                                                   30.0),
 }}
 for name, (g, _, _) in cases.items():
     out = compile_launches(g, [g.outputs[0]], target)
@@ -100,5 +102,6 @@ def test_backward_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.splitlines()]
     assert [r[0] for r in rows] == ["attention_grad-512", "attention_grad-256-fp32-dy",
-                                    "matmul_tn", "embedding_grad", "linear_cross_entropy_grad_w"]
+                                    "matmul_tn", "embedding_grad", "linear_cross_entropy_grad_w",
+                                    "linear_cross_entropy_dh"]
     assert all(int(r[2]) <= 232448 and r[3] == "False" for r in rows), rows

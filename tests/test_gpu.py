@@ -38,10 +38,20 @@ def test_attention_grad_bf16(s, heads, kv_heads, head_dim, window, dy_fp32, tmp_
 
 
 @pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_stats",
-                                "linear_cross_entropy_grad_h", "linear_cross_entropy_grad_w"])
+                                "linear_cross_entropy_grad_h", "linear_cross_entropy_grad_w",
+                                "linear_cross_entropy_dh"])
 def test_linear_loss_bf16(op, tmp_path):
     check_case(linear_loss_case(op, 300, 512, 5000, 30.0, seed=1), "cuda", torch.bfloat16,
                tmp_path, "bf16")
+
+
+def test_loss_and_d_rows_in_chunks_bf16(tmp_path, monkeypatch):
+    # linear_cross_entropy_dh's logits scratch of 256 rows: 1000 rows in four chunks
+    from meganeura.compiler import cost
+
+    monkeypatch.setattr(cost, "LOGITS_BYTES", 256 * 20000 * 2)
+    check_case(linear_loss_case("linear_cross_entropy_dh", 1000, 640, 20000, 30.0, seed=2),
+               "cuda", torch.bfloat16, tmp_path, "bf16")
 
 
 @pytest.mark.parametrize("op", ["norm_grad", "unit_norm_grad", "norm_wgrad"])

@@ -464,7 +464,8 @@ def test_attentions_gradient(s, heads, kv_heads, head_dim, window, tmp_path):
 
 
 @pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_stats",
-                                "linear_cross_entropy_grad_h", "linear_cross_entropy_grad_w"])
+                                "linear_cross_entropy_grad_h", "linear_cross_entropy_grad_w",
+                                "linear_cross_entropy_dh"])
 @pytest.mark.parametrize("t, h, v, cap", [(7, 24, 45, 0.0), (37, 40, 70, 3.0)])
 def test_the_lm_head_and_loss_without_logits(op, t, h, v, cap, tmp_path):
     # rows, vocabulary and width past one tile each; a soft-cap that bends
@@ -473,6 +474,25 @@ def test_the_lm_head_and_loss_without_logits(op, t, h, v, cap, tmp_path):
     first = model.outputs[0].clone()  # gradients add into zeros each run
     model.run_kernels()
     assert torch.allclose(model.outputs[0], first)
+
+
+@pytest.mark.parametrize("t, cap", [(37, 3.0), (33, 0.0)])
+def test_the_loss_and_d_rows_chunk_by_chunk(t, cap, tmp_path, monkeypatch):
+    # linear_cross_entropy_dh with a logits scratch of one row tile (16 rows on the
+    # interpreter): three chunks, the last ragged, each reusing the scratch, d h's products
+    # in two shares of the vocabulary
+    from meganeura.compiler import cost
+    from meganeura.codegen.linear_loss import chunk_rows
+
+    monkeypatch.setattr(cost, "LOGITS_BYTES", 16 * 70 * 4)
+    assert chunk_rows(t, 70, 4, 16) == 16
+    model = check_case(linear_loss_case("linear_cross_entropy_dh", t, 40, 70, cap, seed=t),
+                       "cpu", torch.float32, tmp_path, "fp32")
+    assert [s.variant for s in model.specs[model.plan.launches[-1]].chain()].count(
+        "dh-logits") == 3
+    first = model.outputs[0].clone()
+    model.run_kernels()  # the scratch reused: the same bits
+    assert torch.equal(model.outputs[0], first)
 
 
 @pytest.mark.parametrize("tokens", [1, 19])

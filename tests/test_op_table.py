@@ -48,6 +48,7 @@ OWN_CASES = {
                                                             24, 45),
     "linear_cross_entropy_grad_w": lambda: linear_loss_case("linear_cross_entropy_grad_w", 7,
                                                             24, 45),
+    "linear_cross_entropy_dh": lambda: linear_loss_case("linear_cross_entropy_dh", 7, 24, 45),
     "cross_entropy": lambda: loss_case("cross_entropy", 7, 45),
     "cross_entropy_grad": lambda: loss_case("cross_entropy_grad", 7, 45),
     "moe_route": lambda: moe_case("moe_route", 7, 0, 13, 3, 0),

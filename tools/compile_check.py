@@ -47,7 +47,7 @@ def signature(spec, graph, dtype):
         elif kind == "rope_freq":
             sig_t = "*fp64"
         elif kind == "scratch":
-            sig_t = {"fp32": "*fp32", "i32": "*i32"}[x[2]]
+            sig_t = {"fp32": "*fp32", "i32": "*i32", "plan": TYPES[dtype]}[x[2]]
         elif isinstance(x, float):
             sig_t = "fp32"
         else:

@@ -95,6 +95,9 @@ ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
 # [tokens, vocab] logits and their gradient at Gemma-4's sizes (tests/test_autodiff.py).
 MEMORY_PRICE = 3.5e-3 / 2**30
 ID_BYTES = 8  # token ids arrive as int64
+# the logits of a chunk of rows that linear_cross_entropy_dh's kernels hold at once, at most
+# (a vocabulary of 262144 in bf16: 512 rows; codegen/linear_loss.py)
+LOGITS_BYTES = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,16 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         shares = 16 * heads * s * attrs["head_dim"] if heads > attrs["num_kv_heads"] else 0
         return Work(4 * io + shares, 20 * heads * width * pairs, 24 * heads * pairs,
                     "attention")
+    if arch == "linear_loss" and op == "linear_cross_entropy_dh":
+        # chunk by chunk (codegen/linear_loss.py): the logits' product, its rows read twice
+        # and written once, d h's product; the weight read per chunk of
+        # LOGITS_BYTES // (elem * v) rows, d h's shares written and read in fp32
+        (t, h), v = ins[0], ins[1][0]
+        chunks = -(-t * elem * v // LOGITS_BYTES)
+        sms = attrs.get("_sms", 0)
+        fill = wave_fill(min(t, -(-t // chunks)), v, 128, 128, sms)
+        return Work(elem * (4 * t * v + 2 * chunks * v * h + 2 * t * h) + 16 * t * h,
+                    4 * t * v * h, 16 * t * v, "matmul", fill)
     if arch == "linear_loss":  # the logits recomputed by each kernel, then a gradient's product
         (t, h), v = ins[0], ins[1][0]
         passes = 2 if op in ("linear_cross_entropy_grad_h", "linear_cross_entropy_grad_w") else 1

@@ -8,8 +8,10 @@ paying a subterm used several times once.
 3. Local search on the exact DAG cost (each reachable class paid once): try pinning a
    class to another e-node, and "sharing moves" that pin every parent able to use a
    class to do so (three matmuls reading one materialized norm; q, k, v slicing one
-   merged product), each through its cheapest e-node that reads it. Greedy re-runs under
-   the pins; a move is kept if the DAG cost falls.
+   merged product), each through its cheapest e-node that reads it, and "dropping moves"
+   that re-choose every parent of a class to an e-node that does not read it (a kernel
+   whose outputs two classes slice is dropped only when both move at once). Greedy re-runs
+   under the pins; a move is kept if the DAG cost falls.
 """
 
 from __future__ import annotations
@@ -147,6 +149,26 @@ class Extractor:
                     if p not in move or cost < price[p]:
                         move[p], price[p] = n, cost
             if move:
+                yield move
+        # dropping moves: every chosen parent of class c re-chosen to its least-tree-cost
+        # e-node that does not read c, so c is computed no more (a kernel whose outputs two
+        # classes slice, such as the loss and d rows of one lm_head op, is dropped only
+        # when both move at once; one at a time, the other still pays for it)
+        readers: dict[int, list[int]] = {}
+        for p, chosen in sel.choice.items():
+            for ch in set(chosen.children):
+                readers.setdefault(ch, []).append(p)
+        for c, ps in readers.items():
+            if len(ps) < 2:
+                continue
+            move = {}
+            for p in ps:
+                others = [(self.own[id(n)] + sum(tree[ch] for ch in set(n.children)), k)
+                          for k, n in enumerate(self.ec.nodes[p]) if c not in n.children]
+                if not others:
+                    break
+                move[p] = self.ec.nodes[p][min(others)[1]]
+            else:
                 yield move
         for p, chosen in sel.choice.items():
             for n in self.ec.nodes[p]:

@@ -355,6 +355,13 @@ def linear_cross_entropy_grad_h(h, w, labels, d, lse, cap=0.0):
     return _linear_dz(h, w, labels, d, lse, cap) @ wide(w)
 
 
+def linear_cross_entropy_dh(h, w, labels, d, cap=0.0):
+    # [S, H + 2] fp32: d h, then each row's loss and logsumexp
+    stats = linear_cross_entropy_stats(h, w, labels, cap)
+    dh = linear_cross_entropy_grad_h(h, w, labels, d, stats[:, 1:], cap)
+    return torch.cat([dh, stats], 1)
+
+
 def linear_cross_entropy_grad_w(h, w, labels, d, lse, cap=0.0):
     return _linear_dz(h, w, labels, d, lse, cap).T @ wide(h)
 

@@ -538,6 +538,12 @@ def _linear_ce_grad(which: int):
     return rule
 
 
+def _linear_ce_dh(s, d, a):
+    loss = _linear_cross_entropy(s, d, a)
+    _need(s[3] == loss, f"d {list(s[3])} must be {list(loss)}, one per row")
+    return (s[0][0], s[0][1] + 2)
+
+
 def _cross_entropy_grad(s, d, a):
     _cross_entropy(s, d, a)
     return s[0]
@@ -777,6 +783,13 @@ _op("linear_cross_entropy_grad_w", ("h", "w", "labels", "d", "lse"), (("cap", fl
     lambda a, h, w, labels, d, lse: fm.linear_cross_entropy_grad_w(h, w, labels, d, lse, a["cap"]),
     "d w of linear_cross_entropy times d [rows, 1], given each row's logsumexp lse [rows, 1], "
     "fp32", archetype="linear_loss", stream=True, indices=("labels",), defaults={"cap": 0.0})
+
+_op("linear_cross_entropy_dh", ("h", "w", "labels", "d"), (("cap", float),), _linear_ce_dh,
+    lambda a, h, w, labels, d: fm.linear_cross_entropy_dh(h, w, labels, d, a["cap"]),
+    "[rows, width + 2] fp32: columns [0, width) d h of linear_cross_entropy times d [rows, 1], "
+    "column width each row's loss, width + 1 its logits' logsumexp: the loss and d h in one "
+    "pass over the logits (d known before the loss, as a training step's row weights are)",
+    archetype="linear_loss", stream=True, indices=("labels",), defaults={"cap": 0.0})
 
 # each differentiable op's gradient (ops without one: cache ops, layouts, positions)
 for _name, _vjp in {"matmul": _vjp_matmul, "embedding": _vjp_embedding,

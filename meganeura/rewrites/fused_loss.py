@@ -20,13 +20,14 @@ written), so of [rows, vocab] only the logits and their gradient are stored.
 
 from egglog import f64, i64, rule, ruleset, union
 
-from ..compiler.egraph import Tensor
+from ..compiler.egraph import Tensor, cols
 
 fused_loss = ruleset(name="fused_loss")
 
 
 @fused_loss.register
-def _(x: Tensor, w: Tensor, labels: Tensor, d: Tensor, m: Tensor, cap: f64):
+def _(x: Tensor, w: Tensor, labels: Tensor, d: Tensor, m: Tensor, n: Tensor, k: i64,
+      cap: f64):
     z = x.matmul(w.transpose())
     capped = z.softcap(cap)
     d_capped = capped.cross_entropy_grad(labels, d).softcap_grad(z, cap)
@@ -42,6 +43,15 @@ def _(x: Tensor, w: Tensor, labels: Tensor, d: Tensor, m: Tensor, cap: f64):
         yield rule(m == dz.matmul_tn(x),
                    name=f"d weight of the {what} lm_head's loss: one op").then(
             union(m).with_(x.linear_cross_entropy_grad_w(w, labels, d, lse, c)))
+    # a training step's loss and d rows together: the row weights d are known before the
+    # loss (an input), so one op writes both in one pass over the logits, chunk by chunk
+    # (codegen/linear_loss.py): the logits computed once, not once more for the gradient
+    for logits, c, dz, what in forms:
+        both = x.linear_cross_entropy_dh(w, labels, d, c)
+        yield rule(m == logits.cross_entropy(labels), n == dz.matmul(w), cols(x) == k,
+                   name=f"the {what} lm_head's loss and d rows: one op").then(
+            union(m).with_(both.slice_cols(k, i64(1))),
+            union(n).with_(both.slice_cols(i64(0), k)))
     # the loss is the first column of the statistics the gradients read
     yield rule(m == x.linear_cross_entropy(w, labels, cap),
                name="the fused loss is a column of its statistics").then(

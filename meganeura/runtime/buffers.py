@@ -76,19 +76,38 @@ def plan_buffers(plan: Plan, elem: int = 2, inputs: bool = False) -> BufferPlan:
 
     nbytes = {nid: -(-math.prod(g[nid].shape) * size(nid) // ALIGN) * ALIGN for nid in owners}
     life = {nid: (order[nid], last[nid]) for nid in owners}
+    # several placement orders, the smallest arena kept (offline dynamic storage allocation
+    # has no cheap exact answer; which heuristic packs best depends on the plan)
+    # (what lives to the end counts as longer lived than anything that dies)
+    span = {nid: min(hi, 1 << 40) - lo + 1 for nid, (lo, hi) in life.items()}
+    orders = [(sorted(owners, key=lambda i: (-nbytes[i], order[i])), False),
+              (sorted(owners, key=lambda i: (-span[i], -nbytes[i], order[i])), True),
+              (sorted(owners, key=lambda i: (-nbytes[i] * span[i], order[i])), True)]
+    offset, total = min((_place(o, nbytes, life, best) for o, best in orders),
+                        key=lambda placed: placed[1])
+    return BufferPlan(offset, nbytes, life, set(wide) & set(owners), total)
+
+
+def _place(owners: list[int], nbytes: dict, life: dict, best_fit: bool) -> tuple[dict, int]:
+    """Offsets of the buffers placed in this order, each clear of every placed buffer it lives
+    with: at the lowest offset where it fits (first fit), or in the smallest gap it fits
+    (best fit; past the end where none does); and the arena's size."""
     offset: dict[int, int] = {}
     placed: list[int] = []
-    # largest first, each at the lowest offset clear of every placed buffer it lives with
-    for nid in sorted(owners, key=lambda i: (-nbytes[i], order[i])):
+    for nid in owners:
         lo, hi = life[nid]
         busy = sorted((offset[j], offset[j] + nbytes[j]) for j in placed
                       if life[j][0] <= hi and lo <= life[j][1])
-        at = 0
+        at, chosen, gap = 0, None, None
         for start, end in busy:
-            if at + nbytes[nid] <= start:
-                break
+            room = start - at
+            if room >= nbytes[nid]:
+                if not best_fit:
+                    chosen = at
+                    break
+                if gap is None or room < gap:
+                    chosen, gap = at, room
             at = max(at, end)
-        offset[nid] = at
+        offset[nid] = at if chosen is None else chosen
         placed.append(nid)
-    total = max((offset[i] + nbytes[i] for i in owners), default=0)
-    return BufferPlan(offset, nbytes, life, set(wide) & set(owners), total)
+    return offset, max((offset[i] + nbytes[i] for i in owners), default=0)

@@ -115,7 +115,8 @@ class CompiledModel:
         tables = {x for spec in self._all_specs() for kind, x in spec.args if kind == "rope_freq"}
         total += sum(8 * (hd // 2 + 2) for hd, *_ in tables)
         scratch = {x for spec in self._all_specs() for kind, x in spec.args if kind == "scratch"}
-        total += sum(4 * math.prod(shape) for _, shape, _ in scratch)
+        total += sum(self._scratch_dtype(dt).itemsize * math.prod(shape)
+                     for _, shape, dt in scratch)
         read = {x for spec in self._all_specs() for kind, x in spec.args if kind == "node"}
         total += sum(8 * math.prod(g[i].shape) for i in self.plan.load_time
                      if OPS[g[i].op].kind == "constant" and i in read)
@@ -267,9 +268,13 @@ class CompiledModel:
         run in order)."""
         key = (name, shape, dtype)
         if key not in self._scratches:
-            dt = {"fp32": torch.float32, "i32": torch.int32}[dtype]
-            self._scratches[key] = torch.zeros(shape, dtype=dt, device=self.target.device)
+            self._scratches[key] = torch.zeros(shape, dtype=self._scratch_dtype(dtype),
+                                               device=self.target.device)
         return self._scratches[key]
+
+    def _scratch_dtype(self, dtype: str) -> torch.dtype:
+        """A scratch buffer's element type: fp32, i32, or the plan's ("plan")."""
+        return {"fp32": torch.float32, "i32": torch.int32, "plan": self.target.dtype}[dtype]
 
     def rope_table(self, head_dim: int, theta: float, rotary: int, scaling) -> torch.Tensor:
         """The RoPE kernels' float64 frequencies (formulas.rope_frequencies), made once."""
