@@ -15,7 +15,13 @@ logits tile by tile before its product (a pass more than the plain plan's), and 
 [rows, vocab] is stored; plain, the logits and their gradient are written and read: the
 cost model's time and memory prices decide. `capped_loss` takes the soft-cap into the plain
 loss's kernels (applied as they read the logits, its derivative as the gradient is
-written), so of [rows, vocab] only the logits and their gradient are stored.
+written), so of [rows, vocab] only the logits and their gradient are stored. Where no d w
+is wanted (a frozen lm_head), the loss and d h are also one op together,
+
+    cross_entropy(...), d z @ w = linear_cross_entropy_dh(x, w, labels, d, cap)[:, H], [:, :H]
+
+its logits made once, a chunk of rows at a time (codegen/linear_loss.py): d, a training
+step's row weights, is an input, known before the loss.
 """
 
 from egglog import f64, i64, rule, ruleset, union
