@@ -111,9 +111,11 @@ def decode_entries(rows: list[dict]) -> list[dict]:
                 base = ("transformers eager", eager)
             else:
                 base = None
+            mk = r.get("megakernel_programs")  # the persistent kernel: a work of its own
             out.append(dict(r, key=("decode", r["model"], int(r["context"]), r.get("dtype"),
-                                    r["gpu"]),
-                            work=f"{r['model']} decode, context {r['context']}{_dtype(r)}{_init(r)}",
+                                    r["gpu"], bool(mk)),
+                            work=f"{r['model']} decode, context {r['context']}{_dtype(r)}{_init(r)}"
+                                 + (" (one persistent kernel)" if mk else ""),
                             ms=ms, base=base, floor=_num(r.get("floor_ms")), floor_what="bytes"))
         if ttft is not None:
             prefill = _num(r.get("hf_compiled_prefill_ms"))

@@ -77,6 +77,7 @@ cases = {{
     "attention_grad-512": kc.attention_grad_case(64, 8, 1, 512, window=16),
     "attention_grad-256-fp32-dy": kc.attention_grad_case(64, 8, 2, 256, window=16, dy_fp32=True),
     "matmul_tn": kc.product_tn_case(256, 512, 640),
+    "matmul_tn-thin": kc.product_tn_case(4096, 10240, 16),
     "embedding_grad": kc.embedding_grad_case(64, 300, 512),
     "linear_cross_entropy_grad_w": kc.linear_loss_case("linear_cross_entropy_grad_w", 64, 256,
                                                        1000, 30.0),
@@ -102,6 +103,7 @@ def test_backward_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.splitlines()]
     assert [r[0] for r in rows] == ["attention_grad-512", "attention_grad-256-fp32-dy",
-                                    "matmul_tn", "embedding_grad", "linear_cross_entropy_grad_w",
+                                    "matmul_tn", "matmul_tn-thin", "embedding_grad",
+                                    "linear_cross_entropy_grad_w",
                                     "linear_cross_entropy_dh"]
     assert all(int(r[2]) <= 232448 and r[3] == "False" for r in rows), rows

@@ -22,9 +22,11 @@ from numerics import assert_close
 pytestmark = pytest.mark.cuda
 
 
-@pytest.mark.parametrize("tmn", [(37, 45, 70), (2048, 2560, 640), (4096, 256, 2560)])
+@pytest.mark.parametrize("tmn", [(37, 45, 70), (2048, 2560, 640), (4096, 256, 2560),
+                                 (4096, 10240, 16), (4096, 16, 2560), (1000, 3000, 24)])
 def test_reduction_product_bf16(tmn, tmp_path):
-    # a weight's gradient dY^T X over a sequence's rows, an fp32 result
+    # a weight's gradient dY^T X over a sequence's rows, an fp32 result; a LoRA adapter's
+    # (16 columns, or 16 rows: thin tiles, the rows split among programs)
     check_case(product_tn_case(*tmn, seed=tmn[0]), "cuda", torch.bfloat16, tmp_path, "bf16")
 
 
@@ -60,6 +62,15 @@ def test_loss_and_d_rows_in_chunks_bf16(tmp_path, monkeypatch):
 def test_norm_gradients_bf16(op, s, width, head_dim, tmp_path):
     check_case(norm_grad_case(op, s, width, head_dim, seed=s), "cuda", torch.bfloat16, tmp_path,
                "bf16")
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("mkn", [(4096, 2560, 16), (300, 10240, 24)])
+@pytest.mark.parametrize("op", ["plain", "rms_norm|", "|add"])
+def test_thin_product_bf16(op, mkn, transposed, tmp_path):
+    # a LoRA adapter's products: 16 or 24 columns, tiles of 64 rows and that width
+    check_case(product_case(op, *mkn, seed=mkn[2], transposed=transposed), "cuda",
+               torch.bfloat16, tmp_path, "bf16")
+
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("mkn", [(1, 45, 70), (1, 2560, 1000), (37, 45, 70), (300, 2560, 1000)])

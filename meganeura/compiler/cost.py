@@ -168,10 +168,27 @@ def wave_fill(m: int, n: int, bm: int, bn: int, sms: int, halves: bool = False) 
     return m * n / (bm * bn * waves * sms)
 
 
+def tn_tiles(t: int, m: int, n: int, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, shares of T) of the reduction product C [m, n] = A^T B on a GPU:
+    128x128 tiles, a thin side (a LoRA adapter's rank) as narrow as the matrix units take
+    (16, 32, 64); where the tiles leave SMs idle, T split so that about two programs an SM
+    run, each share 8 K steps of 64 rows at least."""
+    bm = 128 if m > 64 else max(16, 1 << (m - 1).bit_length())
+    bn = 128 if n > 64 else max(16, 1 << (n - 1).bit_length())
+    tiles = -(-m // bm) * -(-n // bn)
+    if not sms or tiles >= sms:
+        return bm, bn, 1
+    return bm, bn, max(1, min(-(-2 * sms // tiles), t // 512))
+
+
 def matmul_tile(m: int, n: int, paired: bool, sms: int) -> tuple[int, int]:
     """Output tile of the generated matmul on a GPU (M > 64, 2-byte operands): 128x128
     for paired gate/up products (two accumulators); else 128x256 unless its waves leave
-    the last one mostly empty (fill < 0.85), then 128x128."""
+    the last one mostly empty (fill < 0.85), then 128x128. A thin product (N <= 32: a LoRA
+    adapter's rank) takes tiles of 64 rows and its own width, twice as many programs
+    streaming A as 128-row tiles would run, none of them computing padding columns."""
+    if not paired and n <= 32:
+        return 64, max(16, 1 << (n - 1).bit_length())
     if paired or wave_fill(m, n, 128, 256, sms) < 0.85:
         return 128, 128
     return 128, 256
@@ -282,10 +299,13 @@ def work(op: str, attrs: dict, ins: list[tuple], out: tuple, elem: int) -> Work 
         reads = 3 if op == "cross_entropy_grad" else 1
         return Work(elem * (reads * _numel(ins[0]) + _numel(out)), 0.0, 4 * _numel(ins[0]))
     if arch == "product_tn":  # A^T B: A and B streamed once per tile row / column, C fp32
+        # (its shares' sums written and read in fp32 where T is split)
         (t, m), n, sms = ins[0], ins[1][1], attrs.get("_sms", 0)
-        reads = elem * t * (m * -(-n // 128) + n * -(-m // 128))
-        return Work(reads + 4 * m * n, 2 * m * n * t, 0.0, "matmul",
-                    wave_fill(m, n, 128, 128, sms))
+        bm, bn, split = tn_tiles(t, m, n, sms)
+        reads = elem * t * (m * -(-n // bn) + n * -(-m // bm))
+        programs = -(-m // bm) * -(-n // bn) * split
+        return Work(reads + 4 * m * n * (1 + 2 * (split > 1)), 2 * m * n * t, 0.0, "matmul",
+                    min(1.0, programs / sms) if sms else 1.0)
     if arch == "moe_route":  # a row of logits in, k weights and indices out
         return Work(elem * _numel(ins[0]) + 4 * (_numel(ins[1]) + _numel(out)), 0.0,
                     spec.vector_flops * _numel(ins[0]), programs=-(-ins[0][0] // 16))
