@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import statistics
 import sys
@@ -208,11 +209,14 @@ def meganeura_decode(model, context: int, steps: int, profile: bool = False,
     return ms
 
 
-def megakernel_check(model, context: int, steps: int) -> tuple[float, bool]:
+def megakernel_check(model, context: int, steps: int) -> tuple[float, bool, float, float]:
     """The decode step as the persistent kernel (model.generator.megakernel programs) against
     its launches: `steps` greedy steps from the same random caches, the launches' tokens fed
     to both. (worst relative error of a step's logits, to the launches' largest; whether a
-    second run of the persistent kernel from the same caches gave the same bits)."""
+    second run of the persistent kernel from the same caches gave the same bits; the same
+    error of the launches with every kernel at the persistent kernel's warps against the
+    launches (what the order of the sums alone moves), and of the persistent kernel against
+    those (0: the same bits))."""
     gen = model.generator
     programs, gen.megakernel = gen.megakernel, None
     s = gen.session(context + steps + 8, floor=False)
@@ -238,11 +242,25 @@ def megakernel_check(model, context: int, steps: int) -> tuple[float, bool]:
             mk.run()
             got.append(step.outputs[0].float().clone())
         runs.append(got)
-    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(runs[0], want))
+    from meganeura.codegen.megakernel import WARPS
+    from meganeura.runtime.compiled import CompiledModel
+
+    four = CompiledModel(step.plan, model.all_weights(), dataclasses.replace(
+        step.target, warps=WARPS), step.cache, cuda_graph=False, state=s.caches)
+    for n, t in s.caches.items():
+        t.copy_(start[n])
+    ordered = []
+    for i in range(steps):
+        ordered.append(four.run_trusted(tokens[i], torch.tensor(
+            [context + i], device=model.device)).float().clone())
+
+    def worst(xs, ys):
+        return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(xs, ys))
+
     same = all(torch.equal(a, b) for a, b in zip(*runs))
     gen.sessions.remove(s)
     gen.last_session = None
-    return err, same
+    return worst(runs[0], want), same, worst(ordered, want), worst(runs[0], ordered)
 
 
 def hf_decode(hf, forward, cache, context: int, steps: int, vocab: int, device,
@@ -406,13 +424,16 @@ def run_model(args, name: str, cfg, contexts: list[int], device, dtype, env) -> 
             row["megakernel_programs"] = (args.megakernel or torch.cuda.get_device_properties(
                 device).multi_processor_count) if device.type == "cuda" else 1
         if args.megakernel is not None and args.check:
-            err, same = megakernel_check(model, c, args.steps)
+            err, same, order, alike = megakernel_check(model, c, args.steps)
             bound = TOLERANCE[args.dtype]
             row["megakernel_rel_error"] = err
+            row["megakernel_rel_error_same_warps"] = alike
             print(f"{name} C={c}: the persistent kernel's logits against its launches' over "
                   f"{args.steps} steps: worst {err:.2e} ({'ok' if err <= bound else 'FAIL'}, "
-                  f"bound {bound}); a second run {'the same bits' if same else 'DIFFERS'}",
-                  flush=True)
+                  f"bound {bound}); a second run {'the same bits' if same else 'DIFFERS'}; "
+                  f"the launches at its warps against the launches {order:.2e} (the sums' "
+                  f"order alone), the persistent kernel against those {alike:.2e}"
+                  + (" (the same bits)" if alike == 0 else ""), flush=True)
         row["meganeura_ms"] = meganeura_decode(model, c, args.steps, c in args.profile,
                                                args.warmup)
         print(f"{name} C={c}: meganeura {row['meganeura_ms']:.3f} ms/token, floor "
@@ -482,7 +503,7 @@ FIELDS = ["date", "gpu", "torch", "triton", "transformers", "meganeura", "commit
           "hf_generate_static_ms", "meganeura_ttft_ms",
           "hf_compiled_prefill_ms", "hf_prefill_compile_s", "meganeura_compile_s",
           "rel_error_hf_fp32", "layers", "bandwidth_tbs", "megakernel_programs",
-          "megakernel_rel_error"]
+          "megakernel_rel_error", "megakernel_rel_error_same_warps"]
 
 
 def append_csv(rows: list[dict], env: dict, path: Path) -> None:

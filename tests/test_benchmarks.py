@@ -254,3 +254,16 @@ def test_a_contender_compiling_past_its_limit_is_left_out():
     with deadline(0) as alarm:  # no limit
         pass
     assert not alarm.fired
+
+
+def test_the_megakernel_check_compares_with_the_launches_at_its_warps(tmp_path):
+    # decode.py --megakernel --check on the interpreter: the persistent kernel, its launches,
+    # and its launches with every kernel at the persistent kernel's warps give one answer
+    import meganeura
+    from configs import CONFIGS
+    from decode import megakernel_check
+
+    model = meganeura.from_config(CONFIGS["small_test"], device="cpu", seed=3, cache_dir=tmp_path)
+    model.generator.megakernel = 1
+    err, same, order, alike = megakernel_check(model, 12, 2)
+    assert (err, same, order, alike) == (0.0, True, 0.0, 0.0)

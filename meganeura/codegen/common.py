@@ -31,6 +31,10 @@ class Target:
     # a decode step's expert kernels share K (and the weighted sum its k experts) among
     # programs; False keeps a program per column tile (benchmarks/moe_sweep.py compares)
     expert_splits: bool = True
+    # every kernel launched with this many warps (None: each its own): as the persistent
+    # kernel runs them (codegen/megakernel.py's WARPS), so that the launches reduce each row
+    # in the same order and a difference between the two is not the sums' order
+    warps: int | None = None
 
     @property
     def interpreted(self) -> bool:

@@ -61,6 +61,10 @@ class CompiledModel:
         self._tables: dict[tuple, torch.Tensor] = {}
         self._scratches: dict[tuple, torch.Tensor] = {}
         self.specs = {nid: kernel_for(g[nid], g, target) for nid in plan.launches}
+        if target.warps:
+            for spec in self.specs.values():
+                for k in spec.chain():
+                    k.num_warps = target.warps
         # a forward's inputs share the arena (the logits' memory until the last product);
         # a plan with state keeps them apart: a step replayed without its input copy (a
         # benchmark) then still reads valid ids and positions
