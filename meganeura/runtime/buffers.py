@@ -83,9 +83,32 @@ def plan_buffers(plan: Plan, elem: int = 2, inputs: bool = False) -> BufferPlan:
     orders = [(sorted(owners, key=lambda i: (-nbytes[i], order[i])), False),
               (sorted(owners, key=lambda i: (-span[i], -nbytes[i], order[i])), True),
               (sorted(owners, key=lambda i: (-nbytes[i] * span[i], order[i])), True)]
-    offset, total = min((_place(o, nbytes, life, best) for o, best in orders),
-                        key=lambda placed: placed[1])
+    # (none packs below the most bytes live at once: the others are tried only where the
+    # first is more than 1 % above it)
+    floor = _most_live(nbytes, life)
+    offset, total = _place(orders[0][0], nbytes, life, orders[0][1])
+    for o, best in orders[1:]:
+        if total <= floor * 1.01:
+            break
+        placed = _place(o, nbytes, life, best)
+        if placed[1] < total:
+            offset, total = placed
     return BufferPlan(offset, nbytes, life, set(wide) & set(owners), total)
+
+
+def _most_live(nbytes: dict, life: dict) -> int:
+    """The most bytes live at one position (a buffer is live from its write to its last
+    read, both included)."""
+    change: dict = {}
+    for nid, (lo, hi) in life.items():
+        change[lo] = change.get(lo, 0) + nbytes[nid]
+        if hi != math.inf:
+            change[hi + 1] = change.get(hi + 1, 0) - nbytes[nid]
+    live = most = 0
+    for at in sorted(change):
+        live += change[at]
+        most = max(most, live)
+    return most
 
 
 def _place(owners: list[int], nbytes: dict, life: dict, best_fit: bool) -> tuple[dict, int]:
