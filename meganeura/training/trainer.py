@@ -212,7 +212,8 @@ class Trainer:
     GeGLU, the loss, residual adds; CostModel.fp32_products): gradients closer to fp32, for
     the bytes of those tensors. cuda_graph: on a GPU, each length's plan (about two thousand
     launches for e2b) is captured once in a CUDA graph and replayed, instead of launched
-    kernel by kernel (off by default until measured; see benchmarks/train.py --cuda-graph)."""
+    kernel by kernel (off by default: a capture for each sequence length; on an H100, e2b's
+    2048-token step 137.2 -> 129.2 ms, benchmarks/train.py --cuda-graph)."""
 
     def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, trainable=None, lora: LoRA | None = None,
