@@ -63,6 +63,7 @@ def test_norm_gradients_bf16(op, s, width, head_dim, tmp_path):
     check_case(norm_grad_case(op, s, width, head_dim, seed=s), "cuda", torch.bfloat16, tmp_path,
                "bf16")
 
+
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("mkn", [(4096, 2560, 16), (300, 10240, 24)])
 @pytest.mark.parametrize("op", ["plain", "rms_norm|", "|add"])

@@ -390,8 +390,10 @@ def _product(k: Kernel, attrs: dict, ins: list[tuple], out: tuple, io: float) ->
     fill = 1.0
     if m > 64:
         bm, bn = matmul_tile(m, n, k.paired, sms)
-        # whole tiles, or the last wave halved where that fills more (halve_last_wave)
-        fill = max(wave_fill(m, n, bm, bn, sms), wave_fill(m, n, bm, bn, sms, True))
+        # whole tiles, or the last wave halved where that fills more (halve_last_wave; the
+        # codegen halves tiles of 128 rows only)
+        fill = max(wave_fill(m, n, bm, bn, sms),
+                   wave_fill(m, n, bm, bn, sms, True) if bm >= 128 else 0.0)
     if any(OPS[st.op].locality == "row" for st in k.epilogue):
         # the row's norm waits on the row's every column tile: only a one-row product
         # (whose last tile to finish normalizes it) runs it
