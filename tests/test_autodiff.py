@@ -346,8 +346,9 @@ def test_a_training_plan_may_hold_the_forward_products_outputs_in_fp32():
             assert wide == frozenset()
 
 
+@pytest.mark.parametrize("trained", [True, False])
 @pytest.mark.parametrize("cap", [0.0, 3.0])
-def test_the_plain_loss_and_its_gradient_become_the_fused_lm_head_loss(cap, tmp_path):
+def test_the_plain_loss_and_its_gradient_become_the_fused_lm_head_loss(cap, trained, tmp_path):
     # the loss written plainly (logits, soft-cap, cross_entropy) and differentiated by
     # autodiff: the fused_loss rules offer the lm_head, soft-cap and loss as one op forward
     # and backward, extraction takes it (no [rows, vocab] tensor in the plan); without the
@@ -358,7 +359,9 @@ def test_the_plain_loss_and_its_gradient_become_the_fused_lm_head_loss(cap, tmp_
 
     c = Case(seed=11)
     x = c.g.input_f32("x", (13, 24))
-    table = c.param((37, 24), scale=0.3)  # [vocab, width], as an embedding is stored
+    # [vocab, width], as an embedding is stored; frozen (tied to a frozen embedding): only
+    # d rows wanted of the loss, and the loss and d rows become one op
+    table = c.param((37, 24), trained=trained, scale=0.3)
     h = c.g.rms_norm(c.g.matmul(x, c.g.transpose(c.param((24, 24), scale=0.3))),
                      c.param((24,), scale=0.2), 1e-6)
     logits = c.g.matmul(h, c.g.transpose(table))
@@ -377,14 +380,15 @@ def test_the_plain_loss_and_its_gradient_become_the_fused_lm_head_loss(cap, tmp_
     for fused, families in ((True, None), (False, [f for f in FUSIONS if f != "fused_loss"])):
         fn = compile_graph(joint, weights, setup("cpu", cache_dir=tmp_path), families=families)
         out = fn(inputs["x"], inputs["i0"], inputs[SEED])
-        assert len(out) == len(ref) == 4
+        assert len(out) == len(ref) == 3 + trained
         for a, b in zip(out, ref):
             assert_close(a.float(), b, "fp32")
         plans[fused] = {n.op for n in fn.plan.graph.nodes}
         wide = [n for n in fn.plan.graph.nodes if len(n.shape) == 2 and n.shape[1] == 37]
         assert bool(wide) != fused  # the logits exist only in the plain plan
-    assert {"linear_cross_entropy_stats", "linear_cross_entropy_grad_h",
-            "linear_cross_entropy_grad_w"} <= plans[True]
+    one_op = ({"linear_cross_entropy_stats", "linear_cross_entropy_grad_h",
+               "linear_cross_entropy_grad_w"} if trained else {"linear_cross_entropy_dh"})
+    assert one_op <= plans[True]
     assert not {"cross_entropy", "cross_entropy_grad"} & plans[True]
     assert {"cross_entropy", "cross_entropy_grad"} <= plans[False]
     # where the logits are stored, the soft-cap runs inside the loss's kernels
