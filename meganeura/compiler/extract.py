@@ -16,6 +16,7 @@ paying a subterm used several times once.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -102,21 +103,54 @@ class Extractor:
             for n in nodes:
                 for ch in set(n.children):
                     self.parents[ch].append((c, n))
+        # the e-nodes as flat lists, numbered class by class in the e-graph's order (the
+        # number breaks exact ties: the earlier e-node of a class wins)
+        self._class: list[int] = []
+        self._node: list[ENode] = []
+        self._own: list[float] = []
+        self._kids: list[tuple[int, ...]] = []
+        self._users: dict[int, list[int]] = {c: [] for c in ec.nodes}
+        for c, nodes in ec.nodes.items():
+            for n in nodes:
+                i = len(self._node)
+                self._class.append(c)
+                self._node.append(n)
+                self._own.append(self.own[id(n)])
+                self._kids.append(tuple(n.children))
+                for ch in set(n.children):
+                    self._users[ch].append(i)
+        self._waits = [len(set(k)) for k in self._kids]
 
     def greedy(self, pins: dict[int, ENode] | None = None) -> dict[int, ENode] | None:
-        """Least tree cost per class under pins; None if a root cannot be built."""
+        """Least tree cost per class under pins; None if a root cannot be built.
+
+        Bottom-up in order of cost (Knuth's generalization of Dijkstra to and-or graphs): an
+        e-node is priced once, when the last of its children is settled, and a class settles
+        at its cheapest priced e-node. Every own cost is > 0, so an e-node costs more than
+        each child and the first price a class pops is its least."""
         pins = pins or {}
-        best = {c: math.inf for c in self.ec.nodes}
+        own, kids, cls, users = self._own, self._kids, self._class, self._users
+        node = self._node
+        best = dict.fromkeys(self.ec.nodes, math.inf)
         choice: dict[int, ENode] = {}
-        changed = True
-        while changed:
-            changed = False
-            for c, nodes in self.ec.nodes.items():
-                for n in ((pins[c],) if c in pins else nodes):
-                    cost = self.own[id(n)] + sum(best[ch] for ch in n.children)
-                    if cost < best[c] * (1 - 1e-12):
-                        best[c], choice[c] = cost, n
-                        changed = True
+        waits = list(self._waits)
+
+        def allowed(i):
+            c = cls[i]
+            return c not in pins or pins[c] is node[i]
+
+        heap = [(own[i], i) for i in range(len(node)) if not kids[i] and allowed(i)]
+        heapq.heapify(heap)
+        while heap:
+            cost, i = heapq.heappop(heap)
+            c = cls[i]
+            if c in choice:
+                continue
+            best[c], choice[c] = cost, node[i]
+            for u in users[c]:
+                waits[u] -= 1
+                if waits[u] == 0 and cls[u] not in choice and allowed(u):
+                    heapq.heappush(heap, (own[u] + sum(best[ch] for ch in kids[u]), u))
         if any(math.isinf(best[r]) for r in self.ec.roots):
             return None
         self.tree = best  # the least tree cost of every class, of the last greedy pass
