@@ -21,8 +21,9 @@ step's seconds (meganeura's make the plan and compile its kernels: with an empty
 - 4b: the seed's gemma4_4b (its random weights), forward, loss and backward at 2048
   tokens, no optimizer step: meganeura's gradients against benchmarks/torch_forward.py
   eagerly and under torch.compile on the same weights (each row notes its loss).
-- 31b-lora: gemma4-31b with e4b-lora's adapters at 2048 tokens (transformers may not fit
-  beside it: its row then says so).
+- 31b-lora: gemma4-31b with e4b-lora's adapters at 2048 tokens, its GLUs' gate and up
+  computed again in the backward (Trainer(recompute_products=True)); transformers may not
+  fit beside it: its row then says so.
 - curve: e2b-full's training for --curve-steps steps (lr --curve-lr) on consecutive
   windows of the project's own docs (README.md and docs/*.md, their bytes as token ids),
   from the same weights: meganeura, transformers in bf16, and transformers in fp32 as the
@@ -216,9 +217,12 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
     ids = ids.to(device)
     mine = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
     if mode == "lora":
+        # 31b's weights leave about 22 GiB of an 80 GB GPU: its GLUs' products are computed
+        # again in the backward (arena 23.6 -> 13.9 GiB on the CPU's count)
+        again = args.recompute_products or work == "31b-lora"
         trainer = meganeura.Trainer(mine, lr=args.lr, lora=meganeura.LoRA(16, 32.0, TARGETS),
                                     executor=args.executor, fp32_products=args.fp32_products,
-                                    cuda_graph=args.cuda_graph)
+                                    cuda_graph=args.cuda_graph, recompute_products=again)
     else:
         trainer = meganeura.Trainer(mine, lr=args.lr, trainable=lambda n: not frozen(n),
                                     executor=args.executor, fp32_products=args.fp32_products,
@@ -639,6 +643,9 @@ def main(argv=None) -> int:
                     "(Trainer(fp32_products=True))")
     ap.add_argument("--cuda-graph", action="store_true", help="meganeura's training plans "
                     "captured in CUDA graphs (Trainer(cuda_graph=True))")
+    ap.add_argument("--recompute-products", action="store_true", help="LoRA works: every "
+                    "GLU's gate and up computed again in the backward "
+                    "(Trainer(recompute_products=True); 31b-lora always)")
     ap.add_argument("--cache-dir", default=None, help="meganeura's kernel cache (default: "
                     "its usual one); an empty directory makes first_step_s the compile from "
                     "an empty cache")

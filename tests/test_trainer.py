@@ -348,3 +348,65 @@ def test_the_multimodal_layout_names_gradients_as_its_checkpoint(tmp_path):
     assert set(grads) == set(want) and want
     for n, g in grads.items():
         assert _rel(g, want[n]) < 1e-4, n
+
+
+def test_recomputed_products_free_the_glus_inputs_and_keep_the_gradients(tmp_path):
+    # Trainer(recompute_products=True): a GLU's gate and up (base product plus adapter) are
+    # computed again in the backward from the held norm input; the gradients are the same
+    # values, on the reference executor and through the kernels, and the GPU plan's arena
+    # is smaller (the recomputed products run just before the GLU's gradient reads them,
+    # not at the backward's start)
+    from meganeura.compiler.cost import MEMORY_PRICE, PROFILES, CostModel
+    from meganeura.compiler.autodiff import SEED
+    from meganeura.models import build
+    from meganeura.models.llama import LlamaConfig
+    from meganeura.pipeline import compile_graph, optimize_graph, setup
+    from meganeura.runtime.buffers import plan_buffers
+    from meganeura.runtime.reference import run_reference
+    from meganeura.training.trainer import glu_products, lora_weights, training_graph, with_lora
+    from numerics import assert_close
+
+    cfg = LlamaConfig(vocab_size=67, hidden_size=24, intermediate_size=136, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=6)
+    lora = meganeura.LoRA(rank=3, alpha=5.0, targets=["q_proj", "gate_proj", "up_proj",
+                                                      "down_proj"])
+    seq = 13
+    g, shapes = with_lora(build(cfg, seq), lora)
+    assert len(glu_products(g)) == 3 * 6  # each layer: gate and up, base and adapter terms
+    plain = training_graph(g, list(shapes), cfg)  # (adds the loss to g)
+    again = training_graph(with_lora(build(cfg, seq), lora)[0], list(shapes), cfg,
+                           recompute_products=True)
+    def products(graph, backward):  # the GLU-wide products: their weight operands
+        return {n.inputs[1] for n in graph.nodes if n.op == "matmul" and n.shape == (seq, 136)
+                and n.block.endswith(".grad") == backward}
+
+    forward = products(again, False)
+    assert len(forward) == 3 * 4  # each layer: gate and up, base and adapter
+    assert products(again, True) - products(plain, True) == forward  # each computed again
+
+    from meganeura.models import family
+    gen = torch.Generator().manual_seed(5)
+    specs = family(cfg).weight_specs(cfg)
+    weights = {n: torch.randn(*s.shape, generator=gen) * (0.2 if len(s.shape) > 1 else 1.0)
+               + (1.0 if len(s.shape) == 1 else 0.0) for n, s in specs.items()}
+    adapters = lora_weights(shapes, lora, torch.float32, "cpu", seed=3)
+    weights.update({n: w + 0.1 * torch.randn(w.shape, generator=gen)
+                    for n, w in adapters.items()})
+    inputs = {"token_ids": torch.randint(0, 67, (seq,), generator=gen),
+              "labels": torch.randint(0, 67, (seq,), generator=gen),
+              SEED: torch.rand(seq, 1, generator=gen) / seq}
+    want = run_reference(plain, weights, inputs)
+    got = run_reference(again, weights, inputs)
+    assert len(got) == len(want) == 1 + len(shapes)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    fn = compile_graph(again, weights, setup("cpu", cache_dir=tmp_path))
+    names = [n.name for n in again.inputs()]
+    for a, b in zip(fn(*[inputs[n] for n in names]), want):
+        assert_close(a.float(), b, "fp32")
+
+    def arena(graph):
+        plan, _ = optimize_graph(graph, CostModel(PROFILES["h200"], "bf16", MEMORY_PRICE))
+        return plan_buffers(plan, 2, inputs=True).total
+
+    assert arena(again) < arena(plain)

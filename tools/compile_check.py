@@ -59,14 +59,14 @@ def signature(spec, graph, dtype):
 SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
 
 
-def train_graph(config, graph):
+def train_graph(config, graph, recompute_products: bool = False):
     """The Trainer's joint graph of a model graph: every trained weight but the embeddings."""
     from meganeura.models import family
     from meganeura.training.trainer import training_graph
 
     names = [n for n, w in family(config).weight_specs(config).items()
              if w.trained and "embed_tokens" not in n]
-    return training_graph(graph, names, config)
+    return training_graph(graph, names, config, recompute_products)
 
 
 def check(model: str, seq_len: int, dtype_name: str = "bf16", profile: str = "h200",

@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--lora", action="store_true", help="LoRA rank 16 on q, k, v, o, gate, up "
                     "and down (only the adapters trained), as benchmarks/train.py's e4b-lora")
+    ap.add_argument("--recompute-products", action="store_true",
+                    help="Trainer(recompute_products=True): a GLU's gate and up computed again "
+                    "in the backward")
     a = ap.parse_args(argv)
     cfg = PRESETS[MODEL_NAMES[a.model]]
     if a.lora:
@@ -36,9 +39,9 @@ def main(argv=None) -> int:
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         g, shapes = with_lora(build(cfg, a.seq_len), LoRA(16, 32.0, targets))
-        graph = training_graph(g, list(shapes), cfg)
+        graph = training_graph(g, list(shapes), cfg, a.recompute_products)
     else:
-        graph = train_graph(cfg, build(cfg, a.seq_len))
+        graph = train_graph(cfg, build(cfg, a.seq_len), a.recompute_products)
     for on in (False, True):
         plan, _ = optimize_graph(graph, CostModel(PROFILES["h200"], "bf16", MEMORY_PRICE, on))
         arena = plan_buffers(plan, 2, inputs=True).total

@@ -32,7 +32,8 @@ SEED = "d_loss"
 
 
 def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
-         padding: dict | None = None, recompute: Iterable[str] = ()) -> Graph:
+         padding: dict | None = None, recompute: Iterable[str] = (),
+         recompute_nodes: Iterable[int] = ()) -> Graph:
     """The joint forward + backward graph: outputs [loss, d wrt_0, d wrt_1, ...].
 
     wrt: parameter names or node ids; each must be a node the loss depends on. The graph's
@@ -43,8 +44,9 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
     (a chain of them in order; in the backward's block, so the e-graph keeps them apart
     from the forward's; outside any block both are one term, and the forward's is held): a
     GLU's output is then not held from the forward to the backward,
-    its gate and up are (the GLU's own gradient reads them). A copy that no gradient reads
-    is left dead (the plan keeps only what the outputs reach)."""
+    its gate and up are (the GLU's own gradient reads them). recompute_nodes: forward nodes
+    computed again likewise, whatever their op (a GLU's gate and up products). A copy that
+    no gradient reads is left dead (the plan keeps only what the outputs reach)."""
     if not (0 <= loss < len(graph.nodes)):
         raise GraphError(f"grad: the loss %{loss} is not a node of the graph")
     names = {n.name: n.id for n in graph.nodes if n.op == "parameter"}
@@ -74,6 +76,7 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
     g = Graph(graph.nodes)
     first = len(g.nodes)  # the backward's nodes from here on (never recomputed)
     recompute = set(recompute)
+    recompute_nodes = set(recompute_nodes)
     g.padding = dict(padding or {})  # read by the gather's gradient (ops._vjp_embedding)
     d = {loss: g.input_f32(seed, graph[loss].shape, fp32=True)}
     for n in reversed(graph.nodes[:loss + 1]):
@@ -92,7 +95,7 @@ def grad(graph: Graph, loss: int, wrt: Iterable, seed: str = SEED,
                 again: dict[int, int] = {}
 
                 def redo(i: int) -> int:  # a chain of such ops computed again, in order
-                    if g[i].op not in recompute or i >= first:
+                    if (g[i].op not in recompute and i not in recompute_nodes) or i >= first:
                         return i
                     if i not in again:
                         again[i] = g.copy_node(g[i], tuple(redo(j) for j in g[i].inputs))

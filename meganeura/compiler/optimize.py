@@ -129,6 +129,25 @@ def _optimize_template(graph, members, schedule, cost, keep_egglog, local_search
     return _Extracted(members, ec, selection), report
 
 
+def _depths(producer, deps) -> dict:
+    """The longest chain of e-nodes below every (member, class) the outputs reach."""
+    depth: dict = {}
+    stack = list(producer.values())
+    while stack:
+        key = stack[-1]
+        if key in depth:
+            stack.pop()
+            continue
+        need = deps(*key)[1]
+        missing = [d for d in need if d not in depth]
+        if missing:
+            stack.extend(missing)
+            continue
+        stack.pop()
+        depth[key] = 1 + max((depth[d] for d in need), default=0)
+    return depth
+
+
 def transposed_classes(ec: EClasses) -> set[int]:
     """Classes of weights stored [N, K]: a transpose, or a concatenation of such."""
     return classes_where(ec, lambda n, done: n.op == "transpose" or (
@@ -176,6 +195,12 @@ def instantiate(graph: Graph, extracted: list[_Extracted]) -> Graph:
     for n in graph.nodes:  # run-time inputs and state in the graph's own order: callers pass
         if n.op in ("input", "state"):  # inputs positionally, in that order
             leaf(n.id)
+    # a plan without state updates is emitted deepest input first (Sethi-Ullman's order): of
+    # a node's missing inputs the one with the longest chain below it is made first, so a
+    # short chain (a product computed again in a backward, from forward tensors) runs
+    # just before its reader, not at the walk's first touch; plans that update state in
+    # place keep the plain walk (their launch order is the decode step's, as measured)
+    depth = _depths(producer, deps) if not graph.effects else None
     for orig_out in graph.roots:
         stack = [producer[orig_out]]
         while stack:
@@ -186,6 +211,8 @@ def instantiate(graph: Graph, extracted: list[_Extracted]) -> Graph:
             n, need, origs = deps(*key)
             missing = [d for d in need if d not in made]
             if missing:
+                if depth is not None:  # the deepest last on the stack: walked first
+                    missing.sort(key=depth.__getitem__)
                 stack.extend(missing)
                 continue
             stack.pop()

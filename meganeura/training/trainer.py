@@ -137,11 +137,13 @@ def merged(weights: dict, lora: LoRA) -> dict:
     return out
 
 
-def training_graph(g: Graph, names: list, config) -> Graph:
+def training_graph(g: Graph, names: list, config, recompute_products: bool = False) -> Graph:
     """The joint graph of a model graph `g` (its logits its output): inputs token_ids, labels
     (shifted) and d_loss (a row's weight), outputs [the rows' losses, d w for w in names].
     The loss is written plainly, cross_entropy of the logits; the e-graph offers the lm_head,
-    its soft-cap and the loss as one op (rewrites/fused_loss.py) and extraction picks."""
+    its soft-cap and the loss as one op (rewrites/fused_loss.py) and extraction picks.
+    recompute_products: a GLU's gate and up products are computed again in the backward too
+    (see Trainer)."""
     seq_len = g[g.outputs[0]].shape[0]
     labels = g.input_u32("labels", (seq_len,))
     g.set_outputs([g.cross_entropy(g.outputs[0], labels)])
@@ -154,7 +156,23 @@ def training_graph(g: Graph, names: list, config) -> Graph:
     # over a head norm's output). e2b at 2048 tokens: arena 10.40 -> 8.48 GiB (the GLUs
     # alone: 9.10)
     return grad(g, g.outputs[0], names, padding=padding,
-                recompute=("glu", "rms_norm", "head_rms_norm", "unit_rms_norm", "rope"))
+                recompute=("glu", "rms_norm", "head_rms_norm", "unit_rms_norm", "rope"),
+                recompute_nodes=glu_products(g) if recompute_products else ())
+
+
+def glu_products(g: Graph) -> set[int]:
+    """The nodes that make a GLU's gate and up: each input, and where an input is a sum (a
+    product plus its LoRA adapter's), the terms of the GLU's width (the adapter's narrow
+    x A^T stays held: rank columns)."""
+    found = set()
+    for n in g.nodes:
+        if n.op != "glu":
+            continue
+        for i in n.inputs:
+            found.add(i)
+            if g[i].op == "add":
+                found.update(j for j in g[i].inputs if g[j].shape == g[i].shape)
+    return found
 
 
 def save_adapter(directory, model, overwrite: bool = False):
@@ -213,14 +231,18 @@ class Trainer:
     the bytes of those tensors. cuda_graph: on a GPU, each length's plan (about two thousand
     launches for e2b) is captured once in a CUDA graph and replayed, instead of launched
     kernel by kernel (off by default: a capture for each sequence length; on an H100, e2b's
-    2048-token step 137.2 -> 129.2 ms, benchmarks/train.py --cuda-graph)."""
+    2048-token step 137.2 -> 129.2 ms, benchmarks/train.py --cuda-graph).
+    recompute_products: every GLU's gate and up products are computed again in the backward
+    (from the norm's input, which is held anyway) instead of held from the forward: a
+    layer's two widest tensors fewer at the peak, for two more products a layer (31b LoRA
+    at 2048 tokens: the arena 23.5 -> see benchmarks/results/NOTES.md; off by default)."""
 
     def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, trainable=None, lora: LoRA | None = None,
                  grad_clip: float | None = None, accumulate: int = 1,
                  master_weights: bool = False, seed: int = 0, executor: str = "compiled",
                  memory_price: float = MEMORY_PRICE, fp32_products: bool = False,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, recompute_products: bool = False):
         from ..inference.pretrained import PretrainedModel
 
         if not isinstance(model, PretrainedModel):
@@ -245,6 +267,10 @@ class Trainer:
         if not isinstance(cuda_graph, bool):
             raise InputError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
+        if not isinstance(recompute_products, bool):
+            raise InputError(f"recompute_products must be True or False, got "
+                             f"{recompute_products!r}")
+        self.recompute_products = recompute_products
         self._plans: dict = {}  # seq_len -> (plan, report, the CompiledModel bound last)
         self._stale: set = set()  # lengths whose bound plan has not seen the latest weights
         self._arena: dict = {}  # seq_len -> the plan's arena bytes
@@ -288,7 +314,7 @@ class Trainer:
         d_loss (1 / the batch's counted rows, a row)."""
         if seq_len not in self._graphs:
             self._graphs[seq_len] = training_graph(self.model.build(seq_len), self.names,
-                                                   self.model.config)
+                                                   self.model.config, self.recompute_products)
         return self._graphs[seq_len]
 
     def memory_needed(self, seq_len: int) -> int:
