@@ -521,7 +521,22 @@ def run_work(args, work: str, rows: list) -> None:
 
 def breakdown(trainer, ids, device, top: int = 25) -> None:
     """Where one step's time goes: the plan's run (gradients), the optimizer, the host
-    work between; then the GPU kernels by total time (torch.profiler)."""
+    work between; then the GPU kernels by total time (torch.profiler). The trained weights
+    are put back afterwards: the contenders measured next share them (the seed's 4b's
+    losses agree only so; its work takes no optimizer step, so its AdamW line includes the
+    kernel's build)."""
+    weights = trainer.model.weights
+    kept = {n: weights[n].to("cpu", copy=True) for n in trainer.names}
+    try:
+        _breakdown(trainer, ids, device, top)
+    finally:
+        with torch.no_grad():
+            for n, t in kept.items():
+                weights[n].copy_(t)
+        trainer._weights_changed()
+
+
+def _breakdown(trainer, ids, device, top: int) -> None:
     marks = []
 
     def mark(what):
