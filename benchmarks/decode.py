@@ -212,20 +212,24 @@ def meganeura_decode(model, context: int, steps: int, profile: bool = False,
 def megakernel_check(model, context: int, steps: int) -> tuple[float, bool, float, float]:
     """The decode step as the persistent kernel (model.generator.megakernel programs) against
     its launches: `steps` greedy steps after the same prefill of `context` random tokens,
-    the launches' tokens fed to both. (Caches of N(0, 1) noise instead of a prefill's keys
-    made e4b's logits move by 5.5e-2 of the largest between the launches and the same
-    launches at other warps: an attention over noise amplifies the sums' order.) (worst relative error of a step's logits, to the launches' largest; whether a
-    second run of the persistent kernel from the same caches gave the same bits; the same
-    error of the launches with every kernel at the persistent kernel's warps against the
-    launches (what the order of the sums alone moves), and of the persistent kernel against
-    those (0: the same bits))."""
+    the launches' tokens fed to both. Returns the worst relative error of a step's logits
+    (to the launches' largest); whether a second run of the persistent kernel from the same
+    caches gave the same bits; the same error of the launches with every kernel at the
+    persistent kernel's warps against the launches (what the order of the sums alone
+    moves); and of the persistent kernel against those (0: the same bits). Caches of
+    N(0, 1) noise instead of a prefill's keys made e4b's logits move by 5.5e-2 of the
+    largest between the launches and the same launches at other warps: an attention over
+    noise amplifies the order of the sums."""
     gen = model.generator
     programs, gen.megakernel = gen.megakernel, None
     s = gen.session(context + steps + 8, floor=False)
     step = gen.decode_plan(s)
     g = torch.Generator().manual_seed(context)
     prompt = torch.randint(0, model.config.vocab_size, (context,), generator=g)
-    first = gen._prefill(s, prompt, gen.schedule(s, context)).argmax(-1, keepdim=True)
+    chunks = gen.schedule(s, context)
+    for rows in sorted({r for _, r in chunks}):  # each plan made (its first run writes the
+        gen.chunk_plan(s, rows)  # caches) before the prompt is: as Generator._run does
+    first = gen._prefill(s, prompt, chunks).argmax(-1, keepdim=True)
     start = {n: t.clone() for n, t in s.caches.items()}  # (after the plans' first runs)
     tokens, want = [first.to(torch.int64)], []
     for i in range(steps):

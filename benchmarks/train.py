@@ -216,6 +216,7 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
     ids = torch.randint(0, cfg.vocab_size, (seq,), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
     mine = meganeura.from_config(cfg, weights, device, dtype, cache_dir=args.cache_dir)
+    again = False
     if mode == "lora":
         # 31b's weights leave about 22 GiB of an 80 GB GPU: its GLUs' products are computed
         # again in the backward (arena 23.6 -> 13.9 GiB on the CPU's count)
@@ -233,7 +234,8 @@ def contenders(args, work, cfg, key, seq, mode, device, dtype):
     def step():
         held[0].step(ids.cpu())
     step.trainer, step.ids = held[0], ids.cpu()
-    yield "meganeura" + (" (CUDA graph)" if args.cuda_graph else ""), step, trained
+    yield "meganeura" + (" (CUDA graph)" if args.cuda_graph else "") + (
+        " (recomputed products)" if again and work != "31b-lora" else ""), step, trained
     held.clear()
     del step.trainer  # its plans' arenas too: e4b's LoRA plan holds 44 GiB at 4096 tokens
     if device.type == "cuda":
@@ -660,7 +662,7 @@ def main(argv=None) -> int:
                     "captured in CUDA graphs (Trainer(cuda_graph=True))")
     ap.add_argument("--recompute-products", action="store_true", help="LoRA works: every "
                     "GLU's gate and up computed again in the backward "
-                    "(Trainer(recompute_products=True); 31b-lora always)")
+                    "(Trainer(recompute_products=True); 31b-lora always; its rows say so)")
     ap.add_argument("--cache-dir", default=None, help="meganeura's kernel cache (default: "
                     "its usual one); an empty directory makes first_step_s the compile from "
                     "an empty cache")

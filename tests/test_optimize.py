@@ -162,6 +162,68 @@ def test_extraction_is_acyclic_on_an_egraph_with_cycles():
     assert sel.choice[1].op == "input"
 
 
+def _sweep_tree_costs(ec, own, pins):
+    """The least tree cost of every class under pins, by sweeps to a fixed point (the
+    plainest statement of what the extractor's greedy pass computes)."""
+    import math
+
+    best = {c: math.inf for c in ec.nodes}
+    changed = True
+    while changed:
+        changed = False
+        for c, nodes in ec.nodes.items():
+            for n in ((pins[c],) if c in pins else nodes):
+                cost = own[id(n)] + sum(best[ch] for ch in n.children)
+                if cost < best[c]:
+                    best[c], changed = cost, True
+    return best
+
+
+def test_the_greedy_pass_gives_every_class_its_least_tree_cost():
+    # random e-graphs: repeated children, cycles, unreachable classes, pins (some to e-nodes
+    # that cannot be built), e-nodes the cost model refuses (inf): the priority-queue pass
+    # gives each class the fixed point's least tree cost, and its choice achieves it
+    import math
+    import random
+
+    from meganeura.compiler.egraph import EClasses, ENode
+    from meganeura.compiler.extract import Extractor
+
+    rng = random.Random(7)
+    for trial in range(300):
+        size = rng.randint(1, 14)
+        nodes = {}
+        for c in range(size):
+            nodes[c] = [ENode("input", (), {}, c)] if rng.random() < 0.25 else []
+            for _ in range(rng.randint(1 if not nodes[c] else 0, 3)):
+                kids = tuple(rng.randrange(size) for _ in range(rng.randint(1, 3)))
+                nodes[c].append(ENode("add", kids, {"k": rng.random()}))
+        ec = EClasses(nodes, [rng.randrange(size)])
+        price = {}
+
+        def own_cost(c, n):
+            key = id(n)
+            if key not in price:
+                price[key] = math.inf if rng.random() < 0.05 else rng.choice(
+                    [1.0, 2.0, rng.random() + 1e-3])
+            return price[key]
+
+        ex = Extractor(ec, own_cost)
+        pins = {c: rng.choice(ns) for c, ns in nodes.items() if ns and rng.random() < 0.2}
+        choice = ex.greedy(pins)
+        want = _sweep_tree_costs(ec, ex.own, pins)
+        assert (choice is None) == math.isinf(want[ec.roots[0]])
+        if choice is None:
+            continue
+        assert set(ex.tree) == set(nodes)
+        for c in nodes:
+            assert ex.tree[c] == pytest.approx(want[c], rel=1e-12) or ex.tree[c] == want[c]
+        for c, n in choice.items():
+            assert not math.isinf(want[c]) and (c not in pins or pins[c] is n)
+            got = ex.own[id(n)] + sum(want[ch] for ch in n.children)
+            assert got == pytest.approx(want[c], rel=1e-12)
+
+
 def test_check_acyclic_rejects_cycles_and_gaps():
     from meganeura.compiler.egraph import ENode
     a, b = ENode("add", (1, 1)), ENode("glu", (0, 0), {"act": "silu"})

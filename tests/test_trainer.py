@@ -353,7 +353,8 @@ def test_the_multimodal_layout_names_gradients_as_its_checkpoint(tmp_path):
 def test_recomputed_products_free_the_glus_inputs_and_keep_the_gradients(tmp_path):
     # Trainer(recompute_products=True): a GLU's gate and up (base product plus adapter) are
     # computed again in the backward from the held norm input; the gradients are the same
-    # values, on the reference executor and through the kernels, and the GPU plan's arena
+    # bits on the reference executor and within fp32's bound through the kernels; the GPU
+    # plan's arena
     # is smaller (the recomputed products run just before the GLU's gradient reads them,
     # not at the backward's start)
     from meganeura.compiler.cost import MEMORY_PRICE, PROFILES, CostModel

@@ -104,7 +104,7 @@ class Extractor:
                 for ch in set(n.children):
                     self.parents[ch].append((c, n))
         # the e-nodes as flat lists, numbered class by class in the e-graph's order (the
-        # number breaks exact ties: the earlier e-node of a class wins)
+        # number breaks exact ties between e-nodes in the queue at once: the earlier wins)
         self._class: list[int] = []
         self._node: list[ENode] = []
         self._own: list[float] = []
@@ -126,8 +126,8 @@ class Extractor:
 
         Bottom-up in order of cost (Knuth's generalization of Dijkstra to and-or graphs): an
         e-node is priced once, when the last of its children is settled, and a class settles
-        at its cheapest priced e-node. Every own cost is > 0, so an e-node costs more than
-        each child and the first price a class pops is its least."""
+        at its cheapest priced e-node. Own costs are >= 0, so an e-node costs at least as
+        much as each child and the first price a class pops is its least."""
         pins = pins or {}
         own, kids, cls, users = self._own, self._kids, self._class, self._users
         node = self._node
@@ -143,6 +143,8 @@ class Extractor:
         heapq.heapify(heap)
         while heap:
             cost, i = heapq.heappop(heap)
+            if math.isinf(cost):  # (a kernel the cost model refuses) the rest cannot be built
+                break
             c = cls[i]
             if c in choice:
                 continue
