@@ -231,7 +231,7 @@ def test_a_step_beyond_the_memory_is_refused_before_anything_is_allocated(tmp_pa
     from meganeura.runtime import compiled
 
     _, model = _checkpoint("decoder", "llama3_tied", tmp_path)
-    trainer = meganeura.Trainer(model)
+    trainer = meganeura.Trainer(model, recompute_products=False)
     need = trainer.memory_needed(40)
     assert need > trainer.memory_needed(8) > 0
     monkeypatch.setattr(compiled, "_host_available", lambda: need - 1)
@@ -411,3 +411,47 @@ def test_recomputed_products_free_the_glus_inputs_and_keep_the_gradients(tmp_pat
         return plan_buffers(plan, 2, inputs=True).total
 
     assert arena(again) < arena(plain)
+
+
+def test_a_length_that_would_not_fit_recomputes_the_glus_products(tmp_path, monkeypatch):
+    # Trainer(recompute_products=None), the default: a length whose plan would not fit the
+    # free memory is planned again with the GLUs' products computed in the backward, before
+    # anything is allocated; a length that fits keeps the plain plan; a length that fits
+    # neither way is refused
+    from meganeura.errors import MeganeuraError
+    from meganeura.models.llama import LlamaConfig
+    from meganeura.models.weights import random_weights
+    from meganeura.runtime import compiled
+
+    # GLUs four times wider than the vocabulary (as a large model's are, relative to a
+    # layer's other tensors): their gate and up make the peak
+    cfg = LlamaConfig(vocab_size=67, hidden_size=24, intermediate_size=200, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=6)
+    model = meganeura.from_config(cfg, random_weights(cfg, 3), "cpu", torch.float32,
+                                  cache_dir=tmp_path)
+    plain = meganeura.Trainer(model, recompute_products=False).memory_needed(40)
+    again = meganeura.Trainer(model, recompute_products=True).memory_needed(40)
+    assert again < plain
+    ids = _batch(model.config.vocab_size, (40,), 0)
+    trainer = meganeura.Trainer(model)  # (its optimizer's state checked against the host's)
+    before = {n: w.clone() for n, w in model.weights.items()}
+    monkeypatch.setattr(compiled, "_host_available", lambda: again - 1)
+    with pytest.raises(MeganeuraError, match="a training step of 40 tokens a sequence needs"):
+        trainer.step(ids)  # too little either way: refused, nothing changed
+    assert all(torch.equal(w, before[n]) for n, w in model.weights.items())
+    assert trainer.memory_needed(40) == again  # (the length's choice is made)
+    monkeypatch.setattr(compiled, "_host_available", lambda: (again + plain) // 2)
+    trainer.step(ids)
+    assert any(not torch.equal(w, before[n]) for n, w in model.weights.items())
+    def glu_inputs(graph):  # of the GLUs computed again for the gradients
+        return {i for n in graph.nodes if n.op == "glu" and n.block.endswith(".grad")
+                for i in n.inputs}
+
+    copies = glu_inputs(trainer.graph(40))  # gate and up: copies in the backward too
+    assert copies and all(trainer.graph(40)[i].block.endswith(".grad") for i in copies)
+    monkeypatch.undo()
+    roomy = meganeura.Trainer(model)
+    monkeypatch.setattr(compiled, "_host_available", lambda: plain)
+    assert roomy._memory_to_allocate(40) == plain  # room for the plain arena: kept
+    assert not any(n.block.endswith(".grad") for i in glu_inputs(roomy.graph(40))
+                   for n in [roomy.graph(40)[i]])

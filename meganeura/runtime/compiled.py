@@ -462,14 +462,19 @@ def check_memory(needed: int, device: torch.device,
     """MeganeuraError when `needed` bytes exceed what the device has free (the host's
     available memory for the CPU), before anything is allocated. `what` says who needs them
     ({} is replaced by the amount)."""
-    if device.type == "cuda":  # free on the device, and what torch's allocator holds unused
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
-            torch.cuda.memory_allocated(device)
-    else:
-        free = _host_available()
+    free = free_bytes(device)
     if free is not None and needed > free:
         raise MeganeuraError(what.format(f"{needed / 2**30:.2f} GiB of {device.type} memory")
                              + f"; {free / 2**30:.2f} GiB is free")
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Bytes a plan may still allocate on `device`: free on the GPU plus what torch's
+    allocator holds unused; the host's available memory for the CPU (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+            torch.cuda.memory_allocated(device)
+    return _host_available()
 
 
 def _host_available() -> int | None:

@@ -33,7 +33,7 @@ from ..compiler.autodiff import SEED, grad, live
 from ..compiler.cost import MEMORY_PRICE
 from ..compiler.graph import Graph
 from ..errors import InputError
-from ..runtime.compiled import check_memory
+from ..runtime.compiled import check_memory, free_bytes
 from ..runtime.reference import run_reference
 from .loss import shift_labels
 from .optim import AdamW, _number
@@ -234,16 +234,18 @@ class Trainer:
     2048-token step 137.2 -> 129.2 ms, benchmarks/train.py --cuda-graph).
     recompute_products: every GLU's gate and up products are computed again in the backward
     (from the norm's input, which is held anyway) instead of held from the forward: a
-    layer's two widest tensors fewer at the peak, for two more products a layer (off by
-    default; on the CPU's count, LoRA's arena: 31b at 2048 tokens 23.6 -> 13.9 GiB, beside
-    its 57.2 GiB of weights; e4b at 4096 tokens 14.7 -> 8.3 GiB)."""
+    layer's two widest tensors fewer at the peak, for two more products a layer (on the
+    CPU's count, LoRA's arena: 31b at 2048 tokens 23.6 -> 13.9 GiB, beside its 57.2 GiB of
+    weights; e4b at 4096 tokens 14.7 -> 8.3 GiB). None (the default): for a sequence length
+    whose plan would not fit the device's free memory without it, decided before its first
+    step (that length's plan is then made twice); True / False: always / never."""
 
     def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, trainable=None, lora: LoRA | None = None,
                  grad_clip: float | None = None, accumulate: int = 1,
                  master_weights: bool = False, seed: int = 0, executor: str = "compiled",
                  memory_price: float = MEMORY_PRICE, fp32_products: bool = False,
-                 cuda_graph: bool = False, recompute_products: bool = False):
+                 cuda_graph: bool = False, recompute_products: bool | None = None):
         from ..inference.pretrained import PretrainedModel
 
         if not isinstance(model, PretrainedModel):
@@ -268,10 +270,11 @@ class Trainer:
         if not isinstance(cuda_graph, bool):
             raise InputError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
-        if not isinstance(recompute_products, bool):
-            raise InputError(f"recompute_products must be True or False, got "
+        if recompute_products is not None and not isinstance(recompute_products, bool):
+            raise InputError(f"recompute_products must be True, False or None, got "
                              f"{recompute_products!r}")
         self.recompute_products = recompute_products
+        self._recompute: dict[int, bool] = {}  # seq_len -> chosen where the option is None
         self._plans: dict = {}  # seq_len -> (plan, report, the CompiledModel bound last)
         self._stale: set = set()  # lengths whose bound plan has not seen the latest weights
         self._arena: dict = {}  # seq_len -> the plan's arena bytes
@@ -314,8 +317,9 @@ class Trainer:
         outputs [the rows' losses, d w for w in names]; inputs token_ids, labels (shifted),
         d_loss (1 / the batch's counted rows, a row)."""
         if seq_len not in self._graphs:
+            again = self._recompute.get(seq_len, bool(self.recompute_products))
             self._graphs[seq_len] = training_graph(self.model.build(seq_len), self.names,
-                                                   self.model.config, self.recompute_products)
+                                                   self.model.config, again)
         return self._graphs[seq_len]
 
     def memory_needed(self, seq_len: int) -> int:
@@ -404,10 +408,9 @@ class Trainer:
         once, with no copy of every gradient beside the arena."""
         ids, target, counted = self._batch(input_ids, labels)
         m = self.model
-        bound = self._plans.get(ids.shape[1], (None, None, None))[2]  # its arena is held
-        held = bound.buffer_bytes if bound is not None else 0
-        check_memory(self.memory_needed(ids.shape[1]) - held, m.device, f"a training step of "
-                     f"{ids.shape[1]} tokens a sequence needs {{}} for its activations")
+        seq = ids.shape[1]
+        check_memory(self._memory_to_allocate(seq), m.device, f"a training step of {seq} "
+                     f"tokens a sequence needs {{}} for its activations")
         seed = torch.full((ids.shape[1], 1), 1.0 / counted, dtype=torch.float32, device=m.device)
         run = self._runner(ids.shape[1])
         total = torch.zeros((), dtype=torch.float64)
@@ -430,6 +433,23 @@ class Trainer:
         if not math.isfinite(loss):
             raise InputError(f"the loss is {loss}: no gradient is given and nothing changed")
         return loss, grads
+
+    def _memory_to_allocate(self, seq_len: int) -> int:
+        """Bytes a step of seq_len tokens still has to allocate (none once its plan's arena
+        is held). Where recompute_products is None and the length's plan is not yet bound,
+        a plan that would not fit the free memory is made again with the GLUs' products
+        computed in the backward (the length keeps that choice)."""
+        bound = self._plans.get(seq_len, (None, None, None))[2]  # its arena is held
+        held = bound.buffer_bytes if bound is not None else 0
+        need = self.memory_needed(seq_len) - held
+        free = free_bytes(self.model.device)
+        if (self.recompute_products is None and bound is None
+                and seq_len not in self._recompute and free is not None and need > free):
+            self._recompute[seq_len] = True
+            for kept in (self._graphs, self._plans, self._arena):
+                kept.pop(seq_len, None)
+            need = self.memory_needed(seq_len)
+        return need
 
     def _runner(self, seq_len: int):
         """f(ids, labels, seed) -> [losses, grads...]: the joint graph's plan (optimized once a
