@@ -129,10 +129,10 @@ def _optimize_template(graph, members, schedule, cost, keep_egglog, local_search
     return _Extracted(members, ec, selection), report
 
 
-def _depths(producer, deps) -> dict:
-    """The longest chain of e-nodes below every member's outputs (dead ones too)."""
+def _depths(tops, deps) -> dict:
+    """The longest chain of e-nodes below each (member, class) that `tops` reach."""
     depth: dict = {}
-    stack = list(producer.values())
+    stack = list(tops)
     while stack:
         key = stack[-1]
         if key in depth:
@@ -202,7 +202,7 @@ def instantiate(graph: Graph, extracted: list[_Extracted]) -> Graph:
     # first touch. Plans that update state in place keep the plain walk (their launch
     # order is the decode step's, as measured). The price: e4b LoRA's default arena 14.58 ->
     # 14.66 GiB; with recompute_products 15.40 -> 8.28 (tools/train_arena.py)
-    depth = _depths(producer, deps) if not graph.effects else None
+    depth = _depths([producer[o] for o in graph.roots], deps) if not graph.effects else None
     for orig_out in graph.roots:
         stack = [producer[orig_out]]
         while stack:

@@ -442,9 +442,10 @@ class Trainer:
         bound = self._plans.get(seq_len, (None, None, None))[2]  # its arena is held
         held = bound.buffer_bytes if bound is not None else 0
         need = self.memory_needed(seq_len) - held
+        if self.recompute_products is not None or bound is not None or seq_len in self._recompute:
+            return need  # (the choice is made: no query of the free memory here)
         free = free_bytes(self.model.device)
-        if (self.recompute_products is None and bound is None
-                and seq_len not in self._recompute and free is not None and need > free):
+        if free is not None and need > free:
             self._recompute[seq_len] = True
             for kept in (self._graphs, self._plans, self._arena):
                 kept.pop(seq_len, None)
