@@ -386,6 +386,32 @@ def test_chunk_schedules_are_the_cheapest_runs():
         assert set(range(start, n)) <= covered
 
 
+def test_measured_chunk_times_price_the_schedule(kernels):
+    # chunk plans timed when made (as on CUDA): their times price the runs, the timing runs
+    # leave nothing behind that generation would trust (its ids still equal the reference's)
+    c = CONFIGS["small_test"]
+    ours = meganeura.from_config(c, device="cpu", seed=3, cache_dir=kernels)
+    gen = ours.generator
+    gen.chunks, gen.measure_chunks = (4, 8), True
+    ours.warmup(40)
+    s = gen.last_session or gen.sessions[-1]
+    assert sorted(s.measured) == [4, 8] and all(t > 0 for t in s.measured.values())
+    assert gen.chunk_cost(s, 8) == s.measured[8]
+    prompt = _prompt(c.vocab_size, 11, 4)
+    assert gen.generate(prompt, 3, meganeura.inference.generation.SamplingParams(),
+                        stop=[]).tolist() == _greedy_loop(c, ours.weights, prompt, 3).tolist()
+    s.measured.update({4: 1.0, 8: 3.0})  # two 4-row chunks cheaper than one of 8
+    assert gen.schedule(s, 8) == [(0, 4), (4, 4)]
+    s.measured.update({4: 1.0, 8: 1.5})
+    assert gen.schedule(s, 8) == [(0, 8)] and gen.schedule(s, 16) == [(0, 8), (8, 8)]
+    # a size not made is priced by the measured ones' ratio to the cost model's estimates
+    del s.measured[8]
+    ratio = 1.0 / gen._unplanned(s, 4)
+    assert gen.chunk_cost(s, 8) == pytest.approx(gen._unplanned(s, 8) * ratio)
+    gen.forget_plans()
+    assert not s.measured
+
+
 def test_warmup_makes_every_plan_before_the_first_request(kernels):
     c = CONFIGS["small_test"]
     ours = meganeura.from_config(c, device="cpu", seed=1, cache_dir=kernels)
