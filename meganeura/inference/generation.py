@@ -423,7 +423,8 @@ class Generator:
         for start, rows in plan:
             fn = self.chunk_plan(s, rows)
             pos = torch.arange(start, start + rows, dtype=torch.int64, device=dev)
-            row = torch.tensor([min(n - start, rows) - 1], dtype=torch.int64, device=dev)
+            # (filled on the device: a copy from the host would wait for the chunks queued)
+            row = torch.full((1,), min(n - start, rows) - 1, dtype=torch.int64, device=dev)
             logits = fn.run_trusted(ids[start:start + rows], pos, row)
         return logits[0]
 
