@@ -206,6 +206,17 @@ def test_the_batch_step_benchmark_runs_each_row_count(capsys):
     assert "megakernel, 1 programs" in out and "same bits as the launches" in out
 
 
+def test_the_chunk_profile_sets_chunks_beside_the_exact_plan(capsys):
+    from chunk_profile import main
+
+    assert main(["--model", "gemma4-small-test", "--device", "cpu", "--lengths", "6",
+                 "--chunks", "4", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    # two chunks of 4 cover the 6 tokens; every launch of both timed and summed by kind
+    assert "chunks (start, rows) [(0, 4), (4, 4)]" in out
+    assert "decode_attention chunk" in out and "attention causal" in out
+
+
 def test_the_moe_floor_reads_only_the_chosen_experts():
     # 26B-A4B reads 3.8e9 of its 25.2e9 parameters a token (the chosen 8 of 128 experts, and
     # the tied embedding once as the lm_head), at a context of one token nothing more
