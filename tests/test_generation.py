@@ -408,8 +408,16 @@ def test_measured_chunk_times_price_the_schedule(kernels):
     del s.measured[8]
     ratio = 1.0 / gen._unplanned(s, 4)
     assert gen.chunk_cost(s, 8) == pytest.approx(gen._unplanned(s, 8) * ratio)
+    # a plan made before timing was asked for is not timed later (mid-prompt, its runs
+    # would overwrite the prompt's first positions): it keeps the estimates' prices
     gen.forget_plans()
     assert not s.measured
+    gen.measure_chunks = False
+    gen.chunk_plan(s, 4)
+    gen.measure_chunks = True
+    assert gen.generate(prompt, 3, meganeura.inference.generation.SamplingParams(),
+                        stop=[]).tolist() == _greedy_loop(c, ours.weights, prompt, 3).tolist()
+    assert 4 not in s.measured and 8 in s.measured
 
 
 def test_warmup_makes_every_plan_before_the_first_request(kernels):

@@ -278,9 +278,12 @@ class Generator:
         z = torch.zeros(rows, dtype=torch.int64, device=dev)
         pos = torch.arange(rows, dtype=torch.int64, device=dev)
         gen = Generation(s.capacity, True, 1, s.reach, "row")
+        made = ("chunk", rows) not in s.plans
         fn = self._plan(s, ("chunk", rows), f"prefill chunk ({rows} tokens)", rows, gen,
                         [z, pos, z[:1]])
-        if self.measure_chunks and rows not in s.measured:
+        # timed only as it is made, before any prompt is written (a later run would
+        # overwrite a prompt's first positions)
+        if made and self.measure_chunks:
             s.measured[rows] = self._measure(fn, [z, pos, z[:1]])
             s.held, s.prefilled = [], 0  # (the runs wrote their rows into the caches)
         return fn
