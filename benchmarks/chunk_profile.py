@@ -4,9 +4,9 @@
     python benchmarks/chunk_profile.py --model gemma4-small-test --device cpu --lengths 9
 
 Random weights. First each chunk size's plan: the cost model's estimate of it, the time
-measured when it was made (what the chunk schedule is priced by on CUDA) and a timing of 10
-runs. Then per prompt length: time to first token through the chunks and through the exact
-plan (medians of 5), and every launch of both timed on its own (replayed in a CUDA graph),
+measured when it was made (what the chunk schedule is priced by on CUDA) and a timing of
+2 x `--runs` runs. Then per prompt length: time to first token through the chunks and
+through the exact plan (medians of `--runs`), and every launch of both timed on its own (replayed in a CUDA graph),
 the chunks each at their place in the prompt (the caches holding the keys before them),
 summed by kernel kind side by side and listed by launch.
 """
@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1528, 8152])
     ap.add_argument("--chunks", type=int, nargs="+", help="chunk sizes (default: the model's)")
     ap.add_argument("--reps", type=int, default=10, help="replays a launch is timed over")
+    ap.add_argument("--runs", type=int, default=5, help="runs a time to first token is the "
+                    "median of (default 5; a chunk's timing: twice as many)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -89,10 +91,11 @@ def main(argv=None) -> int:
                   torch.arange(rows, dtype=torch.int64, device=dev),
                   torch.full((1,), rows - 1, dtype=torch.int64, device=dev))
         fn.run_trusted(*inputs)
-        ms = timed(lambda: [fn.run_trusted(*inputs) for _ in range(10)], dev) * 100
+        runs = 2 * args.runs
+        ms = timed(lambda: [fn.run_trusted(*inputs) for _ in range(runs)], dev) * 1e3 / runs
         made = s.measured.get(rows)
         print(f"chunk {rows:5d}: estimate {fn.plan.estimated_time * 1e3:9.3f} ms, measured when "
-              f"made {'-' if made is None else f'{made * 1e3:.3f}':>9} ms, 10 runs {ms:9.3f} ms "
+              f"made {'-' if made is None else f'{made * 1e3:.3f}':>9} ms, {runs} runs {ms:9.3f} ms "
               f"a run ({ms / rows * 1e3:.2f} us a row)", flush=True)
     s.held, s.prefilled = [], 0  # (those runs wrote the caches)
     for n in args.lengths:
@@ -104,12 +107,12 @@ def main(argv=None) -> int:
             gen.generate(prompt, 1, SamplingParams(), stop=[])
             return gen.last_stats["time_to_first_token_s"]
         chunked()
-        ch = statistics.median(chunked() for _ in range(5))
+        ch = statistics.median(chunked() for _ in range(args.runs))
         exact = gen.prefill_plan(s, n)
         ids = prompt.to(dev)
         first = lambda: int(sample(exact.run_trusted(ids)[-1], SamplingParams(), None))  # noqa: E731
         first()
-        ex = statistics.median(timed(first, dev) for _ in range(5))
+        ex = statistics.median(timed(first, dev) for _ in range(args.runs))
         print(f"time to first token: chunks {ch * 1e3:.2f} ms, exact plan {ex * 1e3:.2f} ms "
               f"({ch / ex:.3f}x)", flush=True)
         cuda = dev.type == "cuda"

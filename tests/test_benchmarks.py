@@ -210,7 +210,7 @@ def test_the_chunk_profile_sets_chunks_beside_the_exact_plan(capsys):
     from chunk_profile import main
 
     assert main(["--model", "gemma4-small-test", "--device", "cpu", "--lengths", "6",
-                 "--chunks", "4", "--reps", "1"]) == 0
+                 "--chunks", "4", "--reps", "1", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     # two chunks of 4 cover the 6 tokens; every launch of both timed and summed by kind
     assert "chunks (start, rows) [(0, 4), (4, 4)]" in out

@@ -386,38 +386,35 @@ def test_chunk_schedules_are_the_cheapest_runs():
         assert set(range(start, n)) <= covered
 
 
-def test_measured_chunk_times_price_the_schedule(kernels):
-    # chunk plans timed when made (as on CUDA): their times price the runs, the timing runs
-    # leave nothing behind that generation would trust (its ids still equal the reference's)
+def test_measured_chunk_times_price_the_schedule(kernels, monkeypatch):
+    # chunk plans timed as they are made (as on CUDA): their times price the runs; the timing
+    # runs leave nothing behind that generation would trust (its ids equal the reference's);
+    # a plan made before timing was asked for is not timed later (mid-prompt, its runs would
+    # overwrite the prompt's first positions)
+    from meganeura.inference import generation
+
+    monkeypatch.setattr(generation, "MEASURE_RUNS", 1)
     c = CONFIGS["small_test"]
     ours = meganeura.from_config(c, device="cpu", seed=3, cache_dir=kernels)
     gen = ours.generator
-    gen.chunks, gen.measure_chunks = (4, 8), True
-    ours.warmup(40)
-    s = gen.last_session or gen.sessions[-1]
-    assert sorted(s.measured) == [4, 8] and all(t > 0 for t in s.measured.values())
-    assert gen.chunk_cost(s, 8) == s.measured[8]
+    gen.chunks = (4, 8)
+    s = gen.session(40)
+    gen.chunk_plan(s, 4)
+    gen.measure_chunks = True
     prompt = _prompt(c.vocab_size, 11, 4)
-    assert gen.generate(prompt, 3, meganeura.inference.generation.SamplingParams(),
-                        stop=[]).tolist() == _greedy_loop(c, ours.weights, prompt, 3).tolist()
+    assert gen.generate(prompt, 2, generation.SamplingParams(),
+                        stop=[]).tolist() == _greedy_loop(c, ours.weights, prompt, 2).tolist()
+    assert gen.last_session is s and list(s.measured) == [8] and s.measured[8] > 0
+    assert gen.chunk_cost(s, 8) == s.measured[8]
+    # a size without a time: the cost model's estimate scaled by the timed sizes' ratio
+    ratio = s.measured[8] / gen._unplanned(s, 8)
+    assert gen.chunk_cost(s, 4) == pytest.approx(gen._unplanned(s, 4) * ratio)
     s.measured.update({4: 1.0, 8: 3.0})  # two 4-row chunks cheaper than one of 8
     assert gen.schedule(s, 8) == [(0, 4), (4, 4)]
     s.measured.update({4: 1.0, 8: 1.5})
     assert gen.schedule(s, 8) == [(0, 8)] and gen.schedule(s, 16) == [(0, 8), (8, 8)]
-    # a size not made is priced by the measured ones' ratio to the cost model's estimates
-    del s.measured[8]
-    ratio = 1.0 / gen._unplanned(s, 4)
-    assert gen.chunk_cost(s, 8) == pytest.approx(gen._unplanned(s, 8) * ratio)
-    # a plan made before timing was asked for is not timed later (mid-prompt, its runs
-    # would overwrite the prompt's first positions): it keeps the estimates' prices
     gen.forget_plans()
     assert not s.measured
-    gen.measure_chunks = False
-    gen.chunk_plan(s, 4)
-    gen.measure_chunks = True
-    assert gen.generate(prompt, 3, meganeura.inference.generation.SamplingParams(),
-                        stop=[]).tolist() == _greedy_loop(c, ours.weights, prompt, 3).tolist()
-    assert 4 not in s.measured and 8 in s.measured
 
 
 def test_warmup_makes_every_plan_before_the_first_request(kernels):
