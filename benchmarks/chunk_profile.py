@@ -6,8 +6,10 @@
 Random weights. First each chunk size's plan: the cost model's estimate of it, the time
 measured when it was made (what the chunk schedule is priced by on CUDA) and a timing of
 2 x `--runs` runs. Then per prompt length: time to first token through the chunks and
-through the exact plan (medians of `--runs`), and every launch of both timed on its own (replayed in a CUDA graph),
-the chunks each at their place in the prompt (the caches holding the keys before them),
+through the exact plan (medians of `--runs`), and every launch of both timed on its own
+(replayed in a CUDA graph), the chunks each at their positions in the prompt after the
+whole prompt was prefilled (a full-attention layer's cache holds the keys before them; a
+sliding ring holds the prompt's last keys, in the slots a chunk reads: the same work),
 summed by kernel kind side by side and listed by launch.
 """
 
@@ -68,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="runs a time to first token is the "
                     "median of (default 5; a chunk's timing: twice as many)")
     args = ap.parse_args(argv)
+    if min(args.lengths + (args.chunks or [1]) + [args.reps, args.runs]) < 1:
+        ap.error("lengths, chunk sizes, --reps and --runs must be at least 1")
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: --device cpu runs the interpreter", file=sys.stderr)
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     model = meganeura.from_config(cfg, random_weights(cfg, 0, dt, dev), dev, dt)
     gen = model.generator
     if args.chunks:
-        gen.chunks = tuple(sorted(args.chunks))
+        gen.chunks = tuple(sorted(set(args.chunks)))
     longest = max(args.lengths)
     t = time.perf_counter()
     model.warmup(longest + 1)

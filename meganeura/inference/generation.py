@@ -284,13 +284,18 @@ class Generator:
         # timed only as it is made, before any prompt is written (a later run would
         # overwrite a prompt's first positions)
         if made and self.measure_chunks:
-            s.measured[rows] = self._measure(fn, [z, pos, z[:1]])
+            # random ids: rows of one id would all route alike through experts
+            ids = torch.randint(0, self.model.config.vocab_size, (rows,),
+                                generator=torch.Generator().manual_seed(rows)).to(dev)
+            s.measured[rows] = self._measure(fn, [ids, pos, z[:1]])
             s.held, s.prefilled = [], 0  # (the runs wrote their rows into the caches)
         return fn
 
     def _measure(self, fn: CompiledModel, inputs: list[torch.Tensor]) -> float:
         """Seconds of a run of fn (queued from the host, the device waited for): the least
-        of MEASURE_RUNS after one more (a captured graph's first replay)."""
+        of MEASURE_RUNS after one more (a captured graph's first replay). Times vary between
+        processes, and so may a prompt's chunks where two runs price alike: its logits then
+        differ by bf16 rounding (measure_chunks = False keeps the estimates' fixed runs)."""
         dev = self.model.device
 
         def run():
