@@ -14,7 +14,7 @@ plans serve every request:
   one: on CUDA each chunk size priced by its time, measured when its plan is made (a chunk
   costs a pass over the weights and its launches whatever its rows; priced by the plans'
   estimates, prompts just past a size took a run of small chunks: 2629 tokens 64.1 ms
-  against 56.8 for 3050 on the H200), elsewhere by its plan's estimate;
+  against 56.8 for 3050 in one H200 run at b0d3597), elsewhere by its plan's estimate;
 - a decode step: one row per sequence, each at its own position (a device input), so on
   CUDA one captured graph replays at every position.
 Their extracted plans are kept in the kernel cache directory (pipeline.cached_plan): a new
@@ -44,7 +44,7 @@ from ..errors import InputError, MeganeuraError
 from ..models.kv import Generation
 from ..models.registry import build
 from ..pipeline import compile_graph
-from ..runtime.compiled import CompiledModel, check_memory
+from ..runtime.compiled import CompiledModel, check_memory, timed
 
 CAPACITY_STEP = 256  # the smallest capacity
 CHUNKS = (16, 64, 256, 512, 1024, 2048)  # prefill chunk sizes (rows)
@@ -296,16 +296,7 @@ class Generator:
         of MEASURE_RUNS after one more (a captured graph's first replay). Times vary between
         processes, and so may a prompt's chunks where two runs price alike: its logits then
         differ by bf16 rounding (measure_chunks = False keeps the estimates' fixed runs)."""
-        dev = self.model.device
-
-        def run():
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t = time.perf_counter()
-            fn.run_trusted(*inputs)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            return time.perf_counter() - t
+        run = lambda: timed(lambda: fn.run_trusted(*inputs), self.model.device)  # noqa: E731
         run()
         return min(run() for _ in range(MEASURE_RUNS))
 
@@ -368,17 +359,12 @@ class Generator:
         estimate once made (where none is measured), else the cost model's estimate of the
         chunk's graph before optimization times the ratio of the two known for the sizes
         that have them (so every size is priced alike)."""
-        if s.measured:
-            if rows in s.measured:
-                return s.measured[rows]
-            made = list(s.measured.items())
-            ratio = sum(t / self._unplanned(s, r) for r, t in made) / len(made)
-            return self._unplanned(s, rows) * ratio
-        fn = s.plans.get(("chunk", rows))
-        if fn is not None:
-            return fn.plan.estimated_time
-        made = [(k[1], f.plan.estimated_time) for k, f in s.plans.items() if k[0] == "chunk"]
-        ratio = sum(t / self._unplanned(s, r) for r, t in made) / len(made) if made else 1.0
+        known = dict(s.measured) or {k[1]: f.plan.estimated_time for k, f in s.plans.items()
+                                     if k[0] == "chunk"}
+        if rows in known:
+            return known[rows]
+        ratio = (sum(t / self._unplanned(s, r) for r, t in known.items()) / len(known)
+                 if known else 1.0)
         return self._unplanned(s, rows) * ratio
 
     def _unplanned(self, s: Session, rows: int) -> float:

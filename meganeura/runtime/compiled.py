@@ -361,7 +361,7 @@ class CompiledModel:
         g = self.plan.graph
         for launch in self.launches:
             self._copy_inputs(args)
-            t = _timed(launch.run, self.target.device)
+            t = timed(launch.run, self.target.device)
             n = g[launch.node]
             lines.append(f"  timing {t * 1e3:8.3f} ms  estimated {self.plan.estimate[n.id] * 1e3:8.3f}"
                          f" ms  {launch.spec.archetype} {launch.spec.variant} {list(n.shape)}")
@@ -446,7 +446,7 @@ class CompiledModel:
         return [k.source for launch in self.launches for k in launch.spec.chain()]
 
 
-def _timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> float:
     """Seconds of one call, the device synchronized after it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
